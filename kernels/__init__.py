@@ -1,0 +1,1 @@
+"""@triton.jit kernels, one op per file (installed as vggfast.kernels)."""

@@ -1,0 +1,177 @@
+"""Command line: `vggfast SUBCOMMAND ...` (also `python -m vggfast`).
+
+User errors print one line on stderr and exit with code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .errors import VGGFastError
+
+# Modules that add their own subcommands through `add_cli(subparsers)`.
+_COMMAND_MODULES: tuple[str, ...] = ()
+SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _weights_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--weights", "-w", required=required,
+                   default=None if required else os.environ.get("VGGFAST_WEIGHTS"),
+                   help="weights: a file, a torchvision name in the hub cache (vgg16), or a "
+                        "`vggfast train` folder (default: $VGGFAST_WEIGHTS)")
+    p.add_argument("--config", default=None, help="A A-LRN B C D E or vgg11..vgg19_bn "
+                                                   "(default: detected from the weights)")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb"))
+
+
+def _engine(args, weights):
+    from .engine import Engine
+    return Engine(weights, config=args.config, device=args.device, dtype=args.dtype,
+                  backend=args.backend, preprocess=args.preprocess)
+
+
+def _need_weights(args) -> str:
+    if not args.weights:
+        raise VGGFastError("no weights given: pass --weights PATH_OR_NAME or set VGGFAST_WEIGHTS")
+    return args.weights
+
+
+def _print_results(named, results, k: int, as_json: bool, stats: dict | None = None) -> None:
+    if as_json:
+        rows = [{"image": str(n), **r.to_dict(k)} for n, r in zip(named, results)]
+        print(json.dumps({"results": rows, **(stats or {})}, indent=2))
+        return
+    for n, r in zip(named, results):
+        print(f"{n}")
+        for i, name, p in r.top(k):
+            print(f"  {p:7.4f}  {i:4d}  {name}")
+
+
+def cmd_classify(args) -> int:
+    from .errors import ImageError
+    eng = _engine(args, _need_weights(args))
+    scales = eng.check_scales(args.scales)
+    names, results, failed = [], [], 0
+    for path in args.images:
+        try:
+            results.append(eng.classify(path, scales=scales, flip=not args.no_flip,
+                                        top_k=args.top))
+            names.append(path)
+        except ImageError as exc:
+            print(f"vggfast: error: {exc}", file=sys.stderr)
+            failed += 1
+    _print_results(names, results, args.top, args.json)
+    return 2 if failed else 0
+
+
+def cmd_info(args) -> int:
+    eng = _engine(args, args.weights_pos or _need_weights(args))
+    info = eng.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def sample_images() -> list[Path]:
+    """The photos bundled with the package (see vggfast/data/README.md for their sources)."""
+    folder = resources.files("vggfast").joinpath("data")
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(SAMPLE_SUFFIXES))
+
+
+def find_demo_weights() -> str | None:
+    """$VGGFAST_WEIGHTS, else the first torchvision VGG checkpoint in the torch hub cache."""
+    if os.environ.get("VGGFAST_WEIGHTS"):
+        return os.environ["VGGFAST_WEIGHTS"]
+    from .weights import hub_checkpoint
+    for name in ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn", "vgg13", "vgg11", "vgg13_bn", "vgg11_bn"):
+        if hub_checkpoint(name) is not None:
+            return name
+    return None
+
+
+def cmd_demo(args) -> int:
+    from .engine import Engine
+    from .nn import build_model
+    weights = args.weights or find_demo_weights()
+    if weights is None:
+        print("NOTE: no trained weights found ($VGGFAST_WEIGHTS, or torchvision's vgg16-397923af.pth "
+              "in the torch hub cache): using an UNTRAINED VGG16 with random weights; its "
+              "predictions are meaningless. This shows the pipeline and its speed only.")
+        import torch
+        torch.manual_seed(0)
+        weights = build_model("D").state_dict()
+    eng = Engine(weights, config=args.config, device=args.device, dtype=args.dtype,
+                 backend=args.backend, preprocess=args.preprocess)
+    print(eng)
+    scales = eng.check_scales(args.scales)
+    images = sample_images()
+    print(f"{len(images)} sample images, scales {list(scales)}, flip on\n")
+    eng.classify(images[0], scales=(eng.spec.image_size,), flip=False)  # warm-up
+    for path in images:
+        t0 = time.perf_counter()
+        r = eng.classify(path, scales=scales, flip=True, top_k=5)
+        ms = (time.perf_counter() - t0) * 1e3
+        print(f"{path.name}  ({ms:.0f} ms)")
+        for i, name, p in r.top(5):
+            print(f"  {p:7.4f}  {i:4d}  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vggfast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("classify", help="classify images (dense evaluation, scales and flips)")
+    p.add_argument("images", nargs="+", help="image files")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
+    p.add_argument("--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("info", help="describe weights: configuration, parameters, classes")
+    p.add_argument("weights_pos", nargs="?", metavar="WEIGHTS")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="classify the bundled sample photos with the best weights found")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.set_defaults(func=cmd_demo)
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VGGFastError as exc:
+        print(f"vggfast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vggfast: interrupted", file=sys.stderr)
+        return 130

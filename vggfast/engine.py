@@ -1,0 +1,313 @@
+"""`Engine`: dense (fully convolutional) VGG evaluation on images of any size; `Result`.
+
+Dense evaluation (Sec. 3.2 of the paper): rescale the image isotropically so its smallest side is
+Q, run the net with fc6 as a (image_size/32)-square conv and fc7/fc8 as 1x1 convs on the whole
+image, giving a class score map [classes, h, w]. vggfast averages the raw scores spatially,
+applies softmax, then averages the posteriors over the image and its flip and over the scales.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import preprocess as pp
+from .errors import ArgumentError, MemoryBudgetError, VGGFastError, WeightsError
+from .nn import TorchBackend
+from .weights import Weights, load
+
+METHODS = ("dense",)
+BACKENDS = ("auto", "triton", "torch")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DEFAULT_CPU_BUDGET = 8 << 30
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names, in torchvision's index order (package data)."""
+    text = resources.files("vggfast").joinpath("data/imagenet_classes.json").read_text()
+    return json.loads(text)
+
+
+@dataclass
+class Result:
+    """Classification of one image.
+
+    probs: [num_classes] float32 on cpu, sums to 1 (the mean posterior over all views).
+    per_scale: {Q: [num_classes] posterior averaged over that scale's views}.
+    """
+
+    probs: torch.Tensor
+    class_names: Sequence[str] = field(repr=False)
+    per_scale: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    top_k: int = 5
+
+    def top(self, k: int | None = None) -> list[tuple[int, str, float]]:
+        """[(class_index, class_name, prob), ...] best first."""
+        k = self.top_k if k is None else _check_top_k(k)
+        p, i = torch.topk(self.probs, min(k, self.probs.numel()))
+        return [(int(j), self.class_names[int(j)], float(q)) for q, j in zip(p, i)]
+
+    def to_dict(self, k: int | None = None) -> dict[str, Any]:
+        return {"top": [{"index": i, "name": n, "prob": p} for i, n, p in self.top(k)]}
+
+
+def _check_top_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ArgumentError(f"top_k must be a positive integer, not {k!r}")
+    return int(k)
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ArgumentError(f"unknown device {device!r} ({exc})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cuda", "cpu"):
+        raise ArgumentError(f"device must be cpu or cuda, not {device!r}")
+    return dev
+
+
+def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ArgumentError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ArgumentError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
+    return dtype
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise ArgumentError(f"VGGFAST_MEMORY_BUDGET={text!r} is not a size such as 8GiB")
+    if not math.isfinite(value) or value <= 0:
+        raise ArgumentError(f"memory budget must be positive, not {text!r}")
+    return int(value)
+
+
+def _default_budget(device: torch.device) -> int:
+    env = os.environ.get("VGGFAST_MEMORY_BUDGET")
+    if env:
+        return _parse_bytes(env)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
+    return DEFAULT_CPU_BUDGET
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+class Engine:
+    """A VGG network ready for dense evaluation.
+
+    weights: a path, a torchvision name found in the torch hub cache ("vgg16"), a state dict, a
+    checkpoint dict, a module or a `vggfast train --out` folder.
+    config: "A" "A-LRN" "B" "C" "D" "E" or "vgg11".."vgg19_bn"; None = detected from the weights.
+    device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
+    backend: "auto" (triton on cuda, torch otherwise) | "triton" | "torch".
+    preprocess: "torchvision" | "caffe" | "caffe-rgb"; None = from the weights' metadata, else
+    "torchvision".
+    memory_budget: bytes of activations one batch may use (default: 80% of the GPU, 8 GiB on
+    CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
+    """
+
+    def __init__(self, weights: Any, config: str | None = None, device: Any = None,
+                 dtype: Any = None, backend: str = "auto", preprocess: str | None = None,
+                 memory_budget: int | None = None):
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if backend not in BACKENDS:
+            raise ArgumentError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        if preprocess is not None:
+            pp.convention(preprocess)
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
+                memory_budget, numbers.Real) or not memory_budget > 0):
+            raise ArgumentError(f"memory_budget must be a positive number of bytes, not "
+                                f"{memory_budget!r}")
+        self.weights: Weights = load(weights, config=config)
+        self.spec = self.weights.spec
+        self.preprocess = preprocess or self.weights.preprocess or "torchvision"
+        pp.convention(self.preprocess)
+        self.memory_budget = int(memory_budget or _default_budget(self.device))
+        n = self.spec.num_classes
+        self.class_names = self.weights.class_names or (
+            imagenet_classes() if n == 1000 else [str(i) for i in range(n)])
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.backend_name = backend
+        params = self.weights.state_dict
+        if backend == "torch":
+            self._backend = TorchBackend(params, self.spec, self.device, self.dtype)
+        else:
+            try:
+                from .triton_backend import TritonBackend
+            except ImportError as exc:
+                raise VGGFastError(f"the triton backend is unavailable here ({exc}); "
+                                   "use backend='torch'")
+            self._backend = TritonBackend(params, self.spec, self.device, self.dtype)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"Engine(config={s.config}{' +BN folded' if s.batch_norm else ''}, width={s.width:g}, "
+                f"classes={s.num_classes}, image_size={s.image_size}, device={self.device}, "
+                f"dtype={str(self.dtype).replace('torch.', '')}, backend={self.backend_name}, "
+                f"preprocess={self.preprocess})")
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_scales(self, scales: Any) -> tuple[int, ...]:
+        """Validate scales (an int or a non-empty sequence of ints >= the native size)."""
+        if isinstance(scales, numbers.Number) and not isinstance(scales, bool):
+            scales = (scales,)
+        if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
+            raise ArgumentError(f"scales must be an integer or a list of integers, not {scales!r}")
+        out = []
+        for q in scales:
+            if isinstance(q, bool) or not isinstance(q, numbers.Real) or not math.isfinite(q) \
+                    or int(q) != q:
+                raise ArgumentError(f"each scale must be a whole number of pixels, not {q!r}")
+            q = int(q)
+            if q < self.spec.image_size:
+                raise ArgumentError(
+                    f"scale {q} is below the network's native size {self.spec.image_size}: the dense "
+                    f"net needs a {self.spec.grid}x{self.spec.grid} map after pool5")
+            out.append(q)
+        if not out:
+            raise ArgumentError("scales is empty; give at least one, e.g. (256, 384, 512)")
+        return tuple(out)
+
+    def _require(self, upto: str) -> None:
+        bad = self.weights.unusable(upto)
+        if bad:
+            miss = [n for n in bad if n in self.weights.missing]
+            what = "missing" if miss else "contain NaN or infinite values"
+            raise WeightsError(
+                f"layers {', '.join(bad)} of these weights {what}; they can be used for features "
+                f"up to the last good layer, not for this request")
+
+    def activation_bytes(self, batch: int, h: int, w: int) -> int:
+        """Peak activation bytes of one batch (input, conv output and ReLU output alive at once)."""
+        el = torch.finfo(self.dtype).bits // 8
+        peak = 0
+        c = 3
+        for l in self.spec.layers:
+            ho, wo = h + 2 * l.pad - l.k + 1, w + 2 * l.pad - l.k + 1
+            if ho < 1 or wo < 1:
+                break
+            peak = max(peak, batch * el * (c * h * w + 2 * l.cout * ho * wo))
+            h, w, c = (ho // 2, wo // 2, l.cout) if l.pool else (ho, wo, l.cout)
+        return peak
+
+    def _check_memory(self, batch: int, h: int, w: int) -> None:
+        need = self.activation_bytes(batch, h, w)
+        if need > self.memory_budget:
+            raise MemoryBudgetError(
+                f"a {w}x{h} input (batch {batch}) needs {_fmt_bytes(need)} of activations, over the "
+                f"memory budget of {_fmt_bytes(self.memory_budget)}; use smaller scales, or raise "
+                "the limit with Engine(..., memory_budget=BYTES) or VGGFAST_MEMORY_BUDGET=16GiB")
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def _views(self, x: torch.Tensor, q: int, flip: bool) -> torch.Tensor:
+        """Rescaled (and flipped) normalised views of one image at scale q: [V, 3, H, W]."""
+        h, w = pp.rescaled_size(*x.shape[-2:], q)
+        self._check_memory(2 if flip else 1, h, w)
+        v = pp.resize_short(x, q)
+        v = torch.stack([v, v.flip(-1)]) if flip else v[None]
+        return pp.normalize(v, self.preprocess)
+
+    def _run(self, batch: torch.Tensor, taps=("fc8",)) -> dict[str, torch.Tensor]:
+        return self._backend.run(batch, taps)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def classify(self, img: Any, scales: Any = (256, 384, 512), flip: bool = True,
+                 method: str = "dense", top_k: int = 5) -> Result | list[Result]:
+        """Classify one image (-> Result) or a list of images (-> list of Result; sizes may differ).
+
+        scales: smallest-side sizes Q (each >= the native size, 224 for the paper's nets).
+        flip: also evaluate the horizontal flip. method: "dense".
+        """
+        scales = self.check_scales(scales)
+        top_k = _check_top_k(top_k)
+        if method not in METHODS:
+            raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        self._require("fc8")
+        if isinstance(img, (list, tuple)):
+            images = [pp.load_image(i) for i in img]
+            return [self._classify_one(x, scales, bool(flip), top_k) for x in images]
+        return self._classify_one(pp.load_image(img), scales, bool(flip), top_k)
+
+    def _classify_one(self, x: torch.Tensor, scales: tuple[int, ...], flip: bool,
+                      top_k: int) -> Result:
+        per_scale = {}
+        for q in scales:
+            scores = self._run(self._views(x, q, flip))["fc8"]
+            posteriors = F.softmax(scores.mean(dim=(2, 3)), dim=1)
+            per_scale[q] = posteriors.mean(0).cpu()
+        probs = torch.stack(list(per_scale.values())).mean(0)
+        return Result(probs, self.class_names, per_scale, top_k)
+
+    def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
+        """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
+        (q,) = self.check_scales((scale,))
+        self._require("fc8")
+        x = pp.load_image(img)
+        return self._run(self._views(x, q, False))["fc8"][0].cpu()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard fixed-size forward: x [N, 3, H, W] normalised float -> [N, classes] fp32.
+
+        Equals torchvision's forward: features, adaptive average pool to (image_size/32)^2, then
+        the classifier (fc layers applied as convs on the pooled map).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
+                or not x.is_floating_point():
+            raise ArgumentError("logits expects a float tensor [N, 3, H, W] already normalised")
+        h, w = x.shape[-2:]
+        if min(h, w) < 32:
+            raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")
+        self._require("fc8")
+        self._check_memory(x.shape[0], h, w)
+        s = self.spec
+        if h == w == s.image_size:
+            return self._run(x)["fc8"].flatten(1).cpu()
+        pooled = F.adaptive_avg_pool2d(self._run(x, ("pool5",))["pool5"], (s.grid, s.grid))
+        return self._backend.fc(pooled).cpu()
+
+    def info(self) -> dict[str, Any]:
+        """What the engine runs: configuration, sizes, parameters, classes, conventions."""
+        s, w = self.spec, self.weights
+        return {
+            "config": s.config, "torchvision_name": s.torchvision_name,
+            "batch_norm_folded": s.batch_norm, "width": s.width, "image_size": s.image_size,
+            "num_classes": s.num_classes, "fc_width": s.fc_width,
+            "parameters": s.param_count() - (sum(2 * l.cout for l in s.convs) if s.batch_norm else 0),
+            "preprocess": self.preprocess, "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""), "backend": self.backend_name,
+            "missing_layers": list(w.missing), "nonfinite_layers": list(w.nonfinite),
+            "source": w.source, "class_names": "from weights" if w.class_names else
+            ("imagenet" if s.num_classes == 1000 else "indices"),
+        }

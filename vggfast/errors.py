@@ -1,0 +1,21 @@
+"""Errors a user can cause. Every one is a `VGGFastError`, so callers catch one type."""
+
+
+class VGGFastError(Exception):
+    """Base of every error caused by user input (weights, images, arguments)."""
+
+
+class WeightsError(VGGFastError):
+    """The weights are missing, unreadable, of an unknown layout, or unusable for the request."""
+
+
+class ImageError(VGGFastError):
+    """An image could not be read, decoded or converted."""
+
+
+class ArgumentError(VGGFastError, ValueError):
+    """An argument is out of range or of the wrong kind (scales, top_k, method, config...)."""
+
+
+class MemoryBudgetError(VGGFastError):
+    """A request would need more activation memory than the engine's budget allows."""

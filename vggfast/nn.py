@@ -1,0 +1,173 @@
+"""PyTorch (cuDNN) modules and the reference forward.
+
+`build_model` returns a trainable `torch.nn.Module` whose state_dict keys equal torchvision's
+(`features.N.*`, `classifier.N.*`). `dense_forward` is the slow, obviously correct reference every
+fast path is compared against: it runs the canonical (BN-folded, FC-as-conv) weights of
+`weights.load` fully convolutionally with plain torch ops.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, NetSpec, make_spec
+from .errors import ArgumentError
+
+
+class LRN(nn.LocalResponseNorm):
+    """Krizhevsky et al.'s LRN (n=5, alpha=1e-4, beta=0.75, k=2); alpha is not divided by n."""
+
+    def __init__(self):
+        super().__init__(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
+
+
+def lrn(x: torch.Tensor) -> torch.Tensor:
+    return F.local_response_norm(x, LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
+
+
+class VGG(nn.Module):
+    """VGG with torchvision's module layout; `spec` says which configuration it is.
+
+    forward(x): x is a normalised NCHW float batch of any size >= image_size; features, an
+    adaptive average pool to (image_size/32)^2 (identity at the native size, as torchvision), the
+    classifier. Returns [N, num_classes] logits.
+    """
+
+    def __init__(self, spec: NetSpec, dropout: float = 0.5):
+        super().__init__()
+        self.spec = spec
+        mods: list[nn.Module] = []
+        for l in spec.convs:
+            mods.append(nn.Conv2d(l.cin, l.cout, l.k, padding=l.pad))
+            if spec.batch_norm:
+                mods.append(nn.BatchNorm2d(l.cout))
+            mods.append(nn.ReLU(inplace=True))
+            if l.lrn:
+                mods.append(LRN())
+            if l.pool:
+                mods.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*mods)
+        g = spec.grid
+        self.avgpool = nn.AdaptiveAvgPool2d((g, g))
+        fc6, fc7, fc8 = spec.fcs
+        self.classifier = nn.Sequential(
+            nn.Linear(fc6.cin * g * g, fc6.cout), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(fc7.cin, fc7.cout), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(fc8.cin, fc8.cout),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchvision's initialisation (Kaiming for convs, N(0, 0.01) for linear layers)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def build_model(config: str = "D", num_classes: int = 1000, width: float = 1.0,
+                image_size: int = 224, batch_norm: bool | None = None,
+                dropout: float = 0.5) -> VGG:
+    """A trainable VGG of Table 1 on PyTorch/cuDNN, with torchvision's state_dict keys.
+
+    config: "A" "A-LRN" "B" "C" "D" "E" or "vgg11".."vgg19_bn". width scales every channel
+    count and the FC width. image_size (a multiple of 32) is the native input size.
+    """
+    return VGG(make_spec(config, num_classes, width, image_size, batch_norm), dropout)
+
+
+def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Tensor,
+                  taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
+    """Reference fully convolutional forward on canonical weights.
+
+    params: canonical weights (`conv1_1.weight` [Cout, Cin, k, k], ..., `fc6.weight`
+    [F, C, g, g], `fc7.weight` [F, F, 1, 1], `fc8.weight` [classes, F, 1, 1], biases [Cout]).
+    x: [N, 3, H, W] normalised, H and W >= spec.image_size for taps past pool5.
+    taps: names from `spec.tap_names()`; computation stops after the deepest one.
+    Returns {tap: tensor} (NCHW, x's dtype); "fc8" is the raw class score map.
+    """
+    taps = list(taps)
+    names = spec.tap_names()
+    for t in taps:
+        if t not in names:
+            raise ArgumentError(f"unknown layer {t!r}; layers of {spec.config}: {', '.join(names)}")
+    last = max(names.index(t) for t in taps)
+    out: dict[str, torch.Tensor] = {}
+    pos = 0
+
+    def emit(t: torch.Tensor) -> bool:
+        nonlocal pos
+        name = names[pos]
+        if name in taps:
+            out[name] = t
+        pos += 1
+        return pos > last
+
+    for l in spec.layers:
+        x = F.conv2d(x, params[f"{l.name}.weight"], params[f"{l.name}.bias"], padding=l.pad)
+        if emit(x):
+            return out
+        if l.relu:
+            x = F.relu(x)
+            if emit(x):
+                return out
+        if l.lrn:
+            x = lrn(x)
+            if emit(x):
+                return out
+        if l.pool:
+            x = F.max_pool2d(x, 2, 2)
+            if emit(x):
+                return out
+    return out
+
+
+def fc_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Tensor) -> torch.Tensor:
+    """fc6-fc8 as convolutions on a pool5 map already pooled to (grid x grid) -> [N, classes]."""
+    for l in spec.fcs:
+        x = F.conv2d(x, params[f"{l.name}.weight"], params[f"{l.name}.bias"])
+        if l.relu:
+            x = F.relu(x)
+    return x.flatten(1)
+
+
+class TorchBackend:
+    """The reference backend: `dense_forward` on cuDNN (GPU) or the CPU, weights cast once.
+
+    run(x, taps): x [N, 3, H, W] normalised float32 -> {tap: float32 NCHW}, as `dense_forward`.
+    On CUDA activations are channels_last in `dtype` (cuDNN's fast layout); fp32 accumulate.
+    """
+
+    name = "torch"
+
+    def __init__(self, params: Mapping[str, torch.Tensor], spec: NetSpec, device: torch.device,
+                 dtype: torch.dtype):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.memory_format = fmt
+        self.params = {k: (v.to(device, dtype, memory_format=fmt) if v.dim() == 4
+                           else v.to(device, dtype)) for k, v in params.items()}
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, self.dtype, memory_format=self.memory_format)
+        out = dense_forward(self.params, self.spec, x, taps)
+        return {k: v.float() for k, v in out.items()}
+
+    @torch.inference_mode()
+    def fc(self, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = pooled.to(self.device, self.dtype, memory_format=self.memory_format)
+        return fc_forward(self.params, self.spec, pooled).float()

@@ -1,0 +1,212 @@
+"""Image decoding, conversion to RGB, isotropic rescaling, flips and normalisation.
+
+An image is a path, a PIL image, an HxWx3 uint8 numpy array, or a torch tensor [3, H, W] (uint8
+0-255, or float RGB in [0, 1]). `load_image` turns any of them into a [3, H, W] tensor, uint8, or
+float32 in [0, 1] when the source carries more than 8 bits (16-bit and float images, float
+tensors).
+
+Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK", "YCbCr", "LAB",
+"HSV" go through PIL's RGB conversion. Alpha ("RGBA", "LA", "PA", palette transparency) is
+dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colour under a
+transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
+[0, 1] when its maximum is at most 1, else as 0-255; values outside the range are clipped.
+Multi-frame files (GIF, TIFF) use their first frame. PIL's decompression-bomb guard stays on: an
+image over twice `PIL.Image.MAX_IMAGE_PIXELS` is refused with an ImageError.
+
+Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
+(Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
+values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`).
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ArgumentError, ImageError
+
+MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refused
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How normalised input is made from RGB in [0, 1]: (x * scale, channel order) - mean) / std."""
+
+    bgr: bool
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CONVENTIONS = {
+    # torchvision / timm ImageNet weights: RGB in [0, 1], per-channel mean and std
+    "torchvision": Convention(False, 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # the original Caffe VGG models: BGR in 0-255 minus the mean pixel (B, G, R)
+    "caffe": Convention(True, 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    # torchvision's vgg16_features (IMAGENET1K_FEATURES) weights: RGB in 0-255 minus the mean pixel
+    "caffe-rgb": Convention(False, 255.0, (122.99925, 116.99966, 103.99950), (1.0, 1.0, 1.0)),
+}
+
+
+def convention(name: str) -> Convention:
+    if name not in CONVENTIONS:
+        raise ArgumentError(f"unknown preprocessing {name!r}; known: {', '.join(CONVENTIONS)}")
+    return CONVENTIONS[name]
+
+
+def rescaled_size(h: int, w: int, q: int) -> tuple[int, int]:
+    """Size after the isotropic rescale that makes the smallest side q."""
+    if h <= w:
+        return q, (q * w) // h
+    return (q * h) // w, q
+
+
+def load_image(src) -> torch.Tensor:
+    """Any accepted image -> [3, H, W] tensor (uint8, or float32 in [0, 1]); ImageError if bad."""
+    if isinstance(src, torch.Tensor):
+        x = _from_tensor(src)
+    elif isinstance(src, np.ndarray):
+        x = _from_array(src)
+    elif isinstance(src, (str, os.PathLike, bytes)):
+        x = _from_file(src)
+    else:
+        from PIL import Image
+        if isinstance(src, Image.Image):
+            x = _from_pil(src)
+        else:
+            raise ImageError(f"an image must be a path, PIL image, numpy array or tensor, not "
+                             f"{type(src).__name__}")
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_SIDE:
+        raise ImageError(f"image is {w}x{h} pixels; both sides must be at least {MIN_SIDE}")
+    return x
+
+
+def _from_file(src) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+    name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
+    if not isinstance(src, bytes) and not os.path.isfile(name):
+        raise ImageError(f"image not found: {name}")
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else name) as im:
+            im.load()
+            return _from_pil(im)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if the file is trusted")
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file PIL can read")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
+
+
+def _from_pil(im) -> torch.Tensor:
+    from PIL import ImageOps
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF data: keep the stored orientation rather than fail
+        pass
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im, dtype=np.float32) / 65535.0
+        return _gray_float(a)
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ImageError("float image contains NaN or infinite values")
+        if a.size and a.max() > 1.0:
+            a = a / 255.0
+        return _gray_float(a)
+    if mode != "RGB":
+        im = im.convert("RGB")
+    a = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+
+
+def _gray_float(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.clip(a, 0.0, 1.0).astype(np.float32))
+    return t[None].expand(3, -1, -1).contiguous()
+
+
+def _from_array(a: np.ndarray) -> torch.Tensor:
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ImageError(f"a numpy image must be HxWx3 (or HxW, HxWx1, HxWx4), not shape {a.shape}")
+    a = a[:, :, :3] if a.shape[2] == 4 else a
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    if a.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.astype(np.float32) / 65535.0).permute(2, 0, 1).contiguous()
+    if a.dtype == np.bool_:
+        return torch.from_numpy(a.astype(np.uint8) * 255).permute(2, 0, 1).contiguous()
+    if np.issubdtype(a.dtype, np.floating):
+        return _from_tensor(torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1))
+    raise ImageError(f"numpy images must be uint8, uint16 or float in [0, 1], not {a.dtype}")
+
+
+def _from_tensor(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
+        raise ImageError(f"a tensor image must be [3, H, W] (or [1, H, W], [4, H, W]), not "
+                         f"{list(t.shape)}; for batches of normalised input use Engine.logits")
+    t = t[:3] if t.shape[0] == 4 else t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    t = t.cpu()
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    if t.is_floating_point():
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise ImageError("image tensor contains NaN or infinite values")
+        if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
+            raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
+                             f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
+        return t.clamp(0, 1).contiguous()
+    raise ImageError(f"tensor images must be uint8 or floating point, not {t.dtype}")
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] uint8 or float -> float32 in [0, 1]."""
+    return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
+def resize_short(x: torch.Tensor, q: int) -> torch.Tensor:
+    """Isotropic antialiased bilinear rescale so the smallest side is q -> float32 [3, H', W'].
+
+    An image whose smallest side already equals q is not resampled.
+    """
+    h, w = x.shape[-2:]
+    x = to_float(x)
+    if min(h, w) == q:
+        return x
+    size = rescaled_size(h, w, q)
+    return F.interpolate(x[None], size=size, mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
+def normalize(x: torch.Tensor, conv: str | Convention = "torchvision") -> torch.Tensor:
+    """RGB float in [0, 1], [..., 3, H, W] -> the network's input under `conv`."""
+    c = convention(conv) if isinstance(conv, str) else conv
+    if c.bgr:
+        x = x.flip(-3)  # mean and std are listed in the input's channel order already
+    mean_t = torch.tensor(c.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(c.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * c.scale - mean_t) / std_t
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]

@@ -1,0 +1,429 @@
+"""Weight loading: bytes in, canonical tensors out. Pure: no globals touched, nothing downloaded.
+
+Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, or a
+directory written by `vggfast train --out DIR`), a torchvision model name found in the torch hub
+cache ("vgg16" -> vgg16-397923af.pth), a state dict or checkpoint dict, or a `torch.nn.Module`.
+Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
+timm (`pre_logits.fc1/fc2`, `head.fc`), vggfast's canonical names (`conv1_1.weight`, `fc6.weight`),
+with `module.` / `_orig_mod.` prefixes and checkpoint wrappers (`state_dict`, `model`,
+`model_state_dict`).
+
+Canonical form (what every backend reads): float32 tensors named by layer, BatchNorm folded into
+the convs (eps 1e-5, torchvision's), `{conv}.weight` [Cout, Cin, k, k], `fc6.weight` [F, C, g, g]
+(torchvision flattens C, H, W, so the Linear weight views directly), `fc7.weight` [F, F, 1, 1],
+`fc8.weight` [classes, F, 1, 1], `{layer}.bias` [Cout].
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .configs import ALIASES, TABLE1, NetSpec, canonical_config, make_spec
+from .errors import ArgumentError, WeightsError
+
+BN_EPS = 1e-5
+_PREFIXES = ("module.", "_orig_mod.")
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
+_TIMM = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.3.",
+         "head.fc.": "classifier.6."}
+_CANONICAL = re.compile(r"^(conv\d_\d|fc[678])\.(weight|bias)$")
+# Weights whose inputs are not torchvision's mean/std: name in the hub cache -> convention.
+_HUB_EXTRA = {"vgg16_features": ("vgg16_features-*.pth", "D", "caffe-rgb")}
+
+
+@dataclass
+class Weights:
+    """Canonical weights and what was learned about them.
+
+    spec: the resolved network. state_dict: canonical float32 tensors (see module docstring).
+    missing: layers whose tensors the source does not have (a features-only checkpoint has no fc).
+    nonfinite: layers with NaN/Inf values (usable for nothing past them).
+    class_names: from checkpoint metadata, else None. preprocess: convention from metadata/name.
+    """
+
+    spec: NetSpec
+    state_dict: dict[str, torch.Tensor]
+    source: str = "<dict>"
+    missing: tuple[str, ...] = ()
+    nonfinite: tuple[str, ...] = ()
+    class_names: list[str] | None = None
+    preprocess: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def unusable(self, upto: str | None = None) -> list[str]:
+        """Layers up to and including `upto` (default: all) that are missing or non-finite."""
+        names = [l.name for l in self.spec.layers]
+        end = names.index(upto) + 1 if upto else len(names)
+        bad = set(self.missing) | set(self.nonfinite)
+        return [n for n in names[:end] if n in bad]
+
+
+def load_weights(src: Any, config: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """Public entry: `(config_name, canonical state_dict)`; see `load` for the sources accepted."""
+    w = load(src, config=config)
+    return w.spec.config, w.state_dict
+
+
+def load(src: Any, config: str | None = None) -> Weights:
+    """Read `src` and return canonical `Weights`; raises WeightsError saying what is wrong."""
+    if isinstance(src, Weights):
+        return src
+    meta: dict[str, Any] = {}
+    source = "<dict>"
+    preprocess = None
+    if isinstance(src, torch.nn.Module):
+        raw: Any = src.state_dict()
+        source = type(src).__name__
+    elif isinstance(src, Mapping):
+        raw = src
+    elif isinstance(src, (str, os.PathLike)):
+        path, preprocess, hub_config = _resolve_path(src)
+        if config is None:
+            config = hub_config
+        raw, meta = _read_file(path)
+        source = str(path)
+    else:
+        raise WeightsError(f"weights must be a path, a torchvision name, a state dict or a module, "
+                           f"not {type(src).__name__}")
+    sd, ckpt_meta = _unwrap(raw)
+    meta = {**ckpt_meta, **meta}
+    sd = _rename(sd)
+    if config is None and meta.get("config"):
+        config = str(meta["config"])
+    spec, params, missing, nonfinite = _canonicalise(sd, config, meta)
+    names = meta.get("class_names")
+    if names is not None:
+        if not (isinstance(names, list) and len(names) == spec.num_classes
+                and all(isinstance(n, str) for n in names)):
+            raise WeightsError(f"{source}: metadata 'class_names' must list {spec.num_classes} "
+                               "strings, one per class")
+    pre = meta.get("preprocess", preprocess)
+    return Weights(spec, params, source, missing, nonfinite, names, pre, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def hub_checkpoint(name: str) -> Path | None:
+    """The torchvision checkpoint for `name` ("vgg16", "vgg16_bn", ...) in the torch hub cache."""
+    pattern = f"{name}-*.pth" if name in ALIASES else _HUB_EXTRA[name][0]
+    directory = Path(torch.hub.get_dir()) / "checkpoints"
+    hits = sorted(directory.glob(pattern)) if directory.is_dir() else []
+    return hits[0] if hits else None
+
+
+def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]:
+    path = Path(os.path.expanduser(os.fspath(src)))
+    if path.is_dir():
+        model = path / "model.safetensors"
+        if not model.is_file():
+            raise WeightsError(f"{path} is a folder without model.safetensors "
+                               "(expected the --out folder of `vggfast train`)")
+        return model, None, None
+    if path.is_file():
+        return path, None, None
+    name = os.fspath(src).strip().lower()
+    if name in ALIASES or name in _HUB_EXTRA:
+        hit = hub_checkpoint(name)
+        if hit is None:
+            where = Path(torch.hub.get_dir()) / "checkpoints"
+            raise WeightsError(
+                f"torchvision weights {name!r} are not in the torch hub cache ({where}); vggfast "
+                f"never downloads. Fetch them once with torchvision (e.g. "
+                f"torchvision.models.{name.split('_features')[0]}(weights='DEFAULT')) or pass a path")
+        extra = _HUB_EXTRA.get(name)
+        return hit, (extra[2] if extra else None), (extra[1] if extra else None)
+    raise WeightsError(f"weights file not found: {path}")
+
+
+def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
+    meta: dict[str, Any] = {}
+    sidecar = path.with_suffix(".json")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+            from safetensors.torch import load_file
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    header = f.metadata() or {}
+                raw = load_file(str(path))
+            except (SafetensorError, ValueError) as exc:
+                raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})")
+            if "vggfast" in header:
+                meta.update(json.loads(header["vggfast"]))
+        else:
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise WeightsError(
+                    f"{path}: refused to unpickle objects other than tensors (weights_only=True); "
+                    f"save a plain state_dict or a safetensors file ({_first_line(exc)})")
+            except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
+                    AttributeError, TypeError, KeyError, IndexError) as exc:
+                raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
+        if sidecar.is_file() and not meta:
+            meta.update(json.loads(sidecar.read_text()))
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read ({exc.strerror or exc})")
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path}: metadata is not valid JSON ({exc})")
+    return raw, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Find the state dict inside checkpoint wrappers; return it and any metadata beside it."""
+    meta: dict[str, Any] = {}
+    for _ in range(3):
+        if not isinstance(raw, Mapping):
+            raise WeightsError(f"expected a state dict (a mapping of names to tensors), found "
+                               f"{type(raw).__name__}")
+        if isinstance(raw.get("meta"), Mapping):
+            meta.update(raw["meta"])
+        if isinstance(raw.get("class_names"), list):
+            meta.setdefault("class_names", raw["class_names"])
+        inner = next((raw[k] for k in _WRAPPERS if isinstance(raw.get(k), Mapping)), None)
+        if inner is None:
+            break
+        raw = inner
+    tensors = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError("no tensors found: not a state dict or a known checkpoint layout "
+                           f"(top-level keys: {', '.join(map(str, list(raw)[:8])) or 'none'})")
+    return tensors, meta
+
+
+def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        for old, new in _TIMM.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# layout detection and canonicalisation
+
+def _convs_torchvision(sd: dict[str, torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    convs = []
+    for k, v in sd.items():
+        m = re.fullmatch(r"features\.(\d+)\.weight", k)
+        if m and v.dim() == 4:
+            convs.append((int(m.group(1)), v))
+    return sorted(convs, key=lambda t: t[0])
+
+
+def _detect_config(kernels: list[int], conv_indices: list[int] | None, bn: bool) -> str:
+    for cfg, blocks in TABLE1.items():
+        if cfg == "A-LRN":
+            continue
+        if [k for b in blocks for k in b] == kernels:
+            if cfg == "A" and conv_indices is not None and not bn and len(conv_indices) > 1 \
+                    and conv_indices[1] - conv_indices[0] == 4:
+                return "A-LRN"  # conv, ReLU, LRN, pool before conv2_1
+            return cfg
+    raise WeightsError(f"unknown layout: {len(kernels)} convolutions with kernel sizes {kernels} "
+                       "match no configuration of Table 1 (A, A-LRN, B, C, D, E)")
+
+
+def _check_finite_tensor(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[str, Any]):
+    canonical_keys = [k for k in sd if _CANONICAL.match(k)]
+    tv = _convs_torchvision(sd)
+    if tv:
+        conv_w = [w for _, w in tv]
+        indices = [i for i, _ in tv]
+        bn = any(f"features.{i + 1}.running_mean" in sd for i in indices)
+    elif canonical_keys:
+        names = sorted({k.split(".")[0] for k in canonical_keys if k.startswith("conv")},
+                       key=lambda n: (int(n[4]), int(n[6])))
+        conv_w = [sd[f"{n}.weight"] for n in names if f"{n}.weight" in sd]
+        indices, bn = None, False
+    else:
+        sample = ", ".join(list(sd)[:5])
+        raise WeightsError("unknown layout: no VGG convolution tensors found (expected torchvision "
+                           f"'features.N.weight', timm, or vggfast names; found {sample}...)")
+    for w in conv_w:
+        if not w.is_floating_point():
+            raise WeightsError(f"convolution weights must be floating point, found {w.dtype}")
+    kernels = [int(w.shape[-1]) for w in conv_w]
+    detected = _detect_config(kernels, indices, bn)
+    if config is not None:
+        try:
+            cfg, cfg_bn = canonical_config(config)
+        except ArgumentError as exc:
+            raise WeightsError(str(exc))
+        if cfg_bn != bn and config.lower() in ALIASES:
+            raise WeightsError(f"config {config!r} {'has' if cfg_bn else 'has no'} BatchNorm but the "
+                               f"weights {'have' if bn else 'have none'}")
+        if cfg != detected and {cfg, detected} != {"A", "A-LRN"}:
+            raise WeightsError(f"config {config!r} does not match the weights, which look like "
+                               f"configuration {detected} ({len(kernels)} convolutions)")
+        if cfg == "A-LRN" and bn:
+            raise WeightsError("A-LRN has no BatchNorm variant but the weights have BatchNorm")
+        detected = cfg
+    c0 = conv_w[0]
+    if c0.shape[1] != 3:
+        raise WeightsError(f"conv1_1 reads {c0.shape[1]} channels; VGG takes RGB (3)")
+    width = c0.shape[0] / 64
+
+    # classifier (optional: a features-only checkpoint has none)
+    fc_names = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
+    fc: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    for name, tvname in fc_names.items():
+        w = sd.get(f"{tvname}.weight", sd.get(f"{name}.weight"))
+        b = sd.get(f"{tvname}.bias", sd.get(f"{name}.bias"))
+        if (w is None) != (b is None):
+            raise WeightsError(f"{name} has a weight but no bias or a bias but no weight")
+        fc[name] = None if w is None else (w, b)
+    present = [n for n, v in fc.items() if v is not None]
+    if present and len(present) != 3:
+        missing = [n for n in fc if fc[n] is None]
+        raise WeightsError(f"incomplete classifier: {', '.join(missing)} missing")
+    channels = conv_w[-1].shape[0]
+    if present:
+        w6 = fc["fc6"][0]
+        if w6.dim() == 4:
+            grid = int(w6.shape[-1])
+            if w6.shape[1] != channels or w6.shape[2] != grid:
+                raise WeightsError(f"fc6 weight {tuple(w6.shape)} does not read {channels} channels")
+        elif w6.dim() == 2:
+            cells = w6.shape[1] / channels
+            grid = int(round(math.sqrt(cells))) if cells > 0 else 0
+            if grid < 1 or grid * grid * channels != w6.shape[1]:
+                raise WeightsError(f"fc6 weight {tuple(w6.shape)} does not read a square map of "
+                                   f"{channels} channels")
+        else:
+            raise WeightsError(f"fc6 weight must be 2-D or 4-D, found {tuple(w6.shape)}")
+        fc_width = int(w6.shape[0])
+        num_classes = int(fc["fc8"][0].shape[0])
+        image_size = 32 * grid
+    else:
+        fc_width, num_classes = None, int(meta.get("num_classes") or 1000)
+        image_size = int(meta.get("image_size") or 224)
+    block_channels, i = [], 0
+    for kernels in TABLE1[detected]:
+        block_channels.append(int(conv_w[i].shape[0]))
+        i += len(kernels)
+    try:
+        spec = make_spec(detected, num_classes, width, image_size, batch_norm=bn, fc_width=fc_width,
+                         channels=tuple(block_channels))
+    except ArgumentError as exc:
+        raise WeightsError(f"weights describe an impossible network: {exc}")
+
+    params: dict[str, torch.Tensor] = {}
+    nonfinite = []
+    for layer, w in zip(spec.convs, conv_w):
+        if tuple(w.shape) != (layer.cout, layer.cin, layer.k, layer.k):
+            raise WeightsError(
+                f"{layer.name}: weight shape {tuple(w.shape)} does not fit configuration "
+                f"{spec.config} at width {width:g} (expected {(layer.cout, layer.cin, layer.k, layer.k)})")
+        if indices is not None:
+            i = indices[spec.convs.index(layer)]
+            if i != layer.index:
+                raise WeightsError(f"{layer.name} sits at features.{i}, expected features."
+                                   f"{layer.index} for configuration {spec.config}"
+                                   f"{' with BatchNorm' if bn else ''}")
+            b = _need(sd, f"features.{i}.bias", layer.cout)
+        else:
+            b = _need(sd, f"{layer.name}.bias", layer.cout)
+        w = w.detach().to(torch.float32)
+        b = b.detach().to(torch.float32)
+        if bn:
+            j = layer.bn_index
+            gamma = _need(sd, f"features.{j}.weight", layer.cout).to(torch.float32)
+            beta = _need(sd, f"features.{j}.bias", layer.cout).to(torch.float32)
+            mean = _need(sd, f"features.{j}.running_mean", layer.cout).to(torch.float32)
+            var = _need(sd, f"features.{j}.running_var", layer.cout).to(torch.float32)
+            scale = gamma / torch.sqrt(var + BN_EPS)
+            w = w * scale[:, None, None, None]
+            b = (b - mean) * scale + beta
+        params[f"{layer.name}.weight"] = w.contiguous()
+        params[f"{layer.name}.bias"] = b.contiguous()
+        if not (_check_finite_tensor(w) and _check_finite_tensor(b)):
+            nonfinite.append(layer.name)
+    missing = []
+    for layer in spec.fcs:
+        pair = fc[layer.name]
+        if pair is None:
+            missing.append(layer.name)
+            continue
+        w, b = pair
+        shape = (layer.cout, layer.cin, layer.k, layer.k)
+        if w.numel() != math.prod(shape) or w.dim() not in (2, 4) \
+                or w.shape[0] != layer.cout or tuple(b.shape) != (layer.cout,):
+            raise WeightsError(f"{layer.name}: weight {tuple(w.shape)} / bias {tuple(b.shape)} do not "
+                               f"fit (expected weight {shape} or its 2-D Linear form)")
+        if w.dim() == 4 and tuple(w.shape) != shape:
+            raise WeightsError(f"{layer.name}: weight {tuple(w.shape)}, expected {shape}")
+        if not w.is_floating_point() or not b.is_floating_point():
+            raise WeightsError(f"{layer.name}: weights must be floating point, found {w.dtype}")
+        w = w.detach().to(torch.float32).reshape(shape).contiguous()
+        b = b.detach().to(torch.float32).contiguous()
+        params[f"{layer.name}.weight"], params[f"{layer.name}.bias"] = w, b
+        if not (_check_finite_tensor(w) and _check_finite_tensor(b)):
+            nonfinite.append(layer.name)
+    return spec, params, tuple(missing), tuple(nonfinite)
+
+
+def _need(sd: dict[str, torch.Tensor], key: str, n: int) -> torch.Tensor:
+    t = sd.get(key)
+    if t is None:
+        raise WeightsError(f"missing tensor {key!r}")
+    if tuple(t.shape) != (n,):
+        raise WeightsError(f"{key}: shape {tuple(t.shape)}, expected ({n},)")
+    if not t.is_floating_point():
+        raise WeightsError(f"{key}: must be floating point, found {t.dtype}")
+    return t.detach()
+
+
+def to_torchvision(w: Weights) -> dict[str, torch.Tensor]:
+    """Canonical weights back to a torchvision-keyed state dict (BN stays folded: no BN keys)."""
+    spec = w.spec
+    if spec.batch_norm:
+        spec = make_spec(spec.config, spec.num_classes, spec.width, spec.image_size,
+                         batch_norm=False, fc_width=spec.fc_width,
+                         channels=tuple(spec.convs[i].cout for i in _block_firsts(spec)))
+    out = {}
+    for l in spec.convs:
+        out[f"features.{l.index}.weight"] = w.state_dict[f"{l.name}.weight"]
+        out[f"features.{l.index}.bias"] = w.state_dict[f"{l.name}.bias"]
+    for l in spec.fcs:
+        if f"{l.name}.weight" in w.state_dict:
+            out[f"classifier.{l.index}.weight"] = w.state_dict[f"{l.name}.weight"].flatten(1)
+            out[f"classifier.{l.index}.bias"] = w.state_dict[f"{l.name}.bias"]
+    return out
+
+
+def _block_firsts(spec: NetSpec) -> list[int]:
+    """Index in spec.convs of the first conv of each block."""
+    out, seen = [], set()
+    for i, l in enumerate(spec.convs):
+        if l.block not in seen:
+            seen.add(l.block)
+            out.append(i)
+    return out
