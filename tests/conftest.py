@@ -1,0 +1,41 @@
+"""Shared fixtures. On a machine without CUDA the Triton kernels run under the interpreter, which
+must be switched on before any kernel module is imported."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
+from vggfast.cli import sample_images  # noqa: E402
+from vggfast.nn import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def samples():
+    """The bundled real photos: cat 451x300, coffee 600x400, rocket 240x427, astronaut 512x512."""
+    paths = {p.stem: p for p in sample_images()}
+    assert {"cat", "coffee", "rocket", "astronaut"} <= set(paths)
+    return paths
+
+
+def small_model(config="D", num_classes=10, width=1 / 16, image_size=32, seed=0, batch_norm=None):
+    """A width-reduced VGG in eval mode with random (seeded) weights and non-trivial biases."""
+    torch.manual_seed(seed)
+    m = build_model(config, num_classes=num_classes, width=width, image_size=image_size,
+                    batch_norm=batch_norm).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    return m
+
+
+@pytest.fixture
+def tiny():
+    return small_model()

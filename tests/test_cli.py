@@ -1,0 +1,77 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import small_model
+from vggfast.cli import main
+
+
+@pytest.fixture
+def weights(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(small_model("D", num_classes=10).state_dict(), path)
+    return str(path)
+
+
+def _run(*args, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "vggfast", *args], capture_output=True, text=True,
+                          env=e, timeout=300)
+
+
+def test_classify_json_success(weights, samples):
+    p = _run("classify", str(samples["cat"]), str(samples["rocket"]), "--weights", weights,
+             "--scales", "32", "48", "--top", "3", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)["results"]
+    assert [r["image"] for r in out] == [str(samples["cat"]), str(samples["rocket"])]
+    assert len(out[0]["top"]) == 3 and out[0]["top"][0]["prob"] >= out[0]["top"][1]["prob"]
+
+
+@pytest.mark.parametrize("args", [
+    ["classify", "missing.jpg"],                              # missing image
+    ["classify", "{cat}", "--weights", "nope.pth"],            # missing weights
+    ["classify", "{cat}", "--scales", "16"],                  # scale below native size
+    ["classify", "{cat}", "--backend", "tensorrt"],           # argparse refusal
+    ["classify", "{cat}", "--weights", "{cat}"],               # an image given as weights
+])
+def test_user_errors_exit_2_with_one_line(weights, samples, args):
+    args = [a.format(cat=samples["cat"]) for a in args]
+    if "--weights" not in args:
+        args += ["--weights", weights]
+    p = _run(*args)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert "error" in lines[-1]
+    if args[-2:] != ["--backend", "tensorrt"]:  # argparse prints its usage before the error
+        assert len(lines) == 1, p.stderr
+
+
+def test_no_weights_is_a_clear_error(samples, monkeypatch, capsys):
+    monkeypatch.delenv("VGGFAST_WEIGHTS", raising=False)
+    assert main(["classify", str(samples["cat"])]) == 2
+    assert "pass --weights" in capsys.readouterr().err
+
+
+def test_info_and_demo_in_process(weights, monkeypatch, capsys):
+    assert main(["info", weights, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"] == "D" and info["num_classes"] == 10 and info["image_size"] == 32
+    monkeypatch.setenv("VGGFAST_WEIGHTS", weights)
+    assert main(["demo", "--scales", "32", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "cat.jpg" in out and "ms)" in out and "UNTRAINED" not in out
+
+
+def test_bad_image_among_good_ones_is_reported_and_the_rest_classified(weights, samples, tmp_path,
+                                                                      capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    code = main(["classify", str(bad), str(samples["cat"]), "--weights", weights, "--scales", "32"])
+    cap = capsys.readouterr()
+    assert code == 2 and "bad.jpg" in cap.err and "cat.jpg" in cap.out

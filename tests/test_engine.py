@@ -1,0 +1,158 @@
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from conftest import small_model
+from vggfast import Engine, VGGFastError
+from vggfast.errors import ArgumentError, MemoryBudgetError
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg13", "vgg16", "vgg19", "vgg16_bn"])
+def test_logits_equal_torchvision_at_224(name):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)(num_classes=1000).eval()
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.bias.uniform_(-0.05, 0.05)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = tv(x)
+    got = Engine(tv.state_dict(), backend="torch").logits(x)
+    assert got.shape == (2, 1000)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_logits_at_other_sizes_follow_torchvision_adaptive_pool(tiny):
+    x = torch.randn(1, 3, 75, 50)
+    with torch.no_grad():
+        want = tiny(x)
+    torch.testing.assert_close(Engine(tiny.state_dict()).logits(x), want, rtol=1e-4, atol=1e-6)
+
+
+def _independent_score_map(model, path, q, flip=False):
+    """Dense evaluation written out by hand on the torchvision-layout module (Sec. 3.2)."""
+    img = TF.pil_to_tensor(Image.open(path).convert("RGB")).float() / 255
+    img = TF.resize(img, q, antialias=True)
+    if flip:
+        img = img.flip(-1)
+    x = TF.normalize(img, MEAN, STD)[None]
+    c = model.classifier
+    g = model.spec.grid
+    with torch.no_grad():
+        f = model.features(x)
+        f = F.relu(F.conv2d(f, c[0].weight.view(c[0].out_features, -1, g, g), c[0].bias))
+        f = F.relu(F.conv2d(f, c[3].weight[:, :, None, None], c[3].bias))
+        return F.conv2d(f, c[6].weight[:, :, None, None], c[6].bias)[0]
+
+
+@pytest.mark.parametrize("photo", ["cat", "rocket", "astronaut"])
+def test_score_map_equals_an_independent_dense_evaluation(samples, photo):
+    m = small_model("D", num_classes=10, image_size=32)
+    eng = Engine(m.state_dict(), backend="torch")
+    for q in (32, 75):
+        want = _independent_score_map(m, samples[photo], q)
+        got = eng.score_map(samples[photo], scale=q)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert min(got.shape[1:]) >= 2  # a real map, not a single position
+
+
+def test_classify_equals_an_independent_dense_protocol(samples):
+    m = small_model("C", num_classes=10, image_size=32)
+    eng = Engine(m.state_dict())
+    scales = (32, 48, 64)
+    for photo in ("coffee", "rocket"):
+        posts = []
+        for q in scales:
+            for flip in (False, True):
+                s = _independent_score_map(m, samples[photo], q, flip)
+                posts.append(F.softmax(s.mean(dim=(1, 2)), dim=0))
+        want = torch.stack(posts).mean(0)
+        r = eng.classify(samples[photo], scales=scales, flip=True)
+        torch.testing.assert_close(r.probs, want, rtol=1e-4, atol=1e-6)
+        assert abs(float(r.probs.sum()) - 1) < 1e-5 and r.probs.dtype == torch.float32
+        assert set(r.per_scale) == set(scales)
+        top = r.top(3)
+        assert [t[0] for t in top] == torch.argsort(want, descending=True)[:3].tolist()
+        assert top[0][1] == str(top[0][0]) and top[0][2] >= top[1][2] >= top[2][2]
+
+
+def test_classify_list_of_mixed_sizes_equals_one_by_one(samples):
+    eng = Engine(small_model(num_classes=10).state_dict())
+    imgs = [samples["cat"], samples["rocket"], samples["astronaut"],
+            torch.rand(3, 40, 170)]  # panorama
+    batch = eng.classify(imgs, scales=(32, 40))
+    assert isinstance(batch, list) and len(batch) == 4
+    for img, r in zip(imgs, batch):
+        torch.testing.assert_close(r.probs, eng.classify(img, scales=(32, 40)).probs)
+
+
+def test_imagenet_class_names_ship_with_the_package():
+    m = small_model("A", num_classes=1000, width=1 / 32)
+    eng = Engine(m.state_dict())
+    assert len(eng.class_names) == 1000 and eng.class_names[0] == "tench"
+    r = eng.classify(torch.rand(3, 40, 40), scales=32, top_k=2)
+    assert len(r.top()) == 2 and r.top(4)[0][1] in eng.class_names
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scales=16), "below the network's native size"),
+    (dict(scales=()), "empty"),
+    (dict(scales=[32, 40.5]), "whole number"),
+    (dict(scales=[float("nan")]), "whole number"),
+    (dict(scales=-32), "below"),
+    (dict(scales="256"), "list of integers"),
+    (dict(method="tencrop"), "unknown method"),
+    (dict(top_k=0), "top_k"),
+    (dict(scales=100_000), "memory budget"),
+])
+def test_bad_requests_are_refused_clearly(tiny, kwargs, match):
+    eng = Engine(tiny.state_dict())
+    with pytest.raises(VGGFastError, match=match) as err:
+        eng.classify(torch.rand(3, 40, 40), **{"scales": 32, **kwargs})
+    assert "\n" not in str(err.value)
+
+
+def test_memory_budget_names_the_limit_and_the_way_to_raise_it(tiny, monkeypatch):
+    eng = Engine(tiny.state_dict(), memory_budget=1 << 20)
+    with pytest.raises(MemoryBudgetError, match="memory_budget") as err:
+        eng.classify(torch.rand(3, 40, 2000), scales=64)
+    assert "1.0 MiB" in str(err.value)
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "2GiB")
+    assert Engine(tiny.state_dict()).memory_budget == 2 << 30
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "lots")
+    with pytest.raises(ArgumentError):
+        Engine(tiny.state_dict())
+
+
+@pytest.mark.parametrize("kwargs", [dict(backend="tensorrt"), dict(dtype="int8"),
+                                    dict(device="tpu"), dict(preprocess="imagenet"),
+                                    dict(config="vgg15"), dict(memory_budget=-1)])
+def test_bad_engine_arguments(tiny, kwargs):
+    with pytest.raises(VGGFastError):
+        Engine(tiny.state_dict(), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_requested_without_cuda(tiny):
+    with pytest.raises(VGGFastError, match="CUDA"):
+        Engine(tiny.state_dict(), device="cuda")
+
+
+def test_logits_input_checks(tiny):
+    eng = Engine(tiny.state_dict())
+    for bad in (torch.rand(3, 32, 32), torch.rand(1, 4, 32, 32), torch.zeros(1, 3, 32, 32,
+                dtype=torch.uint8), torch.rand(1, 3, 16, 16)):
+        with pytest.raises(ArgumentError):
+            eng.logits(bad)

@@ -1,0 +1,147 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from vggfast.errors import ImageError
+from vggfast.preprocess import (load_image, normalize, rescaled_size, resize_short)
+
+
+def _png(tmp_path, im, name="x.png", **kw):
+    path = tmp_path / name
+    im.save(path, **kw)
+    return path
+
+
+def test_rgb_file_numpy_pil_and_tensor_agree(samples):
+    a = load_image(samples["cat"])
+    assert a.dtype == torch.uint8 and a.shape == (3, 300, 451)
+    im = Image.open(samples["cat"])
+    assert torch.equal(load_image(im), a)
+    assert torch.equal(load_image(np.asarray(im.convert("RGB"))), a)
+    assert torch.equal(load_image(a), a)
+    f = load_image(a.float() / 255)
+    assert f.dtype == torch.float32 and torch.allclose(f * 255, a.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P", "LA", "RGBA", "CMYK", "YCbCr"])
+def test_8bit_modes_convert_like_pil(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8))
+    im = rgb.convert(mode)
+    got = load_image(_png(tmp_path, im, "x.tiff" if mode in ("CMYK", "YCbCr") else "x.png"))
+    want = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    assert got.shape == (3, 20, 30) and torch.equal(got, want)
+
+
+def test_alpha_is_dropped_not_composited(tmp_path):
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[..., 0], a[..., 3] = 200, 0  # red, fully transparent
+    got = load_image(_png(tmp_path, Image.fromarray(a, "RGBA")))
+    assert got[0].eq(200).all() and got[1:].eq(0).all()
+
+
+def test_palette_with_transparency(tmp_path):
+    im = Image.new("P", (12, 10), 1)
+    im.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    got = load_image(_png(tmp_path, im, transparency=0))
+    assert got[:, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_16bit_and_float_images_keep_their_range(tmp_path):
+    a16 = np.full((10, 12), 65535, np.uint16)
+    a16[0, 0] = 0
+    a16[1, 1] = 32768
+    got = load_image(_png(tmp_path, Image.fromarray(a16)))
+    assert got.dtype == torch.float32 and got.shape == (3, 10, 12)
+    assert got[:, 0, 0].tolist() == [0, 0, 0] and got[0, 2, 2] == 1.0
+    assert abs(float(got[0, 1, 1]) - 0.5) < 1e-4
+    f = Image.fromarray(np.full((9, 9), 0.25, np.float32), "F")
+    assert torch.allclose(load_image(_png(tmp_path, f, "f.tiff")), torch.full((3, 9, 9), 0.25))
+    f255 = Image.fromarray(np.full((9, 9), 51.0, np.float32), "F")
+    assert torch.allclose(load_image(f255), torch.full((3, 9, 9), 0.2))
+    assert load_image(np.full((9, 9, 3), 65535, np.uint16)).eq(1).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    path = tmp_path / "o.jpg"
+    im.save(path, exif=exif)
+    assert load_image(path).shape == (3, 40, 20)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = _png(tmp_path, Image.new("RGB", (100, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError, match="too many pixels"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("bad", ["truncated", "garbage", "missing", "empty", "tiny", "text",
+                                 "nan tensor", "normalised tensor", "batch tensor", "int64 array",
+                                 "object"])
+def test_bad_images_get_one_line_errors(tmp_path, samples, bad):
+    if bad == "truncated":
+        src = tmp_path / "t.jpg"
+        src.write_bytes(samples["cat"].read_bytes()[:3000])
+    elif bad == "garbage":
+        src = tmp_path / "g.jpg"
+        src.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
+    elif bad == "missing":
+        src = tmp_path / "none.jpg"
+    elif bad == "empty":
+        src = tmp_path / "e.png"
+        src.write_bytes(b"")
+    elif bad == "tiny":
+        src = _png(tmp_path, Image.new("RGB", (1, 1)))
+    elif bad == "text":
+        src = tmp_path / "t.png"
+        src.write_text("hello")
+    elif bad == "nan tensor":
+        src = torch.full((3, 20, 20), float("nan"))
+    elif bad == "normalised tensor":
+        src = torch.randn(3, 20, 20) * 2
+    elif bad == "batch tensor":
+        src = torch.rand(2, 3, 20, 20)
+    elif bad == "int64 array":
+        src = np.zeros((20, 20, 3), np.int64)
+    else:
+        src = object()
+    with pytest.raises(ImageError) as err:
+        load_image(src)
+    assert "\n" not in str(err.value)
+
+
+def test_rescale_rule_is_floor_of_the_long_side():
+    assert rescaled_size(300, 451, 256) == (256, 384)  # 256 * 451 / 300 = 384.85
+    assert rescaled_size(427, 240, 224) == (398, 224)
+    assert rescaled_size(512, 512, 384) == (384, 384)
+
+
+def test_resize_matches_torchvision_antialiased_resize(samples):
+    x = load_image(samples["coffee"])
+    got = resize_short(x, 256)
+    want = TF.resize(x.float() / 255, 256, antialias=True)
+    assert got.shape == want.shape == (3, 256, 384)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_float_tensor_at_scale_is_not_resampled():
+    x = torch.rand(3, 256, 300)
+    assert torch.equal(resize_short(x, 256), x)
+
+
+def test_normalisation_conventions():
+    x = torch.zeros(3, 2, 2)
+    x[0] = 1.0  # pure red
+    tv = normalize(x, "torchvision")
+    torch.testing.assert_close(tv[:, 0, 0], torch.tensor([(1 - .485) / .229, -.456 / .224,
+                                                          -.406 / .225]))
+    caffe = normalize(x, "caffe")  # BGR, 0-255, minus the mean pixel
+    torch.testing.assert_close(caffe[:, 0, 0], torch.tensor([-103.939, -116.779, 255 - 123.68]))
+    with pytest.raises(Exception, match="unknown preprocessing"):
+        normalize(x, "imagenet")

@@ -1,0 +1,243 @@
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from conftest import small_model
+from vggfast import Engine, VGGFastError, load_weights
+from vggfast.configs import TABLE1
+from vggfast.errors import WeightsError
+from vggfast.weights import load, to_torchvision
+
+
+def _timm_names(sd):
+    """timm's vgg layout (its _filter_fn): FC layers as ConvMlp convs, head.fc a Linear."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("classifier.0."):
+            k = "pre_logits.fc1." + k.split(".")[-1]
+            v = v.reshape(v.shape[0], -1, 2, 2) if v.dim() == 2 else v
+        elif k.startswith("classifier.3."):
+            k = "pre_logits.fc2." + k.split(".")[-1]
+            v = v.reshape(v.shape[0], v.shape[1], 1, 1) if v.dim() == 2 else v
+        elif k.startswith("classifier.6."):
+            k = "head.fc." + k.split(".")[-1]
+        out[k] = v
+    return out
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.fixture
+def ref64():
+    """Net D, width 1/16, native size 64 (fc6 is 2x2), and its canonical weights."""
+    m = small_model("D", num_classes=7, image_size=64)
+    return m, load(m.state_dict())
+
+
+def test_detects_config_size_classes(ref64):
+    m, w = ref64
+    s = w.spec
+    assert (s.config, s.num_classes, s.image_size, s.grid, s.batch_norm) == ("D", 7, 64, 2, False)
+    assert w.state_dict["fc6.weight"].shape == (256, 32, 2, 2)
+    assert w.state_dict["fc8.weight"].shape == (7, 256, 1, 1)
+    # torchvision flattens (C, H, W): the Linear weight must view as the conv weight
+    torch.testing.assert_close(w.state_dict["fc6.weight"].flatten(1), m.classifier[0].weight)
+
+
+@pytest.mark.parametrize("config", list(TABLE1) + ["vgg13_bn"])
+def test_every_configuration_is_detected(config):
+    m = small_model(config, width=1 / 32)
+    assert load(m.state_dict()).spec.config == m.spec.config
+    assert load(m.state_dict()).spec.batch_norm == m.spec.batch_norm
+
+
+def test_odd_widths_are_read_from_the_tensors():
+    m = small_model("B", width=0.1)
+    w = load(m.state_dict())
+    assert [l.cout for l in w.spec.convs] == [l.cout for l in m.spec.convs]
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "model_state_dict", "module.",
+                                  "_orig_mod.", "module._orig_mod.", "timm", "canonical"])
+def test_every_input_form_gives_the_same_canonical_weights(ref64, wrap):
+    m, w = ref64
+    sd = m.state_dict()
+    if wrap in ("state_dict", "model", "model_state_dict"):
+        src = {wrap: sd, "epoch": 3, "optimizer": {"lr": 0.1}}
+    elif wrap.endswith("."):
+        src = {wrap + k: v for k, v in sd.items()}
+    elif wrap == "timm":
+        src = _timm_names(sd)
+    elif wrap == "canonical":
+        src = load_weights(sd)[1]
+    else:
+        src = sd
+    cfg, got = load_weights(src)
+    assert cfg == "D"
+    _same(got, w.state_dict)
+
+
+@pytest.mark.parametrize("ext", [".pt", ".pth", ".bin", ".safetensors", "dir"])
+def test_files_round_trip(ref64, tmp_path, ext):
+    m, w = ref64
+    sd = m.state_dict()
+    meta = {"config": "D", "class_names": [f"c{i}" for i in range(7)], "preprocess": "caffe"}
+    if ext == ".safetensors":
+        path = tmp_path / "w.safetensors"
+        safetensors.torch.save_file(sd, str(path), metadata={"vggfast": json.dumps(meta)})
+    elif ext == "dir":
+        path = tmp_path
+        safetensors.torch.save_file(sd, str(path / "model.safetensors"))
+        (path / "model.json").write_text(json.dumps(meta))
+    else:
+        path = tmp_path / f"w{ext}"
+        torch.save({"state_dict": sd, "meta": meta}, path)
+    got = load(path)
+    _same(got.state_dict, w.state_dict)
+    assert got.class_names == meta["class_names"] and got.preprocess == "caffe"
+    eng = Engine(path)
+    assert eng.class_names[3] == "c3" and eng.preprocess == "caffe"
+
+
+def test_batchnorm_is_folded_with_running_statistics():
+    m = small_model("vgg11_bn", num_classes=5)
+    torch.manual_seed(1)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.3, 3.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.3, 0.3)
+    w = load(m.state_dict())
+    assert w.spec.batch_norm and "features.1.running_mean" not in w.state_dict
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+    out = Engine(m.state_dict()).logits(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # and the folded weights saved back in torchvision layout (no BN) give the same network
+    torch.testing.assert_close(Engine(to_torchvision(w)).logits(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_features_only_weights_load_but_classify_is_refused(tiny):
+    sd = {k: v for k, v in tiny.state_dict().items() if k.startswith("features.")}
+    w = load(sd)
+    assert w.missing == ("fc6", "fc7", "fc8")
+    eng = Engine(sd)
+    with pytest.raises(VGGFastError, match="missing"):
+        eng.classify(torch.rand(3, 40, 40), scales=32)
+
+
+def test_nan_classifier_is_refused_for_classify_only(tiny):
+    """As torchvision's IMAGENET1K_FEATURES weights: valid features, NaN classifier."""
+    sd = tiny.state_dict()
+    sd["classifier.0.weight"] = torch.full_like(sd["classifier.0.weight"], float("nan"))
+    w = load(sd)
+    assert w.nonfinite == ("fc6",) and w.unusable("pool5") == []
+    with pytest.raises(VGGFastError, match="NaN"):
+        Engine(sd).classify(torch.rand(3, 40, 40), scales=32)
+
+
+def test_hub_cache_is_found_by_torchvision_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="hub cache"):
+        load("vgg11")
+    m = small_model("A", num_classes=1000, width=1 / 32)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(m.state_dict(), tmp_path / "hub" / "checkpoints" / "vgg11-8a719046.pth")
+    eng = Engine("vgg11")
+    assert eng.spec.config == "A" and eng.class_names[281] == "tabby"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_vggfast_test",))
+
+
+def test_a_malicious_pickle_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": _Evil()}}, path)
+    with pytest.raises(WeightsError, match="refused"):
+        load(path)
+    assert not (tmp_path / "pwned_by_vggfast_test").exists()
+
+
+def _corrupt(tmp_path, tiny, kind):
+    sd = tiny.state_dict()
+    if kind == "missing file":
+        return tmp_path / "nope.pth"
+    if kind == "empty dir":
+        return tmp_path
+    path = tmp_path / "w.pth"
+    if kind == "garbage":
+        path.write_bytes(os.urandom(1000))
+    elif kind == "truncated":
+        torch.save(sd, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "garbage safetensors":
+        path = tmp_path / "w.safetensors"
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + os.urandom(64))
+    elif kind == "not a dict":
+        torch.save([1, 2, 3], path)
+    elif kind == "resnet":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, path)
+    elif kind == "missing bias":
+        del sd["features.2.bias"]
+        torch.save(sd, path)
+    elif kind == "wrong shape":
+        sd["features.2.weight"] = torch.zeros(5, 4, 3, 3)
+        torch.save(sd, path)
+    elif kind == "incomplete classifier":
+        del sd["classifier.6.weight"], sd["classifier.6.bias"]
+        torch.save(sd, path)
+    elif kind == "int weights":
+        sd["features.0.weight"] = sd["features.0.weight"].to(torch.int32)
+        torch.save(sd, path)
+    elif kind == "grayscale conv1":
+        sd["features.0.weight"] = sd["features.0.weight"][:, :1]
+        torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing file", "empty dir", "garbage", "truncated",
+                                  "garbage safetensors", "not a dict", "resnet", "missing bias",
+                                  "wrong shape", "incomplete classifier", "int weights",
+                                  "grayscale conv1"])
+def test_bad_weights_get_one_clear_error(tmp_path, tiny, kind):
+    with pytest.raises(WeightsError) as err:
+        load(_corrupt(tmp_path, tiny, kind))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_wrong_config_and_unknown_source(tiny):
+    with pytest.raises(WeightsError, match="does not match"):
+        load(tiny.state_dict(), config="E")
+    with pytest.raises(WeightsError, match="BatchNorm"):
+        load(tiny.state_dict(), config="vgg16_bn")
+    with pytest.raises(WeightsError):
+        load(12345)
+    # A and A-LRN share shapes: torchvision indices tell them apart, canonical names cannot, so
+    # there the user says which
+    a = small_model("A")
+    assert load(small_model("A-LRN").state_dict()).spec.config == "A-LRN"
+    assert load(load_weights(a.state_dict())[1], config="A-LRN").spec.config == "A-LRN"
+    with pytest.raises(WeightsError, match="features.3"):
+        load(a.state_dict(), config="A-LRN")
+
+
+def test_nan_in_a_conv_blocks_everything(tiny):
+    sd = tiny.state_dict()
+    sd["features.0.bias"][0] = float("inf")
+    w = load(sd)
+    assert w.unusable("pool1") == ["conv1_1"]
+    with pytest.raises(VGGFastError):
+        Engine(sd).score_map(torch.rand(3, 40, 40), scale=32)
