@@ -48,7 +48,7 @@ def test_user_errors_exit_2_with_one_line(weights, samples, args):
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert "error" in lines[-1]
-    if args[-2:] != ["--backend", "tensorrt"]:  # argparse prints its usage before the error
+    if "tensorrt" not in args:  # argparse prints its usage before the error
         assert len(lines) == 1, p.stderr
 
 
