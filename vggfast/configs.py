@@ -118,22 +118,35 @@ class NetSpec:
                 return l
         raise ArgumentError(f"no layer {name!r} in configuration {self.config}")
 
-    def tap_names(self) -> tuple[str, ...]:
-        """Every named activation, in order: conv1_1, relu1_1, [norm1], pool1, ..., fc8."""
-        names = []
+    def taps(self) -> tuple[tuple[str, Layer], ...]:
+        """Every named activation with the weight layer that produces it, in order:
+        conv1_1, relu1_1, [norm1], pool1, ..., pool5, fc6, relu6, fc7, relu7, fc8."""
+        out = []
         for l in self.layers:
-            b, i = l.block, _index_in_block(self, l)
+            b = l.block
             if l.kind == "conv":
-                names += [f"conv{b}_{i}", f"relu{b}_{i}"]
+                i = 1 + sum(1 for m in self.layers[:self.layers.index(l)] if m.block == b)
+                out += [(f"conv{b}_{i}", l), (f"relu{b}_{i}", l)]
                 if l.lrn:
-                    names.append(f"norm{b}")
+                    out.append((f"norm{b}", l))
                 if l.pool:
-                    names.append(f"pool{b}")
+                    out.append((f"pool{b}", l))
             else:
-                names.append(l.name)
+                out.append((l.name, l))
                 if l.relu:
-                    names.append(f"relu{b}")
-        return tuple(names)
+                    out.append((f"relu{b}", l))
+        return tuple(out)
+
+    def tap_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.taps())
+
+    def tap_layer(self, tap: str) -> Layer:
+        """The weight layer whose output (after ReLU/LRN/pool as named) `tap` is."""
+        for name, l in self.taps():
+            if name == tap:
+                return l
+        raise ArgumentError(f"unknown layer {tap!r}; layers of {self.config}: "
+                            f"{', '.join(self.tap_names())}")
 
     def param_count(self) -> int:
         n = 0
@@ -151,11 +164,6 @@ class NetSpec:
         for _ in range(5):
             h, w = h // 2, w // 2
         return h - self.grid + 1, w - self.grid + 1
-
-
-def _index_in_block(spec: NetSpec, layer: Layer) -> int:
-    same = [l for l in spec.layers if l.block == layer.block]
-    return same.index(layer) + 1
 
 
 def canonical_config(config: str) -> tuple[str, bool]:

@@ -250,11 +250,11 @@ class Engine:
         scales: smallest-side sizes Q (each >= the native size, 224 for the paper's nets).
         flip: also evaluate the horizontal flip. method: "dense".
         """
+        self._require("fc8")
         scales = self.check_scales(scales)
         top_k = _check_top_k(top_k)
         if method not in METHODS:
             raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-        self._require("fc8")
         if isinstance(img, (list, tuple)):
             images = [pp.load_image(i) for i in img]
             return [self._classify_one(x, scales, bool(flip), top_k) for x in images]
@@ -272,8 +272,8 @@ class Engine:
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
-        (q,) = self.check_scales((scale,))
         self._require("fc8")
+        (q,) = self.check_scales((scale,))
         x = pp.load_image(img)
         return self._run(self._views(x, q, False))["fc8"][0].cpu()
 

@@ -145,7 +145,7 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     if a.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).contiguous()
     if a.dtype == np.uint16:
         return torch.from_numpy(a.astype(np.float32) / 65535.0).permute(2, 0, 1).contiguous()
     if a.dtype == np.bool_:

@@ -60,9 +60,9 @@ class Weights:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def unusable(self, upto: str | None = None) -> list[str]:
-        """Layers up to and including `upto` (default: all) that are missing or non-finite."""
+        """Weight layers needed for tap `upto` (default: all) that are missing or non-finite."""
         names = [l.name for l in self.spec.layers]
-        end = names.index(upto) + 1 if upto else len(names)
+        end = names.index(self.spec.tap_layer(upto).name) + 1 if upto else len(names)
         bad = set(self.missing) | set(self.nonfinite)
         return [n for n in names[:end] if n in bad]
 
