@@ -4,7 +4,6 @@ import os
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 
 from conftest import small_model
 from vggfast import Engine, VGGFastError, load_weights

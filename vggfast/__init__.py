@@ -8,9 +8,11 @@
 from .configs import CONFIGS, make_spec
 from .engine import Engine, Result
 from .errors import VGGFastError
+from .features import FeatureExtractor
 from .nn import build_model
+from .protocols import Ensemble
 from .weights import load_weights
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "Result", "VGGFastError", "build_model", "load_weights", "make_spec",
-           "CONFIGS", "__version__"]
+__all__ = ["Engine", "Ensemble", "FeatureExtractor", "Result", "VGGFastError", "build_model",
+           "load_weights", "make_spec", "CONFIGS", "__version__"]

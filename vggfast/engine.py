@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .errors import ArgumentError, MemoryBudgetError, VGGFastError, WeightsError
+from .executor import Executor
 from .nn import TorchBackend
 from .weights import Weights, load
 
-METHODS = ("dense",)
+METHODS = ("dense", "multicrop", "dense+multicrop")  # see protocols.py
 BACKENDS = ("auto", "triton", "torch")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -43,12 +44,16 @@ class Result:
 
     probs: [num_classes] float32 on cpu, sums to 1 (the mean posterior over all views).
     per_scale: {Q: [num_classes] posterior averaged over that scale's views}.
+    per_method: {method: Result} of each protocol used ("dense", "multicrop"), each with its own
+    per_scale. per_model: the member engines' Results of an `Ensemble`.
     """
 
     probs: torch.Tensor
     class_names: Sequence[str] = field(repr=False)
     per_scale: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     top_k: int = 5
+    per_method: dict[str, "Result"] = field(default_factory=dict, repr=False)
+    per_model: list["Result"] = field(default_factory=list, repr=False)
 
     def top(self, k: int | None = None) -> list[tuple[int, str, float]]:
         """[(class_index, class_name, prob), ...] best first."""
@@ -167,6 +172,7 @@ class Engine:
                 raise VGGFastError(f"the triton backend is unavailable here ({exc}); "
                                    "use backend='torch'")
             self._backend = TritonBackend(params, self.spec, self.device, self.dtype)
+        self._executor = Executor(self)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -177,8 +183,10 @@ class Engine:
 
     # -- checks ---------------------------------------------------------------------------------
 
-    def check_scales(self, scales: Any) -> tuple[int, ...]:
-        """Validate scales (an int or a non-empty sequence of ints >= the native size)."""
+    def check_scales(self, scales: Any, minimum: int | None = None,
+                     why: str | None = None) -> tuple[int, ...]:
+        """Validate scales: an int or a non-empty sequence of ints >= `minimum` (default: the
+        native size, below which the dense net has no map after pool5; `why` says otherwise)."""
         if isinstance(scales, numbers.Number) and not isinstance(scales, bool):
             scales = (scales,)
         if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
@@ -189,7 +197,9 @@ class Engine:
                     or int(q) != q:
                 raise ArgumentError(f"each scale must be a whole number of pixels, not {q!r}")
             q = int(q)
-            if q < self.spec.image_size:
+            if minimum is not None and q < minimum:
+                raise ArgumentError(f"scale {q} is too small: {why or f'it must be >= {minimum}'}")
+            if minimum is None and q < self.spec.image_size:
                 raise ArgumentError(
                     f"scale {q} is below the network's native size {self.spec.image_size}: the dense "
                     f"net needs a {self.spec.grid}x{self.spec.grid} map after pool5")
@@ -244,31 +254,45 @@ class Engine:
     # -- public API -----------------------------------------------------------------------------
 
     def classify(self, img: Any, scales: Any = (256, 384, 512), flip: bool = True,
-                 method: str = "dense", top_k: int = 5) -> Result | list[Result]:
+                 method: str = "dense", top_k: int = 5,
+                 average: str = "probs") -> Result | list[Result]:
         """Classify one image (-> Result) or a list of images (-> list of Result; sizes may differ).
 
         scales: smallest-side sizes Q (each >= the native size, 224 for the paper's nets).
-        flip: also evaluate the horizontal flip. method: "dense".
+        flip: also evaluate the horizontal flip. method: "dense" | "multicrop" (5x5 grid of
+        native-size crops per scale, and their flips) | "dense+multicrop" (mean of both).
+        average: "probs" (softmax per view, then mean; the paper's) | "scores" (mean of raw scores,
+        then softmax). See vggfast/protocols.py.
         """
         self._require("fc8")
         scales = self.check_scales(scales)
         top_k = _check_top_k(top_k)
         if method not in METHODS:
             raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-        if isinstance(img, (list, tuple)):
-            images = [pp.load_image(i) for i in img]
-            return [self._classify_one(x, scales, bool(flip), top_k) for x in images]
-        return self._classify_one(pp.load_image(img), scales, bool(flip), top_k)
+        from .protocols import check_average, result_from_views
+        check_average(average)
+        many = isinstance(img, (list, tuple))
+        images = [pp.load_image(i) for i in (img if many else [img])]
+        if not images:
+            return []
+        plan = self._executor.plan(images, scales, bool(flip), method)
+        scores = self._executor.run(plan, images)
+        results = [result_from_views(self, plan, i, scores, method, average, top_k)
+                   for i in range(len(images))]
+        return results if many else results[0]
 
-    def _classify_one(self, x: torch.Tensor, scales: tuple[int, ...], flip: bool,
-                      top_k: int) -> Result:
-        per_scale = {}
-        for q in scales:
-            scores = self._run(self._views(x, q, flip))["fc8"]
-            posteriors = F.softmax(scores.mean(dim=(2, 3)), dim=1)
-            per_scale[q] = posteriors.mean(0).cpu()
-        probs = torch.stack(list(per_scale.values())).mean(0)
-        return Result(probs, self.class_names, per_scale, top_k)
+    def plan(self, imgs: Any, scales: Any = (256, 384, 512), flip: bool = True,
+             method: str = "dense"):
+        """The scheduler's plan for a classify request: views, batches, arena, peak memory.
+
+        Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary.
+        """
+        scales = self.check_scales(scales)
+        if method not in METHODS:
+            raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        many = isinstance(imgs, (list, tuple))
+        images = [pp.load_image(i) for i in (imgs if many else [imgs])]
+        return self._executor.plan(images, scales, bool(flip), method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
@@ -276,6 +300,24 @@ class Engine:
         (q,) = self.check_scales((scale,))
         x = pp.load_image(img)
         return self._run(self._views(x, q, False))["fc8"][0].cpu()
+
+    def features(self, imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
+                 flip: bool = True, pool: str = "avg", normalize: bool = True,
+                 aggregate: str = "mean") -> torch.Tensor:
+        """Appendix B descriptors of one image or a list -> [N, D] float32 on cpu.
+
+        `layer` applied densely at each scale, pooled over space ("avg" | "max"), averaged with
+        the flip, aggregated over scales ("mean": D = C, "stack": D = C * len(scales)), then
+        L2-normalised. See vggfast/features.py.
+        """
+        from .features import features
+        return features(self, imgs, layer, scales, flip, pool, normalize, aggregate)
+
+    def feature_maps(self, img: Any, layer: str = "conv5_3", scale: int = 384,
+                     flip: bool = False) -> torch.Tensor:
+        """Un-pooled activation of `layer` on `img` at `scale`: [C, h, w] float32 on cpu."""
+        from .features import feature_maps
+        return feature_maps(self, img, layer, scale, flip)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Standard fixed-size forward: x [N, 3, H, W] normalised float -> [N, classes] fp32.

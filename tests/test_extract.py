@@ -1,0 +1,128 @@
+"""`vggfast extract`: bad files skipped and reported, resume after an interruption, 2-rank torchrun
+sharding (gloo, CPU) equal to one rank."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vggfast.features as vf
+from conftest import small_model
+from vggfast import Engine
+from vggfast.cli import main
+
+ARGS = ["--scales", "32", "48", "--layer", "relu7", "--quiet"]
+
+
+@pytest.fixture
+def weights(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(small_model("D", num_classes=10).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def folder(tmp_path, samples):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(samples["cat"], d / "a_cat.jpg")
+    (d / "b_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    shutil.copy(samples["coffee"], d / "c_coffee.jpg")
+    Image.open(samples["rocket"]).save(d / "sub" / "d_rocket.png")
+    shutil.copy(samples["astronaut"], d / "e_astro.jpg")
+    (d / "notes.txt").write_text("not an image suffix: ignored")
+    return d
+
+
+def _load(out):
+    return np.load(out), json.loads(out.with_suffix(".json").read_text())
+
+
+def test_extract_skips_bad_files_and_matches_engine_features(weights, folder, tmp_path, capsys):
+    out = tmp_path / "feats.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    cap = capsys.readouterr()
+    assert "b_broken.jpg" in cap.err and "4 x" in cap.out
+    feats, meta = _load(out)
+    names = [os.path.basename(f) for f in meta["files"]]
+    assert names == ["a_cat.jpg", "c_coffee.jpg", "e_astro.jpg", "d_rocket.png"]  # sorted paths
+    assert [os.path.basename(f["file"]) for f in meta["failed"]] == ["b_broken.jpg"]
+    assert feats.dtype == np.float32 and feats.shape == (4, meta["dim"])
+    eng = Engine(weights)
+    want = eng.features(meta["files"], layer="relu7", scales=(32, 48)).numpy()
+    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-7)
+    assert not (tmp_path / "feats.npy.parts").exists()
+    # a list file with relative paths gives the same rows
+    lst = folder / "list.txt"
+    lst.write_text("# my images\n" + "\n".join(os.path.relpath(f, folder)
+                                               for f in meta["files"]) + "\n")
+    out2 = tmp_path / "list_feats.npy"
+    assert main(["extract", str(lst), "--weights", weights, "--out", str(out2), *ARGS]) == 0
+    np.testing.assert_array_equal(_load(out2)[0], feats)
+
+
+def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, monkeypatch, capsys):
+    clean = tmp_path / "clean.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(clean), *ARGS,
+                 "--batch-size", "2"]) == 0
+    real = vf.features
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 5:  # chunks [a, b] and [c, e] are done; die inside [sub/d]
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(vf, "features", dying)
+    out = tmp_path / "run.npy"
+    cmd = ["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]
+    assert main(cmd + ["--batch-size", "2"]) == 130
+    assert not out.exists() and len(list((tmp_path / "run.npy.parts").glob("r0-*.json"))) == 2
+    # other settings are refused rather than mixed in
+    assert main(cmd[:-1] + ["--batch-size", "2", "--pool", "max"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(vf, "features", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert main(cmd + ["--batch-size", "2"]) == 0
+    assert len(calls) == 1  # only the fifth file was left (the broken one was in chunk 1)
+    got, meta = _load(out)
+    want, want_meta = _load(clean)
+    np.testing.assert_array_equal(got, want)
+    assert meta == want_meta
+    assert not (tmp_path / "run.npy.parts").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
+    one = tmp_path / "one.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(one), *ARGS,
+                 "--batch-size", "1"]) == 0
+    two = tmp_path / "two.npy"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                        "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(_free_port()), "-m", "vggfast", "extract",
+                        str(folder), "--weights", weights, "--out", str(two), *ARGS,
+                        "--batch-size", "1", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "b_broken.jpg" in p.stderr and p.stdout.count("4 x") == 1  # rank 0 reports once
+    got, meta = _load(two)
+    want, want_meta = _load(one)
+    assert meta == want_meta
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not (tmp_path / "two.npy.parts").exists()

@@ -1,0 +1,197 @@
+"""Engine.features / feature_maps (Appendix B) and FeatureExtractor, against computations written
+out here on torchvision-layout modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from conftest import small_model
+from vggfast import Engine, FeatureExtractor, VGGFastError
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# torchvision `features` indices (config D, no BN): the module after which each tap is read
+D_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "conv5_3": 28, "pool5": 30}
+
+
+def _views(path, q):
+    img = TF.pil_to_tensor(Image.open(path).convert("RGB")).float() / 255
+    img = TF.resize(img, q, antialias=True)
+    return TF.normalize(torch.stack([img, img.flip(-1)]), MEAN, STD)
+
+
+def _hand_map(model, x, layer):
+    """The tap `layer` of model (torchvision layout) applied densely to x, by hand."""
+    with torch.no_grad():
+        if layer in D_INDEX:
+            return model.features[:D_INDEX[layer] + 1](x)
+        c, g = model.classifier, model.spec.grid
+        f = model.features(x)
+        f = F.conv2d(f, c[0].weight.view(c[0].out_features, -1, g, g), c[0].bias)
+        if layer == "fc6":
+            return f
+        f = F.conv2d(F.relu(f), c[3].weight[:, :, None, None], c[3].bias)
+        return f if layer == "fc7" else F.relu(f)
+
+
+def _hand_descriptor(model, path, layer, scales, pool="avg", aggregate="mean"):
+    per = []
+    for q in scales:
+        m = _hand_map(model, _views(path, q), layer)
+        v = m.mean((2, 3)) if pool == "avg" else m.amax((2, 3))
+        per.append(v.mean(0))
+    v = torch.stack(per).mean(0) if aggregate == "mean" else torch.cat(per)
+    return v / v.norm()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model("D", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def eng(model):
+    return Engine(model.state_dict())
+
+
+@pytest.mark.parametrize("layer, pool, aggregate", [("fc7", "avg", "mean"),
+                                                    ("relu7", "max", "mean"),
+                                                    ("pool5", "avg", "stack"),
+                                                    ("relu3_3", "max", "stack")])
+def test_features_equal_a_hand_written_appendix_b(eng, model, samples, layer, pool, aggregate):
+    scales = (32, 48, 64)
+    paths = [samples["cat"], samples["rocket"]]
+    got = eng.features([str(p) for p in paths], layer=layer, scales=scales, pool=pool,
+                       aggregate=aggregate)
+    c = model.spec.fc_width if layer in ("fc7", "relu7") else \
+        model.spec.feature_channels if layer == "pool5" else model.spec.layer("conv3_3").cout
+    assert got.shape == (2, c * (3 if aggregate == "stack" else 1)) and got.dtype == torch.float32
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(2))
+    for row, p in zip(got, paths):
+        want = _hand_descriptor(model, p, layer, scales, pool, aggregate)
+        torch.testing.assert_close(row, want, rtol=1e-4, atol=1e-6)
+
+
+def test_flip_averaged_descriptor_is_mirror_invariant(eng):
+    x = torch.rand(3, 50, 77)
+    a = eng.features(x, layer="fc6", scales=(32, 40))
+    b = eng.features(x.flip(-1), layer="fc6", scales=(32, 40))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    c = eng.features(x, layer="fc6", scales=(32, 40), flip=False)
+    d = eng.features(x.flip(-1), layer="fc6", scales=(32, 40), flip=False)
+    assert (c - d).abs().max() > 1e-4  # without the flip average the mirror changes it
+    raw = eng.features(x, layer="fc6", scales=(32, 40), normalize=False)
+    torch.testing.assert_close(raw / raw.norm(), a)
+
+
+def test_feature_maps_are_the_unpooled_dense_activation(eng, model, samples):
+    got = eng.feature_maps(samples["astronaut"], layer="relu4_3", scale=48)
+    want = _hand_map(model, _views(samples["astronaut"], 48)[:1], "relu4_3")[0]
+    assert got.shape == want.shape == (model.spec.feature_channels, 6, 6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    both = eng.feature_maps(samples["astronaut"], layer="fc7", scale=64, flip=True)
+    assert both.shape == (2, model.spec.fc_width, 2, 2)
+
+
+def test_nan_classifier_allows_conv_features_and_refuses_fc7(model, samples):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["classifier.0.weight"][0, 0] = float("nan")  # like torchvision's IMAGENET1K_FEATURES
+    eng = Engine(sd)
+    got = eng.features(samples["cat"], layer="pool5", scales=(32, 48))
+    torch.testing.assert_close(got[0], _hand_descriptor(model, samples["cat"], "pool5", (32, 48)),
+                               rtol=1e-4, atol=1e-6)
+    for call in (lambda: eng.features(samples["cat"], layer="fc7", scales=32),
+                 lambda: eng.feature_maps(samples["cat"], layer="fc6", scale=32),
+                 lambda: eng.classify(samples["cat"], scales=32),
+                 lambda: FeatureExtractor(sd, layers=["relu3_3", "fc7"])):
+        with pytest.raises(VGGFastError, match="fc6"):
+            call()
+    fx = FeatureExtractor(sd, layers=["pool5"])  # fine, and its fast engine holds no classifier
+    assert not any(k.startswith("fc") for k in next(iter(fx._engines.values())).weights.state_dict)
+
+
+def test_feature_arguments_are_checked(eng):
+    x = torch.rand(3, 40, 40)
+    assert eng.features(x, layer="relu2_2", scales=16).shape == (1, 8)  # conv: below native OK
+    for kwargs, match in [(dict(layer="fc9"), "unknown layer"), (dict(scales=16), "too small"),
+                          (dict(pool="median"), "pool"), (dict(aggregate="sum"), "aggregate"),
+                          (dict(scales=[]), "empty")]:
+        with pytest.raises(VGGFastError, match=match):
+            eng.features(x, **{"scales": 32, **kwargs})
+
+
+# -- FeatureExtractor -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tv16():
+    """torchvision's VGG16 feature stack (full width) with random weights and biases."""
+    torch.manual_seed(0)
+    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"]).eval()
+    with torch.no_grad():
+        for m in feats:
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                m.bias.uniform_(-0.1, 0.1)
+    return feats
+
+
+def test_feature_extractor_outputs_and_input_grads_equal_torchvision(tv16):
+    layers = ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+    fx = FeatureExtractor({f"features.{k}": v for k, v in tv16.state_dict().items()},
+                          layers=layers)
+    names = dict(fx.named_parameters())
+    assert "conv4_3_weight" in names and "conv5_1_weight" not in names  # stops at relu4_3
+    assert not any(p.requires_grad for p in fx.parameters())
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 40, 36, requires_grad=True)
+    out = fx(x)
+    assert list(out) == layers
+    probe = {k: torch.randn_like(v) for k, v in out.items()}
+    loss = sum((out[k] * probe[k]).sum() for k in layers)
+    (g,) = torch.autograd.grad(loss, x)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    want = {k: tv16[:D_INDEX[k] + 1](x2) for k in layers}
+    loss2 = sum((want[k] * probe[k]).sum() for k in layers)
+    (g2,) = torch.autograd.grad(loss2, x2)
+    for k in layers:
+        torch.testing.assert_close(out[k], want[k], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4 * g2.abs().max().item())
+
+
+def test_feature_extractor_no_grad_path_uses_the_fast_backend(monkeypatch):
+    m = small_model("A", num_classes=10, batch_norm=True, seed=4)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    layers = ["relu2_1", "pool3", "fc7"]
+    fx = FeatureExtractor(m, layers=layers)
+    x = torch.randn(2, 3, 64, 48, requires_grad=True)
+    slow = fx(x)
+    assert all(v.requires_grad for v in slow.values())
+    backend = next(iter(fx._engines.values()))._backend
+    calls = []
+    real = backend.run
+    monkeypatch.setattr(backend, "run", lambda x, taps: calls.append(tuple(taps)) or real(x, taps))
+    with torch.no_grad():
+        fast = fx(x)
+    fast_detached = fx(x.detach())
+    assert calls == [tuple(layers), tuple(layers)]
+    for k in layers:
+        assert not fast[k].requires_grad
+        torch.testing.assert_close(fast[k], slow[k].detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast_detached[k], fast[k])
+    # BatchNorm folded: the autograd path's gradient equals the eval-mode module's
+    (g,) = torch.autograd.grad(slow["pool3"].square().sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = m.features[:m.spec.convs[3].index + 4](x2)  # conv3_2, BN, ReLU, pool3
+    torch.testing.assert_close(slow["pool3"], ref, rtol=1e-4, atol=1e-5)
+    (g2,) = torch.autograd.grad(ref.square().sum(), x2)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4 * g2.abs().max().item())
+    with pytest.raises(VGGFastError, match="too small"):
+        fx(torch.randn(1, 3, 16, 40))
+    with pytest.raises(VGGFastError, match="unknown layer"):
+        FeatureExtractor(m, layers=["relu9_9"])

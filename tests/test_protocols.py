@@ -1,0 +1,226 @@
+"""Multi-crop, dense+multi-crop, Ensemble, and the evaluate / heatmap commands, each checked against
+a computation written out here on the torchvision-layout module."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from conftest import small_model
+from vggfast import Engine, Ensemble, VGGFastError
+from vggfast.cli import main
+from vggfast.protocols import class_map_image
+from vggfast.scheduler import make_plan
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SCALES = (32, 48, 64)
+
+
+def _sharp(m):
+    """Larger fc weights: scores that vary from view to view (random nets' scores barely do), so
+    crop placement and averaging order change the posteriors."""
+    with torch.no_grad():
+        for i in (0, 3, 6):
+            m.classifier[i].weight.mul_(30)
+    return m
+
+
+def _rescaled(path, q):
+    img = TF.pil_to_tensor(Image.open(path).convert("RGB")).float() / 255
+    return TF.resize(img, q, antialias=True)
+
+
+def _hand_crop_scores(model, path, q, flip=True):
+    """Sec. 3.2 multi-crop by hand: 5x5 grid of 32x32 crops (origins i*(S-32)//4) and mirrors."""
+    img = _rescaled(path, q)
+    H, W = img.shape[-2:]
+    crops = []
+    for i in range(5):
+        for j in range(5):
+            y, x = i * (H - 32) // 4, j * (W - 32) // 4
+            c = img[:, y:y + 32, x:x + 32]
+            crops += [c, c.flip(-1)] if flip else [c]
+    with torch.no_grad():
+        return model(TF.normalize(torch.stack(crops), MEAN, STD))  # 32x32 = native: [V, classes]
+
+
+def _hand_dense_scores(model, path, q):
+    """Dense evaluation by hand: spatially averaged scores of the image and its mirror."""
+    img = _rescaled(path, q)
+    x = TF.normalize(torch.stack([img, img.flip(-1)]), MEAN, STD)
+    c, g = model.classifier, model.spec.grid
+    with torch.no_grad():
+        f = model.features(x)
+        f = F.relu(F.conv2d(f, c[0].weight.view(c[0].out_features, -1, g, g), c[0].bias))
+        f = F.relu(F.conv2d(f, c[3].weight[:, :, None, None], c[3].bias))
+        return F.conv2d(f, c[6].weight[:, :, None, None], c[6].bias).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("photo", ["cat", "rocket"])
+def test_150_crop_views_follow_the_grid_formula(samples, photo):
+    """The planner's multi-crop views: 5x5 grid, origins (i * (S - c)) // 4, each mirrored."""
+    w, h = Image.open(samples[photo]).size
+    plan = make_plan(small_model("D").spec, [(h, w)], SCALES, True, "multicrop")
+    assert len(plan.views) == 150
+    want = []
+    for q in SCALES:
+        H, W = (q, q * w // h) if h <= w else (q * h // w, q)
+        for y in [0, (H - 32) // 4, (H - 32) // 2, 3 * (H - 32) // 4, H - 32]:
+            for x in [0, (W - 32) // 4, (W - 32) // 2, 3 * (W - 32) // 4, W - 32]:
+                want += [(q, (x, y, x + 32, y + 32), False), (q, (x, y, x + 32, y + 32), True)]
+    assert [(v.scale, v.crop, v.flip) for v in plan.views] == want
+
+
+@pytest.mark.parametrize("photo", ["cat", "rocket"])
+def test_multicrop_equals_hand_cropping(samples, photo):
+    m = _sharp(small_model("D", num_classes=10))
+    eng = Engine(m.state_dict(), backend="torch")
+    r = eng.classify(samples[photo], scales=SCALES, method="multicrop")
+    scores = {q: _hand_crop_scores(m, samples[photo], q) for q in SCALES}
+    per_scale = {q: F.softmax(s, 1).mean(0) for q, s in scores.items()}
+    want = torch.stack(list(per_scale.values())).mean(0)
+    torch.testing.assert_close(r.probs, want, rtol=1e-4, atol=1e-6)
+    for q in SCALES:
+        torch.testing.assert_close(r.per_scale[q], per_scale[q], rtol=1e-4, atol=1e-6)
+    assert list(r.per_method) == ["multicrop"]
+    # the alternative: mean of raw scores over all 150 crops, then one softmax
+    r2 = eng.classify(samples[photo], scales=SCALES, method="multicrop", average="scores")
+    want2 = F.softmax(torch.cat(list(scores.values())).mean(0), 0)
+    torch.testing.assert_close(r2.probs, want2, rtol=1e-4, atol=1e-6)
+    assert (r.probs - r2.probs).abs().max() > 5e-3  # the option changes the answer
+
+
+def test_dense_plus_multicrop_is_the_mean_of_both(samples):
+    m = _sharp(small_model("C", num_classes=10, seed=3))
+    eng = Engine(m.state_dict())
+    path = samples["coffee"]
+    dense = torch.stack([F.softmax(_hand_dense_scores(m, path, q), 1).mean(0)
+                         for q in SCALES]).mean(0)
+    crops = torch.stack([F.softmax(_hand_crop_scores(m, path, q), 1).mean(0)
+                         for q in SCALES]).mean(0)
+    r = eng.classify(path, scales=SCALES, method="dense+multicrop", top_k=3)
+    torch.testing.assert_close(r.probs, (dense + crops) / 2, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(r.per_method["dense"].probs, dense, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(r.per_method["multicrop"].probs, crops, rtol=1e-4, atol=1e-6)
+    assert set(r.per_scale) == set(SCALES) and len(r.top()) == 3
+    assert abs(float(r.probs.sum()) - 1) < 1e-5
+    # dense with average="scores": one softmax of the mean of the 6 views' spatial-mean scores
+    r2 = eng.classify(path, scales=SCALES, average="scores")
+    want = F.softmax(torch.cat([_hand_dense_scores(m, path, q) for q in SCALES]).mean(0), 0)
+    torch.testing.assert_close(r2.probs, want, rtol=1e-4, atol=1e-6)
+
+
+def test_ensemble_averages_the_posteriors_of_different_configs(samples):
+    d = Engine(small_model("D", num_classes=10, seed=1).state_dict())
+    e = Engine(small_model("E", num_classes=10, seed=2).state_dict())
+    img = samples["rocket"]
+    pd = d.classify(img, scales=(32, 48)).probs
+    pe = e.classify(img, scales=(32, 48)).probs
+    r = Ensemble([d, e]).classify(img, scales=(32, 48))
+    torch.testing.assert_close(r.probs, (pd + pe) / 2, rtol=1e-5, atol=1e-7)
+    assert len(r.per_model) == 2 and set(r.per_scale) == {32, 48}
+    r = Ensemble([d, e], weights=[3, 1]).classify([img, img], scales=(32, 48))
+    assert len(r) == 2
+    torch.testing.assert_close(r[1].probs, 0.75 * pd + 0.25 * pe, rtol=1e-5, atol=1e-7)
+    mc = Ensemble([d, e]).classify(img, scales=32, method="dense+multicrop")
+    want = (d.classify(img, scales=32, method="dense+multicrop").probs
+            + e.classify(img, scales=32, method="dense+multicrop").probs) / 2
+    torch.testing.assert_close(mc.probs, want, rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_and_method_refusals(tiny):
+    eng = Engine(tiny.state_dict())
+    other = Engine(small_model("A", num_classes=7).state_dict())
+    for bad in ([], [eng, other], [eng, "vgg16"]):
+        with pytest.raises(VGGFastError):
+            Ensemble(bad)
+    with pytest.raises(VGGFastError, match="weights"):
+        Ensemble([eng, eng], weights=[1, -1])
+    with pytest.raises(VGGFastError, match="average"):
+        eng.classify(torch.rand(3, 40, 40), scales=32, average="median")
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def weights(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(small_model("D", num_classes=10).state_dict(), path)
+    return str(path)
+
+
+def _folder(tmp_path, samples, names):
+    root = tmp_path / "val"
+    pics = ["cat", "coffee", "rocket", "astronaut"]
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for p in pics[k::len(names)]:
+            Image.open(samples[p]).convert("RGB").save(root / name / f"{p}.png")
+    return root
+
+
+def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys):
+    names = ["n0003", "n0001", "n0009"]
+    root = _folder(tmp_path, samples, names)
+    (root / "n0001" / "broken.jpg").write_bytes(b"not a jpeg")
+    cmap = tmp_path / "synsets.txt"  # line number = class index, like LOC_synset_mapping.txt
+    cmap.write_text("\n".join(f"n{i:04d} class {i}" for i in range(10)) + "\n")
+    code = main(["evaluate", str(root), "--weights", weights, "--scales", "32", "40",
+                 "--method", "dense", "multicrop", "--class-map", str(cmap), "--json", "--quiet"])
+    cap = capsys.readouterr()
+    assert code == 0 and "broken.jpg" in cap.err
+    rows = json.loads(cap.out)["results"]
+    eng = Engine(weights)
+    for row in rows:
+        wrong1 = wrong5 = 0
+        for folder in names:
+            for img in sorted((root / folder).glob("*.png")):
+                top = [i for i, _, _ in eng.classify(str(img), scales=(32, 40),
+                                                     method=row["method"]).top(5)]
+                wrong1 += top[0] != int(folder[1:])
+                wrong5 += int(folder[1:]) not in top
+        assert row["images"] == 4 and len(row["failed"]) == 1
+        assert row["top1_error"] == pytest.approx(100 * wrong1 / 4)
+        assert row["top5_error"] == pytest.approx(100 * wrong5 / 4)
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32",
+                 "--class-map", str(cmap), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "top-1 val. error (%)" in table and "dense" in table.splitlines()[2]
+
+
+def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples, tmp_path, capsys):
+    root = _folder(tmp_path, samples, ["dogs", "cats"])
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32"]) == 2
+    assert "--class-map" in capsys.readouterr().err
+
+
+# -- heatmap --------------------------------------------------------------------------------------
+
+def test_heatmap_writes_a_png_of_the_image_size(weights, samples, tmp_path, capsys):
+    out = tmp_path / "heat.png"
+    assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
+                 "--scale", "96", "--class", "3"]) == 0
+    assert "class 3" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == Image.open(samples["cat"]).size
+        a = np.asarray(im.convert("RGB"), dtype=np.float32)
+    orig = np.asarray(Image.open(samples["cat"]).convert("RGB"), dtype=np.float32)
+    assert np.abs(a - orig).mean() > 5  # something was overlaid
+    assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
+                 "--scale", "64", "--class", "12"]) == 2
+    assert "outside" in capsys.readouterr().err
+
+
+def test_heatmap_places_each_score_at_its_window_centre(tiny):
+    eng = Engine(tiny.state_dict())
+    x = torch.rand(3, 96, 160)  # smallest side == scale: no resampling, so pixels line up
+    m, k = class_map_image(eng, x, scale=96)
+    probs = F.softmax(eng.score_map(x, scale=96), dim=0)[k]  # [3, 5]
+    assert m.shape == (96, 160) and k == int(eng.score_map(x, 96).mean((1, 2)).argmax())
+    for i in range(probs.shape[0]):
+        for j in range(probs.shape[1]):
+            assert float(m[16 + 32 * i, 16 + 32 * j]) == pytest.approx(float(probs[i, j]),
+                                                                        abs=1e-5)

@@ -1,0 +1,443 @@
+"""VGG as a feature extractor: Appendix B descriptors, dense feature maps, `FeatureExtractor`
+(an nn.Module for perceptual/style losses), and the `extract` command.
+
+Appendix B descriptor of an image (`features`): at each scale Q the image is rescaled so its
+smallest side is Q and the network is applied densely up to `layer` (fc6/fc7 as convolutions, or
+any conv-part activation such as "conv5_3", "relu4_3", "pool5"); the [C, h, w] map is pooled over
+space (mean, or max), averaged with the pooled map of the mirrored image, then the per-scale
+vectors are averaged (aggregate="mean": D = C) or concatenated in scale order
+(aggregate="stack": D = C * len(scales)); finally the vector is L2-normalised. C is the layer's
+channel count: 4096 for fc6/fc7 of the paper's nets, 512 for conv5_x/pool5, 256 for conv3_x, ...
+and the number of classes for fc8.
+
+Layer names are `NetSpec.tap_names()`: conv{b}_{i}, relu{b}_{i}, [norm1], pool{b}, fc6, relu6,
+fc7, relu7, fc8. "fc7" is the fc7 layer's output before its ReLU, as in Caffe's `fc7` blob whose
+ReLU runs in place, so the paper's descriptor (taken after the ReLU) is "relu7"; both are offered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import preprocess as pp
+from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .nn import dense_forward
+from .weights import load
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+POOLS = ("avg", "max")
+AGGREGATES = ("mean", "stack")
+
+
+# -- descriptors ----------------------------------------------------------------------------------
+
+def _check_layer(engine: "Engine", layer: Any) -> str:
+    names = engine.spec.tap_names()
+    if not isinstance(layer, str) or layer not in names:
+        raise ArgumentError(f"unknown layer {layer!r}; layers of {engine.spec.config}: "
+                            f"{', '.join(names)}")
+    engine._require(layer)
+    return layer
+
+
+def min_scale(engine: "Engine", layer: str) -> int:
+    """Smallest scale Q at which `layer` still has a map of at least 1 x 1."""
+    spec = engine.spec
+    if spec.tap_layer(layer).kind == "fc":
+        return spec.image_size
+    pools = 0
+    for name, l in spec.taps():
+        if name == layer:
+            break
+        pools += name.startswith("pool")
+    return max(pp.MIN_SIDE, 2 ** pools)
+
+
+def _check_scales(engine: "Engine", scales: Any, layer: str) -> tuple[int, ...]:
+    """Like Engine.check_scales, but conv layers accept scales below the native size."""
+    lo = min_scale(engine, layer)
+    return engine.check_scales(scales, minimum=lo, why=f"layer {layer} needs at least {lo}")
+
+
+def _pool(m: torch.Tensor, pool: str) -> torch.Tensor:
+    """[V, C, h, w] -> [V, C]."""
+    return m.mean(dim=(2, 3)) if pool == "avg" else m.amax(dim=(2, 3))
+
+
+def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
+             flip: bool = True, pool: str = "avg", normalize: bool = True,
+             aggregate: str = "mean") -> torch.Tensor:
+    """Appendix B descriptors of one image or a list of images -> [N, D] float32 on cpu.
+
+    See the module docstring for the computation and D. normalize: L2-normalise each row (the
+    paper's); a zero vector stays zero.
+    """
+    layer = _check_layer(engine, layer)
+    scales = _check_scales(engine, scales, layer)
+    if pool not in POOLS:
+        raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
+    if aggregate not in AGGREGATES:
+        raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
+    many = isinstance(imgs, (list, tuple))
+    images = [pp.load_image(i) for i in (imgs if many else [imgs])]
+    if not images:
+        raise ArgumentError("no images given")
+    rows = []
+    for x in images:
+        per_scale = [_pool(engine._run(engine._views(x, q, bool(flip)), (layer,))[layer],
+                           pool).mean(0).cpu() for q in scales]
+        v = torch.stack(per_scale).mean(0) if aggregate == "mean" else torch.cat(per_scale)
+        rows.append(v)
+    out = torch.stack(rows).float()
+    return F.normalize(out, dim=1) if normalize else out
+
+
+def feature_maps(engine: "Engine", img: Any, layer: str = "conv5_3", scale: int = 384,
+                 flip: bool = False) -> torch.Tensor:
+    """The un-pooled activation of `layer` on `img` rescaled to `scale`: [C, h, w] float32 on cpu
+    (with flip=True, [2, C, h, w]: the image and its mirror, each in its own coordinates)."""
+    layer = _check_layer(engine, layer)
+    (q,) = _check_scales(engine, (scale,), layer)
+    x = pp.load_image(img)
+    m = engine._run(engine._views(x, q, bool(flip)), (layer,))[layer].cpu()
+    return m if flip else m[0]
+
+
+# -- FeatureExtractor -----------------------------------------------------------------------------
+
+class FeatureExtractor(nn.Module):
+    """VGG activations as an nn.Module (perceptual / style losses, feature matching).
+
+    weights: anything `vggfast.Engine` accepts. layers: tap names ("relu1_2", "relu2_2",
+    "relu3_3", "relu4_3", "conv5_3", "pool5", "fc6", "fc7", ...; `NetSpec.tap_names()`).
+    forward(x): x [N, 3, H, W] float, already normalised (see `normalize`); returns
+    {layer: [N, C, h, w] tensor} in the order of `layers`. Computation stops after the deepest
+    requested layer and only the weights up to it are kept. fc layers need H, W >= image_size.
+
+    Two paths on the same canonical (BatchNorm-folded) weights:
+    - no gradient needed (grad disabled, or neither x nor any weight requires grad): the engine's
+      fast backend (Triton kernels on CUDA, torch otherwise); outputs float32.
+    - otherwise: plain torch ops (cuDNN) with autograd; outputs in x's dtype. Input gradients equal
+      torchvision's on the same weights. The weights are frozen parameters (requires_grad False);
+      set `requires_grad_(True)` on them to fine-tune, which moves every call to this path.
+    """
+
+    def __init__(self, weights: Any, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3",
+                                                              "relu4_3"),
+                 config: str | None = None, device: Any = None, dtype: Any = None,
+                 backend: str = "auto", preprocess: str | None = None):
+        super().__init__()
+        from .engine import Engine
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            raise ArgumentError("layers is empty; name at least one, e.g. ['relu2_2']")
+        w = load(weights, config=config)
+        spec = w.spec
+        names = spec.tap_names()
+        for t in layers:
+            if t not in names:
+                raise ArgumentError(f"unknown layer {t!r}; layers of {spec.config}: "
+                                    f"{', '.join(names)}")
+        self.layers = layers
+        self.spec = spec
+        self.deepest = max(layers, key=names.index)
+        bad = w.unusable(self.deepest)
+        if bad:
+            raise WeightsError(f"layers {', '.join(bad)} of these weights are missing or contain "
+                               f"NaN/Inf; {self.deepest} cannot be computed")
+        upto = [l.name for l in spec.layers]
+        upto = upto[:upto.index(spec.tap_layer(self.deepest).name) + 1]
+        if "fc6" not in upto:  # the fast backend need not hold the classifier (most of VGG's bytes)
+            fcs = tuple(l.name for l in spec.fcs)
+            w = dataclasses.replace(
+                w, state_dict={k: v for k, v in w.state_dict.items() if k.split(".")[0] not in fcs},
+                missing=fcs, nonfinite=tuple(n for n in w.nonfinite if n not in fcs))
+        self._engine_args = dict(dtype=dtype, backend=backend, preprocess=preprocess)
+        self._engines: dict[torch.device, Engine] = {}
+        eng = Engine(w, device=device, **self._engine_args)
+        self._engines[eng.device] = eng
+        self.preprocess = eng.preprocess
+        # canonical names use "." so they are stored under "conv1_1_weight" etc.
+        self._keys = {f"{n}.{p}": f"{n}_{p}" for n in upto for p in ("weight", "bias")}
+        for key, attr in self._keys.items():
+            self.register_parameter(attr, nn.Parameter(
+                w.state_dict[key].to(eng.device), requires_grad=False))
+        self._weights = w
+
+    def extra_repr(self) -> str:
+        return f"config={self.spec.config}, layers={self.layers}"
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1], [N, 3, H, W] -> this network's input (its preprocessing convention)."""
+        return pp.normalize(x, self.preprocess)
+
+    def _fast_engine(self, device: torch.device):
+        from .engine import Engine
+        if device not in self._engines:
+            self._engines[device] = Engine(self._weights, device=device, **self._engine_args)
+        return self._engines[device]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
+                or not x.is_floating_point():
+            raise ArgumentError("FeatureExtractor expects a float tensor [N, 3, H, W], normalised")
+        lo = self.spec.image_size if self.spec.tap_layer(self.deepest).kind == "fc" else 1
+        if min(x.shape[-2:]) < lo:
+            raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for "
+                                f"{self.deepest}; it needs at least {lo}x{lo}")
+        params = {k: getattr(self, a) for k, a in self._keys.items()}
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params.values()))
+        if needs_grad:
+            if any(p.device != x.device for p in params.values()):
+                raise ArgumentError(f"input is on {x.device} but the weights are on "
+                                    f"{next(iter(params.values())).device}; move one with .to()")
+            params = {k: p.to(x.dtype) for k, p in params.items()}
+            out = dense_forward(params, self.spec, x, self.layers)
+        else:
+            out = self._fast_engine(x.device)._backend.run(x, self.layers)
+            out = {k: v.to(x.device) for k, v in out.items()}
+        return {t: out[t] for t in self.layers}
+
+
+# -- extract: a folder of images -> features (resumable, sharded with torchrun) -------------------
+
+def list_inputs(src: str | os.PathLike) -> list[str]:
+    """A folder (its image files, recursive, sorted) or a text file with one path per line
+    (relative paths are relative to the list file's folder; blank lines and #-comments skipped)."""
+    from .protocols import list_images
+    p = Path(src)
+    if p.is_dir():
+        files = [str(f) for f in list_images(p)]
+    elif p.is_file():
+        try:
+            lines = p.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArgumentError(f"cannot read the file list {p}: {exc}")
+        files = [str((p.parent / l.strip()) if not os.path.isabs(l.strip()) else l.strip())
+                 for l in lines if l.strip() and not l.lstrip().startswith("#")]
+    else:
+        raise ArgumentError(f"{src} is neither a folder nor a file list")
+    if not files:
+        raise ArgumentError(f"no images found in {src}")
+    return files
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise VGGFastError("RANK / WORLD_SIZE in the environment are not integers")
+
+
+def _atomic_save(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class _Parts:
+    """A run's checkpoint folder OUT.parts/: settings.json, and per rank and chunk
+    r{rank}-{chunk}.npy (features, in shard order) + r{rank}-{chunk}.json (file indices, failures).
+    A chunk is written only once complete (atomic rename), so an interrupted run loses at most the
+    chunk in flight."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], rank: int):
+        self.dir = out.with_name(out.name + ".parts")
+        self.rank = rank
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "settings.json"
+        if rank == 0 and not meta.exists():
+            _atomic_save(meta, lambda p: p.write_text(json.dumps(settings, indent=1)))
+        self.settings = settings
+
+    def check(self) -> None:
+        meta = self.dir / "settings.json"
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            if old != self.settings:
+                diff = [k for k in self.settings if old.get(k) != self.settings[k]]
+                raise VGGFastError(f"{self.dir} holds an interrupted run with other settings "
+                                   f"({', '.join(diff)}); rerun with those, or delete the folder")
+
+    def done(self) -> list[tuple[list[int], np.ndarray, list[dict]]]:
+        out = []
+        for meta in sorted(self.dir.glob(f"r{self.rank}-*.json")):
+            info = json.loads(meta.read_text())
+            feats = np.load(meta.with_suffix(".npy"))
+            out.append((info["indices"], feats, info["failed"]))
+        return out
+
+    def save(self, chunk: int, indices: list[int], feats: np.ndarray, failed: list[dict]) -> None:
+        stem = self.dir / f"r{self.rank}-{chunk:08d}"
+        _atomic_save(stem.with_suffix(".npy"), lambda p: np.save(open(p, "wb"), feats))
+        _atomic_save(stem.with_suffix(".json"),
+                     lambda p: p.write_text(json.dumps({"indices": indices, "failed": failed})))
+
+    def remove_own(self) -> None:
+        for f in self.dir.glob(f"r{self.rank}-*"):
+            f.unlink()
+
+
+def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, layer: str = "fc7",
+            scales: Any = (256, 384, 512), flip: bool = True, pool: str = "avg",
+            normalize: bool = True, aggregate: str = "mean", batch_size: int = 16,
+            progress: bool = True, rank: int = 0, world: int = 1,
+            gather=None) -> dict[str, Any] | None:
+    """Features of `files` to OUT (.npy, [N, D] float32, row i = i-th readable file) and
+    OUT.json ({"files": [...], "failed": [{"file", "error"}], settings}).
+
+    Work is checkpointed every `batch_size` images in OUT.parts/, and a rerun with the same
+    settings resumes from there. With world > 1 rank r takes files[r::world]; `gather(obj)` must
+    return the list of every rank's obj on rank 0 (None elsewhere); rank 0 writes the output.
+    Returns the JSON record on rank 0, None on other ranks.
+    """
+    from tqdm import tqdm
+    out = Path(out)
+    layer = _check_layer(engine, layer)
+    scales = _check_scales(engine, scales, layer)
+    if batch_size < 1:
+        raise ArgumentError(f"--batch-size must be positive, not {batch_size}")
+    settings = {"layer": layer, "scales": list(scales), "flip": bool(flip), "pool": pool,
+                "normalize": bool(normalize), "aggregate": aggregate, "world": world,
+                "batch_size": batch_size, "config": engine.spec.config,
+                "files": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+    parts = _Parts(out, settings, rank)
+    if gather is not None:
+        gather(None)  # rank 0 has written settings.json before anyone checks it
+    parts.check()
+    mine = list(range(rank, len(files), world))
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    # chunking depends only on the settings checked above, so chunk k is the same on a rerun
+    done_chunks = {int(m.stem.split("-")[1]) for m in parts.dir.glob(f"r{rank}-*.json")}
+    todo = [(k, c) for k, c in enumerate(chunks) if k not in done_chunks]
+    bar = tqdm(total=len(mine), initial=len(mine) - sum(len(c) for _, c in todo),
+               desc=f"extract{f' rank {rank}' if world > 1 else ''}", unit="img",
+               disable=not progress, file=sys.stderr)
+    for k, chunk in todo:
+        idx, vecs, failed = [], [], []
+        for i in chunk:
+            try:
+                vecs.append(features(engine, files[i], layer, scales, flip, pool, normalize,
+                                     aggregate)[0].numpy())
+                idx.append(i)
+            except ImageError as exc:
+                failed.append({"index": i, "file": files[i], "error": str(exc)})
+            bar.update(1)
+        dim = vecs[0].shape[0] if vecs else 0
+        parts.save(k, idx, np.stack(vecs) if vecs else np.zeros((0, dim), np.float32), failed)
+    bar.close()
+    local = parts.done()
+    gathered = gather(local) if gather is not None else [local]
+    record = None
+    if rank == 0:
+        rows: dict[int, np.ndarray] = {}
+        failed = []
+        for per_rank in gathered:
+            for ix, feats, bad in per_rank:
+                rows.update(zip(ix, feats))
+                failed += bad
+        order = sorted(rows)
+        if not order:
+            raise VGGFastError(f"none of the {len(files)} images could be read")
+        feats = np.stack([rows[i] for i in order]).astype(np.float32)
+        failed.sort(key=lambda f: f["index"])
+        record = {"files": [files[i] for i in order],
+                  "failed": [{"file": f["file"], "error": f["error"]} for f in failed],
+                  "dim": int(feats.shape[1]), **{k: v for k, v in settings.items()
+                                                 if k not in ("files", "world", "batch_size")}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(out, lambda p: np.save(open(p, "wb"), feats))
+        _atomic_save(_json_path(out), lambda p: p.write_text(json.dumps(record, indent=1)))
+    if gather is not None:
+        gather(None)  # the output exists before anyone removes its parts
+    parts.remove_own()
+    if gather is not None:
+        gather(None)  # every rank's parts are gone before the folder is removed
+    if rank == 0:
+        (parts.dir / "settings.json").unlink(missing_ok=True)
+        try:
+            parts.dir.rmdir()
+        except OSError:  # a rank on another node keeps its own (unshared) parts folder
+            pass
+    return record
+
+
+def _json_path(out: Path) -> Path:
+    return out.with_suffix(".json") if out.suffix == ".npy" else out.with_name(out.name + ".json")
+
+
+def cmd_extract(args) -> int:
+    from .cli import _engine, _need_weights
+    rank, world = _dist_info()
+    gather = None
+    if world > 1:
+        import torch.distributed as dist
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            if args.device is None:
+                args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        dist.init_process_group(backend)
+
+        def gather(obj):
+            got = [None] * world if rank == 0 else None
+            dist.gather_object(obj, got, dst=0)
+            return got
+    try:
+        eng = _engine(args, _need_weights(args))
+        files = list_inputs(args.source)
+        rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip, args.pool,
+                      not args.no_normalize, args.aggregate, args.batch_size,
+                      progress=not args.quiet, rank=rank, world=world, gather=gather)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank == 0:
+        for f in rec["failed"]:
+            print(f"vggfast: skipped {f['error']}", file=sys.stderr)
+        print(f"{args.out}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
+              f"{len(rec['failed'])} skipped; file list in {_json_path(Path(args.out))}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Add the `extract` subcommand."""
+    from .cli import _engine_args, _weights_arg
+    p = sub.add_parser("extract", help="Appendix B features of a folder or list of images "
+                                       "(resumable; shards across ranks under torchrun)")
+    p.add_argument("source", metavar="DIR_OR_LIST",
+                   help="a folder of images (recursive) or a text file with one path per line")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--out", "-o", required=True, help="features .npy; the file list goes to "
+                                                      "the same name with .json")
+    p.add_argument("--layer", default="fc7", help="fc7, relu7, fc6, pool5, conv5_3, ...")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--pool", default="avg", choices=POOLS)
+    p.add_argument("--aggregate", default="mean", choices=AGGREGATES,
+                   help="over scales: mean (D = C) or stack (D = C x scales)")
+    p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per checkpointed chunk (a resumed run restarts the chunk in "
+                        "flight)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract)

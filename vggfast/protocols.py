@@ -1,0 +1,406 @@
+"""The paper's evaluation protocols (Sec. 3.2, 4.2-4.4): multi-crop, dense + multi-crop, model
+fusion, and the `evaluate` and `heatmap` commands.
+
+Multi-crop (Sec. 3.2, Table 4): per scale Q, the image is rescaled so its smallest side is Q and a
+regular n x n grid (n = 5) of c x c crops (c = the network's native size, 224 for the paper's
+nets) is cut from it. Crop origins along a side of length S are x_i = (i * (S - c)) // (n - 1),
+i = 0..n-1 (0 and S - c included; the centre crop when n = 1). Each crop is also mirrored
+(cut from the unflipped image, then flipped): 50 views per scale, 150 over three scales. A crop
+is c x c, so the dense net gives a 1 x 1 score map: the crop's class scores. View order (the C++
+planner's): per scale, crops row by row (y outer, x inner), each followed by its mirror.
+
+The paper does not say where the grid sits nor whether crops are averaged before or after the
+softmax. vggfast's rule, shared with the planner, is the grid above; the averaging is chosen by
+`average`:
+
+- "probs" (default, as the paper's "averaging the soft-max class posteriors"): softmax of each
+  view's scores (a dense view's scores are first averaged spatially), then the mean over views
+  and scales.
+- "scores": the mean of the raw class scores over views and scales, then one softmax.
+
+"dense+multicrop" (Table 5's best single-model setting) averages the two methods' posteriors;
+multi-model fusion (`Ensemble`, Table 6) averages the models' posteriors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import preprocess as pp
+from .errors import ArgumentError, ImageError, VGGFastError
+
+if TYPE_CHECKING:
+    from .engine import Engine, Result
+
+AVERAGES = ("probs", "scores")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm", ".jfif")
+
+
+def check_average(average: Any) -> str:
+    if average not in AVERAGES:
+        raise ArgumentError(f"unknown average {average!r}; use 'probs' (softmax per view, then "
+                            "mean) or 'scores' (mean of raw scores, then softmax)")
+    return average
+
+
+def _fuse(scores: dict[int, torch.Tensor],
+          average: str) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Per-scale view scores -> (posterior over everything, {scale: posterior of that scale})."""
+    if average == "probs":
+        per_scale = {q: F.softmax(s, dim=1).mean(0) for q, s in scores.items()}
+        # every scale has the same number of views, so the mean of means is the mean over views
+        return torch.stack(list(per_scale.values())).mean(0), per_scale
+    per_scale = {q: F.softmax(s.mean(0), dim=0) for q, s in scores.items()}
+    return F.softmax(torch.cat(list(scores.values())).mean(0), dim=0), per_scale
+
+
+def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch.Tensor],
+                      method: str, average: str, top_k: int) -> "Result":
+    """One image's Result from the per-view class scores of an executed plan.
+
+    scores[v]: the spatially averaged class scores [classes] of plan view v.
+    Result.per_scale: {Q: posterior at Q} (for "dense+multicrop" the mean of both methods').
+    Result.per_method: {method: Result} for each method used, each with its own per_scale.
+    """
+    from .engine import Result
+    views = [plan.views[v] for v in plan.image_views(image)]
+    methods = ("dense", "multicrop") if method == "dense+multicrop" else (method,)
+    per_method = {}
+    for m in methods:
+        kind = "dense" if m == "dense" else "crop"
+        by_scale = {q: torch.stack([scores[v.index] for v in views
+                                    if v.kind == kind and v.scale == q]) for q in plan.scales}
+        probs, per_scale = _fuse(by_scale, average)
+        per_method[m] = Result(probs, engine.class_names, per_scale, top_k)
+    if len(methods) == 1:
+        r = per_method[method]
+        return Result(r.probs, engine.class_names, r.per_scale, top_k, per_method=per_method)
+    probs = torch.stack([r.probs for r in per_method.values()]).mean(0)
+    per_scale = {q: torch.stack([r.per_scale[q] for r in per_method.values()]).mean(0)
+                 for q in plan.scales}
+    return Result(probs, engine.class_names, per_scale, top_k, per_method=per_method)
+
+
+# -- model fusion ---------------------------------------------------------------------------------
+
+class Ensemble:
+    """Multi-model fusion (Table 6): the weighted mean of several engines' posteriors.
+
+    engines: Engines with the same number of classes (any configurations, e.g. D and E).
+    weights: one non-negative number per engine (normalised to sum 1); None = equal weights.
+    classify(img, scales, flip, method, top_k, average) takes Engine.classify's arguments; each
+    image is decoded once and every engine applies its own preprocessing. Result.per_model lists
+    each engine's Result.
+    """
+
+    def __init__(self, engines: Sequence["Engine"], weights: Sequence[float] | None = None):
+        from .engine import Engine
+        engines = list(engines) if isinstance(engines, (list, tuple)) else None
+        if not engines or not all(isinstance(e, Engine) for e in engines):
+            raise ArgumentError("Ensemble needs a non-empty list of vggfast.Engine objects")
+        n = {e.spec.num_classes for e in engines}
+        if len(n) != 1:
+            raise ArgumentError(f"the engines disagree on the number of classes ({sorted(n)}); "
+                                "fusion needs the same classes in the same order")
+        if weights is None:
+            weights = [1.0] * len(engines)
+        weights = list(weights)
+        if len(weights) != len(engines) or any(
+                isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
+                or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ArgumentError(f"weights must be {len(engines)} non-negative numbers, not all "
+                                f"zero; got {weights!r}")
+        total = float(sum(weights))
+        self.engines = engines
+        self.weights = [float(w) / total for w in weights]
+        self.class_names = engines[0].class_names
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{e.spec.config}:{w:.3g}" for e, w in zip(self.engines, self.weights))
+        return f"Ensemble({parts})"
+
+    def classify(self, img: Any, scales: Any = (256, 384, 512), flip: bool = True,
+                 method: str = "dense", top_k: int = 5,
+                 average: str = "probs") -> "Result | list[Result]":
+        """Fused classification of one image (-> Result) or a list (-> list of Result)."""
+        from .engine import Result, _check_top_k
+        top_k = _check_top_k(top_k)
+        if isinstance(img, (list, tuple)):
+            return [self.classify(i, scales, flip, method, top_k, average) for i in img]
+        x = pp.load_image(img)
+        rs = [e.classify(x, scales=scales, flip=flip, method=method, top_k=top_k, average=average)
+              for e in self.engines]
+        probs = sum(w * r.probs for w, r in zip(self.weights, rs))
+        per_scale = {q: sum(w * r.per_scale[q] for w, r in zip(self.weights, rs))
+                     for q in rs[0].per_scale}
+        return Result(probs, self.class_names, per_scale, top_k, per_model=rs)
+
+
+# -- evaluate: top-1 / top-5 error on a labelled folder -------------------------------------------
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive), sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_class_map(path: str | os.PathLike) -> dict[str, int]:
+    """Folder name -> class index from a file.
+
+    JSON: {"n01440764": 0, ...} or ["n01440764", ...] (index = position). Text: one class per
+    line, the first token the folder name and the second, if an integer, its index; otherwise the
+    line number (0-based) is the index, so ImageNet's LOC_synset_mapping.txt works as it is.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ArgumentError(f"cannot read class map {p}: {exc.strerror or exc}")
+    if p.suffix.lower() == ".json" or text.lstrip()[:1] in ("{", "["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArgumentError(f"class map {p} is not valid JSON ({exc.msg}, line {exc.lineno})")
+        if isinstance(data, list):
+            data = {str(k): i for i, k in enumerate(data)}
+        if not isinstance(data, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            raise ArgumentError(f"class map {p} must map folder names to integer class indices")
+        return {str(k): int(v) for k, v in data.items()}
+    out = {}
+    for n, line in enumerate(l for l in text.splitlines() if l.strip()):
+        tok = line.split()
+        out[tok[0]] = int(tok[1]) if len(tok) > 1 and tok[1].lstrip("-").isdigit() else n
+    return out
+
+
+def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
+                    class_map: dict[str, int] | None = None) -> list[tuple[Path, int]]:
+    """(image, class index) pairs of an ImageFolder-style tree (one sub-folder per class).
+
+    Folder -> index: `class_map` when given; else integer folder names are indices; else folder
+    names equal to the engine's class names; else, when there is one folder per class, their
+    sorted order (torchvision's ImageFolder rule). Anything else asks for a class map.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ArgumentError(f"{root} is not a folder (expected one sub-folder per class)")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not folders:
+        raise ArgumentError(f"{root} has no class sub-folders (expected root/CLASS/IMAGE)")
+    n = len(class_names)
+    if class_map is not None:
+        unknown = [f for f in folders if f not in class_map]
+        if unknown:
+            raise ArgumentError(f"the class map has no entry for folder(s) "
+                                f"{', '.join(unknown[:5])}")
+        index = {f: class_map[f] for f in folders}
+    elif all(f.isdigit() for f in folders):
+        index = {f: int(f) for f in folders}
+    elif all(f in class_names for f in folders):
+        index = {f: list(class_names).index(f) for f in folders}
+    elif len(folders) == n:
+        index = {f: i for i, f in enumerate(folders)}
+    else:
+        raise ArgumentError(f"cannot tell which class each of the {len(folders)} folders is (the "
+                            f"model has {n} classes); pass --class-map FILE (JSON or one folder "
+                            "name per line in class-index order)")
+    bad = {f: i for f, i in index.items() if not 0 <= i < n}
+    if bad:
+        f, i = next(iter(bad.items()))
+        raise ArgumentError(f"folder {f} maps to class {i}, outside the model's 0..{n - 1}")
+    pairs = [(p, index[f]) for f in folders for p in list_images(root / f)]
+    if not pairs:
+        raise ArgumentError(f"no images found under {root} (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    return pairs
+
+
+def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequence[int],
+             flip: bool = True, method: str = "dense", average: str = "probs",
+             progress: bool = True) -> dict[str, Any]:
+    """Top-1 / top-5 error (%) of `engine` on (image, label) pairs; unreadable images are skipped
+    and listed under "failed"."""
+    from tqdm import tqdm
+    top1 = top5 = done = 0
+    failed = []
+    bar = tqdm(pairs, desc="evaluate", unit="img", disable=not progress, file=sys.stderr)
+    for img, label in bar:
+        try:
+            r = engine.classify(img, scales=scales, flip=flip, method=method, top_k=5,
+                                average=average)
+        except ImageError as exc:
+            failed.append({"file": str(img), "error": str(exc)})
+            continue
+        best = [i for i, _, _ in r.top(5)]
+        done += 1
+        top1 += best[0] != label
+        top5 += label not in best
+        bar.set_postfix(top1=f"{100 * top1 / done:.1f}%", top5=f"{100 * top5 / done:.1f}%")
+    if not done:
+        raise VGGFastError(f"none of the {len(pairs)} images could be read")
+    return {"method": method, "scales": list(scales), "flip": flip, "average": average,
+            "images": done, "top1_error": 100.0 * top1 / done, "top5_error": 100.0 * top5 / done,
+            "failed": failed}
+
+
+def format_table(rows: Sequence[dict[str, Any]], config: str) -> str:
+    """Rows of `evaluate` as a table like the paper's Tables 3-5."""
+    head = f"{'ConvNet config.':<16} {'method':<16} {'test scale Q':<16} " \
+           f"{'top-1 val. error (%)':>20} {'top-5 val. error (%)':>20} {'images':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        method = r["method"] + ("" if r["flip"] else " (no flip)")
+        lines.append(f"{config:<16} {method:<16} {','.join(map(str, r['scales'])):<16} "
+                     f"{r['top1_error']:>20.1f} {r['top5_error']:>20.1f} {r['images']:>7}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args) -> int:
+    from .cli import _engine, _need_weights
+    eng = _engine(args, _need_weights(args))
+    scales = eng.check_scales(args.scales)
+    cmap = read_class_map(args.class_map) if args.class_map else None
+    pairs = labelled_images(args.folder, eng.class_names, cmap)
+    if args.limit:
+        pairs = pairs[:args.limit]
+    rows = []
+    for method in args.method:
+        rows.append(evaluate(eng, pairs, scales, not args.no_flip, method, args.average,
+                             progress=not args.quiet))
+    failed = rows[0]["failed"]
+    for f in failed:
+        print(f"vggfast: skipped {f['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"config": eng.spec.config, "results": rows}, indent=2))
+    else:
+        print(format_table(rows, eng.spec.config + ("-BN" if eng.spec.batch_norm else "")))
+    return 0
+
+
+# -- heatmap --------------------------------------------------------------------------------------
+
+def _colormap(v: "Any") -> "Any":
+    """Values in [0, 1] (numpy HxW) -> HxWx3 uint8, a blue-cyan-yellow-red ramp (jet-like)."""
+    import numpy as np
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
+
+
+def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
+                    scale: int | None = None, raw: bool = False) -> tuple[torch.Tensor, int]:
+    """The dense score map of one class, resampled onto the image: ([H, W] fp32, class index).
+
+    cls: index, class name, or None for the top class of the dense evaluation at `scale`.
+    Values: the per-position softmax probability of the class (0..1), or with raw=True its raw
+    score. Position (i, j) of the map is the net applied to the window of `image_size` pixels
+    starting at (32 i, 32 j) of the rescaled image, so values are placed at window centres and
+    interpolated between them (edges hold the nearest centre's value).
+    """
+    x = pp.load_image(img)
+    q = scale if scale is not None else max(384, engine.spec.image_size)
+    scores = engine.score_map(x, scale=q)  # [classes, h, w]
+    if cls is None:
+        k = int(scores.mean(dim=(1, 2)).argmax())
+    elif isinstance(cls, str) and not cls.lstrip("-").isdigit():
+        names = list(engine.class_names)
+        hits = [i for i, n in enumerate(names) if n == cls] or \
+               [i for i, n in enumerate(names) if n.lower() == cls.lower()]
+        if not hits:
+            raise ArgumentError(f"no class named {cls!r}; pass an index 0..{len(names) - 1} or an "
+                                "exact class name")
+        k = hits[0]
+    else:
+        k = int(cls)
+        if not 0 <= k < engine.spec.num_classes:
+            raise ArgumentError(f"class {k} is outside 0..{engine.spec.num_classes - 1}")
+    m = scores[k] if raw else F.softmax(scores, dim=0)[k]
+    h, w = m.shape
+    H, W = x.shape[-2:]
+    rh, rw = pp.rescaled_size(H, W, q)
+    half, stride = engine.spec.image_size // 2, 32
+    # centres at half + stride * i on the rescaled image; interpolate between them
+    inner = F.interpolate(m[None, None], size=((h - 1) * stride + 1, (w - 1) * stride + 1),
+                          mode="bilinear", align_corners=True) if h * w > 1 else m[None, None]
+    pad = (half, max(rw - half - inner.shape[-1], 0), half, max(rh - half - inner.shape[-2], 0))
+    full = F.pad(inner, pad, mode="replicate")[..., :rh, :rw]
+    full = F.interpolate(full, size=(H, W), mode="bilinear", align_corners=False)
+    return full[0, 0], k
+
+
+def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str | None = None,
+            scale: int | None = None, alpha: float = 0.5, raw: bool = False) -> int:
+    """Write the class map overlaid on the image (PNG, the image's size); returns the class index.
+
+    The map is stretched to 0..1 by its own min and max before colouring.
+    """
+    import numpy as np
+    from PIL import Image
+    if not 0 <= alpha <= 1:
+        raise ArgumentError(f"alpha must lie in [0, 1], not {alpha}")
+    x = pp.load_image(img)
+    m, k = class_map_image(engine, x, cls, scale, raw)
+    v = m.numpy()
+    v = (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)
+    base = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.float32)
+    blend = (1 - alpha) * base + alpha * _colormap(v).astype(np.float32)
+    try:
+        Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
+    except OSError as exc:
+        raise VGGFastError(f"cannot write {out}: {exc.strerror or exc}")
+    return k
+
+
+def cmd_heatmap(args) -> int:
+    from .cli import _engine, _need_weights
+    eng = _engine(args, _need_weights(args))
+    k = heatmap(eng, args.image, args.out, args.cls, args.scale, args.alpha, args.raw)
+    print(f"{args.out}: class {k} ({eng.class_names[k]})")
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Add the `evaluate` and `heatmap` subcommands."""
+    from .cli import _engine_args, _weights_arg
+    p = sub.add_parser("evaluate", help="top-1/top-5 error on a labelled folder (one sub-folder "
+                                        "per class), as in the paper's tables")
+    p.add_argument("folder", help="root of an ImageFolder tree: ROOT/CLASS/IMAGE")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--method", nargs="+", default=["dense"],
+                   choices=("dense", "multicrop", "dense+multicrop"),
+                   help="one or more protocols; one table row each")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--average", default="probs", choices=AVERAGES,
+                   help="probs: softmax per view then mean (default); scores: mean then softmax")
+    p.add_argument("--class-map", default=None,
+                   help="folder name -> class index (JSON, or one folder name per line in index "
+                        "order such as ImageNet's LOC_synset_mapping.txt)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image (PNG)")
+    p.add_argument("image")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--out", "-o", required=True, help="output PNG")
+    p.add_argument("--class", dest="cls", default=None,
+                   help="class index or exact name (default: the top class)")
+    p.add_argument("--scale", type=int, default=None, help="smallest side Q (default 384)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
+    p.add_argument("--raw", action="store_true",
+                   help="show raw scores instead of per-position softmax probabilities")
+    p.set_defaults(func=cmd_heatmap)
