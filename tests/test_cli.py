@@ -75,3 +75,12 @@ def test_bad_image_among_good_ones_is_reported_and_the_rest_classified(weights, 
     code = main(["classify", str(bad), str(samples["cat"]), "--weights", weights, "--scales", "32"])
     cap = capsys.readouterr()
     assert code == 2 and "bad.jpg" in cap.err and "cat.jpg" in cap.out
+
+
+def test_classify_explain_prints_the_plan(weights, samples, capsys):
+    code = main(["classify", str(samples["cat"]), str(samples["coffee"]), "--weights", weights,
+                 "--scales", "32", "48", "--explain", "--method", "dense+multicrop"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "batch" in out.lower() and "views" in out.lower()
+    assert out.count("cat.jpg") == 1 and "coffee.jpg" in out

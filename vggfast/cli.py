@@ -61,18 +61,25 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
 
 def cmd_classify(args) -> int:
     from .errors import ImageError
+    from .preprocess import load_image
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
-    names, results, failed = [], [], 0
+    names, images, failed = [], [], 0
     for path in args.images:
         try:
-            results.append(eng.classify(path, scales=scales, flip=not args.no_flip,
-                                        top_k=args.top))
+            images.append(load_image(path))
             names.append(path)
         except ImageError as exc:
             print(f"vggfast: error: {exc}", file=sys.stderr)
             failed += 1
-    _print_results(names, results, args.top, args.json)
+    if images:
+        flip = not args.no_flip
+        if args.explain:
+            print(eng.plan(images, scales=scales, flip=flip, method=args.method),
+                  file=sys.stderr if args.json else sys.stdout)
+        results = eng.classify(images, scales=scales, flip=flip, method=args.method,
+                               top_k=args.top)
+        _print_results(names, results, args.top, args.json)
     return 2 if failed else 0
 
 
@@ -143,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
     p.add_argument("--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("--method", default="dense", choices=("dense", "multicrop", "dense+multicrop"))
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--explain", action="store_true",
+                   help="print the scheduler's plan (views, batches, memory) first")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("info", help="describe weights: configuration, parameters, classes")
