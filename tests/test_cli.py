@@ -84,3 +84,14 @@ def test_classify_explain_prints_the_plan(weights, samples, capsys):
     assert code == 0
     assert "batch" in out.lower() and "views" in out.lower()
     assert out.count("cat.jpg") == 1 and "coffee.jpg" in out
+
+
+def test_bench_on_cpu_runs_the_reference_and_says_so(tmp_path, capsys):
+    code = main(["bench", "--batches", "1", "--no-dense", "--width", "0.0625", "--rep", "1",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in out
+    rows = json.loads((tmp_path / "throughput.json").read_text())
+    assert rows

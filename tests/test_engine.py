@@ -156,3 +156,17 @@ def test_logits_input_checks(tiny):
                 dtype=torch.uint8), torch.rand(1, 3, 16, 16)):
         with pytest.raises(ArgumentError):
             eng.logits(bad)
+
+
+def test_triton_backend_classifies_like_the_reference(samples):
+    """Engine(backend="triton") end to end (the Triton interpreter on CPU) vs backend="torch"."""
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    m = small_model("D", num_classes=10)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fast = Engine(m.state_dict(), backend="triton", device=dev, dtype="float32")
+    ref = Engine(m.state_dict(), backend="torch", device=dev, dtype="float32")
+    imgs = [samples["cat"], samples["rocket"]]
+    for a, b in zip(fast.classify(imgs, scales=(32, 40)), ref.classify(imgs, scales=(32, 40))):
+        torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-6)

@@ -139,6 +139,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .benchmark import main as bench_main
+    return bench_main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vggfast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -169,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("bench", add_help=False,
+                       help="vggfast vs cuDNN eager vs torch.compile (`vggfast bench --help`)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_cli(sub)
     return parser
@@ -176,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser takes every option (argparse.REMAINDER cannot)
+        args = argparse.Namespace(func=cmd_bench, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except VGGFastError as exc:

@@ -1,0 +1,249 @@
+"""Implicit-GEMM convolution with fused bias, ReLU and 2x2 stride-2 max-pool epilogue.
+
+Math. For an input x [NB, H, W, CIN] (logical NHWC), weights w [COUT, CIN, KS, KS], bias b and
+zero padding PAD, the stride-1 convolution is
+
+    y[n, oh, ow, co] = b[co] + sum_{kh, kw, ci} x[n, oh+kh-PAD, ow+kw-PAD, ci] * w[co, ci, kh, kw]
+
+with OH = H + 2 PAD - KS + 1 (same for OW), read as a GEMM C[M, N] = A[M, K] @ B[K, N] with
+M = NB*OH*OW (output pixels), N = COUT, K = KS*KS*CIN ordered (kh, kw, ci); A is never formed,
+each A tile is gathered from x with the padding as a load mask (implicit GEMM). The epilogue adds
+b, then optionally ReLU (APPLY_RELU), then optionally the 2x2 stride-2 max-pool (FUSE_POOL) with
+the floor semantics of nn.MaxPool2d(2, 2): pooled size (OH // 2, OW // 2); conv outputs in a last
+odd row/column are never computed. Max commutes with "+ b" and with ReLU (both monotone), so the
+kernel pools the raw accumulator first and adds b / applies ReLU on a quarter of the values.
+KS = 3 (PAD 1) is the VGG conv, KS = 1 config C's third conv and fc7/fc8, KS = g (PAD 0) is fc6
+applied densely (g = image_size / 32, 7 for the paper's nets).
+
+Operands and layouts.
+- x: any strides (stride_xn, stride_xh, stride_xw, stride_xc); activations are NHWC-contiguous
+  (stride_xc == 1) bf16/fp16/fp32. The network input is read as the NCHW fp32 tensor it arrives
+  in (a permuted view, stride_xc = H*W) and cast to the weights' dtype in registers, so there is
+  no host-side repack of the image.
+- w: packed once at load time to [K_PAD, COUT_P] row-major (B of the GEMM, N contiguous), rows in
+  (kh, kw, ci) order, K_PAD = K rounded up to 128 and COUT_P = COUT rounded up to 16 with zeros,
+  in the activation dtype. Zero rows let the K loop run whole BLOCK_K steps without masking B.
+- b: [COUT_P] fp32.
+- y: [NB, OH', OW', COUT] with channel stride 1 and row strides (stride_yn, stride_yh,
+  stride_yw); OH', OW' = OH, OW or OH // 2, OW // 2 with FUSE_POOL. Its dtype may differ from x
+  (fc8 writes fp32 scores); the fp32 accumulator is cast on store.
+
+Two ways to walk K (constexpr FLAT_K, chosen per config by the heuristic below):
+- channel chunks (FLAT_K False; CIN % BLOCK_K == 0 and stride_xc == 1): K step s covers one tap
+  (kh, kw) and BLOCK_K consecutive channels, so every A row is one contiguous, vectorisable run
+  of channels and the mask is one bit per row. All VGG layers past conv1_1 take this path.
+- flat K (FLAT_K True): each of the BLOCK_K columns decodes its own (kh, kw, ci). This is the
+  conv1_1 path: K = 27 is a single BLOCK_K = 32 step (one 27-wide MMA instead of nine 3-wide
+  ones), reading the fp32 NCHW image directly; it also serves width-reduced nets whose CIN is
+  not a multiple of BLOCK_K. Both paths read the same packed w, since w is always (kh, kw, ci).
+
+Program id -> tile. A 1-D grid of cdiv(G, ROWS) * cdiv(COUT, BLOCK_N) programs; pid_n =
+pid % num_n is the fast index, so the programs that share an A tile (the gathered, 9x re-read
+operand) run side by side and hit L2, while the packed weights (<= 4.7 MB per conv) stay
+L2-resident. pid_m = pid // num_n selects ROWS consecutive rows of the "M grid" of G rows:
+- without pool: the G = NB*OH*OW output pixels in (n, oh, ow) order, ROWS = BLOCK_M;
+- with pool: the G = NB*(OH//2)*(OW//2) pooled pixels, ROWS = BLOCK_M // 4, and the tile's
+  BLOCK_M accumulator rows are ordered (q, r): row q*ROWS + r is conv output
+  (2*ph + q // 2, 2*pw + q % 2) of pooled pixel r. Every tile therefore holds whole 2x2 windows,
+  and the pool is a max over the leading axis of the accumulator reshaped to [4, ROWS, BLOCK_N],
+  in registers. Linearising the windows (rather than 2-D spatial tiles) leaves no idle rows at
+  the edges of small maps (14x14, 7x7) and at odd sizes, whatever the image size.
+Row offsets (n, h, w) are int64: an activation of 64x512x512x64 already has 2^30 elements.
+
+Under TRITON_INTERPRET=1 (the CPU tests) two interpreter gaps are bridged, behind the constexpr
+_INTERPRETER so the GPU build does not see them: the interpreter stores bfloat16 as uint16 and its
+tl.dot multiplies those bit patterns, so the operands are widened to fp32 before the dot (products
+of bf16/fp16 values are exact in fp32, as in the tensor cores' fp32-accumulated MMA); and its
+fp32 -> bf16 cast truncates, so the fp32 image entering a bf16 dot and the bf16 result are first
+rounded to nearest-even by _round_to_bf16, as the GPU's cvt.rn does.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETER = tl.constexpr(INTERPRET)
+
+# Shape classes (autotune key M_CLASS): rows of the M grid <= 128 ("small": batch-1 fc6/fc7/fc8,
+# tiny maps), <= 8192 ("mid": deep layers at batch 1..8), else "large". Hopper configs: wgmma wants
+# BLOCK_M a multiple of 64 per warpgroup; 3-4 cp.async stages of (BM + BN) * BK * 2 bytes stay
+# under the 227 KB of shared memory (128x256x64 x 3 stages = 144 KB). Checked by compiling for
+# sm_90 offline (Triton 3.8 + its ptxas, no GPU): the bf16 tiles with BLOCK_M >= 64 issue HGMMA
+# (wgmma), BLOCK_M 16/32 HMMA; the channel-chunk path loads through LDGSTS (cp.async), the flat
+# path through plain loads; nothing spills except 128x256 on 1x1 layers (16 bytes of stack).
+# 256x128 tiles spilled ~100 bytes (the A-tile addresses live in registers) and are left out.
+M_CLASS_SMALL, M_CLASS_MID, M_CLASS_LARGE = 0, 1, 2
+
+
+def _c(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                         num_warps=warps, num_stages=stages)
+
+
+CONFIGS_BY_CLASS = {
+    M_CLASS_LARGE: [_c(128, 128, 64, 4, 4), _c(128, 128, 64, 8, 3), _c(128, 128, 64, 8, 4),
+                    _c(128, 256, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4)],
+    M_CLASS_MID: [_c(64, 128, 64, 4, 4), _c(128, 128, 64, 8, 3), _c(64, 64, 64, 4, 4),
+                  _c(128, 64, 64, 4, 4), _c(64, 256, 64, 8, 3)],
+    # Batch-1 fc layers are weight-streaming GEMVs: many narrow N tiles to spread the weight read
+    # over all SMs, a long BLOCK_K and deep pipelining to keep enough bytes in flight.
+    M_CLASS_SMALL: [_c(16, 64, 128, 4, 4), _c(16, 32, 128, 4, 5), _c(32, 64, 128, 4, 4),
+                    _c(16, 128, 128, 4, 4), _c(64, 64, 64, 4, 4)],
+}
+# conv1_1 (K = 27) and other flat-K layers: a single (or few) BLOCK_K = 32 steps.
+FLAT_CONFIGS = [_c(128, 64, 32, 4, 2), _c(256, 64, 32, 8, 2), _c(64, 64, 32, 4, 2),
+                _c(128, 128, 32, 8, 2)]
+# float32 layers (not the product path): TF32 tensor cores with 4-byte tiles at BLOCK_K = 32, or
+# exact fp32 FMA ("ieee"), which spills beyond 64x128 tiles.
+TF32_CONFIGS = [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 128, 32, 4, 3),
+                _c(32, 64, 32, 4, 3)]
+IEEE_CONFIGS = [_c(64, 64, 32, 4, 3), _c(128, 64, 32, 8, 2), _c(64, 128, 32, 8, 2),
+                _c(32, 64, 32, 4, 2)]
+# The interpreter runs each program in Python: one config, no tuning runs (they would be slow).
+INTERPRETER_CONFIG = _c(128, 64, 32, 4, 1)
+
+if INTERPRET:
+    CONFIGS = [INTERPRETER_CONFIG]
+else:
+    CONFIGS = list(dict.fromkeys(FLAT_CONFIGS + TF32_CONFIGS + IEEE_CONFIGS
+                                 + [c for cs in CONFIGS_BY_CLASS.values() for c in cs]))
+
+
+def _flat_k(cin: int, block_k: int, stride_xc: int) -> bool:
+    return cin % block_k != 0 or stride_xc != 1
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs of this launch's shape class that suit its CIN/COUT (at least one)."""
+    a = {**named_args, **kwargs}
+    cin, cout, stride_xc = a["CIN"], a["COUT"], a["stride_xc"]
+    k_total = a["KSIZE"] * a["KSIZE"] * cin
+    if a["w_ptr"].element_size() == 4:
+        want = IEEE_CONFIGS if a["PRECISION"] == "ieee" else TF32_CONFIGS
+    elif _flat_k(cin, 64, stride_xc) and k_total <= 512:
+        want = FLAT_CONFIGS
+    else:
+        want = CONFIGS_BY_CLASS[a["M_CLASS"]]
+    keep = [c for c in configs if c in want
+            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))]
+    return keep or [c for c in configs if c in want] or list(configs[:1])
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32; finite x."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return ((u >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.autotune(configs=CONFIGS,
+                 key=["CIN", "COUT", "KSIZE", "FUSE_POOL", "M_CLASS", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
+@triton.heuristics({"FLAT_K": lambda a: _flat_k(a["CIN"], a["BLOCK_K"], a["stride_xc"])})
+@triton.jit
+def conv2d_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    H, W,                     # input spatial size
+    G, GH, GW,                # M grid: G = NB*GH*GW rows; (GH, GW) = (OH, OW) or pooled size
+    stride_xn, stride_xh, stride_xw, stride_xc,
+    stride_yn, stride_yh, stride_yw,
+    COUT, COUT_P,             # real and padded output channels
+    M_CLASS,                  # shape class, autotune key only
+    CIN: tl.constexpr, KSIZE: tl.constexpr, PAD: tl.constexpr,
+    APPLY_RELU: tl.constexpr, FUSE_POOL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(COUT, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    ghw = GH * GW
+
+    # -- rows of this tile: output pixel (n, oh, ow) of each accumulator row ------------------
+    offs_m = tl.arange(0, BLOCK_M)
+    if FUSE_POOL:
+        ROWS: tl.constexpr = BLOCK_M // 4
+        quad = offs_m // ROWS
+        g = pid_m.to(tl.int64) * ROWS + (offs_m % ROWS)
+        n = g // ghw
+        r = g % ghw
+        oh = ((r // GW) * 2 + quad // 2).to(tl.int32)
+        ow = ((r % GW) * 2 + quad % 2).to(tl.int32)
+    else:
+        ROWS: tl.constexpr = BLOCK_M
+        g = pid_m.to(tl.int64) * BLOCK_M + offs_m
+        n = g // ghw
+        r = g % ghw
+        oh = (r // GW).to(tl.int32)
+        ow = (r % GW).to(tl.int32)
+    row_ok = g < G
+    ih0 = oh - PAD
+    iw0 = ow - PAD
+    x_rows = x_ptr + (n * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < COUT_P
+    w_ptrs = w_ptr + offs_k[:, None] * COUT_P + offs_n[None, :]
+
+    # -- main loop: acc[BLOCK_M, BLOCK_N] += A_tile[BLOCK_M, BLOCK_K] @ B_tile[BLOCK_K, BLOCK_N] --
+    K_TOTAL: tl.constexpr = KSIZE * KSIZE * CIN
+    K_STEPS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ks in range(0, K_STEPS):
+        if FLAT_K:
+            kk = ks * BLOCK_K + offs_k
+            tap = kk // CIN
+            ci = kk % CIN
+            kh = tap // KSIZE
+            kw = tap % KSIZE
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + kw[None, :]
+            a_mask = (row_ok[:, None] & (kk < K_TOTAL)[None, :] & (ih >= 0) & (ih < H)
+                      & (iw >= 0) & (iw < W))
+            a_ptrs = x_rows[:, None] + (kh * stride_xh + kw * stride_xw + ci * stride_xc)[None, :]
+        else:
+            CHUNKS: tl.constexpr = CIN // BLOCK_K
+            tap = ks // CHUNKS
+            c0 = (ks % CHUNKS) * BLOCK_K
+            kh = tap // KSIZE
+            kw = tap % KSIZE
+            ih = ih0 + kh
+            iw = iw0 + kw
+            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_rows[:, None] + (kh * stride_xh + kw * stride_xw + c0) + offs_k[None, :]
+            a_mask = ok[:, None]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        if _INTERPRETER:
+            if b.dtype == tl.bfloat16 and a.dtype == tl.float32:
+                a = _round_to_bf16(a)          # the fp32 image, rounded as the GPU's cvt.rn
+            a = a.to(b.dtype).to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            a = a.to(b.dtype)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        w_ptrs += BLOCK_K * COUT_P
+
+    # -- epilogue: [pool] + bias [+ ReLU], cast, store ------------------------------------------
+    if FUSE_POOL:
+        res = tl.max(tl.reshape(acc, (4, ROWS, BLOCK_N)), axis=0)
+        gy = pid_m.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    else:
+        res = acc
+        gy = g
+    bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
+    res = res + bias[None, :]
+    if APPLY_RELU:
+        res = tl.maximum(res, 0.0)
+    ny = gy // ghw
+    ry = gy % ghw
+    y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
+    y_ptrs = y_ptr + y_rows[:, None] + offs_n[None, :]
+    y_mask = (gy < G)[:, None] & (offs_n < COUT)[None, :]
+    if _INTERPRETER:
+        if y_ptr.dtype.element_ty == tl.bfloat16:
+            res = _round_to_bf16(res)
+    tl.store(y_ptrs, res.to(y_ptr.dtype.element_ty), mask=y_mask)

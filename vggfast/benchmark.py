@@ -1,0 +1,379 @@
+"""Throughput of vggfast's Triton backend beside cuDNN eager and torch.compile, in one process.
+
+    python bench/throughput.py [--config D] [--batches 1,8,64] [--no-compile] [--out DIR]
+    vggfast bench ...            (the same: both call vggfast.benchmark.main)
+
+On a GPU: correctness first (each backend's logits against the fp32, TF32-off cuDNN reference;
+the Triton backend must be within 2x cuDNN bf16's error), then median times from
+triton.testing.do_bench, side by side, for
+  - batch 1, 8, 64 at 224x224: vggfast triton, torchvision cuDNN eager (bf16, channels_last),
+    torch.compile(mode="max-autotune") of the same module (--compile, default on; the compile
+    time is reported), and for batch 1 both triton and eager replayed from a CUDA graph;
+  - dense evaluation of one 4:3 image at scales 256, 384, 512 with its flip (Sec. 3.2 of the
+    paper: three batches of two views, fc6-fc8 as convs, spatial mean + softmax): triton vs cuDNN
+    eager running the same dense net (vggfast.nn.dense_forward), time per image. Resizing and
+    flipping the views is outside the timed region for every backend.
+Each row: ms, img/s, TFLOP/s (2 x multiply-adds of every conv/fc layer), % of the bf16 matmul
+peak measured in this run (8192^3 torch.matmul), peak extra memory of one call, speed-up vs eager
+and vs compile. JSON and CSV (GPU name, driver, torch/triton versions, git commit) go to --out.
+
+Without a GPU it times the torch reference (TorchBackend, fp32 on the CPU) only, at a small width
+(--width, default 1/8), and says so: the Triton kernels need a GPU to be timed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .nn import TorchBackend, build_model, dense_forward
+from .weights import load
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout, for `git rev-parse` in the report
+
+DENSE_SCALES = (256, 384, 512)
+ASPECT = 4 / 3
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vggfast bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="D", help="A, A-LRN, B, C, D, E or vgg11..vgg19 (default D)")
+    p.add_argument("--batches", default="1,8,64", help="batch sizes at --size (default 1,8,64)")
+    p.add_argument("--size", type=int, default=224, help="square input size of the batch rows")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="also time torch.compile(mode='max-autotune') (default on a GPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-dense", action="store_true",
+                   help="also compile the dense net for the dense rows (one compile per scale)")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense 3-scale + flip rows")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph batch-1 rows")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel width multiplier (default 1 on a GPU, 1/8 on the CPU)")
+    p.add_argument("--rep", type=int, default=300, help="do_bench repetition time in ms")
+    p.add_argument("--out", default=str(Path("bench") / "results"),
+                   help="directory for throughput.json / throughput.csv")
+    args = p.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, not {args.batches!r}")
+    if not args.batches or min(args.batches) < 1:
+        p.error("--batches needs positive batch sizes")
+    if args.size < 32 or args.size % 32:
+        p.error("--size must be a multiple of 32")
+    return args
+
+
+def gflop(spec, n: int, h: int, w: int) -> float:
+    """GFLOP (2 x multiply-adds) of the dense net on n images of h x w."""
+    total = 0
+    for l in spec.layers:
+        oh, ow = h + 2 * l.pad - l.k + 1, w + 2 * l.pad - l.k + 1
+        total += 2 * n * oh * ow * l.cout * l.cin * l.k * l.k
+        h, w = (oh // 2, ow // 2) if l.pool else (oh, ow)
+    return total / 1e9
+
+
+def meta(device: torch.device) -> dict:
+    def run(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                                  cwd=REPO).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    m = {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+         "git_commit": run(["git", "rev-parse", "HEAD"]),
+         "git_dirty": bool(run(["git", "status", "--porcelain", "--untracked-files=no"])
+                           not in ("", "unknown")),
+         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if device.type == "cuda":
+        m.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                 driver=run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+                            ).splitlines()[0])
+    else:
+        m.update(gpu=None, cpu=platform.processor() or platform.machine(),
+                 threads=torch.get_num_threads())
+    return m
+
+
+def time_ms(fn, device: torch.device, rep: int) -> float:
+    """Median milliseconds of fn(): do_bench on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        fn()                      # first call: JIT compile / autotune / cudnn.benchmark
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep,
+                                             return_mode="median"))
+    fn()
+    times, deadline = [], time.perf_counter() + rep / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def peak_mib(fn, device: torch.device) -> float | None:
+    """Extra device memory one call of fn needs at its peak (MiB), beyond what was allocated."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def matmul_peak_tflops(dtype, rep: int) -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: a @ b, torch.device("cuda"), rep)
+    return 2 * n**3 / ms / 1e9
+
+
+def cuda_graph(fn, example):
+    """Capture fn(static) once; returns a replay closure (the input is a fixed buffer)."""
+    static = example.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(static)
+
+    def replay(graph=g, keep=static):   # the captured input buffer must outlive the graph
+        graph.replay()
+    return replay
+
+
+def rel_err(got, want) -> float:
+    got, want = got.double().flatten(), want.double().flatten()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def eager_module(spec, params_model, device, dtype):
+    """torchvision's module for the configuration (vggfast.nn's identical layout otherwise)."""
+    model = None
+    try:
+        import torchvision
+        name = spec.torchvision_name
+        if name and spec.width == 1.0:
+            model = getattr(torchvision.models, name)(weights=None, num_classes=spec.num_classes)
+            model.load_state_dict(params_model.state_dict())
+    except ImportError:
+        pass
+    model = model or params_model
+    return model.eval().to(device, dtype, memory_format=torch.channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = getattr(torch, args.dtype) if gpu else torch.float32
+    width = args.width if args.width is not None else (1.0 if gpu else 1 / 8)
+    compile_on = gpu if args.compile is None else args.compile
+    torch.manual_seed(0)
+    model = build_model(args.config, width=width).eval()
+    weights = load(model, config=args.config)
+    spec, params = weights.spec, weights.state_dict
+    info = meta(device)
+    print(f"vggfast bench: config {spec.config} width {width:g} on "
+          f"{info.get('gpu') or 'CPU (' + str(info.get('cpu')) + ')'}; torch {info['torch']}, "
+          f"triton {info['triton']}, commit {info['git_commit'][:12]}")
+    rows: list[dict] = []
+    result = {"meta": info, "config": spec.config, "width": width, "dtype": str(dtype),
+              "rows": rows}
+
+    if not gpu:
+        print("no CUDA device: timing the torch reference (TorchBackend, float32, CPU) only; the "
+              "Triton kernels and the cuDNN/torch.compile anchors need a GPU")
+        ref = TorchBackend(params, spec, device, torch.float32)
+        for n in args.batches:
+            x = torch.randn(n, 3, args.size, args.size)
+            ms = time_ms(lambda: ref.run(x), device, args.rep)
+            rows.append(_row("torch reference (cpu)", f"batch {n} @{args.size}", n, ms,
+                             gflop(spec, n, args.size, args.size), None, None))
+        if not args.no_dense:
+            views = _dense_views(device, torch.float32)
+            def fn():
+                return [F.softmax(ref.run(v)["fc8"].mean(dim=(2, 3)), 1) for v in views]
+            rows.append(_row("torch reference (cpu)", "dense 3 scales + flip", 1,
+                             time_ms(fn, device, args.rep), _dense_gflop(spec), None, None))
+        return _report(result, args)
+
+    from vggfast import ops
+    from vggfast.triton_backend import TritonBackend
+    torch.backends.cudnn.benchmark = True
+    peak = matmul_peak_tflops(dtype, args.rep)
+    result["matmul_peak_tflops"] = peak
+    print(f"measured {args.dtype} matmul peak (8192^3): {peak:.0f} TFLOP/s")
+
+    t0 = time.perf_counter()
+    tri = TritonBackend(params, spec, device, dtype)
+    eager = eager_module(spec, model, device, dtype)
+    dense_params = {k: (v.to(device, dtype, memory_format=torch.channels_last) if v.dim() == 4
+                        else v.to(device, dtype)) for k, v in params.items()}
+    x0 = torch.randn(max(args.batches), 3, args.size, args.size, device=device)
+    t1 = time.perf_counter()
+    tri.run(x0[:1])
+    torch.cuda.synchronize()
+    result["triton_first_call_s"] = time.perf_counter() - t1   # compile + autotune unless cached
+    result["setup_s"] = t1 - t0
+    print(f"triton backend: first call {result['triton_first_call_s']:.1f} s "
+          "(JIT compile + autotune; a warm Triton cache makes this fast)")
+
+    if not args.no_check:
+        ok = _check(spec, params, tri, eager, x0[:2], device, dtype)
+        if not ok:
+            print("correctness check FAILED: not timing (use --no-check to time anyway)")
+            _report(result, args)
+            return 1
+
+    compiled = None
+    if compile_on:
+        t = time.perf_counter()
+        compiled = torch.compile(eager, mode="max-autotune")
+        with torch.inference_mode():
+            compiled(x0[:1].to(dtype, memory_format=torch.channels_last))
+        torch.cuda.synchronize()
+        result["compile_first_call_s"] = time.perf_counter() - t
+        print(f"torch.compile max-autotune: first call {result['compile_first_call_s']:.0f} s")
+
+    for n in args.batches:
+        x = x0[:n].contiguous()
+        xe = x.to(dtype, memory_format=torch.channels_last)
+        case, g = f"batch {n} @{args.size}", gflop(spec, n, args.size, args.size)
+        with torch.inference_mode():
+            fns = {"vggfast triton": lambda: tri.run(x),
+                   "cuDNN eager": lambda: eager(xe)}
+            if compiled is not None:
+                fns["torch.compile max-autotune"] = lambda: compiled(xe)
+            if n == 1 and not args.no_graph:
+                fns["vggfast triton + CUDA graph"] = cuda_graph(lambda v: tri.run(v), x)
+                fns["cuDNN eager + CUDA graph"] = cuda_graph(lambda v: eager(v), xe)
+            for name, fn in fns.items():
+                ms = time_ms(fn, device, args.rep)
+                rows.append(_row(name, case, n, ms, g, peak, peak_mib(fn, device)))
+    if not args.no_dense:
+        views = _dense_views(device, torch.float32)
+        dviews = [v.to(dtype, memory_format=torch.channels_last) for v in views]
+
+        def eager_dense(vs=dviews, run=lambda v: dense_forward(dense_params, spec, v)["fc8"]):
+            return [F.softmax(run(v).float().mean(dim=(2, 3)), 1) for v in vs]
+
+        with torch.inference_mode():
+            fns = {"vggfast triton": lambda: [ops.mean_softmax(tri.run(v)["fc8"]) for v in views],
+                   "cuDNN eager": eager_dense}
+            if compiled is not None and args.compile_dense:
+                cd = torch.compile(lambda v: dense_forward(dense_params, spec, v)["fc8"],
+                                   mode="max-autotune")
+                t = time.perf_counter()
+                eager_dense(run=cd)
+                torch.cuda.synchronize()
+                result["compile_dense_first_call_s"] = time.perf_counter() - t
+                fns["torch.compile max-autotune"] = lambda: eager_dense(run=cd)
+            for name, fn in fns.items():
+                ms = time_ms(fn, device, args.rep)
+                rows.append(_row(name, "dense 3 scales + flip", 1, ms, _dense_gflop(spec), peak,
+                                 peak_mib(fn, device)))
+    _speedups(rows)
+    return _report(result, args)
+
+
+def _dense_views(device, dtype):
+    """The dense protocol's inputs for one 4:3 image: per scale Q a [2, 3, Q, 4Q/3] batch
+    (the view and its flip), already normalised (random, seeded)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for q in DENSE_SCALES:
+        v = torch.randn(1, 3, q, round(q * ASPECT), generator=g)
+        out.append(torch.cat([v, v.flip(-1)]).to(device, dtype))
+    return out
+
+
+def _dense_gflop(spec) -> float:
+    return sum(gflop(spec, 2, q, round(q * ASPECT)) for q in DENSE_SCALES)
+
+
+def _row(backend, case, n, ms, gfl, peak, mem) -> dict:
+    tflops = gfl / ms  # GFLOP per ms = TFLOP/s
+    return {"backend": backend, "case": case, "images": n, "ms": ms, "img_per_s": n * 1000 / ms,
+            "ms_per_image": ms / n, "tflops": tflops,
+            "pct_of_matmul_peak": (100 * tflops / peak) if peak else None,
+            "peak_extra_mib": mem, "speedup_vs_eager": None, "speedup_vs_compile": None}
+
+
+def _speedups(rows) -> None:
+    by_case: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["backend"]] = r["ms"]
+    for r in rows:
+        c = by_case[r["case"]]
+        eager = c.get("cuDNN eager + CUDA graph" if "graph" in r["backend"] else "cuDNN eager")
+        comp = c.get("torch.compile max-autotune")
+        r["speedup_vs_eager"] = eager / r["ms"] if eager else None
+        r["speedup_vs_compile"] = comp / r["ms"] if comp else None
+
+
+def _check(spec, params, tri, eager, x, device, dtype) -> bool:
+    """Logits of each backend vs the fp32 TF32-off cuDNN reference (STYLE.md's 2x rule)."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            ref = TorchBackend(params, spec, device, torch.float32).run(x)["fc8"].flatten(1)
+            e_eager = rel_err(eager(x.to(dtype, memory_format=torch.channels_last)).float(), ref)
+            e_tri = rel_err(tri.run(x)["fc8"].flatten(1), ref)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    ok = e_tri <= 2 * e_eager
+    print(f"correctness (logits vs fp32 TF32-off reference, rel. L2): cuDNN eager {e_eager:.2e}, "
+          f"vggfast triton {e_tri:.2e} -> {'ok' if ok else 'FAIL'} (rule: triton <= 2x eager)")
+    return ok
+
+
+def _report(result, args) -> int:
+    rows = result["rows"]
+    print(f"\n{'backend':30s} {'case':24s} {'ms':>9s} {'img/s':>9s} {'TFLOP/s':>8s} "
+          f"{'%peak':>6s} {'MiB':>8s} {'x eager':>8s} {'x compile':>9s}")
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        print(f"{r['backend']:30s} {r['case']:24s} {r['ms']:9.3f} {r['img_per_s']:9.1f} "
+              f"{r['tflops']:8.2f} {f(r['pct_of_matmul_peak'], '6.1f'):>6s} "
+              f"{f(r['peak_extra_mib'], '8.0f'):>8s} {f(r['speedup_vs_eager'], '8.2f'):>8s} "
+              f"{f(r['speedup_vs_compile'], '9.2f'):>9s}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    with open(out / "throughput.csv", "w", newline="") as fh:
+        keys = list(rows[0]) if rows else ["backend"]
+        meta_keys = ["gpu", "driver", "torch", "triton", "git_commit"]
+        w = csv.DictWriter(fh, fieldnames=keys + meta_keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **{k: result["meta"].get(k) for k in meta_keys}})
+    print(f"\nwrote {out / 'throughput.json'} and {out / 'throughput.csv'}")
+    return 0

@@ -1,0 +1,156 @@
+"""The "triton" backend: the dense VGG on vggfast's own kernels.
+
+Every layer is one launch of kernels/conv.py: conv3x3 (1x1 in config C) + bias + ReLU, with the
+2x2 max-pool fused into the last conv of each block; fc6 as a (image_size/32)-square valid conv
+and fc7/fc8 as 1x1 convs on the whole map (dense evaluation, Sec. 3.2 of the paper); fc8 writes
+fp32 scores. A-LRN's LRN after conv1_1 is kernels/lrn.py followed by kernels/pool.py. The network
+input is read by conv1_1 as the NCHW float tensor it arrives in; activations between layers are
+NHWC in the backend dtype.
+
+Ops left to torch: `torch.relu` only when the pre-ReLU output of a layer is asked for as a tap
+(then the ReLU cannot be fused), the final `.float()` of bf16/fp16 taps, and in `fc` the cast of
+the (already pooled, grid x grid) map to NHWC. The standard forward (taps fc8 or pool5) runs no
+torch op besides the output allocations.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from .configs import Layer, NetSpec
+from .errors import ArgumentError, VGGFastError, WeightsError
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _ops():
+    """vggfast.ops, or a VGGFastError when Triton is not importable here."""
+    try:
+        from . import ops
+    except ImportError as exc:
+        raise VGGFastError(f"the triton backend needs the triton package ({exc}); install "
+                           "triton or use backend='torch'") from None
+    return ops
+
+
+class TritonBackend:
+    """Dense VGG forward on the Triton kernels, weights packed once.
+
+    params: canonical weights (`conv1_1.weight` [Cout, Cin, k, k], `fc6.weight` [F, C, g, g], ...,
+    biases [Cout]); layers a checkpoint lacks (e.g. a features-only one) are only an error when a
+    forward needs them. spec: the network. device: cuda, or cpu when TRITON_INTERPRET=1 was set
+    before vggfast.ops was imported (slow; for tests). dtype: activation/weight dtype (bfloat16 or
+    float16 on GPU; float32 allowed), accumulation is always fp32.
+    """
+
+    name = "triton"
+    fuses_pool = True  # the planner then sizes arenas without pre-pool tensors
+
+    def __init__(self, params: Mapping[str, torch.Tensor], spec: NetSpec, device: torch.device,
+                 dtype: torch.dtype):
+        device = torch.device(device)
+        if dtype not in DTYPES:
+            raise ArgumentError(f"the triton backend runs float32, bfloat16 or float16, "
+                                f"not {dtype}")
+        self.ops = _ops()
+        if device.type == "cpu" and not self.ops.INTERPRETING:
+            raise VGGFastError("the triton backend needs a CUDA device; on the CPU use "
+                               "backend='torch' (or set TRITON_INTERPRET=1 before importing "
+                               "vggfast, for the slow interpreter)")
+        if device.type not in ("cpu", "cuda"):
+            raise ArgumentError(f"the triton backend runs on cuda (or cpu under the interpreter), "
+                                f"not {device}")
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.packed = {}
+        for l in spec.layers:
+            w, b = params.get(f"{l.name}.weight"), params.get(f"{l.name}.bias")
+            if w is None or b is None:
+                continue
+            if tuple(w.shape) != (l.cout, l.cin, l.k, l.k) or tuple(b.shape) != (l.cout,):
+                raise WeightsError(f"{l.name} weights are {list(w.shape)} / {list(b.shape)}; "
+                                   f"configuration {spec.config} needs "
+                                   f"[{l.cout}, {l.cin}, {l.k}, {l.k}] / [{l.cout}]")
+            self.packed[l.name] = self.ops.pack_conv_weight(w, b, dtype, device)
+        # Per weight layer, the named activations it produces and what each one is.
+        names = iter(spec.tap_names())
+        self._stages: list[tuple[Layer, list[tuple[str, str]]]] = []
+        for l in spec.layers:
+            kinds = ["conv"] + ["relu"] * l.relu + ["lrn"] * l.lrn + ["pool"] * l.pool
+            self._stages.append((l, [(next(names), k) for k in kinds]))
+
+    def _layer(self, l: Layer):
+        p = self.packed.get(l.name)
+        if p is None:
+            raise WeightsError(f"the weights have no {l.name} layer, which this output needs")
+        return p
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
+                or not x.is_floating_point():
+            raise ArgumentError("the input must be a float tensor [N, 3, H, W] already normalised")
+        if x.dtype not in DTYPES:
+            x = x.float()
+        return x.to(self.device)
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
+        """Dense forward: x [N, 3, H, W] normalised float -> {tap: float32 NCHW}.
+
+        Same contract as nn.dense_forward: taps are names from spec.tap_names(); computation
+        stops after the deepest. The tensors are NCHW views of NHWC storage (channels_last).
+        """
+        ops, spec = self.ops, self.spec
+        want = list(taps)
+        names = spec.tap_names()
+        for t in want:
+            if t not in names:
+                raise ArgumentError(f"unknown layer {t!r}; layers of {spec.config}: "
+                                    f"{', '.join(names)}")
+        if not want:
+            raise ArgumentError("taps is empty; name at least one layer, e.g. ('fc8',)")
+        last = max(names.index(t) for t in want)
+        x = self._check_input(x)
+        if last >= names.index("fc6") and min(spec.output_size(*x.shape[2:])) < 1:
+            raise ArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: fc6 needs a "
+                                f"{spec.grid}x{spec.grid} map after pool5, i.e. inputs of at "
+                                f"least {spec.image_size} pixels a side")
+        out: dict[str, torch.Tensor] = {}
+        h = x.permute(0, 2, 3, 1)          # NHWC view; conv1_1 reads it in place
+        first = 0
+        for l, stages in self._stages:
+            end = min(len(stages), last - first + 1)
+            wanted = [name in want for name, _ in stages[:end]]
+            # Fuse the ReLU and pool that follow into the conv's epilogue unless an output
+            # between them is asked for; an LRN ends the fusion.
+            j = 1
+            while j < end and stages[j][1] in ("relu", "pool") and not wanted[j - 1]:
+                j += 1
+            fused = {kind for _, kind in stages[1:j]}
+            y = ops.conv2d(h, self._layer(l), l.pad, relu="relu" in fused, pool="pool" in fused,
+                           out_dtype=torch.float32 if l is spec.layers[-1] else None)
+            for i in range(j - 1, end):
+                kind = stages[i][1]
+                if i >= j:
+                    y = (torch.relu(y) if kind == "relu" else ops.lrn(y) if kind == "lrn"
+                         else ops.max_pool2x2(y))
+                if wanted[i]:
+                    out[stages[i][0]] = y.permute(0, 3, 1, 2).float()
+            first += len(stages)
+            if first > last:
+                break
+            h = y
+        return out
+
+    @torch.inference_mode()
+    def fc(self, pooled: torch.Tensor) -> torch.Tensor:
+        """fc6-fc8 on a pool5 map pooled to grid x grid: [N, C, g, g] -> [N, classes] fp32."""
+        g, c = self.spec.grid, self.spec.feature_channels
+        if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape[1:]) != (c, g, g):
+            raise ArgumentError(f"fc expects a [N, {c}, {g}, {g}] map, not "
+                                f"{list(getattr(pooled, 'shape', []))}")
+        h = pooled.to(self.device, self.dtype).permute(0, 2, 3, 1).contiguous()
+        for l in self.spec.fcs:
+            h = self.ops.conv2d(h, self._layer(l), 0, relu=l.relu,
+                                out_dtype=torch.float32 if l is self.spec.layers[-1] else None)
+        return h.reshape(h.shape[0], -1).float()
