@@ -238,6 +238,14 @@ class Engine:
                 f"memory budget of {_fmt_bytes(self.memory_budget)}; use smaller scales, or raise "
                 "the limit with Engine(..., memory_budget=BYTES) or VGGFAST_MEMORY_BUDGET=16GiB")
 
+    def _request(self, imgs: Any, scales: Any, method: str):
+        """Checked (scales, method, decoded images, whether a list was given)."""
+        scales = self.check_scales(scales)
+        if method not in METHODS:
+            raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        many = isinstance(imgs, (list, tuple))
+        return scales, method, [pp.load_image(i) for i in (imgs if many else [imgs])], many
+
     # -- views ----------------------------------------------------------------------------------
 
     def _views(self, x: torch.Tensor, q: int, flip: bool) -> torch.Tensor:
@@ -265,14 +273,10 @@ class Engine:
         then softmax). See vggfast/protocols.py.
         """
         self._require("fc8")
-        scales = self.check_scales(scales)
-        top_k = _check_top_k(top_k)
-        if method not in METHODS:
-            raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         from .protocols import check_average, result_from_views
+        top_k = _check_top_k(top_k)
         check_average(average)
-        many = isinstance(img, (list, tuple))
-        images = [pp.load_image(i) for i in (img if many else [img])]
+        scales, method, images, many = self._request(img, scales, method)
         if not images:
             return []
         plan = self._executor.plan(images, scales, bool(flip), method)
@@ -287,11 +291,7 @@ class Engine:
 
         Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary.
         """
-        scales = self.check_scales(scales)
-        if method not in METHODS:
-            raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-        many = isinstance(imgs, (list, tuple))
-        images = [pp.load_image(i) for i in (imgs if many else [imgs])]
+        scales, method, images, _ = self._request(imgs, scales, method)
         return self._executor.plan(images, scales, bool(flip), method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
