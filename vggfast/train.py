@@ -1,0 +1,913 @@
+"""Training on PyTorch autograd (cuDNN on GPU) with the paper's recipe (Sec. 3.1).
+
+The defaults are the paper's: SGD with momentum 0.9 and weight decay 5e-4, batch 256 (the global
+batch, split over the processes), dropout 0.5 on fc6 and fc7, learning rate 1e-2 divided by 10 when
+the validation accuracy stops improving (`ReduceLROnPlateau`, mode "max", factor 0.1), Glorot
+initialisation (the paper's footnote) or net A's layers, and this augmentation of every training
+image, in order:
+
+1. isotropic rescale so the smallest side is S (antialiased bilinear, `preprocess.resize_short`);
+   S is fixed (`scale`) or drawn uniformly from the integers [Smin, Smax] per image (scale
+   jittering; default [256, 512] for a 224 crop, i.e. 256/224 and 512/224 of `image_size`);
+2. a random image_size x image_size crop;
+3. a horizontal flip with probability 1/2;
+4. an RGB colour shift (Krizhevsky et al., 2012): x += V @ (alpha * lambda) with alpha ~ N(0, 0.1^2)
+   per image, V and lambda the eigenvectors and eigenvalues of the ImageNet pixel covariance (RGB
+   in [0, 1]); not clipped;
+5. torchvision normalisation (mean/std), the convention written into the checkpoint.
+
+Validation images are rescaled to Q (= S, or (Smin + Smax) // 2 under jittering, as the paper's
+single-scale test) and centre-cropped. Without `val`, the plateau scheduler watches the training
+top-1 accuracy instead.
+
+Every random choice of the data pipeline comes from a generator seeded by (seed, epoch, image
+index), and the shuffling from (seed, epoch), so the samples do not depend on the number of data
+workers or processes, and `resume` continues exactly: the model, optimizer, scheduler, epoch and the
+per-process torch RNG states (dropout) are in the checkpoint.
+
+Output folder (`out`), rewritten atomically (temporary file, then `os.replace`) after every epoch:
+- `model.safetensors`: the torchvision-keyed float32 state dict (`features.N.*`, `classifier.N.*`,
+  BatchNorm parameters and running statistics, no `num_batches_tracked`), with the metadata JSON
+  under the header key "vggfast"; `vggfast.Engine(out)` loads it;
+- `model.json`: the same metadata: config, batch_norm, width, image_size, num_classes,
+  class_names (the training folder's class folder names, sorted), preprocess ("torchvision");
+- `checkpoint.pt`: model/optimizer/scheduler state, completed epochs, RNG states, metadata and
+  history (loads with `torch.load(weights_only=True)`);
+- `log.csv`: one row per epoch; `skipped.txt`: unreadable files that were skipped.
+
+Multi-GPU and multi-node: run under torchrun (`torchrun --nproc-per-node 8 -m vggfast train ...`);
+DistributedDataParallel on nccl (CUDA) or gloo (CPU), bf16 autocast on CUDA. BatchNorm uses each
+process's batch statistics, as plain DDP does. Resuming on several nodes needs `out` on a shared
+filesystem.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .configs import make_spec
+from .errors import ArgumentError, ImageError, VGGFastError
+from .nn import VGG, build_model
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
+                  ".webp", ".gif")
+PREPROCESS = "torchvision"
+
+# PCA of the ImageNet training pixels, RGB in [0, 1] (the values Krizhevsky et al.'s colour
+# augmentation is usually reproduced with, e.g. fb.resnet.torch): eigenvalues and, as columns,
+# the eigenvectors.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+COLOR_SHIFT_STD = 0.1
+
+# Layers of net A that initialise a deeper net (Sec. 3.1: "the first four convolutional layers
+# and the last three fully-connected layers"). Net A's first four convs are conv1_1, conv2_1,
+# conv3_1, conv3_2; B-E have layers of those names and shapes, so the copy is by name.
+NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+
+MODEL_FILE, META_FILE, CKPT_FILE = "model.safetensors", "model.json", "checkpoint.pt"
+LOG_FILE, SKIPPED_FILE = "log.csv", "skipped.txt"
+LOG_FIELDS = ("epoch", "loss", "top1_err", "top5_err", "err_on", "lr", "img_per_s", "seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+@dataclass
+class TrainOptions:
+    """Everything `fit` needs; the CLI flags map onto these one to one.
+
+    batch_size is the global batch (split evenly over the processes). scale fixes S;
+    scale_jitter = (Smin, Smax) draws S per image; neither = the default jitter range for
+    image_size. init: "glorot" | "kaiming" (torchvision's init) | a net-A checkpoint path.
+    device: None = cuda if available (cuda:LOCAL_RANK under torchrun) else cpu.
+    """
+
+    data: str
+    out: str = "vggfast-run"
+    val: str | None = None
+    config: str = "A"
+    batch_norm: bool | None = None
+    width: float = 1.0
+    image_size: int = 224
+    scale: int | None = None
+    scale_jitter: tuple[int, int] | None = None
+    flip: bool = True
+    color_shift: bool = True
+    init: str = "glorot"
+    epochs: int = 74
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dropout: float = 0.5
+    patience: int = 2
+    workers: int = 4
+    seed: int = 0
+    device: str | None = None
+    bf16: bool = True
+    resume: bool = False
+    quiet: bool = False
+
+
+def default_jitter(image_size: int) -> tuple[int, int]:
+    """The paper's [256, 512] for 224 crops, scaled to other crop sizes."""
+    return round(256 * image_size / 224), round(512 * image_size / 224)
+
+
+def scale_range(opts: TrainOptions) -> tuple[int, int]:
+    """(Smin, Smax) of the training rescale; Smin == Smax for a fixed scale."""
+    if opts.scale is not None and opts.scale_jitter is not None:
+        raise ArgumentError("give either a fixed scale or a scale-jitter range, not both")
+    if opts.scale is not None:
+        lo = hi = opts.scale
+    elif opts.scale_jitter is not None:
+        lo, hi = opts.scale_jitter
+    else:
+        lo, hi = default_jitter(opts.image_size)
+    for s in (lo, hi):
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ArgumentError(f"scales must be whole numbers of pixels, not {s!r}")
+    if lo > hi:
+        raise ArgumentError(f"scale-jitter range is empty: Smin {lo} > Smax {hi}")
+    if lo < opts.image_size:
+        raise ArgumentError(f"training scale {lo} is below the crop size {opts.image_size}: the "
+                            "smallest side must be at least --image-size")
+    return lo, hi
+
+
+def eval_scale(opts: TrainOptions) -> int:
+    """Q of the validation images: S, or the middle of the jitter range (the paper's Q)."""
+    lo, hi = scale_range(opts)
+    return (lo + hi) // 2
+
+
+def _check_options(opts: TrainOptions) -> None:
+    def positive_int(name, v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ArgumentError(f"{name} must be a positive integer, not {v!r}")
+    positive_int("epochs", opts.epochs)
+    positive_int("batch_size", opts.batch_size)
+    if isinstance(opts.patience, bool) or not isinstance(opts.patience, int) or opts.patience < 0:
+        raise ArgumentError(f"patience must be a non-negative integer, not {opts.patience!r}")
+    for name in ("lr", "momentum", "weight_decay", "dropout"):
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ArgumentError(f"{name} must be a non-negative number, not {v!r}")
+    if opts.lr <= 0:
+        raise ArgumentError(f"lr must be positive, not {opts.lr!r}")
+    if opts.dropout >= 1:
+        raise ArgumentError(f"dropout must be in [0, 1), not {opts.dropout!r}")
+    if isinstance(opts.workers, bool) or not isinstance(opts.workers, int) or opts.workers < 0:
+        raise ArgumentError(f"workers must be a non-negative integer, not {opts.workers!r}")
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
+        raise ArgumentError(f"seed must be a non-negative integer, not {opts.seed!r}")
+    make_spec(opts.config, 2, opts.width, opts.image_size, opts.batch_norm)  # validates those
+    scale_range(opts)
+    init_path = os.path.expanduser(opts.init)
+    if opts.init not in ("glorot", "kaiming") and not opts.resume and not os.path.exists(init_path):
+        raise ArgumentError(f"--init {opts.init!r}: not 'glorot', 'kaiming' or an existing net-A "
+                            "checkpoint (file or `vggfast train` folder)")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def _header_problem(path: str) -> str | None:
+    """Why PIL cannot open `path` (reading the header only), or None. Cheap for large folders."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .preprocess import MIN_SIDE
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Image.DecompressionBombError:
+        return "too many pixels (PIL's decompression-bomb guard)"
+    except UnidentifiedImageError:
+        return "not an image file PIL can read"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+    if min(w, h) < MIN_SIDE:
+        return f"{w}x{h} pixels, both sides must be at least {MIN_SIDE}"
+    return None
+
+
+@dataclass
+class FolderScan:
+    """An ImageFolder-layout folder: class names (sorted folder names), (path, label) samples,
+    and the files that were skipped, as (path, reason)."""
+
+    root: str
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
+                what: str = "data") -> FolderScan:
+    """Read the ImageFolder layout ROOT/CLASS/IMAGE (image extensions only, hidden names ignored).
+
+    classes: the label order to use (a validation folder takes the training folder's); its class
+    folders must be among them. Files PIL cannot open are skipped and listed in `skipped`.
+    Raises VGGFastError for a missing or empty folder, fewer than two classes (training data), or
+    a class without readable images.
+    """
+    rootp = Path(os.path.expanduser(os.fspath(root)))
+    if not rootp.is_dir():
+        raise VGGFastError(f"--{what} {rootp}: not a folder (expected ROOT/CLASS_NAME/IMAGE files)")
+    folders = sorted(p.name for p in rootp.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[tuple[str, str]] = []
+    for name in folders:
+        for dirpath, dirnames, filenames in os.walk(rootp / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
+                    files.append((os.path.join(dirpath, f), name))
+    if not files:
+        raise VGGFastError(
+            f"--{what} {rootp}: no images found (expected the ImageFolder layout ROOT/CLASS_NAME/"
+            f"IMAGE with extensions {', '.join(IMG_EXTENSIONS)}; found {len(folders)} class "
+            "folders)")
+    present = sorted({c for _, c in files})
+    if classes is None:
+        if len(present) < 2:
+            raise VGGFastError(f"--{what} {rootp}: only one class ({present[0]!r}); a classifier "
+                               "needs at least two class folders with images")
+        classes = present
+    else:
+        unknown = [c for c in present if c not in classes]
+        if unknown:
+            raise VGGFastError(f"--{what} {rootp}: class folders {unknown[:5]} are not classes of "
+                               f"the training data")
+    index = {c: i for i, c in enumerate(classes)}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound
+        problems = list(pool.map(_header_problem, [p for p, _ in files]))
+    samples, skipped = [], []
+    for (path, c), problem in zip(files, problems):
+        if problem is None:
+            samples.append((path, index[c]))
+        else:
+            skipped.append((path, problem))
+    readable = {classes[l] for _, l in samples}
+    empty = [c for c in present if c not in readable]
+    if empty:
+        raise VGGFastError(f"--{what} {rootp}: no readable image in class folders {empty[:5]} "
+                           f"({len(skipped)} unreadable files, e.g. {skipped[0][0]}: "
+                           f"{skipped[0][1]})")
+    return FolderScan(str(rootp), list(classes), samples, skipped)
+
+
+def random_scale(smin: int, smax: int, gen: torch.Generator) -> int:
+    """S drawn uniformly from the integers [smin, smax]."""
+    return int(torch.randint(smin, smax + 1, (1,), generator=gen))
+
+
+def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """A size x size crop of [C, H, W] at a uniformly drawn position."""
+    h, w = x.shape[-2:]
+    top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+    return x[..., top:top + size, left:left + size]
+
+
+def color_shift(x: torch.Tensor, gen: torch.Generator,
+                std: float = COLOR_SHIFT_STD) -> torch.Tensor:
+    """Krizhevsky's PCA colour shift on RGB [3, H, W] in [0, 1]: x + V (alpha * lambda), one draw
+    alpha ~ N(0, std^2 I) per image, the same shift for every pixel."""
+    alpha = torch.randn(3, generator=gen) * std
+    vec = torch.tensor(PCA_EIGVEC, dtype=torch.float32)
+    val = torch.tensor(PCA_EIGVAL, dtype=torch.float32)
+    rgb = vec @ (alpha * val)
+    return x + rgb.to(x.dtype).view(3, 1, 1)
+
+
+class TrainTransform:
+    """uint8/float [3, H, W] -> normalised float32 [3, size, size]: rescale to S, crop, flip,
+    colour shift, normalise (the steps of the module docstring)."""
+
+    def __init__(self, size: int, smin: int, smax: int, flip: bool = True,
+                 color: bool = True, preprocess: str = PREPROCESS):
+        self.size, self.smin, self.smax = size, smin, smax
+        self.flip, self.color, self.preprocess = flip, color, preprocess
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        from .preprocess import normalize, resize_short
+        s = random_scale(self.smin, self.smax, gen)
+        x = random_crop(resize_short(img, s), self.size, gen)
+        if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
+            x = x.flip(-1)
+        if self.color:
+            x = color_shift(x, gen)
+        return normalize(x.contiguous(), self.preprocess)
+
+
+class EvalTransform:
+    """uint8/float [3, H, W] -> normalised float32 [3, size, size]: rescale to Q, centre crop."""
+
+    def __init__(self, size: int, q: int, preprocess: str = PREPROCESS):
+        self.size, self.q, self.preprocess = size, q, preprocess
+
+    def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        from .preprocess import center_crop, normalize, resize_short
+        return normalize(center_crop(resize_short(img, self.q), self.size).contiguous(),
+                         self.preprocess)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Samples of a `FolderScan` through a transform, decoded with `preprocess.load_image`.
+
+    Indexed by (index, epoch): the random choices for one image in one epoch come from a
+    generator seeded by (seed, epoch, index), the same whichever worker or process loads it.
+    Returns (image, label, failed): a file that fails to decode although its header was readable
+    is replaced by the next readable sample and `failed` is its index (else -1), so the training
+    loop can report it.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, seed: int = 0):
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        from .preprocess import load_image
+        index, epoch = key
+        failed = -1
+        n = len(self.samples)
+        for step in range(n):
+            path, label = self.samples[(index + step) % n]
+            try:
+                img = load_image(path)
+            except (ImageError, OSError):
+                if step == 0:
+                    failed = index
+                continue
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img, gen), label, failed
+        raise VGGFastError(f"no image of {os.path.dirname(os.path.dirname(path))} could be decoded")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one image in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_order(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                shuffle: bool = True, pad: bool = True) -> list[int]:
+    """This process's image indices for one epoch.
+
+    The permutation depends on (seed, epoch) only; it is padded by wrapping to a multiple of
+    `world` (when `pad`) and dealt out round-robin, as DistributedSampler does, so the k-th
+    local batches of all processes together hold exactly the k-th global batch of a
+    single-process run with the same global batch size.
+    """
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    if pad and n % world:
+        extra = world - n % world
+        order += (order * (extra // n + 1))[:extra]
+    return order[rank::world]
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation
+
+def init_glorot(model: nn.Module) -> None:
+    """Glorot & Bengio (2010) uniform weights, zero biases (convs and linear layers); BN 1/0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _module_of(model: VGG, layer) -> nn.Module:
+    return model.features[layer.index] if layer.kind == "conv" else model.classifier[layer.index]
+
+
+@torch.no_grad()
+def init_from_net_a(model: VGG, src: Any) -> list[str]:
+    """Copy conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of a net-A checkpoint into `model`.
+
+    src: anything `weights.load` reads (a file, a `vggfast train` folder, a state dict) holding
+    configuration A or A-LRN of the same width, image size and classes. BatchNorm in the source
+    is folded into its convs; the target's BatchNorm layers keep their initialisation. Other
+    layers keep theirs (Glorot in the paper). Returns the copied layer names.
+    """
+    from .weights import load
+    w = load(src)
+    if w.spec.config not in ("A", "A-LRN"):
+        raise ArgumentError(f"--init {w.source}: expected a checkpoint of net A, found "
+                            f"configuration {w.spec.config}")
+    bad = [n for n in NET_A_LAYERS if n in w.missing or n in w.nonfinite]
+    if bad:
+        raise ArgumentError(f"--init {w.source}: layers {', '.join(bad)} are missing or not finite")
+    for name in NET_A_LAYERS:
+        mod = _module_of(model, model.spec.layer(name))
+        t = w.state_dict[f"{name}.weight"]
+        t = t.flatten(1) if isinstance(mod, nn.Linear) else t
+        if tuple(t.shape) != tuple(mod.weight.shape):
+            raise ArgumentError(
+                f"--init {w.source}: layer {name} has shape {list(t.shape)}, this network needs "
+                f"{list(mod.weight.shape)} (width, --image-size and the number of classes must "
+                "match net A's)")
+        if isinstance(mod, nn.Linear) and name == "fc6" and w.spec.grid != model.spec.grid:
+            raise ArgumentError(f"--init {w.source}: net A was trained at image size "
+                                f"{w.spec.image_size}, this network at {model.spec.image_size}")
+        mod.weight.copy_(t)
+        mod.bias.copy_(w.state_dict[f"{name}.bias"])
+    return list(NET_A_LAYERS)
+
+
+def initialise(model: VGG, init: str) -> list[str]:
+    """Apply `init` ("glorot" | "kaiming" | a net-A checkpoint). Returns copied layer names."""
+    if init == "glorot":
+        init_glorot(model)
+        return []
+    if init == "kaiming":
+        model.reset_parameters()  # torchvision's: Kaiming normal (fan_out) convs, N(0, 0.01) FCs
+        return []
+    if not os.path.exists(os.path.expanduser(init)):
+        raise ArgumentError(f"--init {init!r}: not 'glorot', 'kaiming' or an existing net-A "
+                            "checkpoint (file or `vggfast train` folder)")
+    init_glorot(model)
+    return init_from_net_a(model, os.path.expanduser(init))
+
+
+def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.SGD:
+    """SGD with momentum and weight decay on every parameter (biases and BN included)."""
+    return torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum,
+                           weight_decay=opts.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, then os.replace: a reader sees
+    the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create files 0600
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def model_meta(model: VGG, class_names: Sequence[str]) -> dict[str, Any]:
+    s = model.spec
+    return {"config": s.config, "batch_norm": s.batch_norm, "width": s.width,
+            "image_size": s.image_size, "num_classes": s.num_classes,
+            "class_names": list(class_names), "preprocess": PREPROCESS}
+
+
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """torchvision-keyed float32 CPU tensors, without BN's num_batches_tracked counters."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def save_model(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write OUT/model.safetensors (metadata under "vggfast") and OUT/model.json atomically."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta)
+    state = export_state(model)
+    _atomic_write(out / MODEL_FILE, lambda p: save_file(state, p, metadata={"vggfast": text}))
+    _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return out / MODEL_FILE
+
+
+def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            for row in history:
+                w.writerow({k: row[k] for k in LOG_FIELDS})
+    _atomic_write(out / LOG_FILE, write)
+
+
+def _write_skipped(out: Path, skipped: list[tuple[str, str]]) -> None:
+    text = "".join(f"{p}\t{why}\n" for p, why in skipped)
+    _atomic_write(out / SKIPPED_FILE, lambda p: Path(p).write_text(text))
+
+
+def load_checkpoint(out: str | os.PathLike) -> dict[str, Any]:
+    path = Path(out) / CKPT_FILE
+    if not path.is_file():
+        raise VGGFastError(f"--resume: no {CKPT_FILE} in {out} (nothing to resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a foreign or damaged file: say which, do not show a traceback
+        raise VGGFastError(f"--resume: {path} is not a readable vggfast checkpoint ({exc})")
+
+
+# ---------------------------------------------------------------------------------------------
+# distribution
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    created: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name is None:
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ArgumentError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError("--device cuda: CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device("cuda", local)
+    elif dev.type != "cpu":
+        raise ArgumentError(f"unsupported device {name!r}; use cpu or cuda")
+    return dev
+
+
+def _setup_distributed(device: torch.device) -> _Dist:
+    """Join the process group torchrun describes (or one the caller made): nccl on CUDA, gloo on
+    CPU. A single process needs none."""
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return _Dist(dist.get_rank(), dist.get_world_size(), True)
+    return _Dist()
+
+
+def _all_sum(t: torch.Tensor, d: _Dist) -> torch.Tensor:
+    if d.on:
+        dist.all_reduce(t)
+    return t
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    s = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def _set_rng_state(s: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(s["cpu"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+@dataclass
+class TrainResult:
+    """What `fit` did: per-epoch history rows (the CSV's), skipped files, the output folder."""
+
+    out: Path
+    meta: dict[str, Any]
+    history: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+    copied_layers: list[str] = field(default_factory=list)
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 hits, top-k hits) of a batch, as 0-d tensors on the logits' device."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    hit = top == y[:, None]
+    return hit[:, 0].sum(), hit.any(dim=1).sum()
+
+
+def _report_skipped(items: list[tuple[str, str]], where: str) -> None:
+    if not items:
+        return
+    shown = "; ".join(f"{p} ({why})" for p, why in items[:3])
+    more = f"; and {len(items) - 3} more" if len(items) > 3 else ""
+    print(f"vggfast: warning: skipped {len(items)} unreadable files {where}: {shown}{more}",
+          file=sys.stderr)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist
+             ) -> tuple[float, float, int]:
+    """(top-1 error, top-5 error, images) of `model` on `loader`, summed over processes."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for x, y, _ in loader:
+        x = x.to(device, non_blocking=True, memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        c1, c5 = _topk_correct(logits.float(), y, 5)
+        stats += torch.stack([c1, c5, torch.tensor(len(y), device=device)]).double()
+    c1, c5, n = _all_sum(stats, d).tolist()
+    return 1 - c1 / max(n, 1), 1 - c5 / max(n, 1), int(n)
+
+
+def fit(opts: TrainOptions) -> TrainResult:
+    """Train per `opts` (see the module docstring); returns the history. Raises VGGFastError for
+    bad options or data. Under torchrun every process calls this; process 0 writes the files."""
+    _check_options(opts)
+    device = _resolve_device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed crop size: one algorithm search
+    d = _setup_distributed(device)
+    try:
+        return _fit(opts, device, d)
+    finally:
+        if d.created:
+            dist.destroy_process_group()
+
+
+def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
+    if opts.batch_size % d.world:
+        raise ArgumentError(f"batch size {opts.batch_size} does not split evenly over "
+                            f"{d.world} processes")
+    local_bs = opts.batch_size // d.world
+    main = d.rank == 0
+    say = (lambda *a: print(*a, flush=True)) if main and not opts.quiet else (lambda *a: None)
+    out = Path(os.path.expanduser(opts.out))
+    if not opts.resume and (out / CKPT_FILE).exists():
+        raise VGGFastError(f"--out {out} already holds a training run; pass --resume to continue "
+                           "it or choose another folder")
+
+    train_scan = scan_folder(opts.data, what="data")
+    val_scan = scan_folder(opts.val, train_scan.classes, what="val") if opts.val else None
+    skipped = list(train_scan.skipped) + (list(val_scan.skipped) if val_scan else [])
+    if main:
+        _report_skipped(train_scan.skipped, f"in {train_scan.root}")
+        if val_scan:
+            _report_skipped(val_scan.skipped, f"in {val_scan.root}")
+    classes = train_scan.classes
+    smin, smax = scale_range(opts)
+
+    torch.manual_seed(opts.seed)  # the same initial weights in every process
+    model = build_model(opts.config, num_classes=len(classes), width=opts.width,
+                        image_size=opts.image_size, batch_norm=opts.batch_norm,
+                        dropout=opts.dropout)
+    copied = [] if opts.resume else initialise(model, opts.init)  # resume: weights from the file
+    meta = model_meta(model, classes)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    optimizer = make_optimizer(model, opts)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.1, patience=opts.patience)
+    torch.manual_seed(opts.seed + 1 + d.rank)  # dropout masks differ between processes
+
+    start, history = 0, []
+    if opts.resume:
+        ck = load_checkpoint(out)
+        old = ck.get("meta", {})
+        for key in ("config", "batch_norm", "width", "image_size", "class_names"):
+            if old.get(key) != meta[key]:
+                raise VGGFastError(f"--resume: the checkpoint in {out} has {key}={old.get(key)!r}, "
+                                   f"these options give {meta[key]!r}")
+        try:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            start, history = int(ck["epoch"]), [dict(r) for r in ck.get("history", [])]
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise VGGFastError(f"--resume: {out / CKPT_FILE} does not fit these options "
+                               f"({str(exc).splitlines()[0][:200]})")
+        rng = ck.get("rng", [])
+        if len(rng) == d.world:
+            _set_rng_state(rng[d.rank], device)
+        elif main:
+            print(f"vggfast: warning: the checkpoint was written by {len(rng)} processes, this run "
+                  f"has {d.world}; dropout masks will not continue the old sequence exactly",
+                  file=sys.stderr)
+        say(f"resuming {out} after epoch {start}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_skipped(out, skipped)
+
+    net: nn.Module = model
+    if d.on:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+
+    use_bf16 = device.type == "cuda" and opts.bf16
+    def autocast():
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+
+    train_ds = FolderDataset(train_scan.samples,
+                             TrainTransform(opts.image_size, smin, smax, opts.flip,
+                                            opts.color_shift), opts.seed)
+    val_ds = (FolderDataset(val_scan.samples, EvalTransform(opts.image_size, eval_scale(opts)))
+              if val_scan else None)
+    loader_kw = dict(num_workers=opts.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=False)
+    if start >= opts.epochs:
+        say(f"{out}: already trained for {start} epochs (--epochs {opts.epochs}); nothing to do")
+    seen_failed: set[int] = set()
+    n_train = len(train_ds)
+
+    for epoch in range(start, opts.epochs):
+        net.train()
+        order = epoch_order(n_train, epoch, opts.seed, d.rank, d.world)
+        loader = DataLoader(train_ds, batch_size=local_bs, sampler=[(i, epoch) for i in order],
+                            drop_last=False,
+                            generator=torch.Generator().manual_seed(opts.seed + epoch),
+                            **loader_kw)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, n, top-1 hits
+        failed: list[int] = []
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch",
+                   disable=not main or opts.quiet, leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for step, (x, y, bad) in enumerate(loader):
+            x = x.to(device, non_blocking=True, memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            with autocast():
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            c1, _ = _topk_correct(logits.detach().float(), y, 1)
+            stats += torch.stack([loss.detach().double() * len(y),
+                                  torch.tensor(len(y), dtype=torch.float64, device=device),
+                                  c1.double()])
+            failed += [int(i) for i in bad.tolist() if i >= 0]
+            bar.update(1)
+            if step % 10 == 0 or step == len(loader) - 1:
+                seen = stats[1].item() * d.world
+                bar.set_postfix(loss=f"{stats[0].item() / max(stats[1].item(), 1):.4f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        loss_sum, n_seen, top1 = _all_sum(stats, d).tolist()
+        if d.on:  # every process learns which files failed to decode
+            lists = [None] * d.world
+            dist.all_gather_object(lists, failed)
+            failed = [i for part in lists for i in part]
+        new = sorted(set(failed) - seen_failed)
+        seen_failed.update(new)
+        if new:
+            items = [(train_ds.samples[i][0], "failed to decode") for i in new]
+            skipped += items
+            if main:
+                _report_skipped(items, "while training (replaced by other images)")
+
+        if val_ds is not None:
+            vorder = epoch_order(len(val_ds), 0, opts.seed, d.rank, d.world, shuffle=False,
+                                 pad=False)
+            vloader = DataLoader(val_ds, batch_size=local_bs, sampler=[(i, 0) for i in vorder],
+                                 generator=torch.Generator().manual_seed(opts.seed), **loader_kw)
+            top1_err, top5_err, _ = evaluate(model, vloader, device, autocast, d)
+            err_on = "val"
+        else:
+            top1_err, top5_err, err_on = 1 - top1 / max(n_seen, 1), float("nan"), "train"
+        scheduler.step(1 - top1_err)
+        row = {"epoch": epoch + 1, "loss": loss_sum / max(n_seen, 1), "top1_err": top1_err,
+               "top5_err": top5_err, "err_on": err_on, "lr": lr,
+               "img_per_s": n_seen / max(seconds, 1e-9), "seconds": seconds}
+        history.append(row)
+        top5 = f"  top-5 err {top5_err:.4f}" if err_on == "val" else ""
+        say(f"epoch {epoch + 1}/{opts.epochs}  loss {row['loss']:.4f}  {err_on} top-1 err "
+            f"{top1_err:.4f}{top5}  lr {lr:g}  {row['img_per_s']:.0f} img/s")
+
+        rng = [_rng_state(device)]
+        if d.on:
+            rng = [None] * d.world
+            dist.all_gather_object(rng, {k: v.cpu() for k, v in _rng_state(device).items()})
+        if main:
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng,
+                    "meta": meta, "history": history,
+                    "options": {k: (list(v) if isinstance(v, tuple) else v)
+                                for k, v in asdict(opts).items()}}
+            save_model(model, meta, out)
+            _atomic_write(out / CKPT_FILE, lambda p: torch.save(ckpt, p))
+            _write_log(out, history)
+            if new:
+                _write_skipped(out, skipped)
+        if d.on:
+            dist.barrier()
+
+    if main and start >= opts.epochs and not (out / MODEL_FILE).exists():
+        save_model(model, meta, out)
+    if main:
+        say(f"model: {out / MODEL_FILE}  (load with vggfast.Engine({str(out)!r}))")
+    return TrainResult(out, meta, history, skipped, copied)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def add_cli(subparsers) -> None:
+    """Register `vggfast train`."""
+    p = subparsers.add_parser(
+        "train", help="train a VGG on an image folder (the paper's recipe; torchrun for multi-GPU)",
+        description="Train configuration A-E of Table 1 on ROOT/CLASS_NAME/IMAGE folders with "
+                    "the paper's recipe (Sec. 3.1). Multi-GPU / multi-node: "
+                    "torchrun --nproc-per-node N -m vggfast train ...")
+    d = TrainOptions(data="")
+    p.add_argument("--config", default=d.config, help="A A-LRN B C D E or vgg11..vgg19_bn "
+                                                      "(default A)")
+    p.add_argument("--batch-norm", action="store_true", default=None,
+                   help="BatchNorm after every conv (also implied by a *_bn config)")
+    p.add_argument("--width", type=float, default=d.width, help="channel multiplier (default 1)")
+    p.add_argument("--data", required=True, help="training images, ROOT/CLASS_NAME/IMAGE; the "
+                                                 "class names are the folder names")
+    p.add_argument("--val", default=None, help="validation images, same layout (default: none; "
+                                               "the lr schedule then watches training accuracy)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="training crop size, a multiple of 32 (default 224)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scale", type=int, default=None, metavar="S",
+                   help="fixed training scale: smallest side rescaled to S")
+    g.add_argument("--scale-jitter", type=int, nargs=2, default=None, metavar=("SMIN", "SMAX"),
+                   help="S drawn per image from [SMIN, SMAX] (default 256/224 and 512/224 of "
+                        "--image-size: 256 512 for 224)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--no-color-shift", action="store_true", help="no PCA colour shift")
+    p.add_argument("--init", "--init-from", dest="init", default=d.init,
+                   metavar="glorot|kaiming|NET_A_CKPT",
+                   help="glorot (default, the paper's), kaiming (torchvision's), or a net-A "
+                        "checkpoint: its conv1_1, conv2_1, conv3_1, conv3_2, fc6-fc8 are copied")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch, split over processes (default 256)")
+    p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="default 0.9")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default 5e-4")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="on fc6, fc7 (default 0.5)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="epochs without improvement before the lr is divided by 10 (default 2)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="data-loading processes per training process (default 4)")
+    p.add_argument("--seed", type=int, default=d.seed, help="default 0")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where its last epoch ended")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=run_cli)
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(
+        data=args.data, out=args.out, val=args.val, config=args.config,
+        batch_norm=args.batch_norm, width=args.width, image_size=args.image_size,
+        scale=args.scale, scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
+        flip=not args.no_flip, color_shift=not args.no_color_shift, init=args.init,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, dropout=args.dropout, patience=args.patience,
+        workers=args.workers, seed=args.seed, device=args.device, bf16=not args.fp32,
+        resume=args.resume, quiet=args.quiet)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`vggfast train`: returns the exit code; user errors raise VGGFastError."""
+    fit(options_from_args(args))
+    return 0
