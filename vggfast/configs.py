@@ -108,7 +108,7 @@ class NetSpec:
     @property
     def torchvision_name(self) -> str | None:
         name = TORCHVISION_NAMES.get(self.config)
-        if name is None:
+        if name is None or self.width != 1 or self.image_size != 224:
             return None
         return name + ("_bn" if self.batch_norm else "")
 
