@@ -94,12 +94,20 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     images = [pp.load_image(i) for i in (imgs if many else [imgs])]
     if not images:
         raise ArgumentError("no images given")
-    rows = []
-    for x in images:
-        per_scale = [_pool(engine._run(engine._views(x, q, bool(flip)), (layer,))[layer],
-                           pool).mean(0).cpu() for q in scales]
-        v = torch.stack(per_scale).mean(0) if aggregate == "mean" else torch.cat(per_scale)
-        rows.append(v)
+    if min(scales) >= engine.spec.image_size:
+        # the planner's equal-size batches, across images (it refuses views below native size)
+        ex = engine._executor
+        plan = ex.plan(images, scales, bool(flip), "dense")
+        pooled = ex.run(plan, images, tap=layer, reduce=lambda m: _pool(m, pool))
+        per_image = []
+        for i in range(len(images)):
+            views = [plan.views[v] for v in plan.image_views(i)]
+            per_image.append([torch.stack([pooled[v.index] for v in views if v.scale == q]).mean(0)
+                              for q in scales])
+    else:
+        per_image = [[_pool(engine._run(engine._views(x, q, bool(flip)), (layer,))[layer],
+                            pool).mean(0).cpu() for q in scales] for x in images]
+    rows = [torch.stack(p).mean(0) if aggregate == "mean" else torch.cat(p) for p in per_image]
     out = torch.stack(rows).float()
     return F.normalize(out, dim=1) if normalize else out
 
