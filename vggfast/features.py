@@ -338,17 +338,18 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
                desc=f"extract{f' rank {rank}' if world > 1 else ''}", unit="img",
                disable=not progress, file=sys.stderr)
     for k, chunk in todo:
-        idx, vecs, failed = [], [], []
+        idx, images, failed = [], [], []
         for i in chunk:
             try:
-                vecs.append(features(engine, files[i], layer, scales, flip, pool, normalize,
-                                     aggregate)[0].numpy())
+                images.append(pp.load_image(files[i]))
                 idx.append(i)
             except ImageError as exc:
                 failed.append({"index": i, "file": files[i], "error": str(exc)})
-            bar.update(1)
-        dim = vecs[0].shape[0] if vecs else 0
-        parts.save(k, idx, np.stack(vecs) if vecs else np.zeros((0, dim), np.float32), failed)
+        # one request per chunk: the planner batches equal-size views across its images
+        vecs = (features(engine, images, layer, scales, flip, pool, normalize, aggregate).numpy()
+                if images else np.zeros((0, 0), np.float32))
+        bar.update(len(chunk))
+        parts.save(k, idx, vecs, failed)
     bar.close()
     local = parts.done()
     gathered = gather(local) if gather is not None else [local]
