@@ -1,8 +1,8 @@
 """Compile the conv kernel for sm_90 (H100) without a GPU, with Triton's bundled ptxas, and report
 registers, spills, shared memory and wgmma (HGMMA) vs mma.sync (HMMA) use per autotune config.
 A development aid: run `python scripts/aot_sm90.py` after changing kernels/conv.py."""
-import sys, re, itertools
-import triton, triton.language as tl
+import re
+import triton
 from triton.backends.compiler import GPUTarget
 from vggfast.kernels import conv
 jit = conv.conv2d_kernel.fn.fn
@@ -28,7 +28,7 @@ def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False):
     src = triton.compiler.ASTSource(fn=jit, constexprs=consts, signature=sig, attrs=attrs)
     opts = backend.parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ck = triton.compile(src, target=target, options=opts.__dict__)
-    ptx = ck.asm["ptx"]; sass = None
+    ck.asm["ptx"]; sass = None
     md = ck.metadata
     import subprocess, tempfile, os
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")

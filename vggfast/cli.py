@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import VGGFastError
 
 # Modules that add their own subcommands through `add_cli(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ("vggfast.train", "vggfast.features", "vggfast.protocols")
+_COMMAND_MODULES: tuple[str, ...] = ("vggfast.train", "vggfast.features", "vggfast.protocols",
+                                     "vggfast.localize")
 SAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

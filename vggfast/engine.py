@@ -136,11 +136,13 @@ class Engine:
     "torchvision".
     memory_budget: bytes of activations one batch may use (default: 80% of the GPU, 8 GiB on
     CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
+    loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
+    this classifier for `localize`; run on a second backend of the same kind.
     """
 
     def __init__(self, weights: Any, config: str | None = None, device: Any = None,
                  dtype: Any = None, backend: str = "auto", preprocess: str | None = None,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, loc_weights: Any = None):
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         if backend not in BACKENDS:
@@ -162,17 +164,28 @@ class Engine:
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.backend_name = backend
-        params = self.weights.state_dict
-        if backend == "torch":
-            self._backend = TorchBackend(params, self.spec, self.device, self.dtype)
-        else:
-            try:
-                from .triton_backend import TritonBackend
-            except ImportError as exc:
-                raise VGGFastError(f"the triton backend is unavailable here ({exc}); "
-                                   "use backend='torch'")
-            self._backend = TritonBackend(params, self.spec, self.device, self.dtype)
+        self._backend = self._make_backend(self.weights)
+        self.loc_weights: Weights | None = None
+        self.loc_mode: str | None = None
+        self.loc_preprocess: str | None = None
+        self._loc_backend = None
+        if loc_weights is not None:
+            from .localize import check_loc_weights
+            self.loc_weights = load(loc_weights)
+            self.loc_mode = check_loc_weights(self.loc_weights, self.spec, self.class_names)
+            self.loc_preprocess = preprocess or self.loc_weights.preprocess or self.preprocess
+            self._loc_backend = self._make_backend(self.loc_weights)
         self._executor = Executor(self)
+
+    def _make_backend(self, weights: Weights):
+        if self.backend_name == "torch":
+            return TorchBackend(weights.state_dict, weights.spec, self.device, self.dtype)
+        try:
+            from .triton_backend import TritonBackend
+        except ImportError as exc:
+            raise VGGFastError(f"the triton backend is unavailable here ({exc}); "
+                               "use backend='torch'")
+        return TritonBackend(weights.state_dict, weights.spec, self.device, self.dtype)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -300,6 +313,14 @@ class Engine:
         (q,) = self.check_scales((scale,))
         x = pp.load_image(img)
         return self._run(self._views(x, q, False))["fc8"][0].cpu()
+
+    def localize(self, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: bool = False,
+                 merge_iou: float = 0.5) -> list[tuple[int, str, float, tuple[float, ...]]]:
+        """Boxes of the top-k classes (Appendix A): [(class_index, class_name, score, (x0, y0,
+        x1, y1)), ...] best first, in image pixels; score is the class's posterior. Needs
+        `loc_weights`. Dense application and OverFeat's greedy merging: vggfast/localize.py."""
+        from .localize import localize
+        return localize(self, img, scales, top_k, flip, merge_iou)
 
     def features(self, imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
                  flip: bool = True, pool: str = "avg", normalize: bool = True,

@@ -266,6 +266,9 @@ def format_table(rows: Sequence[dict[str, Any]], config: str) -> str:
 
 def cmd_evaluate(args) -> int:
     from .cli import _engine, _need_weights
+    if getattr(args, "task", "classify") == "localize":
+        from .localize import run_evaluate
+        return run_evaluate(args)
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
     cmap = read_class_map(args.class_map) if args.class_map else None
@@ -390,6 +393,8 @@ def add_cli(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="use only the first N images")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .localize import add_evaluate_arguments  # --task localize: vggfast/localize.py
+    add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image (PNG)")

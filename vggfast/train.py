@@ -877,7 +877,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch, split over processes (default 256)")
-    p.add_argument("--lr", type=float, default=d.lr, help="initial learning rate (default 0.01)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 0.01; 1e-3 with --task localize)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="default 0.9")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default 5e-4")
     p.add_argument("--dropout", type=float, default=d.dropout, help="on fc6, fc7 (default 0.5)")
@@ -892,6 +893,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where its last epoch ended")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    from .localize import add_train_arguments  # --task localize (Appendix A): vggfast/localize.py
+    add_train_arguments(p)
     p.set_defaults(func=run_cli)
 
 
@@ -901,7 +904,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         batch_norm=args.batch_norm, width=args.width, image_size=args.image_size,
         scale=args.scale, scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
         flip=not args.no_flip, color_shift=not args.no_color_shift, init=args.init,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        epochs=args.epochs, batch_size=args.batch_size,
+        lr=TrainOptions.lr if args.lr is None else args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, dropout=args.dropout, patience=args.patience,
         workers=args.workers, seed=args.seed, device=args.device, bf16=not args.fp32,
         resume=args.resume, quiet=args.quiet)
@@ -909,5 +913,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 
 def run_cli(args: argparse.Namespace) -> int:
     """`vggfast train`: returns the exit code; user errors raise VGGFastError."""
+    if getattr(args, "task", "classify") == "localize":
+        from .localize import run_train
+        return run_train(args)
     fit(options_from_args(args))
     return 0

@@ -1,0 +1,449 @@
+"""Localisation (paper Appendix A): boxes, IoU, greedy merging, the loss, SCR/PCR heads, dense
+application against crop-by-crop module forwards, the central-crop protocol, the ILSVRC
+criterion, annotation readers, training, CLI and errors. Tiny random nets; CPU only."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import small_model
+
+import vggfast
+from vggfast import localize as L
+from vggfast import preprocess as pp
+from vggfast.errors import VGGFastError, WeightsError
+
+C = 10
+
+
+# -- boxes ------------------------------------------------------------------------------------
+
+def test_encode_hand_case_and_round_trip():
+    t = L.encode(torch.tensor([10.0, 20.0, 30.0, 60.0]), (0, 0, 100, 100))
+    assert torch.allclose(t, torch.tensor([0.2, 0.4, 0.2, 0.4]))
+    t = L.encode(torch.tensor([40.0, 40.0, 80.0, 56.0]), (32, 32, 64, 64))
+    assert torch.allclose(t, torch.tensor([28 / 64, 16 / 64, 40 / 64, 16 / 64]))
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 200 - 50
+    wh = torch.rand(50, 2, generator=g) * 100 + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    win = torch.cat([torch.rand(50, 2, generator=g) * 64, torch.full((50, 2), 224.0)], 1)
+    assert torch.allclose(L.decode(L.encode(boxes, win), win), boxes, atol=1e-4)
+    # boxes outside the window are not clipped (a window predicts the whole object)
+    assert L.encode(torch.tensor([-10.0, 0, 10, 10]), (0, 0, 10, 10))[0] == 0.0
+
+
+def test_decode_negative_size_is_empty():
+    b = L.decode(torch.tensor([0.5, 0.5, -0.2, 0.3]), (0, 0, 10, 10))
+    assert b[0] == b[2] == 5.0
+
+
+def test_iou_hand_cases():
+    a = [[0, 0, 2, 1], [0, 0, 4, 4], [0, 0, 1, 1], [5, 5, 5, 9]]
+    b = [[1, 0, 3, 1], [1, 1, 3, 3], [0, 0, 1, 1], [5, 5, 6, 9]]
+    m = L.iou(a, b)
+    assert m.shape == (4, 4)
+    assert math.isclose(m[0, 0], 1 / 3)
+    assert math.isclose(m[1, 1], 4 / 16)
+    assert m[2, 2] == 1.0
+    assert m[3, 3] == 0.0  # an empty box overlaps nothing
+    assert m[0, 2] == 0.5 and m[2, 0] == 0.0
+    assert np.array_equal(L.iou(b, a), m.T)  # symmetric
+    assert L.iou([[0, 0, 1, 1]], [[2, 2, 3, 3]])[0, 0] == 0.0
+
+
+def test_greedy_merge_two_clusters_stay_two():
+    boxes = [[0, 0, 10, 10], [1, 0, 11, 10], [0, 1, 10, 11],
+             [50, 50, 70, 70], [51, 50, 71, 70]]
+    scores = [0.2, 0.3, 0.1, 0.25, 0.05]
+    mb, ms = L.greedy_merge(boxes, scores, 0.5)
+    assert len(mb) == 2
+    assert np.allclose(ms, [0.6, 0.3])  # scores add up, best first
+    b = np.array(boxes[:3], float)
+    s = np.array(scores[:3])
+    assert np.allclose(mb[0], (s[:, None] * b).sum(0) / s.sum())  # score-weighted mean
+    assert np.allclose(mb[1], (0.25 * np.array(boxes[3]) + 0.05 * np.array(boxes[4])) / 0.3)
+
+
+def test_greedy_merge_one_cluster_becomes_one_and_threshold():
+    boxes = [[10, 10, 20, 20], [11, 10, 21, 20], [10, 11, 20, 21], [9, 9, 19, 19]]
+    mb, ms = L.greedy_merge(boxes, [1, 1, 1, 1], 0.5)
+    assert len(mb) == 1 and ms[0] == 4
+    assert np.allclose(mb[0], np.mean(boxes, 0))
+    # IoU of these two is 1/3: merged at 0.3, kept apart at 0.5
+    assert len(L.greedy_merge([[0, 0, 2, 1], [1, 0, 3, 1]], [1, 2], 0.3)[0]) == 1
+    mb, ms = L.greedy_merge([[0, 0, 2, 1], [1, 0, 3, 1]], [1, 2], 0.5)
+    assert len(mb) == 2 and list(ms) == [2, 1] and list(mb[0]) == [1, 0, 3, 1]
+    with pytest.raises(VGGFastError):
+        L.greedy_merge([[0, 0, 1, 1]], [-1.0])
+
+
+def test_euclidean_loss_equals_manual():
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(3, 4, generator=g)
+    p = torch.rand(3, 4, generator=g)
+    manual = sum(float(((p[n] - t[n]) ** 2).sum()) for n in range(3)) / (2 * 3)
+    assert math.isclose(float(L.euclidean_loss(p, t, mode="scr")), manual, rel_tol=1e-6)
+    pc = torch.rand(3, 4 * 5, generator=g)
+    y = torch.tensor([4, 0, 2])
+    manual = sum(float(((pc[n, 4 * y[n]:4 * y[n] + 4] - t[n]) ** 2).sum())
+                 for n in range(3)) / 6
+    assert math.isclose(float(L.euclidean_loss(pc, t, y, "pcr")), manual, rel_tol=1e-6)
+
+
+def test_ilsvrc_criterion_hand_cases():
+    gt = [[0, 0, 10, 10], [20, 20, 40, 40]]
+    good = (3, [21, 20, 40, 41])  # IoU 0.9 with the second box
+    assert L.ilsvrc_correct([good], 3, gt)
+    assert not L.ilsvrc_correct([(4, good[1])], 3, gt)        # wrong class
+    assert not L.ilsvrc_correct([(3, [0, 0, 20, 10])], 3, gt)  # IoU exactly 0.5: not > 0.5
+    guesses = [(1, [0, 0, 10, 10]), (2, [0, 0, 10, 10]), (5, [0, 0, 10, 10]),
+               (6, [0, 0, 10, 10]), good]
+    assert L.ilsvrc_correct(guesses, 3, gt, k=5)
+    assert not L.ilsvrc_correct(guesses, 3, gt, k=4)
+    # localize's tuples (class, name, score, box) are accepted as they are
+    assert L.ilsvrc_correct([(3, "x", 0.9, (0.0, 0.0, 9.0, 10.0))], 3, gt)
+
+
+# -- nets -------------------------------------------------------------------------------------
+
+def _pair(mode, seed=0):
+    cls = small_model(num_classes=C, seed=seed)
+    loc, _ = L.build_localizer(cls.state_dict(), mode, C)
+    with torch.no_grad():  # a non-trivial head
+        loc.classifier[6].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+        loc.classifier[6].bias.uniform_(0.2, 0.6)
+    return cls, loc.eval()
+
+
+def _engine(cls, loc, mode=None, **kw):
+    src = loc.state_dict()
+    if mode:
+        src = {"state_dict": src, "meta": {"task": "localize", "mode": mode, "num_classes": C}}
+    return vggfast.Engine(cls.state_dict(), device="cpu", backend="torch", loc_weights=src, **kw)
+
+
+@pytest.mark.parametrize("mode,rows", [("scr", 4), ("pcr", 4 * C)])
+def test_scr_pcr_shapes_and_mode_detection(mode, rows):
+    cls, loc = _pair(mode)
+    assert loc(torch.randn(2, 3, 32, 32)).shape == (2, rows)
+    # copied from the classifier except fc8
+    assert torch.equal(loc.features[0].weight, cls.features[0].weight)
+    assert torch.equal(loc.classifier[3].weight, cls.classifier[3].weight)
+    eng = _engine(cls, loc)  # no metadata: the mode is read from fc8's rows
+    assert eng.loc_mode == mode
+    d = L.dense_predictions(eng, torch.rand(3, 40, 72), scales=(32, 64))
+    k = 1 if mode == "scr" else C
+    # 32x57 -> pool5 1x1 -> 1 position; 64x115 -> pool5 2x3 -> 6 (a 1x1 fc6 window)
+    assert d.boxes.shape == (1 + 6, k, 4) and d.probs.shape == (7, C)
+    assert torch.allclose(d.image_probs.sum(), torch.tensor(1.0))
+
+
+def test_loc_weights_that_do_not_pair_are_refused():
+    cls = small_model(num_classes=C)
+    bad, _ = L.build_localizer(cls.state_dict(), "pcr", 7)  # 28 rows: neither 4 nor 40
+    with pytest.raises(WeightsError, match="expected 4"):
+        vggfast.Engine(cls.state_dict(), device="cpu", loc_weights=bad.state_dict())
+    other = small_model(num_classes=C, image_size=64)
+    with pytest.raises(WeightsError, match="native size"):
+        _engine(other, _pair("scr")[1])
+    _, loc = _pair("scr")
+    src = {"state_dict": loc.state_dict(), "meta": {"task": "localize", "mode": "pcr"}}
+    with pytest.raises(WeightsError, match="PCR"):
+        vggfast.Engine(cls.state_dict(), device="cpu", loc_weights=src)
+
+
+def test_localize_without_loc_weights_raises():
+    eng = vggfast.Engine(small_model(num_classes=C).state_dict(), device="cpu")
+    with pytest.raises(VGGFastError, match="loc_weights"):
+        eng.localize(torch.rand(3, 40, 40), scales=(32,))
+    with pytest.raises(VGGFastError, match="loc_weights"):
+        L.center_crop_box(eng, torch.rand(3, 40, 40), 0)
+
+
+def _independent_dense(cls, loc, img, scales, flip):
+    """Window by window: the modules' conv features on the whole view (dense application keeps
+    the neighbouring pixels a separate crop would zero-pad), then for every fc6 window (1x1 of
+    pool5 at native size 32) torchvision's Linear classifier; the box decoded by hand against the
+    32x32 input window at stride 32 and mapped to the original image."""
+    H, W = img.shape[-2:]
+    boxes, probs = [], []
+    with torch.no_grad():
+        for q in scales:
+            v = pp.resize_short(img, q)
+            h, w = v.shape[-2:]
+            views = [v, v.flip(-1)] if flip else [v]
+            for n, view in enumerate(views):
+                x = pp.normalize(view, "torchvision")[None]
+                fl, fc = loc.features(x), cls.features(x)
+                for i in range(fl.shape[2]):
+                    for j in range(fl.shape[3]):
+                        p = loc.classifier(fl[:, :, i, j]).view(-1, 4)
+                        probs.append(F.softmax(cls.classifier(fc[:, :, i, j])[0], 0))
+                        cx, cy = 32 * j + p[:, 0] * 32, 32 * i + p[:, 1] * 32
+                        bw, bh = p[:, 2].clamp(min=0) * 32, p[:, 3].clamp(min=0) * 32
+                        x0, x1 = cx - bw / 2, cx + bw / 2
+                        if n == 1:
+                            x0, x1 = w - x1, w - x0
+                        boxes.append(torch.stack([x0 * W / w, (cy - bh / 2) * H / h,
+                                                  x1 * W / w, (cy + bh / 2) * H / h], 1))
+    return torch.stack(boxes), torch.stack(probs)
+
+
+@pytest.mark.parametrize("mode", ["scr", "pcr"])
+def test_dense_localisation_matches_window_by_window(mode):
+    cls, loc = _pair(mode, seed=3)
+    eng = _engine(cls, loc, mode)
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(3, 70, 50, generator=g)
+    scales = (32, 48, 80)
+    d = L.dense_predictions(eng, img, scales, flip=True)
+    boxes, probs = _independent_dense(cls, loc, img, scales, flip=True)
+    assert d.boxes.shape == boxes.shape and d.boxes.shape[0] > 6
+    assert torch.allclose(d.boxes, boxes, atol=1e-3)
+    assert torch.allclose(d.probs, probs, atol=1e-5)
+    # the final answer: the top-k classes, each the best greedily merged box of its class
+    out = eng.localize(img, scales=scales, top_k=3, flip=True)
+    assert len(out) == 3 and [o[2] for o in out] == sorted([o[2] for o in out], reverse=True)
+    for c, name, score, box in out:
+        assert name == eng.class_names[c]
+        k = c if mode == "pcr" else 0
+        mb, ms = L.greedy_merge(boxes[:, k].numpy(), probs[:, c].numpy(), 0.5)
+        want = [min(max(mb[0][0], 0), 50), min(max(mb[0][1], 0), 70),
+                min(max(mb[0][2], 0), 50), min(max(mb[0][3], 0), 70)]
+        assert np.allclose(box, want, atol=1e-3)
+    assert [o[0] for o in out] == torch.topk(d.image_probs, 3).indices.tolist()
+
+
+def test_center_crop_box_matches_module():
+    cls, loc = _pair("pcr", seed=4)
+    eng = _engine(cls, loc, "pcr")
+    img = torch.rand(3, 60, 90, generator=torch.Generator().manual_seed(2))
+    box = L.center_crop_box(eng, img, 7, scale=40)
+    v = pp.normalize(pp.resize_short(img, 40), "torchvision")  # 40 x 60
+    top, left = (40 - 32) // 2, (60 - 32) // 2
+    with torch.no_grad():
+        p = loc(v[None, :, top:top + 32, left:left + 32]).view(C, 4)[7]
+    cx, cy = left + p[0] * 32, top + p[1] * 32
+    bw, bh = p[2].clamp(min=0) * 32, p[3].clamp(min=0) * 32
+    want = [(cx - bw / 2) * 1.5, (cy - bh / 2) * 1.5, (cx + bw / 2) * 1.5, (cy + bh / 2) * 1.5]
+    want = [min(max(float(want[0]), 0), 90), min(max(float(want[1]), 0), 60),
+            min(max(float(want[2]), 0), 90), min(max(float(want[3]), 0), 60)]
+    assert np.allclose(box, want, atol=1e-3)
+
+
+# -- annotations ------------------------------------------------------------------------------
+
+def _img(path, w=48, h=40):
+    from PIL import Image
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(path)
+
+
+def test_read_jsonl(tmp_path):
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png")
+    f = tmp_path / "boxes.jsonl"
+    f.write_text(json.dumps({"file": "a.png", "label": 2, "boxes": [[1, 2, 30, 20]]}) + "\n\n"
+                 + json.dumps({"file": "b.png", "label": "cat", "boxes": [[0, 0, 5, 5],
+                                                                        [6, 6, 9, 9]]}) + "\n")
+    s = L.read_boxes(f, ["dog", "x", "y", "cat"])
+    assert [x.label for x in s] == [2, 3]
+    assert s[1].boxes == [(0, 0, 5, 5), (6, 6, 9, 9)]
+    assert s[0].file == str(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("line,match", [
+    ("{not json", "not valid JSON"),
+    ('{"file": "a.png", "label": 0}', "missing boxes"),
+    ('{"file": "a.png", "label": 0, "boxes": [[5, 5, 5, 9]]}', "empty"),
+    ('{"file": "a.png", "label": 0, "boxes": [[1, 2, 3]]}', "4 finite numbers"),
+    ('{"file": "a.png", "label": "zebra", "boxes": [[0, 0, 1, 1]]}', "unknown class"),
+    ('{"file": "a.png", "label": 12, "boxes": [[0, 0, 1, 1]]}', "outside"),
+    ('{"file": "gone.png", "label": 0, "boxes": [[0, 0, 1, 1]]}', "do not exist"),
+    ('[1, 2]', "JSON object"),
+])
+def test_bad_jsonl_is_a_vggfast_error(tmp_path, line, match):
+    _img(tmp_path / "a.png")
+    f = tmp_path / "boxes.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(L.AnnotationError, match=match):
+        L.read_boxes(f, [str(i) for i in range(C)])
+    with pytest.raises(VGGFastError):
+        L.read_boxes(tmp_path / "missing.jsonl")
+
+
+VOC = """<annotation><folder>imgs</folder><filename>{name}</filename>
+<size><width>48</width><height>40</height><depth>3</depth></size>
+<object><name>cat</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>10</xmax><ymax>20</ymax></bndbox></object>
+<object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>35</ymax></bndbox></object>
+<object><name>cat</name><bndbox><xmin>20</xmin><ymin>1</ymin><xmax>40</xmax><ymax>9</ymax></bndbox></object>
+</annotation>"""
+
+
+def test_read_voc(tmp_path):
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "JPEGImages").mkdir()
+    _img(tmp_path / "JPEGImages" / "x1.jpg")
+    (tmp_path / "Annotations" / "x1.xml").write_text(VOC.format(name="x1.jpg"))
+    s = L.read_boxes(tmp_path / "Annotations", ["dog", "cat"])
+    assert [(x.label, x.boxes) for x in s] == [
+        (0, [(4.0, 4.0, 30.0, 35.0)]),                          # 1-based inclusive -> edges
+        (1, [(0.0, 1.0, 10.0, 20.0), (19.0, 0.0, 40.0, 9.0)])]  # one sample per class
+    assert s[0].file == str(tmp_path / "JPEGImages" / "x1.jpg")
+    # ILSVRC style: no suffix in <filename>, images under an explicit root
+    root = tmp_path / "Data"
+    root.mkdir()
+    _img(root / "x2.JPEG")
+    (tmp_path / "x2.xml").write_text(VOC.format(name="x2"))
+    s = L.read_boxes(tmp_path / "x2.xml", ["dog", "cat"], image_root=root)
+    assert s[0].file == str(root / "x2.JPEG")
+
+
+def test_bad_voc(tmp_path):
+    (tmp_path / "a.xml").write_text("<annotation><filename>a.png</filename><object><name>cat"
+                                    "</name></object></annotation>")
+    with pytest.raises(L.AnnotationError, match="bndbox"):
+        L.read_boxes(tmp_path / "a.xml", ["cat"])
+    (tmp_path / "b.xml").write_text("<annotation><filename")
+    with pytest.raises(L.AnnotationError, match="not a readable"):
+        L.read_boxes(tmp_path / "b.xml", ["cat"])
+    (tmp_path / "c.xml").write_text(VOC.format(name="nowhere.jpg"))
+    with pytest.raises(L.AnnotationError, match="not found"):
+        L.read_boxes(tmp_path / "c.xml", ["dog", "cat"])
+
+
+# -- training, evaluation, CLI ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """Six 48x40 images with a bright square (its box), a saved classifier folder."""
+    from PIL import Image
+
+    from vggfast.train import model_meta, save_model
+    root = tmp_path_factory.mktemp("locset")
+    rng = np.random.default_rng(0)
+    lines = []
+    for n in range(6):
+        a = rng.integers(0, 40, (40, 48, 3)).astype(np.uint8)
+        x, y, s = int(rng.integers(0, 20)), int(rng.integers(0, 14)), int(rng.integers(14, 26))
+        a[y:y + s, x:x + s] = 230
+        Image.fromarray(a).save(root / f"{n}.png")
+        lines.append(json.dumps({"file": f"{n}.png", "label": n % 3,
+                                 "boxes": [[x, y, x + s, y + s]]}))
+    (root / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+    cls = small_model(num_classes=3, seed=1)
+    save_model(cls, model_meta(cls, ["a", "b", "c"]), root / "cls")
+    return root
+
+
+@pytest.mark.parametrize("mode,trainable", [("pcr", "all"), ("scr", "last-fc")])
+def test_train_localizer_writes_a_pairable_net(tiny_set, tmp_path, mode, trainable):
+    out = tmp_path / "loc"
+    r = L.train_localizer(L.LocTrainOptions(
+        boxes=str(tiny_set / "boxes.jsonl"), init=str(tiny_set / "cls"), data=str(tiny_set),
+        out=str(out), mode=mode, trainable=trainable, epochs=2, batch_size=3, workers=0,
+        val_boxes=str(tiny_set / "boxes.jsonl"), val=str(tiny_set), scales=(32, 48),
+        lr=1e-3, quiet=True))
+    assert len(r.history) == 2 and all(math.isfinite(h["loss"]) for h in r.history)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["task"] == "localize" and meta["mode"] == mode and meta["num_classes"] == 3
+    assert "class_names" not in meta and meta["loc_class_names"] == ["a", "b", "c"]
+    eng = vggfast.Engine(str(tiny_set / "cls"), device="cpu", loc_weights=str(out))
+    assert eng.loc_mode == mode
+    assert eng.loc_weights.spec.num_classes == (4 if mode == "scr" else 12)
+    frozen = torch.equal(eng.loc_weights.state_dict["conv1_1.weight"],
+                         eng.weights.state_dict["conv1_1.weight"])
+    assert frozen == (trainable == "last-fc")
+    preds = eng.localize(tiny_set / "0.png", scales=(32, 48), top_k=2)
+    assert len(preds) == 2 and all(len(p[3]) == 4 for p in preds)
+    res = L.evaluate_localization(eng, str(tiny_set / "boxes.jsonl"), scales=(32,), top_k=5,
+                                  image_root=tiny_set)
+    assert res["images"] == 6 and 0 <= res["top5_error"] <= res["top1_error"] <= 100
+    res = L.evaluate_localization(eng, str(tiny_set / "boxes.jsonl"), protocol="center",
+                                  image_root=tiny_set)
+    assert 0 <= res["error"] <= 100 and 0 <= res["mean_iou"] <= 1
+
+
+def test_train_errors(tiny_set, tmp_path):
+    base = dict(boxes=str(tiny_set / "boxes.jsonl"), data=str(tiny_set), out=str(tmp_path / "o"),
+                epochs=1, batch_size=2, workers=0, quiet=True)
+    with pytest.raises(VGGFastError, match="init"):
+        L.train_localizer(L.LocTrainOptions(init="", **base))
+    with pytest.raises(VGGFastError, match="mode"):
+        L.train_localizer(L.LocTrainOptions(init=str(tiny_set / "cls"), mode="xyz", **base))
+    with pytest.raises(VGGFastError, match="training scale"):
+        L.train_localizer(L.LocTrainOptions(init=str(tiny_set / "cls"), scales=(16,), **base))
+    import argparse
+    p = argparse.ArgumentParser()
+    L.add_train_arguments(p)
+    p.add_argument("--init", default="glorot")
+    with pytest.raises(VGGFastError, match="--boxes"):
+        L.run_train(p.parse_args(["--task", "localize"]))
+    with pytest.raises(VGGFastError, match="classifier"):
+        L.run_train(p.parse_args(["--task", "localize", "--boxes", "x.jsonl"]))
+    a = p.parse_args(["--task", "localize", "--boxes", "b", "--init", "c", "--mode", "pcr",
+                      "--last-fc-only"])
+    o = L.options_from_args(a)
+    assert (o.mode, o.trainable, o.lr) == ("pcr", "last-fc", 1e-3)
+
+
+def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
+    from PIL import Image
+
+    from vggfast.cli import main
+    cls = tiny_set / "cls"
+    loc, _ = L.build_localizer(str(cls), "scr")
+    from vggfast.train import save_model
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    png = tmp_path / "boxes.png"
+    rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
+               str(tmp_path / "loc"), "--scales", "32", "48", "--top", "2", "--out", str(png),
+               "--device", "cpu"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(png) as im:
+        assert im.size == (48, 40)
+        assert (255, 64, 64) in {c for _, c in im.getcolors(10000)}  # the box outline
+    rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
+               str(tiny_set / "boxes.jsonl")])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("vggfast: error:")
+
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("folder")
+    p.add_argument("--weights")
+    p.add_argument("--scales", type=int, nargs="+", default=[32])
+    p.add_argument("--json", action="store_true")
+    L.add_evaluate_arguments(p)
+    args = p.parse_args([str(tiny_set), "--task", "localize", "--boxes",
+                         str(tiny_set / "boxes.jsonl"), "--weights", str(cls), "--loc-weights",
+                         str(tmp_path / "loc"), "--json"])
+    assert L.run_evaluate(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 6 and r["mode"] == "scr"
+    args = p.parse_args([str(tiny_set), "--task", "localize", "--weights", str(cls)])
+    with pytest.raises(VGGFastError, match="--boxes"):
+        L.run_evaluate(args)
+
+
+def test_train_and_evaluate_commands_route_task_localize(tiny_set, tmp_path, capsys):
+    """`vggfast train --task localize` and `vggfast evaluate --task localize` through cli.main."""
+    from vggfast.cli import main
+    out = tmp_path / "loc"
+    rc = main(["train", "--task", "localize", "--data", str(tiny_set), "--boxes",
+               str(tiny_set / "boxes.jsonl"), "--init", str(tiny_set / "cls"), "--out", str(out),
+               "--epochs", "1", "--batch-size", "3", "--workers", "0", "--scale", "32",
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["task"] == "localize"
+    rc = main(["evaluate", str(tiny_set), "--task", "localize", "--boxes",
+               str(tiny_set / "boxes.jsonl"), "--weights", str(tiny_set / "cls"),
+               "--loc-weights", str(out), "--scales", "32", "--json", "--quiet"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 6
+    assert main(["train", "--task", "localize", "--data", str(tiny_set), "--init",
+                 str(tiny_set / "cls"), "--out", str(out)]) == 2  # no --boxes

@@ -1,0 +1,1116 @@
+"""Object localisation (Appendix A of the paper): box regression, dense application, merging.
+
+The localisation net is a VGG whose last FC layer (fc8) predicts a box instead of class scores:
+single-class regression (SCR, 4 outputs shared by every class) or per-class regression (PCR,
+4 x num_classes outputs, class c at rows 4c..4c+3). Every other layer has the classifier's layout,
+so the net is initialised from a trained classification model and fine-tuned with the Euclidean
+loss (all layers, as the paper; or the FC layers / the last FC layer only).
+
+Boxes. A box is (x0, y0, x1, y1) in pixel-edge coordinates: the box covering pixels 0..9 of a row
+is x0 = 0, x1 = 10, so its width is x1 - x0 (Pascal-VOC's 1-based inclusive xmin..xmax read as
+xmin - 1 .. xmax). The regression target of a box seen through a window (the net's input crop,
+origin (wx, wy), size ww x wh) is the paper's 4-D vector, normalised to the window:
+    ((cx - wx) / ww, (cy - wy) / wh, (x1 - x0) / ww, (y1 - y0) / wh),   cx, cy = the box centre.
+It is not clipped: a window that sees part of an object predicts the whole object.
+
+Loss. Euclidean, as Caffe's EuclideanLoss: L = 1 / (2N) * sum_n || p_n - t_n ||^2 over the N
+samples of a batch, with p_n the 4 outputs of the ground-truth class (PCR) or the 4 outputs (SCR).
+
+Dense application. At each scale Q the image is rescaled (smallest side Q) and both nets run fully
+convolutionally. Output position (i, j) reads the input window with origin (32 j, 32 i) and side
+image_size (the fc6 window of pool5 cells i..i+g-1), the same geometry as the training crops, so
+its box decodes against that window. Each position's box is rated by the classifier's softmax
+probability of the class at the same position. Predictions of all positions and scales (and of
+the flipped image, mirrored back, when `flip`) are merged greedily, as OverFeat (Sermanet et al.,
+2014) does: repeatedly take the pair of boxes with the largest IoU; while it is at least
+`merge_iou` (default 0.5) replace the two by one box whose coordinates are the score-weighted mean
+of theirs (the plain mean when both scores are 0) and whose score is the SUM of their scores;
+the merged box with the largest summed score is the class's box. The classes are the
+classifier's top-k of the whole image (dense protocol of Sec. 3.2 at the same scales), and the
+returned score is that image-level posterior.
+
+Central-crop protocol (the paper's SCR-vs-PCR comparison): rescale to S = 256/224 * image_size,
+take the central image_size crop, predict the box of the ground-truth class; an error when its
+IoU with every ground-truth box is at most 0.5.
+
+ILSVRC criterion: an image is localised when one of the top-5 guesses has the right class and IoU
+above 0.5 with one of the ground-truth boxes; the error is the fraction that is not.
+
+Annotation files (`read_boxes`):
+- JSON lines, one object per line: {"file": "img.jpg", "label": 3 or "cat",
+  "boxes": [[x0, y0, x1, y1], ...]}; "file" is relative to `image_root` when given, else to the
+  annotation file's folder; blank lines are skipped.
+- Pascal-VOC XML: one .xml file or a folder of them (recursive). Objects are grouped by class:
+  one sample per (image, class). The image is looked for under `image_root` (as <filename>, and
+  <folder>/<filename>), beside the XML file and in ../JPEGImages; a file name without suffix (as
+  ILSVRC's) is tried with .JPEG, .jpg, .jpeg and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import os
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import preprocess as pp
+from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+
+STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
+MODES = ("scr", "pcr")
+TRAINABLE = ("all", "fc", "last-fc")
+PROTOCOLS = ("dense", "center")
+PAPER_TRAIN_SCALES = (256, 384)  # for 224 crops (Appendix A)
+IOU_THRESHOLD = 0.5
+MERGE_IOU = 0.5
+IMG_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
+
+
+class AnnotationError(VGGFastError):
+    """A box annotation file is missing, malformed or names unknown classes or images."""
+
+
+# ---------------------------------------------------------------------------------------------
+# boxes
+
+def encode(boxes: torch.Tensor, window: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1) [..., 4] -> regression targets (cx, cy, w, h) normalised to
+    `window` (wx, wy, ww, wh) [..., 4] (broadcast). float32 out."""
+    b = torch.as_tensor(boxes, dtype=torch.float32)
+    w = torch.as_tensor(window, dtype=torch.float32)
+    cx, cy = (b[..., 0] + b[..., 2]) / 2, (b[..., 1] + b[..., 3]) / 2
+    return torch.stack([(cx - w[..., 0]) / w[..., 2], (cy - w[..., 1]) / w[..., 3],
+                        (b[..., 2] - b[..., 0]) / w[..., 2], (b[..., 3] - b[..., 1]) / w[..., 3]],
+                       -1)
+
+
+def decode(params: torch.Tensor, window: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode`: (cx, cy, w, h) [..., 4] relative to `window` -> (x0, y0, x1, y1).
+
+    A negative predicted width or height is taken as 0 (an empty box)."""
+    p = torch.as_tensor(params, dtype=torch.float32)
+    w = torch.as_tensor(window, dtype=torch.float32)
+    cx, cy = w[..., 0] + p[..., 0] * w[..., 2], w[..., 1] + p[..., 1] * w[..., 3]
+    bw, bh = p[..., 2].clamp(min=0) * w[..., 2], p[..., 3].clamp(min=0) * w[..., 3]
+    return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+
+
+def iou(a: Any, b: Any) -> np.ndarray:
+    """Pairwise IoU of boxes a [N, 4] and b [M, 4] (x0, y0, x1, y1) -> float64 [N, M].
+
+    An inverted or empty box has area 0; two boxes whose union is empty have IoU 0."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]),
+                 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]),
+                 0, None)
+    inter = iw * ih
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def greedy_merge(boxes: Any, scores: Any, merge_iou: float = MERGE_IOU
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """OverFeat's greedy merging (see the module docstring).
+
+    boxes [N, 4] (x0, y0, x1, y1), scores [N] >= 0. While the most overlapping pair of the current
+    boxes has IoU >= merge_iou, the pair becomes one box: coordinates the score-weighted mean,
+    score the sum. Returns (boxes [M, 4], scores [M]) float64, by decreasing score; the scores
+    always sum to the input's.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    s = np.asarray(scores, dtype=np.float64).reshape(-1).copy()
+    if len(b) != len(s):
+        raise ArgumentError(f"{len(b)} boxes but {len(s)} scores")
+    if len(s) and (not np.isfinite(s).all() or (s < 0).any()):
+        raise ArgumentError("merge scores must be finite and non-negative")
+    alive = np.ones(len(b), dtype=bool)
+    m = iou(b, b)
+    np.fill_diagonal(m, -1.0)
+    while alive.sum() > 1:
+        masked = np.where(alive[:, None] & alive[None, :], m, -1.0)
+        k = int(np.argmax(masked))
+        i, j = divmod(k, len(b))
+        if masked[i, j] < merge_iou:
+            break
+        tot = s[i] + s[j]
+        wi, wj = (s[i] / tot, s[j] / tot) if tot > 0 else (0.5, 0.5)
+        b[i] = wi * b[i] + wj * b[j]
+        s[i] = tot
+        alive[j] = False
+        row = iou(b[i:i + 1], b)[0]
+        row[i] = -1.0
+        m[i, :], m[:, i] = row, row
+    order = np.argsort(-s[alive], kind="stable")
+    return b[alive][order], s[alive][order]
+
+
+def clip_box(box: Sequence[float], width: float, height: float) -> tuple[float, ...]:
+    """(x0, y0, x1, y1) clipped to the image [0, width] x [0, height]."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
+            min(max(x1, 0.0), width), min(max(y1, 0.0), height))
+
+
+def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Mirror (x0, y0, x1, y1) boxes [..., 4] of an image `width` wide."""
+    return torch.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0],
+                        boxes[..., 3]], -1)
+
+
+def euclidean_loss(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None,
+                   mode: str = "scr") -> torch.Tensor:
+    """L = 1/(2N) sum_n ||p_n - t_n||^2 (Caffe's EuclideanLoss).
+
+    pred: [N, 4] (SCR) or [N, 4 * C] (PCR: only the ground-truth class's 4 outputs count);
+    target: [N, 4]; labels: [N] int64 class indices (PCR only)."""
+    if mode == "pcr":
+        if labels is None:
+            raise ArgumentError("per-class regression needs the labels")
+        pred = pred.view(pred.shape[0], -1, 4)[torch.arange(pred.shape[0]), labels]
+    elif mode != "scr":
+        raise ArgumentError(f"unknown regression mode {mode!r}; use scr or pcr")
+    return ((pred.float() - target.float()) ** 2).sum() / (2 * max(pred.shape[0], 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the localisation net
+
+def head_outputs(mode: str, num_classes: int) -> int:
+    """Rows of fc8: 4 (SCR) or 4 * num_classes (PCR)."""
+    if mode not in MODES:
+        raise ArgumentError(f"unknown regression mode {mode!r}; use scr or pcr")
+    return 4 if mode == "scr" else 4 * num_classes
+
+
+def check_loc_weights(w, cls_spec, class_names: Sequence[str]) -> str:
+    """Check loaded localisation `Weights` against the classifier; return the mode (scr | pcr).
+
+    The mode is the metadata's ("mode") when present, else read from fc8's rows: 4 -> SCR,
+    4 x the classifier's classes -> PCR. Raises WeightsError when the two nets do not pair."""
+    rows = w.spec.num_classes
+    n = cls_spec.num_classes
+    bad = w.unusable()
+    if bad:
+        raise WeightsError(f"localisation weights: layers {', '.join(bad)} are missing or not "
+                           "finite")
+    meta = w.meta or {}
+    mode = meta.get("mode")
+    if meta.get("task") not in (None, "localize"):
+        raise WeightsError(f"localisation weights {w.source} are for task {meta.get('task')!r}")
+    if mode is None:
+        mode = "scr" if rows == 4 else "pcr" if rows == 4 * n else None
+        if mode is None:
+            raise WeightsError(
+                f"localisation weights {w.source}: fc8 has {rows} outputs; expected 4 (single-class "
+                f"regression) or 4 x {n} = {4 * n} (per-class, one box per class of the "
+                "classifier)")
+    elif mode not in MODES:
+        raise WeightsError(f"localisation weights {w.source}: unknown mode {mode!r} in metadata")
+    if rows != head_outputs(mode, n):
+        raise WeightsError(f"localisation weights {w.source}: {mode.upper()} with {n} classes needs "
+                           f"{head_outputs(mode, n)} fc8 outputs, found {rows}")
+    if mode == "pcr" and meta.get("num_classes") not in (None, n):
+        raise WeightsError(f"localisation weights {w.source} were trained for "
+                           f"{meta.get('num_classes')} classes, the classifier has {n}")
+    names = meta.get("loc_class_names")
+    if mode == "pcr" and names is not None and list(names) != list(class_names):
+        raise WeightsError(f"localisation weights {w.source}: their class names (order) differ "
+                           "from the classifier's")
+    if w.spec.image_size != cls_spec.image_size:
+        raise WeightsError(f"the localisation net's native size {w.spec.image_size} differs from "
+                           f"the classifier's {cls_spec.image_size}: their dense outputs would not "
+                           "line up")
+    return mode
+
+
+def loc_meta(cls_meta: dict[str, Any], spec, mode: str, class_names: Sequence[str],
+             **extra: Any) -> dict[str, Any]:
+    """Checkpoint metadata of a localisation net. "class_names" is deliberately absent (the loader
+    checks it against fc8's rows); the classes are under "loc_class_names"."""
+    return {"task": "localize", "mode": mode, "num_classes": len(class_names),
+            "loc_class_names": list(class_names), "config": spec.config, "batch_norm": False,
+            "width": spec.width, "image_size": spec.image_size,
+            "preprocess": cls_meta.get("preprocess") or "torchvision", **extra}
+
+
+def build_localizer(cls_weights: Any, mode: str = "scr", num_classes: int | None = None):
+    """A trainable localisation VGG initialised from a classification model.
+
+    cls_weights: anything `weights.load` reads. Convs (BatchNorm folded into them), fc6 and fc7
+    are copied; fc8 gets head_outputs(mode, C) rows, weights N(0, 0.001^2) and biases
+    (0.5, 0.5, 0.5, 0.5) (a centred half-size box). Returns (model, Weights of the classifier).
+    """
+    from .configs import make_spec
+    from .nn import VGG
+    from .weights import load
+    w = load(cls_weights)
+    bad = w.unusable("fc7")
+    if bad:
+        raise WeightsError(f"{w.source}: layers {', '.join(bad)} are missing or not finite; a "
+                           "localisation net starts from a complete classifier")
+    if (w.meta or {}).get("task") == "localize":
+        raise WeightsError(f"{w.source} is a localisation net; start from a classification model")
+    s = w.spec
+    c = num_classes or s.num_classes
+    firsts = sorted({l.block: l.cout for l in s.convs}.items())
+    spec = make_spec(s.config, head_outputs(mode, c), s.width, s.image_size, batch_norm=False,
+                     fc_width=s.fc_width, channels=tuple(ch for _, ch in firsts))
+    model = VGG(spec)
+    sd = w.state_dict
+    with torch.no_grad():
+        for l in spec.convs:
+            m = model.features[l.index]
+            m.weight.copy_(sd[f"{l.name}.weight"])
+            m.bias.copy_(sd[f"{l.name}.bias"])
+        for l in spec.fcs[:2]:
+            m = model.classifier[l.index]
+            m.weight.copy_(sd[f"{l.name}.weight"].flatten(1))
+            m.bias.copy_(sd[f"{l.name}.bias"])
+        fc8 = model.classifier[6]
+        torch.nn.init.normal_(fc8.weight, 0.0, 1e-3)
+        fc8.bias.fill_(0.5)
+    return model, w
+
+
+def set_trainable(model, trainable: str) -> list[str]:
+    """Freeze all but the chosen layers: "all", "fc" (fc6-fc8) or "last-fc" (fc8). Returns the
+    trainable parameter names."""
+    if trainable not in TRAINABLE:
+        raise ArgumentError(f"unknown trainable set {trainable!r}; use {', '.join(TRAINABLE)}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or (trainable == "fc" and name.startswith("classifier"))
+                         or name.startswith("classifier.6."))
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# dense application
+
+def windows(oh: int, ow: int, size: int) -> torch.Tensor:
+    """Input windows (wx, wy, size, size) of an oh x ow dense output, row-major: [oh, ow, 4]."""
+    ys, xs = torch.meshgrid(torch.arange(oh, dtype=torch.float32) * STRIDE,
+                            torch.arange(ow, dtype=torch.float32) * STRIDE, indexing="ij")
+    full = torch.full_like(xs, float(size))
+    return torch.stack([xs, ys, full, full], -1)
+
+
+def _require_loc(engine) -> None:
+    if getattr(engine, "_loc_backend", None) is None:
+        raise VGGFastError("this Engine has no localisation net; create it with "
+                           "vggfast.Engine(weights, loc_weights=LOC_WEIGHTS)")
+
+
+@dataclass
+class DensePredictions:
+    """Every position's box and class probabilities, over all views of one image.
+
+    boxes: [P, K, 4] (x0, y0, x1, y1) in original-image pixels (K = 1 for SCR, C for PCR).
+    probs: [P, C] the classifier's softmax at the same position. image_probs: [C] the image-level
+    posterior (mean over views of softmax(spatial mean of scores)). size: (height, width).
+    """
+
+    boxes: torch.Tensor
+    probs: torch.Tensor
+    image_probs: torch.Tensor
+    size: tuple[int, int]
+
+    def class_boxes(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes [P, 4], scores [P]) of class c."""
+        k = c if self.boxes.shape[1] > 1 else 0
+        return self.boxes[:, k], self.probs[:, c]
+
+
+def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = False
+                      ) -> DensePredictions:
+    """Run the classifier and the localisation net of `engine` densely on `img` at `scales`."""
+    _require_loc(engine)
+    engine._require("fc8")
+    scales = engine.check_scales(scales)
+    x = pp.load_image(img)
+    H, W = x.shape[-2:]
+    size = engine.spec.image_size
+    all_boxes, all_probs, image_probs = [], [], []
+    for q in scales:
+        h, w = pp.rescaled_size(H, W, q)
+        engine._check_memory(2 if flip else 1, h, w)
+        v = pp.resize_short(x, q)
+        v = torch.stack([v, v.flip(-1)]) if flip else v[None]
+        scores = engine._backend.run(pp.normalize(v, engine.preprocess), ("fc8",))["fc8"].cpu()
+        loc = engine._loc_backend.run(pp.normalize(v, engine.loc_preprocess), ("fc8",))["fc8"].cpu()
+        nv, c, oh, ow = scores.shape
+        image_probs += list(F.softmax(scores.mean((2, 3)), 1))
+        probs = F.softmax(scores, 1).permute(0, 2, 3, 1)               # [V, oh, ow, C]
+        params = loc.view(nv, -1, 4, oh, ow).permute(0, 3, 4, 1, 2)     # [V, oh, ow, K, 4]
+        boxes = decode(params, windows(oh, ow, size)[None, :, :, None])
+        if flip:
+            boxes[1] = flip_boxes(boxes[1], w)
+        boxes = boxes * torch.tensor([W / w, H / h, W / w, H / h])
+        all_boxes.append(boxes.reshape(-1, boxes.shape[-2], 4))
+        all_probs.append(probs.reshape(-1, c))
+    return DensePredictions(torch.cat(all_boxes), torch.cat(all_probs),
+                            torch.stack(image_probs).mean(0), (H, W))
+
+
+def localize(engine, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: bool = False,
+             merge_iou: float = MERGE_IOU) -> list[tuple[int, str, float, tuple[float, ...]]]:
+    """Boxes of the classifier's top-k classes: [(class_index, class_name, score, (x0, y0, x1,
+    y1)), ...], best first, in original-image pixels (clipped to the image). score: the class's
+    image-level posterior. See the module docstring for the dense application and the merging."""
+    from .engine import _check_top_k
+    top_k = _check_top_k(top_k)
+    _check_merge_iou(merge_iou)
+    d = dense_predictions(engine, img, scales, flip)
+    H, W = d.size
+    p, idx = torch.topk(d.image_probs, min(top_k, d.image_probs.numel()))
+    out = []
+    for prob, c in zip(p.tolist(), idx.tolist()):
+        boxes, scores = d.class_boxes(c)
+        merged, _ = greedy_merge(boxes.numpy(), scores.numpy(), merge_iou)
+        out.append((c, engine.class_names[c], prob, clip_box(merged[0], W, H)))
+    return out
+
+
+def _check_merge_iou(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
+        raise ArgumentError(f"merge_iou must be a number in (0, 1], not {v!r}")
+    return float(v)
+
+
+def default_center_scale(image_size: int) -> int:
+    """The paper's S = 256 for 224 crops, scaled to other native sizes."""
+    return round(256 * image_size / 224)
+
+
+def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> tuple[float, ...]:
+    """The paper's SCR-vs-PCR protocol: the box of class `label` predicted on the central
+    image_size crop of `img` rescaled to `scale` (default 256/224 * image_size), in original
+    pixels (clipped to the image)."""
+    _require_loc(engine)
+    size = engine.spec.image_size
+    q = default_center_scale(size) if scale is None else scale
+    (q,) = engine.check_scales((q,))
+    n = engine.spec.num_classes
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < n:
+        raise ArgumentError(f"label must be a class index in 0..{n - 1}, not {label!r}")
+    x = pp.load_image(img)
+    H, W = x.shape[-2:]
+    h, w = pp.rescaled_size(H, W, q)
+    top, left = (h - size) // 2, (w - size) // 2
+    v = pp.center_crop(pp.resize_short(x, q), size)[None]
+    out = engine._loc_backend.run(pp.normalize(v, engine.loc_preprocess), ("fc8",))["fc8"].cpu()
+    params = out.view(-1, 4)
+    params = params[label if engine.loc_mode == "pcr" else 0]
+    box = decode(params, (left, top, size, size))
+    box = box * torch.tensor([W / w, H / h, W / w, H / h])
+    return clip_box(box.tolist(), W, H)
+
+
+# ---------------------------------------------------------------------------------------------
+# annotations
+
+@dataclass
+class LocSample:
+    """One annotated image: file path, class index, ground-truth boxes (x0, y0, x1, y1) pixels."""
+
+    file: str
+    label: int
+    boxes: list[tuple[float, float, float, float]]
+
+
+def _label_index(raw: Any, class_names: Sequence[str] | None, class_map: dict[str, int] | None,
+                 where: str) -> int:
+    n = len(class_names) if class_names is not None else None
+    if isinstance(raw, bool):
+        raise AnnotationError(f"{where}: label must be a class index or name, not {raw!r}")
+    if isinstance(raw, numbers.Integral):
+        i = int(raw)
+    elif isinstance(raw, str):
+        if class_map is not None and raw in class_map:
+            i = class_map[raw]
+        elif class_names is not None and raw in class_names:
+            i = list(class_names).index(raw)
+        elif raw.strip().isdigit():
+            i = int(raw)
+        else:
+            raise AnnotationError(f"{where}: unknown class {raw!r} (not among the model's class "
+                                  "names; pass a class map or use class indices)")
+    else:
+        raise AnnotationError(f"{where}: label must be a class index or name, not {raw!r}")
+    if i < 0 or (n is not None and i >= n):
+        raise AnnotationError(f"{where}: class {i} outside the model's 0..{(n or 1) - 1}")
+    return i
+
+
+def _check_box(b: Any, where: str) -> tuple[float, float, float, float]:
+    if not isinstance(b, (list, tuple)) or len(b) != 4 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in b):
+        raise AnnotationError(f"{where}: a box must be [x0, y0, x1, y1] (4 finite numbers), "
+                              f"not {b!r}")
+    x0, y0, x1, y1 = (float(v) for v in b)
+    if not (x1 > x0 and y1 > y0):
+        raise AnnotationError(f"{where}: box {list(b)} is empty (needs x1 > x0 and y1 > y0)")
+    return x0, y0, x1, y1
+
+
+def read_jsonl(path: str | os.PathLike, class_names: Sequence[str] | None = None,
+               image_root: str | os.PathLike | None = None,
+               class_map: dict[str, int] | None = None) -> list[LocSample]:
+    """Samples of a JSON-lines annotation file (format in the module docstring)."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(f"cannot read box annotations {p}: {getattr(exc, 'strerror', None) or exc}")
+    root = Path(image_root) if image_root is not None else p.parent
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"{where}: not valid JSON ({exc.msg}); expected "
+                                  '{"file": ..., "label": ..., "boxes": [[x0, y0, x1, y1], ...]}')
+        if not isinstance(rec, dict):
+            raise AnnotationError(f"{where}: expected a JSON object, found {type(rec).__name__}")
+        missing = [k for k in ("file", "label", "boxes") if k not in rec]
+        if missing:
+            raise AnnotationError(f"{where}: missing {', '.join(missing)}")
+        if not isinstance(rec["file"], str) or not rec["file"]:
+            raise AnnotationError(f"{where}: file must be a non-empty string")
+        boxes = rec["boxes"]
+        if not isinstance(boxes, list) or not boxes:
+            raise AnnotationError(f"{where}: boxes must be a non-empty list of [x0, y0, x1, y1]")
+        out.append(LocSample(str(root / rec["file"]),
+                             _label_index(rec["label"], class_names, class_map, where),
+                             [_check_box(b, where) for b in boxes]))
+    if not out:
+        raise AnnotationError(f"{p}: no annotations (expected one JSON object per line)")
+    return out
+
+
+def _find_image(name: str, folder: str | None, xml_path: Path, image_root: Path | None
+                ) -> Path | None:
+    dirs = []
+    if image_root is not None:
+        dirs += [image_root] + ([image_root / folder] if folder else [])
+    dirs += [xml_path.parent, xml_path.parent.parent / "JPEGImages"]
+    names = [name] if Path(name).suffix else [name + s for s in IMG_SUFFIXES]
+    for d in dirs:
+        for nm in names:
+            if (d / nm).is_file():
+                return d / nm
+    return None
+
+
+def read_voc(path: str | os.PathLike, class_names: Sequence[str] | None = None,
+             image_root: str | os.PathLike | None = None,
+             class_map: dict[str, int] | None = None) -> list[LocSample]:
+    """Samples of Pascal-VOC XML annotations (a file or a folder of them; see the docstring)."""
+    p = Path(path)
+    files = sorted(p.rglob("*.xml")) if p.is_dir() else [p]
+    if not files:
+        raise AnnotationError(f"{p}: no .xml annotation files found")
+    root = Path(image_root) if image_root is not None else None
+    out = []
+    for f in files:
+        try:
+            tree = ET.parse(f).getroot()
+        except (ET.ParseError, OSError) as exc:
+            raise AnnotationError(f"{f}: not a readable Pascal-VOC XML file ({exc})")
+        name = (tree.findtext("filename") or "").strip()
+        if not name:
+            raise AnnotationError(f"{f}: no <filename>")
+        per_class: dict[int, list] = {}
+        for obj in tree.iter("object"):
+            cname = (obj.findtext("name") or "").strip()
+            bb = obj.find("bndbox")
+            where = f"{f} (object {cname or '?'})"
+            if not cname or bb is None:
+                raise AnnotationError(f"{where}: an <object> needs <name> and <bndbox>")
+            try:
+                xmin, ymin, xmax, ymax = (float(bb.findtext(k)) for k in
+                                          ("xmin", "ymin", "xmax", "ymax"))
+            except (TypeError, ValueError):
+                raise AnnotationError(f"{where}: <bndbox> needs numeric xmin, ymin, xmax, ymax")
+            box = _check_box([xmin - 1, ymin - 1, xmax, ymax], where)
+            per_class.setdefault(_label_index(cname, class_names, class_map, where), []).append(box)
+        if not per_class:
+            continue
+        img = _find_image(name, (tree.findtext("folder") or "").strip() or None, f, root)
+        if img is None:
+            raise AnnotationError(f"{f}: image {name!r} not found (looked under "
+                                  f"{root or 'no --images root'}, beside the XML and in "
+                                  "../JPEGImages)")
+        out += [LocSample(str(img), c, b) for c, b in sorted(per_class.items())]
+    if not out:
+        raise AnnotationError(f"{p}: no objects in the XML annotations")
+    return out
+
+
+def read_boxes(path: str | os.PathLike, class_names: Sequence[str] | None = None,
+               image_root: str | os.PathLike | None = None,
+               class_map: dict[str, int] | None = None, check_files: bool = True
+               ) -> list[LocSample]:
+    """Box annotations from a JSON-lines file or Pascal-VOC XML (file or folder). Labels given
+    as names are mapped through `class_map`, then `class_names`. Raises AnnotationError."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.exists():
+        raise AnnotationError(f"box annotations not found: {p}")
+    if p.is_dir() or p.suffix.lower() == ".xml":
+        samples = read_voc(p, class_names, image_root, class_map)
+    else:
+        samples = read_jsonl(p, class_names, image_root, class_map)
+    if check_files:
+        gone = [s.file for s in samples if not os.path.isfile(s.file)]
+        if gone:
+            raise AnnotationError(f"{p}: {len(gone)} annotated images do not exist, e.g. {gone[0]} "
+                                  "(paths are relative to the image folder, or to the annotation "
+                                  "file's folder when none is given)")
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# the ILSVRC criterion and evaluation
+
+def ilsvrc_correct(preds: Sequence[Sequence[Any]], label: int, gt_boxes: Any, k: int = 5,
+                   iou_threshold: float = IOU_THRESHOLD) -> bool:
+    """True when one of the first k guesses has class `label` and IoU > iou_threshold with one
+    of `gt_boxes`. A guess is (class_index, box) or `localize`'s (class, name, score, box)."""
+    gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    for g in list(preds)[:k]:
+        if int(g[0]) == int(label) and len(gt) and iou([g[-1]], gt).max() > iou_threshold:
+            return True
+    return False
+
+
+def _as_samples(engine, dataset: Any, image_root: Any = None, class_map=None) -> list[LocSample]:
+    if isinstance(dataset, (str, os.PathLike)):
+        return read_boxes(dataset, engine.class_names, image_root, class_map)
+    samples = list(dataset)
+    if not all(isinstance(s, LocSample) for s in samples):
+        raise ArgumentError("dataset must be an annotation file or a list of LocSample")
+    return samples
+
+
+def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k: int = 5,
+                          protocol: str = "dense", flip: bool = False,
+                          iou_threshold: float = IOU_THRESHOLD, center_scale: int | None = None,
+                          image_root: Any = None, class_map: dict[str, int] | None = None,
+                          limit: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Localisation error (%) of `engine` (with loc_weights) on annotated images.
+
+    dataset: an annotation file (`read_boxes`) or a list of LocSample. protocol "dense": the
+    ILSVRC criterion on `localize(img, scales, top_k)`: top1_error (the best guess) and
+    top5_error (any of the top 5 guesses; top_k must be >= 5 for it), plus the classifier's
+    top-1/top-5 classification errors. protocol "center": the central-crop, ground-truth-class
+    protocol; error. Unreadable images are skipped and listed under "failed".
+    """
+    from tqdm import tqdm
+    _require_loc(engine)
+    if protocol not in PROTOCOLS:
+        raise ArgumentError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+    samples = _as_samples(engine, dataset, image_root, class_map)
+    if limit:
+        samples = samples[:limit]
+    n = engine.spec.num_classes
+    bad = [s for s in samples if not 0 <= s.label < n]
+    if bad:
+        raise AnnotationError(f"{bad[0].file}: class {bad[0].label} outside the model's 0..{n - 1}")
+    counts = dict(loc1=0, loc5=0, cls1=0, cls5=0, center=0)
+    done, failed, ious = 0, [], []
+    bar = tqdm(samples, desc="localize", unit="img", disable=not progress, file=sys.stderr)
+    for s in bar:
+        try:
+            if protocol == "center":
+                box = center_crop_box(engine, s.file, s.label, center_scale)
+                best = float(iou([box], s.boxes).max())
+                ious.append(best)
+                counts["center"] += best <= iou_threshold
+            else:
+                preds = localize(engine, s.file, scales, top_k, flip)
+                classes = [g[0] for g in preds]
+                counts["loc1"] += not ilsvrc_correct(preds, s.label, s.boxes, 1, iou_threshold)
+                counts["loc5"] += not ilsvrc_correct(preds, s.label, s.boxes, 5, iou_threshold)
+                counts["cls1"] += classes[0] != s.label
+                counts["cls5"] += s.label not in classes[:5]
+        except ImageError as exc:
+            failed.append({"file": s.file, "error": str(exc)})
+            continue
+        done += 1
+    if not done:
+        raise VGGFastError(f"none of the {len(samples)} annotated images could be read")
+    pct = lambda k: 100.0 * counts[k] / done  # noqa: E731
+    out: dict[str, Any] = {"task": "localize", "protocol": protocol, "images": done,
+                           "iou_threshold": iou_threshold, "mode": engine.loc_mode,
+                           "failed": failed}
+    if protocol == "center":
+        out.update(scale=center_scale or default_center_scale(engine.spec.image_size),
+                   error=pct("center"), mean_iou=float(np.mean(ious)))
+    else:
+        out.update(scales=list(engine.check_scales(scales)), flip=flip, top_k=top_k,
+                   top1_error=pct("loc1"), top5_error=pct("loc5") if top_k >= 5 else None,
+                   cls_top1_error=pct("cls1"), cls_top5_error=pct("cls5") if top_k >= 5 else None)
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    if r["protocol"] == "center":
+        return (f"central crop (S={r['scale']}), ground-truth class, {r['mode'].upper()}: "
+                f"localisation error {r['error']:.1f}% (IoU <= {r['iou_threshold']:g}), mean IoU "
+                f"{r['mean_iou']:.3f}, {r['images']} images")
+    t5 = "n/a" if r["top5_error"] is None else f"{r['top5_error']:.1f}%"
+    c5 = "n/a" if r["cls_top5_error"] is None else f"{r['cls_top5_error']:.1f}%"
+    return (f"dense, scales {','.join(map(str, r['scales']))}, {r['mode'].upper()}: localisation "
+            f"error top-1 {r['top1_error']:.1f}%  top-5 {t5}  (classification error top-1 "
+            f"{r['cls_top1_error']:.1f}%  top-5 {c5}), {r['images']} images")
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+@dataclass
+class LocTrainOptions:
+    """Options of `train_localizer`. init: the classification model to start from (required).
+    scales: the training scales S (one drawn per image; default the paper's 256 and 384 scaled to
+    image_size); scale / scale_jitter override them as in the classification trainer. trainable:
+    "all" (the paper's), "fc" (fc6-fc8, as OverFeat) or "last-fc". val_boxes: annotations scored
+    each epoch with the central-crop protocol (the lr plateau watches it; else the training
+    loss)."""
+
+    boxes: str
+    init: str
+    data: str | None = None
+    out: str = "vggfast-loc"
+    mode: str = "scr"
+    trainable: str = "all"
+    val_boxes: str | None = None
+    val: str | None = None
+    scales: tuple[int, ...] | None = None
+    scale: int | None = None
+    scale_jitter: tuple[int, int] | None = None
+    flip: bool = True
+    color_shift: bool = True
+    min_visible: float = 0.5
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dropout: float = 0.5
+    patience: int = 2
+    workers: int = 4
+    seed: int = 0
+    device: str | None = None
+    quiet: bool = False
+
+
+def train_scales(opts: LocTrainOptions, image_size: int) -> tuple[int, ...] | tuple[int, int, str]:
+    """The S values of training: a tuple of choices, or (lo, hi, "range") for jittering."""
+    if opts.scale is not None and opts.scale_jitter is not None:
+        raise ArgumentError("give either a fixed scale or a scale-jitter range, not both")
+    if opts.scale is not None:
+        out: tuple = (opts.scale,)
+    elif opts.scale_jitter is not None:
+        lo, hi = opts.scale_jitter
+        if lo > hi:
+            raise ArgumentError(f"scale-jitter range is empty: Smin {lo} > Smax {hi}")
+        out = (lo, hi, "range")
+    elif opts.scales:
+        out = tuple(opts.scales)
+    else:
+        out = tuple(round(s * image_size / 224) for s in PAPER_TRAIN_SCALES)
+    for s in out:
+        if isinstance(s, str):
+            continue
+        if isinstance(s, bool) or not isinstance(s, int) or s < image_size:
+            raise ArgumentError(f"training scale {s!r} must be a whole number >= the crop size "
+                                f"{image_size}")
+    return out
+
+
+def _visible(box, size: int) -> float:
+    x0, y0, x1, y1 = box
+    inter = max(0.0, min(x1, size) - max(x0, 0.0)) * max(0.0, min(y1, size) - max(y0, 0.0))
+    area = max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
+    return inter / area if area > 0 else 0.0
+
+
+class LocDataset(torch.utils.data.Dataset):
+    """(normalised crop [3, size, size], target [4], label) per (index, seed) key.
+
+    Training (`train=True`): rescale to S (drawn from `scales`), a random size x size crop (up
+    to 10 positions are drawn until the chosen box is at least `min_visible` inside; the best is
+    kept), a flip with probability 1/2 (the box mirrored), the PCA colour shift. The box is the
+    ground-truth box most visible in the crop. Evaluation: rescale to scales[0], central crop.
+    """
+
+    def __init__(self, samples: Sequence[LocSample], size: int, scales, train: bool = True,
+                 flip: bool = True, color: bool = True, min_visible: float = 0.5,
+                 preprocess: str = "torchvision"):
+        self.samples, self.size, self.scales, self.train = list(samples), size, scales, train
+        self.flip, self.color, self.min_visible, self.preprocess = flip, color, min_visible, preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _scale(self, gen: torch.Generator) -> int:
+        if self.scales[-1] == "range":
+            return int(torch.randint(self.scales[0], self.scales[1] + 1, (1,), generator=gen))
+        return int(self.scales[int(torch.randint(0, len(self.scales), (1,), generator=gen))])
+
+    def __getitem__(self, key):
+        from .train import color_shift
+        index, seed = key
+        s = self.samples[index]
+        gen = torch.Generator().manual_seed(int(seed))
+        x = pp.load_image(s.file)
+        H, W = x.shape[-2:]
+        q = self._scale(gen) if self.train else int(self.scales[0])
+        h, w = pp.rescaled_size(H, W, q)
+        boxes = torch.tensor(s.boxes, dtype=torch.float32) * torch.tensor([w / W, h / H] * 2)
+        size = self.size
+        if self.train:
+            best = None
+            for _ in range(10):
+                top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+                left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+                shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
+                vis = [_visible(b.tolist(), size) for b in shifted]
+                k = int(np.argmax(vis))
+                if best is None or vis[k] > best[0]:
+                    best = (vis[k], top, left, shifted[k])
+                if vis[k] >= self.min_visible:
+                    break
+            _, top, left, box = best
+        else:
+            top, left = (h - size) // 2, (w - size) // 2
+            shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
+            box = shifted[int(np.argmax([_visible(b.tolist(), size) for b in shifted]))]
+        v = pp.resize_short(x, q)[:, top:top + size, left:left + size]
+        if self.train and self.flip and bool(torch.rand(1, generator=gen) < 0.5):
+            v = v.flip(-1)
+            box = flip_boxes(box, size)
+        if self.train and self.color:
+            v = color_shift(v, gen)
+        target = encode(box, (0, 0, size, size))
+        return pp.normalize(v.contiguous(), self.preprocess), target, s.label
+
+
+@dataclass
+class LocTrainResult:
+    out: Path
+    meta: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def _center_accuracy(model, loader, mode: str, device) -> tuple[float, float]:
+    """(fraction with IoU > 0.5, mean IoU) of the central-crop protocol on a LocDataset."""
+    model.eval()
+    hits, total, tot_iou = 0, 0, 0.0
+    for x, t, y in loader:
+        p = model(x.to(device)).float().cpu()
+        if mode == "pcr":
+            p = p.view(len(y), -1, 4)[torch.arange(len(y)), y]
+        win = (0, 0, 1, 1)
+        a, b = decode(p, win).numpy(), decode(t, win).numpy()
+        ious = np.array([iou(a[i:i + 1], b[i:i + 1])[0, 0] for i in range(len(a))])
+        hits += int((ious > IOU_THRESHOLD).sum())
+        tot_iou += float(ious.sum())
+        total += len(ious)
+    return hits / max(total, 1), tot_iou / max(total, 1)
+
+
+def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
+    """Fine-tune a localisation net from `opts.init` on `opts.boxes` (see LocTrainOptions).
+
+    Writes OUT/model.safetensors (torchvision keys; metadata: task "localize", mode, num_classes,
+    loc_class_names, config, width, image_size, preprocess) and OUT/model.json after every
+    epoch, and OUT/log.jsonl (one JSON row per epoch). Single process (no torchrun), no resume."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from .train import MODEL_FILE, _atomic_write, _resolve_device, epoch_order, sample_seed, save_model
+    if opts.mode not in MODES:
+        raise ArgumentError(f"unknown --mode {opts.mode!r}; use scr or pcr")
+    for name in ("epochs", "batch_size"):
+        v = getattr(opts, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ArgumentError(f"{name} must be a positive integer, not {v!r}")
+    if not (isinstance(opts.lr, (int, float)) and math.isfinite(opts.lr) and opts.lr > 0):
+        raise ArgumentError(f"lr must be positive, not {opts.lr!r}")
+    if not opts.init:
+        raise ArgumentError("a localisation net starts from a classification model: pass --init "
+                            "CLASSIFIER (a file or a `vggfast train` folder)")
+    out = Path(os.path.expanduser(opts.out))
+    if (out / MODEL_FILE).exists():
+        raise VGGFastError(f"--out {out} already holds a model; choose another folder")
+    device = _resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
+    init = os.path.expanduser(opts.init)
+    if not os.path.exists(init):
+        raise ArgumentError(f"--init {opts.init!r}: no such classification model (file or folder)")
+    from .weights import load
+    cls_w = load(init)
+    classes = cls_w.class_names or [str(i) for i in range(cls_w.spec.num_classes)]
+    model, _ = build_localizer(cls_w, opts.mode, len(classes))
+    set_trainable(model, opts.trainable)
+    if opts.dropout != 0.5:
+        for m in model.classifier:
+            if isinstance(m, torch.nn.Dropout):
+                m.p = opts.dropout
+    size = model.spec.image_size
+    scales = train_scales(opts, size)
+    pre = cls_w.preprocess or "torchvision"
+    samples = read_boxes(opts.boxes, classes, opts.data)
+    val = read_boxes(opts.val_boxes, classes, opts.val) if opts.val_boxes else None
+    meta = loc_meta(cls_w.meta or {}, model.spec, opts.mode, classes, trainable=opts.trainable,
+                    init=str(init))
+    meta["preprocess"] = pre
+    model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum,
+                                weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
+                                                           patience=opts.patience)
+    ds = LocDataset(samples, size, scales, True, opts.flip, opts.color_shift, opts.min_visible, pre)
+    cscale = default_center_scale(size)
+    vds = LocDataset(val, size, (cscale,), False, preprocess=pre) if val else None
+    say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
+    say(f"localisation net {opts.mode.upper()} from {init}: {len(samples)} training images, "
+        f"scales {scales}, trainable {opts.trainable}, {device}")
+    out.mkdir(parents=True, exist_ok=True)
+    history = []
+    for epoch in range(opts.epochs):
+        model.train()
+        order = epoch_order(len(ds), epoch, opts.seed)
+        keys = [(i, sample_seed(opts.seed, epoch, i)) for i in order]
+        loader = DataLoader(ds, batch_size=opts.batch_size, sampler=keys,
+                            num_workers=opts.workers)
+        lr = optimizer.param_groups[0]["lr"]
+        t0, tot, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False,
+                   disable=opts.quiet, file=sys.stderr)
+        for x, t, y in bar:
+            x, t, y = x.to(device), t.to(device), y.to(device)
+            loss = euclidean_loss(model(x), t, y, opts.mode)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            tot += float(loss.detach()) * len(y)
+            seen += len(y)
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "loss": tot / max(seen, 1), "lr": lr, "seconds": seconds}
+        if vds is not None:
+            vkeys = [(i, 0) for i in range(len(vds))]
+            acc, miou = _center_accuracy(model, DataLoader(vds, batch_size=opts.batch_size,
+                                                           sampler=vkeys), opts.mode, device)
+            row.update(val_center_acc=acc, val_mean_iou=miou)
+            scheduler.step(acc)
+        else:
+            scheduler.step(-row["loss"])
+        history.append(row)
+        say(f"epoch {epoch + 1}/{opts.epochs}  loss {row['loss']:.5f}  lr {lr:g}"
+            + (f"  val centre-crop IoU>0.5 {row['val_center_acc']:.4f}  mean IoU "
+               f"{row['val_mean_iou']:.3f}" if vds is not None else "") + f"  {seconds:.1f} s")
+        model.eval()
+        save_model(model, meta, out)
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        _atomic_write(out / "log.jsonl", lambda p: Path(p).write_text(text))
+    say(f"model: {out / MODEL_FILE}  (use with vggfast.Engine(CLASSIFIER, loc_weights="
+        f"{str(out)!r}))")
+    return LocTrainResult(out, meta, history)
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing
+
+_COLOURS = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 192, 0), (200, 64, 255))
+
+
+def draw_boxes(img: Any, preds: Sequence[Sequence[Any]], out: str | os.PathLike | None = None,
+               width: int | None = None):
+    """Draw `localize`'s boxes with "name score" labels on `img`; returns the PIL image and saves
+    it to `out` when given (format from the suffix)."""
+    from PIL import Image, ImageDraw
+    x = pp.load_image(img)
+    a = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    im = Image.fromarray(a, "RGB")
+    d = ImageDraw.Draw(im)
+    lw = width or max(1, round(min(im.size) / 150))
+    for n, (c, name, score, box) in reversed(list(enumerate(preds))):
+        col = _COLOURS[n % len(_COLOURS)]
+        d.rectangle([box[0], box[1], max(box[0], box[2] - 1), max(box[1], box[3] - 1)],
+                    outline=col, width=lw)
+        label = f"{name} {score:.2f}"
+        tx, ty = box[0] + lw, box[1] + lw
+        l, t, r, b = d.textbbox((tx, ty), label)
+        d.rectangle([l - 1, t - 1, r + 1, b + 1], fill=col)
+        d.text((tx, ty), label, fill=(0, 0, 0))
+    if out is not None:
+        try:
+            im.save(out)
+        except (OSError, ValueError) as exc:
+            raise ArgumentError(f"cannot write {out}: {exc}")
+    return im
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def _loc_engine(args):
+    from .engine import Engine
+    from .cli import _need_weights
+    if not getattr(args, "loc_weights", None):
+        raise VGGFastError("no localisation net given: pass --loc-weights PATH (a `vggfast train "
+                           "--task localize` folder or checkpoint)")
+    return Engine(_need_weights(args), config=getattr(args, "config", None),
+                  device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
+                  backend=getattr(args, "backend", "auto"),
+                  preprocess=getattr(args, "preprocess", None), loc_weights=args.loc_weights)
+
+
+def cmd_localize(args) -> int:
+    eng = _loc_engine(args)
+    preds = eng.localize(args.image, scales=args.scales, top_k=args.top, flip=args.flip)
+    if args.json:
+        print(json.dumps({"image": args.image, "boxes": [
+            {"index": c, "name": n, "score": s, "box": list(b)} for c, n, s, b in preds]},
+            indent=2))
+    else:
+        print(args.image)
+        for c, n, s, b in preds:
+            print(f"  {s:7.4f}  {c:4d}  {n:<24} ({b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f})")
+    if args.out:
+        draw_boxes(args.image, preds[:args.draw] if args.draw > 0 else preds, args.out)
+        print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Register `vggfast localize IMG --weights W --loc-weights L [--out boxes.png]`."""
+    from .cli import _engine_args, _weights_arg
+    p = sub.add_parser("localize", help="boxes of the top classes (paper Appendix A): dense "
+                                        "localisation net + greedy merging; draws them with --out")
+    p.add_argument("image")
+    _weights_arg(p)
+    _engine_args(p)
+    p.add_argument("--loc-weights", "-l", required=True,
+                   help="the localisation net (`vggfast train --task localize` output)")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384])
+    p.add_argument("--top", type=int, default=5, help="classes (one box each)")
+    p.add_argument("--flip", action="store_true", help="also use the flipped image's boxes")
+    p.add_argument("--out", "-o", default=None, help="write the image with the boxes (PNG/JPEG)")
+    p.add_argument("--draw", type=int, default=0,
+                   help="boxes drawn with --out, best first (default 0: all --top boxes)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_localize)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags `vggfast train` needs for `--task localize` (the rest are the trainer's own)."""
+    parser.add_argument("--task", choices=("classify", "localize"), default="classify",
+                        help="classify (default) or localize: fine-tune a box-regression net from "
+                             "the classifier given with --init, on --boxes")
+    parser.add_argument("--boxes", default=None, metavar="FILE",
+                        help="localize: box annotations, JSON lines {file, label, boxes} or a "
+                             "Pascal-VOC XML folder; images relative to --data")
+    parser.add_argument("--val-boxes", default=None, metavar="FILE",
+                        help="localize: validation annotations (images relative to --val), scored "
+                             "by the central-crop protocol after each epoch")
+    parser.add_argument("--mode", choices=MODES, default="scr",
+                        help="localize: scr (one box for all classes) or pcr (one per class)")
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--last-fc-only", action="store_true",
+                   help="localize: fine-tune fc8 only (default: all layers, as the paper)")
+    g.add_argument("--fc-only", action="store_true",
+                   help="localize: fine-tune fc6-fc8 only (OverFeat's choice)")
+
+
+def options_from_args(args: argparse.Namespace) -> LocTrainOptions:
+    if not getattr(args, "boxes", None):
+        raise ArgumentError("--task localize needs --boxes FILE (box annotations)")
+    if getattr(args, "resume", False):
+        raise ArgumentError("--resume is not supported for --task localize")
+    init = getattr(args, "init", None)
+    if init in (None, "glorot", "kaiming"):
+        raise ArgumentError("--task localize starts from a trained classifier: pass --init "
+                            "CLASSIFIER (a `vggfast train` folder or a checkpoint)")
+    lr = getattr(args, "lr", None)
+    d = LocTrainOptions(boxes="", init="")
+    jitter = getattr(args, "scale_jitter", None)
+    return LocTrainOptions(
+        boxes=args.boxes, init=init, data=getattr(args, "data", None),
+        out=getattr(args, "out", None) or d.out, mode=getattr(args, "mode", "scr"),
+        trainable="last-fc" if getattr(args, "last_fc_only", False) else
+        "fc" if getattr(args, "fc_only", False) else "all",
+        val_boxes=getattr(args, "val_boxes", None), val=getattr(args, "val", None),
+        scale=getattr(args, "scale", None), scale_jitter=tuple(jitter) if jitter else None,
+        flip=not getattr(args, "no_flip", False),
+        color_shift=not getattr(args, "no_color_shift", False),
+        epochs=getattr(args, "epochs", d.epochs), batch_size=getattr(args, "batch_size",
+                                                                      d.batch_size),
+        lr=d.lr if lr is None else lr, momentum=getattr(args, "momentum", d.momentum),
+        weight_decay=getattr(args, "weight_decay", d.weight_decay),
+        dropout=getattr(args, "dropout", d.dropout), patience=getattr(args, "patience",
+                                                                      d.patience),
+        workers=getattr(args, "workers", d.workers), seed=getattr(args, "seed", d.seed),
+        device=getattr(args, "device", None), quiet=getattr(args, "quiet", False))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`vggfast train --task localize ...`: returns the exit code; user errors raise
+    VGGFastError. --lr: None means the paper's 1e-3 for localisation."""
+    train_localizer(options_from_args(args))
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags `vggfast evaluate` needs for `--task localize DIR --boxes BOXES`."""
+    parser.add_argument("--task", choices=("classify", "localize"), default="classify",
+                        help="classify (default) or localize: ILSVRC localisation error")
+    parser.add_argument("--boxes", default=None, metavar="FILE",
+                        help="localize: box annotations (JSON lines or Pascal-VOC XML); images "
+                             "relative to the folder argument")
+    parser.add_argument("--loc-weights", default=None, help="localize: the localisation net")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="dense",
+                        help="localize: dense (top-k classes, greedy merging; default) or center "
+                             "(central crop, ground-truth class)")
+    parser.add_argument("--iou", type=float, default=IOU_THRESHOLD,
+                        help="localize: IoU a correct box must exceed (default 0.5)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`vggfast evaluate --task localize DIR --boxes BOXES --weights W --loc-weights L`."""
+    from .protocols import read_class_map
+    if not getattr(args, "boxes", None):
+        raise ArgumentError("--task localize needs --boxes FILE (box annotations)")
+    eng = _loc_engine(args)
+    cmap = read_class_map(args.class_map) if getattr(args, "class_map", None) else None
+    scales = getattr(args, "scales", None) or [256, 384]
+    r = evaluate_localization(eng, args.boxes, scales=scales, protocol=args.protocol,
+                              flip=not getattr(args, "no_flip", True),
+                              iou_threshold=args.iou, image_root=getattr(args, "folder", None),
+                              class_map=cmap, limit=getattr(args, "limit", 0) or 0,
+                              progress=not getattr(args, "quiet", False))
+    for f in r["failed"]:
+        print(f"vggfast: skipped {f['error']}", file=sys.stderr)
+    print(json.dumps(r, indent=2) if getattr(args, "json", False) else format_report(r))
+    return 0
