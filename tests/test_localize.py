@@ -447,3 +447,11 @@ def test_train_and_evaluate_commands_route_task_localize(tiny_set, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["images"] == 6
     assert main(["train", "--task", "localize", "--data", str(tiny_set), "--init",
                  str(tiny_set / "cls"), "--out", str(out)]) == 2  # no --boxes
+
+
+def test_a_localisation_net_is_not_taken_for_a_classifier(tiny_set, tmp_path):
+    loc, _ = L.build_localizer(str(tiny_set / "cls"), "scr")
+    from vggfast.train import save_model
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    with pytest.raises(VGGFastError, match="loc_weights"):
+        vggfast.Engine(str(tmp_path / "loc"))

@@ -154,6 +154,9 @@ class Engine:
             raise ArgumentError(f"memory_budget must be a positive number of bytes, not "
                                 f"{memory_budget!r}")
         self.weights: Weights = load(weights, config=config)
+        if self.weights.meta.get("task") == "localize":
+            raise WeightsError(f"{self.weights.source} is a localisation net (its last layer "
+                               "predicts boxes): pass it as Engine(classifier, loc_weights=...)")
         self.spec = self.weights.spec
         self.preprocess = preprocess or self.weights.preprocess or "torchvision"
         pp.convention(self.preprocess)
@@ -310,9 +313,9 @@ class Engine:
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
         self._require("fc8")
-        (q,) = self.check_scales((scale,))
-        x = pp.load_image(img)
-        return self._run(self._views(x, q, False))["fc8"][0].cpu()
+        scales, _, images, _ = self._request(img, (scale,), "dense")
+        plan = self._executor.plan(images, scales, False, "dense")
+        return self._executor.run(plan, images, reduce=lambda t: t)[0]
 
     def localize(self, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: bool = False,
                  merge_iou: float = 0.5) -> list[tuple[int, str, float, tuple[float, ...]]]:
