@@ -156,9 +156,6 @@ class NetSpec:
                 n += 2 * l.cout
         return n
 
-    def fc_input_size(self) -> int:
-        return self.feature_channels * self.grid * self.grid
-
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """Spatial size of the dense score map for an h x w input (pool floor semantics)."""
         for _ in range(5):
