@@ -37,8 +37,14 @@ Two ways to walk K (constexpr FLAT_K, chosen per config by the heuristic below):
   ones), reading the fp32 NCHW image directly; it also serves width-reduced nets whose CIN is
   not a multiple of BLOCK_K. Both paths read the same packed w, since w is always (kh, kw, ci).
 
-Program id -> tile. A 1-D grid of cdiv(G, ROWS) * cdiv(COUT, BLOCK_N) programs; pid_n =
-pid % num_n is the fast index, so the programs that share an A tile (the gathered, 9x re-read
+Split-K (SPLIT_K > 1, never with FUSE_POOL): when the M x N tiles are too few to fill the GPU
+(batch-1 and small dense fc6/fc7/fc8, deep convs at batch 1), each tile's K steps are split into
+SPLIT_K contiguous ranges run by separate programs; each writes its raw fp32 partial sums to a
+workspace [SPLIT_K, G, COUT_P] (y_ptr then points to it) and splitk_reduce_kernel adds them,
+the bias and the ReLU. fc6's 205 MB of weights are then streamed by hundreds of programs.
+
+Program id -> tile. A 1-D grid of cdiv(G, ROWS) * cdiv(COUT, BLOCK_N) * SPLIT_K programs;
+pid_k = pid % SPLIT_K, then pid_n = (pid // SPLIT_K) % num_n is the fast index, so the programs that share an A tile (the gathered, 9x re-read
 operand) run side by side and hit L2, while the packed weights (<= 4.7 MB per conv) stay
 L2-resident. pid_m = pid // num_n selects ROWS consecutive rows of the "M grid" of G rows:
 - without pool: the G = NB*OH*OW output pixels in (n, oh, ow) order, ROWS = BLOCK_M;
@@ -139,7 +145,7 @@ def _round_to_bf16(x):
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["CIN", "COUT", "KSIZE", "FUSE_POOL", "M_CLASS", "PRECISION"],
+                 key=["CIN", "COUT", "KSIZE", "FUSE_POOL", "M_CLASS", "PRECISION", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.heuristics({"FLAT_K": lambda a: _flat_k(a["CIN"], a["BLOCK_K"], a["stride_xc"])})
 @triton.jit
@@ -153,12 +159,15 @@ def conv2d_kernel(
     M_CLASS,                  # shape class, autotune key only
     CIN: tl.constexpr, KSIZE: tl.constexpr, PAD: tl.constexpr,
     APPLY_RELU: tl.constexpr, FUSE_POOL: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_k = pid % SPLIT_K
+    pid_mn = pid // SPLIT_K
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
     ghw = GH * GW
 
     # -- rows of this tile: output pixel (n, oh, ow) of each accumulator row ------------------
@@ -183,16 +192,21 @@ def conv2d_kernel(
     iw0 = ow - PAD
     x_rows = x_ptr + (n * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw)
 
+    # -- this program's share of the K steps (all of them unless split-K) --------------------
+    K_TOTAL: tl.constexpr = KSIZE * KSIZE * CIN
+    K_STEPS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
+    STEPS_PER_SPLIT: tl.constexpr = (K_STEPS + SPLIT_K - 1) // SPLIT_K
+    k_lo = pid_k * STEPS_PER_SPLIT
+    k_hi = tl.minimum(k_lo + STEPS_PER_SPLIT, K_STEPS)
+
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < COUT_P
-    w_ptrs = w_ptr + offs_k[:, None] * COUT_P + offs_n[None, :]
+    w_ptrs = w_ptr + (k_lo * BLOCK_K + offs_k)[:, None] * COUT_P + offs_n[None, :]
 
     # -- main loop: acc[BLOCK_M, BLOCK_N] += A_tile[BLOCK_M, BLOCK_K] @ B_tile[BLOCK_K, BLOCK_N] --
-    K_TOTAL: tl.constexpr = KSIZE * KSIZE * CIN
-    K_STEPS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ks in range(0, K_STEPS):
+    for ks in range(k_lo, k_hi):
         if FLAT_K:
             kk = ks * BLOCK_K + offs_k
             tap = kk // CIN
@@ -228,22 +242,56 @@ def conv2d_kernel(
         w_ptrs += BLOCK_K * COUT_P
 
     # -- epilogue: [pool] + bias [+ ReLU], cast, store ------------------------------------------
-    if FUSE_POOL:
-        res = tl.max(tl.reshape(acc, (4, ROWS, BLOCK_N)), axis=0)
-        gy = pid_m.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    if SPLIT_K > 1:
+        # Partial sums: y_ptr is the fp32 workspace [SPLIT_K, G, COUT_P]; splitk_reduce_kernel
+        # adds the splits, the bias and the ReLU (never with FUSE_POOL).
+        ws_ptrs = y_ptr + (pid_k * G + g)[:, None] * COUT_P + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
     else:
-        res = acc
-        gy = g
-    bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
-    res = res + bias[None, :]
+        if FUSE_POOL:
+            res = tl.max(tl.reshape(acc, (4, ROWS, BLOCK_N)), axis=0)
+            gy = pid_m.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        else:
+            res = acc
+            gy = g
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
+        res = res + bias[None, :]
+        if APPLY_RELU:
+            res = tl.maximum(res, 0.0)
+        ny = gy // ghw
+        ry = gy % ghw
+        y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
+        y_ptrs = y_ptr + y_rows[:, None] + offs_n[None, :]
+        y_mask = (gy < G)[:, None] & (offs_n < COUT)[None, :]
+        if _INTERPRETER:
+            if y_ptr.dtype.element_ty == tl.bfloat16:
+                res = _round_to_bf16(res)
+        tl.store(y_ptrs, res.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr,
+    G, GW, GHW, COUT, COUT_P,
+    stride_yn, stride_yh, stride_yw,
+    SPLIT_K: tl.constexpr, APPLY_RELU: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y[g, n] = [ReLU](sum_s ws[s, g, n] + b[n]), cast to y's dtype; y rows (n, oh, ow)."""
+    g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (g < G)[:, None] & (offs_n < COUT)[None, :]
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + (s * G + g)[:, None] * COUT_P + offs_n[None, :], mask=mask,
+                       other=0.0)
+    acc += tl.load(b_ptr + offs_n, mask=offs_n < COUT, other=0.0)[None, :]
     if APPLY_RELU:
-        res = tl.maximum(res, 0.0)
-    ny = gy // ghw
-    ry = gy % ghw
+        acc = tl.maximum(acc, 0.0)
+    ny = g // GHW
+    ry = g % GHW
     y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
-    y_ptrs = y_ptr + y_rows[:, None] + offs_n[None, :]
-    y_mask = (gy < G)[:, None] & (offs_n < COUT)[None, :]
     if _INTERPRETER:
         if y_ptr.dtype.element_ty == tl.bfloat16:
-            res = _round_to_bf16(res)
-    tl.store(y_ptrs, res.to(y_ptr.dtype.element_ty), mask=y_mask)
+            acc = _round_to_bf16(acc)
+    tl.store(y_ptr + y_rows[:, None] + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -170,3 +170,91 @@ def test_triton_backend_classifies_like_the_reference(samples):
     imgs = [samples["cat"], samples["rocket"]]
     for a, b in zip(fast.classify(imgs, scales=(32, 40)), ref.classify(imgs, scales=(32, 40))):
         torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-6)
+
+
+# --- CUDA-graph cache (vggfast.executor.GraphCache) ---------------------------------------------
+
+def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch):
+    """The cache's bookkeeping with the CUDA capture replaced by a recorder (CPU): a shape's first
+    batch runs eagerly, its second is captured and replayed, later ones replay; the cache keeps
+    at most `capacity` graphs; a failed capture switches the cache off with one warning."""
+    from vggfast.executor import GraphCache
+
+    calls = []
+
+    def forward(x):
+        calls.append(tuple(x.shape))
+        return x * 2
+
+    class FakeGraph:
+        def __init__(self, fn, static_in, static_out):
+            self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+        def replay(self):
+            self.static_out.copy_(self.fn(self.static_in))
+
+    def fake_capture(self, fn, x, key):
+        static_in = x.clone()
+        self.captures += 1
+        self.graphs[key] = (static_in, fn(static_in), FakeGraph(fn, static_in, None))
+        self.graphs[key][2].static_out = self.graphs[key][1]
+        while len(self.graphs) > self.capacity:
+            self.graphs.popitem(last=False)
+        return self.graphs[key]
+
+    monkeypatch.setattr(GraphCache, "_capture", fake_capture)
+    cache = GraphCache(capacity=2)
+    a, b, c = torch.rand(2, 3), torch.rand(4, 3), torch.rand(5, 3)
+    torch.testing.assert_close(cache.run(forward, a, "fc8"), a * 2)         # eager
+    assert cache.captures == 0 and cache.replays == 0
+    a2 = torch.rand(2, 3)
+    torch.testing.assert_close(cache.run(forward, a2, "fc8"), a2 * 2)       # capture + replay
+    assert cache.captures == 1 and cache.replays == 1
+    a3 = torch.rand(2, 3)
+    torch.testing.assert_close(cache.run(forward, a3, "fc8"), a3 * 2)       # replay (new data)
+    assert cache.captures == 1 and cache.replays == 2
+    cache.run(forward, a3, "pool5")                                          # other tap: new key
+    assert cache.captures == 1
+    for x in (b, b, c, c):                                                   # two more shapes
+        cache.run(forward, x, "fc8")
+    assert cache.captures == 3 and len(cache.graphs) == 2                    # LRU bound
+    assert ((2, 3), torch.float32, "fc8") not in cache.graphs
+
+    cache2 = GraphCache()
+    monkeypatch.undo()
+    cache2.seen[((2, 3), torch.float32, "fc8")] = 1
+    if not torch.cuda.is_available():
+        # the real _capture on a CPU tensor fails inside torch.cuda: the cache warns and turns off
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+            out = cache2.run(lambda x: x + 1, a, "fc8")
+        torch.testing.assert_close(out, a + 1)
+        assert cache2.disabled and not cache2.graphs
+        torch.testing.assert_close(cache2.run(lambda x: x + 1, a, "fc8"), a + 1)
+
+
+def test_engine_cuda_graphs_option():
+    eng = Engine(small_model(num_classes=10).state_dict(), device="cpu")
+    assert eng.cuda_graphs is False and eng.info()["cuda_graphs"] is False
+    assert eng._executor.graphs is None
+    with pytest.raises(ArgumentError, match="cuda_graphs=True needs a CUDA device"):
+        Engine(small_model(num_classes=10).state_dict(), device="cpu", cuda_graphs=True)
+    with pytest.raises(ArgumentError, match="cuda_graphs must be"):
+        Engine(small_model(num_classes=10).state_dict(), cuda_graphs="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_graph_replay_equals_eager(samples, backend):
+    """A repeated mixed-size request replays CUDA graphs and gives the eager engine's results."""
+    sd = small_model(num_classes=10).state_dict()
+    imgs = [samples["cat"], samples["rocket"], samples["astronaut"], torch.rand(3, 40, 170)]
+    eager = Engine(sd, device="cuda", backend=backend, cuda_graphs=False)
+    graphs = Engine(sd, device="cuda", backend=backend)
+    assert graphs.cuda_graphs
+    want = eager.classify(imgs, scales=(32, 40))
+    for _ in range(3):
+        got = graphs.classify(imgs, scales=(32, 40))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.probs, w.probs, rtol=1e-3, atol=1e-4)
+    cache = graphs._executor.graphs
+    assert cache.captures > 0 and cache.replays >= cache.captures and not cache.disabled

@@ -141,6 +141,63 @@ def test_conv_writes_into_given_out_and_leaves_the_rest():
     assert (big[..., :2] == -7).all() and (big[..., 10:] == -7).all()
 
 
+# (batch, cin, cout, H, W, k, pad, relu, input layout)
+SPLIT_CASES = {
+    "3x3 channel chunks": (2, 64, 40, 6, 7, 3, 1, True, "nhwc"),
+    "gxg valid (fc6 at native size)": (1, 32, 64, 7, 7, 7, 0, True, "nhwc"),
+    "gxg dense fc6 on a larger map": (2, 32, 24, 9, 8, 7, 0, False, "nhwc"),
+    "flat K (cin 8)": (2, 8, 16, 5, 6, 3, 1, True, "nhwc"),
+    "conv1_1 NCHW input": (1, 3, 16, 9, 11, 3, 1, True, "nchw"),
+}
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_conv_split_k_fp32(case, split):
+    """Split-K (uneven splits too, some of them empty) sums to the fp64 reference, into a
+    channel-sliced `out`, with bias and ReLU applied once after the partial sums."""
+    nb, cin, cout, h, w, k, pad, relu, layout = SPLIT_CASES[case]
+    torch.manual_seed(split)
+    x = torch.randn(nb, cin, h, w, device=DEV)
+    wt, b = make_layer(cin, cout, k, seed=split + cin)
+    xin = x.permute(0, 2, 3, 1) if layout == "nchw" else x.permute(0, 2, 3, 1).contiguous()
+    want = reference_conv(x.double(), wt.double(), b.double(), pad, relu, False)
+    big = torch.full((nb, want.shape[2], want.shape[3], cout + 5), -7.0, device=DEV)
+    out = big[..., 3:3 + cout]
+    ops.conv2d(xin, ops.pack_conv_weight(wt, b, torch.float32), pad, relu=relu, out=out,
+               split_k=split)
+    assert rel_err(out.permute(0, 3, 1, 2), want) < 2e-6
+    assert (big[..., :3] == -7).all() and (big[..., 3 + cout:] == -7).all()
+
+
+def test_conv_split_k_bf16_within_twice_torch_error():
+    torch.manual_seed(4)
+    x = torch.randn(2, 64, 7, 7, device=DEV)
+    wt, b = make_layer(64, 48, 7, seed=5)
+    xh = x.bfloat16()
+    y = ops.conv2d(xh.permute(0, 2, 3, 1).contiguous(), ops.pack_conv_weight(wt, b, torch.bfloat16),
+                   0, relu=True, split_k=4)
+    assert y.dtype == torch.bfloat16
+    want = reference_conv(x.double(), wt.double(), b.double(), 0, True, False)
+    theirs = rel_err(reference_conv(xh, wt.bfloat16(), b.bfloat16(), 0, True, False), want)
+    assert rel_err(y.permute(0, 3, 1, 2), want) <= 2 * theirs
+
+
+def test_choose_split_k():
+    """Few tiles -> split (batch-1 fc6 on 132 SMs streams its weights with 8x the programs);
+    enough tiles, pooled layers or short K -> no split."""
+    assert ops.choose_split_k(1, 4096, 25088, False, 132) == 8      # fc6, batch 1
+    assert ops.choose_split_k(1, 1000, 4096, False, 132) == 16      # fc8, batch 1
+    assert ops.choose_split_k(196, 512, 4608, False, 132) == 16     # conv5_x at batch 1
+    assert ops.choose_split_k(196, 512, 4608, True, 132) == 1       # conv5_3 pools
+    assert ops.choose_split_k(64 * 56 * 56, 256, 2304, False, 132) == 1
+    assert ops.choose_split_k(1, 64, 144, False, 132) == 1          # K too short to split
+    with pytest.raises(ArgumentError, match="split_k"):
+        wt, b = make_layer(8, 4, 3, seed=6)
+        ops.conv2d(torch.randn(1, 4, 4, 8, device=DEV), ops.pack_conv_weight(wt, b, torch.float32),
+                   1, pool=True, split_k=2)
+
+
 def test_conv_wrapper_refuses_bad_inputs():
     wt, b = make_layer(8, 4, 3, seed=6)
     p = ops.pack_conv_weight(wt, b, torch.float32)

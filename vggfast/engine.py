@@ -138,12 +138,21 @@ class Engine:
     CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
     loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
     this classifier for `localize`; run on a second backend of the same kind.
+    cuda_graphs: None = on for a CUDA device. A batch shape seen a second time is captured in a
+    CUDA graph and replayed from then on (repeated requests launch no kernels from Python).
     """
 
     def __init__(self, weights: Any, config: str | None = None, device: Any = None,
                  dtype: Any = None, backend: str = "auto", preprocess: str | None = None,
-                 memory_budget: int | None = None, loc_weights: Any = None):
+                 memory_budget: int | None = None, loc_weights: Any = None,
+                 cuda_graphs: bool | None = None):
         self.device = _resolve_device(device)
+        if cuda_graphs not in (None, True, False):
+            raise ArgumentError(f"cuda_graphs must be True, False or None, not {cuda_graphs!r}")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ArgumentError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
+        # Replay repeated batch shapes from CUDA graphs (vggfast.executor.GraphCache).
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.dtype = _resolve_dtype(dtype, self.device)
         if backend not in BACKENDS:
             raise ArgumentError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -373,6 +382,7 @@ class Engine:
             "parameters": s.param_count() - (sum(2 * l.cout for l in s.convs) if s.batch_norm else 0),
             "preprocess": self.preprocess, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "backend": self.backend_name,
+            "cuda_graphs": self.cuda_graphs,
             "missing_layers": list(w.missing), "nonfinite_layers": list(w.nonfinite),
             "source": w.source, "class_names": "from weights" if w.class_names else
             ("imagenet" if s.num_classes == 1000 else "indices"),

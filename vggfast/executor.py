@@ -5,20 +5,95 @@ A request (images, scales, flips, dense and/or multi-crop views) is planned once
 cache); the executor then builds each batch's input from the images (rescale once per image and
 scale, crop, flip, normalise), runs it through the backend in one call, and reduces each view's
 output (by default the spatial mean of the class score map) into a row of the result.
+
+On CUDA the images are moved to the device before rescaling (the antialiased resize runs on the
+GPU), and each batch's forward goes through a `GraphCache`: a shape seen for the second time is
+captured in a CUDA graph, and every later batch of that shape replays it, so a repeated request
+(the same plan key: same image sizes, scales, flips, crops) costs no kernel launches from Python.
 """
 from __future__ import annotations
 
+import warnings
+from collections import Counter, OrderedDict
 from typing import Callable, Sequence
 
 import torch
 
 from . import preprocess as pp
+from .errors import VGGFastError
 from .scheduler import Plan, Scheduler
 
 
 def spatial_mean(t: torch.Tensor) -> torch.Tensor:
     """[N, C, h, w] -> [N, C]: the paper's sum-pooling of the class score map (as a mean)."""
     return t.mean(dim=(2, 3))
+
+
+class GraphCache:
+    """CUDA graphs of one backend's forward, keyed by (input shape, dtype, tap), LRU-bounded.
+
+    Keyed by the batch's input shape rather than by the whole plan key: every batch of a repeated
+    plan replays, and so does any batch of the same shape in another plan. A shape's first batch
+    runs eagerly (Triton compiles and autotunes, cuDNN picks its algorithms, outside any capture);
+    its second is captured (after one warm-up on a side stream) and replayed; later ones replay.
+    All graphs share one memory pool: replays are sequential on one stream and each output is
+    consumed before the next replay, so a graph may reuse another's intermediate memory. If a
+    capture fails the cache warns once and runs that backend eagerly from then on.
+    """
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self.seen: Counter = Counter()
+        self.pool = None
+        self.disabled = False
+        self.captures = self.replays = 0
+
+    def run(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+            tap: str) -> torch.Tensor:
+        """forward(x) through the cache; the result may be a graph's static output, valid until
+        the next call (consume or copy it first)."""
+        key = (tuple(x.shape), x.dtype, tap)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] += 1
+            if self.disabled or self.seen[key] < 2:
+                return forward(x)
+            entry = self._capture(forward, x, key)
+            if entry is None:
+                return forward(x)
+        self.graphs.move_to_end(key)
+        static_in, static_out, graph = entry
+        static_in.copy_(x)
+        graph.replay()
+        self.replays += 1
+        return static_out
+
+    def _capture(self, forward, x, key):
+        static_in = x.clone()
+        try:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                forward(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = forward(static_in)
+        except VGGFastError:
+            raise
+        except Exception as exc:   # noqa: BLE001 - any capture failure: fall back to eager
+            self.disabled = True
+            warnings.warn(f"vggfast: CUDA graph capture failed ({str(exc).splitlines()[0]}); "
+                          "running without CUDA graphs", RuntimeWarning, stacklevel=3)
+            return None
+        self.captures += 1
+        self.graphs[key] = (static_in, static_out, graph)
+        while len(self.graphs) > self.capacity:
+            self.graphs.popitem(last=False)
+        return self.graphs[key]
 
 
 class Executor:
@@ -34,6 +109,7 @@ class Executor:
         self.scheduler = Scheduler(engine.spec, elem_size=torch.finfo(engine.dtype).bits // 8,
                                    memory_budget=engine.memory_budget,
                                    fuse_pool=bool(getattr(backend, "fuses_pool", False)))
+        self.graphs = GraphCache() if getattr(engine, "cuda_graphs", False) else None
 
     def plan(self, images: Sequence[torch.Tensor], scales: Sequence[int], flip: bool,
              method: str, keep: Sequence[str] = ()) -> Plan:
@@ -48,9 +124,15 @@ class Executor:
             for vi in b.views:
                 v = plan.views[vi]
                 last_use[(v.image, v.scale)] = b.index
+        last_image_use = {}
+        for (i, _), last in last_use.items():
+            last_image_use[i] = max(last, last_image_use.get(i, -1))
         rescaled: dict[tuple[int, int], torch.Tensor] = {}
         out: list[torch.Tensor | None] = [None] * len(plan.views)
         convention = self.engine.preprocess
+        backend = self.engine._backend
+        device = self.engine.device
+        on_device: dict[int, torch.Tensor] = {}
         for b in plan.batches:
             xs = []
             for vi in b.views:
@@ -58,15 +140,27 @@ class Executor:
                 key = (v.image, v.scale)
                 r = rescaled.get(key)
                 if r is None:
-                    r = rescaled[key] = pp.resize_short(images[v.image], v.scale)
+                    img = images[v.image]
+                    if device.type == "cuda":   # rescale on the GPU: one upload per image
+                        img = on_device.get(v.image)
+                        if img is None:
+                            img = on_device[v.image] = images[v.image].to(device)
+                    r = rescaled[key] = pp.resize_short(img, v.scale)
                 if v.crop is not None:
                     x0, y0, x1, y1 = v.crop
                     r = r[:, y0:y1, x0:x1]
                 xs.append(r.flip(-1) if v.flip else r)
             x = pp.normalize(torch.stack(xs), convention)
-            y = reduce(self.engine._backend.run(x, (tap,))[tap]).cpu()
+            if self.graphs is not None:
+                with torch.inference_mode():
+                    y = reduce(self.graphs.run(lambda t: backend.run(t, (tap,))[tap], x, tap))
+            else:
+                y = reduce(backend.run(x, (tap,))[tap])
+            y = y.cpu()
             for slot, vi in enumerate(b.views):
                 out[vi] = y[slot]
             for key in [k for k, last in last_use.items() if last == b.index]:
                 rescaled.pop(key, None)
+            for i in [i for i, last in last_image_use.items() if last == b.index]:
+                on_device.pop(i, None)
         return out  # type: ignore[return-value]

@@ -7,6 +7,7 @@ must be set before this module is first imported.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +91,33 @@ def pack_conv_weight(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtyp
     return PackedConv(w, b, int(cin), int(cout), int(k))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8        # the interpreter: small, so the tests' tiny layers take the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> int:
+    """Split-K factor for a conv launch of `rows` M-grid rows: 1 unless its tiles are too few.
+
+    Estimates the tiles with 64 x 128 blocks; while the grid would stay under two programs per
+    SM, doubles the split (at most 16, and at least two 128-wide K steps per split). Pooled
+    layers never split (the pool needs the whole sum).
+    """
+    if pool:
+        return 1
+    tiles = _cdiv(rows, 64) * _cdiv(cout, 128)
+    split = 1
+    while (split * 2 <= 16 and tiles * split * 2 <= 2 * sms
+           and split * 2 <= k_total // 256):
+        split *= 2
+    return split
+
+
 def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, pool: bool = False,
-           out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+           split_k: int | None = None) -> torch.Tensor:
     """Stride-1 convolution + bias [+ ReLU] [+ 2x2 stride-2 max-pool, floor] in one kernel.
 
     x: [N, H, W, Cin] logical NHWC, any strides (the NCHW network input as x.permute(0, 2, 3, 1)
@@ -100,7 +126,8 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     contiguous, in out_dtype (default: the packed weight dtype), or writes into `out`.
     bf16/fp16 layers multiply on the tensor cores with fp32 accumulation; float32 layers use TF32
     while torch.backends.cudnn.allow_tf32 is set (PyTorch's default for convolutions), exact fp32
-    otherwise.
+    otherwise. split_k: split the K reduction over that many programs (fp32 partial sums, then
+    a reduction kernel adds bias/ReLU); default `choose_split_k`. Not with pool.
     """
     _check_act(x, "x")
     if not isinstance(packed, PackedConv):
@@ -127,21 +154,39 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     rows = 4 * g if pool else g
     m_class = (_conv.M_CLASS_SMALL if rows <= SMALL_ROWS else
                _conv.M_CLASS_MID if rows <= MID_ROWS else _conv.M_CLASS_LARGE)
+    cout_p = packed.weight.shape[1]
+    if split_k is None:
+        split_k = choose_split_k(rows, packed.cout, packed.k * packed.k * packed.cin, pool,
+                                 _sm_count(x.device))
+    if not isinstance(split_k, int) or split_k < 1 or (pool and split_k > 1):
+        raise ArgumentError(f"split_k must be a positive integer (1 with pool), not {split_k!r}")
     per_tile = 4 if pool else 1
+    target = out
+    if split_k > 1:
+        target = torch.empty(split_k, g, cout_p, dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (_cdiv(g, meta["BLOCK_M"] // per_tile) * _cdiv(packed.cout, meta["BLOCK_N"]),)
+        return (_cdiv(g, meta["BLOCK_M"] // per_tile) * _cdiv(packed.cout, meta["BLOCK_N"])
+                * split_k,)
 
     _conv.conv2d_kernel[grid](
-        x, packed.weight, packed.bias, out,
+        x, packed.weight, packed.bias, target,
         h, w, g, gh, gw,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        packed.cout, packed.weight.shape[1], m_class,
+        packed.cout, cout_p, m_class,
         CIN=packed.cin, KSIZE=packed.k, PAD=pad, APPLY_RELU=bool(relu), FUSE_POOL=bool(pool),
         PRECISION=("ieee" if packed.weight.dtype == torch.float32
                    and not torch.backends.cudnn.allow_tf32 else "tf32"),
+        SPLIT_K=split_k,
     )
+    if split_k > 1:
+        block_n = min(128, triton.next_power_of_2(packed.cout))
+        block_g = 32
+        _conv.splitk_reduce_kernel[(_cdiv(g, block_g), _cdiv(packed.cout, block_n))](
+            target, packed.bias, out, g, gw, gh * gw, packed.cout, cout_p,
+            out.stride(0), out.stride(1), out.stride(2),
+            SPLIT_K=split_k, APPLY_RELU=bool(relu), BLOCK_G=block_g, BLOCK_N=block_n)
     return out
 
 
