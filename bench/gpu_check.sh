@@ -22,16 +22,19 @@ for s in "$@"; do
         install)
             nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,driver_version,memory.used \
                 --format=csv | tee "$OUT/gpu.txt"
-            step install 300 python -m pip install --no-build-isolation --no-deps -e . ;;
-        tests)      step tests 300 python -m pytest -q -x -p no:cacheprovider -n 8 \
-                        tests/test_kernels.py tests/test_engine.py ;;
+            step install 300 python -m pip install --no-build-isolation --no-deps -e .
+            step planner 30 python -c "from vggfast import scheduler as S; from vggfast.configs \
+import make_spec; print(S.make_plan(make_spec('D'), [(480, 640)]).summary())" ;;
+        tests)      step tests 300 python -m pytest -q -p no:cacheprovider -n 8 \
+                        tests/test_kernels.py tests/test_engine.py -k "gpu or graph" ;;
         suite)      step suite 420 python -m pytest -q -p no:cacheprovider -n 12 tests ;;
         layers)     step layers 200 python bench/layers.py ;;
         throughput) step throughput 300 python bench/throughput.py --no-compile --out "$OUT" ;;
-        compile)    step compile 560 python bench/throughput.py --out "$OUT" ;;
+        compile)    step compile 560 python bench/throughput.py --compile-batches 64 --out "$OUT" ;;
         startup)    export TRITON_CACHE_DIR=$(mktemp -d)
                     step startup_cold 300 python bench/startup.py
                     step startup_warm 300 python bench/startup.py ;;
+        warm)       step startup_warm 120 python bench/startup.py ;;   # after a throughput step
         mixed)      step mixed 240 python bench/plan_bench.py --gpu --out "$OUT/mixed.json" ;;
         *) echo "unknown step $s"; exit 2 ;;
     esac

@@ -175,6 +175,7 @@ PYBIND11_MODULE(_scheduler, m) {
     m.def("layout_arena", &layout_arena, py::arg("layers"), py::arg("n"), py::arg("h"),
           py::arg("w"), py::arg("options"));
     m.def("plan_key", &plan_key, py::arg("layers"), py::arg("request"), py::arg("options"));
-    m.def("make_plan", &make_plan, py::arg("layers"), py::arg("request"), py::arg("options"),
-          py::call_guard<py::gil_scoped_release>());
+    // The GIL stays held: planning takes about a millisecond, and releasing it around this call
+    // crashed (segfault) under Python 3.12 with the GPU image's pybind11.
+    m.def("make_plan", &make_plan, py::arg("layers"), py::arg("request"), py::arg("options"));
 }

@@ -89,7 +89,9 @@ def _c(bm, bn, bk, warps, stages):
 
 CONFIGS_BY_CLASS = {
     M_CLASS_LARGE: [_c(128, 128, 64, 4, 4), _c(128, 128, 64, 8, 3), _c(128, 128, 64, 8, 4),
-                    _c(128, 256, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4)],
+                    _c(128, 256, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4),
+                    # Cout-64 layers (conv1_2): a taller tile halves the B re-reads per row.
+                    _c(256, 64, 64, 8, 3), _c(256, 64, 64, 8, 4)],
     M_CLASS_MID: [_c(64, 128, 64, 4, 4), _c(128, 128, 64, 8, 3), _c(64, 64, 64, 4, 4),
                   _c(128, 64, 64, 4, 4), _c(64, 256, 64, 8, 3)],
     # Batch-1 fc layers are weight-streaming GEMVs: many narrow N tiles to spread the weight read

@@ -1,24 +1,40 @@
 """Throughput of vggfast's Triton backend beside cuDNN eager and torch.compile, in one process.
 
-    python bench/throughput.py [--config D] [--batches 1,8,64] [--no-compile] [--out DIR]
+    python bench/throughput.py [--config D] [--batches 1,8,64] [--compile-batches 1,64]
+                               [--no-compile] [--no-graph] [--out DIR]
     vggfast bench ...            (the same: both call vggfast.benchmark.main)
 
 On a GPU: correctness first (each backend's logits against the fp32, TF32-off cuDNN reference;
 the Triton backend must be within 2x cuDNN bf16's error), then median times from
 triton.testing.do_bench, side by side, for
-  - batch 1, 8, 64 at 224x224: vggfast triton, torchvision cuDNN eager (bf16, channels_last),
-    torch.compile(mode="max-autotune") of the same module (--compile, default on; the compile
-    time is reported), and for batch 1 both triton and eager replayed from a CUDA graph;
-  - dense evaluation of one 4:3 image at scales 256, 384, 512 with its flip (Sec. 3.2 of the
-    paper: three batches of two views, fc6-fc8 as convs, spatial mean + softmax): triton vs cuDNN
-    eager running the same dense net (vggfast.nn.dense_forward), time per image. Resizing and
-    flipping the views is outside the timed region for every backend.
+  - each batch of --batches (default 1, 8, 64) at 224x224: vggfast triton, torchvision cuDNN
+    eager (bf16, channels_last), both also replayed from a CUDA graph (--no-graph skips those),
+    and torch.compile(mode="max-autotune", dynamic=False) of the same module (--compile, default
+    on), compiled afresh for each batch of --compile-batches (default: all of --batches) so every
+    batch gets a static-shape compile; each batch's first call (compile + autotune) is timed and
+    reported. "max-autotune" already replays its kernels from CUDA graphs (cudagraph trees), so
+    its fair partner is the "+ CUDA graph" rows;
+  - dense evaluation of one 4:3 image (480x640) at scales 256, 384, 512 with its flip (Sec. 3.2
+    of the paper: three batches of two views, fc6-fc8 as convs, spatial mean + softmax): triton vs
+    cuDNN eager running the same dense net (vggfast.nn.dense_forward), each also as one CUDA graph
+    of the whole three-scale function (all three batches and the mean/softmax), time per image.
+    Resizing and flipping the views is outside the timed region for these rows;
+  - the product path on the same image, end to end: "vggfast Engine.classify", i.e.
+    vggfast.Engine(the same weights, backend="triton", the bench dtype, engine defaults otherwise)
+    .classify(img, scales=(256, 384, 512)) with its default flip, img a [3, 480, 640] float
+    tensor in [0, 1] on the CPU: input checks, the upload, resize and normalise on the GPU,
+    planner, forward (replayed from the engine's CUDA graphs once warm), reduction and the copy
+    of the result back to the CPU are all timed (--no-engine skips it).
 Each row: ms, img/s, TFLOP/s (2 x multiply-adds of every conv/fc layer), % of the bf16 matmul
-peak measured in this run (8192^3 torch.matmul), peak extra memory of one call, speed-up vs eager
-and vs compile. JSON and CSV (GPU name, driver, torch/triton versions, git commit) go to --out.
+peak measured in this run (8192^3 torch.matmul), peak extra memory of one call (a graph replay
+allocates nothing: its buffers were taken at capture), speed-up vs eager and vs compile (a
+"+ CUDA graph" row against "cuDNN eager + CUDA graph"). JSON and CSV (GPU name, driver,
+torch/triton versions, git commit) go to --out; the JSON also holds compile_first_call_s,
+{batch: seconds} (a warm inductor cache shortens these).
 
-Without a GPU it times the torch reference (TorchBackend, fp32 on the CPU) only, at a small width
-(--width, default 1/8), and says so: the Triton kernels need a GPU to be timed.
+Without a GPU it times the torch reference (TorchBackend, fp32 on the CPU) and Engine.classify on
+the torch backend only, at a small width (--width, default 1/8), and says so: the Triton kernels
+need a GPU to be timed.
 """
 from __future__ import annotations
 
@@ -35,13 +51,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import preprocess as pp
 from .nn import TorchBackend, build_model, dense_forward
 from .weights import load
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout, for `git rev-parse` in the report
 
 DENSE_SCALES = (256, 384, 512)
-ASPECT = 4 / 3
+DENSE_IMAGE = (480, 640)  # (h, w) of the dense rows' one 4:3 photo
 
 
 def parse_args(argv):
@@ -51,12 +68,17 @@ def parse_args(argv):
     p.add_argument("--size", type=int, default=224, help="square input size of the batch rows")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="also time torch.compile(mode='max-autotune') (default on a GPU)")
+                   help="also time torch.compile(mode='max-autotune', dynamic=False) (default "
+                   "on a GPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-batches", default=None,
+                   help="batch sizes to compile, one static compile each (comma-separated, a "
+                   "subset of --batches; default all of them)")
     p.add_argument("--compile-dense", action="store_true",
                    help="also compile the dense net for the dense rows (one compile per scale)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense 3-scale + flip rows")
-    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph batch-1 rows")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    p.add_argument("--no-engine", action="store_true", help="skip the Engine.classify row")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--width", type=float, default=None,
                    help="channel width multiplier (default 1 on a GPU, 1/8 on the CPU)")
@@ -64,12 +86,24 @@ def parse_args(argv):
     p.add_argument("--out", default=str(Path("bench") / "results"),
                    help="directory for throughput.json / throughput.csv")
     args = p.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    except ValueError:
-        p.error(f"--batches must be comma-separated integers, not {args.batches!r}")
+
+    def batch_list(flag, text):
+        try:
+            return [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            p.error(f"{flag} must be comma-separated integers, not {text!r}")
+
+    args.batches = batch_list("--batches", args.batches)
     if not args.batches or min(args.batches) < 1:
         p.error("--batches needs positive batch sizes")
+    if args.compile_batches is None:
+        args.compile_batches = list(args.batches)
+    else:
+        args.compile_batches = batch_list("--compile-batches", args.compile_batches)
+        extra = sorted(set(args.compile_batches) - set(args.batches))
+        if extra:
+            p.error(f"--compile-batches {','.join(map(str, extra))} not in --batches "
+                    f"{','.join(map(str, args.batches))}")
     if args.size < 32 or args.size % 32:
         p.error("--size must be a multiple of 32")
     return args
@@ -149,22 +183,44 @@ def matmul_peak_tflops(dtype, rep: int) -> float:
     return 2 * n**3 / ms / 1e9
 
 
-def cuda_graph(fn, example):
-    """Capture fn(static) once; returns a replay closure (the input is a fixed buffer)."""
-    static = example.clone()
+def cuda_graph(fn, *static):
+    """Capture fn(*static) once into a CUDA graph; returns a zero-argument replay closure.
+
+    static: the inputs the graph reads in place (tensors, or lists of them); the closure holds
+    them, since the captured addresses must stay allocated as long as the graph. Three warm-up
+    calls on a side stream first, so that JIT compiles, autotuning and cudnn.benchmark's search
+    happen before the capture.
+    """
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            fn(static)
+            fn(*static)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn(static)
+        fn(*static)
 
-    def replay(graph=g, keep=static):   # the captured input buffer must outlive the graph
+    def replay(graph=g, keep=static):
         graph.replay()
     return replay
+
+
+def compile_static(fn):
+    """torch.compile(fn, mode="max-autotune", dynamic=False) with dynamo's caches cleared first,
+    so that each shape fn meets gets its own static compile (no dynamic-shape recompile) and the
+    previous compile's cudagraph pools are released."""
+    torch._dynamo.reset()
+    return torch.compile(fn, mode="max-autotune", dynamic=False)
+
+
+def first_call_s(fn, device: torch.device) -> float:
+    """Seconds of one call of fn, synchronised (a compile's or a capture's first call)."""
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
 
 
 def rel_err(got, want) -> float:
@@ -205,22 +261,27 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     result = {"meta": info, "config": spec.config, "width": width, "dtype": str(dtype),
               "rows": rows}
+    dense_case = "dense 3 scales + flip"
 
     if not gpu:
-        print("no CUDA device: timing the torch reference (TorchBackend, float32, CPU) only; the "
-              "Triton kernels and the cuDNN/torch.compile anchors need a GPU")
+        print("no CUDA device: timing the torch reference (TorchBackend, float32, CPU) and "
+              "Engine.classify on it only; the Triton kernels and the cuDNN/torch.compile anchors "
+              "need a GPU")
         ref = TorchBackend(params, spec, device, torch.float32)
         for n in args.batches:
             x = torch.randn(n, 3, args.size, args.size)
-            ms = time_ms(lambda: ref.run(x), device, args.rep)
-            rows.append(_row("torch reference (cpu)", f"batch {n} @{args.size}", n, ms,
-                             gflop(spec, n, args.size, args.size), None, None))
+            _time_rows(rows, {"torch reference (cpu)": lambda: ref.run(x)},
+                       f"batch {n} @{args.size}", n, gflop(spec, n, args.size, args.size), None,
+                       device, args.rep)
         if not args.no_dense:
             views = _dense_views(device, torch.float32)
             def fn():
                 return [F.softmax(ref.run(v)["fc8"].mean(dim=(2, 3)), 1) for v in views]
-            rows.append(_row("torch reference (cpu)", "dense 3 scales + flip", 1,
-                             time_ms(fn, device, args.rep), _dense_gflop(spec), None, None))
+            fns = {"torch reference (cpu)": fn}
+            if not args.no_engine:
+                fns["vggfast Engine.classify (cpu)"] = _engine_classify(weights, device,
+                                                                        torch.float32, "torch")
+            _time_rows(rows, fns, dense_case, 1, _dense_gflop(spec), None, device, args.rep)
         return _report(result, args)
 
     from vggfast import ops
@@ -237,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         else v.to(device, dtype)) for k, v in params.items()}
     x0 = torch.randn(max(args.batches), 3, args.size, args.size, device=device)
     t1 = time.perf_counter()
-    tri.run(x0[:1])
-    torch.cuda.synchronize()
-    result["triton_first_call_s"] = time.perf_counter() - t1   # compile + autotune unless cached
+    result["triton_first_call_s"] = first_call_s(lambda: tri.run(x0[:1]), device)
     result["setup_s"] = t1 - t0
     print(f"triton backend: first call {result['triton_first_call_s']:.1f} s "
           "(JIT compile + autotune; a warm Triton cache makes this fast)")
@@ -251,70 +310,92 @@ def main(argv: list[str] | None = None) -> int:
             _report(result, args)
             return 1
 
-    compiled = None
-    if compile_on:
-        t = time.perf_counter()
-        compiled = torch.compile(eager, mode="max-autotune")
-        with torch.inference_mode():
-            compiled(x0[:1].to(dtype, memory_format=torch.channels_last))
-        torch.cuda.synchronize()
-        result["compile_first_call_s"] = time.perf_counter() - t
-        print(f"torch.compile max-autotune: first call {result['compile_first_call_s']:.0f} s")
-
+    compile_s: dict[int, float] = {}   # batch -> seconds of its first (compiling) call
+    result["compile_first_call_s"] = compile_s
     for n in args.batches:
         x = x0[:n].contiguous()
         xe = x.to(dtype, memory_format=torch.channels_last)
-        case, g = f"batch {n} @{args.size}", gflop(spec, n, args.size, args.size)
         with torch.inference_mode():
             fns = {"vggfast triton": lambda: tri.run(x),
                    "cuDNN eager": lambda: eager(xe)}
-            if compiled is not None:
+            if compile_on and n in args.compile_batches:
+                compiled = compile_static(eager)
+                compile_s[n] = first_call_s(lambda: compiled(xe), device)
+                print(f"torch.compile max-autotune, batch {n}: first call {compile_s[n]:.0f} s")
                 fns["torch.compile max-autotune"] = lambda: compiled(xe)
-            if n == 1 and not args.no_graph:
-                fns["vggfast triton + CUDA graph"] = cuda_graph(lambda v: tri.run(v), x)
-                fns["cuDNN eager + CUDA graph"] = cuda_graph(lambda v: eager(v), xe)
-            for name, fn in fns.items():
-                ms = time_ms(fn, device, args.rep)
-                rows.append(_row(name, case, n, ms, g, peak, peak_mib(fn, device)))
+            if not args.no_graph:
+                fns["vggfast triton + CUDA graph"] = cuda_graph(tri.run, x)
+                fns["cuDNN eager + CUDA graph"] = cuda_graph(eager, xe)
+            _time_rows(rows, fns, f"batch {n} @{args.size}", n,
+                       gflop(spec, n, args.size, args.size), peak, device, args.rep)
+        fns.clear()   # this batch's graphs and their memory pools go before the next is captured
+
     if not args.no_dense:
         views = _dense_views(device, torch.float32)
         dviews = [v.to(dtype, memory_format=torch.channels_last) for v in views]
+
+        def tri_dense(vs=views):
+            return [ops.mean_softmax(tri.run(v)["fc8"]) for v in vs]
 
         def eager_dense(vs=dviews, run=lambda v: dense_forward(dense_params, spec, v)["fc8"]):
             return [F.softmax(run(v).float().mean(dim=(2, 3)), 1) for v in vs]
 
         with torch.inference_mode():
-            fns = {"vggfast triton": lambda: [ops.mean_softmax(tri.run(v)["fc8"]) for v in views],
-                   "cuDNN eager": eager_dense}
-            if compiled is not None and args.compile_dense:
-                cd = torch.compile(lambda v: dense_forward(dense_params, spec, v)["fc8"],
-                                   mode="max-autotune")
-                t = time.perf_counter()
-                eager_dense(run=cd)
-                torch.cuda.synchronize()
-                result["compile_dense_first_call_s"] = time.perf_counter() - t
+            fns = {"vggfast triton": tri_dense, "cuDNN eager": eager_dense}
+            if not args.no_graph:   # one graph each for all three scales and the reduction
+                fns["vggfast triton + CUDA graph"] = cuda_graph(tri_dense, views)
+                fns["cuDNN eager + CUDA graph"] = cuda_graph(eager_dense, dviews)
+            if compile_on and args.compile_dense:
+                cd = compile_static(lambda v: dense_forward(dense_params, spec, v)["fc8"])
+                result["compile_dense_first_call_s"] = first_call_s(
+                    lambda: eager_dense(run=cd), device)
+                print(f"torch.compile max-autotune, dense (3 static compiles): first call "
+                      f"{result['compile_dense_first_call_s']:.0f} s")
                 fns["torch.compile max-autotune"] = lambda: eager_dense(run=cd)
-            for name, fn in fns.items():
-                ms = time_ms(fn, device, args.rep)
-                rows.append(_row(name, "dense 3 scales + flip", 1, ms, _dense_gflop(spec), peak,
-                                 peak_mib(fn, device)))
+            _time_rows(rows, fns, dense_case, 1, _dense_gflop(spec), peak, device, args.rep)
+        fns.clear()
+        if not args.no_engine:   # outside inference_mode, as a user calls it
+            _time_rows(rows, {"vggfast Engine.classify":
+                              _engine_classify(weights, device, dtype, "triton")},
+                       dense_case, 1, _dense_gflop(spec), peak, device, args.rep)
     _speedups(rows)
     return _report(result, args)
 
 
+def _time_rows(rows, fns, case, n, gfl, peak, device, rep) -> None:
+    """Append one row per {backend name: zero-argument callable}, all of one case."""
+    for name, fn in fns.items():
+        ms = time_ms(fn, device, rep)
+        rows.append(_row(name, case, n, ms, gfl, peak, peak_mib(fn, device)))
+
+
+def _engine_classify(weights, device, dtype, backend):
+    """Engine.classify on the dense rows' 4:3 photo: a zero-argument callable (the product path,
+    from a [3, 480, 640] float image in [0, 1] on the CPU to a Result on the CPU)."""
+    from .engine import Engine
+    eng = Engine(weights, device=device, dtype=dtype, backend=backend)
+    img = torch.rand(3, *DENSE_IMAGE, generator=torch.Generator().manual_seed(2))
+    return lambda: eng.classify(img, scales=DENSE_SCALES)
+
+
 def _dense_views(device, dtype):
-    """The dense protocol's inputs for one 4:3 image: per scale Q a [2, 3, Q, 4Q/3] batch
-    (the view and its flip), already normalised (random, seeded)."""
+    """The dense protocol's inputs for one 4:3 image (DENSE_IMAGE): per scale Q a
+    [2, 3, Q, 4Q // 3] batch (the view and its flip; the engine's rescale rule), already
+    normalised (random, seeded)."""
     g = torch.Generator().manual_seed(1)
     out = []
-    for q in DENSE_SCALES:
-        v = torch.randn(1, 3, q, round(q * ASPECT), generator=g)
+    for h, w in _dense_sizes():
+        v = torch.randn(1, 3, h, w, generator=g)
         out.append(torch.cat([v, v.flip(-1)]).to(device, dtype))
     return out
 
 
+def _dense_sizes() -> list[tuple[int, int]]:
+    return [pp.rescaled_size(*DENSE_IMAGE, q) for q in DENSE_SCALES]
+
+
 def _dense_gflop(spec) -> float:
-    return sum(gflop(spec, 2, q, round(q * ASPECT)) for q in DENSE_SCALES)
+    return sum(gflop(spec, 2, h, w) for h, w in _dense_sizes())
 
 
 def _row(backend, case, n, ms, gfl, peak, mem) -> dict:
