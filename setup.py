@@ -11,7 +11,13 @@ except ImportError as exc:  # build isolation installs it; without isolation it 
     raise SystemExit("building vggfast needs pybind11: pip install pybind11") from exc
 
 sources = sorted(glob.glob("csrc/*.cpp"))
-ext_modules = [Pybind11Extension("vggfast._scheduler", sources, cxx_std=17)] if sources else []
+# A pybind11 module shares its "internals" (type registry, GIL bookkeeping) with every other module
+# whose internals ID matches, e.g. torch's own extension built with another pybind11 release. Our
+# module exchanges no objects with them, so a compiler-type tag of its own gives it private
+# internals and no layout mismatch across pybind11 versions can reach it.
+ext_modules = [Pybind11Extension("vggfast._scheduler", sources, cxx_std=17,
+                                 define_macros=[("PYBIND11_COMPILER_TYPE", '"_vggfast"')])
+               ] if sources else []
 
 setup(
     packages=["vggfast", "vggfast.kernels"],
