@@ -133,8 +133,10 @@ def _prune(configs, named_args, **kwargs):
         want = FLAT_CONFIGS
     else:
         want = CONFIGS_BY_CLASS[a["M_CLASS"]]
+    # The 256-row tiles are for Cout-64 layers only (each extra config is a compile at cold start).
     keep = [c for c in configs if c in want
-            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))]
+            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
+            and (c.kwargs["BLOCK_M"] < 256 or cout <= 64 or want is FLAT_CONFIGS)]
     return keep or [c for c in configs if c in want] or list(configs[:1])
 
 

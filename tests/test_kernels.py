@@ -230,6 +230,8 @@ def test_autotune_shape_classes_pick_their_configs():
     large = pick(256, 256, 3, conv.M_CLASS_LARGE)
     assert large and all(c.kwargs["BLOCK_M"] >= 64 and c.kwargs["BLOCK_K"] == 64 for c in large)
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in pick(64, 64, 3, conv.M_CLASS_LARGE))
+    assert any(c.kwargs["BLOCK_M"] == 256 for c in pick(64, 64, 3, conv.M_CLASS_LARGE))
+    assert all(c.kwargs["BLOCK_M"] < 256 for c in large)      # tall tiles: Cout-64 layers only
     assert pick(64, 64, 3, conv.M_CLASS_LARGE, w=fp32, precision="ieee") == [
         c for c in conv.IEEE_CONFIGS if c.kwargs["BLOCK_N"] <= 64]
     assert set(pick(256, 256, 3, conv.M_CLASS_MID, w=fp32)) <= set(conv.TF32_CONFIGS)
