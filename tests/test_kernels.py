@@ -452,3 +452,22 @@ def test_gpu_vgg16_network_within_twice_cudnn_bf16_error(hw):
     for t in taps:
         ours, theirs = rel_err(got[t], want[t]), rel_err(cudnn[t], want[t])
         assert ours <= 2 * theirs, (t, ours, theirs)
+
+
+def test_tuned_launches_skip_the_autotuner_and_agree(monkeypatch):
+    """After a key's first launch (which goes through triton's Autotuner), later launches of that
+    key call the kernel with the recorded config directly, and compute the same result."""
+    x = torch.randn(1, 6, 7, 32, device=DEV)
+    wt, b = make_layer(32, 24, 3, seed=11)
+    packed = ops.pack_conv_weight(wt, b, torch.float32)
+    ops._TUNED.clear()
+    first = ops.conv2d(x, packed, 1, relu=True)
+    assert len(ops._TUNED) == 1
+    calls = []
+    kernel = ops._conv.conv2d_kernel
+    monkeypatch.setattr(type(kernel), "run", lambda self, *a, **k: calls.append(1))
+    again = ops.conv2d(x, packed, 1, relu=True)
+    assert not calls                                  # the Autotuner was not entered
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    ops.conv2d(x, packed, 1, relu=True, pool=True)   # another key (pooled): tuned first
+    assert calls

@@ -115,6 +115,25 @@ def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> 
     return split
 
 
+# Autotune key (the kernel's key plus its tensors' dtypes, as triton's Autotuner forms it) -> the
+# config the autotuner picked. Once a key is tuned, launches skip the Autotuner's per-call key
+# building and go straight to the kernel with that config: the same call the Autotuner makes,
+# with less Python per launch (it is paid on every layer of every un-graphed forward).
+_TUNED: dict[tuple, triton.Config] = {}
+
+
+def _launch_conv(grid, args: tuple, meta: dict, key: tuple) -> None:
+    kernel = _conv.conv2d_kernel
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        kernel[grid](*args, **meta)
+        best = getattr(kernel, "best_config", None)
+        if isinstance(best, triton.Config):
+            _TUNED[key] = best
+    else:
+        kernel.fn.run(*args, grid=grid, warmup=False, **meta, **cfg.all_kwargs())
+
+
 def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, pool: bool = False,
            out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
            split_k: int | None = None) -> torch.Tensor:
@@ -169,17 +188,18 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
         return (_cdiv(g, meta["BLOCK_M"] // per_tile) * _cdiv(packed.cout, meta["BLOCK_N"])
                 * split_k,)
 
-    _conv.conv2d_kernel[grid](
-        x, packed.weight, packed.bias, target,
-        h, w, g, gh, gw,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        out.stride(0), out.stride(1), out.stride(2),
-        packed.cout, cout_p, m_class,
-        CIN=packed.cin, KSIZE=packed.k, PAD=pad, APPLY_RELU=bool(relu), FUSE_POOL=bool(pool),
-        PRECISION=("ieee" if packed.weight.dtype == torch.float32
-                   and not torch.backends.cudnn.allow_tf32 else "tf32"),
-        SPLIT_K=split_k,
-    )
+    args = (x, packed.weight, packed.bias, target,
+            h, w, g, gh, gw,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+            out.stride(0), out.stride(1), out.stride(2),
+            packed.cout, cout_p, m_class)
+    meta = dict(CIN=packed.cin, KSIZE=packed.k, PAD=pad, APPLY_RELU=bool(relu),
+                FUSE_POOL=bool(pool), SPLIT_K=split_k,
+                PRECISION=("ieee" if packed.weight.dtype == torch.float32
+                           and not torch.backends.cudnn.allow_tf32 else "tf32"))
+    _launch_conv(grid, args, meta, (packed.cin, packed.cout, packed.k, bool(pool), m_class,
+                                    meta["PRECISION"], split_k, x.dtype, packed.weight.dtype,
+                                    target.dtype))
     if split_k > 1:
         block_n = min(128, triton.next_power_of_2(packed.cout))
         block_g = 32

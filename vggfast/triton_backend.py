@@ -72,6 +72,10 @@ class TritonBackend:
                                    f"configuration {spec.config} needs "
                                    f"[{l.cout}, {l.cin}, {l.k}, {l.k}] / [{l.cout}]")
             self.packed[l.name] = self.ops.pack_conv_weight(w, b, dtype, device)
+        self._names = tuple(spec.tap_names())
+        self._pos = {n: i for i, n in enumerate(self._names)}
+        self._fc6 = self._pos.get("fc6", len(self._names))
+        self._last_layer = spec.layers[-1]
         # Per weight layer, the named activations it produces and what each one is.
         names = iter(spec.tap_names())
         self._stages: list[tuple[Layer, list[tuple[str, str]]]] = []
@@ -100,18 +104,17 @@ class TritonBackend:
         Same contract as nn.dense_forward: taps are names from spec.tap_names(); computation
         stops after the deepest. The tensors are NCHW views of NHWC storage (channels_last).
         """
-        ops, spec = self.ops, self.spec
+        ops, spec, pos = self.ops, self.spec, self._pos
         want = list(taps)
-        names = spec.tap_names()
         for t in want:
-            if t not in names:
+            if t not in pos:
                 raise ArgumentError(f"unknown layer {t!r}; layers of {spec.config}: "
-                                    f"{', '.join(names)}")
+                                    f"{', '.join(self._names)}")
         if not want:
             raise ArgumentError("taps is empty; name at least one layer, e.g. ('fc8',)")
-        last = max(names.index(t) for t in want)
+        last = max(pos[t] for t in want)
         x = self._check_input(x)
-        if last >= names.index("fc6") and min(spec.output_size(*x.shape[2:])) < 1:
+        if last >= self._fc6 and min(spec.output_size(*x.shape[2:])) < 1:
             raise ArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: fc6 needs a "
                                 f"{spec.grid}x{spec.grid} map after pool5, i.e. inputs of at "
                                 f"least {spec.image_size} pixels a side")
@@ -128,7 +131,7 @@ class TritonBackend:
                 j += 1
             fused = {kind for _, kind in stages[1:j]}
             y = ops.conv2d(h, self._layer(l), l.pad, relu="relu" in fused, pool="pool" in fused,
-                           out_dtype=torch.float32 if l is spec.layers[-1] else None)
+                           out_dtype=torch.float32 if l is self._last_layer else None)
             for i in range(j - 1, end):
                 kind = stages[i][1]
                 if i >= j:
