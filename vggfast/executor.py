@@ -133,6 +133,7 @@ class Executor:
         backend = self.engine._backend
         device = self.engine.device
         on_device: dict[int, torch.Tensor] = {}
+        pending: list[tuple] = []
         for b in plan.batches:
             xs = []
             for vi in b.views:
@@ -153,14 +154,21 @@ class Executor:
             x = pp.normalize(torch.stack(xs), convention)
             if self.graphs is not None:
                 with torch.inference_mode():
-                    y = reduce(self.graphs.run(lambda t: backend.run(t, (tap,))[tap], x, tap))
+                    raw = self.graphs.run(lambda t: backend.run(t, (tap,))[tap], x, tap)
+                    y = reduce(raw)
+                    if y.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+                        y = y.clone()   # a graph's output is overwritten by its next replay
             else:
                 y = reduce(backend.run(x, (tap,))[tap])
-            y = y.cpu()
-            for slot, vi in enumerate(b.views):
-                out[vi] = y[slot]
+            # Results stay on the device until every batch is queued: no sync per batch, so the
+            # CPU prepares the next batch while the GPU runs this one.
+            pending.append((b, y))
             for key in [k for k, last in last_use.items() if last == b.index]:
                 rescaled.pop(key, None)
             for i in [i for i, last in last_image_use.items() if last == b.index]:
                 on_device.pop(i, None)
+        for b, y in pending:
+            y = y.cpu()
+            for slot, vi in enumerate(b.views):
+                out[vi] = y[slot]
         return out  # type: ignore[return-value]
