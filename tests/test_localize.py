@@ -406,6 +406,9 @@ def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
     with Image.open(png) as im:
         assert im.size == (48, 40)
         assert (255, 64, 64) in {c for _, c in im.getcolors(10000)}  # the box outline
+    assert main(["info", str(tmp_path / "loc"), "--json"]) == 0      # describes the loc net
+    info = json.loads(capsys.readouterr().out)
+    assert info["task"] == "localize" and info["mode"] == "scr" and info["outputs"] == 4
     rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
                str(tiny_set / "boxes.jsonl")])
     assert rc == 2

@@ -84,9 +84,26 @@ def cmd_classify(args) -> int:
     return 2 if failed else 0
 
 
+def _loc_info(w) -> dict:
+    """What `info` reports for a localisation net (an Engine refuses it as a classifier)."""
+    s, meta = w.spec, w.meta or {}
+    return {"task": "localize", "mode": meta.get("mode"), "config": s.config,
+            "batch_norm_folded": s.batch_norm, "width": s.width, "image_size": s.image_size,
+            "outputs": s.num_classes, "fc_width": s.fc_width,
+            "classifier_classes": meta.get("num_classes"), "preprocess": w.preprocess,
+            "missing_layers": list(w.missing), "nonfinite_layers": list(w.nonfinite),
+            "source": w.source,
+            "use": "Engine(classifier, loc_weights=...) / vggfast localize --loc-weights"}
+
+
 def cmd_info(args) -> int:
-    eng = _engine(args, args.weights_pos or _need_weights(args))
-    info = eng.info()
+    from .weights import load
+    weights = args.weights_pos or _need_weights(args)
+    w = load(weights, config=args.config)
+    if (w.meta or {}).get("task") == "localize":
+        info = _loc_info(w)
+    else:
+        info = _engine(args, w).info()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
