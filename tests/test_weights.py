@@ -240,3 +240,16 @@ def test_nan_in_a_conv_blocks_everything(tiny):
     assert w.unusable("pool1") == ["conv1_1"]
     with pytest.raises(VGGFastError):
         Engine(sd).score_map(torch.rand(3, 40, 40), scale=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_finds_one_bad_element(dtype):
+    from vggfast.weights import _check_finite_tensor
+    t = torch.randn(64, 33).to(dtype)
+    assert _check_finite_tensor(t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[17, 5] = bad
+        assert not _check_finite_tensor(u)
+    assert _check_finite_tensor(torch.full((8,), torch.finfo(dtype).max, dtype=dtype))
+    assert _check_finite_tensor(torch.empty(0, dtype=dtype))
