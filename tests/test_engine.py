@@ -175,16 +175,11 @@ def test_triton_backend_classifies_like_the_reference(samples):
 # --- CUDA-graph cache (vggfast.executor.GraphCache) ---------------------------------------------
 
 def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch):
-    """The cache's bookkeeping with the CUDA capture replaced by a recorder (CPU): a shape's first
-    batch runs eagerly, its second is captured and replayed, later ones replay; the cache keeps
-    at most `capacity` graphs; a failed capture switches the cache off with one warning."""
+    """The cache's bookkeeping with only the CUDA recording replaced by a recorder (CPU): a
+    shape's first batch runs eagerly, its second is captured and replayed, later ones replay; the
+    cache keeps at most `capacity` graphs and `max_bytes` of static tensors; a batch larger than
+    max_bytes is never captured; a failed capture switches the cache off with one warning."""
     from vggfast.executor import GraphCache
-
-    calls = []
-
-    def forward(x):
-        calls.append(tuple(x.shape))
-        return x * 2
 
     class FakeGraph:
         def __init__(self, fn, static_in, static_out):
@@ -193,16 +188,12 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
         def replay(self):
             self.static_out.copy_(self.fn(self.static_in))
 
-    def fake_capture(self, fn, x, key):
-        static_in = x.clone()
-        self.captures += 1
-        self.graphs[key] = (static_in, fn(static_in), FakeGraph(fn, static_in, None))
-        self.graphs[key][2].static_out = self.graphs[key][1]
-        while len(self.graphs) > self.capacity:
-            self.graphs.popitem(last=False)
-        return self.graphs[key]
+    def fake_record(self, fn, static_in):
+        out = fn(static_in)
+        return out, FakeGraph(fn, static_in, out)
 
-    monkeypatch.setattr(GraphCache, "_capture", fake_capture)
+    monkeypatch.setattr(GraphCache, "_record", fake_record)
+    forward = lambda x: x * 2  # noqa: E731
     cache = GraphCache(capacity=2)
     a, b, c = torch.rand(2, 3), torch.rand(4, 3), torch.rand(5, 3)
     torch.testing.assert_close(cache.run(forward, a, "fc8"), a * 2)         # eager
@@ -219,12 +210,22 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
         cache.run(forward, x, "fc8")
     assert cache.captures == 3 and len(cache.graphs) == 2                    # LRU bound
     assert ((2, 3), torch.float32, "fc8") not in cache.graphs
+    assert cache.held_bytes == sum(e[3] for e in cache.graphs.values()) == 2 * 4 * (12 + 15)
 
-    cache2 = GraphCache()
+    small = GraphCache(max_bytes=2 * 4 * 12)      # room for the static in + out of one [3, 4]
+    for x in [torch.rand(3, 4)] * 2 + [torch.rand(2, 4)] * 2:
+        torch.testing.assert_close(small.run(forward, x, "fc8"), x * 2)
+    assert list(small.graphs) == [((2, 4), torch.float32, "fc8")]          # the older went
+    big = torch.rand(7, 4)                                                   # > max_bytes alone
+    for _ in range(3):
+        torch.testing.assert_close(small.run(forward, big, "fc8"), big * 2)
+    assert small.captures == 2
+
     monkeypatch.undo()
-    cache2.seen[((2, 3), torch.float32, "fc8")] = 1
     if not torch.cuda.is_available():
-        # the real _capture on a CPU tensor fails inside torch.cuda: the cache warns and turns off
+        # the real recording of a CPU tensor fails inside torch.cuda: warn and turn off
+        cache2 = GraphCache()
+        cache2.seen[((2, 3), torch.float32, "fc8")] = 1
         with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
             out = cache2.run(lambda x: x + 1, a, "fc8")
         torch.testing.assert_close(out, a + 1)

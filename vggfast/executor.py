@@ -39,11 +39,20 @@ class GraphCache:
     All graphs share one memory pool: replays are sequential on one stream and each output is
     consumed before the next replay, so a graph may reuse another's intermediate memory. If a
     capture fails the cache warns once and runs that backend eagerly from then on.
+
+    Bounds: at most `capacity` graphs, and at most `max_bytes` of static inputs and outputs held
+    by them (least recently used go first; a batch larger than that alone is never captured);
+    the shapes seen once are forgotten past `SEEN_LIMIT` of them (a server meeting endless new
+    photo sizes).
     """
 
-    def __init__(self, capacity: int = 32):
+    SEEN_LIMIT = 10_000
+
+    def __init__(self, capacity: int = 32, max_bytes: int | None = None):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self.held_bytes = 0
         self.seen: Counter = Counter()
         self.pool = None
         self.disabled = False
@@ -56,14 +65,17 @@ class GraphCache:
         key = (tuple(x.shape), x.dtype, tap)
         entry = self.graphs.get(key)
         if entry is None:
+            if len(self.seen) >= self.SEEN_LIMIT:
+                self.seen.clear()
             self.seen[key] += 1
-            if self.disabled or self.seen[key] < 2:
+            too_big = self.max_bytes is not None and _nbytes(x) > self.max_bytes
+            if self.disabled or self.seen[key] < 2 or too_big:
                 return forward(x)
             entry = self._capture(forward, x, key)
             if entry is None:
                 return forward(x)
         self.graphs.move_to_end(key)
-        static_in, static_out, graph = entry
+        static_in, static_out, graph, _ = entry
         static_in.copy_(x)
         graph.replay()
         self.replays += 1
@@ -72,16 +84,7 @@ class GraphCache:
     def _capture(self, forward, x, key):
         static_in = x.clone()
         try:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                forward(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = forward(static_in)
+            static_out, graph = self._record(forward, static_in)
         except VGGFastError:
             raise
         except Exception as exc:   # noqa: BLE001 - any capture failure: fall back to eager
@@ -90,10 +93,31 @@ class GraphCache:
                           "running without CUDA graphs", RuntimeWarning, stacklevel=3)
             return None
         self.captures += 1
-        self.graphs[key] = (static_in, static_out, graph)
-        while len(self.graphs) > self.capacity:
-            self.graphs.popitem(last=False)
-        return self.graphs[key]
+        held = _nbytes(static_in) + _nbytes(static_out)
+        self.graphs[key] = entry = (static_in, static_out, graph, held)
+        self.held_bytes += held
+        while len(self.graphs) > 1 and (len(self.graphs) > self.capacity or (
+                self.max_bytes is not None and self.held_bytes > self.max_bytes)):
+            self.held_bytes -= self.graphs.popitem(last=False)[1][3]
+        return entry
+
+    def _record(self, forward, static_in):
+        """Capture forward(static_in) in a CUDA graph -> (static output, graph)."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=static_in.device)
+        side.wait_stream(torch.cuda.current_stream(static_in.device))
+        with torch.cuda.stream(side):
+            forward(static_in)
+        torch.cuda.current_stream(static_in.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = forward(static_in)
+        return static_out, graph
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class Executor:
@@ -109,7 +133,9 @@ class Executor:
         self.scheduler = Scheduler(engine.spec, elem_size=torch.finfo(engine.dtype).bits // 8,
                                    memory_budget=engine.memory_budget,
                                    fuse_pool=bool(getattr(backend, "fuses_pool", False)))
-        self.graphs = GraphCache() if getattr(engine, "cuda_graphs", False) else None
+        # Graphs may hold a quarter of the activation budget in static inputs and outputs.
+        self.graphs = (GraphCache(max_bytes=engine.memory_budget // 4)
+                       if getattr(engine, "cuda_graphs", False) else None)
 
     def plan(self, images: Sequence[torch.Tensor], scales: Sequence[int], flip: bool,
              method: str, keep: Sequence[str] = ()) -> Plan:
