@@ -168,8 +168,12 @@ def conv2d_kernel(
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
-    pid_k = pid % SPLIT_K
-    pid_mn = pid // SPLIT_K
+    if SPLIT_K == 1:
+        pid_k = 0
+        pid_mn = pid
+    else:
+        pid_k = pid % SPLIT_K
+        pid_mn = pid // SPLIT_K
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
     ghw = GH * GW
@@ -199,9 +203,15 @@ def conv2d_kernel(
     # -- this program's share of the K steps (all of them unless split-K) --------------------
     K_TOTAL: tl.constexpr = KSIZE * KSIZE * CIN
     K_STEPS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
-    STEPS_PER_SPLIT: tl.constexpr = (K_STEPS + SPLIT_K - 1) // SPLIT_K
-    k_lo = pid_k * STEPS_PER_SPLIT
-    k_hi = tl.minimum(k_lo + STEPS_PER_SPLIT, K_STEPS)
+    if SPLIT_K == 1:
+        # Compile-time loop bounds (the path every batch-64 layer takes): the software pipeliner
+        # sees a static trip count, exactly as before split-K existed.
+        k_lo = 0
+        k_hi = K_STEPS
+    else:
+        STEPS_PER_SPLIT: tl.constexpr = (K_STEPS + SPLIT_K - 1) // SPLIT_K
+        k_lo = pid_k * STEPS_PER_SPLIT
+        k_hi = tl.minimum(k_lo + STEPS_PER_SPLIT, K_STEPS)
 
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -9,7 +9,7 @@ jit = conv.conv2d_kernel.fn.fn
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)
 
-def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False):
+def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False, split_k=1):
     names = jit.arg_names
     ty = {"bf16": "*bf16", "fp32": "*fp32", "fp16": "*fp16"}[dt]
     sig = {}
@@ -18,7 +18,7 @@ def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False):
     for n in ("stride_xn", "stride_xh", "stride_xw", "stride_yn", "stride_yh", "stride_yw", "stride_xc"):
         sig[n] = "i64" if n in ("stride_xn", "stride_yn") else "i32"
     consts = dict(CIN=cin, KSIZE=ks, PAD=pad, APPLY_RELU=relu, FUSE_POOL=pool,
-                  PRECISION="ieee" if dt == "fp32" else "tf32", **cfg.kwargs)
+                  PRECISION="ieee" if dt == "fp32" else "tf32", SPLIT_K=split_k, **cfg.kwargs)
     consts["FLAT_K"] = conv._flat_k(cin, cfg.kwargs["BLOCK_K"], 2 if flat_input else 1)
     if not flat_input:
         consts["stride_xc"] = 1
@@ -44,15 +44,24 @@ def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False):
     return md, wgmma, mma, cpa, ck
 
 if __name__ == "__main__":
-    cases = [("bf16", 3, 64, 3, 1, True, False, True), ("bf16", 64, 64, 3, 1, True, True, False),
-             ("bf16", 256, 256, 3, 1, True, False, False), ("bf16", 512, 512, 3, 1, True, True, False),
-             ("bf16", 512, 4096, 7, 0, True, False, False), ("bf16", 4096, 1000, 1, 0, False, False, False)]
-    for dt, cin, cout, ks, pad, relu, pool, flat in cases:
+    import sys
+    only = sys.argv[1:]   # optional case names, e.g. "fc6-split8"
+    cases = {"conv1_1": ("bf16", 3, 64, 3, 1, True, False, True, 1),
+             "conv1_2": ("bf16", 64, 64, 3, 1, True, True, False, 1),
+             "conv3_x": ("bf16", 256, 256, 3, 1, True, False, False, 1),
+             "conv4_3": ("bf16", 512, 512, 3, 1, True, True, False, 1),
+             "conv5_1-split16": ("bf16", 512, 512, 3, 1, True, False, False, 16),
+             "fc6": ("bf16", 512, 4096, 7, 0, True, False, False, 1),
+             "fc6-split8": ("bf16", 512, 4096, 7, 0, True, False, False, 8),
+             "fc8": ("bf16", 4096, 1000, 1, 0, False, False, False, 1)}
+    for name, (dt, cin, cout, ks, pad, relu, pool, flat, split) in cases.items():
+        if only and name not in only:
+            continue
         cfgs = conv.FLAT_CONFIGS if flat else [c for cs in conv.CONFIGS_BY_CLASS.values() for c in cs]
         for cfg in dict.fromkeys(cfgs):
             try:
-                md, wg, mma, cpa, ck = compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat)
-                print(f"{dt} cin{cin} cout{cout} k{ks} pool{int(pool)} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: "
+                md, wg, mma, cpa, ck = compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat, split)
+                print(f"{name}: {dt} cin{cin} cout{cout} k{ks} pool{int(pool)} split{split} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: "
                       f"regs={md['n_regs']} stack={md['stack']} ldl/stl={md['ldl']} smem={md['shared']} HGMMA={wg} HMMA={mma} LDGSTS={cpa}")
             except Exception as e:
                 print("FAIL", dt, cin, cout, ks, pool, cfg, repr(e)[:2000])
