@@ -88,8 +88,10 @@ def _c(bm, bn, bk, warps, stages):
 
 
 CONFIGS_BY_CLASS = {
-    M_CLASS_LARGE: [_c(128, 128, 64, 4, 4), _c(128, 128, 64, 8, 3), _c(128, 128, 64, 8, 4),
-                    _c(128, 256, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4),
+    # First of each list that fits a layer = its config under VGGFAST_AUTOTUNE=0: the tiles the
+    # autotuner picked on an H100 for VGG16 at batch 64 (bench/NOTES.md, run A).
+    M_CLASS_LARGE: [_c(128, 256, 64, 8, 3), _c(128, 128, 64, 4, 4), _c(128, 64, 64, 4, 4),
+                    _c(128, 128, 64, 8, 3), _c(128, 128, 64, 8, 4), _c(64, 128, 64, 4, 4),
                     # Cout-64 layers (conv1_2): a taller tile halves the B re-reads per row.
                     _c(256, 64, 64, 8, 3), _c(256, 64, 64, 8, 4)],
     M_CLASS_MID: [_c(64, 128, 64, 4, 4), _c(128, 128, 64, 8, 3), _c(64, 64, 64, 4, 4),
@@ -123,7 +125,9 @@ def _flat_k(cin: int, block_k: int, stride_xc: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the configs of this launch's shape class that suit its CIN/COUT (at least one)."""
+    """Keep the configs of this launch's shape class that suit its CIN/COUT (at least one), in
+    the class list's order; only the first when VGGFAST_AUTOTUNE=0 (no tuning runs: a cold start
+    compiles one config per layer shape instead of benchmarking several)."""
     a = {**named_args, **kwargs}
     cin, cout, stride_xc = a["CIN"], a["COUT"], a["stride_xc"]
     k_total = a["KSIZE"] * a["KSIZE"] * cin
@@ -137,7 +141,11 @@ def _prune(configs, named_args, **kwargs):
     keep = [c for c in configs if c in want
             and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
             and (c.kwargs["BLOCK_M"] < 256 or cout <= 64 or want is FLAT_CONFIGS)]
-    return keep or [c for c in configs if c in want] or list(configs[:1])
+    keep = keep or [c for c in configs if c in want] or list(configs[:1])
+    keep.sort(key=lambda c: want.index(c) if c in want else len(want))
+    if os.environ.get("VGGFAST_AUTOTUNE", "1").strip() == "0":
+        return keep[:1]
+    return keep
 
 
 @triton.jit

@@ -238,6 +238,31 @@ def test_autotune_shape_classes_pick_their_configs():
     assert pick(3, 10, 3, conv.M_CLASS_SMALL, stride_xc=9)          # never empty
 
 
+def test_no_autotune_mode_takes_the_measured_defaults(monkeypatch):
+    """VGGFAST_AUTOTUNE=0: one config per launch, the class list's first that fits."""
+    conv = ops._conv
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+
+    every = list(dict.fromkeys(conv.FLAT_CONFIGS + conv.TF32_CONFIGS + conv.IEEE_CONFIGS + [
+        c for cs in conv.CONFIGS_BY_CLASS.values() for c in cs]))
+
+    def pick(cin, cout, k, m_class, stride_xc=1):
+        return conv._prune(every, {"w_ptr": bf16, "stride_xc": stride_xc}, CIN=cin,
+                           COUT=cout, KSIZE=k, M_CLASS=m_class, PRECISION="tf32", FUSE_POOL=False)
+
+    assert len(pick(256, 256, 3, conv.M_CLASS_LARGE)) > 1
+    monkeypatch.setenv("VGGFAST_AUTOTUNE", "0")
+
+    def tile(*a, **k):
+        (c,) = pick(*a, **k)
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    assert tile(3, 64, 3, conv.M_CLASS_LARGE, stride_xc=50176) == (128, 64, 32)   # conv1_1
+    assert tile(64, 64, 3, conv.M_CLASS_LARGE) == (128, 64, 64)                    # conv1_2
+    assert tile(128, 128, 3, conv.M_CLASS_LARGE) == (128, 128, 64)                 # conv2_2
+    assert tile(512, 512, 3, conv.M_CLASS_LARGE) == (128, 256, 64)                 # conv4_x
+    assert tile(512, 4096, 7, conv.M_CLASS_SMALL) == (16, 64, 128)                 # fc6
+
+
 # --- LRN, max-pool, score reduction ---------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lrn_matches_krizhevsky_lrn(dtype):
