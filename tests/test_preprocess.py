@@ -144,3 +144,15 @@ def test_normalisation_conventions():
     torch.testing.assert_close(caffe[:, 0, 0], torch.tensor([-103.939, -116.779, 255 - 123.68]))
     with pytest.raises(Exception, match="unknown preprocessing"):
         normalize(x, "imagenet")
+
+
+def test_normalize_constants_cached_in_inference_mode_still_work_with_autograd():
+    from vggfast.preprocess import _mean_std
+    _mean_std.cache_clear()
+    with torch.inference_mode():
+        first = normalize(torch.rand(3, 4, 4), "caffe")
+    x = torch.rand(3, 4, 4, requires_grad=True)
+    y = normalize(x, "caffe")
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert first.shape == y.shape

@@ -159,6 +159,11 @@ class Executor:
         backend = self.engine._backend
         device = self.engine.device
         on_device: dict[int, torch.Tensor] = {}
+        if device.type == "cuda":
+            # Rescale on the GPU. Every image goes up before the first kernel is queued: a copy
+            # from pageable memory waits for the work already queued, so uploads between batches
+            # would stall the pipeline.
+            on_device = {i: images[i].to(device) for i in sorted(last_image_use)}
         pending: list[tuple] = []
         for b in plan.batches:
             xs = []
@@ -167,12 +172,8 @@ class Executor:
                 key = (v.image, v.scale)
                 r = rescaled.get(key)
                 if r is None:
-                    img = images[v.image]
-                    if device.type == "cuda":   # rescale on the GPU: one upload per image
-                        img = on_device.get(v.image)
-                        if img is None:
-                            img = on_device[v.image] = images[v.image].to(device)
-                    r = rescaled[key] = pp.resize_short(img, v.scale)
+                    r = rescaled[key] = pp.resize_short(on_device.get(v.image, images[v.image]),
+                                                        v.scale)
                 if v.crop is not None:
                     x0, y0, x1, y1 = v.crop
                     r = r[:, y0:y1, x0:x1]

@@ -19,6 +19,7 @@ values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`).
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -201,9 +202,18 @@ def normalize(x: torch.Tensor, conv: str | Convention = "torchvision") -> torch.
     c = convention(conv) if isinstance(conv, str) else conv
     if c.bgr:
         x = x.flip(-3)  # mean and std are listed in the input's channel order already
-    mean_t = torch.tensor(c.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std_t = torch.tensor(c.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean_t, std_t = _mean_std(c, x.device, x.dtype)
     return (x * c.scale - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=64)
+def _mean_std(c: Convention, device: torch.device, dtype: torch.dtype):
+    """The convention's mean and std as [3, 1, 1] tensors, made once per device and dtype (a
+    host-to-GPU copy each call would wait for the GPU's queued work). Made outside inference
+    mode, so that a cached pair may enter an autograd graph later."""
+    with torch.inference_mode(False):
+        return (torch.tensor(c.mean, dtype=dtype, device=device).view(3, 1, 1),
+                torch.tensor(c.std, dtype=dtype, device=device).view(3, 1, 1))
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:

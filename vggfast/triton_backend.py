@@ -77,7 +77,7 @@ class TritonBackend:
         self._fc6 = self._pos.get("fc6", len(self._names))
         self._last_layer = spec.layers[-1]
         # Per weight layer, the named activations it produces and what each one is.
-        names = iter(spec.tap_names())
+        names = iter(self._names)
         self._stages: list[tuple[Layer, list[tuple[str, str]]]] = []
         for l in spec.layers:
             kinds = ["conv"] + ["relu"] * l.relu + ["lrn"] * l.lrn + ["pool"] * l.pool
