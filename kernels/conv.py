@@ -80,6 +80,13 @@ _INTERPRETER = tl.constexpr(INTERPRET)
 # path through plain loads; nothing spills except 128x256 on 1x1 layers (16 bytes of stack).
 # 256x128 tiles spilled ~100 bytes (the A-tile addresses live in registers) and are left out.
 M_CLASS_SMALL, M_CLASS_MID, M_CLASS_LARGE = 0, 1, 2
+# Grouped launches (GROUPED): each problem's rows start at a multiple of GROUP_ROW_ALIGN in the
+# launch's virtual row space; its GROUP_FIELDS-entry int64 row of the problem table holds
+# [x offset, y offset, H, W, GH, GW, G, V (first virtual row), stride_xn, stride_xh, stride_xw,
+# stride_xc, 0...] (offsets in elements; the y offset, and the x offset of an NHWC-contiguous
+# input, are multiples of 16).
+GROUP_ROW_ALIGN = tl.constexpr(256)
+GROUP_FIELDS = tl.constexpr(16)
 
 
 def _c(bm, bn, bk, warps, stages):
@@ -157,12 +164,13 @@ def _round_to_bf16(x):
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["CIN", "COUT", "KSIZE", "FUSE_POOL", "M_CLASS", "PRECISION", "SPLIT_K"],
+                 key=["CIN", "COUT", "KSIZE", "FUSE_POOL", "M_CLASS", "PRECISION", "SPLIT_K", "GROUPED"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.heuristics({"FLAT_K": lambda a: _flat_k(a["CIN"], a["BLOCK_K"], a["stride_xc"])})
 @triton.jit
 def conv2d_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
+    grp_ptr, chunk_ptr,       # GROUPED only: problem table [P, GROUP_FIELDS], chunk -> problem
     H, W,                     # input spatial size
     G, GH, GW,                # M grid: G = NB*GH*GW rows; (GH, GW) = (OH, OW) or pooled size
     stride_xn, stride_xh, stride_xw, stride_xc,
@@ -171,9 +179,10 @@ def conv2d_kernel(
     M_CLASS,                  # shape class, autotune key only
     CIN: tl.constexpr, KSIZE: tl.constexpr, PAD: tl.constexpr,
     APPLY_RELU: tl.constexpr, FUSE_POOL: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT_K: tl.constexpr,
 ):
+    tl.static_assert(not (GROUPED and SPLIT_K > 1), "grouped launches do not split K")
     pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
     if SPLIT_K == 1:
@@ -184,12 +193,46 @@ def conv2d_kernel(
         pid_mn = pid // SPLIT_K
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
+    if FUSE_POOL:
+        ROWS: tl.constexpr = BLOCK_M // 4
+    else:
+        ROWS: tl.constexpr = BLOCK_M
+    x_base = x_ptr
+    y_base = y_ptr
+    if GROUPED:
+        # One launch, several problems (inputs of different sizes, same layer): problem p owns
+        # the virtual rows [V_p, V_p + G_p) with V_p a multiple of GROUP_ROW_ALIGN, so a tile of
+        # ROWS (a power of two <= GROUP_ROW_ALIGN) rows never straddles two problems.
+        prob = tl.load(chunk_ptr + (pid_m * ROWS) // GROUP_ROW_ALIGN)
+        t = grp_ptr + prob * GROUP_FIELDS
+        pid_m -= (tl.load(t + 7) // ROWS).to(tl.int32)
+        G = tl.load(t + 6)
+        if pid_m * ROWS >= G:
+            return                    # the padding between two problems' rows
+        H = tl.load(t + 2).to(tl.int32)
+        W = tl.load(t + 3).to(tl.int32)
+        GH = tl.load(t + 4).to(tl.int32)
+        GW = tl.load(t + 5).to(tl.int32)
+        if FLAT_K:
+            x_base = x_ptr + tl.load(t)
+            stride_xn = tl.load(t + 8)
+            stride_xh = tl.load(t + 9)
+            stride_xw = tl.load(t + 10)
+            stride_xc = tl.load(t + 11)
+        else:
+            # NHWC-contiguous input at a 16-element-aligned offset: written so the compiler
+            # sees the alignment (vectorised, cp.async loads as in the single-problem kernel).
+            x_base = x_ptr + (tl.load(t) // 16) * 16
+            stride_xw = CIN
+            stride_xh = W * CIN
+            stride_xn = H.to(tl.int64) * stride_xh
+        y_base = y_ptr + (tl.load(t + 1) // 16) * 16    # NHWC-contiguous output
+
     ghw = GH * GW
 
     # -- rows of this tile: output pixel (n, oh, ow) of each accumulator row ------------------
     offs_m = tl.arange(0, BLOCK_M)
     if FUSE_POOL:
-        ROWS: tl.constexpr = BLOCK_M // 4
         quad = offs_m // ROWS
         g = pid_m.to(tl.int64) * ROWS + (offs_m % ROWS)
         n = g // ghw
@@ -197,7 +240,6 @@ def conv2d_kernel(
         oh = ((r // GW) * 2 + quad // 2).to(tl.int32)
         ow = ((r % GW) * 2 + quad % 2).to(tl.int32)
     else:
-        ROWS: tl.constexpr = BLOCK_M
         g = pid_m.to(tl.int64) * BLOCK_M + offs_m
         n = g // ghw
         r = g % ghw
@@ -206,7 +248,7 @@ def conv2d_kernel(
     row_ok = g < G
     ih0 = oh - PAD
     iw0 = ow - PAD
-    x_rows = x_ptr + (n * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw)
+    x_rows = x_base + (n * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw)
 
     # -- this program's share of the K steps (all of them unless split-K) --------------------
     K_TOTAL: tl.constexpr = KSIZE * KSIZE * CIN
@@ -280,10 +322,13 @@ def conv2d_kernel(
         res = res + bias[None, :]
         if APPLY_RELU:
             res = tl.maximum(res, 0.0)
-        ny = gy // ghw
-        ry = gy % ghw
-        y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
-        y_ptrs = y_ptr + y_rows[:, None] + offs_n[None, :]
+        if GROUPED:
+            y_rows = gy * COUT
+        else:
+            ny = gy // ghw
+            ry = gy % ghw
+            y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
+        y_ptrs = y_base + y_rows[:, None] + offs_n[None, :]
         y_mask = (gy < G)[:, None] & (offs_n < COUT)[None, :]
         if _INTERPRETER:
             if y_ptr.dtype.element_ty == tl.bfloat16:

@@ -9,21 +9,23 @@ jit = conv.conv2d_kernel.fn.fn
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)
 
-def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False, split_k=1):
+def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False, split_k=1, grouped=False):
     names = jit.arg_names
     ty = {"bf16": "*bf16", "fp32": "*fp32", "fp16": "*fp16"}[dt]
     sig = {}
     for n in names: sig[n] = "i32"
-    sig.update({"x_ptr": "*fp32" if flat_input else ty, "w_ptr": ty, "b_ptr": "*fp32", "y_ptr": ty})
+    sig.update({"x_ptr": "*fp32" if flat_input else ty, "w_ptr": ty, "b_ptr": "*fp32", "y_ptr": ty,
+                "grp_ptr": "*i64" if grouped else "*fp32", "chunk_ptr": "*i64" if grouped else "*fp32"})
     for n in ("stride_xn", "stride_xh", "stride_xw", "stride_yn", "stride_yh", "stride_yw", "stride_xc"):
         sig[n] = "i64" if n in ("stride_xn", "stride_yn") else "i32"
     consts = dict(CIN=cin, KSIZE=ks, PAD=pad, APPLY_RELU=relu, FUSE_POOL=pool,
-                  PRECISION="ieee" if dt == "fp32" else "tf32", SPLIT_K=split_k, **cfg.kwargs)
+                  PRECISION="ieee" if dt == "fp32" else "tf32", SPLIT_K=split_k,
+                  GROUPED=grouped, **cfg.kwargs)
     consts["FLAT_K"] = conv._flat_k(cin, cfg.kwargs["BLOCK_K"], 2 if flat_input else 1)
     if not flat_input:
         consts["stride_xc"] = 1
     for k in consts: sig[k] = "constexpr"
-    div = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "COUT_P", "stride_yh", "stride_yw", "stride_xh", "stride_xw", "stride_xn", "stride_yn"]
+    div = ["x_ptr", "w_ptr", "b_ptr", "y_ptr", "grp_ptr", "chunk_ptr", "COUT_P", "stride_yh", "stride_yw", "stride_xh", "stride_xw", "stride_xn", "stride_yn"]
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in div if k in names and sig[k] != "constexpr"}
     src = triton.compiler.ASTSource(fn=jit, constexprs=consts, signature=sig, attrs=attrs)
     opts = backend.parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -54,13 +56,15 @@ if __name__ == "__main__":
              "fc6": ("bf16", 512, 4096, 7, 0, True, False, False, 1),
              "fc6-split8": ("bf16", 512, 4096, 7, 0, True, False, False, 8),
              "fc8": ("bf16", 4096, 1000, 1, 0, False, False, False, 1)}
-    for name, (dt, cin, cout, ks, pad, relu, pool, flat, split) in cases.items():
+    # Grouped launches (one launch, several input sizes): the same cases with GROUPED=True.
+    cases.update({f"{k}-grouped": v + (True,) for k, v in list(cases.items()) if "split" not in k})
+    for name, (dt, cin, cout, ks, pad, relu, pool, flat, split, *grp) in cases.items():
         if only and name not in only:
             continue
         cfgs = conv.FLAT_CONFIGS if flat else [c for cs in conv.CONFIGS_BY_CLASS.values() for c in cs]
         for cfg in dict.fromkeys(cfgs):
             try:
-                md, wg, mma, cpa, ck = compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat, split)
+                md, wg, mma, cpa, ck = compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat, split, bool(grp))
                 print(f"{name}: {dt} cin{cin} cout{cout} k{ks} pool{int(pool)} split{split} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: "
                       f"regs={md['n_regs']} stack={md['stack']} ldl/stl={md['ldl']} smem={md['shared']} HGMMA={wg} HMMA={mma} LDGSTS={cpa}")
             except Exception as e:

@@ -172,6 +172,35 @@ def test_triton_backend_classifies_like_the_reference(samples):
         torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-6)
 
 
+def test_executor_waves_group_batches_within_the_budget():
+    """With the triton backend, a plan's batches run in waves (one grouped forward each) whose
+    arenas fit the budget together, every batch once and in order; the torch backend, which
+    cannot group, runs batch by batch."""
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    sd = small_model("D", num_classes=10).state_dict()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    imgs = [torch.rand(3, 60, 80), torch.rand(3, 80, 60), torch.rand(3, 40, 170)]
+    big = Engine(sd, backend="triton", device=dev, dtype="float32").plan(imgs, (32, 40, 48))
+    for budget in (None, 2 * max(a.total_bytes for a in big.arenas)):
+        eng = Engine(sd, backend="triton", device=dev, dtype="float32", memory_budget=budget)
+        plan = eng.plan(imgs, scales=(32, 40, 48))
+        waves = eng._executor.waves(plan, "fc8")
+        assert [b.index for w in waves for b in w] == [b.index for b in plan.batches]
+        for w in waves:
+            assert len(w) == 1 or sum(plan.arenas[b.arena].total_bytes
+                                      for b in w) <= plan.budget_bytes
+        if budget is None:
+            assert len(waves) == 1 < len(plan.batches)
+        else:
+            assert 1 < len(waves) < len(plan.batches)
+        assert eng._executor.waves(plan, "conv1_1") == [[b] for b in plan.batches]
+    ref = Engine(sd, backend="torch", device=dev, dtype="float32")
+    plan = ref.plan(imgs, scales=(32, 40))
+    assert ref._executor.waves(plan, "fc8") == [[b] for b in plan.batches]
+
+
 # --- CUDA-graph cache (vggfast.executor.GraphCache) ---------------------------------------------
 
 def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch):
@@ -186,7 +215,12 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
             self.fn, self.static_in, self.static_out = fn, static_in, static_out
 
         def replay(self):
-            self.static_out.copy_(self.fn(self.static_in))
+            new = self.fn(self.static_in)
+            if isinstance(new, torch.Tensor):
+                self.static_out.copy_(new)
+            else:
+                for out, t in zip(self.static_out, new):
+                    out.copy_(t)
 
     def fake_record(self, fn, static_in):
         out = fn(static_in)
@@ -220,6 +254,20 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
     for _ in range(3):
         torch.testing.assert_close(small.run(forward, big, "fc8"), big * 2)
     assert small.captures == 2
+
+    # a grouped wave: a tuple of inputs in, a list of outputs out, keyed by all their shapes
+    waves = GraphCache()
+    fwd = lambda ts: [t * 3 for t in ts]  # noqa: E731
+    for i in range(3):
+        ts = (torch.rand(2, 3), torch.rand(1, 5))
+        got = waves.run(fwd, ts, "fc8")
+        for g, t in zip(got, ts):
+            torch.testing.assert_close(g, t * 3)
+    assert waves.captures == 1 and waves.replays == 2
+    assert list(waves.graphs) == [((((2, 3), torch.float32), ((1, 5), torch.float32)), "fc8")]
+    assert waves.held_bytes == 2 * 4 * (6 + 5)
+    waves.run(fwd, (torch.rand(2, 3), torch.rand(1, 6)), "fc8")     # another wave shape: eager
+    assert waves.captures == 1
 
     monkeypatch.undo()
     if not torch.cuda.is_available():

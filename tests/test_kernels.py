@@ -403,6 +403,105 @@ def test_backend_without_interpreter_or_triton_is_a_vggfast_error(monkeypatch):
     TritonBackend(params, m.spec, DEV, torch.float32)  # and back to normal
 
 
+# --- grouped launches: one launch for several input sizes ----------------------------------------
+
+def count_conv_launches(monkeypatch) -> list:
+    calls = []
+    real = ops._launch_conv
+
+    def counting(grid, args, meta, key):
+        calls.append(meta["GROUPED"])
+        return real(grid, args, meta, key)
+
+    monkeypatch.setattr(ops, "_launch_conv", counting)
+    return calls
+
+
+# (cin, cout, k, pad, relu, pool): channel chunks with and without pool, flat K, 1x1, g x g
+GROUP_CASES = [(32, 48, 3, 1, True, True), (64, 20, 3, 1, False, False), (8, 16, 3, 1, True, True),
+               (64, 24, 1, 0, True, False), (32, 16, 4, 0, True, False)]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_conv_grouped_one_launch_equals_reference(case, monkeypatch):
+    """conv2d_many: inputs of different sizes and batches in ONE launch; each output equals the
+    fp64 reference. One input has over 256 rows, so a problem spans several row chunks."""
+    cin, cout, k, pad, relu, pool = case
+    torch.manual_seed(cin + cout)
+    wt, b = make_layer(cin, cout, k, seed=cout)
+    sizes = [(2, 5, 7), (1, 9, 6), (3, 4, 4), (1, 23, 13)]
+    xs = [torch.randn(n, h, w, cin, device=DEV) for n, h, w in sizes]
+    calls = count_conv_launches(monkeypatch)
+    ys = ops.conv2d_many(xs, ops.pack_conv_weight(wt, b, torch.float32), pad, relu=relu,
+                         pool=pool)
+    assert calls == [True]
+    for x, y in zip(xs, ys):
+        want = reference_conv(x.permute(0, 3, 1, 2).double(), wt.double(), b.double(), pad, relu,
+                              pool)
+        assert y.shape == (want.shape[0], want.shape[2], want.shape[3], cout)
+        assert rel_err(y.permute(0, 3, 1, 2), want) < 2e-6
+
+
+def test_conv_grouped_bf16_within_twice_torch_error():
+    torch.manual_seed(7)
+    wt, b = make_layer(32, 40, 3, seed=8)
+    xs = [torch.randn(n, h, w, 32, device=DEV).bfloat16() for n, h, w in [(2, 6, 9), (1, 11, 5)]]
+    ys = ops.conv2d_many(xs, ops.pack_conv_weight(wt, b, torch.bfloat16), 1, pool=True)
+    for x, y in zip(xs, ys):
+        x = x.permute(0, 3, 1, 2)
+        want = reference_conv(x.double(), wt.double(), b.double(), 1, True, True)
+        theirs = rel_err(reference_conv(x, wt.bfloat16(), b.bfloat16(), 1, True, True), want)
+        assert y.dtype == torch.bfloat16
+        assert 0 < rel_err(y.permute(0, 3, 1, 2), want) <= 2 * theirs
+
+
+def test_group_layer_geometry():
+    """Every problem's rows start at a multiple of GROUP_ROW_ALIGN, the chunk table names the
+    owner of each chunk, and the outputs are aligned and disjoint."""
+    a = ops.GROUP_ROW_ALIGN
+    gl = ops.group_layer([(0, 2, 30, 41), (5000, 1, 3, 3), (9000, 3, 17, 8)], cin=16, cout=24,
+                         k=3, pad=1, pool=True)
+    g = [2 * 15 * 20, 1 * 1 * 1, 3 * 8 * 4]
+    assert [r[6] for r in gl.rows] == g and gl.m_rows == 4 * sum(g)
+    v = [r[7] for r in gl.rows]
+    assert v == [0, 3 * a, 4 * a] and gl.vrows == 5 * a
+    assert list(gl.chunks) == [0, 0, 0, 1, 2]
+    ends = [o + n * h * w * 24 for o, n, h, w in gl.outputs]
+    assert all(o % ops.GROUP_ELEM_ALIGN == 0 for o, *_ in gl.outputs)
+    assert all(e <= o for e, (o, *_) in zip(ends, gl.outputs[1:])) and ends[-1] <= gl.numel
+    assert gl.unit_channel_stride is False          # offset 5000 is not a multiple of 16
+    with pytest.raises(ArgumentError, match="too small"):
+        ops.group_layer([(0, 1, 1, 1)], cin=16, cout=8, k=3, pad=1, pool=True)
+
+
+def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
+    """run_many on three input sizes launches each layer once and returns, per input, what run
+    returns; an ungroupable tap (pre-ReLU conv1_1) and A-LRN fall back to input-by-input runs."""
+    m = small_model("D", seed=4)
+    be = TritonBackend(canonical(m), m.spec, DEV, torch.float32)
+    xs = [torch.randn(2, 3, 32, 41, device=DEV), torch.randn(1, 3, 33, 35, device=DEV),
+          torch.randn(1, 3, 32, 32, device=DEV)]
+    calls = count_conv_launches(monkeypatch)
+    got = be.run_many(xs, "fc8")
+    assert calls == [True] * len(m.spec.layers)
+    calls.clear()
+    for x, g in zip(xs, got):
+        want = be.run(x, ("fc8",))["fc8"]
+        assert g.shape == want.shape and g.dtype == torch.float32
+        assert rel_err(g.cpu(), want.cpu()) < 1e-6
+    assert be.can_group("pool3") and not be.can_group("fc7") and not be.can_group("conv1_1")
+    pool2 = be.run_many(xs[:2], "pool2")
+    assert rel_err(pool2[1].cpu(), be.run(xs[1], ("pool2",))["pool2"].cpu()) < 1e-6
+    calls.clear()
+    pre = be.run_many(xs[:2], "conv1_1")
+    assert calls == [False, False]
+    assert rel_err(pre[0].cpu(), be.run(xs[0], ("conv1_1",))["conv1_1"].cpu()) < 1e-6
+    lrn = small_model("A-LRN", seed=5)
+    assert not TritonBackend(canonical(lrn), lrn.spec, DEV, torch.float32).can_group("fc8")
+    with pytest.raises(ArgumentError, match="too small"):
+        be.run_many([xs[0], torch.randn(1, 3, 20, 40, device=DEV)], "fc8")
+
+
 # --- GPU: every VGG16 layer shape at full size --------------------------------------------------
 def _vgg16_layer_cases():
     """(id, cin, cout, H, W, k, pad, relu, pool) of every VGG16 layer at each test size."""

@@ -43,6 +43,13 @@ def _engine(args, weights):
                   backend=args.backend, preprocess=args.preprocess)
 
 
+def error_line(exc: BaseException) -> str:
+    """`vggfast: error: MESSAGE` on one line, even when the message quotes a file name that holds
+    a line break."""
+    text = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+    return f"vggfast: error: {text}"
+
+
 def _need_weights(args) -> str:
     if not args.weights:
         raise VGGFastError("no weights given: pass --weights PATH_OR_NAME or set VGGFAST_WEIGHTS")
@@ -71,7 +78,7 @@ def cmd_classify(args) -> int:
             images.append(load_image(path))
             names.append(path)
         except ImageError as exc:
-            print(f"vggfast: error: {exc}", file=sys.stderr)
+            print(error_line(exc), file=sys.stderr)
             failed += 1
     if images:
         flip = not args.no_flip
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VGGFastError as exc:
-        print(f"vggfast: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vggfast: interrupted", file=sys.stderr)

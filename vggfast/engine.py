@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,13 +72,22 @@ def _check_top_k(k: Any) -> int:
     return int(k)
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no argument: True, False (or 1, 0). A string such as "no" is refused, not read as
+    True."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                               and value in (0, 1)):
+        return bool(value)
+    raise ArgumentError(f"{name} must be True or False, not {value!r}")
+
+
 def _resolve_device(device: Any) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ArgumentError(f"unknown device {device!r} ({exc})")
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ArgumentError(f"device {device!r} requested but CUDA is not available")
     if dev.type not in ("cuda", "cpu"):
@@ -106,8 +116,9 @@ def _parse_bytes(text: str) -> int:
         value = float(num) * mult
     except ValueError:
         raise ArgumentError(f"VGGFAST_MEMORY_BUDGET={text!r} is not a size such as 8GiB")
-    if not math.isfinite(value) or value <= 0:
-        raise ArgumentError(f"memory budget must be positive, not {text!r}")
+    if not math.isfinite(value) or value < 1:
+        raise ArgumentError(f"memory budget must be a positive finite size such as 8GiB, not "
+                            f"{text!r}")
     return int(value)
 
 
@@ -159,7 +170,8 @@ class Engine:
         if preprocess is not None:
             pp.convention(preprocess)
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
-                memory_budget, numbers.Real) or not memory_budget > 0):
+                memory_budget, numbers.Real) or not math.isfinite(memory_budget)
+                or not memory_budget >= 1):
             raise ArgumentError(f"memory_budget must be a positive number of bytes, not "
                                 f"{memory_budget!r}")
         self.weights: Weights = load(weights, config=config)
@@ -212,6 +224,8 @@ class Engine:
                      why: str | None = None) -> tuple[int, ...]:
         """Validate scales: an int or a non-empty sequence of ints >= `minimum` (default: the
         native size, below which the dense net has no map after pool5; `why` says otherwise)."""
+        if isinstance(scales, (torch.Tensor, np.ndarray)):  # iterating a 0-d one fails
+            scales = scales.tolist()
         if isinstance(scales, numbers.Number) and not isinstance(scales, bool):
             scales = (scales,)
         if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
@@ -228,6 +242,8 @@ class Engine:
                 raise ArgumentError(
                     f"scale {q} is below the network's native size {self.spec.image_size}: the dense "
                     f"net needs a {self.spec.grid}x{self.spec.grid} map after pool5")
+            if q in out:  # it would count twice in the mean over scales
+                raise ArgumentError(f"scale {q} is given twice; list each scale once")
             out.append(q)
         if not out:
             raise ArgumentError("scales is empty; give at least one, e.g. (256, 384, 512)")
@@ -301,10 +317,11 @@ class Engine:
         from .protocols import check_average, result_from_views
         top_k = _check_top_k(top_k)
         check_average(average)
+        flip = check_flag("flip", flip)
         scales, method, images, many = self._request(img, scales, method)
         if not images:
             return []
-        plan = self._executor.plan(images, scales, bool(flip), method)
+        plan = self._executor.plan(images, scales, flip, method)
         scores = self._executor.run(plan, images)
         results = [result_from_views(self, plan, i, scores, method, average, top_k)
                    for i in range(len(images))]
@@ -316,12 +333,15 @@ class Engine:
 
         Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary.
         """
+        flip = check_flag("flip", flip)
         scales, method, images, _ = self._request(imgs, scales, method)
-        return self._executor.plan(images, scales, bool(flip), method)
+        return self._executor.plan(images, scales, flip, method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
         self._require("fc8")
+        if isinstance(img, (list, tuple)):
+            raise ArgumentError("score_map takes one image, not a list; call it once per image")
         scales, _, images, _ = self._request(img, (scale,), "dense")
         plan = self._executor.plan(images, scales, False, "dense")
         return self._executor.run(plan, images, reduce=lambda t: t)[0]
@@ -366,6 +386,10 @@ class Engine:
             raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")
         self._require("fc8")
         self._check_memory(x.shape[0], h, w)
+        if x.numel():
+            lo, hi = torch.aminmax(x.detach())
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # else NaN logits, silently
+                raise ArgumentError("logits input contains NaN or infinite values")
         s = self.spec
         if h == w == s.image_size:
             return self._run(x)["fc8"].flatten(1).cpu()

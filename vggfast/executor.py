@@ -58,11 +58,11 @@ class GraphCache:
         self.disabled = False
         self.captures = self.replays = 0
 
-    def run(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-            tap: str) -> torch.Tensor:
-        """forward(x) through the cache; the result may be a graph's static output, valid until
-        the next call (consume or copy it first)."""
-        key = (tuple(x.shape), x.dtype, tap)
+    def run(self, forward: Callable, x: torch.Tensor | tuple[torch.Tensor, ...], tap: str):
+        """forward(x) through the cache; x is a tensor or a tuple of tensors (a grouped wave of
+        batches). The result may be a graph's static output (a tensor or a list of them), valid
+        until the next call: consume or copy it first."""
+        key = _key(x) + (tap,)
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.seen) >= self.SEEN_LIMIT:
@@ -76,13 +76,13 @@ class GraphCache:
                 return forward(x)
         self.graphs.move_to_end(key)
         static_in, static_out, graph, _ = entry
-        static_in.copy_(x)
+        _copy(static_in, x)
         graph.replay()
         self.replays += 1
         return static_out
 
     def _capture(self, forward, x, key):
-        static_in = x.clone()
+        static_in = x.clone() if isinstance(x, torch.Tensor) else tuple(t.clone() for t in x)
         try:
             static_out, graph = self._record(forward, static_in)
         except VGGFastError:
@@ -105,19 +105,44 @@ class GraphCache:
         """Capture forward(static_in) in a CUDA graph -> (static output, graph)."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(device=static_in.device)
-        side.wait_stream(torch.cuda.current_stream(static_in.device))
+        device = (static_in if isinstance(static_in, torch.Tensor) else static_in[0]).device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             forward(static_in)
-        torch.cuda.current_stream(static_in.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = forward(static_in)
         return static_out, graph
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(t) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return sum(map(_nbytes, t))
+
+
+def _key(x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype)
+    return (tuple((tuple(t.shape), t.dtype) for t in x),)
+
+
+def _copy(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _fresh(y: torch.Tensor, raw) -> torch.Tensor:
+    """y, cloned if it shares storage with a graph's static output `raw` (overwritten by the
+    next replay)."""
+    if y.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+        return y.clone()
+    return y
 
 
 class Executor:
@@ -126,6 +151,8 @@ class Executor:
     The arena sizes of the plan model the fused Triton forward (NHWC, `dtype` elements); the torch
     reference backend allocates its own tensors, and the plan then only bounds its batch sizes.
     """
+
+    MAX_WAVE = 64   # batches per grouped wave (bounds the per-wave tables and graph keys)
 
     def __init__(self, engine):
         self.engine = engine
@@ -141,6 +168,25 @@ class Executor:
              method: str, keep: Sequence[str] = ()) -> Plan:
         sizes = [tuple(x.shape[-2:]) for x in images]
         return self.scheduler.plan(sizes, tuple(scales), flip, method, keep=tuple(keep))
+
+    def waves(self, plan: Plan, tap: str) -> list[list]:
+        """The plan's batches in order, cut into waves run together: one grouped forward
+        (`run_many`: each layer one launch for every batch of the wave) when the backend can
+        group `tap`, else one batch per wave. A wave's arenas together fit the plan's budget."""
+        backend = self.engine._backend
+        if not (hasattr(backend, "run_many") and backend.can_group(tap)):
+            return [[b] for b in plan.batches]
+        waves: list[list] = []
+        used = 0
+        for b in plan.batches:
+            need = plan.arenas[b.arena].total_bytes
+            if waves and used + need <= plan.budget_bytes and len(waves[-1]) < self.MAX_WAVE:
+                waves[-1].append(b)
+                used += need
+            else:
+                waves.append([b])
+                used = need
+        return waves
 
     def run(self, plan: Plan, images: Sequence[torch.Tensor], tap: str = "fc8",
             reduce: Callable[[torch.Tensor], torch.Tensor] = spatial_mean) -> list[torch.Tensor]:
@@ -165,7 +211,8 @@ class Executor:
             # would stall the pipeline.
             on_device = {i: images[i].to(device) for i in sorted(last_image_use)}
         pending: list[tuple] = []
-        for b in plan.batches:
+
+        def batch_input(b) -> torch.Tensor:
             xs = []
             for vi in b.views:
                 v = plan.views[vi]
@@ -178,21 +225,28 @@ class Executor:
                     x0, y0, x1, y1 = v.crop
                     r = r[:, y0:y1, x0:x1]
                 xs.append(r.flip(-1) if v.flip else r)
-            x = pp.normalize(torch.stack(xs), convention)
-            if self.graphs is not None:
-                with torch.inference_mode():
-                    raw = self.graphs.run(lambda t: backend.run(t, (tap,))[tap], x, tap)
-                    y = reduce(raw)
-                    if y.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
-                        y = y.clone()   # a graph's output is overwritten by its next replay
-            else:
-                y = reduce(backend.run(x, (tap,))[tap])
+            return pp.normalize(torch.stack(xs), convention)
+
+        for wave in self.waves(plan, tap):
+            xs = tuple(batch_input(b) for b in wave)
+            with torch.inference_mode():
+                if len(wave) == 1:
+                    forward = lambda t: backend.run(t, (tap,))[tap]   # noqa: E731
+                    xs = xs[0]
+                else:
+                    forward = lambda ts: backend.run_many(ts, tap)   # noqa: E731
+                raw = self.graphs.run(forward, xs, tap) if self.graphs is not None else forward(xs)
+                raws = [raw] if len(wave) == 1 else raw
+                # A graph's static output is overwritten by its next replay: keep copies.
+                ys = [_fresh(reduce(r), r) if self.graphs is not None else reduce(r)
+                      for r in raws]
             # Results stay on the device until every batch is queued: no sync per batch, so the
             # CPU prepares the next batch while the GPU runs this one.
-            pending.append((b, y))
-            for key in [k for k, last in last_use.items() if last == b.index]:
+            pending.extend(zip(wave, ys))
+            done = {b.index for b in wave}
+            for key in [k for k, last in last_use.items() if last in done]:
                 rescaled.pop(key, None)
-            for i in [i for i, last in last_image_use.items() if last == b.index]:
+            for i in [i for i, last in last_image_use.items() if last in done]:
                 on_device.pop(i, None)
         for b, y in pending:
             y = y.cpu()

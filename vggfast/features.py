@@ -52,17 +52,22 @@ def _check_layer(engine: "Engine", layer: Any) -> str:
     return layer
 
 
-def min_scale(engine: "Engine", layer: str) -> int:
-    """Smallest scale Q at which `layer` still has a map of at least 1 x 1."""
-    spec = engine.spec
+def _min_side(spec, layer: str) -> int:
+    """Smallest input side at which `layer` still has a map of at least 1 x 1: 2 ** (pools up
+    to and including `layer`), or the native size for the fc layers."""
     if spec.tap_layer(layer).kind == "fc":
         return spec.image_size
     pools = 0
     for name, l in spec.taps():
+        pools += name.startswith("pool")
         if name == layer:
             break
-        pools += name.startswith("pool")
-    return max(pp.MIN_SIDE, 2 ** pools)
+    return 2 ** pools
+
+
+def min_scale(engine: "Engine", layer: str) -> int:
+    """Smallest scale Q at which `layer` still has a map of at least 1 x 1."""
+    return max(pp.MIN_SIDE, _min_side(engine.spec, layer))
 
 
 def _check_scales(engine: "Engine", scales: Any, layer: str) -> tuple[int, ...]:
@@ -84,8 +89,10 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     See the module docstring for the computation and D. normalize: L2-normalise each row (the
     paper's); a zero vector stays zero.
     """
+    from .engine import check_flag
     layer = _check_layer(engine, layer)
     scales = _check_scales(engine, scales, layer)
+    flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
     if pool not in POOLS:
         raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
     if aggregate not in AGGREGATES:
@@ -116,8 +123,10 @@ def feature_maps(engine: "Engine", img: Any, layer: str = "conv5_3", scale: int 
                  flip: bool = False) -> torch.Tensor:
     """The un-pooled activation of `layer` on `img` rescaled to `scale`: [C, h, w] float32 on cpu
     (with flip=True, [2, C, h, w]: the image and its mirror, each in its own coordinates)."""
+    from .engine import check_flag
     layer = _check_layer(engine, layer)
     (q,) = _check_scales(engine, (scale,), layer)
+    flip = check_flag("flip", flip)
     x = pp.load_image(img)
     m = engine._run(engine._views(x, q, bool(flip)), (layer,))[layer].cpu()
     return m if flip else m[0]
@@ -150,6 +159,8 @@ class FeatureExtractor(nn.Module):
         from .engine import Engine
         if isinstance(layers, str):
             layers = [layers]
+        if layers is None or not isinstance(layers, (list, tuple)):
+            raise ArgumentError(f"layers must be a list of layer names, not {layers!r}")
         layers = list(layers)
         if not layers:
             raise ArgumentError("layers is empty; name at least one, e.g. ['relu2_2']")
@@ -203,10 +214,12 @@ class FeatureExtractor(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
                 or not x.is_floating_point():
             raise ArgumentError("FeatureExtractor expects a float tensor [N, 3, H, W], normalised")
-        lo = self.spec.image_size if self.spec.tap_layer(self.deepest).kind == "fc" else 1
+        lo = _min_side(self.spec, self.deepest)
         if min(x.shape[-2:]) < lo:
             raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for "
                                 f"{self.deepest}; it needs at least {lo}x{lo}")
+        # refuse before allocating, as Engine does (the budget: Engine's memory_budget)
+        next(iter(self._engines.values()))._check_memory(x.shape[0], *x.shape[-2:])
         params = {k: getattr(self, a) for k, a in self._keys.items()}
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params.values()))
@@ -232,6 +245,9 @@ def list_inputs(src: str | os.PathLike) -> list[str]:
     if p.is_dir():
         files = [str(f) for f in list_images(p)]
     elif p.is_file():
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"):
+            raise ArgumentError(f"{src} is an image; extract takes a folder of images or a text "
+                                "file listing one image path per line")
         try:
             lines = p.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
@@ -268,7 +284,10 @@ class _Parts:
     def __init__(self, out: Path, settings: dict[str, Any], rank: int):
         self.dir = out.with_name(out.name + ".parts")
         self.rank = rank
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VGGFastError(f"cannot write next to {out}: {exc.strerror or exc}")
         meta = self.dir / "settings.json"
         if rank == 0 and not meta.exists():
             _atomic_save(meta, lambda p: p.write_text(json.dumps(settings, indent=1)))

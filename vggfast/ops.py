@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import triton
@@ -134,6 +135,16 @@ def _launch_conv(grid, args: tuple, meta: dict, key: tuple) -> None:
         kernel.fn.run(*args, grid=grid, warmup=False, **meta, **cfg.all_kwargs())
 
 
+def _precision(packed: PackedConv) -> str:
+    return ("ieee" if packed.weight.dtype == torch.float32
+            and not torch.backends.cudnn.allow_tf32 else "tf32")
+
+
+def _m_class(rows: int) -> int:
+    return (_conv.M_CLASS_SMALL if rows <= SMALL_ROWS else
+            _conv.M_CLASS_MID if rows <= MID_ROWS else _conv.M_CLASS_LARGE)
+
+
 def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, pool: bool = False,
            out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
            split_k: int | None = None) -> torch.Tensor:
@@ -171,8 +182,7 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
 
     g = nb * gh * gw
     rows = 4 * g if pool else g
-    m_class = (_conv.M_CLASS_SMALL if rows <= SMALL_ROWS else
-               _conv.M_CLASS_MID if rows <= MID_ROWS else _conv.M_CLASS_LARGE)
+    m_class = _m_class(rows)
     cout_p = packed.weight.shape[1]
     if split_k is None:
         split_k = choose_split_k(rows, packed.cout, packed.k * packed.k * packed.cin, pool,
@@ -188,18 +198,17 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
         return (_cdiv(g, meta["BLOCK_M"] // per_tile) * _cdiv(packed.cout, meta["BLOCK_N"])
                 * split_k,)
 
-    args = (x, packed.weight, packed.bias, target,
+    args = (x, packed.weight, packed.bias, target, packed.bias, packed.bias,
             h, w, g, gh, gw,
             x.stride(0), x.stride(1), x.stride(2), x.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
             packed.cout, cout_p, m_class)
     meta = dict(CIN=packed.cin, KSIZE=packed.k, PAD=pad, APPLY_RELU=bool(relu),
-                FUSE_POOL=bool(pool), SPLIT_K=split_k,
-                PRECISION=("ieee" if packed.weight.dtype == torch.float32
-                           and not torch.backends.cudnn.allow_tf32 else "tf32"))
+                FUSE_POOL=bool(pool), SPLIT_K=split_k, GROUPED=False,
+                PRECISION=_precision(packed))
     _launch_conv(grid, args, meta, (packed.cin, packed.cout, packed.k, bool(pool), m_class,
-                                    meta["PRECISION"], split_k, x.dtype, packed.weight.dtype,
-                                    target.dtype))
+                                    meta["PRECISION"], split_k, False, x.dtype,
+                                    packed.weight.dtype, target.dtype))
     if split_k > 1:
         block_n = min(128, triton.next_power_of_2(packed.cout))
         block_g = 32
@@ -208,6 +217,189 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
             out.stride(0), out.stride(1), out.stride(2),
             SPLIT_K=split_k, APPLY_RELU=bool(relu), BLOCK_G=block_g, BLOCK_N=block_n)
     return out
+
+
+# -- grouped launches: one conv launch for several inputs of different sizes -------------------
+
+GROUP_FIELDS = int(_conv.GROUP_FIELDS)
+GROUP_ROW_ALIGN = int(_conv.GROUP_ROW_ALIGN)
+GROUP_ELEM_ALIGN = 16   # NHWC problems start at multiples of 16 elements (vector loads/stores)
+
+
+@dataclass(frozen=True)
+class GroupLayer:
+    """Host-side geometry of one grouped conv launch (from `group_layer`).
+
+    rows: the problem table, one GROUP_FIELDS-int row per problem (layout in kernels/conv.py);
+    chunks: the problem owning each GROUP_ROW_ALIGN-row chunk of the launch's virtual rows;
+    vrows: virtual rows (problem p's rows start at a multiple of GROUP_ROW_ALIGN);
+    m_rows: accumulator rows actually computed (4x the pooled pixels with pool), for the shape
+    class; outputs: per problem (offset, n, h, w) of its NHWC-contiguous output in the flat
+    output buffer of `numel` elements; k, pad, pool, cin, cout: the layer.
+    """
+
+    rows: tuple[tuple[int, ...], ...]
+    chunks: tuple[int, ...]
+    vrows: int
+    m_rows: int
+    outputs: tuple[tuple[int, int, int, int], ...]
+    numel: int
+    k: int
+    pad: int
+    pool: bool
+    cin: int
+    cout: int
+    unit_channel_stride: bool
+
+
+def _align(n: int, a: int) -> int:
+    return _cdiv(n, a) * a
+
+
+def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int, k: int,
+                pad: int, pool: bool,
+                strides: Sequence[tuple[int, int, int, int]] | None = None) -> GroupLayer:
+    """Plan one grouped conv launch over problems `inputs` = [(offset, n, h, w), ...] in a flat
+    input buffer (elements). strides: per problem (n, h, w, c) element strides of its input;
+    default NHWC-contiguous with `cin` channels. Outputs are laid out NHWC-contiguous one after
+    another, each at a multiple of GROUP_ELEM_ALIGN elements. Pure Python, no tensors.
+    """
+    if not inputs:
+        raise ArgumentError("a grouped launch needs at least one input")
+    rows, chunks, outputs = [], [], []
+    v = y = m_rows = 0
+    unit_c = True
+    for p, (off, n, h, w) in enumerate(inputs):
+        oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
+        gh, gw = (oh // 2, ow // 2) if pool else (oh, ow)
+        if n < 1 or gh < 1 or gw < 1:
+            raise ArgumentError(f"input {h}x{w} is too small for a {k}x{k} conv (pad {pad})"
+                                f"{' and a 2x2 pool' if pool else ''}")
+        st = (h * w * cin, w * cin, cin, 1) if strides is None else tuple(strides[p])
+        unit_c = unit_c and st[3] == 1 and off % GROUP_ELEM_ALIGN == 0 \
+            and st[:3] == (h * w * cin, w * cin, cin)
+        g = n * gh * gw
+        rows.append((off, y, h, w, gh, gw, g, v, *st) + (0,) * (GROUP_FIELDS - 12))
+        outputs.append((y, n, gh, gw))
+        span = _align(g, GROUP_ROW_ALIGN)
+        chunks.extend([p] * (span // GROUP_ROW_ALIGN))
+        v += span
+        y += _align(g * cout, GROUP_ELEM_ALIGN)
+        m_rows += 4 * g if pool else g
+    return GroupLayer(tuple(rows), tuple(chunks), v, m_rows, tuple(outputs), y, k, pad,
+                      bool(pool), cin, cout, unit_c)
+
+
+def upload_groups(layers: Sequence[GroupLayer], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (problem table [P, GROUP_FIELDS], chunk table) as int64 views of ONE tensor
+    on `device`: one host-to-device copy for a whole grouped forward."""
+    flat: list[int] = []
+    spans = []
+    for gl in layers:
+        start = len(flat)
+        for r in gl.rows:
+            flat.extend(r)
+        mid = len(flat)
+        flat.extend(gl.chunks)
+        spans.append((start, mid, len(flat), len(gl.rows)))
+    buf = torch.tensor(flat, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        buf = buf.pin_memory().to(device, non_blocking=True)
+    return [(buf[a:b].view(p, GROUP_FIELDS), buf[b:c]) for a, b, c, p in spans]
+
+
+def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Tensor, torch.Tensor],
+                   packed: PackedConv, relu: bool = True, out: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One launch of the conv kernel over every problem of `layer` (see `group_layer`).
+
+    src: the flat input buffer (1-D, any float dtype); tables: this layer's entry of
+    `upload_groups`; packed: from `pack_conv_weight` (cin/cout/k must match the layer).
+    Returns the flat output buffer ([layer.numel] in out_dtype, default the packed dtype, or
+    `out`); problem p's output is out[o : o + n*h*w*cout].view(n, h, w, cout) for
+    (o, n, h, w) = layer.outputs[p]. No split-K.
+    """
+    if not isinstance(layer, GroupLayer) or not isinstance(packed, PackedConv):
+        raise ArgumentError("layer must come from group_layer and packed from pack_conv_weight")
+    if (packed.cin, packed.cout, packed.k) != (layer.cin, layer.cout, layer.k):
+        raise ArgumentError(f"the grouped layer is {layer.cin}->{layer.cout} k{layer.k}; the "
+                            f"weights are {packed.cin}->{packed.cout} k{packed.k}")
+    if not isinstance(src, torch.Tensor) or src.dim() != 1 or src.dtype not in FLOAT_DTYPES \
+            or src.device != packed.weight.device or not src.is_contiguous():
+        raise ArgumentError("src must be a contiguous 1-D float tensor on the weights' device")
+    for r in layer.rows:
+        off, n = r[0], r[6] // (r[4] * r[5])
+        end = off + (n - 1) * r[8] + (r[2] - 1) * r[9] + (r[3] - 1) * r[10] \
+            + (layer.cin - 1) * r[11]
+        if off < 0 or end >= src.numel():
+            raise ArgumentError(f"a grouped input reaches element {end} of a {src.numel()}-"
+                                f"element buffer")
+    if src.device.type == "cpu" and not INTERPRETING:
+        raise ArgumentError("src is on the CPU; the Triton kernels need a CUDA tensor "
+                            "(or TRITON_INTERPRET=1 set before import)")
+    table, chunks = tables
+    if table.shape != (len(layer.rows), GROUP_FIELDS) or chunks.numel() != len(layer.chunks) \
+            or table.dtype != torch.int64 or chunks.dtype != torch.int64:
+        raise ArgumentError("tables must be this layer's entry of upload_groups")
+    dtype = packed.weight.dtype if out_dtype is None else out_dtype
+    if out is None:
+        out = torch.empty(layer.numel, dtype=dtype, device=src.device)
+    elif out.dim() != 1 or out.numel() < layer.numel or out.device != src.device \
+            or out.dtype not in FLOAT_DTYPES or not out.is_contiguous():
+        raise ArgumentError(f"out must be a contiguous 1-D float tensor of at least "
+                            f"{layer.numel} elements on {src.device}")
+    m_class = _m_class(layer.m_rows)
+    per_tile = 4 if layer.pool else 1
+
+    def grid(meta):
+        return (_cdiv(layer.vrows, meta["BLOCK_M"] // per_tile)
+                * _cdiv(layer.cout, meta["BLOCK_N"]),)
+
+    stride_xc = 1 if layer.unit_channel_stride else 0   # 0: FLAT_K, strides from the table
+    args = (src, packed.weight, packed.bias, out, table, chunks,
+            1, 1, 1, 1, 1,
+            0, 0, 0, stride_xc,
+            0, 0, 0,
+            packed.cout, packed.weight.shape[1], m_class)
+    meta = dict(CIN=packed.cin, KSIZE=packed.k, PAD=layer.pad, APPLY_RELU=bool(relu),
+                FUSE_POOL=layer.pool, SPLIT_K=1, GROUPED=True, PRECISION=_precision(packed))
+    _launch_conv(grid, args, meta, (packed.cin, packed.cout, packed.k, layer.pool, m_class,
+                                    meta["PRECISION"], 1, True, src.dtype, packed.weight.dtype,
+                                    out.dtype))
+    return out
+
+
+def conv2d_many(xs: Sequence[torch.Tensor], packed: PackedConv, pad: int, relu: bool = True,
+                pool: bool = False, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """`conv2d` on several NHWC inputs of different sizes (same channels) in ONE launch.
+
+    Copies the inputs into one aligned flat buffer, launches once, and returns each output as a
+    view [n, OH, OW, Cout] (or pooled) of one flat output buffer.
+    """
+    if not xs:
+        raise ArgumentError("conv2d_many needs at least one input")
+    for i, x in enumerate(xs):
+        _check_act(x, f"xs[{i}]")
+        if x.shape[3] != packed.cin or x.device != packed.weight.device:
+            raise ArgumentError(f"xs[{i}] has {x.shape[3]} channels on {x.device}; the layer "
+                                f"expects {packed.cin} on {packed.weight.device}")
+    if not isinstance(pad, int) or pad < 0:
+        raise ArgumentError(f"pad must be a non-negative integer, not {pad!r}")
+    dtype = torch.promote_types(xs[0].dtype, xs[0].dtype)
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    inputs, off = [], 0
+    for x in xs:
+        inputs.append((off, x.shape[0], x.shape[1], x.shape[2]))
+        off += _align(x.numel(), GROUP_ELEM_ALIGN)
+    src = torch.empty(off, dtype=dtype, device=xs[0].device)
+    for (o, *_), x in zip(inputs, xs):
+        src[o:o + x.numel()].view(x.shape).copy_(x)
+    layer = group_layer(inputs, packed.cin, packed.cout, packed.k, pad, pool)
+    tables = upload_groups([layer], src.device)[0]
+    y = conv2d_grouped(src, layer, tables, packed, relu, out_dtype=out_dtype)
+    return [y[o:o + n * h * w * packed.cout].view(n, h, w, packed.cout)
+            for o, n, h, w in layer.outputs]
 
 
 def max_pool2x2(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -91,6 +91,8 @@ def _from_file(src) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
     name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
     if not isinstance(src, bytes) and not os.path.isfile(name):
+        if os.path.isdir(name):
+            raise ImageError(f"{name} is a folder, not an image file")
         raise ImageError(f"image not found: {name}")
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else name) as im:
@@ -101,6 +103,8 @@ def _from_file(src) -> torch.Tensor:
                          "if the file is trusted")
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file PIL can read")
+    except ImageError as exc:
+        raise ImageError(f"{name}: {exc}")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
 
@@ -127,7 +131,11 @@ def _from_pil(im) -> torch.Tensor:
             a = a / 255.0
         return _gray_float(a)
     if mode != "RGB":
-        im = im.convert("RGB")
+        try:
+            im = im.convert("RGB")
+        except ValueError as exc:  # modes PIL cannot convert ("La", ...): not a corrupt file
+            raise ImageError(f"cannot convert a PIL {mode!r} image to RGB ({exc}); convert it "
+                             "first")
     a = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
 
@@ -157,6 +165,9 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
 
 
 def _from_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.layout != torch.strided or t.is_meta:
+        raise ImageError(f"a tensor image must be a dense tensor holding data, not "
+                         f"{'a meta tensor' if t.is_meta else t.layout}")
     t = t.detach()
     if t.dim() == 2:
         t = t[None]

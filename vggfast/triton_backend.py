@@ -14,7 +14,7 @@ torch op besides the output allocations.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -82,6 +82,13 @@ class TritonBackend:
         for l in spec.layers:
             kinds = ["conv"] + ["relu"] * l.relu + ["lrn"] * l.lrn + ["pool"] * l.pool
             self._stages.append((l, [(next(names), k) for k in kinds]))
+        # Taps `run_many` serves with grouped launches: the end of each layer whose ReLU and pool
+        # all fuse, up to the first LRN (A-LRN's LRN runs between conv1_1 and its pool).
+        self._group_end: dict[str, int] = {}
+        for i, (l, stages) in enumerate(self._stages):
+            if l.lrn:
+                break
+            self._group_end[stages[-1][0]] = i
 
     def _layer(self, l: Layer):
         p = self.packed.get(l.name)
@@ -144,6 +151,55 @@ class TritonBackend:
                 break
             h = y
         return out
+
+    def can_group(self, tap: str) -> bool:
+        """Whether `run_many(xs, tap)` runs each layer as one launch for all of xs."""
+        return tap in self._group_end
+
+    @torch.inference_mode()
+    def run_many(self, xs: Sequence[torch.Tensor], tap: str = "fc8") -> list[torch.Tensor]:
+        """`run` on several inputs of different sizes, every layer ONE launch for all of them.
+
+        xs: [N_i, 3, H_i, W_i] normalised float tensors. Returns the `tap` output of each input,
+        float32 NCHW views of NHWC storage, as run(x, (tap,))[tap] would. A single launch per
+        layer instead of one per input size is what keeps a multi-scale or mixed-size request
+        from being bound by Python launch overhead, and it fills the GPU with the small maps of
+        the deep layers. Taps that cannot be grouped (see `can_group`) run input by input.
+        """
+        ops, spec = self.ops, self.spec
+        if tap not in self._pos:
+            raise ArgumentError(f"unknown layer {tap!r}; layers of {spec.config}: "
+                                f"{', '.join(self._names)}")
+        xs = [self._check_input(x) for x in xs]
+        end = self._group_end.get(tap)
+        if end is None or len(xs) < 2:
+            return [self.run(x, (tap,))[tap] for x in xs]
+        if self._pos[tap] >= self._fc6:
+            for x in xs:
+                if min(spec.output_size(*x.shape[2:])) < 1:
+                    raise ArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: fc6 needs "
+                                        f"a {spec.grid}x{spec.grid} map after pool5, i.e. inputs "
+                                        f"of at least {spec.image_size} pixels a side")
+        dtype = xs[0].dtype if all(x.dtype == xs[0].dtype for x in xs) else torch.float32
+        src = torch.cat([x.to(dtype).reshape(-1) for x in xs])   # conv1_1 reads NCHW in place
+        inputs, strides, off = [], [], 0
+        for x in xs:
+            n, c, h, w = x.shape
+            inputs.append((off, n, h, w))
+            strides.append((c * h * w, w, 1, h * w))
+            off += x.numel()
+        layers = []
+        for l, _ in self._stages[:end + 1]:
+            gl = ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, l.pool, strides)
+            layers.append(gl)
+            inputs, strides = list(gl.outputs), None
+        h = src
+        for (l, _), gl, tables in zip(self._stages, layers, ops.upload_groups(layers, self.device)):
+            h = ops.conv2d_grouped(h, gl, tables, self._layer(l), relu=l.relu,
+                                   out_dtype=torch.float32 if l is self._last_layer else None)
+        c = layers[-1].cout
+        return [h[o:o + n * gh * gw * c].view(n, gh, gw, c).permute(0, 3, 1, 2).float()
+                for o, n, gh, gw in layers[-1].outputs]
 
     @torch.inference_mode()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ def hub_checkpoint(name: str) -> Path | None:
 
 
 def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]:
+    if not os.fspath(src).strip():  # Path("") is the current folder
+        raise WeightsError("the weights path is empty; pass a file, a folder or a torchvision name")
     path = Path(os.path.expanduser(os.fspath(src)))
     if path.is_dir():
         model = path / "model.safetensors"
@@ -162,11 +165,16 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                 meta.update(json.loads(header["vggfast"]))
         else:
             try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's pickle-protocol notes: not the user's
+                    warnings.simplefilter("ignore")
+                    raw = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
+                if not _looks_like_checkpoint(path):
+                    raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
+                                       "nor a pickle)")
                 raise WeightsError(
                     f"{path}: refused to unpickle objects other than tensors (weights_only=True); "
-                    f"save a plain state_dict or a safetensors file ({_first_line(exc)})")
+                    f"save a plain state_dict or a safetensors file ({_unpickle_reason(exc)})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
@@ -177,6 +185,27 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{path}: metadata is not valid JSON ({exc})")
     return raw, meta
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle (protocol 2+ starts with PROTO, 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+def _unpickle_reason(exc: BaseException) -> str:
+    """The specific line of torch's weights_only refusal (it opens with generic advice to load
+    with weights_only=False, which would run the file's code)."""
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip):
+            return line[:200]
+    return type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -203,6 +232,10 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not tensors:
         raise WeightsError("no tensors found: not a state dict or a known checkpoint layout "
                            f"(top-level keys: {', '.join(map(str, list(raw)[:8])) or 'none'})")
+    empty = [k for k, v in tensors.items() if v.is_meta or v.layout != torch.strided]
+    if empty:
+        raise WeightsError(f"tensor {empty[0]!r} holds no values (a meta or sparse tensor); "
+                           "save the state dict of a model whose weights are loaded")
     return tensors, meta
 
 
@@ -218,6 +251,9 @@ def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
+        if k in out:  # e.g. both "conv.w" and "module.conv.w": which one is meant is unknowable
+            raise WeightsError(f"two tensors are named {k!r} once the prefixes "
+                               f"{', '.join(_PREFIXES)} and timm's names are mapped; keep one set")
         out[k] = v
     return out
 
@@ -329,8 +365,13 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         num_classes = int(fc["fc8"][0].shape[0])
         image_size = 32 * grid
     else:
-        fc_width, num_classes = None, int(meta.get("num_classes") or 1000)
-        image_size = int(meta.get("image_size") or 224)
+        fc_width = None
+        try:
+            num_classes = int(meta.get("num_classes") or 1000)
+            image_size = int(meta.get("image_size") or 224)
+        except (TypeError, ValueError):
+            raise WeightsError(f"metadata num_classes / image_size must be integers, not "
+                               f"{meta.get('num_classes')!r} / {meta.get('image_size')!r}")
     block_channels, i = [], 0
     for kernels in TABLE1[detected]:
         block_channels.append(int(conv_w[i].shape[0]))
@@ -340,6 +381,9 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
                          channels=tuple(block_channels))
     except ArgumentError as exc:
         raise WeightsError(f"weights describe an impossible network: {exc}")
+
+    if indices is not None:
+        _check_no_extra(sd, spec, bn)
 
     params: dict[str, torch.Tensor] = {}
     nonfinite = []
@@ -394,6 +438,24 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if not (_check_finite_tensor(w) and _check_finite_tensor(b)):
             nonfinite.append(layer.name)
     return spec, params, tuple(missing), tuple(nonfinite)
+
+
+def _check_no_extra(sd: dict[str, torch.Tensor], spec: NetSpec, bn: bool) -> None:
+    """Refuse tensors under features./classifier. that no layer of `spec` reads: they mean a
+    modified VGG (an extra head layer, a changed block) whose output vggfast would get wrong."""
+    expected = set()
+    for layer in spec.convs:
+        expected |= {f"features.{layer.index}.weight", f"features.{layer.index}.bias"}
+        if bn:
+            expected |= {f"features.{layer.bn_index}.{p}" for p in
+                         ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    expected |= {f"classifier.{l.index}.{p}" for l in spec.fcs for p in ("weight", "bias")}
+    extra = [k for k in sd if k.startswith(("features.", "classifier.")) and k not in expected]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise WeightsError(f"unexpected tensors {', '.join(extra[:3])}{more}: no layer of "
+                           f"configuration {spec.config}{' with BatchNorm' if bn else ''} reads "
+                           "them (a modified VGG, e.g. an extra classifier layer, is not supported)")
 
 
 def _need(sd: dict[str, torch.Tensor], key: str, n: int) -> torch.Tensor:
