@@ -482,8 +482,13 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
     xs = [torch.randn(2, 3, 32, 41, device=DEV), torch.randn(1, 3, 33, 35, device=DEV),
           torch.randn(1, 3, 32, 32, device=DEV)]
     calls = count_conv_launches(monkeypatch)
+    plan = be.prepare_many([x.shape for x in xs], "fc8")
     got = be.run_many(xs, "fc8")
     assert calls == [True] * len(m.spec.layers)
+    assert be.prepare_many([x.shape for x in xs], "fc8") is plan      # cached: no new upload
+    assert be.prepare_many([x.shape for x in xs], "conv1_1") is None   # not groupable
+    with pytest.raises(ArgumentError, match="other input shapes"):
+        be.run_many(xs[:2], "fc8", plan)
     calls.clear()
     for x, g in zip(xs, got):
         want = be.run(x, ("fc8",))["fc8"]
@@ -576,6 +581,28 @@ def test_gpu_vgg16_network_within_twice_cudnn_bf16_error(hw):
     for t in taps:
         ours, theirs = rel_err(got[t], want[t]), rel_err(cudnn[t], want[t])
         assert ours <= 2 * theirs, (t, ours, theirs)
+
+
+@needs_gpu
+def test_gpu_vgg16_grouped_dense_scales_within_twice_cudnn_bf16_error():
+    """run_many on the dense protocol's three scale batches of a 4:3 image (every layer one
+    launch for all three) vs the fp32 reference, per scale, against cuDNN bf16's error."""
+    from vggfast.nn import TorchBackend, build_model
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(1)
+    m = build_model("D").eval()
+    params = canonical(m)
+    dev = torch.device("cuda")
+    xs = [torch.randn(2, 3, h, w, device=dev) for h, w in [(256, 341), (384, 512), (225, 301)]]
+    ref = TorchBackend(params, m.spec, dev, torch.float32)
+    cudnn = TorchBackend(params, m.spec, dev, torch.bfloat16)
+    got = TritonBackend(params, m.spec, dev, torch.bfloat16).run_many(xs, "fc8")
+    for x, g in zip(xs, got):
+        want = ref.run(x)["fc8"]
+        assert g.shape == want.shape
+        ours, theirs = rel_err(g, want), rel_err(cudnn.run(x)["fc8"], want)
+        assert ours <= 2 * theirs, (tuple(x.shape), ours, theirs)
 
 
 def test_tuned_launches_skip_the_autotuner_and_agree(monkeypatch):

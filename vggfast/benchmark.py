@@ -15,9 +15,11 @@ triton.testing.do_bench, side by side, for
     reported. "max-autotune" already replays its kernels from CUDA graphs (cudagraph trees), so
     its fair partner is the "+ CUDA graph" rows;
   - dense evaluation of one 4:3 image (480x640) at scales 256, 384, 512 with its flip (Sec. 3.2
-    of the paper: three batches of two views, fc6-fc8 as convs, spatial mean + softmax): triton vs
-    cuDNN eager running the same dense net (vggfast.nn.dense_forward), each also as one CUDA graph
-    of the whole three-scale function (all three batches and the mean/softmax), time per image.
+    of the paper: three batches of two views, fc6-fc8 as convs, spatial mean + softmax): triton
+    (each layer one grouped launch for all three scales, TritonBackend.run_many; also a row with
+    a launch per scale and layer) vs cuDNN eager running the same dense net
+    (vggfast.nn.dense_forward), each also as one CUDA graph of the whole three-scale function
+    (all three batches and the mean/softmax), time per image.
     Resizing and flipping the views is outside the timed region for these rows;
   - the product path on the same image, end to end: "vggfast Engine.classify", i.e.
     vggfast.Engine(the same weights, backend="triton", the bench dtype, engine defaults otherwise)
@@ -334,14 +336,18 @@ def main(argv: list[str] | None = None) -> int:
         views = _dense_views(device, torch.float32)
         dviews = [v.to(dtype, memory_format=torch.channels_last) for v in views]
 
-        def tri_dense(vs=views):
+        def tri_dense(vs=views):    # every layer one launch for all three scales (run_many)
+            return [ops.mean_softmax(s) for s in tri.run_many(vs, "fc8")]
+
+        def tri_dense_per_scale(vs=views):
             return [ops.mean_softmax(tri.run(v)["fc8"]) for v in vs]
 
         def eager_dense(vs=dviews, run=lambda v: dense_forward(dense_params, spec, v)["fc8"]):
             return [F.softmax(run(v).float().mean(dim=(2, 3)), 1) for v in vs]
 
         with torch.inference_mode():
-            fns = {"vggfast triton": tri_dense, "cuDNN eager": eager_dense}
+            fns = {"vggfast triton": tri_dense, "vggfast triton, launches per scale":
+                   tri_dense_per_scale, "cuDNN eager": eager_dense}
             if not args.no_graph:   # one graph each for all three scales and the reduction
                 fns["vggfast triton + CUDA graph"] = cuda_graph(tri_dense, views)
                 fns["cuDNN eager + CUDA graph"] = cuda_graph(eager_dense, dviews)

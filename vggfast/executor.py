@@ -58,10 +58,12 @@ class GraphCache:
         self.disabled = False
         self.captures = self.replays = 0
 
-    def run(self, forward: Callable, x: torch.Tensor | tuple[torch.Tensor, ...], tap: str):
+    def run(self, forward: Callable, x: torch.Tensor | tuple[torch.Tensor, ...], tap: str,
+            keep: object = None):
         """forward(x) through the cache; x is a tensor or a tuple of tensors (a grouped wave of
         batches). The result may be a graph's static output (a tensor or a list of them), valid
-        until the next call: consume or copy it first."""
+        until the next call: consume or copy it first. keep: an object a captured graph reads
+        from (device tables) and that must live as long as the graph; held by its entry."""
         key = _key(x) + (tap,)
         entry = self.graphs.get(key)
         if entry is None:
@@ -71,17 +73,17 @@ class GraphCache:
             too_big = self.max_bytes is not None and _nbytes(x) > self.max_bytes
             if self.disabled or self.seen[key] < 2 or too_big:
                 return forward(x)
-            entry = self._capture(forward, x, key)
+            entry = self._capture(forward, x, key, keep)
             if entry is None:
                 return forward(x)
         self.graphs.move_to_end(key)
-        static_in, static_out, graph, _ = entry
+        static_in, static_out, graph = entry[:3]
         _copy(static_in, x)
         graph.replay()
         self.replays += 1
         return static_out
 
-    def _capture(self, forward, x, key):
+    def _capture(self, forward, x, key, keep=None):
         static_in = x.clone() if isinstance(x, torch.Tensor) else tuple(t.clone() for t in x)
         try:
             static_out, graph = self._record(forward, static_in)
@@ -94,7 +96,7 @@ class GraphCache:
             return None
         self.captures += 1
         held = _nbytes(static_in) + _nbytes(static_out)
-        self.graphs[key] = entry = (static_in, static_out, graph, held)
+        self.graphs[key] = entry = (static_in, static_out, graph, held, keep)
         self.held_bytes += held
         while len(self.graphs) > 1 and (len(self.graphs) > self.capacity or (
                 self.max_bytes is not None and self.held_bytes > self.max_bytes)):
@@ -230,12 +232,17 @@ class Executor:
         for wave in self.waves(plan, tap):
             xs = tuple(batch_input(b) for b in wave)
             with torch.inference_mode():
+                prepared = None
                 if len(wave) == 1:
                     forward = lambda t: backend.run(t, (tap,))[tap]   # noqa: E731
                     xs = xs[0]
                 else:
-                    forward = lambda ts: backend.run_many(ts, tap)   # noqa: E731
-                raw = self.graphs.run(forward, xs, tap) if self.graphs is not None else forward(xs)
+                    # The problem tables go to the device now, outside any graph capture; a
+                    # captured graph keeps them alive.
+                    prepared = backend.prepare_many([x.shape for x in xs], tap)
+                    forward = lambda ts: backend.run_many(ts, tap, prepared)   # noqa: E731
+                raw = (self.graphs.run(forward, xs, tap, keep=prepared)
+                       if self.graphs is not None else forward(xs))
                 raws = [raw] if len(wave) == 1 else raw
                 # A graph's static output is overwritten by its next replay: keep copies.
                 ys = [_fresh(reduce(r), r) if self.graphs is not None else reduce(r)

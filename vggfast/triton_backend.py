@@ -14,7 +14,8 @@ torch op besides the output allocations.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections import OrderedDict
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -34,6 +35,16 @@ def _ops():
     return ops
 
 
+class GroupPlan(NamedTuple):
+    """A grouped forward (TritonBackend.prepare_many): input shapes, tap, every layer's
+    ops.GroupLayer and its (problem table, chunk table) on the device."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    tap: str
+    layers: tuple
+    tables: tuple
+
+
 class TritonBackend:
     """Dense VGG forward on the Triton kernels, weights packed once.
 
@@ -46,6 +57,7 @@ class TritonBackend:
 
     name = "triton"
     fuses_pool = True  # the planner then sizes arenas without pre-pool tensors
+    GROUP_PLANS = 64   # grouped-forward plans (problem tables on the device) kept, LRU
 
     def __init__(self, params: Mapping[str, torch.Tensor], spec: NetSpec, device: torch.device,
                  dtype: torch.dtype):
@@ -84,6 +96,7 @@ class TritonBackend:
             self._stages.append((l, [(next(names), k) for k in kinds]))
         # Taps `run_many` serves with grouped launches: the end of each layer whose ReLU and pool
         # all fuse, up to the first LRN (A-LRN's LRN runs between conv1_1 and its pool).
+        self._group_plans: OrderedDict[tuple, GroupPlan] = OrderedDict()
         self._group_end: dict[str, int] = {}
         for i, (l, stages) in enumerate(self._stages):
             if l.lrn:
@@ -156,8 +169,51 @@ class TritonBackend:
         """Whether `run_many(xs, tap)` runs each layer as one launch for all of xs."""
         return tap in self._group_end
 
+    def prepare_many(self, shapes: Sequence[Sequence[int]], tap: str = "fc8") -> GroupPlan | None:
+        """The grouped forward of inputs of these [N, 3, H, W] shapes up to `tap`: every layer's
+        geometry and its problem tables on the device (one upload), or None when `tap` cannot be
+        grouped. Cached per (shapes, tap), the last GROUP_PLANS of them.
+
+        Under CUDA-graph capture the tables must already exist (a plan prepared, or the same
+        request run once, before the capture): a graph replays device addresses, so whoever
+        captures should hold the returned plan as long as the graph (GraphCache's `keep`).
+        """
+        key = (tuple(tuple(int(d) for d in sh) for sh in shapes), tap)
+        plan = self._group_plans.get(key)
+        if plan is not None:
+            self._group_plans.move_to_end(key)
+            return plan
+        end = self._group_end.get(tap)
+        if end is None:
+            return None
+        spec = self.spec
+        inputs, strides, off = [], [], 0
+        for n, c, h, w in key[0]:
+            if self._pos[tap] >= self._fc6 and min(spec.output_size(h, w)) < 1:
+                raise ArgumentError(f"input {h}x{w} is too small: fc6 needs a {spec.grid}x"
+                                    f"{spec.grid} map after pool5, i.e. inputs of at least "
+                                    f"{spec.image_size} pixels a side")
+            inputs.append((off, n, h, w))
+            strides.append((c * h * w, w, 1, h * w))     # conv1_1 reads the NCHW input in place
+            off += n * c * h * w
+        layers = []
+        for l, _ in self._stages[:end + 1]:
+            gl = self.ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, l.pool, strides)
+            layers.append(gl)
+            inputs, strides = list(gl.outputs), None
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise VGGFastError("a grouped forward met new input shapes inside CUDA-graph "
+                               "capture; call prepare_many (or run the request once) first")
+        plan = GroupPlan(key[0], tap, tuple(layers), tuple(self.ops.upload_groups(layers,
+                                                                                  self.device)))
+        self._group_plans[key] = plan
+        while len(self._group_plans) > self.GROUP_PLANS:
+            self._group_plans.popitem(last=False)
+        return plan
+
     @torch.inference_mode()
-    def run_many(self, xs: Sequence[torch.Tensor], tap: str = "fc8") -> list[torch.Tensor]:
+    def run_many(self, xs: Sequence[torch.Tensor], tap: str = "fc8",
+                 plan: GroupPlan | None = None) -> list[torch.Tensor]:
         """`run` on several inputs of different sizes, every layer ONE launch for all of them.
 
         xs: [N_i, 3, H_i, W_i] normalised float tensors. Returns the `tap` output of each input,
@@ -165,41 +221,28 @@ class TritonBackend:
         layer instead of one per input size is what keeps a multi-scale or mixed-size request
         from being bound by Python launch overhead, and it fills the GPU with the small maps of
         the deep layers. Taps that cannot be grouped (see `can_group`) run input by input.
+        plan: from `prepare_many` for these shapes and tap (default: looked up or made).
         """
-        ops, spec = self.ops, self.spec
         if tap not in self._pos:
-            raise ArgumentError(f"unknown layer {tap!r}; layers of {spec.config}: "
+            raise ArgumentError(f"unknown layer {tap!r}; layers of {self.spec.config}: "
                                 f"{', '.join(self._names)}")
         xs = [self._check_input(x) for x in xs]
-        end = self._group_end.get(tap)
-        if end is None or len(xs) < 2:
+        if len(xs) < 2 or not self.can_group(tap):
             return [self.run(x, (tap,))[tap] for x in xs]
-        if self._pos[tap] >= self._fc6:
-            for x in xs:
-                if min(spec.output_size(*x.shape[2:])) < 1:
-                    raise ArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: fc6 needs "
-                                        f"a {spec.grid}x{spec.grid} map after pool5, i.e. inputs "
-                                        f"of at least {spec.image_size} pixels a side")
+        shapes = tuple(tuple(x.shape) for x in xs)
+        if plan is None:
+            plan = self.prepare_many(shapes, tap)
+        elif not isinstance(plan, GroupPlan) or plan.shapes != shapes or plan.tap != tap:
+            raise ArgumentError("plan was prepared for other input shapes or another tap")
         dtype = xs[0].dtype if all(x.dtype == xs[0].dtype for x in xs) else torch.float32
-        src = torch.cat([x.to(dtype).reshape(-1) for x in xs])   # conv1_1 reads NCHW in place
-        inputs, strides, off = [], [], 0
-        for x in xs:
-            n, c, h, w = x.shape
-            inputs.append((off, n, h, w))
-            strides.append((c * h * w, w, 1, h * w))
-            off += x.numel()
-        layers = []
-        for l, _ in self._stages[:end + 1]:
-            gl = ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, l.pool, strides)
-            layers.append(gl)
-            inputs, strides = list(gl.outputs), None
-        h = src
-        for (l, _), gl, tables in zip(self._stages, layers, ops.upload_groups(layers, self.device)):
-            h = ops.conv2d_grouped(h, gl, tables, self._layer(l), relu=l.relu,
-                                   out_dtype=torch.float32 if l is self._last_layer else None)
-        c = layers[-1].cout
+        h = torch.cat([x.to(dtype).reshape(-1) for x in xs])
+        for (l, _), gl, tables in zip(self._stages, plan.layers, plan.tables):
+            h = self.ops.conv2d_grouped(h, gl, tables, self._layer(l), relu=l.relu,
+                                        out_dtype=torch.float32 if l is self._last_layer
+                                        else None)
+        c = plan.layers[-1].cout
         return [h[o:o + n * gh * gw * c].view(n, gh, gw, c).permute(0, 3, 1, 2).float()
-                for o, n, gh, gw in layers[-1].outputs]
+                for o, n, gh, gw in plan.layers[-1].outputs]
 
     @torch.inference_mode()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
