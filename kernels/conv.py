@@ -43,6 +43,21 @@ SPLIT_K contiguous ranges run by separate programs; each writes its raw fp32 par
 workspace [SPLIT_K, G, COUT_P] (y_ptr then points to it) and splitk_reduce_kernel adds them,
 the bias and the ReLU. fc6's 205 MB of weights are then streamed by hundreds of programs.
 
+Grouped launches (GROUPED): one launch computes the same layer for several problems (inputs of
+different sizes: the three scales of the dense protocol, the batches of a mixed-size request),
+so a request costs one launch per layer instead of one per layer and input size. Problem p owns
+the rows [V_p, V_p + G_p) of a virtual M grid, V_p a multiple of GROUP_ROW_ALIGN (256); tiles
+hold ROWS <= 256 rows (a power of two), so none straddles two problems. A program reads its
+problem from chunk_ptr[first row // 256], then the problem's row of grp_ptr: input/output
+offsets, H, W, GH, GW, G, V_p and the input strides; programs over the padding rows return at
+once. Inputs and outputs live in flat buffers. Outputs are NHWC-contiguous at 16-element-aligned
+offsets (row offset = row * COUT), and so are the inputs of the channel-chunk path, whose strides
+are then rebuilt from the constexpr CIN so that the compiler still sees aligned, vectorisable
+rows. The flat-K path (conv1_1 reading the NCHW images) takes the strides from the table.
+Offline sm_90 compiles (scripts/aot_sm90.py) give the grouped kernels the shared memory and
+wgmma/cp.async use of the single-problem ones and no spills, except conv1_1's 256x64 tile (128
+bytes of stack). Grouped launches never split K.
+
 Program id -> tile. A 1-D grid of cdiv(G, ROWS) * cdiv(COUT, BLOCK_N) * SPLIT_K programs;
 pid_k = pid % SPLIT_K, then pid_n = (pid // SPLIT_K) % num_n is the fast index, so the programs that share an A tile (the gathered, 9x re-read
 operand) run side by side and hit L2, while the packed weights (<= 4.7 MB per conv) stay

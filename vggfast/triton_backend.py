@@ -7,6 +7,10 @@ fp32 scores. A-LRN's LRN after conv1_1 is kernels/lrn.py followed by kernels/poo
 input is read by conv1_1 as the NCHW float tensor it arrives in; activations between layers are
 NHWC in the backend dtype.
 
+`run_many` runs several inputs of different sizes with ONE launch per layer for all of them
+(kernels/conv.py's grouped launches): the dense protocol's three scales, a mixed-size request's
+batches. Its inputs are first concatenated into one flat buffer (`torch.cat`, one launch).
+
 Ops left to torch: `torch.relu` only when the pre-ReLU output of a layer is asked for as a tap
 (then the ReLU cannot be fused), the final `.float()` of bf16/fp16 taps, and in `fc` the cast of
 the (already pooled, grid x grid) map to NHWC. The standard forward (taps fc8 or pool5) runs no

@@ -1,0 +1,241 @@
+"""Hostile and unusual input: every bad image, weights file or argument is a one-line
+`VGGFastError` (exit 2 on the command line), never a traceback, a hang or a silent wrong answer."""
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vggfast
+from conftest import small_model
+from vggfast import preprocess as pp
+from vggfast.cli import main
+from vggfast.errors import ArgumentError, ImageError, MemoryBudgetError, WeightsError
+from vggfast.features import extract, min_scale
+from vggfast.weights import load
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return small_model("A", num_classes=10).state_dict()
+
+
+@pytest.fixture(scope="module")
+def eng(sd):
+    return vggfast.Engine(sd)
+
+
+@pytest.fixture
+def weights_file(tmp_path, sd):
+    path = tmp_path / "tiny.pt"
+    torch.save(sd, path)
+    return str(path)
+
+
+IMG = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: loading it must not run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def test_folder_given_as_image_says_folder(tmp_path):
+    with pytest.raises(ImageError, match="is a folder, not an image file"):
+        pp.load_image(str(tmp_path))
+
+
+def test_pil_mode_without_rgb_conversion_is_image_error():
+    with pytest.raises(ImageError, match="cannot convert a PIL 'La' image"):
+        pp.load_image(Image.new("La", (16, 16)))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.empty(3, 16, 16, device="meta"),
+                                  lambda: torch.rand(3, 16, 16).to_sparse()],
+                         ids=["meta", "sparse"])
+def test_tensor_without_dense_data_is_image_error(make):
+    with pytest.raises(ImageError, match="dense tensor holding data"):
+        pp.load_image(make())
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+def test_pickled_code_is_refused_without_running_it(tmp_path, sd):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": sd, "x": _RunsCode(marker)}, path)
+    with pytest.raises(WeightsError, match="refused to unpickle") as exc:
+        load(str(path))
+    msg = str(exc.value)
+    assert "GLOBAL posix.system" in msg or "GLOBAL os.system" in msg  # the specific reason
+    assert "set to `False`" not in msg and "\n" not in msg  # not torch's unsafe advice
+    assert not marker.exists()
+
+
+def test_plain_pickle_is_refused_without_warnings(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps(_RunsCode(marker), protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(WeightsError, match="refused to unpickle"):
+            load(str(path))
+    assert not caught, [str(w.message) for w in caught]  # they would print on the CLI's stderr
+    assert not marker.exists()
+
+
+def test_text_file_named_pt_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint\n")
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        load(str(path))
+
+
+def test_empty_weights_path_is_not_the_current_folder():
+    with pytest.raises(WeightsError, match="weights path is empty"):
+        load("")
+
+
+def test_meta_tensor_weights_are_refused(sd):
+    with pytest.raises(WeightsError, match="holds no values"):
+        load({k: v.to("meta") for k, v in sd.items()})
+
+
+def test_non_integer_metadata_is_weights_error(sd):
+    convs = {k: v for k, v in sd.items() if k.startswith("features")}
+    with pytest.raises(WeightsError, match="must be integers"):
+        load({"state_dict": convs, "meta": {"num_classes": "ten"}})
+
+
+def test_two_tensors_with_one_name_after_prefix_strip_are_refused(sd):
+    both = {**sd, **{"module." + k: torch.zeros_like(v) for k, v in sd.items()}}
+    with pytest.raises(WeightsError, match="two tensors are named"):
+        load(both)
+
+
+@pytest.mark.parametrize("key,shape", [("classifier.8.weight", (10, 10)),
+                                       ("classifier.8.bias", (10,)),
+                                       ("features.30.weight", (4,))])
+def test_tensors_no_layer_reads_are_refused(sd, key, shape):
+    # e.g. a custom head: classifier.6 -> 10 features, classifier.8 -> the real classes
+    with pytest.raises(WeightsError, match=f"unexpected tensors {key}"):
+        load({**sd, key: torch.zeros(shape)})
+
+
+def test_batchnorm_checkpoint_still_loads_every_tensor():
+    bn = small_model("B", batch_norm=True).state_dict()
+    assert any(k.endswith("num_batches_tracked") for k in bn)
+    assert load(bn).spec.batch_norm
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scales", [torch.tensor(32), np.array(32), torch.tensor([32, 48]),
+                                    np.array([32, 48])],
+                         ids=["tensor0d", "array0d", "tensor1d", "array1d"])
+def test_scales_as_tensor_or_array(eng, scales):
+    assert eng.check_scales(scales) == tuple(np.atleast_1d(np.asarray(scales)).tolist())
+
+
+def test_duplicate_scales_are_refused(eng):
+    with pytest.raises(ArgumentError, match="scale 32 is given twice"):
+        eng.classify(IMG, scales=[32, 48, 32])
+
+
+@pytest.mark.parametrize("call", [
+    lambda e: e.classify(IMG, scales=[32], flip="no"),
+    lambda e: e.plan(IMG, scales=[32], flip=None),
+    lambda e: e.features(IMG, layer="pool5", scales=[32], normalize="no"),
+    lambda e: e.feature_maps(IMG, layer="conv1_1", scale=32, flip="yes"),
+], ids=["classify", "plan", "features", "feature_maps"])
+def test_yes_no_arguments_refuse_strings(eng, call):
+    with pytest.raises(ArgumentError, match="must be True or False"):
+        call(eng)
+
+
+def test_score_map_refuses_a_list(eng):
+    with pytest.raises(ArgumentError, match="one image"):
+        eng.score_map([IMG, IMG], scale=32)
+
+
+@pytest.mark.parametrize("budget", [float("inf"), 0.5])
+def test_memory_budget_must_be_finite_and_at_least_one_byte(sd, budget):
+    with pytest.raises(ArgumentError, match="memory_budget"):
+        vggfast.Engine(sd, memory_budget=budget)
+
+
+def test_logits_refuse_nan_input(eng):
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, 1, 5, 5] = float("nan")
+    with pytest.raises(ArgumentError, match="NaN"):
+        eng.logits(x)
+
+
+def test_unknown_device_is_one_short_line(sd):
+    with pytest.raises(ArgumentError) as exc:
+        vggfast.Engine(sd, device="gpu")
+    assert str(exc.value) == "unknown device 'gpu'; use 'cpu', 'cuda' or 'cuda:N'"
+
+
+# -- features -------------------------------------------------------------------------------------
+
+def test_pool_layers_count_their_own_pool(eng):
+    assert min_scale(eng, "pool5") == 32 and min_scale(eng, "conv5_1") == 16
+    with pytest.raises(ArgumentError, match="pool5 needs at least 32"):
+        eng.features(IMG, layer="pool5", scales=[16])
+    assert eng.features(IMG, layer="conv5_1", scales=[16]).shape == (1, 32)
+
+
+def test_feature_extractor_layers_none(sd):
+    with pytest.raises(ArgumentError, match="layers must be a list"):
+        vggfast.FeatureExtractor(sd, layers=None)
+
+
+def test_feature_extractor_too_small_and_too_large_inputs(sd):
+    fx = vggfast.FeatureExtractor(sd, layers=["relu1_1", "relu2_1"])
+    with pytest.raises(ArgumentError, match="needs at least 2x2"):
+        fx(torch.rand(1, 3, 1, 1))
+    huge = torch.zeros(1, 3, 1, 1).expand(64, 3, 4096, 4096)  # a view: nothing allocated yet
+    with pytest.raises(MemoryBudgetError):
+        fx(huge)
+
+
+def test_extract_refuses_an_image_and_an_unwritable_out(eng, tmp_path, samples):
+    with pytest.raises(ArgumentError, match="is an image"):
+        vggfast.features.list_inputs(samples["cat"])
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(vggfast.VGGFastError, match="cannot write"):
+        extract(eng, [str(samples["cat"])], blocker / "f.npy", layer="pool5", scales=[32],
+                progress=False)
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def test_cli_error_for_a_file_name_with_a_line_break_is_one_line(weights_file, tmp_path, capsys):
+    name = str(tmp_path / "a\nb.jpg")
+    assert main(["classify", name, "--weights", weights_file, "--scales", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a\\nb.jpg" in err
+
+
+def test_cli_refuses_pickled_code_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps(_RunsCode(marker), protocol=4))
+    p = subprocess.run([sys.executable, "-m", "vggfast", "info", str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and not marker.exists()
+    assert p.stderr.count("\n") == 1 and "refused to unpickle" in p.stderr, p.stderr
