@@ -262,7 +262,13 @@ class Executor:
                 rescaled.pop(key, None)
             for i in [i for i, last in last_image_use.items() if last in done]:
                 on_device.pop(i, None)
-        for b, y in pending:
+        ys = [y for _, y in pending]
+        if len(ys) > 1 and all(
+                y.dim() == ys[0].dim() and y.shape[1:] == ys[0].shape[1:]
+                and y.dtype == ys[0].dtype for y in ys):
+            # One device-to-host copy for the whole request (each copy waits for the GPU).
+            ys = list(torch.cat(ys).cpu().split([y.shape[0] for y in ys]))
+        for (b, _), y in zip(pending, ys):
             y = y.cpu()
             for slot, vi in enumerate(b.views):
                 out[vi] = y[slot]
