@@ -476,7 +476,8 @@ def test_group_layer_geometry():
 
 def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
     """run_many on three input sizes launches each layer once and returns, per input, what run
-    returns; an ungroupable tap (pre-ReLU conv1_1) and A-LRN fall back to input-by-input runs."""
+    returns, for post-ReLU, pooled and pre-ReLU taps; A-LRN past its LRN falls back to
+    input-by-input runs."""
     m = small_model("D", seed=4)
     be = TritonBackend(canonical(m), m.spec, DEV, torch.float32)
     xs = [torch.randn(2, 3, 32, 41, device=DEV), torch.randn(1, 3, 33, 35, device=DEV),
@@ -486,7 +487,9 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
     got = be.run_many(xs, "fc8")
     assert calls == [True] * len(m.spec.layers)
     assert be.prepare_many([x.shape for x in xs], "fc8") is plan      # cached: no new upload
-    assert be.prepare_many([x.shape for x in xs], "conv1_1") is None   # not groupable
+    lrn = small_model("A-LRN", seed=5)
+    lrn_be = TritonBackend(canonical(lrn), lrn.spec, DEV, torch.float32)
+    assert lrn_be.prepare_many([x.shape for x in xs], "fc8") is None   # past an LRN
     with pytest.raises(ArgumentError, match="other input shapes"):
         be.run_many(xs[:2], "fc8", plan)
     calls.clear()
@@ -494,15 +497,19 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
         want = be.run(x, ("fc8",))["fc8"]
         assert g.shape == want.shape and g.dtype == torch.float32
         assert rel_err(g.cpu(), want.cpu()) < 1e-6
-    assert be.can_group("pool3") and not be.can_group("fc7") and not be.can_group("conv1_1")
-    pool2 = be.run_many(xs[:2], "pool2")
-    assert rel_err(pool2[1].cpu(), be.run(xs[1], ("pool2",))["pool2"].cpu()) < 1e-6
+    assert all(be.can_group(t) for t in m.spec.tap_names())
+    for tap in ("pool2", "conv2_2", "relu2_2"):      # pooled, pre-ReLU and pre-pool outputs
+        calls.clear()
+        got = be.run_many(xs[:2], tap)
+        assert calls == [True] * 4
+        for x, g in zip(xs[:2], got):
+            want = be.run(x, (tap,))[tap]
+            assert g.shape == want.shape and rel_err(g.cpu(), want.cpu()) < 1e-6, tap
+    assert lrn_be.can_group("relu1_1") and not lrn_be.can_group("norm1")
+    assert not lrn_be.can_group("fc8")
     calls.clear()
-    pre = be.run_many(xs[:2], "conv1_1")
+    lrn_be.run_many(xs[:2], "norm1")
     assert calls == [False, False]
-    assert rel_err(pre[0].cpu(), be.run(xs[0], ("conv1_1",))["conv1_1"].cpu()) < 1e-6
-    lrn = small_model("A-LRN", seed=5)
-    assert not TritonBackend(canonical(lrn), lrn.spec, DEV, torch.float32).can_group("fc8")
     with pytest.raises(ArgumentError, match="too small"):
         be.run_many([xs[0], torch.randn(1, 3, 20, 40, device=DEV)], "fc8")
 

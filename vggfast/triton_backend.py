@@ -98,14 +98,17 @@ class TritonBackend:
         for l in spec.layers:
             kinds = ["conv"] + ["relu"] * l.relu + ["lrn"] * l.lrn + ["pool"] * l.pool
             self._stages.append((l, [(next(names), k) for k in kinds]))
-        # Taps `run_many` serves with grouped launches: the end of each layer whose ReLU and pool
-        # all fuse, up to the first LRN (A-LRN's LRN runs between conv1_1 and its pool).
+        # Taps `run_many` serves with grouped launches -> (last layer, its ReLU, its pool): every
+        # output (pre-ReLU, post-ReLU, pooled) up to the first LRN (A-LRN's LRN runs between
+        # conv1_1 and its pool); earlier layers fuse their ReLU and pool.
         self._group_plans: OrderedDict[tuple, GroupPlan] = OrderedDict()
-        self._group_end: dict[str, int] = {}
+        self._group_end: dict[str, tuple[int, bool, bool]] = {}
         for i, (l, stages) in enumerate(self._stages):
+            kinds = [kind for _, kind in stages]
+            for name, kind in stages[:kinds.index("lrn") if l.lrn else len(stages)]:
+                self._group_end[name] = (i, kind != "conv" and l.relu, kind == "pool")
             if l.lrn:
                 break
-            self._group_end[stages[-1][0]] = i
 
     def _layer(self, l: Layer):
         p = self.packed.get(l.name)
@@ -187,9 +190,9 @@ class TritonBackend:
         if plan is not None:
             self._group_plans.move_to_end(key)
             return plan
-        end = self._group_end.get(tap)
-        if end is None:
+        if tap not in self._group_end:
             return None
+        end, _, last_pool = self._group_end[tap]
         spec = self.spec
         inputs, strides, off = [], [], 0
         for n, c, h, w in key[0]:
@@ -201,8 +204,9 @@ class TritonBackend:
             strides.append((c * h * w, w, 1, h * w))     # conv1_1 reads the NCHW input in place
             off += n * c * h * w
         layers = []
-        for l, _ in self._stages[:end + 1]:
-            gl = self.ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, l.pool, strides)
+        for i, (l, _) in enumerate(self._stages[:end + 1]):
+            pool = last_pool if i == end else l.pool
+            gl = self.ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, pool, strides)
             layers.append(gl)
             inputs, strides = list(gl.outputs), None
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -240,8 +244,10 @@ class TritonBackend:
             raise ArgumentError("plan was prepared for other input shapes or another tap")
         dtype = xs[0].dtype if all(x.dtype == xs[0].dtype for x in xs) else torch.float32
         h = torch.cat([x.to(dtype).reshape(-1) for x in xs])
-        for (l, _), gl, tables in zip(self._stages, plan.layers, plan.tables):
-            h = self.ops.conv2d_grouped(h, gl, tables, self._layer(l), relu=l.relu,
+        end, last_relu, _ = self._group_end[tap]
+        for i, ((l, _), gl, tables) in enumerate(zip(self._stages, plan.layers, plan.tables)):
+            h = self.ops.conv2d_grouped(h, gl, tables, self._layer(l),
+                                        relu=last_relu if i == end else l.relu,
                                         out_dtype=torch.float32 if l is self._last_layer
                                         else None)
         c = plan.layers[-1].cout
