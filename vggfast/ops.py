@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import triton
 
@@ -239,7 +240,7 @@ class GroupLayer:
     """
 
     rows: tuple[tuple[int, ...], ...]
-    chunks: tuple[int, ...]
+    spans: tuple[int, ...]        # chunks of each problem
     vrows: int
     m_rows: int
     outputs: tuple[tuple[int, int, int, int], ...]
@@ -250,6 +251,10 @@ class GroupLayer:
     cin: int
     cout: int
     unit_channel_stride: bool
+
+    @property
+    def chunks(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.spans), dtype=np.int64), self.spans)
 
 
 def _align(n: int, a: int) -> int:
@@ -266,7 +271,7 @@ def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int
     """
     if not inputs:
         raise ArgumentError("a grouped launch needs at least one input")
-    rows, chunks, outputs = [], [], []
+    rows, spans, outputs = [], [], []
     v = y = m_rows = 0
     unit_c = True
     for p, (off, n, h, w) in enumerate(inputs):
@@ -282,27 +287,24 @@ def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int
         rows.append((off, y, h, w, gh, gw, g, v, *st) + (0,) * (GROUP_FIELDS - 12))
         outputs.append((y, n, gh, gw))
         span = _align(g, GROUP_ROW_ALIGN)
-        chunks.extend([p] * (span // GROUP_ROW_ALIGN))
+        spans.append(span // GROUP_ROW_ALIGN)
         v += span
         y += _align(g * cout, GROUP_ELEM_ALIGN)
         m_rows += 4 * g if pool else g
-    return GroupLayer(tuple(rows), tuple(chunks), v, m_rows, tuple(outputs), y, k, pad,
+    return GroupLayer(tuple(rows), tuple(spans), v, m_rows, tuple(outputs), y, k, pad,
                       bool(pool), cin, cout, unit_c)
 
 
 def upload_groups(layers: Sequence[GroupLayer], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every layer's (problem table [P, GROUP_FIELDS], chunk table) as int64 views of ONE tensor
     on `device`: one host-to-device copy for a whole grouped forward."""
-    flat: list[int] = []
-    spans = []
+    parts, spans, n = [], [], 0
     for gl in layers:
-        start = len(flat)
-        for r in gl.rows:
-            flat.extend(r)
-        mid = len(flat)
-        flat.extend(gl.chunks)
-        spans.append((start, mid, len(flat), len(gl.rows)))
-    buf = torch.tensor(flat, dtype=torch.int64)
+        rows, chunks = np.asarray(gl.rows, dtype=np.int64).reshape(-1), gl.chunks
+        parts += [rows, chunks]
+        spans.append((n, n + rows.size, n + rows.size + chunks.size, len(gl.rows)))
+        n += rows.size + chunks.size
+    buf = torch.from_numpy(np.concatenate(parts))
     if torch.device(device).type == "cuda":
         buf = buf.pin_memory().to(device, non_blocking=True)
     return [(buf[a:b].view(p, GROUP_FIELDS), buf[b:c]) for a, b, c, p in spans]
@@ -338,7 +340,7 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
         raise ArgumentError("src is on the CPU; the Triton kernels need a CUDA tensor "
                             "(or TRITON_INTERPRET=1 set before import)")
     table, chunks = tables
-    if table.shape != (len(layer.rows), GROUP_FIELDS) or chunks.numel() != len(layer.chunks) \
+    if table.shape != (len(layer.rows), GROUP_FIELDS) or chunks.numel() != sum(layer.spans) \
             or table.dtype != torch.int64 or chunks.dtype != torch.int64:
         raise ArgumentError("tables must be this layer's entry of upload_groups")
     dtype = packed.weight.dtype if out_dtype is None else out_dtype
