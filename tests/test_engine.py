@@ -216,6 +216,28 @@ def test_executor_waves_group_batches_within_the_budget():
     assert ref._executor.waves(plan, "fc8") == [[b] for b in plan.batches]
 
 
+def test_executor_arena_once_per_plan_key(samples):
+    """Without CUDA graphs, grouped waves take their intermediates from one arena that the
+    executor allocates once per plan key: a repeated request reuses it, another replaces it."""
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    sd = small_model("D", num_classes=10).state_dict()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    eng = Engine(sd, backend="triton", device=dev, dtype="float32", cuda_graphs=False)
+    ex = eng._executor
+    imgs = [torch.rand(3, 40, 50), torch.rand(3, 50, 40)]
+    first = eng.classify(imgs, scales=(32,), flip=False)
+    arena, key = ex._arena, ex._arena_key
+    assert arena is not None and key == eng.plan(imgs, scales=(32,), flip=False).key
+    again = eng.classify(imgs, scales=(32,), flip=False)
+    assert ex._arena is arena
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=0)
+    eng.classify(imgs[::-1] + imgs[:1], scales=(32,), flip=False)
+    assert ex._arena_key != key
+
+
 # --- CUDA-graph cache (vggfast.executor.GraphCache) ---------------------------------------------
 
 def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch):

@@ -492,6 +492,17 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
     assert lrn_be.prepare_many([x.shape for x in xs], "fc8") is None   # past an LRN
     with pytest.raises(ArgumentError, match="other input shapes"):
         be.run_many(xs[:2], "fc8", plan)
+    # The intermediates live in a caller's arena, the outputs never do: a second call through
+    # the same arena leaves the first call's outputs intact.
+    with pytest.raises(ArgumentError, match="arena must be"):
+        be.run_many(xs, "fc8", plan, torch.empty(plan.arena_bytes - 1, dtype=torch.uint8))
+    arena = torch.full((plan.arena_bytes,), 255, dtype=torch.uint8, device=DEV)
+    first = be.run_many(xs, "fc8", plan, arena)
+    keep = [t.clone() for t in first]
+    be.run_many([x.flip(-1) for x in xs], "fc8", plan, arena)
+    for f, k, g in zip(first, keep, got):
+        assert f.untyped_storage().data_ptr() != arena.untyped_storage().data_ptr()
+        assert torch.equal(f, k) and rel_err(f.cpu(), g.cpu()) < 1e-6
     calls.clear()
     for x, g in zip(xs, got):
         want = be.run(x, ("fc8",))["fc8"]

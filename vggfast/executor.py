@@ -10,7 +10,10 @@ Waves: when the backend can group the requested output (the triton backend, `run
 plan's batches are cut into waves whose arenas fit the memory budget together, and each wave is
 ONE grouped forward: every layer one kernel launch for all the wave's batches, whatever their
 sizes. A dense 3-scale + flip request is then 16 launches (VGG16) instead of 48, and 64 mixed
-photos are 16 launches per wave instead of 16 per distinct size.
+photos are 16 launches per wave instead of 16 per distinct size. Without CUDA graphs the waves'
+intermediate activations live in one arena the executor allocates once per plan key (repeated
+requests reuse it; layer outputs ping-pong between its two regions, see
+triton_backend.GroupPlan); a captured graph takes its memory from the graph pool instead.
 
 On CUDA the images are moved to the device before rescaling (the antialiased resize runs on the
 GPU), and each wave's forward goes through a `GraphCache`: a wave seen for the second time is
@@ -172,11 +175,25 @@ class Executor:
         # Graphs may hold a quarter of the activation budget in static inputs and outputs.
         self.graphs = (GraphCache(max_bytes=engine.memory_budget // 4)
                        if getattr(engine, "cuda_graphs", False) else None)
+        self._arena: torch.Tensor | None = None
+        self._arena_key: str | None = None
 
     def plan(self, images: Sequence[torch.Tensor], scales: Sequence[int], flip: bool,
              method: str, keep: Sequence[str] = ()) -> Plan:
         sizes = [tuple(x.shape[-2:]) for x in images]
         return self.scheduler.plan(sizes, tuple(scales), flip, method, keep=tuple(keep))
+
+    def _arena_for(self, plan: Plan, needs: list[int]) -> torch.Tensor | None:
+        """The activation arena for `plan`'s grouped waves run eagerly: allocated once per plan
+        key (a repeated request reuses it; another request replaces it), None under graphs."""
+        if not needs or self.graphs is not None:
+            return None
+        need = max(needs)
+        if self._arena_key != plan.key or self._arena is None or self._arena.numel() < need:
+            self._arena = None   # the old one goes back to the allocator first
+            self._arena = torch.empty(need, dtype=torch.uint8, device=self.engine.device)
+            self._arena_key = plan.key
+        return self._arena
 
     def waves(self, plan: Plan, tap: str) -> list[list]:
         """The plan's batches in order, cut into waves run together: one grouped forward
@@ -236,18 +253,22 @@ class Executor:
                 xs.append(r.flip(-1) if v.flip else r)
             return pp.normalize(torch.stack(xs), convention)
 
-        for wave in self.waves(plan, tap):
+        waves = self.waves(plan, tap)
+        # Grouped waves: the problem tables go to the device now, outside any graph capture (a
+        # captured graph keeps them alive), and, without graphs, the intermediate activations of
+        # every wave live in one arena allocated once per plan key (graphs take theirs from the
+        # graph pool).
+        preps = [backend.prepare_many([(b.size, 3, b.height, b.width) for b in w], tap)
+                 if len(w) > 1 else None for w in waves]
+        arena = self._arena_for(plan, [p.arena_bytes for p in preps if p is not None])
+        for wave, prepared in zip(waves, preps):
             xs = tuple(batch_input(b) for b in wave)
             with torch.inference_mode():
-                prepared = None
                 if len(wave) == 1:
                     forward = lambda t: backend.run(t, (tap,))[tap]   # noqa: E731
                     xs = xs[0]
                 else:
-                    # The problem tables go to the device now, outside any graph capture; a
-                    # captured graph keeps them alive.
-                    prepared = backend.prepare_many([x.shape for x in xs], tap)
-                    forward = lambda ts: backend.run_many(ts, tap, prepared)   # noqa: E731
+                    forward = lambda ts, p=prepared: backend.run_many(ts, tap, p, arena)  # noqa: E731
                 raw = (self.graphs.run(forward, xs, tap, keep=prepared)
                        if self.graphs is not None else forward(xs))
                 raws = [raw] if len(wave) == 1 else raw

@@ -39,14 +39,29 @@ def _ops():
     return ops
 
 
+ARENA_ALIGN = 256   # bytes: every buffer carved from an arena starts at a multiple of this
+
+
 class GroupPlan(NamedTuple):
     """A grouped forward (TritonBackend.prepare_many): input shapes, tap, every layer's
-    ops.GroupLayer and its (problem table, chunk table) on the device."""
+    ops.GroupLayer and its (problem table, chunk table) on the device, and the arena layout.
+
+    Arena: the flat input (float32 at most) and every layer's output but the last live in two
+    ping-pong regions of one byte buffer: layer i writes region i % 2 and reads the other, the
+    input sits in region 1. region_offsets[r] is where region r starts; arena_bytes the total.
+    The last layer's output (what the caller keeps) is a tensor of its own.
+    """
 
     shapes: tuple[tuple[int, ...], ...]
     tap: str
     layers: tuple
     tables: tuple
+    region_offsets: tuple[int, int]
+    arena_bytes: int
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
 
 
 class TritonBackend:
@@ -212,8 +227,14 @@ class TritonBackend:
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise VGGFastError("a grouped forward met new input shapes inside CUDA-graph "
                                "capture; call prepare_many (or run the request once) first")
-        plan = GroupPlan(key[0], tap, tuple(layers), tuple(self.ops.upload_groups(layers,
-                                                                                  self.device)))
+        elem = torch.finfo(self.dtype).bits // 8
+        region = [0, 4 * off]                                 # region 1 holds the input first
+        for i, gl in enumerate(layers[:-1]):
+            region[i % 2] = max(region[i % 2], elem * gl.numel)
+        start1 = _align(region[0], ARENA_ALIGN)
+        plan = GroupPlan(key[0], tap, tuple(layers),
+                         tuple(self.ops.upload_groups(layers, self.device)), (0, start1),
+                         start1 + _align(region[1], ARENA_ALIGN))
         self._group_plans[key] = plan
         while len(self._group_plans) > self.GROUP_PLANS:
             self._group_plans.popitem(last=False)
@@ -221,7 +242,8 @@ class TritonBackend:
 
     @torch.inference_mode()
     def run_many(self, xs: Sequence[torch.Tensor], tap: str = "fc8",
-                 plan: GroupPlan | None = None) -> list[torch.Tensor]:
+                 plan: GroupPlan | None = None,
+                 arena: torch.Tensor | None = None) -> list[torch.Tensor]:
         """`run` on several inputs of different sizes, every layer ONE launch for all of them.
 
         xs: [N_i, 3, H_i, W_i] normalised float tensors. Returns the `tap` output of each input,
@@ -230,6 +252,9 @@ class TritonBackend:
         from being bound by Python launch overhead, and it fills the GPU with the small maps of
         the deep layers. Taps that cannot be grouped (see `can_group`) run input by input.
         plan: from `prepare_many` for these shapes and tap (default: looked up or made).
+        arena: a uint8 buffer on the device of at least plan.arena_bytes for the intermediate
+        activations (default: one allocation per call); the outputs never live in it, so a
+        caller may reuse it for the next call.
         """
         if tap not in self._pos:
             raise ArgumentError(f"unknown layer {tap!r}; layers of {self.spec.config}: "
@@ -242,12 +267,27 @@ class TritonBackend:
             plan = self.prepare_many(shapes, tap)
         elif not isinstance(plan, GroupPlan) or plan.shapes != shapes or plan.tap != tap:
             raise ArgumentError("plan was prepared for other input shapes or another tap")
+        if arena is None:
+            arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        elif not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 \
+                or arena.dim() != 1 or arena.numel() < plan.arena_bytes \
+                or arena.device != self.device or not arena.is_contiguous():
+            raise ArgumentError(f"arena must be a contiguous uint8 tensor of at least "
+                                f"{plan.arena_bytes} bytes on {self.device}")
+
+        def carve(region: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+            start = plan.region_offsets[region]
+            return arena[start:start + numel * (torch.finfo(dtype).bits // 8)].view(dtype)
+
         dtype = xs[0].dtype if all(x.dtype == xs[0].dtype for x in xs) else torch.float32
-        h = torch.cat([x.to(dtype).reshape(-1) for x in xs])
+        h = torch.cat([x.to(dtype).reshape(-1) for x in xs],
+                      out=carve(1, sum(x.numel() for x in xs), dtype))
         end, last_relu, _ = self._group_end[tap]
         for i, ((l, _), gl, tables) in enumerate(zip(self._stages, plan.layers, plan.tables)):
             h = self.ops.conv2d_grouped(h, gl, tables, self._layer(l),
                                         relu=last_relu if i == end else l.relu,
+                                        out=None if i == end else carve(i % 2, gl.numel,
+                                                                        self.dtype),
                                         out_dtype=torch.float32 if l is self._last_layer
                                         else None)
         c = plan.layers[-1].cout
