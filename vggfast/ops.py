@@ -358,8 +358,10 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
                 * _cdiv(layer.cout, meta["BLOCK_N"]),)
 
     stride_xc = 1 if layer.unit_channel_stride else 0   # 0: FLAT_K, strides from the table
+    # The sizes and strides come from the table; the placeholders are 0, not 1 (triton turns an
+    # int argument equal to 1 into a constant, a different compiled kernel).
     args = (src, packed.weight, packed.bias, out, table, chunks,
-            1, 1, 1, 1, 1,
+            0, 0, 0, 0, 0,
             0, 0, 0, stride_xc,
             0, 0, 0,
             packed.cout, packed.weight.shape[1], m_class)
