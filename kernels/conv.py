@@ -54,9 +54,11 @@ once. Inputs and outputs live in flat buffers. Outputs are NHWC-contiguous at 16
 offsets (row offset = row * COUT), and so are the inputs of the channel-chunk path, whose strides
 are then rebuilt from the constexpr CIN so that the compiler still sees aligned, vectorisable
 rows. The flat-K path (conv1_1 reading the NCHW images) takes the strides from the table.
+A grouped launch may split K: its workspace is indexed by virtual row, and the grouped
+splitk_reduce_kernel maps each row back to its problem's output.
 Offline sm_90 compiles (scripts/aot_sm90.py) give the grouped kernels the shared memory and
 wgmma/cp.async use of the single-problem ones and no spills, except conv1_1's 256x64 tile (128
-bytes of stack). Grouped launches never split K.
+bytes of stack).
 
 Program id -> tile. A 1-D grid of cdiv(G, ROWS) * cdiv(COUT, BLOCK_N) * SPLIT_K programs;
 pid_k = pid % SPLIT_K, then pid_n = (pid // SPLIT_K) % num_n is the fast index, so the programs that share an A tile (the gathered, 9x re-read
@@ -197,7 +199,7 @@ def conv2d_kernel(
     SPLIT_K: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT_K: tl.constexpr,
 ):
-    tl.static_assert(not (GROUPED and SPLIT_K > 1), "grouped launches do not split K")
+    tl.static_assert(not (FUSE_POOL and SPLIT_K > 1), "a pooled layer cannot split K")
     pid = tl.program_id(0)
     num_n = tl.cdiv(COUT, BLOCK_N)
     if SPLIT_K == 1:
@@ -220,6 +222,8 @@ def conv2d_kernel(
         # ROWS (a power of two <= GROUP_ROW_ALIGN) rows never straddles two problems.
         prob = tl.load(chunk_ptr + (pid_m * ROWS) // GROUP_ROW_ALIGN)
         t = grp_ptr + prob * GROUP_FIELDS
+        v0 = pid_m.to(tl.int64) * ROWS            # first virtual row (split-K workspace row)
+        VROWS = G                                 # the G argument: virtual rows of the launch
         pid_m -= (tl.load(t + 7) // ROWS).to(tl.int32)
         G = tl.load(t + 6)
         if pid_m * ROWS >= G:
@@ -322,9 +326,14 @@ def conv2d_kernel(
 
     # -- epilogue: [pool] + bias [+ ReLU], cast, store ------------------------------------------
     if SPLIT_K > 1:
-        # Partial sums: y_ptr is the fp32 workspace [SPLIT_K, G, COUT_P]; splitk_reduce_kernel
-        # adds the splits, the bias and the ReLU (never with FUSE_POOL).
-        ws_ptrs = y_ptr + (pid_k * G + g)[:, None] * COUT_P + offs_n[None, :]
+        # Partial sums: y_ptr is the fp32 workspace [SPLIT_K, G, COUT_P] (grouped: indexed by
+        # virtual row, [SPLIT_K, VROWS, COUT_P]); splitk_reduce_kernel adds the splits, the bias
+        # and the ReLU (never with FUSE_POOL).
+        if GROUPED:
+            ws_rows = pid_k * VROWS + v0 + offs_m
+        else:
+            ws_rows = pid_k * G + g
+        ws_ptrs = y_ptr + ws_rows[:, None] * COUT_P + offs_n[None, :]
         tl.store(ws_ptrs, acc, mask=row_ok[:, None] & n_ok[None, :])
     else:
         if FUSE_POOL:
@@ -353,26 +362,42 @@ def conv2d_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    ws_ptr, b_ptr, y_ptr,
+    ws_ptr, b_ptr, y_ptr, grp_ptr, chunk_ptr,
     G, GW, GHW, COUT, COUT_P,
     stride_yn, stride_yh, stride_yw,
-    SPLIT_K: tl.constexpr, APPLY_RELU: tl.constexpr,
+    SPLIT_K: tl.constexpr, APPLY_RELU: tl.constexpr, GROUPED: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y[g, n] = [ReLU](sum_s ws[s, g, n] + b[n]), cast to y's dtype; y rows (n, oh, ow)."""
-    g = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    """y[g, n] = [ReLU](sum_s ws[s, g, n] + b[n]), cast to y's dtype; y rows (n, oh, ow).
+
+    GROUPED: g runs over the G virtual rows of a grouped launch; a block of BLOCK_G (dividing
+    GROUP_ROW_ALIGN) rows lies in one problem, whose NHWC-contiguous output row g - V_p sits at
+    its table offset; padding rows are skipped."""
+    v = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (g < G)[:, None] & (offs_n < COUT)[None, :]
+    if GROUPED:
+        t = grp_ptr + tl.load(chunk_ptr + (tl.program_id(0) * BLOCK_G) // GROUP_ROW_ALIGN) \
+            * GROUP_FIELDS
+        g = v - tl.load(t + 7)
+        row_ok = g < tl.load(t + 6)
+    else:
+        g = v
+        row_ok = v < G
+    mask = row_ok[:, None] & (offs_n < COUT)[None, :]
     acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + (s * G + g)[:, None] * COUT_P + offs_n[None, :], mask=mask,
+        acc += tl.load(ws_ptr + (s * G + v)[:, None] * COUT_P + offs_n[None, :], mask=mask,
                        other=0.0)
     acc += tl.load(b_ptr + offs_n, mask=offs_n < COUT, other=0.0)[None, :]
     if APPLY_RELU:
         acc = tl.maximum(acc, 0.0)
-    ny = g // GHW
-    ry = g % GHW
-    y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
+    if GROUPED:
+        y_ptr += (tl.load(t + 1) // 16) * 16
+        y_rows = g * COUT
+    else:
+        ny = g // GHW
+        ry = g % GHW
+        y_rows = ny * stride_yn + (ry // GW) * stride_yh + (ry % GW) * stride_yw
     if _INTERPRETER:
         if y_ptr.dtype.element_ty == tl.bfloat16:
             acc = _round_to_bf16(acc)

@@ -57,7 +57,7 @@ if __name__ == "__main__":
              "fc6-split8": ("bf16", 512, 4096, 7, 0, True, False, False, 8),
              "fc8": ("bf16", 4096, 1000, 1, 0, False, False, False, 1)}
     # Grouped launches (one launch, several input sizes): the same cases with GROUPED=True.
-    cases.update({f"{k}-grouped": v + (True,) for k, v in list(cases.items()) if "split" not in k})
+    cases.update({f"{k}-grouped": v + (True,) for k, v in list(cases.items())})
     for name, (dt, cin, cout, ks, pad, relu, pool, flat, split, *grp) in cases.items():
         if only and name not in only:
             continue

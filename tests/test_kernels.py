@@ -442,6 +442,26 @@ def test_conv_grouped_one_launch_equals_reference(case, monkeypatch):
         assert rel_err(y.permute(0, 3, 1, 2), want) < 2e-6
 
 
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("case", [(64, 40, 3, 1, True), (32, 24, 5, 0, False)])
+def test_conv_grouped_split_k_equals_reference(case, split):
+    """A grouped launch with K split: partial sums indexed by virtual row, then the grouped
+    reduction writes each problem's rows (padding rows skipped) with bias and ReLU."""
+    cin, cout, k, pad, relu = case
+    torch.manual_seed(split)
+    wt, b = make_layer(cin, cout, k, seed=split + cin)
+    xs = [torch.randn(n, h, w, cin, device=DEV) for n, h, w in [(2, 6, 7), (1, 21, 15), (1, 5, 5)]]
+    ys = ops.conv2d_many(xs, ops.pack_conv_weight(wt, b, torch.float32), pad, relu=relu,
+                         split_k=split)
+    for x, y in zip(xs, ys):
+        want = reference_conv(x.permute(0, 3, 1, 2).double(), wt.double(), b.double(), pad, relu,
+                              False)
+        assert rel_err(y.permute(0, 3, 1, 2), want) < 2e-6
+    with pytest.raises(ArgumentError, match="split_k"):
+        ops.conv2d_many(xs[:2], ops.pack_conv_weight(wt, b, torch.float32), pad, pool=True,
+                        split_k=2)
+
+
 def test_conv_grouped_bf16_within_twice_torch_error():
     torch.manual_seed(7)
     wt, b = make_layer(32, 40, 3, seed=8)

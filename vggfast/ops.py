@@ -214,9 +214,10 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
         block_n = min(128, triton.next_power_of_2(packed.cout))
         block_g = 32
         _conv.splitk_reduce_kernel[(_cdiv(g, block_g), _cdiv(packed.cout, block_n))](
-            target, packed.bias, out, g, gw, gh * gw, packed.cout, cout_p,
-            out.stride(0), out.stride(1), out.stride(2),
-            SPLIT_K=split_k, APPLY_RELU=bool(relu), BLOCK_G=block_g, BLOCK_N=block_n)
+            target, packed.bias, out, packed.bias, packed.bias, g, gw, gh * gw, packed.cout,
+            cout_p, out.stride(0), out.stride(1), out.stride(2),
+            SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=False, BLOCK_G=block_g,
+            BLOCK_N=block_n)
     return out
 
 
@@ -312,14 +313,16 @@ def upload_groups(layers: Sequence[GroupLayer], device) -> list[tuple[torch.Tens
 
 def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Tensor, torch.Tensor],
                    packed: PackedConv, relu: bool = True, out: torch.Tensor | None = None,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None,
+                   split_k: int | None = None) -> torch.Tensor:
     """One launch of the conv kernel over every problem of `layer` (see `group_layer`).
 
     src: the flat input buffer (1-D, any float dtype); tables: this layer's entry of
     `upload_groups`; packed: from `pack_conv_weight` (cin/cout/k must match the layer).
     Returns the flat output buffer ([layer.numel] in out_dtype, default the packed dtype, or
     `out`); problem p's output is out[o : o + n*h*w*cout].view(n, h, w, cout) for
-    (o, n, h, w) = layer.outputs[p]. No split-K.
+    (o, n, h, w) = layer.outputs[p]. split_k: as in `conv2d` (default `choose_split_k` on the
+    launch's rows; the fp32 workspace is indexed by virtual row).
     """
     if not isinstance(layer, GroupLayer) or not isinstance(packed, PackedConv):
         raise ArgumentError("layer must come from group_layer and packed from pack_conv_weight")
@@ -352,30 +355,50 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
                             f"{layer.numel} elements on {src.device}")
     m_class = _m_class(layer.m_rows)
     per_tile = 4 if layer.pool else 1
+    cout_p = packed.weight.shape[1]
+    if split_k is None:
+        split_k = choose_split_k(layer.m_rows, packed.cout, packed.k * packed.k * packed.cin,
+                                 layer.pool, _sm_count(src.device))
+    if not isinstance(split_k, int) or split_k < 1 or (layer.pool and split_k > 1):
+        raise ArgumentError(f"split_k must be a positive integer (1 with pool), not {split_k!r}")
+    target = out
+    if split_k > 1:
+        target = torch.empty(split_k, layer.vrows, cout_p, dtype=torch.float32,
+                             device=src.device)
 
     def grid(meta):
         return (_cdiv(layer.vrows, meta["BLOCK_M"] // per_tile)
-                * _cdiv(layer.cout, meta["BLOCK_N"]),)
+                * _cdiv(layer.cout, meta["BLOCK_N"]) * split_k,)
 
     stride_xc = 1 if layer.unit_channel_stride else 0   # 0: FLAT_K, strides from the table
-    # The sizes and strides come from the table; the placeholders are 0, not 1 (triton turns an
-    # int argument equal to 1 into a constant, a different compiled kernel).
-    args = (src, packed.weight, packed.bias, out, table, chunks,
-            0, 0, 0, 0, 0,
+    # The sizes and strides come from the table (G carries the virtual rows); the placeholders
+    # are 0, not 1 (triton turns an int argument equal to 1 into a constant: another kernel).
+    args = (src, packed.weight, packed.bias, target, table, chunks,
+            0, 0, layer.vrows, 0, 0,
             0, 0, 0, stride_xc,
             0, 0, 0,
-            packed.cout, packed.weight.shape[1], m_class)
+            packed.cout, cout_p, m_class)
     meta = dict(CIN=packed.cin, KSIZE=packed.k, PAD=layer.pad, APPLY_RELU=bool(relu),
-                FUSE_POOL=layer.pool, SPLIT_K=1, GROUPED=True, PRECISION=_precision(packed))
+                FUSE_POOL=layer.pool, SPLIT_K=split_k, GROUPED=True,
+                PRECISION=_precision(packed))
     _launch_conv(grid, args, meta, (packed.cin, packed.cout, packed.k, layer.pool, m_class,
-                                    meta["PRECISION"], 1, True, src.dtype, packed.weight.dtype,
-                                    out.dtype))
+                                    meta["PRECISION"], split_k, True, src.dtype,
+                                    packed.weight.dtype, target.dtype))
+    if split_k > 1:
+        block_n = min(128, triton.next_power_of_2(packed.cout))
+        block_g = 32    # divides GROUP_ROW_ALIGN: a block of rows lies in one problem
+        _conv.splitk_reduce_kernel[(layer.vrows // block_g, _cdiv(packed.cout, block_n))](
+            target, packed.bias, out, table, chunks, layer.vrows, 0, 0, packed.cout, cout_p,
+            0, 0, 0, SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=True, BLOCK_G=block_g,
+            BLOCK_N=block_n)
     return out
 
 
 def conv2d_many(xs: Sequence[torch.Tensor], packed: PackedConv, pad: int, relu: bool = True,
-                pool: bool = False, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """`conv2d` on several NHWC inputs of different sizes (same channels) in ONE launch.
+                pool: bool = False, out_dtype: torch.dtype | None = None,
+                split_k: int | None = None) -> list[torch.Tensor]:
+    """`conv2d` on several NHWC inputs of different sizes (same channels) in ONE launch (plus
+    the reduction when K is split).
 
     Copies the inputs into one aligned flat buffer, launches once, and returns each output as a
     view [n, OH, OW, Cout] (or pooled) of one flat output buffer.
@@ -401,7 +424,7 @@ def conv2d_many(xs: Sequence[torch.Tensor], packed: PackedConv, pad: int, relu: 
         src[o:o + x.numel()].view(x.shape).copy_(x)
     layer = group_layer(inputs, packed.cin, packed.cout, packed.k, pad, pool)
     tables = upload_groups([layer], src.device)[0]
-    y = conv2d_grouped(src, layer, tables, packed, relu, out_dtype=out_dtype)
+    y = conv2d_grouped(src, layer, tables, packed, relu, out_dtype=out_dtype, split_k=split_k)
     return [y[o:o + n * h * w * packed.cout].view(n, h, w, packed.cout)
             for o, n, h, w in layer.outputs]
 
