@@ -236,6 +236,14 @@ def test_executor_arena_once_per_plan_key(samples):
         torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=0)
     eng.classify(imgs[::-1] + imgs[:1], scales=(32,), flip=False)
     assert ex._arena_key != key
+    # a lone batch runs on the C++ planner's layout, in the same arena
+    calls = []
+    real = eng._backend.run_planned
+    eng._backend.run_planned = lambda *a: calls.append(a) or real(*a)
+    one = eng.classify(imgs[0], scales=(32,))
+    assert len(calls) == 1 and calls[0][3] is ex._arena
+    ref = Engine(sd, backend="torch", device=dev, dtype="float32").classify(imgs[0], scales=(32,))
+    torch.testing.assert_close(one.probs, ref.probs, rtol=1e-4, atol=1e-6)
 
 
 # --- CUDA-graph cache (vggfast.executor.GraphCache) ---------------------------------------------
@@ -342,5 +350,9 @@ def test_gpu_graph_replay_equals_eager(samples, backend):
         got = graphs.classify(imgs, scales=(32, 40))
         for g, w in zip(got, want):
             torch.testing.assert_close(g.probs, w.probs, rtol=1e-3, atol=1e-4)
+    one = eager.classify(imgs[0], scales=(32,))          # a lone batch: the planned layout
+    for _ in range(3):
+        torch.testing.assert_close(graphs.classify(imgs[0], scales=(32,)).probs, one.probs,
+                                   rtol=1e-3, atol=1e-4)
     cache = graphs._executor.graphs
-    assert cache.captures > 0 and cache.replays >= cache.captures and not cache.disabled
+    assert cache.captures > 1 and cache.replays >= cache.captures and not cache.disabled

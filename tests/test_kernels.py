@@ -545,6 +545,30 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
         be.run_many([xs[0], torch.randn(1, 3, 20, 40, device=DEV)], "fc8")
 
 
+@pytest.mark.parametrize("config", ["D", "A-LRN", "C"])
+def test_backend_run_planned_on_the_cpp_arena_equals_run(config):
+    """run_planned puts every activation at the C++ planner's arena offset (conv + fused pool,
+    A-LRN's separate LRN and pool) and gives exactly run's scores; every slot it reads was
+    written first (the arena starts as NaN bytes)."""
+    from vggfast import Engine
+    m = small_model(config, seed=6)
+    eng = Engine(m.state_dict(), backend="triton", device=DEV, dtype="float32", cuda_graphs=False)
+    plan = eng.plan([torch.rand(3, 45, 38)], scales=(36,), flip=True)
+    (b,) = plan.batches
+    layout = plan.arenas[b.arena]
+    x = torch.randn(b.size, 3, b.height, b.width, device=DEV)
+    be = eng._backend
+    arena = torch.full((layout.total_bytes,), 255, dtype=torch.uint8, device=DEV)
+    got = be.run_planned(x, layout, plan.ops, arena)
+    want = be.run(x)["fc8"]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got.untyped_storage().data_ptr() != arena.untyped_storage().data_ptr()
+    with pytest.raises(ArgumentError, match="layout is for a batch"):
+        be.run_planned(x[:1], layout, plan.ops)
+    with pytest.raises(ArgumentError, match="arena must be"):
+        be.run_planned(x, layout, plan.ops, arena[:-1])
+
+
 # --- GPU: every VGG16 layer shape at full size --------------------------------------------------
 def _vgg16_layer_cases():
     """(id, cin, cout, H, W, k, pad, relu, pool) of every VGG16 layer at each test size."""

@@ -12,8 +12,10 @@ ONE grouped forward: every layer one kernel launch for all the wave's batches, w
 sizes. A dense 3-scale + flip request is then 16 launches (VGG16) instead of 48, and 64 mixed
 photos are 16 launches per wave instead of 16 per distinct size. Without CUDA graphs the waves'
 intermediate activations live in one arena the executor allocates once per plan key (repeated
-requests reuse it; layer outputs ping-pong between its two regions, see
-triton_backend.GroupPlan); a captured graph takes its memory from the graph pool instead.
+requests reuse it): a grouped wave's layer outputs ping-pong between two regions (see
+triton_backend.GroupPlan), and a wave of one batch puts every activation at the offset the C++
+planner's arena layout gave it (`run_planned`). A captured graph takes its memory from the
+graph pool instead.
 
 On CUDA the images are moved to the device before rescaling (the antialiased resize runs on the
 GPU), and each wave's forward goes through a `GraphCache`: a wave seen for the second time is
@@ -184,8 +186,10 @@ class Executor:
         return self.scheduler.plan(sizes, tuple(scales), flip, method, keep=tuple(keep))
 
     def _arena_for(self, plan: Plan, needs: list[int]) -> torch.Tensor | None:
-        """The activation arena for `plan`'s grouped waves run eagerly: allocated once per plan
-        key (a repeated request reuses it; another request replaces it), None under graphs."""
+        """The activation arena for `plan`'s waves run eagerly (a grouped wave's ping-pong
+        regions, or a lone batch's C++-planned layout): allocated once per plan key (a repeated
+        request reuses it; another request replaces it), None under graphs (a captured graph
+        takes its memory from the graph pool)."""
         if not needs or self.graphs is not None:
             return None
         need = max(needs)
@@ -260,11 +264,21 @@ class Executor:
         # graph pool).
         preps = [backend.prepare_many([(b.size, 3, b.height, b.width) for b in w], tap)
                  if len(w) > 1 else None for w in waves]
-        arena = self._arena_for(plan, [p.arena_bytes for p in preps if p is not None])
+        # A lone batch of the standard forward runs on the C++ planner's arena layout.
+        planned = (hasattr(backend, "run_planned") and bool(plan.ops)
+                   and tap == plan.ops[-1].name)
+        needs = [p.arena_bytes for p in preps if p is not None]
+        if planned and any(len(w) == 1 for w in waves):
+            needs.append(plan.peak_bytes)
+        arena = self._arena_for(plan, needs)
         for wave, prepared in zip(waves, preps):
             xs = tuple(batch_input(b) for b in wave)
             with torch.inference_mode():
-                if len(wave) == 1:
+                if len(wave) == 1 and planned:
+                    layout = plan.arenas[wave[0].arena]
+                    forward = lambda t: backend.run_planned(t, layout, plan.ops, arena)  # noqa: E731
+                    xs = xs[0]
+                elif len(wave) == 1:
                     forward = lambda t: backend.run(t, (tap,))[tap]   # noqa: E731
                     xs = xs[0]
                 else:

@@ -295,6 +295,53 @@ class TritonBackend:
                 for o, n, gh, gw in plan.layers[-1].outputs]
 
     @torch.inference_mode()
+    def run_planned(self, x: torch.Tensor, layout, plan_ops: Sequence,
+                    arena: torch.Tensor | None = None) -> torch.Tensor:
+        """The standard forward of one batch (fc8 scores) laid out by the C++ planner: every
+        intermediate activation at the byte offset the plan's arena gave it.
+
+        x: [N, 3, H, W] normalised float, the batch `layout` (a vggfast.scheduler.Arena, planned
+        with this backend's element size) was made for; plan_ops: Plan.ops. arena: a uint8
+        buffer on the device of at least layout.total_bytes (default: one allocation per call).
+        conv1_1 reads x in place, so the plan's input slot stays unused; the scores (fp32) are a
+        tensor of their own, never in the arena. Returns [N, classes, h, w] float32, equal to
+        run(x)["fc8"].
+        """
+        ops = self.ops
+        x = self._check_input(x)
+        t0 = layout.tensors[0]
+        if (t0.n, t0.c, t0.h, t0.w) != tuple(x.shape):
+            raise ArgumentError(f"the layout is for a batch of {t0.n} x {t0.c} x {t0.h} x {t0.w}, "
+                                f"not {list(x.shape)}")
+        if arena is None:
+            arena = torch.empty(layout.total_bytes, dtype=torch.uint8, device=self.device)
+        elif not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 \
+                or arena.dim() != 1 or arena.numel() < layout.total_bytes \
+                or arena.device != self.device or not arena.is_contiguous():
+            raise ArgumentError(f"arena must be a contiguous uint8 tensor of at least "
+                                f"{layout.total_bytes} bytes on {self.device}")
+        elem = torch.finfo(self.dtype).bits // 8
+
+        def slot(i: int) -> torch.Tensor:
+            t = layout.tensors[i]
+            return arena[t.offset:t.offset + t.numel * elem].view(self.dtype).view(
+                t.n, t.h, t.w, t.c)
+
+        h = x.permute(0, 2, 3, 1)
+        last = len(plan_ops) - 1
+        for j, op in enumerate(plan_ops):
+            out = None if j == last else slot(op.output)
+            if op.kind in ("conv", "fc"):
+                l = self.spec.layers[op.layer]
+                h = ops.conv2d(h, self._layer(l), l.pad, relu=op.relu, pool=op.pool, out=out,
+                               out_dtype=torch.float32 if j == last else None)
+            elif op.kind == "lrn":
+                h = ops.lrn(h, out=out)
+            else:
+                h = ops.max_pool2x2(h, out=out)
+        return h.permute(0, 3, 1, 2).float()
+
+    @torch.inference_mode()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc6-fc8 on a pool5 map pooled to grid x grid: [N, C, g, g] -> [N, classes] fp32."""
         g, c = self.spec.grid, self.spec.feature_channels
