@@ -83,8 +83,13 @@ def cmd_classify(args) -> int:
     if images:
         flip = not args.no_flip
         if args.explain:
-            print(eng.plan(images, scales=scales, flip=flip, method=args.method),
-                  file=sys.stderr if args.json else sys.stdout)
+            plan = eng.plan(images, scales=scales, flip=flip, method=args.method)
+            waves = eng._executor.waves(plan, "fc8")
+            how = (f"{len(waves)} grouped wave{'s' if len(waves) > 1 else ''} of "
+                   f"{'/'.join(str(len(w)) for w in waves)} batches, one kernel launch per "
+                   f"layer each" if any(len(w) > 1 for w in waves)
+                   else f"batch by batch on the {eng.backend_name} backend")
+            print(f"{plan}\n  runs as {how}", file=sys.stderr if args.json else sys.stdout)
         results = eng.classify(images, scales=scales, flip=flip, method=args.method,
                                top_k=args.top)
         _print_results(names, results, args.top, args.json)
