@@ -233,7 +233,8 @@ class GroupLayer:
     """Host-side geometry of one grouped conv launch (from `group_layer`).
 
     rows: the problem table, one GROUP_FIELDS-int row per problem (layout in kernels/conv.py);
-    chunks: the problem owning each GROUP_ROW_ALIGN-row chunk of the launch's virtual rows;
+    spans: the GROUP_ROW_ALIGN-row chunks of each problem (`chunks` expands them into the
+    chunk -> problem map the kernel reads);
     vrows: virtual rows (problem p's rows start at a multiple of GROUP_ROW_ALIGN);
     m_rows: accumulator rows actually computed (4x the pooled pixels with pool), for the shape
     class; outputs: per problem (offset, n, h, w) of its NHWC-contiguous output in the flat
