@@ -509,7 +509,7 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
     assert be.prepare_many([x.shape for x in xs], "fc8") is plan      # cached: no new upload
     lrn = small_model("A-LRN", seed=5)
     lrn_be = TritonBackend(canonical(lrn), lrn.spec, DEV, torch.float32)
-    assert lrn_be.prepare_many([x.shape for x in xs], "fc8") is None   # past an LRN
+    assert lrn_be.prepare_many([x.shape for x in xs], "norm1") is None  # an LRN's own output
     with pytest.raises(ArgumentError, match="other input shapes"):
         be.run_many(xs[:2], "fc8", plan)
     # The intermediates live in a caller's arena, the outputs never do: a second call through
@@ -536,11 +536,20 @@ def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
         for x, g in zip(xs[:2], got):
             want = be.run(x, (tap,))[tap]
             assert g.shape == want.shape and rel_err(g.cpu(), want.cpu()) < 1e-6, tap
-    assert lrn_be.can_group("relu1_1") and not lrn_be.can_group("norm1")
-    assert not lrn_be.can_group("fc8")
+    assert lrn_be.can_group("relu1_1") and lrn_be.can_group("fc8")
+    assert not lrn_be.can_group("norm1")
     calls.clear()
     lrn_be.run_many(xs[:2], "norm1")
     assert calls == [False, False]
+    # A-LRN: conv1_1 grouped, its LRN + pool input by input, the rest grouped again
+    for tap in ("pool1", "conv3_1", "relu1_1"):
+        calls.clear()
+        got = lrn_be.run_many(xs[:2], tap)
+        depth = [l.name for l in lrn.spec.layers].index(lrn.spec.tap_layer(tap).name) + 1
+        assert calls == [True] * depth, tap
+        for x, g in zip(xs[:2], got):
+            want = lrn_be.run(x, (tap,))[tap]
+            assert g.shape == want.shape and rel_err(g.cpu(), want.cpu()) < 1e-6, tap
     with pytest.raises(ArgumentError, match="too small"):
         be.run_many([xs[0], torch.randn(1, 3, 20, 40, device=DEV)], "fc8")
 

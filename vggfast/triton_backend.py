@@ -50,6 +50,8 @@ class GroupPlan(NamedTuple):
     ping-pong regions of one byte buffer: layer i writes region i % 2 and reads the other, the
     input sits in region 1. region_offsets[r] is where region r starts; arena_bytes the total.
     The last layer's output (what the caller keeps) is a tensor of its own.
+    posts: per layer, None, or for A-LRN's LRN layer the ((offset, n, h, w) per input, numel)
+    layout of the flat buffer its LRN + pool (run input by input) write.
     """
 
     shapes: tuple[tuple[int, ...], ...]
@@ -58,6 +60,7 @@ class GroupPlan(NamedTuple):
     tables: tuple
     region_offsets: tuple[int, int]
     arena_bytes: int
+    posts: tuple
 
 
 def _align(n: int, a: int) -> int:
@@ -114,16 +117,14 @@ class TritonBackend:
             kinds = ["conv"] + ["relu"] * l.relu + ["lrn"] * l.lrn + ["pool"] * l.pool
             self._stages.append((l, [(next(names), k) for k in kinds]))
         # Taps `run_many` serves with grouped launches -> (last layer, its ReLU, its pool): every
-        # output (pre-ReLU, post-ReLU, pooled) up to the first LRN (A-LRN's LRN runs between
-        # conv1_1 and its pool); earlier layers fuse their ReLU and pool.
+        # output (pre-ReLU, post-ReLU, pooled) but an LRN's; earlier layers fuse their ReLU and
+        # pool, and A-LRN's LRN + pool run input by input between two grouped launches.
         self._group_plans: OrderedDict[tuple, GroupPlan] = OrderedDict()
         self._group_end: dict[str, tuple[int, bool, bool]] = {}
         for i, (l, stages) in enumerate(self._stages):
-            kinds = [kind for _, kind in stages]
-            for name, kind in stages[:kinds.index("lrn") if l.lrn else len(stages)]:
-                self._group_end[name] = (i, kind != "conv" and l.relu, kind == "pool")
-            if l.lrn:
-                break
+            for name, kind in stages:
+                if kind != "lrn":     # A-LRN's norm1 alone is not served grouped
+                    self._group_end[name] = (i, kind != "conv" and l.relu, kind == "pool")
 
     def _layer(self, l: Layer):
         p = self.packed.get(l.name)
@@ -218,23 +219,35 @@ class TritonBackend:
             inputs.append((off, n, h, w))
             strides.append((c * h * w, w, 1, h * w))     # conv1_1 reads the NCHW input in place
             off += n * c * h * w
-        layers = []
+        layers, posts = [], []
         for i, (l, _) in enumerate(self._stages[:end + 1]):
             pool = last_pool if i == end else l.pool
-            gl = self.ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, pool, strides)
+            gl = self.ops.group_layer(inputs, l.cin, l.cout, l.k, l.pad, pool and not l.lrn,
+                                      strides)
             layers.append(gl)
             inputs, strides = list(gl.outputs), None
+            post = None
+            if l.lrn and pool:
+                # LRN, then the pool, input by input, into a flat buffer of its own: the next
+                # layer's (or the caller's) NHWC-contiguous inputs.
+                inputs, o = [], 0
+                for _, n, h, w in gl.outputs:
+                    inputs.append((o, n, h // 2, w // 2))
+                    o += _align(n * (h // 2) * (w // 2) * l.cout, self.ops.GROUP_ELEM_ALIGN)
+                post = (tuple(inputs), o)
+            posts.append(post)
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise VGGFastError("a grouped forward met new input shapes inside CUDA-graph "
                                "capture; call prepare_many (or run the request once) first")
         elem = torch.finfo(self.dtype).bits // 8
         region = [0, 4 * off]                                 # region 1 holds the input first
-        for i, gl in enumerate(layers[:-1]):
-            region[i % 2] = max(region[i % 2], elem * gl.numel)
+        for i, (gl, post) in enumerate(zip(layers, posts)):
+            if i < end or post is not None:                   # not the caller's output
+                region[i % 2] = max(region[i % 2], elem * gl.numel)
         start1 = _align(region[0], ARENA_ALIGN)
         plan = GroupPlan(key[0], tap, tuple(layers),
                          tuple(self.ops.upload_groups(layers, self.device)), (0, start1),
-                         start1 + _align(region[1], ARENA_ALIGN))
+                         start1 + _align(region[1], ARENA_ALIGN), tuple(posts))
         self._group_plans[key] = plan
         while len(self._group_plans) > self.GROUP_PLANS:
             self._group_plans.popitem(last=False)
@@ -283,16 +296,26 @@ class TritonBackend:
         h = torch.cat([x.to(dtype).reshape(-1) for x in xs],
                       out=carve(1, sum(x.numel() for x in xs), dtype))
         end, last_relu, _ = self._group_end[tap]
-        for i, ((l, _), gl, tables) in enumerate(zip(self._stages, plan.layers, plan.tables)):
+        for i, ((l, _), gl, tables, post) in enumerate(zip(self._stages, plan.layers,
+                                                           plan.tables, plan.posts)):
+            outputs = gl.outputs
+            mine = i == end and post is None                  # the caller's output
             h = self.ops.conv2d_grouped(h, gl, tables, self._layer(l),
                                         relu=last_relu if i == end else l.relu,
-                                        out=None if i == end else carve(i % 2, gl.numel,
-                                                                        self.dtype),
+                                        out=None if mine else carve(i % 2, gl.numel,
+                                                                    self.dtype),
                                         out_dtype=torch.float32 if l is self._last_layer
                                         else None)
+            if post is not None:
+                pooled = torch.empty(post[1], dtype=self.dtype, device=self.device)
+                for (o, n, gh, gw), (po, _, ph, pw) in zip(gl.outputs, post[0]):
+                    y = self.ops.lrn(h[o:o + n * gh * gw * l.cout].view(n, gh, gw, l.cout))
+                    self.ops.max_pool2x2(y, out=pooled[po:po + n * ph * pw * l.cout].view(
+                        n, ph, pw, l.cout))
+                h, outputs = pooled, post[0]
         c = plan.layers[-1].cout
         return [h[o:o + n * gh * gw * c].view(n, gh, gw, c).permute(0, 3, 1, 2).float()
-                for o, n, gh, gw in plan.layers[-1].outputs]
+                for o, n, gh, gw in outputs]
 
     @torch.inference_mode()
     def run_planned(self, x: torch.Tensor, layout, plan_ops: Sequence,
