@@ -9,7 +9,8 @@ NHWC in the backend dtype.
 
 `run_many` runs several inputs of different sizes with ONE launch per layer for all of them
 (kernels/conv.py's grouped launches): the dense protocol's three scales, a mixed-size request's
-batches. Its inputs are first concatenated into one flat buffer (`torch.cat`, one launch).
+batches. Its inputs are first concatenated into one flat buffer (`torch.cat`, one launch);
+A-LRN's LRN and pool run input by input between its grouped conv1_1 and conv2_1.
 
 Ops left to torch: `torch.relu` only when the pre-ReLU output of a layer is asked for as a tap
 (then the ReLU cannot be fused), the final `.float()` of bf16/fp16 taps, and in `fc` the cast of
