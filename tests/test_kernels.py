@@ -496,8 +496,8 @@ def test_group_layer_geometry():
 
 def test_backend_run_many_one_launch_per_layer_equals_run(monkeypatch):
     """run_many on three input sizes launches each layer once and returns, per input, what run
-    returns, for post-ReLU, pooled and pre-ReLU taps; A-LRN past its LRN falls back to
-    input-by-input runs."""
+    returns, for post-ReLU, pooled and pre-ReLU taps; A-LRN runs its LRN + pool input by input
+    between grouped layers, and only its norm1 output falls back to input-by-input runs."""
     m = small_model("D", seed=4)
     be = TritonBackend(canonical(m), m.spec, DEV, torch.float32)
     xs = [torch.randn(2, 3, 32, 41, device=DEV), torch.randn(1, 3, 33, 35, device=DEV),
