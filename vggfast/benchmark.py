@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_dense:
         views = _dense_views(device, torch.float32)
         dviews = [v.to(dtype, memory_format=torch.channels_last) for v in views]
+        if not args.no_check:
+            result["dense_check_ok"] = _check_dense(spec, params, tri, dense_params, views,
+                                                    device, dtype)
 
         def tri_dense(vs=views):    # every layer one launch for all three scales (run_many)
             return [ops.mean_softmax(s) for s in tri.run_many(vs, "fc8")]
@@ -438,6 +441,29 @@ def _check(spec, params, tri, eager, x, device, dtype) -> bool:
     ok = e_tri <= 2 * e_eager
     print(f"correctness (logits vs fp32 TF32-off reference, rel. L2): cuDNN eager {e_eager:.2e}, "
           f"vggfast triton {e_tri:.2e} -> {'ok' if ok else 'FAIL'} (rule: triton <= 2x eager)")
+    return ok
+
+
+def _check_dense(spec, params, tri, dense_params, views, device, dtype) -> bool:
+    """The dense rows' scores (triton grouped over the three scales, cuDNN eager per scale) vs
+    the fp32 TF32-off reference, all scales together (STYLE.md's 2x rule)."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            ref = TorchBackend(params, spec, device, torch.float32)
+            want = torch.cat([ref.run(v)["fc8"].flatten() for v in views])
+            eager = torch.cat([dense_forward(dense_params, spec, v.to(
+                dtype, memory_format=torch.channels_last))["fc8"].float().flatten()
+                for v in views])
+            got = torch.cat([t.flatten() for t in tri.run_many(views, "fc8")])
+            e_eager, e_tri = rel_err(eager, want), rel_err(got, want)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    ok = e_tri <= 2 * e_eager
+    print(f"dense correctness (scores of 3 scales + flip vs fp32 reference, rel. L2): cuDNN "
+          f"eager {e_eager:.2e}, vggfast triton (grouped) {e_tri:.2e} -> "
+          f"{'ok' if ok else 'FAIL'}")
     return ok
 
 
