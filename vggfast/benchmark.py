@@ -5,7 +5,8 @@
     vggfast bench ...            (the same: both call vggfast.benchmark.main)
 
 On a GPU: correctness first (each backend's logits against the fp32, TF32-off cuDNN reference;
-the Triton backend must be within 2x cuDNN bf16's error), then median times from
+the Triton backend must be within 2x cuDNN bf16's error; the dense rows' scores likewise, printed
+and recorded as dense_check_ok), then median times from
 triton.testing.do_bench, side by side, for
   - each batch of --batches (default 1, 8, 64) at 224x224: vggfast triton, torchvision cuDNN
     eager (bf16, channels_last), both also replayed from a CUDA graph (--no-graph skips those),
