@@ -239,3 +239,10 @@ def test_cli_refuses_pickled_code_in_one_line(tmp_path):
                        text=True, timeout=120)
     assert p.returncode == 2 and not marker.exists()
     assert p.stderr.count("\n") == 1 and "refused to unpickle" in p.stderr, p.stderr
+
+
+def test_huge_scale_error_is_short():
+    """A scale of 1e300 is refused in a line that does not print its 301 digits."""
+    eng = vggfast.Engine(small_model().state_dict())
+    with pytest.raises(ArgumentError, match=r"out of range: 1\.000e\+300$"):
+        eng.classify(torch.rand(3, 40, 40), scales=[1e300])

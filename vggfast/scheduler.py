@@ -299,7 +299,8 @@ def _int(x: Any, what: str) -> int:
             raise ArgumentError(f"{what} must be an integer, not {x!r}") from None
         v = int(x)
     if not -(1 << 63) <= v < 1 << 63:
-        raise ArgumentError(f"{what} is out of range: {x!r}")
+        text = repr(x)
+        raise ArgumentError(f"{what} is out of range: {text if len(text) <= 24 else f'{v:.3e}'}")
     return v
 
 
