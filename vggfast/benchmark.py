@@ -42,6 +42,7 @@ need a GPU to be timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import platform
@@ -428,17 +429,24 @@ def _speedups(rows) -> None:
         r["speedup_vs_compile"] = comp / r["ms"] if comp else None
 
 
-def _check(spec, params, tri, eager, x, device, dtype) -> bool:
-    """Logits of each backend vs the fp32 TF32-off cuDNN reference (STYLE.md's 2x rule)."""
+@contextlib.contextmanager
+def _no_tf32():
+    """Exact fp32 convolutions and matmuls inside (the references of the correctness checks)."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.inference_mode():
-            ref = TorchBackend(params, spec, device, torch.float32).run(x)["fc8"].flatten(1)
-            e_eager = rel_err(eager(x.to(dtype, memory_format=torch.channels_last)).float(), ref)
-            e_tri = rel_err(tri.run(x)["fc8"].flatten(1), ref)
+            yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _check(spec, params, tri, eager, x, device, dtype) -> bool:
+    """Logits of each backend vs the fp32 TF32-off cuDNN reference (STYLE.md's 2x rule)."""
+    with _no_tf32():
+        ref = TorchBackend(params, spec, device, torch.float32).run(x)["fc8"].flatten(1)
+        e_eager = rel_err(eager(x.to(dtype, memory_format=torch.channels_last)).float(), ref)
+        e_tri = rel_err(tri.run(x)["fc8"].flatten(1), ref)
     ok = e_tri <= 2 * e_eager
     print(f"correctness (logits vs fp32 TF32-off reference, rel. L2): cuDNN eager {e_eager:.2e}, "
           f"vggfast triton {e_tri:.2e} -> {'ok' if ok else 'FAIL'} (rule: triton <= 2x eager)")
@@ -448,19 +456,13 @@ def _check(spec, params, tri, eager, x, device, dtype) -> bool:
 def _check_dense(spec, params, tri, dense_params, views, device, dtype) -> bool:
     """The dense rows' scores (triton grouped over the three scales, cuDNN eager per scale) vs
     the fp32 TF32-off reference, all scales together (STYLE.md's 2x rule)."""
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.inference_mode():
-            ref = TorchBackend(params, spec, device, torch.float32)
-            want = torch.cat([ref.run(v)["fc8"].flatten() for v in views])
-            eager = torch.cat([dense_forward(dense_params, spec, v.to(
-                dtype, memory_format=torch.channels_last))["fc8"].float().flatten()
-                for v in views])
-            got = torch.cat([t.flatten() for t in tri.run_many(views, "fc8")])
-            e_eager, e_tri = rel_err(eager, want), rel_err(got, want)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    with _no_tf32():
+        ref = TorchBackend(params, spec, device, torch.float32)
+        want = torch.cat([ref.run(v)["fc8"].flatten() for v in views])
+        eager = torch.cat([dense_forward(dense_params, spec, v.to(
+            dtype, memory_format=torch.channels_last))["fc8"].float().flatten() for v in views])
+        got = torch.cat([t.flatten() for t in tri.run_many(views, "fc8")])
+        e_eager, e_tri = rel_err(eager, want), rel_err(got, want)
     ok = e_tri <= 2 * e_eager
     print(f"dense correctness (scores of 3 scales + flip vs fp32 reference, rel. L2): cuDNN "
           f"eager {e_eager:.2e}, vggfast triton (grouped) {e_tri:.2e} -> "

@@ -238,7 +238,8 @@ class GroupLayer:
     vrows: virtual rows (problem p's rows start at a multiple of GROUP_ROW_ALIGN);
     m_rows: accumulator rows actually computed (4x the pooled pixels with pool), for the shape
     class; outputs: per problem (offset, n, h, w) of its NHWC-contiguous output in the flat
-    output buffer of `numel` elements; k, pad, pool, cin, cout: the layer.
+    output buffer of `numel` elements; in_numel: the input buffer elements the problems reach;
+    k, pad, pool, cin, cout: the layer.
     """
 
     rows: tuple[tuple[int, ...], ...]
@@ -247,6 +248,7 @@ class GroupLayer:
     m_rows: int
     outputs: tuple[tuple[int, int, int, int], ...]
     numel: int
+    in_numel: int
     k: int
     pad: int
     pool: bool
@@ -259,7 +261,8 @@ class GroupLayer:
         return np.repeat(np.arange(len(self.spans), dtype=np.int64), self.spans)
 
 
-def _align(n: int, a: int) -> int:
+def align(n: int, a: int) -> int:
+    """n rounded up to a multiple of a."""
     return _cdiv(n, a) * a
 
 
@@ -274,7 +277,7 @@ def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int
     if not inputs:
         raise ArgumentError("a grouped launch needs at least one input")
     rows, spans, outputs = [], [], []
-    v = y = m_rows = 0
+    v = y = m_rows = in_numel = 0
     unit_c = True
     for p, (off, n, h, w) in enumerate(inputs):
         oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
@@ -283,18 +286,22 @@ def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int
             raise ArgumentError(f"input {h}x{w} is too small for a {k}x{k} conv (pad {pad})"
                                 f"{' and a 2x2 pool' if pool else ''}")
         st = (h * w * cin, w * cin, cin, 1) if strides is None else tuple(strides[p])
+        if off < 0 or min(st) < 0:
+            raise ArgumentError(f"grouped input {p} has a negative offset or stride")
+        in_numel = max(in_numel, off + 1 + (n - 1) * st[0] + (h - 1) * st[1]
+                       + (w - 1) * st[2] + (cin - 1) * st[3])
         unit_c = unit_c and st[3] == 1 and off % GROUP_ELEM_ALIGN == 0 \
             and st[:3] == (h * w * cin, w * cin, cin)
         g = n * gh * gw
         rows.append((off, y, h, w, gh, gw, g, v, *st) + (0,) * (GROUP_FIELDS - 12))
         outputs.append((y, n, gh, gw))
-        span = _align(g, GROUP_ROW_ALIGN)
+        span = align(g, GROUP_ROW_ALIGN)
         spans.append(span // GROUP_ROW_ALIGN)
         v += span
-        y += _align(g * cout, GROUP_ELEM_ALIGN)
+        y += align(g * cout, GROUP_ELEM_ALIGN)
         m_rows += 4 * g if pool else g
-    return GroupLayer(tuple(rows), tuple(spans), v, m_rows, tuple(outputs), y, k, pad,
-                      bool(pool), cin, cout, unit_c)
+    return GroupLayer(tuple(rows), tuple(spans), v, m_rows, tuple(outputs), y, in_numel, k,
+                      pad, bool(pool), cin, cout, unit_c)
 
 
 def upload_groups(layers: Sequence[GroupLayer], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -333,13 +340,9 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
     if not isinstance(src, torch.Tensor) or src.dim() != 1 or src.dtype not in FLOAT_DTYPES \
             or src.device != packed.weight.device or not src.is_contiguous():
         raise ArgumentError("src must be a contiguous 1-D float tensor on the weights' device")
-    for r in layer.rows:
-        off, n = r[0], r[6] // (r[4] * r[5])
-        end = off + (n - 1) * r[8] + (r[2] - 1) * r[9] + (r[3] - 1) * r[10] \
-            + (layer.cin - 1) * r[11]
-        if off < 0 or end >= src.numel():
-            raise ArgumentError(f"a grouped input reaches element {end} of a {src.numel()}-"
-                                f"element buffer")
+    if layer.in_numel > src.numel():
+        raise ArgumentError(f"the grouped inputs reach element {layer.in_numel - 1} of a "
+                            f"{src.numel()}-element buffer")
     if src.device.type == "cpu" and not INTERPRETING:
         raise ArgumentError("src is on the CPU; the Triton kernels need a CUDA tensor "
                             "(or TRITON_INTERPRET=1 set before import)")
@@ -419,7 +422,7 @@ def conv2d_many(xs: Sequence[torch.Tensor], packed: PackedConv, pad: int, relu: 
     inputs, off = [], 0
     for x in xs:
         inputs.append((off, x.shape[0], x.shape[1], x.shape[2]))
-        off += _align(x.numel(), GROUP_ELEM_ALIGN)
+        off += align(x.numel(), GROUP_ELEM_ALIGN)
     src = torch.empty(off, dtype=dtype, device=xs[0].device)
     for (o, *_), x in zip(inputs, xs):
         src[o:o + x.numel()].view(x.shape).copy_(x)

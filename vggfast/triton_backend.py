@@ -64,10 +64,6 @@ class GroupPlan(NamedTuple):
     posts: tuple
 
 
-def _align(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
 class TritonBackend:
     """Dense VGG forward on the Triton kernels, weights packed once.
 
@@ -189,6 +185,17 @@ class TritonBackend:
             h = y
         return out
 
+    def _arena(self, arena: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+        """`arena` checked to hold `nbytes` on this device, or a fresh one when None."""
+        if arena is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 \
+                or arena.dim() != 1 or arena.numel() < nbytes \
+                or arena.device != self.device or not arena.is_contiguous():
+            raise ArgumentError(f"arena must be a contiguous uint8 tensor of at least {nbytes} "
+                                f"bytes on {self.device}")
+        return arena
+
     def can_group(self, tap: str) -> bool:
         """Whether `run_many(xs, tap)` runs each layer as one launch for all of xs."""
         return tap in self._group_end
@@ -234,7 +241,7 @@ class TritonBackend:
                 inputs, o = [], 0
                 for _, n, h, w in gl.outputs:
                     inputs.append((o, n, h // 2, w // 2))
-                    o += _align(n * (h // 2) * (w // 2) * l.cout, self.ops.GROUP_ELEM_ALIGN)
+                    o += self.ops.align(n * (h // 2) * (w // 2) * l.cout, self.ops.GROUP_ELEM_ALIGN)
                 post = (tuple(inputs), o)
             posts.append(post)
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -245,10 +252,10 @@ class TritonBackend:
         for i, (gl, post) in enumerate(zip(layers, posts)):
             if i < end or post is not None:                   # not the caller's output
                 region[i % 2] = max(region[i % 2], elem * gl.numel)
-        start1 = _align(region[0], ARENA_ALIGN)
+        start1 = self.ops.align(region[0], ARENA_ALIGN)
         plan = GroupPlan(key[0], tap, tuple(layers),
                          tuple(self.ops.upload_groups(layers, self.device)), (0, start1),
-                         start1 + _align(region[1], ARENA_ALIGN), tuple(posts))
+                         start1 + self.ops.align(region[1], ARENA_ALIGN), tuple(posts))
         self._group_plans[key] = plan
         while len(self._group_plans) > self.GROUP_PLANS:
             self._group_plans.popitem(last=False)
@@ -281,13 +288,7 @@ class TritonBackend:
             plan = self.prepare_many(shapes, tap)
         elif not isinstance(plan, GroupPlan) or plan.shapes != shapes or plan.tap != tap:
             raise ArgumentError("plan was prepared for other input shapes or another tap")
-        if arena is None:
-            arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
-        elif not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 \
-                or arena.dim() != 1 or arena.numel() < plan.arena_bytes \
-                or arena.device != self.device or not arena.is_contiguous():
-            raise ArgumentError(f"arena must be a contiguous uint8 tensor of at least "
-                                f"{plan.arena_bytes} bytes on {self.device}")
+        arena = self._arena(arena, plan.arena_bytes)
 
         def carve(region: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
             start = plan.region_offsets[region]
@@ -337,13 +338,7 @@ class TritonBackend:
         if (t0.n, t0.c, t0.h, t0.w) != tuple(x.shape):
             raise ArgumentError(f"the layout is for a batch of {t0.n} x {t0.c} x {t0.h} x {t0.w}, "
                                 f"not {list(x.shape)}")
-        if arena is None:
-            arena = torch.empty(layout.total_bytes, dtype=torch.uint8, device=self.device)
-        elif not isinstance(arena, torch.Tensor) or arena.dtype != torch.uint8 \
-                or arena.dim() != 1 or arena.numel() < layout.total_bytes \
-                or arena.device != self.device or not arena.is_contiguous():
-            raise ArgumentError(f"arena must be a contiguous uint8 tensor of at least "
-                                f"{layout.total_bytes} bytes on {self.device}")
+        arena = self._arena(arena, layout.total_bytes)
         elem = torch.finfo(self.dtype).bits // 8
 
         def slot(i: int) -> torch.Tensor:
