@@ -83,7 +83,7 @@ def test_classify_explain_prints_the_plan(weights, samples, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "batch" in out.lower() and "views" in out.lower()
-    assert "runs as batch by batch on the torch backend" in out
+    assert "runs batch by batch on the torch backend" in out
     assert out.count("cat.jpg") == 1 and "coffee.jpg" in out
 
 

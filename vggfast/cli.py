@@ -85,11 +85,11 @@ def cmd_classify(args) -> int:
         if args.explain:
             plan = eng.plan(images, scales=scales, flip=flip, method=args.method)
             waves = eng._executor.waves(plan, "fc8")
-            how = (f"{len(waves)} grouped wave{'s' if len(waves) > 1 else ''} of "
+            how = (f"as {len(waves)} grouped wave{'s' if len(waves) > 1 else ''} of "
                    f"{'/'.join(str(len(w)) for w in waves)} batches, one kernel launch per "
                    f"layer each" if any(len(w) > 1 for w in waves)
                    else f"batch by batch on the {eng.backend_name} backend")
-            print(f"{plan}\n  runs as {how}", file=sys.stderr if args.json else sys.stdout)
+            print(f"{plan}\n  runs {how}", file=sys.stderr if args.json else sys.stdout)
         results = eng.classify(images, scales=scales, flip=flip, method=args.method,
                                top_k=args.top)
         _print_results(names, results, args.top, args.json)
@@ -229,3 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vggfast: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # `vggfast classify ... | head`: the reader left; no trace
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
