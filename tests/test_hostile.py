@@ -246,3 +246,15 @@ def test_huge_scale_error_is_short():
     eng = vggfast.Engine(small_model().state_dict())
     with pytest.raises(ArgumentError, match=r"out of range: 1\.000e\+300$"):
         eng.classify(torch.rand(3, 40, 40), scales=[1e300])
+
+
+def test_cli_into_a_closed_pipe_ends_quietly():
+    """`vggfast info ... | head -0`: the reader is gone before the output; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "vggfast", "info",
+                             "vggfast/data/digits_a.safetensors"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(
+                                os.path.abspath(__file__))))
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

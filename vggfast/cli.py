@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
+        return code
     except VGGFastError as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
