@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             fns = {"vggfast triton": lambda: tri.run(x),
                    "cuDNN eager": lambda: eager(xe)}
+            if n <= 8 and ops.FAST_LAUNCH:   # host-bound sizes: the launch shortcut's share
+                fns[SLOW_LAUNCH] = _triton_launch_path(ops, lambda: tri.run(x))
             if compile_on and n in args.compile_batches:
                 compiled = compile_static(eager)
                 compile_s[n] = first_call_s(lambda: compiled(xe), device)
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             fns = {"vggfast triton": tri_dense, "vggfast triton, launches per scale":
                    tri_dense_per_scale, "cuDNN eager": eager_dense}
+            if ops.FAST_LAUNCH:
+                fns[SLOW_LAUNCH] = _triton_launch_path(ops, tri_dense)
             if not args.no_graph:   # one graph each for all three scales and the reduction
                 fns["vggfast triton + CUDA graph"] = cuda_graph(tri_dense, views)
                 fns["cuDNN eager + CUDA graph"] = cuda_graph(eager_dense, dviews)
@@ -371,6 +375,21 @@ def main(argv: list[str] | None = None) -> int:
                        dense_case, 1, _dense_gflop(spec), peak, device, args.rep)
     _speedups(rows)
     return _report(result, args)
+
+
+SLOW_LAUNCH = "vggfast triton, triton's launch path"
+
+
+def _triton_launch_path(ops, fn):
+    """fn with every launch through triton's JITFunction.run instead of the shortcut
+    (ops._launch; VGGFAST_FAST_LAUNCH=0 does the same for a whole process)."""
+    def run():
+        ops.FAST_LAUNCH = False
+        try:
+            return fn()
+        finally:
+            ops.FAST_LAUNCH = True
+    return run
 
 
 def _time_rows(rows, fns, case, n, gfl, peak, device, rep) -> None:
@@ -472,12 +491,12 @@ def _check_dense(spec, params, tri, dense_params, views, device, dtype) -> bool:
 
 def _report(result, args) -> int:
     rows = result["rows"]
-    print(f"\n{'backend':30s} {'case':24s} {'ms':>9s} {'img/s':>9s} {'TFLOP/s':>8s} "
+    print(f"\n{'backend':38s} {'case':24s} {'ms':>9s} {'img/s':>9s} {'TFLOP/s':>8s} "
           f"{'%peak':>6s} {'MiB':>8s} {'x eager':>8s} {'x compile':>9s}")
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
-        print(f"{r['backend']:30s} {r['case']:24s} {r['ms']:9.3f} {r['img_per_s']:9.1f} "
+        print(f"{r['backend']:38s} {r['case']:24s} {r['ms']:9.3f} {r['img_per_s']:9.1f} "
               f"{r['tflops']:8.2f} {f(r['pct_of_matmul_peak'], '6.1f'):>6s} "
               f"{f(r['peak_extra_mib'], '8.0f'):>8s} {f(r['speedup_vs_eager'], '8.2f'):>8s} "
               f"{f(r['speedup_vs_compile'], '9.2f'):>9s}")

@@ -8,6 +8,7 @@ must be set before this module is first imported.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -117,6 +118,103 @@ def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> 
     return split
 
 
+# -- launching ----------------------------------------------------------------------------------
+# Triton's launch path (JITFunction.run) costs tens of microseconds of Python per launch: option
+# parsing, the argument binder, a string cache key, launch metadata and hook plumbing. For an
+# un-graphed forward of small batches that host time, not the GPU, sets the pace (run A: batch 1
+# at ~0.1 ms per launch). `_launch` takes that path once per kind of launch, keeps the compiled
+# kernel it returns, and from then on calls the kernel's launcher directly with the argument list
+# JITFunction.run would have given it. A kind of launch is the kernel, the current device, the
+# constexpr arguments, every int and float argument's value and every tensor's dtype and 16-byte
+# alignment: stricter than what triton specialises a compiled kernel on, so two launches of one
+# kind always take the same compiled kernel (a new image size's first launch of each layer goes
+# through triton). Launch hooks (profilers such as proton), pre-run hooks and TRITON_DEBUG
+# fall back to triton's own path, as do VGGFAST_FAST_LAUNCH=0 and the interpreter.
+# `python scripts/launch_overhead.py --check` compares the launcher calls of both paths argument
+# by argument, with kernels compiled for sm_90 and a stub driver (tests/test_launch.py runs it).
+FAST_LAUNCH = (not INTERPRETING and hasattr(triton, "knobs")      # triton >= 3.4 internals
+               and os.environ.get("VGGFAST_FAST_LAUNCH", "1").strip() != "0")
+_FAST: dict[tuple, tuple | None] = {}
+_FAST_LIMIT = 4096      # kinds of launch kept (a server meeting endless new shapes)
+
+
+def _spec(args: tuple) -> tuple:
+    """The run-time arguments as a cache key: a tensor by its dtype and 16-byte alignment (what
+    triton specialises a pointer on), an int or float by its value (stricter than triton's
+    specialisation, so equal keys always take the same compiled kernel; a new shape's first
+    launch of each layer takes triton's path). TypeError for any other argument."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if type(a) is torch.Tensor
+                  else a if type(a) in (int, float) else _spec_other(a) for a in args])
+
+
+def _spec_other(a) -> tuple:
+    if isinstance(a, torch.Tensor):      # a subclass (nn.Parameter)
+        return (a.dtype, not a.data_ptr() & 15)
+    raise TypeError(f"no launch shortcut for a {type(a).__name__} argument")
+
+
+def _hooked() -> bool:
+    rt = triton.knobs.runtime
+    return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
+                or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
+
+
+def _fast_entry(fn, kernel, args: tuple, meta: dict) -> tuple | None:
+    """(compiled kernel, trailing launcher arguments, all keyword values) for later launches of
+    this kind, or None when the shortcut cannot reproduce triton's call exactly."""
+    from triton.runtime.autotuner import Heuristics
+    from triton.runtime.jit import JITFunction
+    if hasattr(kernel, "result"):
+        kernel = kernel.result()
+    kw = dict(meta)
+    jit = fn
+    while isinstance(jit, Heuristics):
+        named = {**dict(zip(jit.arg_names, args)), **kw}
+        for name, rule in jit.values.items():
+            kw[name] = rule(named)
+        jit = jit.fn
+    if (not isinstance(jit, JITFunction) or kernel is None or getattr(jit, "pre_run_hooks", 1)
+            or getattr(jit, "debug", False) or triton.knobs.runtime.debug
+            or getattr(kernel, "function", None) is None):
+        return None
+    names = jit.arg_names
+    if len(names) < len(args) or any(n not in kw for n in names[len(args):]):
+        return None
+    return kernel, tuple(kw[n] for n in names[len(args):]), kw
+
+
+def _launch(fn, grid, args: tuple, meta: dict) -> None:
+    """fn[grid](*args, **meta) for a @triton.jit kernel (optionally under @triton.heuristics);
+    the first launch of each kind through triton, later ones straight to its launcher."""
+    if not FAST_LAUNCH or _hooked():
+        fn[grid](*args, **meta)
+        return
+    drv = triton.runtime.driver.active
+    device = drv.get_current_device()
+    try:
+        key = (fn, device, tuple(meta.items()), _spec(args))
+        entry = _FAST.get(key, False)
+    except TypeError:       # an argument of another kind: triton's path
+        entry = None
+    if entry is False:      # first launch of this kind: triton's path, which returns the kernel
+        kernel = fn.run(*args, grid=grid, warmup=False, **meta)
+        if len(_FAST) >= _FAST_LIMIT:
+            _FAST.clear()
+        try:
+            _FAST[key] = _fast_entry(fn, kernel, args, meta)
+        except Exception:   # noqa: BLE001 - triton internals not as expected: its own path
+            _FAST[key] = None
+        return
+    if entry is None:
+        fn[grid](*args, **meta)
+        return
+    kernel, tail, kw = entry
+    g = grid(kw) if callable(grid) else grid
+    kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+               drv.get_current_stream(device), kernel.function, kernel.packed_metadata,
+               None, None, None, *args, *tail)
+
+
 # Autotune key (the kernel's key plus its tensors' dtypes, as triton's Autotuner forms it) -> the
 # config the autotuner picked. Once a key is tuned, launches skip the Autotuner's per-call key
 # building and go straight to the kernel with that config: the same call the Autotuner makes,
@@ -133,7 +231,7 @@ def _launch_conv(grid, args: tuple, meta: dict, key: tuple) -> None:
         if isinstance(best, triton.Config):
             _TUNED[key] = best
     else:
-        kernel.fn.run(*args, grid=grid, warmup=False, **meta, **cfg.all_kwargs())
+        _launch(kernel.fn, grid, args, {**meta, **cfg.all_kwargs()})
 
 
 def _precision(packed: PackedConv) -> str:
@@ -213,11 +311,11 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     if split_k > 1:
         block_n = min(128, triton.next_power_of_2(packed.cout))
         block_g = 32
-        _conv.splitk_reduce_kernel[(_cdiv(g, block_g), _cdiv(packed.cout, block_n))](
-            target, packed.bias, out, packed.bias, packed.bias, g, gw, gh * gw, packed.cout,
-            cout_p, out.stride(0), out.stride(1), out.stride(2),
-            SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=False, BLOCK_G=block_g,
-            BLOCK_N=block_n)
+        _launch(_conv.splitk_reduce_kernel, (_cdiv(g, block_g), _cdiv(packed.cout, block_n)),
+                (target, packed.bias, out, packed.bias, packed.bias, g, gw, gh * gw, packed.cout,
+                 cout_p, out.stride(0), out.stride(1), out.stride(2)),
+                dict(SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=False, BLOCK_G=block_g,
+                     BLOCK_N=block_n))
     return out
 
 
@@ -391,10 +489,11 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
     if split_k > 1:
         block_n = min(128, triton.next_power_of_2(packed.cout))
         block_g = 32    # divides GROUP_ROW_ALIGN: a block of rows lies in one problem
-        _conv.splitk_reduce_kernel[(layer.vrows // block_g, _cdiv(packed.cout, block_n))](
-            target, packed.bias, out, table, chunks, layer.vrows, 0, 0, packed.cout, cout_p,
-            0, 0, 0, SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=True, BLOCK_G=block_g,
-            BLOCK_N=block_n)
+        _launch(_conv.splitk_reduce_kernel, (layer.vrows // block_g, _cdiv(packed.cout, block_n)),
+                (target, packed.bias, out, table, chunks, layer.vrows, 0, 0, packed.cout, cout_p,
+                 0, 0, 0),
+                dict(SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=True, BLOCK_G=block_g,
+                     BLOCK_N=block_n))
     return out
 
 
@@ -452,8 +551,9 @@ def max_pool2x2(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     block_c = min(64, triton.next_power_of_2(c))
     block_p = max(1, 4096 // block_c) if not INTERPRETING else 64
     grid = (_cdiv(g, block_p), _cdiv(c, block_c))
-    _pool.max_pool2x2_kernel[grid](x, out, g, h // 2, w // 2, c, x.stride(0), x.stride(1),
-                                   x.stride(2), BLOCK_P=block_p, BLOCK_C=block_c)
+    _launch(_pool.max_pool2x2_kernel, grid,
+            (x, out, g, h // 2, w // 2, c, x.stride(0), x.stride(1), x.stride(2)),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c))
     return out
 
 
@@ -480,8 +580,8 @@ def lrn(x: torch.Tensor, out: torch.Tensor | None = None, size: int = LRN_SIZE,
     block_c = min(128, triton.next_power_of_2(c))
     block_p = max(1, 4096 // block_c) if not INTERPRETING else 64
     grid = (_cdiv(p, block_p), _cdiv(c, block_c))
-    _lrn.lrn_kernel[grid](x, out, p, c, float(alpha), float(beta), float(k), SIZE=size,
-                          BLOCK_P=block_p, BLOCK_C=block_c)
+    _launch(_lrn.lrn_kernel, grid, (x, out, p, c, float(alpha), float(beta), float(k)),
+            dict(SIZE=size, BLOCK_P=block_p, BLOCK_C=block_c))
     return out
 
 
@@ -505,7 +605,8 @@ def mean_softmax(scores: torch.Tensor) -> torch.Tensor:
     out = torch.empty(nb, c, dtype=torch.float32, device=scores.device)
     block_c = triton.next_power_of_2(c)
     block_s = max(1, min(triton.next_power_of_2(h * w), 8192 // block_c))
-    _score.mean_softmax_kernel[(nb,)](scores, out, h * w, w, c, scores.stride(0),
-                                      scores.stride(1), scores.stride(2), scores.stride(3),
-                                      BLOCK_S=block_s, BLOCK_C=block_c)
+    _launch(_score.mean_softmax_kernel, (nb,),
+            (scores, out, h * w, w, c, scores.stride(0), scores.stride(1), scores.stride(2),
+             scores.stride(3)),
+            dict(BLOCK_S=block_s, BLOCK_C=block_c))
     return out
