@@ -7,6 +7,7 @@ C launcher's own cost (argument parsing + cuLaunchKernelEx, a few microseconds o
 
     python scripts/launch_overhead.py            # per-call cost, triton's path vs the shortcut
     python scripts/launch_overhead.py --check    # the shortcut's launcher calls == triton's
+    python scripts/launch_overhead.py --forward  # host ms of whole VGG16 forwards
 
 A development aid for the per-launch cost of un-graphed forwards (bench/NOTES.md); the figures
 are this CPU's, so compare rows with each other rather than with a GPU host's.
@@ -214,5 +215,49 @@ def main() -> int:
     return 0
 
 
+def forward() -> int:
+    """Host milliseconds of whole VGG16 forwards (TritonBackend.run at batch 1 and 8, run_many on
+    the dense protocol's three scales + flip of a 480x640 photo), shortcut on and off: what an
+    un-graphed forward costs the CPU before the GPU does anything."""
+    ops = _setup()
+    from vggfast.configs import make_spec
+    from vggfast.nn import build_model
+    from vggfast.triton_backend import TritonBackend
+    from vggfast.weights import load
+    torch.manual_seed(0)
+    w = load(build_model("D").eval(), config="D")
+    tri = TritonBackend(w.state_dict, make_spec("D"), torch.device("cpu"), torch.bfloat16)
+    dense = [torch.randn(2, 3, h, w_) for h, w_ in ((256, 341), (384, 512), (512, 682))]
+    # One arena for every call, as the executor keeps one per plan key (fresh host memory would
+    # add page faults that a GPU's caching allocator does not have).
+    arena = torch.empty(tri.prepare_many([tuple(v.shape) for v in dense]).arena_bytes,
+                        dtype=torch.uint8)
+    cases = [("run, batch 1 @224", lambda x=torch.randn(1, 3, 224, 224): tri.run(x)),
+             ("run, batch 8 @224", lambda x=torch.randn(8, 3, 224, 224): tri.run(x)),
+             ("run_many, dense 3 scales + flip", lambda: tri.run_many(dense, "fc8", arena=arena)),
+             ("run per scale, dense 3 scales + flip", lambda: [tri.run(v) for v in dense]),
+             # run_many's first step, a real copy here but one asynchronous kernel on a GPU:
+             # subtract it from the run_many row for the host cost on a GPU machine.
+             ("(of run_many: torch.cat of the inputs on this CPU)",
+              lambda: torch.cat([v.reshape(-1) for v in dense], out=arena[:sum(
+                  v.numel() for v in dense) * 4].view(torch.float32)))]
+    print(f"triton {triton.__version__}, torch {torch.__version__}; host milliseconds per "
+          "forward on this CPU (stub launcher: no GPU work, no C launcher)")
+    print("| forward | launches | triton's path | shortcut |")
+    print("| --- | --- | --- | --- |")
+    for name, call in cases:
+        call()                                   # compiles every layer for sm_90
+        CALLS.clear()
+        call()
+        n = len(CALLS)
+        ops.FAST_LAUNCH = False
+        slow = per_call_us(call, n=20, repeats=5) / 1000
+        ops.FAST_LAUNCH = True
+        fast = per_call_us(call, n=20, repeats=5) / 1000
+        print(f"| {name} | {n} | {slow:.2f} | {fast:.2f} |", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(check() if "--check" in sys.argv[1:] else main())
+    flags = sys.argv[1:]
+    sys.exit(check() if "--check" in flags else forward() if "--forward" in flags else main())

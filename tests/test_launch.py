@@ -50,3 +50,9 @@ def test_interpreter_and_switch_take_triton_path():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+def test_pow2_matches_triton():
+    import triton
+    assert [ops._pow2(n) for n in range(1, 3000)] == [triton.next_power_of_2(n)
+                                                       for n in range(1, 3000)]

@@ -51,6 +51,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (triton.next_power_of_2 without its per-call wrapper)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _check_act(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ArgumentError(f"{name} must be a 4-D NHWC tensor, not {getattr(x, 'shape', x)!r}")
@@ -309,7 +314,7 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
                                     meta["PRECISION"], split_k, False, x.dtype,
                                     packed.weight.dtype, target.dtype))
     if split_k > 1:
-        block_n = min(128, triton.next_power_of_2(packed.cout))
+        block_n = min(128, _pow2(packed.cout))
         block_g = 32
         _launch(_conv.splitk_reduce_kernel, (_cdiv(g, block_g), _cdiv(packed.cout, block_n)),
                 (target, packed.bias, out, packed.bias, packed.bias, g, gw, gh * gw, packed.cout,
@@ -487,7 +492,7 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
                                     meta["PRECISION"], split_k, True, src.dtype,
                                     packed.weight.dtype, target.dtype))
     if split_k > 1:
-        block_n = min(128, triton.next_power_of_2(packed.cout))
+        block_n = min(128, _pow2(packed.cout))
         block_g = 32    # divides GROUP_ROW_ALIGN: a block of rows lies in one problem
         _launch(_conv.splitk_reduce_kernel, (layer.vrows // block_g, _cdiv(packed.cout, block_n)),
                 (target, packed.bias, out, table, chunks, layer.vrows, 0, 0, packed.cout, cout_p,
@@ -548,7 +553,7 @@ def max_pool2x2(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         if not out.is_contiguous():
             raise ArgumentError("out must be contiguous")
     g = nb * (h // 2) * (w // 2)
-    block_c = min(64, triton.next_power_of_2(c))
+    block_c = min(64, _pow2(c))
     block_p = max(1, 4096 // block_c) if not INTERPRETING else 64
     grid = (_cdiv(g, block_p), _cdiv(c, block_c))
     _launch(_pool.max_pool2x2_kernel, grid,
@@ -577,7 +582,7 @@ def lrn(x: torch.Tensor, out: torch.Tensor | None = None, size: int = LRN_SIZE,
             raise ArgumentError("out must be contiguous")
     c = x.shape[3]
     p = x.numel() // c
-    block_c = min(128, triton.next_power_of_2(c))
+    block_c = min(128, _pow2(c))
     block_p = max(1, 4096 // block_c) if not INTERPRETING else 64
     grid = (_cdiv(p, block_p), _cdiv(c, block_c))
     _launch(_lrn.lrn_kernel, grid, (x, out, p, c, float(alpha), float(beta), float(k)),
@@ -603,8 +608,8 @@ def mean_softmax(scores: torch.Tensor) -> torch.Tensor:
         raise ArgumentError(f"scores must have 1..{MAX_CLASSES} classes and a non-empty map, "
                             f"not {list(scores.shape)}")
     out = torch.empty(nb, c, dtype=torch.float32, device=scores.device)
-    block_c = triton.next_power_of_2(c)
-    block_s = max(1, min(triton.next_power_of_2(h * w), 8192 // block_c))
+    block_c = _pow2(c)
+    block_s = max(1, min(_pow2(h * w), 8192 // block_c))
     _launch(_score.mean_softmax_kernel, (nb,),
             (scores, out, h * w, w, c, scores.stride(0), scores.stride(1), scores.stride(2),
              scores.stride(3)),
