@@ -26,7 +26,7 @@ for s in "$@"; do
             step planner 30 python -c "from vggfast import scheduler as S; from vggfast.configs \
 import make_spec; print(S.make_plan(make_spec('D'), [(480, 640)]).summary())" ;;
         tests)      step tests 300 python -m pytest -q -p no:cacheprovider -n 8 \
-                        tests/test_kernels.py tests/test_engine.py ;;
+                        tests/test_kernels.py tests/test_engine.py tests/test_launch.py ;;
         suite)      step suite 420 python -m pytest -q -p no:cacheprovider -n 12 tests ;;
         layers)     step layers 200 python bench/layers.py ;;
         throughput) step throughput 300 python bench/throughput.py --no-compile --out "$OUT" ;;

@@ -56,3 +56,46 @@ def test_pow2_matches_triton():
     import triton
     assert [ops._pow2(n) for n in range(1, 3000)] == [triton.next_power_of_2(n)
                                                        for n in range(1, 3000)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_shortcut_on_gpu_gives_triton_paths_results():
+    """Every wrapper, launched through triton's path and then twice more (the second and third
+    through the shortcut), writes bit-identical outputs; the shortcut was really taken."""
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+
+    def conv(cin, cout, k):
+        return ops.pack_conv_weight(torch.randn(cout, cin, k, k) * 0.05, torch.randn(cout), bf,
+                                    dev)
+    c3, fc6 = conv(64, 64, 3), conv(512, 1024, 7)
+    x3 = torch.randn(2, 33, 47, 64, device=dev).to(bf)
+    x6 = torch.randn(1, 9, 8, 512, device=dev).to(bf)
+    xs = [torch.randn(1, 20, 18, 64, device=dev).to(bf),
+          torch.randn(2, 9, 7, 64, device=dev).to(bf)]
+    scores = torch.randn(2, 1000, 3, 4, device=dev)
+    calls = {
+        "conv": lambda: ops.conv2d(x3, c3, 1),
+        "conv +pool": lambda: ops.conv2d(x3, c3, 1, pool=True),
+        "fc6 split-K": lambda: ops.conv2d(x6, fc6, 0, split_k=4),
+        "grouped": lambda: torch.cat([y.flatten() for y in ops.conv2d_many(xs, c3, 1)]),
+        "grouped split-K": lambda: torch.cat([y.flatten() for y in ops.conv2d_many(
+            xs, c3, 1, split_k=2)]),
+        "pool": lambda: ops.max_pool2x2(x3),
+        "lrn": lambda: ops.lrn(x3),
+        "score": lambda: ops.mean_softmax(scores),
+    }
+    was = ops.FAST_LAUNCH
+    try:
+        for name, call in calls.items():
+            ops.FAST_LAUNCH = False
+            want = call().clone()
+            ops.FAST_LAUNCH = True
+            ops._FAST.clear()
+            for _ in range(3):
+                got = call()
+                torch.cuda.synchronize()
+                assert torch.equal(got, want), name
+            assert any(e is not None for e in ops._FAST.values()), name
+    finally:
+        ops.FAST_LAUNCH = was
