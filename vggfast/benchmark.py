@@ -384,11 +384,11 @@ def _triton_launch_path(ops, fn):
     """fn with every launch through triton's JITFunction.run instead of the shortcut
     (ops._launch; VGGFAST_FAST_LAUNCH=0 does the same for a whole process)."""
     def run():
-        ops.FAST_LAUNCH = False
+        was, ops.FAST_LAUNCH = ops.FAST_LAUNCH, False
         try:
             return fn()
         finally:
-            ops.FAST_LAUNCH = True
+            ops.FAST_LAUNCH = was
     return run
 
 

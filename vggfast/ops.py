@@ -224,7 +224,7 @@ def _launch(fn, grid, args: tuple, meta: dict) -> None:
 # config the autotuner picked. Once a key is tuned, launches skip the Autotuner's per-call key
 # building and go straight to the kernel with that config: the same call the Autotuner makes,
 # with less Python per launch (it is paid on every layer of every un-graphed forward).
-_TUNED: dict[tuple, triton.Config] = {}
+_TUNED: dict[tuple, dict] = {}   # -> the picked config's keyword arguments (all_kwargs)
 
 
 def _launch_conv(grid, args: tuple, meta: dict, key: tuple) -> None:
@@ -234,9 +234,9 @@ def _launch_conv(grid, args: tuple, meta: dict, key: tuple) -> None:
         kernel[grid](*args, **meta)
         best = getattr(kernel, "best_config", None)
         if isinstance(best, triton.Config):
-            _TUNED[key] = best
+            _TUNED[key] = best.all_kwargs()
     else:
-        _launch(kernel.fn, grid, args, {**meta, **cfg.all_kwargs()})
+        _launch(kernel.fn, grid, args, {**meta, **cfg})
 
 
 def _precision(packed: PackedConv) -> str:
