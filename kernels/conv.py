@@ -144,7 +144,7 @@ else:
                                  + [c for cs in CONFIGS_BY_CLASS.values() for c in cs]))
 
 
-def _flat_k(cin: int, block_k: int, stride_xc: int) -> bool:
+def flat_k(cin: int, block_k: int, stride_xc: int) -> bool:
     return cin % block_k != 0 or stride_xc != 1
 
 
@@ -157,7 +157,7 @@ def _prune(configs, named_args, **kwargs):
     k_total = a["KSIZE"] * a["KSIZE"] * cin
     if a["w_ptr"].element_size() == 4:
         want = IEEE_CONFIGS if a["PRECISION"] == "ieee" else TF32_CONFIGS
-    elif _flat_k(cin, 64, stride_xc) and k_total <= 512:
+    elif flat_k(cin, 64, stride_xc) and k_total <= 512:
         want = FLAT_CONFIGS
     else:
         want = CONFIGS_BY_CLASS[a["M_CLASS"]]
@@ -183,7 +183,7 @@ def _round_to_bf16(x):
 @triton.autotune(configs=CONFIGS,
                  key=["CIN", "COUT", "KSIZE", "FUSE_POOL", "M_CLASS", "PRECISION", "SPLIT_K", "GROUPED"],
                  prune_configs_by={"early_config_prune": _prune}, cache_results=True)
-@triton.heuristics({"FLAT_K": lambda a: _flat_k(a["CIN"], a["BLOCK_K"], a["stride_xc"])})
+@triton.heuristics({"FLAT_K": lambda a: flat_k(a["CIN"], a["BLOCK_K"], a["stride_xc"])})
 @triton.jit
 def conv2d_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,

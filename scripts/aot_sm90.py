@@ -21,7 +21,7 @@ def compile_one(dt, cin, cout, ks, pad, relu, pool, cfg, flat_input=False, split
     consts = dict(CIN=cin, KSIZE=ks, PAD=pad, APPLY_RELU=relu, FUSE_POOL=pool,
                   PRECISION="ieee" if dt == "fp32" else "tf32", SPLIT_K=split_k,
                   GROUPED=grouped, **cfg.kwargs)
-    consts["FLAT_K"] = conv._flat_k(cin, cfg.kwargs["BLOCK_K"], 2 if flat_input else 1)
+    consts["FLAT_K"] = conv.flat_k(cin, cfg.kwargs["BLOCK_K"], 2 if flat_input else 1)
     if not flat_input:
         consts["stride_xc"] = 1
     for k in consts: sig[k] = "constexpr"

@@ -111,18 +111,23 @@ def _setup():
     return ops
 
 
-def _cases(ops):
-    """(name, call) pairs: every launch wrapper, at shapes of VGG16's batch-1 forward."""
+def _cases(ops, alt: bool = False):
+    """(name, call) pairs: every launch wrapper, at shapes of VGG16's batch-1 forward; alt=True:
+    the same wrappers at other sizes whose integer arguments mostly fall in the same triton
+    specialisation classes (so `check` sees the shortcut reuse an entry made at other sizes),
+    and where they do not (a size becoming a multiple of 16: another compiled kernel)."""
     torch.manual_seed(0)
     bf = torch.bfloat16
 
     def conv(cin, cout, k):
         return ops.pack_conv_weight(torch.randn(cout, cin, k, k), torch.randn(cout), bf)
     c3, c4, fc6 = conv(256, 256, 3), conv(512, 512, 3), conv(512, 4096, 7)
-    x3 = torch.randn(1, 56, 56, 256).to(bf)
-    x4 = torch.randn(1, 28, 28, 512).to(bf)
-    x6 = torch.randn(1, 7, 7, 512).to(bf)
-    xs = [torch.randn(1, 14, 18, 256).to(bf), torch.randn(2, 9, 7, 256).to(bf)]
+    x3 = torch.randn(1, *((40, 72) if alt else (56, 56)), 256).to(bf)
+    x3b = torch.randn(1, *((48, 64) if alt else (56, 56)), 256).to(bf)   # alt: multiples of 16
+    x4 = torch.randn(1, *((20, 36) if alt else (28, 28)), 512).to(bf)
+    x6 = torch.randn(1, *((11, 13) if alt else (7, 7)), 512).to(bf)
+    shapes = [(1, 20, 10), (1, 9, 9)] if alt else [(1, 14, 18), (2, 9, 7)]
+    xs = [torch.randn(*s, 256).to(bf) for s in shapes]
     inputs, off = [], 0
     for x in xs:
         inputs.append((off, *x.shape[:3]))
@@ -132,11 +137,11 @@ def _cases(ops):
     tables = ops.upload_groups([layer], "cpu")[0]
     pooled = ops.group_layer(inputs, 256, 256, 3, 1, True)
     ptables = ops.upload_groups([pooled], "cpu")[0]
-    act = torch.randn(1, 56, 56, 64).to(bf)
-    scores = torch.randn(2, 1000, 3, 4)
+    act = torch.randn(1, *((40, 72) if alt else (56, 56)), 64).to(bf)
+    scores = torch.randn(2, 1000, *((2, 10) if alt else (3, 4)))
     return [
         ("conv3_2 (split-K 2 + reduce)", lambda: ops.conv2d(x3, c3, 1)),
-        ("conv3_2 (split_k=1)", lambda: ops.conv2d(x3, c3, 1, split_k=1)),
+        ("conv3_2 (split_k=1)", lambda: ops.conv2d(x3b, c3, 1, split_k=1)),
         ("conv4_3 +pool", lambda: ops.conv2d(x4, c4, 1, pool=True)),
         ("fc6 (split-K)", lambda: ops.conv2d(x6, fc6, 0)),
         ("fc6 fp32 out", lambda: ops.conv2d(x6, fc6, 0, relu=False, out_dtype=torch.float32,
@@ -161,34 +166,50 @@ def _normal(call) -> tuple:
 
 
 def check() -> int:
-    """Every wrapper's launcher calls on the shortcut equal triton's own, argument by argument."""
+    """Every wrapper's launcher calls on the shortcut equal triton's own, argument by argument:
+    at the sizes whose launch made the shortcut's entry, and at other sizes (`_cases(alt=True)`)
+    that reuse that entry where their arguments specialise alike."""
     ops = _setup()
-    bad = 0
-    for name, call in _cases(ops):
+    bad = reused = 0
+    for (name, call), (_, other) in zip(_cases(ops), _cases(ops, alt=True)):
+        want = []
         ops.FAST_LAUNCH = False
-        call()                              # compiles, and tunes where triton benchmarks
-        CALLS.clear()
-        call()
-        want = list(CALLS)
+        for c in (call, other):
+            c()                             # compiles, and tunes where triton benchmarks
+            CALLS.clear()
+            c()
+            want.append(list(CALLS))
         ops.FAST_LAUNCH = True
         ops._FAST.clear()
         call()                              # first of its kind: triton's path, entry kept
         CALLS.clear()
         call()                              # the shortcut
-        got = list(CALLS)
-        hooks_empty = all(not getattr(h, "calls", h) for _, a in want for h in a[7:9])
-        ok = (len(got) == len(want) and hooks_empty and [_normal(c) for c in got]
-              == [_normal(c) for c in want] and all(a[6:9] == (None, None, None) for _, a in got)
-              and all(e is not None for e in ops._FAST.values()))
+        got = [list(CALLS)]
+        CALLS.clear()
+        kinds = len(ops._FAST)
+        other()                             # other sizes: the same entries where they fit
+        got.append(list(CALLS))
+        new_kinds = len(ops._FAST) - kinds
+        reused += not new_kinds
+        ok = True
+        for w, g in zip(want, got):
+            hooks_empty = all(not getattr(h, "calls", h) for _, a in w for h in a[7:9])
+            ok &= (len(g) == len(w) and hooks_empty and [_normal(c) for c in g]
+                   == [_normal(c) for c in w])
+        ok &= (all(a[6:9] == (None, None, None) for _, a in got[0])
+               and all(e is not None for e in ops._FAST.values()))
         bad += not ok
-        print(f"{'ok ' if ok else 'BAD'} {name}: {len(want)} launch(es), "
-              f"{len(want[0][1]) if want else 0} launcher arguments")
+        print(f"{'ok ' if ok else 'BAD'} {name}: {len(want[0])} launch(es), "
+              f"{len(want[0][0][1]) if want[0] else 0} launcher arguments; other sizes: "
+              f"{'shortcut reused' if not new_kinds else f'{new_kinds} new kind(s)'}")
         if not ok:
-            for c in want:
-                print("   triton  :", _normal(c))
-            for c in got:
-                print("   shortcut:", _normal(c))
-    print(f"triton {triton.__version__}: {'all launches equal' if not bad else f'{bad} differ'}")
+            for w, g in zip(want, got):
+                for c in w:
+                    print("   triton  :", _normal(c))
+                for c in g:
+                    print("   shortcut:", _normal(c))
+    print(f"triton {triton.__version__}: {'all launches equal' if not bad else f'{bad} differ'}; "
+          f"other sizes reused the shortcut in {reused} of {len(_cases(ops))} cases")
     return 1 if bad else 0
 
 

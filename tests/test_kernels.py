@@ -409,9 +409,9 @@ def count_conv_launches(monkeypatch) -> list:
     calls = []
     real = ops._launch_conv
 
-    def counting(grid, args, meta, key):
+    def counting(grid, args, meta):
         calls.append(meta["GROUPED"])
-        return real(grid, args, meta, key)
+        return real(grid, args, meta)
 
     monkeypatch.setattr(ops, "_launch_conv", counting)
     return calls

@@ -130,26 +130,32 @@ def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> 
 # at ~0.1 ms per launch). `_launch` takes that path once per kind of launch, keeps the compiled
 # kernel it returns, and from then on calls the kernel's launcher directly with the argument list
 # JITFunction.run would have given it. A kind of launch is the kernel, the current device, the
-# constexpr arguments, every int and float argument's value and every tensor's dtype and 16-byte
-# alignment: stricter than what triton specialises a compiled kernel on, so two launches of one
-# kind always take the same compiled kernel (a new image size's first launch of each layer goes
-# through triton). Launch hooks (profilers such as proton), pre-run hooks and TRITON_DEBUG
-# fall back to triton's own path, as do VGGFAST_FAST_LAUNCH=0 and the interpreter.
+# constexpr arguments and each run-time argument's class as triton specialises on it (see
+# `_spec`): exactly what selects one compiled kernel, a little stricter, so two launches of one
+# kind always take the same compiled kernel, and a new image size is a new kind only where an
+# argument changes class (a size that becomes a multiple of 16, say). Launch hooks (profilers
+# such as proton), pre-run hooks and TRITON_DEBUG fall back to triton's own path, as do
+# VGGFAST_FAST_LAUNCH=0 and the interpreter.
 # `python scripts/launch_overhead.py --check` compares the launcher calls of both paths argument
-# by argument, with kernels compiled for sm_90 and a stub driver (tests/test_launch.py runs it).
+# by argument, with kernels compiled for sm_90 and a stub driver, including launches at a second
+# set of sizes that reuse the first's entries (tests/test_launch.py runs it).
 FAST_LAUNCH = (not INTERPRETING and hasattr(triton, "knobs")      # triton >= 3.4 internals
                and os.environ.get("VGGFAST_FAST_LAUNCH", "1").strip() != "0")
 _FAST: dict[tuple, tuple | None] = {}
 _FAST_LIMIT = 4096      # kinds of launch kept (a server meeting endless new shapes)
+_I32 = (-(1 << 31), 1 << 31)
+_U64 = 1 << 63
 
 
 def _spec(args: tuple) -> tuple:
-    """The run-time arguments as a cache key: a tensor by its dtype and 16-byte alignment (what
-    triton specialises a pointer on), an int or float by its value (stricter than triton's
-    specialisation, so equal keys always take the same compiled kernel; a new shape's first
-    launch of each layer takes triton's path). TypeError for any other argument."""
+    """The run-time arguments as a cache key, by the classes triton 3.x specialises a kernel on:
+    a tensor by its dtype and 16-byte alignment; an int by (== 1, a multiple of 16, 32-bit,
+    below 2^63), i.e. triton's constant 1, its divisibility-by-16 hint and its i32/i64/u64 type;
+    a float is always fp32. TypeError for any other argument (bools, None, ...): triton's path."""
+    lo, hi = _I32
     return tuple([(a.dtype, not a.data_ptr() & 15) if type(a) is torch.Tensor
-                  else a if type(a) in (int, float) else _spec_other(a) for a in args])
+                  else (a == 1, not a & 15, lo <= a < hi, a < _U64) if type(a) is int
+                  else float if type(a) is float else _spec_other(a) for a in args])
 
 
 def _spec_other(a) -> tuple:
@@ -165,32 +171,26 @@ def _hooked() -> bool:
 
 
 def _fast_entry(fn, kernel, args: tuple, meta: dict) -> tuple | None:
-    """(compiled kernel, trailing launcher arguments, all keyword values) for later launches of
-    this kind, or None when the shortcut cannot reproduce triton's call exactly."""
-    from triton.runtime.autotuner import Heuristics
+    """(compiled kernel, trailing launcher arguments) for later launches of this kind, or None
+    when the shortcut cannot reproduce triton's call exactly. Only a bare @triton.jit function
+    qualifies: a heuristic or autotuner layer may read argument values that `_spec` reduces to
+    classes."""
     from triton.runtime.jit import JITFunction
     if hasattr(kernel, "result"):
         kernel = kernel.result()
-    kw = dict(meta)
-    jit = fn
-    while isinstance(jit, Heuristics):
-        named = {**dict(zip(jit.arg_names, args)), **kw}
-        for name, rule in jit.values.items():
-            kw[name] = rule(named)
-        jit = jit.fn
-    if (not isinstance(jit, JITFunction) or kernel is None or getattr(jit, "pre_run_hooks", 1)
-            or getattr(jit, "debug", False) or triton.knobs.runtime.debug
+    if (type(fn) is not JITFunction or kernel is None or getattr(fn, "pre_run_hooks", 1)
+            or getattr(fn, "debug", False) or triton.knobs.runtime.debug
             or getattr(kernel, "function", None) is None):
         return None
-    names = jit.arg_names
-    if len(names) < len(args) or any(n not in kw for n in names[len(args):]):
+    names = fn.arg_names
+    if len(names) < len(args) or any(n not in meta for n in names[len(args):]):
         return None
-    return kernel, tuple(kw[n] for n in names[len(args):]), kw
+    return kernel, tuple(meta[n] for n in names[len(args):])
 
 
 def _launch(fn, grid, args: tuple, meta: dict) -> None:
-    """fn[grid](*args, **meta) for a @triton.jit kernel (optionally under @triton.heuristics);
-    the first launch of each kind through triton, later ones straight to its launcher."""
+    """fn[grid](*args, **meta) for a @triton.jit kernel: the first launch of each kind through
+    triton, later ones straight to its launcher. grid: a tuple, or a callable of meta."""
     if not FAST_LAUNCH or _hooked():
         fn[grid](*args, **meta)
         return
@@ -213,30 +213,46 @@ def _launch(fn, grid, args: tuple, meta: dict) -> None:
     if entry is None:
         fn[grid](*args, **meta)
         return
-    kernel, tail, kw = entry
-    g = grid(kw) if callable(grid) else grid
+    kernel, tail = entry
+    g = grid(meta) if callable(grid) else grid
     kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
                drv.get_current_stream(device), kernel.function, kernel.packed_metadata,
                None, None, None, *args, *tail)
 
 
-# Autotune key (the kernel's key plus its tensors' dtypes, as triton's Autotuner forms it) -> the
-# config the autotuner picked. Once a key is tuned, launches skip the Autotuner's per-call key
-# building and go straight to the kernel with that config: the same call the Autotuner makes,
-# with less Python per launch (it is paid on every layer of every un-graphed forward).
-_TUNED: dict[tuple, dict] = {}   # -> the picked config's keyword arguments (all_kwargs)
+def _bare(fn):
+    """The @triton.jit function under autotuner / heuristics layers."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    while isinstance(fn, (Autotuner, Heuristics)):
+        fn = fn.fn
+    return fn
 
 
-def _launch_conv(grid, args: tuple, meta: dict, key: tuple) -> None:
-    kernel = _conv.conv2d_kernel
+_CONV = _bare(_conv.conv2d_kernel)
+# The autotuner's key: these arguments' values, then every tensor argument's dtype (as triton's
+# Autotuner forms it): (position in the positional arguments, name) of each key argument.
+_TUNE_KEY = [(_CONV.arg_names.index(k), k) for k in _conv.conv2d_kernel.keys]
+# Autotune key -> the config the autotuner picked (its keyword arguments). Once a key is tuned,
+# launches skip the Autotuner and the FLAT_K heuristic and go straight to the kernel with that
+# config and FLAT_K: the same call the Autotuner makes, with less Python per launch (it is paid
+# on every layer of every un-graphed forward).
+_TUNED: dict[tuple, dict] = {}
+_STRIDE_XC = _CONV.arg_names.index("stride_xc")
+
+
+def _launch_conv(grid, args: tuple, meta: dict) -> None:
+    n = len(args)
+    key = tuple([args[i] if i < n else meta[k] for i, k in _TUNE_KEY]
+                + [a.dtype for a in args if isinstance(a, torch.Tensor)])
     cfg = _TUNED.get(key)
     if cfg is None:
-        kernel[grid](*args, **meta)
-        best = getattr(kernel, "best_config", None)
+        _conv.conv2d_kernel[grid](*args, **meta)
+        best = getattr(_conv.conv2d_kernel, "best_config", None)
         if isinstance(best, triton.Config):
             _TUNED[key] = best.all_kwargs()
-    else:
-        _launch(kernel.fn, grid, args, {**meta, **cfg})
+        return
+    flat = _conv.flat_k(meta["CIN"], cfg["BLOCK_K"], args[_STRIDE_XC])
+    _launch(_CONV, grid, args, {**meta, **cfg, "FLAT_K": flat})
 
 
 def _precision(packed: PackedConv) -> str:
@@ -310,9 +326,7 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     meta = dict(CIN=packed.cin, KSIZE=packed.k, PAD=pad, APPLY_RELU=bool(relu),
                 FUSE_POOL=bool(pool), SPLIT_K=split_k, GROUPED=False,
                 PRECISION=_precision(packed))
-    _launch_conv(grid, args, meta, (packed.cin, packed.cout, packed.k, bool(pool), m_class,
-                                    meta["PRECISION"], split_k, False, x.dtype,
-                                    packed.weight.dtype, target.dtype))
+    _launch_conv(grid, args, meta)
     if split_k > 1:
         block_n = min(128, _pow2(packed.cout))
         block_g = 32
@@ -488,9 +502,7 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
     meta = dict(CIN=packed.cin, KSIZE=packed.k, PAD=layer.pad, APPLY_RELU=bool(relu),
                 FUSE_POOL=layer.pool, SPLIT_K=split_k, GROUPED=True,
                 PRECISION=_precision(packed))
-    _launch_conv(grid, args, meta, (packed.cin, packed.cout, packed.k, layer.pool, m_class,
-                                    meta["PRECISION"], split_k, True, src.dtype,
-                                    packed.weight.dtype, target.dtype))
+    _launch_conv(grid, args, meta)
     if split_k > 1:
         block_n = min(128, _pow2(packed.cout))
         block_g = 32    # divides GROUP_ROW_ALIGN: a block of rows lies in one problem
