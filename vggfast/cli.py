@@ -98,13 +98,9 @@ def cmd_classify(args) -> int:
 
 def _loc_info(w) -> dict:
     """What `info` reports for a localisation net (an Engine refuses it as a classifier)."""
-    s, meta = w.spec, w.meta or {}
-    return {"task": "localize", "mode": meta.get("mode"), "config": s.config,
-            "batch_norm_folded": s.batch_norm, "width": s.width, "image_size": s.image_size,
-            "outputs": s.num_classes, "fc_width": s.fc_width,
-            "classifier_classes": meta.get("num_classes"), "preprocess": w.preprocess,
-            "missing_layers": list(w.missing), "nonfinite_layers": list(w.nonfinite),
-            "source": w.source,
+    meta = w.meta or {}
+    return {"task": "localize", "mode": meta.get("mode"), **w.describe(),
+            "outputs": w.spec.num_classes, "classifier_classes": meta.get("num_classes"),
             "use": "Engine(classifier, loc_weights=...) / vggfast localize --loc-weights"}
 
 

@@ -400,14 +400,10 @@ class Engine:
         """What the engine runs: configuration, sizes, parameters, classes, conventions."""
         s, w = self.spec, self.weights
         return {
-            "config": s.config, "torchvision_name": s.torchvision_name,
-            "batch_norm_folded": s.batch_norm, "width": s.width, "image_size": s.image_size,
-            "num_classes": s.num_classes, "fc_width": s.fc_width,
+            **w.describe(), "torchvision_name": s.torchvision_name, "num_classes": s.num_classes,
             "parameters": s.param_count() - (sum(2 * l.cout for l in s.convs) if s.batch_norm else 0),
             "preprocess": self.preprocess, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "backend": self.backend_name,
-            "cuda_graphs": self.cuda_graphs,
-            "missing_layers": list(w.missing), "nonfinite_layers": list(w.nonfinite),
-            "source": w.source, "class_names": "from weights" if w.class_names else
+            "cuda_graphs": self.cuda_graphs, "class_names": "from weights" if w.class_names else
             ("imagenet" if s.num_classes == 1000 else "indices"),
         }

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .train import RunOptions, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
 MODES = ("scr", "pcr")
@@ -685,8 +686,8 @@ def format_report(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # training
 
-@dataclass
-class LocTrainOptions:
+@dataclass(kw_only=True)
+class LocTrainOptions(RunOptions):
     """Options of `train_localizer`. init: the classification model to start from (required).
     scales: the training scales S (one drawn per image; default the paper's 256 and 384 scaled to
     image_size); scale / scale_jitter override them as in the classification trainer. trainable:
@@ -701,37 +702,19 @@ class LocTrainOptions:
     mode: str = "scr"
     trainable: str = "all"
     val_boxes: str | None = None
-    val: str | None = None
     scales: tuple[int, ...] | None = None
-    scale: int | None = None
-    scale_jitter: tuple[int, int] | None = None
-    flip: bool = True
-    color_shift: bool = True
     min_visible: float = 0.5
     epochs: int = 10
-    batch_size: int = 256
     lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    dropout: float = 0.5
-    patience: int = 2
-    workers: int = 4
-    seed: int = 0
-    device: str | None = None
-    quiet: bool = False
 
 
 def train_scales(opts: LocTrainOptions, image_size: int) -> tuple[int, ...] | tuple[int, int, str]:
     """The S values of training: a tuple of choices, or (lo, hi, "range") for jittering."""
-    if opts.scale is not None and opts.scale_jitter is not None:
-        raise ArgumentError("give either a fixed scale or a scale-jitter range, not both")
+    jitter = opts.jitter()
     if opts.scale is not None:
         out: tuple = (opts.scale,)
-    elif opts.scale_jitter is not None:
-        lo, hi = opts.scale_jitter
-        if lo > hi:
-            raise ArgumentError(f"scale-jitter range is empty: Smin {lo} > Smax {hi}")
-        out = (lo, hi, "range")
+    elif jitter is not None:
+        out = (*jitter, "range")
     elif opts.scales:
         out = tuple(opts.scales)
     else:
@@ -1053,26 +1036,13 @@ def options_from_args(args: argparse.Namespace) -> LocTrainOptions:
     if init in (None, "glorot", "kaiming"):
         raise ArgumentError("--task localize starts from a trained classifier: pass --init "
                             "CLASSIFIER (a `vggfast train` folder or a checkpoint)")
-    lr = getattr(args, "lr", None)
     d = LocTrainOptions(boxes="", init="")
-    jitter = getattr(args, "scale_jitter", None)
     return LocTrainOptions(
-        boxes=args.boxes, init=init, data=getattr(args, "data", None),
-        out=getattr(args, "out", None) or d.out, mode=getattr(args, "mode", "scr"),
+        **run_fields(args, d), boxes=args.boxes, init=init, data=getattr(args, "data", None),
+        mode=getattr(args, "mode", "scr"),
         trainable="last-fc" if getattr(args, "last_fc_only", False) else
         "fc" if getattr(args, "fc_only", False) else "all",
-        val_boxes=getattr(args, "val_boxes", None), val=getattr(args, "val", None),
-        scale=getattr(args, "scale", None), scale_jitter=tuple(jitter) if jitter else None,
-        flip=not getattr(args, "no_flip", False),
-        color_shift=not getattr(args, "no_color_shift", False),
-        epochs=getattr(args, "epochs", d.epochs), batch_size=getattr(args, "batch_size",
-                                                                      d.batch_size),
-        lr=d.lr if lr is None else lr, momentum=getattr(args, "momentum", d.momentum),
-        weight_decay=getattr(args, "weight_decay", d.weight_decay),
-        dropout=getattr(args, "dropout", d.dropout), patience=getattr(args, "patience",
-                                                                      d.patience),
-        workers=getattr(args, "workers", d.workers), seed=getattr(args, "seed", d.seed),
-        device=getattr(args, "device", None), quiet=getattr(args, "quiet", False))
+        val_boxes=getattr(args, "val_boxes", None))
 
 
 def run_train(args: argparse.Namespace) -> int:

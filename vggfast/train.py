@@ -93,28 +93,19 @@ LOG_FIELDS = ("epoch", "loss", "top1_err", "top5_err", "err_on", "lr", "img_per_
 # ---------------------------------------------------------------------------------------------
 # options
 
-@dataclass
-class TrainOptions:
-    """Everything `fit` needs; the CLI flags map onto these one to one.
+@dataclass(kw_only=True)
+class RunOptions:
+    """What both trainers (classification here, localisation in localize.py) take alike:
+    output folder, validation images, the training rescale (scale fixes S; scale_jitter =
+    (Smin, Smax) draws S per image), augmentation, SGD and the run's settings. device: None =
+    cuda if available (cuda:LOCAL_RANK under torchrun) else cpu."""
 
-    batch_size is the global batch (split evenly over the processes). scale fixes S;
-    scale_jitter = (Smin, Smax) draws S per image; neither = the default jitter range for
-    image_size. init: "glorot" | "kaiming" (torchvision's init) | a net-A checkpoint path.
-    device: None = cuda if available (cuda:LOCAL_RANK under torchrun) else cpu.
-    """
-
-    data: str
     out: str = "vggfast-run"
     val: str | None = None
-    config: str = "A"
-    batch_norm: bool | None = None
-    width: float = 1.0
-    image_size: int = 224
     scale: int | None = None
     scale_jitter: tuple[int, int] | None = None
     flip: bool = True
     color_shift: bool = True
-    init: str = "glorot"
     epochs: int = 74
     batch_size: int = 256
     lr: float = 0.01
@@ -125,9 +116,59 @@ class TrainOptions:
     workers: int = 4
     seed: int = 0
     device: str | None = None
+    quiet: bool = False
+
+    def jitter(self) -> tuple[int, int] | None:
+        """(Smin, Smax) of the training rescale (equal for a fixed scale), None when neither
+        scale nor scale_jitter is set."""
+        if self.scale is not None and self.scale_jitter is not None:
+            raise ArgumentError("give either a fixed scale or a scale-jitter range, not both")
+        if self.scale is not None:
+            return self.scale, self.scale
+        if self.scale_jitter is None:
+            return None
+        lo, hi = self.scale_jitter
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+            raise ArgumentError(f"scale-jitter range is empty: Smin {lo} > Smax {hi}")
+        return lo, hi
+
+
+def run_fields(args: argparse.Namespace, defaults: RunOptions) -> dict[str, Any]:
+    """RunOptions' fields from the parsed `vggfast train` flags; a flag left unset (None or
+    absent) takes the value of `defaults`."""
+    def get(name, default=None):
+        v = getattr(args, name, None)
+        return default if v is None else v
+    d, jitter = defaults, getattr(args, "scale_jitter", None)
+    return dict(out=get("out", d.out), val=get("val"), scale=get("scale"),
+                scale_jitter=tuple(jitter) if jitter else None,
+                flip=not getattr(args, "no_flip", False),
+                color_shift=not getattr(args, "no_color_shift", False),
+                epochs=get("epochs", d.epochs), batch_size=get("batch_size", d.batch_size),
+                lr=get("lr", d.lr), momentum=get("momentum", d.momentum),
+                weight_decay=get("weight_decay", d.weight_decay),
+                dropout=get("dropout", d.dropout), patience=get("patience", d.patience),
+                workers=get("workers", d.workers), seed=get("seed", d.seed),
+                device=get("device"), quiet=bool(getattr(args, "quiet", False)))
+
+
+@dataclass(kw_only=True)
+class TrainOptions(RunOptions):
+    """Everything `fit` needs; the CLI flags map onto these one to one.
+
+    batch_size is the global batch (split evenly over the processes). Neither scale nor
+    scale_jitter = the default jitter range for image_size. init: "glorot" | "kaiming"
+    (torchvision's init) | a net-A checkpoint path.
+    """
+
+    data: str
+    config: str = "A"
+    batch_norm: bool | None = None
+    width: float = 1.0
+    image_size: int = 224
+    init: str = "glorot"
     bf16: bool = True
     resume: bool = False
-    quiet: bool = False
 
 
 def default_jitter(image_size: int) -> tuple[int, int]:
@@ -137,19 +178,10 @@ def default_jitter(image_size: int) -> tuple[int, int]:
 
 def scale_range(opts: TrainOptions) -> tuple[int, int]:
     """(Smin, Smax) of the training rescale; Smin == Smax for a fixed scale."""
-    if opts.scale is not None and opts.scale_jitter is not None:
-        raise ArgumentError("give either a fixed scale or a scale-jitter range, not both")
-    if opts.scale is not None:
-        lo = hi = opts.scale
-    elif opts.scale_jitter is not None:
-        lo, hi = opts.scale_jitter
-    else:
-        lo, hi = default_jitter(opts.image_size)
+    lo, hi = opts.jitter() or default_jitter(opts.image_size)
     for s in (lo, hi):
         if isinstance(s, bool) or not isinstance(s, int):
             raise ArgumentError(f"scales must be whole numbers of pixels, not {s!r}")
-    if lo > hi:
-        raise ArgumentError(f"scale-jitter range is empty: Smin {lo} > Smax {hi}")
     if lo < opts.image_size:
         raise ArgumentError(f"training scale {lo} is below the crop size {opts.image_size}: the "
                             "smallest side must be at least --image-size")
@@ -900,15 +932,9 @@ def add_cli(subparsers) -> None:
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(
-        data=args.data, out=args.out, val=args.val, config=args.config,
+        **run_fields(args, TrainOptions(data="")), data=args.data, config=args.config,
         batch_norm=args.batch_norm, width=args.width, image_size=args.image_size,
-        scale=args.scale, scale_jitter=tuple(args.scale_jitter) if args.scale_jitter else None,
-        flip=not args.no_flip, color_shift=not args.no_color_shift, init=args.init,
-        epochs=args.epochs, batch_size=args.batch_size,
-        lr=TrainOptions.lr if args.lr is None else args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, dropout=args.dropout, patience=args.patience,
-        workers=args.workers, seed=args.seed, device=args.device, bf16=not args.fp32,
-        resume=args.resume, quiet=args.quiet)
+        init=args.init, bf16=not args.fp32, resume=args.resume)
 
 
 def run_cli(args: argparse.Namespace) -> int:

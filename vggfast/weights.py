@@ -60,6 +60,14 @@ class Weights:
     preprocess: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def describe(self) -> dict[str, Any]:
+        """What `vggfast info` reports of any weights (Engine.info adds what the engine runs)."""
+        s = self.spec
+        return {"config": s.config, "batch_norm_folded": s.batch_norm, "width": s.width,
+                "image_size": s.image_size, "fc_width": s.fc_width, "preprocess": self.preprocess,
+                "missing_layers": list(self.missing), "nonfinite_layers": list(self.nonfinite),
+                "source": self.source}
+
     def unusable(self, upto: str | None = None) -> list[str]:
         """Weight layers needed for tap `upto` (default: all) that are missing or non-finite."""
         names = [l.name for l in self.spec.layers]
