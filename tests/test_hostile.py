@@ -258,3 +258,146 @@ def test_cli_into_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# -- found by the session-5 audit -----------------------------------------------------------------
+
+def test_feature_extractor_fast_path_follows_changed_weights(sd):
+    """The no-grad fast path runs its own copy of the weights (in bf16 here): loading new
+    weights into the module must reach it, never leave it running the old ones."""
+    fx = vggfast.FeatureExtractor(sd, layers=["pool5"], dtype=torch.bfloat16)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert fx(x)["pool5"].abs().max() > 0
+        fx.load_state_dict({k: torch.zeros_like(v) for k, v in fx.state_dict().items()})
+        assert fx(x)["pool5"].abs().max() == 0
+        for p in fx.parameters():
+            p.fill_(0.5)                      # in place, as an optimiser step
+        want = fx(x.requires_grad_())["pool5"]   # the autograd path reads the parameters
+        x.requires_grad_(False)
+        torch.testing.assert_close(fx(x)["pool5"].float(), want.float(), rtol=2e-2, atol=0)
+
+
+def test_pickled_module_refusal_gives_no_advice_to_unpickle(tmp_path):
+    """torch's refusal text advises retrying with weights_only=False (which would run the
+    file's code); the one-line error names the offending global instead."""
+    path = tmp_path / "module.pt"
+    torch.save(small_model("A"), path)
+    with pytest.raises(WeightsError) as info:
+        load(str(path))
+    msg = str(info.value)
+    assert "GLOBAL vggfast.nn.VGG" in msg and "\n" not in msg
+    assert "False" not in msg and "Re-running" not in msg and "2.6" not in msg
+
+
+@pytest.mark.parametrize("header", ["[1, 2]", "null", "5", '"text"'])
+def test_safetensors_metadata_that_is_not_an_object(tmp_path, sd, header):
+    from safetensors.torch import save_file
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"vggfast": header})
+    with pytest.raises(WeightsError, match="metadata must be a JSON object"):
+        load(str(path))
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe\x00bad"])
+def test_sidecar_metadata_that_is_not_an_object_or_not_text(tmp_path, sd, content):
+    torch.save(sd, tmp_path / "w.pt")
+    (tmp_path / "w.json").write_bytes(content)
+    with pytest.raises(WeightsError, match="metadata"):
+        load(str(tmp_path / "w.pt"))
+
+
+def test_preprocess_name_that_is_not_a_string(sd):
+    with pytest.raises(ArgumentError, match="unknown preprocessing"):
+        vggfast.Engine(sd, preprocess=["caffe"])
+
+
+@pytest.mark.parametrize("key,value", [("features.0.weight", torch.tensor(1.0)),
+                                       ("classifier.6.weight", torch.tensor(1.0)),
+                                       ("classifier.6.bias", torch.tensor(1.0))])
+def test_scalar_weight_tensors_are_refused(sd, key, value):
+    with pytest.raises(WeightsError):
+        load({**sd, key: value})
+
+
+def test_canonical_conv_weight_of_wrong_rank_is_refused(sd):
+    canonical = dict(load(sd).state_dict)
+    canonical["conv1_1.weight"] = torch.ones(3)
+    with pytest.raises(WeightsError, match="4-D"):
+        load(canonical)
+
+
+def test_overflowing_weights_are_an_error_not_nan_probabilities():
+    m = small_model("A")
+    sd = m.state_dict()
+    sd["features.0.weight"] = sd["features.0.weight"].abs() * 1e38 + 1e37   # conv1_1 -> +inf
+    eng = vggfast.Engine(sd)
+    with pytest.raises(WeightsError, match="not finite"):
+        eng.classify(torch.rand(3, 40, 40), scales=[32])
+    with pytest.raises(WeightsError, match="not finite"):
+        eng.logits(torch.rand(1, 3, 32, 32))
+
+
+def test_logits_refuse_tensors_without_values(eng):
+    with pytest.raises(ArgumentError, match="dense, with values"):
+        eng.logits(torch.empty(1, 3, 32, 32, device="meta"))
+
+
+def test_decompression_bomb_warning_range_is_refused_quietly(tmp_path, monkeypatch):
+    """Between PIL's pixel limit and twice it PIL only warns (on stderr); refused like a bomb."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (60, 60)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2500)      # 3600 pixels: warning range
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match="too many pixels"):
+            pp.load_image(str(path))
+
+
+def test_ensemble_weights_not_a_list_and_huge_weights(eng):
+    with pytest.raises(ArgumentError, match="weights must be"):
+        vggfast.Ensemble([eng, eng], weights=5)
+    huge = vggfast.Ensemble([eng, eng], weights=[1e308, 1e308])
+    assert huge.weights == [0.5, 0.5]
+
+
+def test_localize_flip_must_be_yes_or_no(sd):
+    with pytest.raises(ArgumentError, match="flip"):
+        vggfast.localize.localize(vggfast.Engine(sd), IMG, (32,), 5, "no", 0.5)
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "{imgs}", "--out", "{tmp}"],                   # a folder, not a file
+    ["extract", "{imgs}", "--out", ""],
+    ["evaluate", "{imgs}", "--limit", "-1"],
+    ["evaluate", "{imgs}", "--class-map", "{binary}"],
+    ["heatmap", "{img}", "--class", "\u00b2", "--out", "{tmp}/h.png"],   # isdigit() but no int
+    ["train", "--data", "{imgs}", "--out", "{binary}", "--epochs", "1", "--width", "0.0625",
+     "--image-size", "32", "--batch-size", "2", "--workers", "0"],      # --out is a file
+])
+def test_cli_refusals_found_by_the_audit(argv, weights_file, tmp_path, samples, capsys):
+    for label in ("3", "5"):
+        imgs = tmp_path / "imgs" / label
+        imgs.mkdir(parents=True)
+        Image.fromarray(IMG).save(imgs / "a.png")
+    binary = tmp_path / "map.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    fill = dict(imgs=str(imgs.parent), tmp=str(tmp_path), binary=str(binary),
+                img=str(imgs / "a.png"))
+    argv = [a.format(**fill) for a in argv]
+    if argv[0] != "train":
+        argv += ["--weights", weights_file, "--scale" if argv[0] == "heatmap" else "--scales", "32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "0"}, {"RANK": "1", "WORLD_SIZE": "1"}])
+def test_extract_refuses_inconsistent_rank_environment(env, weights_file, tmp_path, monkeypatch,
+                                                       capsys):
+    Image.fromarray(IMG).save(tmp_path / "a.png")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["extract", str(tmp_path), "--out", str(tmp_path / "f.npy"), "--weights",
+                 weights_file, "--scales", "32"]) == 2
+    assert "WORLD_SIZE" in capsys.readouterr().err

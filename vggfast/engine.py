@@ -66,6 +66,19 @@ class Result:
         return {"top": [{"index": i, "name": n, "prob": p} for i, n, p in self.top(k)]}
 
 
+def check_finite(t: torch.Tensor, engine: "Engine", what: str) -> torch.Tensor:
+    """`t` (the network's outputs) unless some value is NaN or infinite: finite weights whose
+    products overflow the compute dtype, or an input the checks let through."""
+    if t.numel():
+        lo, hi = torch.aminmax(t.detach())
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            hint = "; try dtype=torch.bfloat16" if engine.dtype == torch.float16 else ""
+            raise WeightsError(f"the network's {what} are not finite (an overflow in "
+                               f"{str(engine.dtype).replace('torch.', '')}): the weights' values "
+                               f"are out of range{hint}")
+    return t
+
+
 def _check_top_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ArgumentError(f"top_k must be a positive integer, not {k!r}")
@@ -344,7 +357,8 @@ class Engine:
             raise ArgumentError("score_map takes one image, not a list; call it once per image")
         scales, _, images, _ = self._request(img, (scale,), "dense")
         plan = self._executor.plan(images, scales, False, "dense")
-        return self._executor.run(plan, images, reduce=lambda t: t)[0]
+        return check_finite(self._executor.run(plan, images, reduce=lambda t: t)[0], self,
+                            "class scores")
 
     def localize(self, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: bool = False,
                  merge_iou: float = 0.5) -> list[tuple[int, str, float, tuple[float, ...]]]:
@@ -379,8 +393,10 @@ class Engine:
         the classifier (fc layers applied as convs on the pooled map).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
-                or not x.is_floating_point():
-            raise ArgumentError("logits expects a float tensor [N, 3, H, W] already normalised")
+                or not x.is_floating_point() or x.layout != torch.strided or x.is_meta \
+                or x.is_nested:
+            raise ArgumentError("logits expects a float tensor [N, 3, H, W] already normalised "
+                                "(dense, with values)")
         h, w = x.shape[-2:]
         if min(h, w) < 32:
             raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")
@@ -392,9 +408,11 @@ class Engine:
                 raise ArgumentError("logits input contains NaN or infinite values")
         s = self.spec
         if h == w == s.image_size:
-            return self._run(x)["fc8"].flatten(1).cpu()
-        pooled = F.adaptive_avg_pool2d(self._run(x, ("pool5",))["pool5"], (s.grid, s.grid))
-        return self._backend.fc(pooled).cpu()
+            out = self._run(x)["fc8"].flatten(1)
+        else:
+            pooled = F.adaptive_avg_pool2d(self._run(x, ("pool5",))["pool5"], (s.grid, s.grid))
+            out = self._backend.fc(pooled)
+        return check_finite(out, self, "logits").cpu()
 
     def info(self) -> dict[str, Any]:
         """What the engine runs: configuration, sizes, parameters, classes, conventions."""

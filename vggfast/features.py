@@ -196,6 +196,26 @@ class FeatureExtractor(nn.Module):
             self.register_parameter(attr, nn.Parameter(
                 w.state_dict[key].to(eng.device), requires_grad=False))
         self._weights = w
+        self._synced = self._param_signature()
+
+    def _param_signature(self) -> tuple:
+        """What identifies the parameters' current values: storage, in-place version, dtype."""
+        return tuple((a, p.data_ptr(), p._version, p.dtype, p.device)
+                     for a, p in ((a, getattr(self, a)) for a in self._keys.values()))
+
+    def _sync_fast_weights(self) -> None:
+        """Rebuild the fast engines from the parameters when they were changed (an optimiser
+        step, load_state_dict, .half(), .data = ...): the fast path must never run stale
+        weights."""
+        sig = self._param_signature()
+        if sig == self._synced:
+            return
+        sd = dict(self._weights.state_dict)
+        sd.update({k: getattr(self, a).detach().to("cpu", torch.float32).clone()
+                   for k, a in self._keys.items()})
+        self._weights = dataclasses.replace(self._weights, state_dict=sd)
+        self._engines = {}
+        self._synced = sig
 
     def extra_repr(self) -> str:
         return f"config={self.spec.config}, layers={self.layers}"
@@ -230,6 +250,7 @@ class FeatureExtractor(nn.Module):
             params = {k: p.to(x.dtype) for k, p in params.items()}
             out = dense_forward(params, self.spec, x, self.layers)
         else:
+            self._sync_fast_weights()
             out = self._fast_engine(x.device)._backend.run(x, self.layers)
             out = {k: v.to(x.device) for k, v in out.items()}
         return {t: out[t] for t in self.layers}
@@ -264,9 +285,13 @@ def list_inputs(src: str | os.PathLike) -> list[str]:
 def _dist_info() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
     try:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:
         raise VGGFastError("RANK / WORLD_SIZE in the environment are not integers")
+    if world < 1 or not 0 <= rank < world:
+        raise VGGFastError(f"RANK={rank} / WORLD_SIZE={world}: need WORLD_SIZE >= 1 and "
+                           "0 <= RANK < WORLD_SIZE")
+    return rank, world
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -335,7 +360,11 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     Returns the JSON record on rank 0, None on other ranks.
     """
     from tqdm import tqdm
+    if not os.fspath(out).strip() or Path(out).name in ("", ".", ".."):
+        raise ArgumentError(f"--out {os.fspath(out)!r} is not a file name")
     out = Path(out)
+    if out.is_dir():
+        raise ArgumentError(f"--out {out} is a folder; give a file name such as {out / 'feats.npy'}")
     layer = _check_layer(engine, layer)
     scales = _check_scales(engine, scales, layer)
     if batch_size < 1:

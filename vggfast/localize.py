@@ -371,8 +371,9 @@ def localize(engine, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: b
     """Boxes of the classifier's top-k classes: [(class_index, class_name, score, (x0, y0, x1,
     y1)), ...], best first, in original-image pixels (clipped to the image). score: the class's
     image-level posterior. See the module docstring for the dense application and the merging."""
-    from .engine import _check_top_k
+    from .engine import _check_top_k, check_flag
     top_k = _check_top_k(top_k)
+    flip = check_flag("flip", flip)
     _check_merge_iou(merge_iou)
     d = dense_predictions(engine, img, scales, flip)
     H, W = d.size
@@ -380,9 +381,15 @@ def localize(engine, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: b
     out = []
     for prob, c in zip(p.tolist(), idx.tolist()):
         boxes, scores = d.class_boxes(c)
+        if len(scores) > MAX_MERGE:  # greedy merging is cubic in the boxes: keep the strongest
+            keep = torch.topk(scores, MAX_MERGE).indices
+            boxes, scores = boxes[keep], scores[keep]
         merged, _ = greedy_merge(boxes.numpy(), scores.numpy(), merge_iou)
         out.append((c, engine.class_names[c], prob, clip_box(merged[0], W, H)))
     return out
+
+
+MAX_MERGE = 1000  # boxes per class entering the greedy merge (~1 s at most)
 
 
 def _check_merge_iou(v: Any) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ CONVENTIONS = {
 
 
 def convention(name: str) -> Convention:
-    if name not in CONVENTIONS:
+    if not isinstance(name, str) or name not in CONVENTIONS:
         raise ArgumentError(f"unknown preprocessing {name!r}; known: {', '.join(CONVENTIONS)}")
     return CONVENTIONS[name]
 
@@ -95,9 +96,17 @@ def _from_file(src) -> torch.Tensor:
             raise ImageError(f"{name} is a folder, not an image file")
         raise ImageError(f"image not found: {name}")
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else name) as im:
-            im.load()
-            return _from_pil(im)
+        with warnings.catch_warnings():
+            # PIL warns (on stderr) between MAX_IMAGE_PIXELS and twice that, and PIL's EXIF
+            # reader warns on corrupt EXIF: refuse the first like the bomb error, hide the second
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else name) as im:
+                im.load()
+                return _from_pil(im)
+    except Image.DecompressionBombWarning as exc:
+        raise ImageError(f"{name}: refused, too many pixels ({exc}); raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted")
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
                          "if the file is trusted")

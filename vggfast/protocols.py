@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -71,8 +72,9 @@ def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch
     Result.per_scale: {Q: posterior at Q} (for "dense+multicrop" the mean of both methods').
     Result.per_method: {method: Result} for each method used, each with its own per_scale.
     """
-    from .engine import Result
+    from .engine import Result, check_finite
     views = [plan.views[v] for v in plan.image_views(image)]
+    check_finite(torch.stack([scores[v.index] for v in views]), engine, "class scores")
     methods = ("dense", "multicrop") if method == "dense+multicrop" else (method,)
     per_method = {}
     for m in methods:
@@ -113,15 +115,20 @@ class Ensemble:
                                 "fusion needs the same classes in the same order")
         if weights is None:
             weights = [1.0] * len(engines)
-        weights = list(weights)
+        try:
+            weights = list(weights)
+        except TypeError:
+            raise ArgumentError(f"weights must be a list of {len(engines)} numbers, not {weights!r}")
         if len(weights) != len(engines) or any(
                 isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
                 or w < 0 for w in weights) or sum(weights) <= 0:
             raise ArgumentError(f"weights must be {len(engines)} non-negative numbers, not all "
                                 f"zero; got {weights!r}")
-        total = float(sum(weights))
+        top = float(max(weights))  # normalise by the largest first: 1e308 + 1e308 is inf
+        weights = [float(w) / top for w in weights]
+        total = math.fsum(weights)
         self.engines = engines
-        self.weights = [float(w) / total for w in weights]
+        self.weights = [w / total for w in weights]
         self.class_names = engines[0].class_names
 
     def __repr__(self) -> str:
@@ -165,6 +172,8 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
         text = p.read_text()
     except OSError as exc:
         raise ArgumentError(f"cannot read class map {p}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        raise ArgumentError(f"class map {p} is not UTF-8 text ({exc.reason})")
     if p.suffix.lower() == ".json" or text.lstrip()[:1] in ("{", "["):
         try:
             data = json.loads(text)
@@ -179,7 +188,7 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
     out = {}
     for n, line in enumerate(l for l in text.splitlines() if l.strip()):
         tok = line.split()
-        out[tok[0]] = int(tok[1]) if len(tok) > 1 and tok[1].lstrip("-").isdigit() else n
+        out[tok[0]] = int(tok[1]) if len(tok) > 1 and re.fullmatch(r"-?[0-9]+", tok[1]) else n
     return out
 
 
@@ -204,7 +213,7 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
             raise ArgumentError(f"the class map has no entry for folder(s) "
                                 f"{', '.join(unknown[:5])}")
         index = {f: class_map[f] for f in folders}
-    elif all(f.isdigit() for f in folders):
+    elif all(re.fullmatch(r"[0-9]+", f) for f in folders):
         index = {f: int(f) for f in folders}
     elif all(f in class_names for f in folders):
         index = {f: list(class_names).index(f) for f in folders}
@@ -273,6 +282,8 @@ def cmd_evaluate(args) -> int:
     scales = eng.check_scales(args.scales)
     cmap = read_class_map(args.class_map) if args.class_map else None
     pairs = labelled_images(args.folder, eng.class_names, cmap)
+    if args.limit < 0:
+        raise ArgumentError(f"--limit must be 0 (all) or a positive number, not {args.limit}")
     if args.limit:
         pairs = pairs[:args.limit]
     rows = []
@@ -315,7 +326,7 @@ def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
     scores = engine.score_map(x, scale=q)  # [classes, h, w]
     if cls is None:
         k = int(scores.mean(dim=(1, 2)).argmax())
-    elif isinstance(cls, str) and not cls.lstrip("-").isdigit():
+    elif isinstance(cls, str) and not re.fullmatch(r"-?[0-9]+", cls.strip()):
         names = list(engine.class_names)
         hits = [i for i, n in enumerate(names) if n == cls] or \
                [i for i, n in enumerate(names) if n.lower() == cls.lower()]

@@ -756,7 +756,10 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
                   file=sys.stderr)
         say(f"resuming {out} after epoch {start}")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VGGFastError(f"cannot create --out {out}: {exc.strerror or exc}")
         _write_skipped(out, skipped)
 
     net: nn.Module = model

@@ -170,7 +170,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             except (SafetensorError, ValueError) as exc:
                 raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})")
             if "vggfast" in header:
-                meta.update(json.loads(header["vggfast"]))
+                meta.update(_meta_object(json.loads(header["vggfast"]), path))
         else:
             try:
                 with warnings.catch_warnings():  # torch's pickle-protocol notes: not the user's
@@ -187,12 +187,21 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
         if sidecar.is_file() and not meta:
-            meta.update(json.loads(sidecar.read_text()))
+            meta.update(_meta_object(json.loads(sidecar.read_text()), sidecar))
+    except UnicodeDecodeError as exc:
+        raise WeightsError(f"{sidecar}: metadata is not UTF-8 text ({exc.reason})")
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read ({exc.strerror or exc})")
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{path}: metadata is not valid JSON ({exc})")
     return raw, meta
+
+
+def _meta_object(value: Any, where: Path) -> dict[str, Any]:
+    """Checkpoint metadata must be a JSON object; anything else is a WeightsError."""
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where}: metadata must be a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
@@ -208,10 +217,17 @@ def _looks_like_checkpoint(path: Path) -> bool:
 def _unpickle_reason(exc: BaseException) -> str:
     """The specific line of torch's weights_only refusal (it opens with generic advice to load
     with weights_only=False, which would run the file's code)."""
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line and not line.startswith(skip):
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    # the specific refusal ("WeightsUnpickler error: Unsupported global: GLOBAL x.y ...");
+    # never torch's numbered advice, which says to retry with weights_only=False
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("WeightsUnpickler error"):
+            line = line.removeprefix("WeightsUnpickler error:").strip()
+            return line.split(". Please use")[0][:200]  # not torch's "allowlist it" advice
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation",
+            "(1)", "(2)")
+    for line in lines:
+        if not line.startswith(skip) and "weights_only" not in line:
             return line[:200]
     return type(exc).__name__
 
@@ -320,6 +336,9 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
     for w in conv_w:
         if not w.is_floating_point():
             raise WeightsError(f"convolution weights must be floating point, found {w.dtype}")
+        if w.dim() != 4:
+            raise WeightsError(f"convolution weights must be 4-D [Cout, Cin, k, k], found "
+                               f"{tuple(w.shape)}")
     kernels = [int(w.shape[-1]) for w in conv_w]
     detected = _detect_config(kernels, indices, bn)
     if config is not None:
@@ -350,6 +369,10 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if (w is None) != (b is None):
             raise WeightsError(f"{name} has a weight but no bias or a bias but no weight")
         fc[name] = None if w is None else (w, b)
+    for name, pair in fc.items():
+        if pair is not None and (pair[0].dim() == 0 or pair[1].dim() == 0):
+            raise WeightsError(f"{name}: weight {tuple(pair[0].shape)} / bias {tuple(pair[1].shape)}"
+                               " must be arrays, not scalars")
     present = [n for n, v in fc.items() if v is not None]
     if present and len(present) != 3:
         missing = [n for n in fc if fc[n] is None]
