@@ -295,15 +295,14 @@ def test_safetensors_metadata_that_is_not_an_object(tmp_path, sd, header):
     from safetensors.torch import save_file
     path = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"vggfast": header})
-    with pytest.raises(WeightsError, match="metadata must be a JSON object"):
+    with pytest.raises(WeightsError, match="must be a JSON object"):
         load(str(path))
 
 
-@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe\x00bad"])
-def test_sidecar_metadata_that_is_not_an_object_or_not_text(tmp_path, sd, content):
+def test_sidecar_metadata_that_is_not_text(tmp_path, sd):
     torch.save(sd, tmp_path / "w.pt")
-    (tmp_path / "w.json").write_bytes(content)
-    with pytest.raises(WeightsError, match="metadata"):
+    (tmp_path / "w.json").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(WeightsError, match="metadata is not UTF-8"):
         load(str(tmp_path / "w.pt"))
 
 

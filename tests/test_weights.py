@@ -65,12 +65,19 @@ def test_odd_widths_are_read_from_the_tensors():
 
 
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "model_state_dict", "module.",
-                                  "_orig_mod.", "module._orig_mod.", "timm", "canonical"])
+                                  "_orig_mod.", "module._orig_mod.", "timm", "canonical",
+                                  "state_dict_ema", "model.", "net.backbone.", "model.timm",
+                                  "lightning"])
 def test_every_input_form_gives_the_same_canonical_weights(ref64, wrap):
     m, w = ref64
     sd = m.state_dict()
-    if wrap in ("state_dict", "model", "model_state_dict"):
+    if wrap in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
         src = {wrap: sd, "epoch": 3, "optimizer": {"lr": 0.1}}
+    elif wrap == "lightning":      # a LightningModule holding the VGG as self.vgg, and a loss
+        src = {"state_dict": {**{"vgg." + k: v for k, v in sd.items()},
+                              "loss.weight": torch.ones(3)}, "epoch": 1, "global_step": 10}
+    elif wrap == "model.timm":
+        src = {"model." + k: v for k, v in _timm_names(sd).items()}
     elif wrap.endswith("."):
         src = {wrap + k: v for k, v in sd.items()}
     elif wrap == "timm":
@@ -253,3 +260,75 @@ def test_finite_check_finds_one_bad_element(dtype):
         assert not _check_finite_tensor(u)
     assert _check_finite_tensor(torch.full((8,), torch.finfo(dtype).max, dtype=dtype))
     assert _check_finite_tensor(torch.empty(0, dtype=dtype))
+
+
+def test_features_module_state_dict_alone(tiny):
+    """`vgg.features.state_dict()` ("0.weight", "2.weight", ...): the conv stack, no classifier."""
+    w = load(tiny.features.state_dict())
+    assert w.spec.config == "D" and w.missing == ("fc6", "fc7", "fc8")
+    _same({k: v for k, v in w.state_dict.items() if k.startswith("conv")},
+          {k: v for k, v in load(tiny.state_dict()).state_dict.items() if k.startswith("conv")})
+
+
+def test_two_vggs_in_one_checkpoint_are_refused_by_name(tiny):
+    sd = tiny.state_dict()
+    src = {**{"model." + k: v for k, v in sd.items()},
+           **{"perceptual.vgg." + k: v for k, v in sd.items()}}
+    with pytest.raises(WeightsError, match="hold 2 VGGs.*'model.'.*'perceptual.vgg.'"):
+        load(src)
+
+
+class _Opaque:
+    """Any class of the user's: a checkpoint holding one is refused."""
+
+
+def test_timm_training_checkpoint_with_its_args_loads(ref64, tmp_path):
+    """timm's train script saves argparse.Namespace args beside the weights: allowed, as timm
+    itself allows it; any other class is still refused."""
+    import argparse
+    if not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("torch < 2.5 has no safe_globals")
+    path = tmp_path / "checkpoint-3.pth.tar"
+    sd = ref64[0].state_dict()
+    torch.save({"epoch": 3, "arch": "vgg16", "state_dict": _timm_names(sd),
+                "args": argparse.Namespace(lr=0.1, model="vgg16")}, path)
+    assert load(str(path)).spec.config == "D"
+    torch.save({"state_dict": sd, "extra": _Opaque()}, path)
+    with pytest.raises(WeightsError, match=r"GLOBAL [\w.]*_Opaque"):
+        load(str(path))
+
+
+def test_timm_without_head_loads_for_features(ref64):
+    """timm's vgg with num_classes=0 keeps pre_logits (fc6, fc7) and has no head.fc."""
+    sd = ref64[0].state_dict()
+    w = load({k: v for k, v in _timm_names(sd).items() if not k.startswith("head.")})
+    assert w.missing == ("fc8",) and "fc7.weight" in w.state_dict
+    with pytest.raises(WeightsError):      # torchvision's layout without classifier.6 is not
+        load({k: v for k, v in sd.items() if not k.startswith("classifier.6")})
+
+
+def test_hugging_face_folder_with_pytorch_model_bin(ref64, tmp_path):
+    m, w = ref64
+    torch.save(_timm_names(m.state_dict()), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vgg16", "num_classes": 7}))
+    _same(load(str(tmp_path)).state_dict, w.state_dict)
+
+
+def test_a_modified_classifier_is_named_in_the_refusal():
+    m = small_model("D")
+    m.classifier = torch.nn.Sequential(torch.nn.Linear(m.classifier[0].in_features, 16),
+                                       torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    with pytest.raises(WeightsError, match=r"unexpected tensors .*classifier\.2\.weight \(10, 16\)"):
+        load(m.state_dict())
+
+
+def test_other_tools_metadata_does_not_pass_for_ours(tiny, tmp_path):
+    """A JSON file that only shares the checkpoint's name (a class list, a training config) and
+    another tool's "config" entry are not vggfast metadata."""
+    torch.save(tiny.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "w.json").write_text(json.dumps(["cat", "dog"]))
+    assert load(str(tmp_path / "w.pt")).spec.config == "D"
+    (tmp_path / "w.json").write_text(json.dumps({"lr": 0.1, "epochs": 3}))
+    assert load(str(tmp_path / "w.pt")).spec.config == "D"
+    assert load({"state_dict": tiny.state_dict(),
+                 "meta": {"config": "model = dict(type='VGG')"}}).spec.config == "D"

@@ -1,12 +1,17 @@
 """Weight loading: bytes in, canonical tensors out. Pure: no globals touched, nothing downloaded.
 
-Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, or a
-directory written by `vggfast train --out DIR`), a torchvision model name found in the torch hub
-cache ("vgg16" -> vgg16-397923af.pth), a state dict or checkpoint dict, or a `torch.nn.Module`.
+Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, a
+directory written by `vggfast train --out DIR`, or a Hugging Face model folder with
+model.safetensors / pytorch_model.bin), a torchvision model name found in the torch hub cache
+("vgg16" -> vgg16-397923af.pth), a state dict or checkpoint dict, or a `torch.nn.Module`.
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
-timm (`pre_logits.fc1/fc2`, `head.fc`), vggfast's canonical names (`conv1_1.weight`, `fc6.weight`),
-with `module.` / `_orig_mod.` prefixes and checkpoint wrappers (`state_dict`, `model`,
-`model_state_dict`).
+timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
+vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
+...), with `module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger
+module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
+checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
+`state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
+argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
 
 Canonical form (what every backend reads): float32 tensors named by layer, BatchNorm folded into
 the convs (eps 1e-5, torchvision's), `{conv}.weight` [Cout, Cin, k, k], `fc6.weight` [F, C, g, g]
@@ -15,6 +20,8 @@ the convs (eps 1e-5, torchvision's), `{conv}.weight` [Cout, Cin, k, k], `fc6.wei
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,6 +41,10 @@ from .errors import ArgumentError, WeightsError
 BN_EPS = 1e-5
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# Used only when none of _WRAPPERS is there (timm ModelEmaV2/V3, DeiT/ConvNeXt-style "model_ema").
+_EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
+# Harmless classes common in training checkpoints (timm train.py saves its argparse args).
+_SAFE_GLOBALS = (argparse.Namespace,)
 _TIMM = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.3.",
          "head.fc.": "classifier.6."}
 _CANONICAL = re.compile(r"^(conv\d_\d|fc[678])\.(weight|bias)$")
@@ -105,10 +116,17 @@ def load(src: Any, config: str | None = None) -> Weights:
                            f"not {type(src).__name__}")
     sd, ckpt_meta = _unwrap(raw)
     meta = {**ckpt_meta, **meta}
+    # timm's VGG built with num_classes=0 has pre_logits (fc6, fc7) and no head.fc (fc8)
+    headless = any(re.search(r"(^|\.)pre_logits\.fc2\.weight$", k) for k in sd) and \
+        not any(re.search(r"(^|\.)head\.fc\.weight$", k) for k in sd)
     sd = _rename(sd)
-    if config is None and meta.get("config"):
-        config = str(meta["config"])
-    spec, params, missing, nonfinite = _canonicalise(sd, config, meta)
+    if config is None and isinstance(meta.get("config"), str):
+        try:
+            canonical_config(meta["config"])
+            config = meta["config"]
+        except ArgumentError:
+            pass  # another tool's "config" (mmcv stores its whole config file there)
+    spec, params, missing, nonfinite = _canonicalise(sd, config, meta, headless)
     names = meta.get("class_names")
     if names is not None:
         if not (isinstance(names, list) and len(names) == spec.num_classes
@@ -135,11 +153,12 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
         raise WeightsError("the weights path is empty; pass a file, a folder or a torchvision name")
     path = Path(os.path.expanduser(os.fspath(src)))
     if path.is_dir():
-        model = path / "model.safetensors"
-        if not model.is_file():
-            raise WeightsError(f"{path} is a folder without model.safetensors "
-                               "(expected the --out folder of `vggfast train`)")
-        return model, None, None
+        for name in ("model.safetensors", "pytorch_model.bin"):  # vggfast train --out; HF hub
+            if (path / name).is_file():
+                return path / name, None, None
+        raise WeightsError(f"{path} is a folder without model.safetensors or pytorch_model.bin "
+                           "(expected the --out folder of `vggfast train` or a Hugging Face "
+                           "model folder); pass the weights file itself")
     if path.is_file():
         return path, None, None
     name = os.fspath(src).strip().lower()
@@ -170,12 +189,14 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             except (SafetensorError, ValueError) as exc:
                 raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})")
             if "vggfast" in header:
-                meta.update(_meta_object(json.loads(header["vggfast"]), path))
+                meta.update(_json_object(json.loads(header["vggfast"]), f"{path} metadata"))
         else:
             try:
                 with warnings.catch_warnings():  # torch's pickle-protocol notes: not the user's
                     warnings.simplefilter("ignore")
-                    raw = torch.load(path, map_location="cpu", weights_only=True)
+                    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext():
+                        raw = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
@@ -187,7 +208,10 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
         if sidecar.is_file() and not meta:
-            meta.update(_meta_object(json.loads(sidecar.read_text()), sidecar))
+            side = json.loads(sidecar.read_text())
+            # a JSON file that merely shares the stem (a class list, a training log) is not ours
+            if isinstance(side, dict) and set(side) & _META_KEYS:
+                meta.update(side)
     except UnicodeDecodeError as exc:
         raise WeightsError(f"{sidecar}: metadata is not UTF-8 text ({exc.reason})")
     except OSError as exc:
@@ -197,10 +221,13 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     return raw, meta
 
 
-def _meta_object(value: Any, where: Path) -> dict[str, Any]:
-    """Checkpoint metadata must be a JSON object; anything else is a WeightsError."""
+_META_KEYS = {"config", "batch_norm", "width", "image_size", "num_classes", "class_names",
+              "preprocess", "task"}
+
+
+def _json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise WeightsError(f"{where}: metadata must be a JSON object, found {type(value).__name__}")
+        raise WeightsError(f"{what} must be a JSON object, found {type(value).__name__}")
     return value
 
 
@@ -217,17 +244,15 @@ def _looks_like_checkpoint(path: Path) -> bool:
 def _unpickle_reason(exc: BaseException) -> str:
     """The specific line of torch's weights_only refusal (it opens with generic advice to load
     with weights_only=False, which would run the file's code)."""
-    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    # the specific refusal ("WeightsUnpickler error: Unsupported global: GLOBAL x.y ...");
-    # never torch's numbered advice, which says to retry with weights_only=False
-    for line in lines:
-        if "GLOBAL" in line or line.startswith("WeightsUnpickler error"):
-            line = line.removeprefix("WeightsUnpickler error:").strip()
-            return line.split(". Please use")[0][:200]  # not torch's "allowlist it" advice
+    text = str(exc)
+    m = re.search(r"(?:Unsupported global: )?GLOBAL ([\w.]+)", text)
+    if m:  # torch words this two ways; both name the class or function the file wants to load
+        return f"it needs GLOBAL {m.group(1)}, which is not a tensor type"
     skip = ("Weights only load failed", "Please file an issue", "Check the documentation",
-            "(1)", "(2)")
-    for line in lines:
-        if not line.startswith(skip) and "weights_only" not in line:
+            "(1)", "(2)", "In PyTorch")
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip):
             return line[:200]
     return type(exc).__name__
 
@@ -249,6 +274,8 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if isinstance(raw.get("class_names"), list):
             meta.setdefault("class_names", raw["class_names"])
         inner = next((raw[k] for k in _WRAPPERS if isinstance(raw.get(k), Mapping)), None)
+        if inner is None and not any(isinstance(v, torch.Tensor) for v in raw.values()):
+            inner = next((raw[k] for k in _EMA_WRAPPERS if isinstance(raw.get(k), Mapping)), None)
         if inner is None:
             break
         raw = inner
@@ -263,7 +290,44 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+_VGG_KEY = re.compile(r"(?:^|\.)(features\.\d+\.weight|pre_logits\.fc1\.weight|conv1_1\.weight)$")
+
+
+def _strip_owner(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys of a VGG held as an attribute ("model.features.0.weight" in a Lightning module) or of
+    `vgg.features` alone ("0.weight") -> the VGG's own keys. Tensors outside the VGG are dropped;
+    two VGGs in one checkpoint (a model and a perceptual loss) are refused by name."""
+    if any(_VGG_KEY.match(k) for k in sd):
+        return sd
+    owners = sorted({k[:m.start(1)] for k in sd for m in [_VGG_KEY.search(k)] if m})
+    if len(owners) > 1:
+        raise WeightsError(f"these weights hold {len(owners)} VGGs (under "
+                           f"{', '.join(repr(o) for o in owners[:4])}); pass the state dict of one, "
+                           f"e.g. {{k[len(p):]: v for k, v in sd.items() if k.startswith(p)}}")
+    if owners:
+        p = owners[0]
+        return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    # nn.Sequential alone (vgg.features.state_dict(), a torchvision-style features stack)
+    if sd and all(re.fullmatch(r"\d+\.(weight|bias|running_mean|running_var|num_batches_tracked)", k)
+                  for k in sd):
+        return {f"features.{k}": v for k, v in sd.items()}
+    return sd
+
+
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in _strip_owner(_strip_prefixes(sd)).items():
+        for old, new in _TIMM.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+        if k in out:
+            raise WeightsError(f"two tensors are named {k!r} once timm's names are mapped; "
+                               "keep one set")
+        out[k] = v
+    return out
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         changed = True
@@ -272,12 +336,9 @@ def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for p in _PREFIXES:
                 if k.startswith(p):
                     k, changed = k[len(p):], True
-        for old, new in _TIMM.items():
-            if k.startswith(old):
-                k = new + k[len(old):]
         if k in out:  # e.g. both "conv.w" and "module.conv.w": which one is meant is unknowable
             raise WeightsError(f"two tensors are named {k!r} once the prefixes "
-                               f"{', '.join(_PREFIXES)} and timm's names are mapped; keep one set")
+                               f"{', '.join(_PREFIXES)} are removed; keep one set")
         out[k] = v
     return out
 
@@ -317,7 +378,8 @@ def _check_finite_tensor(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[str, Any]):
+def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[str, Any],
+                  headless: bool = False):
     canonical_keys = [k for k in sd if _CANONICAL.match(k)]
     tv = _convs_torchvision(sd)
     if tv:
@@ -368,13 +430,21 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         b = sd.get(f"{tvname}.bias", sd.get(f"{name}.bias"))
         if (w is None) != (b is None):
             raise WeightsError(f"{name} has a weight but no bias or a bias but no weight")
+        if w is not None and (w.dim() == 0 or b.dim() == 0):
+            raise WeightsError(f"{name}: weight {tuple(w.shape)} / bias {tuple(b.shape)} must be "
+                               "arrays, not scalars")
         fc[name] = None if w is None else (w, b)
-    for name, pair in fc.items():
-        if pair is not None and (pair[0].dim() == 0 or pair[1].dim() == 0):
-            raise WeightsError(f"{name}: weight {tuple(pair[0].shape)} / bias {tuple(pair[1].shape)}"
-                               " must be arrays, not scalars")
     present = [n for n, v in fc.items() if v is not None]
-    if present and len(present) != 3:
+    stray = sorted(k for k in sd if k.startswith("classifier") and not re.fullmatch(
+        r"classifier\.[036]\.(weight|bias)", k))
+    if stray:
+        shapes = ", ".join(f"{k} {tuple(sd[k].shape)}" for k in stray[:4])
+        raise WeightsError(f"unexpected tensors {shapes}{' ...' if len(stray) > 4 else ''}: the "
+                           "classifier is not VGG's (Linear layers at classifier.0, .3, .6); a "
+                           "modified head is "
+                           "not supported (drop the classifier.* tensors to use the convolutions "
+                           "for features)")
+    if present and present != (["fc6", "fc7"] if headless else list(fc)):
         missing = [n for n in fc if fc[n] is None]
         raise WeightsError(f"incomplete classifier: {', '.join(missing)} missing")
     channels = conv_w[-1].shape[0]
@@ -393,7 +463,10 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         else:
             raise WeightsError(f"fc6 weight must be 2-D or 4-D, found {tuple(w6.shape)}")
         fc_width = int(w6.shape[0])
-        num_classes = int(fc["fc8"][0].shape[0])
+        if fc["fc8"] is not None:
+            num_classes = int(fc["fc8"][0].shape[0])
+        else:  # timm with num_classes=0: fc6/fc7 only, usable for features up to relu7
+            num_classes = int(meta.get("num_classes") or 1000)
         image_size = 32 * grid
     else:
         fc_width = None
