@@ -6,6 +6,7 @@ import safetensors.torch
 import torch
 
 from conftest import small_model
+import vggfast
 from vggfast import Engine, VGGFastError, load_weights
 from vggfast.configs import TABLE1
 from vggfast.errors import WeightsError
@@ -236,7 +237,7 @@ def test_wrong_config_and_unknown_source(tiny):
     a = small_model("A")
     assert load(small_model("A-LRN").state_dict()).spec.config == "A-LRN"
     assert load(load_weights(a.state_dict())[1], config="A-LRN").spec.config == "A-LRN"
-    with pytest.raises(WeightsError, match="features.3"):
+    with pytest.raises(WeightsError, match="does not match"):    # no LRN between the blocks
         load(a.state_dict(), config="A-LRN")
 
 
@@ -332,3 +333,39 @@ def test_other_tools_metadata_does_not_pass_for_ours(tiny, tmp_path):
     assert load(str(tmp_path / "w.pt")).spec.config == "D"
     assert load({"state_dict": tiny.state_dict(),
                  "meta": {"config": "model = dict(type='VGG')"}}).spec.config == "D"
+
+
+@pytest.mark.parametrize("config,cut,deepest,truncated", [
+    ("D", 23, "relu4_3", ["conv5_1", "conv5_2", "conv5_3"]),     # vgg16.features[:23]
+    ("D", 4, "relu1_2", None),                                   # the first block alone
+    ("E", 21, "relu4_1", None),                                  # vgg19 up to relu4_1
+    ("vgg16_bn", 33, "relu4_3", ["conv5_1", "conv5_2", "conv5_3"]),
+    ("A", 8, "relu3_1", None),
+])
+def test_a_conv_stack_cut_short_loads_for_features(config, cut, deepest, truncated):
+    """`vgg.features[:cut]` (kept for a perceptual loss): its layers load under the right
+    configuration and compute what the cut stack computes; deeper layers are missing."""
+    m = small_model(config)
+    stack = m.features[:cut]
+    w = load(stack.state_dict())
+    assert w.spec.config == ("D" if config == "vgg16_bn" else config)
+    if truncated:
+        assert list(w.missing[:3]) == truncated
+    assert w.missing[-3:] == ("fc6", "fc7", "fc8")
+    fx = vggfast.FeatureExtractor(stack.state_dict(), layers=[deepest])
+    x = torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x)[deepest], stack(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(WeightsError, match="missing"):
+        Engine(stack.state_dict()).classify(torch.rand(3, 40, 40), scales=[32])
+
+
+def test_a_cut_stack_is_checked_against_a_named_config():
+    stack = small_model("D").features[:23].state_dict()       # blocks of 2, 2, 3, 3 convs
+    assert load(stack, config="vgg16").spec.config == "D"
+    with pytest.raises(WeightsError, match=r"blocks of \[2, 2, 3, 3\]"):
+        load(stack, config="E")
+    with pytest.raises(WeightsError, match="stop early"):     # a classifier after a cut stack
+        load({**{"features." + k: v for k, v in stack.items()},
+              **{k: v for k, v in small_model("D").state_dict().items()
+                 if k.startswith("classifier.")}})

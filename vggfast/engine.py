@@ -266,7 +266,7 @@ class Engine:
         bad = self.weights.unusable(upto)
         if bad:
             miss = [n for n in bad if n in self.weights.missing]
-            what = "missing" if miss else "contain NaN or infinite values"
+            what = "are missing" if miss else "contain NaN or infinite values"
             raise WeightsError(
                 f"layers {', '.join(bad)} of these weights {what}; they can be used for features "
                 f"up to the last good layer, not for this request")

@@ -7,7 +7,7 @@ model.safetensors / pytorch_model.bin), a torchvision model name found in the to
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
-...), with `module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger
+...) or cut short (`features[:23]`: the layers present load, the rest are missing), with `module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger
 module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
@@ -35,7 +35,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .configs import ALIASES, TABLE1, NetSpec, canonical_config, make_spec
+from .configs import (ALIASES, BLOCK_CHANNELS, TABLE1, NetSpec, canonical_config,
+                      make_spec, scaled)
 from .errors import ArgumentError, WeightsError
 
 BN_EPS = 1e-5
@@ -355,17 +356,77 @@ def _convs_torchvision(sd: dict[str, torch.Tensor]) -> list[tuple[int, torch.Ten
     return sorted(convs, key=lambda t: t[0])
 
 
-def _detect_config(kernels: list[int], conv_indices: list[int] | None, bn: bool) -> str:
-    for cfg, blocks in TABLE1.items():
-        if cfg == "A-LRN":
-            continue
-        if [k for b in blocks for k in b] == kernels:
-            if cfg == "A" and conv_indices is not None and not bn and len(conv_indices) > 1 \
-                    and conv_indices[1] - conv_indices[0] == 4:
-                return "A-LRN"  # conv, ReLU, LRN, pool before conv2_1
+# A conv stack cut short (vgg16.features[:23], kept for a perceptual loss) fits several
+# configurations; the first in this order that fits names it (its present layers compute the same
+# whichever fits).
+_TRUNCATED_ORDER = ("D", "E", "B", "C", "A", "A-LRN")
+
+
+def _blocks_from_indices(indices: list[int], bn: bool) -> tuple[list[int], bool] | None:
+    """(convs per block, A-LRN's LRN seen) from torchvision's features.N indices: in a block a
+    conv follows the previous one (conv[, BN], ReLU) later, across blocks one more (the pool),
+    A-LRN's first gap two more (LRN, pool). None when the gaps fit none of these."""
+    step = 3 if bn else 2
+    sizes, lrn = [1], False
+    for n, (a, b) in enumerate(zip(indices, indices[1:])):
+        if b - a == step:
+            sizes[-1] += 1
+        elif b - a == step + 1:
+            sizes.append(1)
+        elif n == 0 and not bn and b - a == step + 2:
+            sizes.append(1)
+            lrn = True
+        else:
+            return None
+    return sizes, lrn
+
+
+def _blocks_from_names(names: list[str]) -> list[int] | None:
+    """Convs per block from canonical names conv{b}_{i}: blocks 1.. and convs 1.. without gaps."""
+    sizes: list[int] = []
+    for n in names:
+        b, i = int(n[4]), int(n[6])
+        if b == len(sizes) + 1 and i == 1:
+            sizes.append(1)
+        elif b == len(sizes) and i == sizes[-1] + 1:
+            sizes[-1] += 1
+        else:
+            return None
+    return sizes
+
+
+def _detect_config(kernels: list[int], sizes: list[int] | None, lrn: bool,
+                   wanted: str | None = None) -> str:
+    """The configuration whose convs the stack holds (all, or the first ones: a truncated stack).
+
+    sizes: convs per block when known (None: match the kernel list alone, complete stacks only);
+    wanted: the configuration the caller named, checked to fit instead of detecting one."""
+    def fits(cfg: str, complete: bool) -> bool:
+        blocks = [list(b) for b in TABLE1[cfg]]
+        if (cfg == "A-LRN") != lrn and (sizes is not None or cfg == "A-LRN"):
+            return False
+        if sizes is None:
+            return complete and [k for b in blocks for k in b] == kernels
+        it = iter(kernels)
+        seen = [[next(it) for _ in range(n)] for n in sizes]
+        if complete:
+            return seen == blocks
+        return (len(seen) <= len(blocks) and seen[:-1] == blocks[:len(seen) - 1]
+                and seen[-1] == blocks[len(seen) - 1][:len(seen[-1])])
+    if wanted is not None:
+        if fits(wanted, True) or fits(wanted, False):
+            return wanted
+        raise WeightsError(f"config {wanted!r} does not match the weights ({len(kernels)} "
+                           f"convolutions{f' in blocks of {sizes}' if sizes else ''})")
+    for cfg in TABLE1:
+        if fits(cfg, True):
             return cfg
-    raise WeightsError(f"unknown layout: {len(kernels)} convolutions with kernel sizes {kernels} "
-                       "match no configuration of Table 1 (A, A-LRN, B, C, D, E)")
+    for cfg in _TRUNCATED_ORDER:
+        if fits(cfg, False):
+            return cfg
+    raise WeightsError(f"unknown layout: {len(kernels)} convolutions with kernel sizes {kernels}"
+                       f"{f' in blocks of {sizes}' if sizes else ''} match no configuration of "
+                       "Table 1 (A, A-LRN, B, C, D, E), complete or cut short")
 
 
 def _check_finite_tensor(t: torch.Tensor) -> bool:
@@ -389,7 +450,8 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
     elif canonical_keys:
         names = sorted({k.split(".")[0] for k in canonical_keys if k.startswith("conv")},
                        key=lambda n: (int(n[4]), int(n[6])))
-        conv_w = [sd[f"{n}.weight"] for n in names if f"{n}.weight" in sd]
+        names = [n for n in names if f"{n}.weight" in sd]
+        conv_w = [sd[f"{n}.weight"] for n in names]
         indices, bn = None, False
     else:
         sample = ", ".join(list(sd)[:5])
@@ -402,7 +464,12 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
             raise WeightsError(f"convolution weights must be 4-D [Cout, Cin, k, k], found "
                                f"{tuple(w.shape)}")
     kernels = [int(w.shape[-1]) for w in conv_w]
-    detected = _detect_config(kernels, indices, bn)
+    if indices is not None:
+        found = _blocks_from_indices(indices, bn)
+        sizes, lrn = found if found else (None, False)
+    else:
+        sizes, lrn = _blocks_from_names(names), False
+    cfg = None
     if config is not None:
         try:
             cfg, cfg_bn = canonical_config(config)
@@ -411,12 +478,11 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if cfg_bn != bn and config.lower() in ALIASES:
             raise WeightsError(f"config {config!r} {'has' if cfg_bn else 'has no'} BatchNorm but the "
                                f"weights {'have' if bn else 'have none'}")
-        if cfg != detected and {cfg, detected} != {"A", "A-LRN"}:
-            raise WeightsError(f"config {config!r} does not match the weights, which look like "
-                               f"configuration {detected} ({len(kernels)} convolutions)")
         if cfg == "A-LRN" and bn:
             raise WeightsError("A-LRN has no BatchNorm variant but the weights have BatchNorm")
-        detected = cfg
+        if indices is None and cfg in ("A", "A-LRN"):
+            lrn = cfg == "A-LRN"        # vggfast's names do not show the LRN: the caller's word
+    detected = _detect_config(kernels, sizes, lrn, cfg)
     c0 = conv_w[0]
     if c0.shape[1] != 3:
         raise WeightsError(f"conv1_1 reads {c0.shape[1]} channels; VGG takes RGB (3)")
@@ -477,8 +543,9 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
             raise WeightsError(f"metadata num_classes / image_size must be integers, not "
                                f"{meta.get('num_classes')!r} / {meta.get('image_size')!r}")
     block_channels, i = [], 0
-    for kernels in TABLE1[detected]:
-        block_channels.append(int(conv_w[i].shape[0]))
+    for b, kernels in enumerate(TABLE1[detected]):      # a truncated stack: width-scaled defaults
+        block_channels.append(int(conv_w[i].shape[0]) if i < len(conv_w)
+                              else scaled(BLOCK_CHANNELS[b], width))
         i += len(kernels)
     try:
         spec = make_spec(detected, num_classes, width, image_size, batch_norm=bn, fc_width=fc_width,
@@ -520,7 +587,10 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         params[f"{layer.name}.bias"] = b.contiguous()
         if not (_check_finite_tensor(w) and _check_finite_tensor(b)):
             nonfinite.append(layer.name)
-    missing = []
+    missing = [l.name for l in spec.convs[len(conv_w):]]    # a stack cut short
+    if missing and present:
+        raise WeightsError(f"the weights have a classifier but no {', '.join(missing)}: the "
+                           f"convolutions of configuration {spec.config} stop early")
     for layer in spec.fcs:
         pair = fc[layer.name]
         if pair is None:
