@@ -366,6 +366,11 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
                             torch.stack(image_probs).mean(0), (H, W))
 
 
+# Boxes per class entering the greedy merge, the strongest first: merging is cubic in the boxes
+# (about 1 s for 1000 overlapping ones), and a panorama at a large scale has thousands.
+MAX_MERGE = 1000
+
+
 def localize(engine, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: bool = False,
              merge_iou: float = MERGE_IOU) -> list[tuple[int, str, float, tuple[float, ...]]]:
     """Boxes of the classifier's top-k classes: [(class_index, class_name, score, (x0, y0, x1,
@@ -381,15 +386,12 @@ def localize(engine, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: b
     out = []
     for prob, c in zip(p.tolist(), idx.tolist()):
         boxes, scores = d.class_boxes(c)
-        if len(scores) > MAX_MERGE:  # greedy merging is cubic in the boxes: keep the strongest
+        if len(scores) > MAX_MERGE:
             keep = torch.topk(scores, MAX_MERGE).indices
             boxes, scores = boxes[keep], scores[keep]
         merged, _ = greedy_merge(boxes.numpy(), scores.numpy(), merge_iou)
         out.append((c, engine.class_names[c], prob, clip_box(merged[0], W, H)))
     return out
-
-
-MAX_MERGE = 1000  # boxes per class entering the greedy merge (~1 s at most)
 
 
 def _check_merge_iou(v: Any) -> float:
