@@ -23,7 +23,7 @@ from . import preprocess as pp
 from .errors import ArgumentError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
-from .weights import Weights, load
+from .weights import Weights, all_finite, load
 
 METHODS = ("dense", "multicrop", "dense+multicrop")  # see protocols.py
 BACKENDS = ("auto", "triton", "torch")
@@ -69,13 +69,11 @@ class Result:
 def check_finite(t: torch.Tensor, engine: "Engine", what: str) -> torch.Tensor:
     """`t` (the network's outputs) unless some value is NaN or infinite: finite weights whose
     products overflow the compute dtype, or an input the checks let through."""
-    if t.numel():
-        lo, hi = torch.aminmax(t.detach())
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            hint = "; try dtype=torch.bfloat16" if engine.dtype == torch.float16 else ""
-            raise WeightsError(f"the network's {what} are not finite (an overflow in "
-                               f"{str(engine.dtype).replace('torch.', '')}): the weights' values "
-                               f"are out of range{hint}")
+    if not all_finite(t):
+        hint = "; try dtype=torch.bfloat16" if engine.dtype == torch.float16 else ""
+        raise WeightsError(f"the network's {what} are not finite (an overflow in "
+                           f"{str(engine.dtype).replace('torch.', '')}): the weights' values "
+                           f"are out of range{hint}")
     return t
 
 
@@ -402,10 +400,8 @@ class Engine:
             raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")
         self._require("fc8")
         self._check_memory(x.shape[0], h, w)
-        if x.numel():
-            lo, hi = torch.aminmax(x.detach())
-            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # else NaN logits, silently
-                raise ArgumentError("logits input contains NaN or infinite values")
+        if not all_finite(x):               # else NaN logits, silently
+            raise ArgumentError("logits input contains NaN or infinite values")
         s = self.spec
         if h == w == s.image_size:
             out = self._run(x)["fc8"].flatten(1)

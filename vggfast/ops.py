@@ -328,14 +328,24 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
                 PRECISION=_precision(packed))
     _launch_conv(grid, args, meta)
     if split_k > 1:
-        block_n = min(128, _pow2(packed.cout))
-        block_g = 32
-        _launch(_conv.splitk_reduce_kernel, (_cdiv(g, block_g), _cdiv(packed.cout, block_n)),
-                (target, packed.bias, out, packed.bias, packed.bias, g, gw, gh * gw, packed.cout,
-                 cout_p, out.stride(0), out.stride(1), out.stride(2)),
-                dict(SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=False, BLOCK_G=block_g,
-                     BLOCK_N=block_n))
+        _reduce_splits(target, packed, out, relu, split_k, g,
+                       (packed.bias, packed.bias, g, gw, gh * gw), out.stride()[:3])
     return out
+
+
+_REDUCE_ROWS = 32   # rows per reduce program; divides GROUP_ROW_ALIGN (one problem per block)
+
+
+def _reduce_splits(ws: torch.Tensor, packed: PackedConv, out: torch.Tensor, relu: bool,
+                   split_k: int, rows: int, where: tuple, y_strides: Sequence[int],
+                   grouped: bool = False) -> None:
+    """The split-K reduction launch: out = [ReLU](sum of ws's splits + bias). where: (grp_ptr,
+    chunk_ptr, G, GW, GHW) of splitk_reduce_kernel (grouped: the tables and the virtual rows)."""
+    block_n = min(128, _pow2(packed.cout))
+    _launch(_conv.splitk_reduce_kernel, (_cdiv(rows, _REDUCE_ROWS), _cdiv(packed.cout, block_n)),
+            (ws, packed.bias, out, *where, packed.cout, packed.weight.shape[1], *y_strides),
+            dict(SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=grouped,
+                 BLOCK_G=_REDUCE_ROWS, BLOCK_N=block_n))
 
 
 # -- grouped launches: one conv launch for several inputs of different sizes -------------------
@@ -504,13 +514,8 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
                 PRECISION=_precision(packed))
     _launch_conv(grid, args, meta)
     if split_k > 1:
-        block_n = min(128, _pow2(packed.cout))
-        block_g = 32    # divides GROUP_ROW_ALIGN: a block of rows lies in one problem
-        _launch(_conv.splitk_reduce_kernel, (layer.vrows // block_g, _cdiv(packed.cout, block_n)),
-                (target, packed.bias, out, table, chunks, layer.vrows, 0, 0, packed.cout, cout_p,
-                 0, 0, 0),
-                dict(SPLIT_K=split_k, APPLY_RELU=bool(relu), GROUPED=True, BLOCK_G=block_g,
-                     BLOCK_N=block_n))
+        _reduce_splits(target, packed, out, relu, split_k, layer.vrows,
+                       (table, chunks, layer.vrows, 0, 0), (0, 0, 0), grouped=True)
     return out
 
 

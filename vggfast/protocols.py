@@ -38,6 +38,10 @@ import torch.nn.functional as F
 from . import preprocess as pp
 from .errors import ArgumentError, ImageError, VGGFastError
 
+# A class index written as text: ASCII digits only (str.isdigit() also takes "²", which int()
+# refuses).
+_INTEGER = re.compile(r"-?[0-9]+")
+
 if TYPE_CHECKING:
     from .engine import Engine, Result
 
@@ -188,7 +192,7 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
     out = {}
     for n, line in enumerate(l for l in text.splitlines() if l.strip()):
         tok = line.split()
-        out[tok[0]] = int(tok[1]) if len(tok) > 1 and re.fullmatch(r"-?[0-9]+", tok[1]) else n
+        out[tok[0]] = int(tok[1]) if len(tok) > 1 and _INTEGER.fullmatch(tok[1]) else n
     return out
 
 
@@ -213,7 +217,7 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
             raise ArgumentError(f"the class map has no entry for folder(s) "
                                 f"{', '.join(unknown[:5])}")
         index = {f: class_map[f] for f in folders}
-    elif all(re.fullmatch(r"[0-9]+", f) for f in folders):
+    elif all(f.isascii() and f.isdigit() for f in folders):
         index = {f: int(f) for f in folders}
     elif all(f in class_names for f in folders):
         index = {f: list(class_names).index(f) for f in folders}
@@ -326,7 +330,7 @@ def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
     scores = engine.score_map(x, scale=q)  # [classes, h, w]
     if cls is None:
         k = int(scores.mean(dim=(1, 2)).argmax())
-    elif isinstance(cls, str) and not re.fullmatch(r"-?[0-9]+", cls.strip()):
+    elif isinstance(cls, str) and not _INTEGER.fullmatch(cls.strip()):
         names = list(engine.class_names)
         hits = [i for i, n in enumerate(names) if n == cls] or \
                [i for i, n in enumerate(names) if n.lower() == cls.lower()]

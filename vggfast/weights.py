@@ -7,8 +7,8 @@ model.safetensors / pytorch_model.bin), a torchvision model name found in the to
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
-...) or cut short (`features[:23]`: the layers present load, the rest are missing), with `module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger
-module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
+...) or cut short (`features[:23]`: the layers present load, the rest are missing), with
+`module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
@@ -429,7 +429,7 @@ def _detect_config(kernels: list[int], sizes: list[int] | None, lrn: bool,
                        "Table 1 (A, A-LRN, B, C, D, E), complete or cut short")
 
 
-def _check_finite_tensor(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """True when every element is finite: torch's min/max reductions propagate NaN, and an
     infinity is its own extreme, so the two extremes decide in one pass with no boolean copy of
     the tensor (VGG16's fc6 alone has 103M elements; isfinite().all() took 30x longer)."""
@@ -507,9 +507,8 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         shapes = ", ".join(f"{k} {tuple(sd[k].shape)}" for k in stray[:4])
         raise WeightsError(f"unexpected tensors {shapes}{' ...' if len(stray) > 4 else ''}: the "
                            "classifier is not VGG's (Linear layers at classifier.0, .3, .6); a "
-                           "modified head is "
-                           "not supported (drop the classifier.* tensors to use the convolutions "
-                           "for features)")
+                           "modified head is not supported (drop the classifier.* tensors to use "
+                           "the convolutions for features)")
     if present and present != (["fc6", "fc7"] if headless else list(fc)):
         missing = [n for n in fc if fc[n] is None]
         raise WeightsError(f"incomplete classifier: {', '.join(missing)} missing")
@@ -585,7 +584,7 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
             b = (b - mean) * scale + beta
         params[f"{layer.name}.weight"] = w.contiguous()
         params[f"{layer.name}.bias"] = b.contiguous()
-        if not (_check_finite_tensor(w) and _check_finite_tensor(b)):
+        if not (all_finite(w) and all_finite(b)):
             nonfinite.append(layer.name)
     missing = [l.name for l in spec.convs[len(conv_w):]]    # a stack cut short
     if missing and present:
@@ -609,7 +608,7 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         w = w.detach().to(torch.float32).reshape(shape).contiguous()
         b = b.detach().to(torch.float32).contiguous()
         params[f"{layer.name}.weight"], params[f"{layer.name}.bias"] = w, b
-        if not (_check_finite_tensor(w) and _check_finite_tensor(b)):
+        if not (all_finite(w) and all_finite(b)):
             nonfinite.append(layer.name)
     return spec, params, tuple(missing), tuple(nonfinite)
 
