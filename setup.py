@@ -23,7 +23,7 @@ setup(
     packages=["vggfast", "vggfast.kernels"],
     package_dir={"vggfast": "vggfast", "vggfast.kernels": "kernels"},
     package_data={"vggfast": ["data/*.json", "data/*.jpg", "data/*.png", "data/*.safetensors",
-                              "data/*.md"]},
+                              "data/*.md", "data/*.txt"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

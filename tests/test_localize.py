@@ -217,6 +217,28 @@ def test_dense_localisation_matches_window_by_window(mode):
     assert [o[0] for o in out] == torch.topk(d.image_probs, 3).indices.tolist()
 
 
+def test_merge_takes_only_the_strongest_boxes_of_a_class(monkeypatch):
+    """Above MAX_MERGE boxes of a class (a panorama at a large scale), only the strongest
+    MAX_MERGE enter the cubic greedy merge; with the cap lowered to 3 here, the answer must be
+    the merge of the 3 best-scoring boxes, which differs from merging all of them."""
+    cls, loc = _pair("pcr", seed=3)
+    eng = _engine(cls, loc, "pcr")
+    img = torch.rand(3, 70, 50, generator=torch.Generator().manual_seed(5))
+    scales = (32, 48, 80)
+    d = L.dense_predictions(eng, img, scales, flip=True)
+    c = int(torch.argmax(d.image_probs))
+    boxes, scores = d.class_boxes(c)
+    assert len(scores) > 3
+    top = torch.topk(scores, 3).indices
+    want = L.greedy_merge(boxes[top].numpy(), scores[top].numpy(), 0.1)[0][0]
+    everything = L.greedy_merge(boxes.numpy(), scores.numpy(), 0.1)[0][0]
+    assert not np.allclose(want, everything, atol=1e-3)   # the cap changes this answer
+    monkeypatch.setattr(L, "MAX_MERGE", 3)
+    (got_c, _, _, box), = eng.localize(img, scales=scales, top_k=1, flip=True, merge_iou=0.1)
+    assert got_c == c
+    assert np.allclose(box, L.clip_box(want, 50, 70), atol=1e-4)
+
+
 def test_center_crop_box_matches_module():
     cls, loc = _pair("pcr", seed=4)
     eng = _engine(cls, loc, "pcr")
@@ -299,6 +321,14 @@ def test_read_voc(tmp_path):
     (tmp_path / "x2.xml").write_text(VOC.format(name="x2"))
     s = L.read_boxes(tmp_path / "x2.xml", ["dog", "cat"], image_root=root)
     assert s[0].file == str(root / "x2.JPEG")
+    # ILSVRC's boxes name WordNet IDs: read against the ImageNet classes (cat -> n01443537,
+    # goldfish, class 1; dog -> n15075141, toilet tissue, class 999)
+    xml = VOC.format(name="x2").replace(">cat<", ">n01443537<").replace(">dog<", ">n15075141<")
+    (tmp_path / "x2.xml").write_text(xml)
+    s = L.read_boxes(tmp_path / "x2.xml", vggfast.engine.imagenet_classes(), image_root=root)
+    assert [x.label for x in s] == [1, 999]
+    with pytest.raises(VGGFastError, match="unknown class 'n01443537'"):   # not ImageNet's
+        L.read_boxes(tmp_path / "x2.xml", ["dog", "cat"], image_root=root)
 
 
 def test_bad_voc(tmp_path):

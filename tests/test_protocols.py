@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import small_model
 from vggfast import Engine, Ensemble, VGGFastError
 from vggfast.cli import main
-from vggfast.protocols import class_map_image
+from vggfast.engine import imagenet_classes
+from vggfast.protocols import class_map_image, labelled_images
 from vggfast.scheduler import make_plan
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -195,6 +196,21 @@ def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples,
     root = _folder(tmp_path, samples, ["dogs", "cats"])
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32"]) == 2
     assert "--class-map" in capsys.readouterr().err
+
+
+def test_imagenet_synset_folders_map_to_their_classes(tmp_path):
+    """An ImageNet validation tree (synset folders, any subset) needs no class map for a model
+    with the ImageNet classes; the synset order is torchvision's index order."""
+    names = imagenet_classes()
+    for wnid in ("n01440764", "n01443537", "n15075141"):
+        (tmp_path / wnid).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / wnid / "a.png")
+    pairs = labelled_images(tmp_path, names)
+    assert [(p.parent.name, i) for p, i in pairs] == [
+        ("n01440764", 0), ("n01443537", 1), ("n15075141", 999)]
+    assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
+    with pytest.raises(VGGFastError, match="--class-map"):   # other classes: no guessing
+        labelled_images(tmp_path, [f"c{i}" for i in range(1000)])
 
 
 # -- heatmap --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import functools
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
@@ -35,8 +36,28 @@ DEFAULT_CPU_BUDGET = 8 << 30
 
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet class names, in torchvision's index order (package data)."""
-    text = resources.files("vggfast").joinpath("data/imagenet_classes.json").read_text()
-    return json.loads(text)
+    return list(_imagenet_classes())
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_classes() -> tuple[str, ...]:
+    return tuple(json.loads(resources.files("vggfast").joinpath(
+        "data/imagenet_classes.json").read_text()))
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_synsets() -> dict[str, int]:
+    text = resources.files("vggfast").joinpath("data/imagenet_synsets.txt").read_text()
+    return {wnid: i for i, wnid in enumerate(text.split())}
+
+
+def imagenet_synsets(class_names: Sequence[str]) -> dict[str, int]:
+    """WordNet ID -> class index ({"n01440764": 0, ...}: ILSVRC-2012's sorted synsets, which is
+    torchvision's index order) when `class_names` are the ImageNet classes in that order, the
+    folder names of an ImageNet tree and the labels of its box annotations; else {}."""
+    if len(class_names) != 1000 or tuple(class_names) != _imagenet_classes():
+        return {}
+    return _imagenet_synsets()
 
 
 @dataclass

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
+from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .train import RunOptions, run_fields
 
@@ -453,6 +454,8 @@ def _label_index(raw: Any, class_names: Sequence[str] | None, class_map: dict[st
             i = class_map[raw]
         elif class_names is not None and raw in class_names:
             i = list(class_names).index(raw)
+        elif class_names is not None and raw in imagenet_synsets(class_names):
+            i = imagenet_synsets(class_names)[raw]      # ImageNet's boxes name synsets
         elif raw.strip().isdigit():
             i = int(raw)
         else:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
+from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, VGGFastError
 
 # A class index written as text: ASCII digits only (str.isdigit() also takes "²", which int()
@@ -201,8 +202,10 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
     """(image, class index) pairs of an ImageFolder-style tree (one sub-folder per class).
 
     Folder -> index: `class_map` when given; else integer folder names are indices; else folder
-    names equal to the engine's class names; else, when there is one folder per class, their
-    sorted order (torchvision's ImageFolder rule). Anything else asks for a class map.
+    names equal to the engine's class names; else ImageNet WordNet IDs (n01440764, ...) for a
+    model with the ImageNet classes, any subset of them; else, when there is one folder per
+    class, their sorted order (torchvision's ImageFolder rule). Anything else asks for a class
+    map.
     """
     root = Path(root)
     if not root.is_dir():
@@ -221,6 +224,8 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
         index = {f: int(f) for f in folders}
     elif all(f in class_names for f in folders):
         index = {f: list(class_names).index(f) for f in folders}
+    elif (synsets := imagenet_synsets(class_names)) and all(f in synsets for f in folders):
+        index = {f: synsets[f] for f in folders}     # ImageNet's n01440764/... (any subset)
     elif len(folders) == n:
         index = {f: i for i, f in enumerate(folders)}
     else:
