@@ -369,3 +369,28 @@ def test_a_cut_stack_is_checked_against_a_named_config():
         load({**{"features." + k: v for k, v in stack.items()},
               **{k: v for k, v in small_model("D").state_dict().items()
                  if k.startswith("classifier.")}})
+
+
+def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
+    """jcjohnson/pytorch-vgg's Caffe conversions (vgg16-00b39a1b.pth, used by style-transfer and
+    Faster R-CNN code) hold the Linear layers at classifier.1, .4, .6 and expect Caffe's input
+    (BGR, 0-255, minus the mean pixel): both are read off that layout."""
+    m = small_model("D")
+    moved = {"classifier.0": "classifier.1", "classifier.3": "classifier.4"}
+    sd = {}
+    for k, v in m.state_dict().items():
+        owner, p = k.rsplit(".", 1)
+        sd[f"{moved.get(owner, owner)}.{p}"] = v
+    torch.save(sd, tmp_path / "vgg16-00b39a1b.pth")
+    w = load(str(tmp_path / "vgg16-00b39a1b.pth"))
+    _same(w.state_dict, load(m.state_dict()).state_dict)
+    assert w.preprocess == "caffe"
+    eng = Engine(str(tmp_path / "vgg16-00b39a1b.pth"), device="cpu")
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # the Caffe convention by hand: BGR, 0-255, minus the BGR mean pixel, through the module
+    bgr = x.flip(0) * 255 - torch.tensor([103.939, 116.779, 123.68]).view(3, 1, 1)
+    with torch.no_grad():
+        want = torch.softmax(torch.cat([m(bgr[None]), m(bgr.flip(-1)[None])]), 1).mean(0)
+    got = eng.classify(x, scales=[32]).probs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert Engine(sd, device="cpu", preprocess="torchvision").preprocess == "torchvision"

@@ -121,6 +121,9 @@ def load(src: Any, config: str | None = None) -> Weights:
     headless = any(re.search(r"(^|\.)pre_logits\.fc2\.weight$", k) for k in sd) and \
         not any(re.search(r"(^|\.)head\.fc\.weight$", k) for k in sd)
     sd = _rename(sd)
+    if _caffe_classifier(sd):
+        sd = {_CAFFE_FC.get(k, k): v for k, v in sd.items()}
+        preprocess = preprocess or "caffe"
     if config is None and isinstance(meta.get("config"), str):
         try:
             canonical_config(meta["config"])
@@ -326,6 +329,20 @@ def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                                "keep one set")
         out[k] = v
     return out
+
+
+# jcjohnson/pytorch-vgg's conversions of the original Caffe models (vgg16-00b39a1b.pth,
+# vgg19-d01eb7cb.pth; style transfer and Faster R-CNN code loads them) keep a Dropout before fc6,
+# so their Linear layers sit at classifier.1, .4, .6, and they expect Caffe's input: BGR, 0-255,
+# minus the mean pixel. That classifier layout is their signature.
+_CAFFE_FC = {f"classifier.{a}.{p}": f"classifier.{b}.{p}"
+             for a, b in ((1, 0), (4, 3)) for p in ("weight", "bias")}
+
+
+def _caffe_classifier(sd: dict[str, torch.Tensor]) -> bool:
+    linear = {int(m.group(1)) for k in sd
+              for m in [re.fullmatch(r"classifier\.(\d+)\.(?:weight|bias)", k)] if m}
+    return linear == {1, 4, 6}
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
