@@ -69,12 +69,24 @@ def test_info_and_demo_in_process(weights, monkeypatch, capsys):
 
 
 def test_bad_image_among_good_ones_is_reported_and_the_rest_classified(weights, samples, tmp_path,
-                                                                      capsys):
+                                                                      capsys, monkeypatch):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     code = main(["classify", str(bad), str(samples["cat"]), "--weights", weights, "--scales", "32"])
     cap = capsys.readouterr()
     assert code == 2 and "bad.jpg" in cap.err and "cat.jpg" in cap.out
+    # in chunks (one photo each here): the same lines, in the order given
+    import vggfast.engine
+    code = main(["classify", str(samples["rocket"]), str(bad), str(samples["cat"]), "--weights",
+                 weights, "--scales", "32", "--json"])
+    whole = capsys.readouterr()
+    monkeypatch.setattr(vggfast.engine, "CHUNK_IMAGES", 1)
+    assert main(["classify", str(samples["rocket"]), str(bad), str(samples["cat"]), "--weights",
+                 weights, "--scales", "32", "--json"]) == code == 2
+    chunked = capsys.readouterr()
+    assert chunked.out == whole.out and chunked.err == whole.err
+    rows = json.loads(chunked.out)["results"]
+    assert [r["image"] for r in rows] == [str(samples["rocket"]), str(samples["cat"])]
 
 
 def test_classify_explain_prints_the_plan(weights, samples, capsys):

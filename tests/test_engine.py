@@ -98,6 +98,36 @@ def test_classify_list_of_mixed_sizes_equals_one_by_one(samples):
         torch.testing.assert_close(r.probs, eng.classify(img, scales=(32, 40)).probs)
 
 
+def test_long_lists_go_in_chunks_with_the_same_results(samples, monkeypatch, tmp_path):
+    """A list longer than CHUNK_IMAGES is decoded, planned and run a chunk at a time (host memory
+    holds a chunk's photos); results, and Appendix B features, equal one request for all."""
+    import vggfast.engine as E
+    eng = Engine(small_model(num_classes=10).state_dict())
+    imgs = [samples["cat"], samples["rocket"], torch.rand(3, 40, 170), samples["astronaut"],
+            torch.rand(3, 50, 33)]
+    whole = eng.classify(imgs, scales=(32, 40))
+    feats = eng.features(imgs, layer="relu7", scales=(32, 40))
+    decoded = []
+    real = E.pp.load_image
+    monkeypatch.setattr(E.pp, "load_image", lambda i: decoded.append(i) or real(i))
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    plans = []
+    plan = eng._executor.plan
+    monkeypatch.setattr(eng._executor, "plan", lambda ims, *a: plans.append(len(ims)) or
+                        plan(ims, *a))
+    chunked = eng.classify(imgs, scales=(32, 40))
+    assert plans == [2, 2, 1] and len(decoded) == 5
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a.probs, b.probs)
+    torch.testing.assert_close(eng.features(imgs, layer="relu7", scales=(32, 40)), feats)
+    # a path that does not exist fails before anything is decoded
+    decoded.clear()
+    with pytest.raises(VGGFastError, match="not found"):
+        eng.classify(imgs + [str(tmp_path / "missing.jpg")], scales=(32,))
+    assert decoded == []
+    assert eng.classify([], scales=(32,)) == []
+
+
 def test_imagenet_class_names_ship_with_the_package():
     m = small_model("A", num_classes=1000, width=1 / 32)
     eng = Engine(m.state_dict())

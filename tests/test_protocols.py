@@ -163,7 +163,9 @@ def _folder(tmp_path, samples, names):
     return root
 
 
-def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys):
+def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys, monkeypatch):
+    import vggfast.engine
+    monkeypatch.setattr(vggfast.engine, "CHUNK_IMAGES", 3)   # chunks of 3 and 2, one bad file
     names = ["n0003", "n0001", "n0009"]
     root = _folder(tmp_path, samples, names)
     (root / "n0001" / "broken.jpg").write_bytes(b"not a jpeg")

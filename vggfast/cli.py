@@ -70,18 +70,23 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
 def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
+    from .engine import CHUNK_IMAGES
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
-    names, images, failed = [], [], 0
-    for path in args.images:
-        try:
-            images.append(load_image(path))
-            names.append(path)
-        except ImageError as exc:
-            print(error_line(exc), file=sys.stderr)
-            failed += 1
-    if images:
-        flip = not args.no_flip
+    flip = not args.no_flip
+    names, results, failed = [], [], 0
+    for start in range(0, len(args.images), CHUNK_IMAGES):
+        # a chunk of photos decoded at a time (each one a request), not every photo at once
+        images = []
+        for path in args.images[start:start + CHUNK_IMAGES]:
+            try:
+                images.append(load_image(path))
+                names.append(path)
+            except ImageError as exc:
+                print(error_line(exc), file=sys.stderr)
+                failed += 1
+        if not images:
+            continue
         if args.explain:
             plan = eng.plan(images, scales=scales, flip=flip, method=args.method)
             waves = eng._executor.waves(plan, "fc8")
@@ -90,8 +95,9 @@ def cmd_classify(args) -> int:
                    f"layer each" if any(len(w) > 1 for w in waves)
                    else f"batch by batch on the {eng.backend_name} backend")
             print(f"{plan}\n  runs {how}", file=sys.stderr if args.json else sys.stdout)
-        results = eng.classify(images, scales=scales, flip=flip, method=args.method,
-                               top_k=args.top)
+        results += eng.classify(images, scales=scales, flip=flip, method=args.method,
+                                top_k=args.top)
+    if results:
         _print_results(names, results, args.top, args.json)
     return 2 if failed else 0
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
-from .errors import ArgumentError, MemoryBudgetError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
 from .weights import Weights, all_finite, load
@@ -58,6 +58,23 @@ def imagenet_synsets(class_names: Sequence[str]) -> dict[str, int]:
     if len(class_names) != 1000 or tuple(class_names) != _imagenet_classes():
         return {}
     return _imagenet_synsets()
+
+
+# Images of a list request decoded, planned and run together. A long list goes in chunks of
+# this many, so host memory holds a chunk's decoded photos, not every photo of the list; 64 is
+# the request size the planner is measured at, whose batches already fill the GPU.
+CHUNK_IMAGES = 64
+
+
+def decoded_chunks(items: Sequence[Any]) -> Iterable[list[torch.Tensor]]:
+    """`items` decoded (preprocess.load_image) CHUNK_IMAGES at a time. Paths that do not exist
+    are an ImageError before anything is decoded, so a typo late in a long list fails at once."""
+    for i in items:
+        if isinstance(i, (str, os.PathLike)) and not os.path.exists(i):
+            raise ImageError(f"image not found: {os.fspath(i)}")
+    size = CHUNK_IMAGES
+    for start in range(0, len(items), size):
+        yield [pp.load_image(i) for i in items[start:start + size]]
 
 
 @dataclass
@@ -312,12 +329,13 @@ class Engine:
                 "the limit with Engine(..., memory_budget=BYTES) or VGGFAST_MEMORY_BUDGET=16GiB")
 
     def _request(self, imgs: Any, scales: Any, method: str):
-        """Checked (scales, method, decoded images, whether a list was given)."""
+        """Checked (scales, method, images, whether a list was given); the images not decoded
+        yet (see `decoded_chunks`)."""
         scales = self.check_scales(scales)
         if method not in METHODS:
             raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         many = isinstance(imgs, (list, tuple))
-        return scales, method, [pp.load_image(i) for i in (imgs if many else [imgs])], many
+        return scales, method, list(imgs) if many else [imgs], many
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -350,13 +368,13 @@ class Engine:
         top_k = _check_top_k(top_k)
         check_average(average)
         flip = check_flag("flip", flip)
-        scales, method, images, many = self._request(img, scales, method)
-        if not images:
-            return []
-        plan = self._executor.plan(images, scales, flip, method)
-        scores = self._executor.run(plan, images)
-        results = [result_from_views(self, plan, i, scores, method, average, top_k)
-                   for i in range(len(images))]
+        scales, method, items, many = self._request(img, scales, method)
+        results = []
+        for images in decoded_chunks(items):
+            plan = self._executor.plan(images, scales, flip, method)
+            scores = self._executor.run(plan, images)
+            results += [result_from_views(self, plan, i, scores, method, average, top_k)
+                        for i in range(len(images))]
         return results if many else results[0]
 
     def plan(self, imgs: Any, scales: Any = (256, 384, 512), flip: bool = True,
@@ -366,15 +384,16 @@ class Engine:
         Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary.
         """
         flip = check_flag("flip", flip)
-        scales, method, images, _ = self._request(imgs, scales, method)
-        return self._executor.plan(images, scales, flip, method)
+        scales, method, items, _ = self._request(imgs, scales, method)
+        return self._executor.plan([pp.load_image(i) for i in items], scales, flip, method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
         self._require("fc8")
         if isinstance(img, (list, tuple)):
             raise ArgumentError("score_map takes one image, not a list; call it once per image")
-        scales, _, images, _ = self._request(img, (scale,), "dense")
+        scales, _, items, _ = self._request(img, (scale,), "dense")
+        images = [pp.load_image(items[0])]
         plan = self._executor.plan(images, scales, False, "dense")
         return check_finite(self._executor.run(plan, images, reduce=lambda t: t)[0], self,
                             "class scores")

@@ -89,7 +89,7 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     See the module docstring for the computation and D. normalize: L2-normalise each row (the
     paper's); a zero vector stays zero.
     """
-    from .engine import check_flag
+    from .engine import check_flag, decoded_chunks
     layer = _check_layer(engine, layer)
     scales = _check_scales(engine, scales, layer)
     flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
@@ -97,23 +97,24 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
         raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
     if aggregate not in AGGREGATES:
         raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
-    many = isinstance(imgs, (list, tuple))
-    images = [pp.load_image(i) for i in (imgs if many else [imgs])]
-    if not images:
+    items = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+    if not items:
         raise ArgumentError("no images given")
-    if min(scales) >= engine.spec.image_size:
-        # the planner's equal-size batches, across images (it refuses views below native size)
-        ex = engine._executor
-        plan = ex.plan(images, scales, bool(flip), "dense")
-        pooled = ex.run(plan, images, tap=layer, reduce=lambda m: _pool(m, pool))
-        per_image = []
-        for i in range(len(images)):
-            views = [plan.views[v] for v in plan.image_views(i)]
-            per_image.append([torch.stack([pooled[v.index] for v in views if v.scale == q]).mean(0)
-                              for q in scales])
-    else:
-        per_image = [[_pool(engine._run(engine._views(x, q, bool(flip)), (layer,))[layer],
-                            pool).mean(0).cpu() for q in scales] for x in images]
+    per_image = []
+    for images in decoded_chunks(items):
+        if min(scales) >= engine.spec.image_size:
+            # the planner's equal-size batches, across images (it refuses views below native
+            # size)
+            ex = engine._executor
+            plan = ex.plan(images, scales, bool(flip), "dense")
+            pooled = ex.run(plan, images, tap=layer, reduce=lambda m: _pool(m, pool))
+            for i in range(len(images)):
+                views = [plan.views[v] for v in plan.image_views(i)]
+                per_image.append([torch.stack([pooled[v.index] for v in views
+                                               if v.scale == q]).mean(0) for q in scales])
+        else:
+            per_image += [[_pool(engine._run(engine._views(x, q, bool(flip)), (layer,))[layer],
+                                 pool).mean(0).cpu() for q in scales] for x in images]
     rows = [torch.stack(p).mean(0) if aggregate == "mean" else torch.cat(p) for p in per_image]
     out = torch.stack(rows).float()
     return F.normalize(out, dim=1) if normalize else out

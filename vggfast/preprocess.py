@@ -145,8 +145,8 @@ def _from_pil(im) -> torch.Tensor:
         except ValueError as exc:  # modes PIL cannot convert ("La", ...): not a corrupt file
             raise ImageError(f"cannot convert a PIL {mode!r} image to RGB ({exc}); convert it "
                              "first")
-    a = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+    # one copy, HWC -> CHW (np.asarray of a PIL image is read-only, torch wants writable memory)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def _gray_float(a: np.ndarray) -> torch.Tensor:
@@ -200,7 +200,7 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """[..., 3, H, W] uint8 or float -> float32 in [0, 1]."""
-    return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
 
 
 def resize_short(x: torch.Tensor, q: int) -> torch.Tensor:

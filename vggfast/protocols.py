@@ -248,21 +248,33 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     """Top-1 / top-5 error (%) of `engine` on (image, label) pairs; unreadable images are skipped
     and listed under "failed"."""
     from tqdm import tqdm
+
+    from .engine import CHUNK_IMAGES
     top1 = top5 = done = 0
     failed = []
-    bar = tqdm(pairs, desc="evaluate", unit="img", disable=not progress, file=sys.stderr)
-    for img, label in bar:
-        try:
-            r = engine.classify(img, scales=scales, flip=flip, method=method, top_k=5,
-                                average=average)
-        except ImageError as exc:
-            failed.append({"file": str(img), "error": str(exc)})
-            continue
-        best = [i for i, _, _ in r.top(5)]
-        done += 1
-        top1 += best[0] != label
-        top5 += label not in best
-        bar.set_postfix(top1=f"{100 * top1 / done:.1f}%", top5=f"{100 * top5 / done:.1f}%")
+    bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
+               file=sys.stderr)
+    for start in range(0, len(pairs), CHUNK_IMAGES):
+        # Decoded one by one (an unreadable image is skipped), classified as one request: the
+        # planner batches equal-size views across the chunk's images.
+        images, labels = [], []
+        for img, label in pairs[start:start + CHUNK_IMAGES]:
+            try:
+                images.append(pp.load_image(img))
+                labels.append(label)
+            except ImageError as exc:
+                failed.append({"file": str(img), "error": str(exc)})
+        results = engine.classify(images, scales=scales, flip=flip, method=method, top_k=5,
+                                  average=average) if images else []
+        for r, label in zip(results, labels):
+            best = [i for i, _, _ in r.top(5)]
+            done += 1
+            top1 += best[0] != label
+            top5 += label not in best
+        bar.update(min(CHUNK_IMAGES, len(pairs) - start))
+        if done:
+            bar.set_postfix(top1=f"{100 * top1 / done:.1f}%", top5=f"{100 * top5 / done:.1f}%")
+    bar.close()
     if not done:
         raise VGGFastError(f"none of the {len(pairs)} images could be read")
     return {"method": method, "scales": list(scales), "flip": flip, "average": average,
