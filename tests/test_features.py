@@ -195,3 +195,88 @@ def test_feature_extractor_no_grad_path_uses_the_fast_backend(monkeypatch):
         fx(torch.randn(1, 3, 16, 40))
     with pytest.raises(VGGFastError, match="unknown layer"):
         FeatureExtractor(m, layers=["relu9_9"])
+
+
+def test_feature_extractor_as_a_perceptual_loss(tv16):
+    """The usual VGG-loss pattern: the target's features come from the fast (no-grad) path and
+    must enter any loss; public outputs are ordinary tensors (not inference tensors), so
+    in-place edits and losses that save them for backward work."""
+    fx = FeatureExtractor({f"features.{k}": v for k, v in tv16.state_dict().items()},
+                          layers=["relu2_2", "relu3_3"])
+    torch.manual_seed(0)
+    target = torch.randn(1, 3, 32, 32)
+    gen = target.clone().requires_grad_(True)
+    loss = sum(F.mse_loss(a, b) for a, b in zip(fx(gen).values(), fx(target).values()))
+    loss.backward()                                   # target features saved for backward
+    assert float(loss.detach()) == pytest.approx(0, abs=1e-10) and gen.grad is not None
+    assert fx(target)["relu2_2"].clamp_(min=0.5).min() == 0.5
+    eng = Engine(small_model(num_classes=10).state_dict())
+    img = torch.rand(3, 40, 40)
+    for t in (eng.score_map(img, 32), eng.logits(torch.randn(1, 3, 32, 32)),
+              eng.feature_maps(img, "conv3_1", 32), eng.features(img, "relu7", (32,)),
+              eng.classify(img, scales=(32,)).probs):
+        assert not t.is_inference()
+
+
+def test_feature_extractor_copies_compiles_and_reloads(tv16, tmp_path):
+    import copy
+    fx = FeatureExtractor({f"features.{k}": v for k, v in tv16.state_dict().items()},
+                          layers=["relu1_2", "relu3_3"])
+    x = torch.randn(2, 3, 36, 40)
+    with torch.no_grad():
+        want = fx(x)
+    for clone in (copy.deepcopy(fx), torch.nn.Sequential(fx, torch.nn.Identity())[0]):
+        with torch.no_grad():
+            got = clone(x)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k])
+    torch.save(fx, tmp_path / "fx.pt")
+    loaded = torch.load(tmp_path / "fx.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["relu3_3"], want["relu3_3"])
+    # its own state dict, or the module itself, are weights vggfast reads
+    for src in (fx.state_dict(), fx, {f"loss.vgg.{k}": v for k, v in fx.state_dict().items()}):
+        with torch.no_grad():
+            torch.testing.assert_close(FeatureExtractor(src, layers=["relu3_3"])(x)["relu3_3"],
+                                       want["relu3_3"])
+    # torch.compile traces the autograd path (the fast engines are plain Python it cannot)
+    compiled = torch.compile(fx, backend="eager")
+    xg = x.clone().requires_grad_(True)
+    out = compiled(xg)
+    torch.testing.assert_close(out["relu3_3"], want["relu3_3"], rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(out["relu3_3"].sum(), xg)
+    (g2,) = torch.autograd.grad(fx(xg)["relu3_3"].sum(), xg)
+    torch.testing.assert_close(g, g2)
+
+
+def test_feature_extractor_dtype_refresh_and_errors(tv16):
+    sd = {f"features.{k}": v for k, v in tv16.state_dict().items()}
+    x = torch.randn(1, 3, 32, 32)
+    # the fast path computes in x's dtype unless told: both paths agree, output in x's dtype
+    fx = FeatureExtractor(sd, layers=["relu2_2", "relu2_2"])
+    assert fx.layers == ["relu2_2"]                               # duplicates merged
+    with torch.no_grad():
+        fast = fx(x)["relu2_2"]
+    torch.testing.assert_close(fast, fx(x.requires_grad_(True))["relu2_2"].detach())
+    fx64 = FeatureExtractor(sd, layers=["relu2_2"]).double()
+    with torch.no_grad():
+        assert fx64(x.detach().double())["relu2_2"].dtype == torch.float64
+    # bf16 fast engine: a copy of the weights, re-read after writes through .data on refresh()
+    fb = FeatureExtractor(sd, layers=["relu2_2"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = fb(x.detach())["relu2_2"]
+        assert before.dtype == torch.float32 and before.abs().max() > 0
+        for p in fb.parameters():
+            p.data.zero_()                                  # not seen by the version counter
+        fb.refresh()
+        assert fb(x.detach())["relu2_2"].abs().max() == 0
+        assert all(v.abs().max() > 0 for v in sd.values())    # the caller's weights untouched
+    # a failed call does not leave the module broken
+    with pytest.raises(Exception):
+        with torch.no_grad():
+            fx(torch.empty(1, 3, 32, 32, device="meta"))
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x.detach())["relu2_2"], fast)
+    small = FeatureExtractor(sd, layers=["relu2_2"], memory_budget=10_000)
+    with pytest.raises(VGGFastError, match=r"FeatureExtractor\(\.\.\., memory_budget"):
+        small(x)

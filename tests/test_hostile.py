@@ -400,3 +400,13 @@ def test_extract_refuses_inconsistent_rank_environment(env, weights_file, tmp_pa
     assert main(["extract", str(tmp_path), "--out", str(tmp_path / "f.npy"), "--weights",
                  weights_file, "--scales", "32"]) == 2
     assert "WORLD_SIZE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dropout=2.0), "dropout must be a probability"),
+    (dict(dropout=True), "dropout must be a probability"),
+    (dict(image_size=100_000, width=0.125), r"would have [\d,]+ parameters"),
+])
+def test_build_model_refuses_nonsense_before_allocating(kwargs, match):
+    with pytest.raises(ArgumentError, match=match):
+        vggfast.build_model("A", **kwargs)

@@ -122,10 +122,10 @@ class NetSpec:
         """Every named activation with the weight layer that produces it, in order:
         conv1_1, relu1_1, [norm1], pool1, ..., pool5, fc6, relu6, fc7, relu7, fc8."""
         out = []
-        for l in self.layers:
+        for j, l in enumerate(self.layers):
             b = l.block
             if l.kind == "conv":
-                i = 1 + sum(1 for m in self.layers[:self.layers.index(l)] if m.block == b)
+                i = 1 + sum(1 for m in self.layers[:j] if m.block == b)
                 out += [(f"conv{b}_{i}", l), (f"relu{b}_{i}", l)]
                 if l.lrn:
                     out.append((f"norm{b}", l))

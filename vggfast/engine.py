@@ -60,6 +60,31 @@ def imagenet_synsets(class_names: Sequence[str]) -> dict[str, int]:
     return _imagenet_synsets()
 
 
+def activation_bytes(spec, dtype: torch.dtype, batch: int, h: int, w: int) -> int:
+    """Peak activation bytes of one [batch, 3, h, w] forward of `spec` in `dtype` (a layer's
+    input, conv output and ReLU output alive at once)."""
+    el = torch.finfo(dtype).bits // 8
+    peak = 0
+    c = 3
+    for l in spec.layers:
+        ho, wo = h + 2 * l.pad - l.k + 1, w + 2 * l.pad - l.k + 1
+        if ho < 1 or wo < 1:
+            break
+        peak = max(peak, batch * el * (c * h * w + 2 * l.cout * ho * wo))
+        h, w, c = (ho // 2, wo // 2, l.cout) if l.pool else (ho, wo, l.cout)
+    return peak
+
+
+def check_memory(spec, dtype: torch.dtype, budget: int, batch: int, h: int, w: int,
+                 advice: str) -> None:
+    """MemoryBudgetError, before anything is allocated, when the forward would pass `budget`."""
+    need = activation_bytes(spec, dtype, batch, h, w)
+    if need > budget:
+        raise MemoryBudgetError(
+            f"a {w}x{h} input (batch {batch}) needs {_fmt_bytes(need)} of activations, over the "
+            f"memory budget of {_fmt_bytes(budget)}; {advice} or VGGFAST_MEMORY_BUDGET=16GiB")
+
+
 # Images of a list request decoded, planned and run together. A long list goes in chunks of
 # this many, so host memory holds a chunk's decoded photos, not every photo of the list; 64 is
 # the request size the planner is measured at, whose batches already fill the GPU.
@@ -309,24 +334,11 @@ class Engine:
 
     def activation_bytes(self, batch: int, h: int, w: int) -> int:
         """Peak activation bytes of one batch (input, conv output and ReLU output alive at once)."""
-        el = torch.finfo(self.dtype).bits // 8
-        peak = 0
-        c = 3
-        for l in self.spec.layers:
-            ho, wo = h + 2 * l.pad - l.k + 1, w + 2 * l.pad - l.k + 1
-            if ho < 1 or wo < 1:
-                break
-            peak = max(peak, batch * el * (c * h * w + 2 * l.cout * ho * wo))
-            h, w, c = (ho // 2, wo // 2, l.cout) if l.pool else (ho, wo, l.cout)
-        return peak
+        return activation_bytes(self.spec, self.dtype, batch, h, w)
 
     def _check_memory(self, batch: int, h: int, w: int) -> None:
-        need = self.activation_bytes(batch, h, w)
-        if need > self.memory_budget:
-            raise MemoryBudgetError(
-                f"a {w}x{h} input (batch {batch}) needs {_fmt_bytes(need)} of activations, over the "
-                f"memory budget of {_fmt_bytes(self.memory_budget)}; use smaller scales, or raise "
-                "the limit with Engine(..., memory_budget=BYTES) or VGGFAST_MEMORY_BUDGET=16GiB")
+        check_memory(self.spec, self.dtype, self.memory_budget, batch, h, w,
+                     "use smaller scales, or raise the limit with Engine(..., memory_budget=BYTES)")
 
     def _request(self, imgs: Any, scales: Any, method: str):
         """Checked (scales, method, images, whether a list was given); the images not decoded

@@ -278,7 +278,7 @@ class Executor:
         arena = self._arena_for(plan, needs)
         for wave, prepared in zip(waves, preps):
             xs = tuple(batch_input(b) for b in wave)
-            with torch.inference_mode():
+            with torch.no_grad():
                 if len(wave) == 1 and planned:
                     layout = plan.arenas[wave[0].arena]
                     forward = lambda t: backend.run_planned(t, layout, plan.ops, arena)  # noqa: E731

@@ -138,31 +138,40 @@ def feature_maps(engine: "Engine", img: Any, layer: str = "conv5_3", scale: int 
 class FeatureExtractor(nn.Module):
     """VGG activations as an nn.Module (perceptual / style losses, feature matching).
 
-    weights: anything `vggfast.Engine` accepts. layers: tap names ("relu1_2", "relu2_2",
-    "relu3_3", "relu4_3", "conv5_3", "pool5", "fc6", "fc7", ...; `NetSpec.tap_names()`).
-    forward(x): x [N, 3, H, W] float, already normalised (see `normalize`); returns
-    {layer: [N, C, h, w] tensor} in the order of `layers`. Computation stops after the deepest
-    requested layer and only the weights up to it are kept. fc layers need H, W >= image_size.
+    weights: anything `vggfast.Engine` accepts (a FeatureExtractor too). layers: tap names
+    ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "conv5_3", "pool5", "fc6", "fc7", ...;
+    `NetSpec.tap_names()`; with BatchNorm weights "convB_I" is the output after the folded BN).
+    forward(x): x [N, 3, H, W] float, already normalised for these weights (`fe.normalize(rgb)`
+    does it for RGB in [0, 1]); returns {layer: [N, C, h, w] tensor in x's dtype} in the order of
+    `layers`. Computation stops after the deepest requested layer and only the weights up to it
+    are kept. fc layers need H, W >= image_size.
 
-    Two paths on the same canonical (BatchNorm-folded) weights:
+    Two paths on the same canonical (BatchNorm-folded) weights, computing in the same dtype:
     - no gradient needed (grad disabled, or neither x nor any weight requires grad): the engine's
-      fast backend (Triton kernels on CUDA, torch otherwise); outputs float32.
-    - otherwise: plain torch ops (cuDNN) with autograd; outputs in x's dtype. Input gradients equal
-      torchvision's on the same weights. The weights are frozen parameters (requires_grad False);
-      set `requires_grad_(True)` on them to fine-tune, which moves every call to this path.
+      fast backend (Triton kernels on CUDA, torch otherwise) in `dtype` (default: x's dtype;
+      pass dtype=torch.bfloat16 for the fastest kernels on a GPU).
+    - otherwise, and inside torch.compile: plain torch ops (cuDNN) with autograd. Input
+      gradients equal torchvision's on the same weights. The weights are frozen parameters
+      (requires_grad False); set `requires_grad_(True)` on them to fine-tune, which moves every
+      call to this path.
+    The fast path follows the parameters (an optimiser step, load_state_dict, .to(), in-place
+    ops); writes through `.data` bypass PyTorch's version counters, so call `refresh()` after
+    them. Copies (deepcopy, torch.save of the module, pickling) drop the fast engines, which are
+    rebuilt on the next call. memory_budget: as Engine's (a forward over it is refused).
     """
 
     def __init__(self, weights: Any, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3",
                                                               "relu4_3"),
                  config: str | None = None, device: Any = None, dtype: Any = None,
-                 backend: str = "auto", preprocess: str | None = None):
+                 backend: str = "auto", preprocess: str | None = None,
+                 memory_budget: int | None = None):
         super().__init__()
         from .engine import Engine
         if isinstance(layers, str):
             layers = [layers]
         if layers is None or not isinstance(layers, (list, tuple)):
             raise ArgumentError(f"layers must be a list of layer names, not {layers!r}")
-        layers = list(layers)
+        layers = list(dict.fromkeys(layers))
         if not layers:
             raise ArgumentError("layers is empty; name at least one, e.g. ['relu2_2']")
         w = load(weights, config=config)
@@ -175,6 +184,7 @@ class FeatureExtractor(nn.Module):
         self.layers = layers
         self.spec = spec
         self.deepest = max(layers, key=names.index)
+        self._min_side = _min_side(spec, self.deepest)
         bad = w.unusable(self.deepest)
         if bad:
             raise WeightsError(f"layers {', '.join(bad)} of these weights are missing or contain "
@@ -186,23 +196,38 @@ class FeatureExtractor(nn.Module):
             w = dataclasses.replace(
                 w, state_dict={k: v for k, v in w.state_dict.items() if k.split(".")[0] not in fcs},
                 missing=fcs, nonfinite=tuple(n for n in w.nonfinite if n not in fcs))
-        self._engine_args = dict(dtype=dtype, backend=backend, preprocess=preprocess)
-        self._engines: dict[torch.device, Engine] = {}
-        eng = Engine(w, device=device, **self._engine_args)
-        self._engines[eng.device] = eng
+        self._engine_args = dict(backend=backend, preprocess=preprocess,
+                                 memory_budget=memory_budget)
+        # The first engine checks the arguments and settles the device, the convention and the
+        # budget; a fast engine is kept per (device, dtype) met.
+        eng = Engine(w, device=device, dtype=torch.float32 if dtype is None else dtype,
+                     **self._engine_args)
+        self._dtype = None if dtype is None else eng.dtype
+        self._engines: dict[tuple, Engine] = {(eng.device, eng.dtype): eng}
         self.preprocess = eng.preprocess
-        # canonical names use "." so they are stored under "conv1_1_weight" etc.
+        self._budget = eng.memory_budget
+        # canonical names use "." so they are stored under "conv1_1_weight" etc.; the module owns
+        # copies (fine-tuning it must not write into the caller's state dict)
         self._keys = {f"{n}.{p}": f"{n}_{p}" for n in upto for p in ("weight", "bias")}
         for key, attr in self._keys.items():
             self.register_parameter(attr, nn.Parameter(
-                w.state_dict[key].to(eng.device), requires_grad=False))
+                w.state_dict[key].to(eng.device, copy=True), requires_grad=False))
         self._weights = w
         self._synced = self._param_signature()
+
+    def __getstate__(self) -> dict:
+        # the engines hold compiled kernels and C++ plans: not copied, rebuilt when next needed
+        return {**self.__dict__, "_engines": {}}
 
     def _param_signature(self) -> tuple:
         """What identifies the parameters' current values: storage, in-place version, dtype."""
         return tuple((a, p.data_ptr(), p._version, p.dtype, p.device)
                      for a, p in ((a, getattr(self, a)) for a in self._keys.values()))
+
+    def refresh(self) -> None:
+        """Make the fast path re-read the parameters on its next call (needed only after writes
+        through `.data`, which PyTorch does not track)."""
+        self._synced = None
 
     def _sync_fast_weights(self) -> None:
         """Rebuild the fast engines from the parameters when they were changed (an optimiser
@@ -225,26 +250,34 @@ class FeatureExtractor(nn.Module):
         """RGB in [0, 1], [N, 3, H, W] -> this network's input (its preprocessing convention)."""
         return pp.normalize(x, self.preprocess)
 
-    def _fast_engine(self, device: torch.device):
+    def _fast_engine(self, device: torch.device, dtype: torch.dtype):
         from .engine import Engine
-        if device not in self._engines:
-            self._engines[device] = Engine(self._weights, device=device, **self._engine_args)
-        return self._engines[device]
+        key = (device, dtype)
+        if key not in self._engines:
+            self._engines[key] = Engine(self._weights, device=device, dtype=dtype,
+                                        **self._engine_args)
+        return self._engines[key]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from .engine import check_memory
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
                 or not x.is_floating_point():
             raise ArgumentError("FeatureExtractor expects a float tensor [N, 3, H, W], normalised")
-        lo = _min_side(self.spec, self.deepest)
+        lo = self._min_side
         if min(x.shape[-2:]) < lo:
             raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for "
                                 f"{self.deepest}; it needs at least {lo}x{lo}")
-        # refuse before allocating, as Engine does (the budget: Engine's memory_budget)
-        next(iter(self._engines.values()))._check_memory(x.shape[0], *x.shape[-2:])
         params = {k: getattr(self, a) for k, a in self._keys.items()}
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in params.values()))
-        if needs_grad:
+        compiling = torch.compiler.is_compiling()
+        fast_dtype = self._dtype or x.dtype
+        fast = not compiling and fast_dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and not (torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in params.values())))
+        if not compiling:   # refuse before allocating, as Engine does
+            check_memory(self.spec, fast_dtype if fast else x.dtype, self._budget, x.shape[0],
+                         *x.shape[-2:], "use smaller inputs, or raise the limit with "
+                         "FeatureExtractor(..., memory_budget=BYTES)")
+        if not fast:
             if any(p.device != x.device for p in params.values()):
                 raise ArgumentError(f"input is on {x.device} but the weights are on "
                                     f"{next(iter(params.values())).device}; move one with .to()")
@@ -252,8 +285,8 @@ class FeatureExtractor(nn.Module):
             out = dense_forward(params, self.spec, x, self.layers)
         else:
             self._sync_fast_weights()
-            out = self._fast_engine(x.device)._backend.run(x, self.layers)
-            out = {k: v.to(x.device) for k, v in out.items()}
+            out = self._fast_engine(x.device, fast_dtype)._backend.run(x, self.layers)
+            out = {k: v.to(x.device, x.dtype) for k, v in out.items()}
         return {t: out[t] for t in self.layers}
 
 

@@ -7,6 +7,7 @@ fast path is compared against: it runs the canonical (BN-folded, FC-as-conv) wei
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Mapping
 
 import torch
@@ -28,6 +29,12 @@ def lrn(x: torch.Tensor) -> torch.Tensor:
     return F.local_response_norm(x, LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
 
+# The largest network build_model makes: 32x VGG16's parameters, 18 GB in float32 (VGG16 at
+# image size 1024 has 2.3e9, most of them fc6's); past it a typo such as --image-size 100000
+# (2e13 parameters) is refused by name rather than failing deep in torch's allocator.
+MAX_PARAMS = 32 * 138_357_544
+
+
 class VGG(nn.Module):
     """VGG with torchvision's module layout; `spec` says which configuration it is.
 
@@ -38,6 +45,15 @@ class VGG(nn.Module):
 
     def __init__(self, spec: NetSpec, dropout: float = 0.5):
         super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+                or not 0 <= dropout <= 1:
+            raise ArgumentError(f"dropout must be a probability in [0, 1], not {dropout!r}")
+        n = sum(l.cout * (l.cin * l.k * l.k + 1) for l in spec.layers)
+        if n > MAX_PARAMS:
+            raise ArgumentError(f"this network would have {n:,} parameters ({4 * n / 2**30:,.0f} "
+                                f"GiB in float32; fc6 alone reads a {spec.grid}x{spec.grid} map "
+                                f"at image size {spec.image_size}); vggfast builds at most "
+                                f"{MAX_PARAMS:,}")
         self.spec = spec
         mods: list[nn.Module] = []
         for l in spec.convs:
@@ -161,13 +177,13 @@ class TorchBackend:
         self.params = {k: (v.to(device, dtype, memory_format=fmt) if v.dim() == 4
                            else v.to(device, dtype)) for k, v in params.items()}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
         x = x.to(self.device, self.dtype, memory_format=self.memory_format)
         out = dense_forward(self.params, self.spec, x, taps)
         return {k: v.float() for k, v in out.items()}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
         pooled = pooled.to(self.device, self.dtype, memory_format=self.memory_format)
         return fc_forward(self.params, self.spec, pooled).float()

@@ -137,7 +137,7 @@ class TritonBackend:
             x = x.float()
         return x.to(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
         """Dense forward: x [N, 3, H, W] normalised float -> {tap: float32 NCHW}.
 
@@ -261,7 +261,7 @@ class TritonBackend:
             self._group_plans.popitem(last=False)
         return plan
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run_many(self, xs: Sequence[torch.Tensor], tap: str = "fc8",
                  plan: GroupPlan | None = None,
                  arena: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -319,7 +319,7 @@ class TritonBackend:
         return [h[o:o + n * gh * gw * c].view(n, gh, gw, c).permute(0, 3, 1, 2).float()
                 for o, n, gh, gw in outputs]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run_planned(self, x: torch.Tensor, layout, plan_ops: Sequence,
                     arena: torch.Tensor | None = None) -> torch.Tensor:
         """The standard forward of one batch (fc8 scores) laid out by the C++ planner: every
@@ -360,7 +360,7 @@ class TritonBackend:
                 h = ops.max_pool2x2(h, out=out)
         return h.permute(0, 3, 1, 2).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc6-fc8 on a pool5 map pooled to grid x grid: [N, C, g, g] -> [N, classes] fp32."""
         g, c = self.spec.grid, self.spec.feature_channels

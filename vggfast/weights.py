@@ -294,7 +294,7 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-_VGG_KEY = re.compile(r"(?:^|\.)(features\.\d+\.weight|pre_logits\.fc1\.weight|conv1_1\.weight)$")
+_VGG_KEY = re.compile(r"(?:^|\.)(features\.\d+\.weight|pre_logits\.fc1\.weight|conv1_1[._]weight)$")
 
 
 def _strip_owner(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -318,12 +318,17 @@ def _strip_owner(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+# A FeatureExtractor's parameters: the canonical names with "_" for "." (conv1_1_weight).
+_EXTRACTOR_KEY = re.compile(r"^(conv\d_\d|fc[678])_(weight|bias)$")
+
+
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in _strip_owner(_strip_prefixes(sd)).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
+        k = _EXTRACTOR_KEY.sub(r"\1.\2", k)
         if k in out:
             raise WeightsError(f"two tensors are named {k!r} once timm's names are mapped; "
                                "keep one set")
