@@ -280,3 +280,12 @@ def test_feature_extractor_dtype_refresh_and_errors(tv16):
     small = FeatureExtractor(sd, layers=["relu2_2"], memory_budget=10_000)
     with pytest.raises(VGGFastError, match=r"FeatureExtractor\(\.\.\., memory_budget"):
         small(x)
+
+
+def test_the_default_descriptor_is_the_papers_relu7(eng):
+    """Appendix B's "activations of the penultimate layer": the Caffe models' fc7 blob, after
+    the in-place ReLU, i.e. "relu7"; "fc7" (before the ReLU) has negative components."""
+    img = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(2))
+    default = eng.features(img, scales=(32, 40))
+    torch.testing.assert_close(default, eng.features(img, layer="relu7", scales=(32, 40)))
+    assert default.min() >= 0 and eng.features(img, layer="fc7", scales=(32, 40)).min() < 0

@@ -342,15 +342,46 @@ def test_logits_refuse_tensors_without_values(eng):
         eng.logits(torch.empty(1, 3, 32, 32, device="meta"))
 
 
-def test_decompression_bomb_warning_range_is_refused_quietly(tmp_path, monkeypatch):
-    """Between PIL's pixel limit and twice it PIL only warns (on stderr); refused like a bomb."""
+def test_decompression_bomb_limits(tmp_path, monkeypatch):
+    """Between PIL's pixel limit and twice it (a 108-MP phone photo) PIL only warns: the image
+    is read, without the warning; over twice the limit it is refused like PIL refuses it."""
     path = tmp_path / "big.png"
     Image.new("RGB", (60, 60)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2500)      # 3600 pixels: warning range
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ImageError, match="too many pixels"):
-            pp.load_image(str(path))
+        assert pp.load_image(str(path)).shape == (3, 60, 60)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)      # over twice the limit
+    with pytest.raises(ImageError, match="too many pixels"):
+        pp.load_image(str(path))
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_alone(tmp_path):
+    """warnings.catch_warnings is process-wide: concurrent decodes must not leak its filters."""
+    import threading
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    before = list(warnings.filters)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(30):
+                pp.load_image(str(tmp_path / "a.png"))
+        except Exception as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and warnings.filters == before
+
+
+def test_a_tiny_image_file_is_named(tmp_path):
+    Image.new("RGB", (7, 300)).save(tmp_path / "banner.png")
+    with pytest.raises(ImageError, match=r"banner\.png: image is 7x300 pixels"):
+        pp.load_image(str(tmp_path / "banner.png"))
 
 
 def test_ensemble_weights_not_a_list_and_huge_weights(eng):

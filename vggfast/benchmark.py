@@ -41,7 +41,6 @@ need a GPU to be timed.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -66,7 +65,8 @@ DENSE_IMAGE = (480, 640)  # (h, w) of the dense rows' one 4:3 photo
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vggfast bench", description=__doc__.split("\n\n")[0])
+    from .cli import OneLineParser
+    p = OneLineParser(prog="vggfast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="D", help="A, A-LRN, B, C, D, E or vgg11..vgg19 (default D)")
     p.add_argument("--batches", default="1,8,64", help="batch sizes at --size (default 1,8,64)")
     p.add_argument("--size", type=int, default=224, help="square input size of the batch rows")

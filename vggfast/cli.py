@@ -43,6 +43,15 @@ def _engine(args, weights):
                   backend=args.backend, preprocess=args.preprocess)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: a usage error is one line on stderr (naming
+    `--help`) and exit code 2, not argparse's usage block."""
+
+    def error(self, message: str):
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def error_line(exc: BaseException) -> str:
     """`vggfast: error: MESSAGE` on one line, even when the message quotes a file name that holds
     a line break."""
@@ -177,7 +186,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggfast", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="vggfast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("classify", help="classify images (dense evaluation, scales and flips)")

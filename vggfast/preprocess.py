@@ -11,7 +11,8 @@ dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colo
 transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
 [0, 1] when its maximum is at most 1, else as 0-255; values outside the range are clipped.
 Multi-frame files (GIF, TIFF) use their first frame. PIL's decompression-bomb guard stays on: an
-image over twice `PIL.Image.MAX_IMAGE_PIXELS` is refused with an ImageError.
+image over twice `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError;
+below that PIL's warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
@@ -19,9 +20,11 @@ values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -84,8 +87,28 @@ def load_image(src) -> torch.Tensor:
                              f"{type(src).__name__}")
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIDE:
-        raise ImageError(f"image is {w}x{h} pixels; both sides must be at least {MIN_SIDE}")
+        where = f"{os.fspath(src)}: " if isinstance(src, (str, os.PathLike)) else ""
+        raise ImageError(f"{where}image is {w}x{h} pixels; both sides must be at least "
+                         f"{MIN_SIDE}")
     return x
+
+
+# warnings.catch_warnings changes process-wide state and is not thread-safe: threads decoding at
+# once (a server, a DataLoader with threads) would leak each other's filters. Only the steps that
+# warn run under it, one thread at a time; the decoding itself runs in parallel.
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_pil():
+    """PIL's warnings silenced: the decompression-bomb warning (between MAX_IMAGE_PIXELS and
+    twice it: a 108-MP phone photo is a photo, PIL's own limit refuses twice that) and the EXIF
+    reader's complaints about corrupt tags (the stored orientation is kept)."""
+    from PIL import Image
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _from_file(src) -> torch.Tensor:
@@ -96,17 +119,11 @@ def _from_file(src) -> torch.Tensor:
             raise ImageError(f"{name} is a folder, not an image file")
         raise ImageError(f"image not found: {name}")
     try:
-        with warnings.catch_warnings():
-            # PIL warns (on stderr) between MAX_IMAGE_PIXELS and twice that, and PIL's EXIF
-            # reader warns on corrupt EXIF: refuse the first like the bomb error, hide the second
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else name) as im:
-                im.load()
-                return _from_pil(im)
-    except Image.DecompressionBombWarning as exc:
-        raise ImageError(f"{name}: refused, too many pixels ({exc}); raise "
-                         "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted")
+        with _quiet_pil():
+            im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else name)
+        with im:
+            im.load()
+            return _from_pil(im)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
                          "if the file is trusted")
@@ -125,7 +142,8 @@ def _from_pil(im) -> torch.Tensor:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
     try:
-        im = ImageOps.exif_transpose(im)
+        with _quiet_pil():
+            im = ImageOps.exif_transpose(im)
     except Exception:  # broken EXIF data: keep the stored orientation rather than fail
         pass
     mode = im.mode
@@ -146,7 +164,7 @@ def _from_pil(im) -> torch.Tensor:
             raise ImageError(f"cannot convert a PIL {mode!r} image to RGB ({exc}); convert it "
                              "first")
     # one copy, HWC -> CHW (np.asarray of a PIL image is read-only, torch wants writable memory)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
+    return torch.from_numpy(np.array(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), order="C"))
 
 
 def _gray_float(a: np.ndarray) -> torch.Tensor:
