@@ -88,6 +88,11 @@ def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, mon
     # other settings are refused rather than mixed in
     assert main(cmd[:-1] + ["--batch-size", "2", "--pool", "max"]) == 2
     assert "other settings" in capsys.readouterr().err
+    other = tmp_path / "other.pth"      # same configuration, other weights: not mixed in either
+    torch.save(small_model("D", num_classes=10, seed=1).state_dict(), other)
+    assert main(["extract", str(folder), "--weights", str(other), "--out", str(out), *ARGS,
+                 "--batch-size", "2"]) == 2
+    assert "other settings (weights)" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(vf, "features", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     assert main(cmd + ["--batch-size", "2"]) == 0
@@ -126,3 +131,20 @@ def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
     assert meta == want_meta
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert not (tmp_path / "two.npy.parts").exists()
+
+
+def test_an_image_over_the_budget_is_skipped_and_ranks_need_torchrun(weights, folder, tmp_path,
+                                                                     monkeypatch, capsys):
+    Image.new("RGB", (3000, 16)).save(folder / "f_banner.png")
+    out = tmp_path / "f.npy"
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "8MiB")
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    feats, meta = _load(out)
+    assert feats.shape[0] == 4 and [os.path.basename(f["file"]) for f in meta["failed"]] == [
+        "b_broken.jpg", "f_banner.png"]
+    assert "memory budget" in meta["failed"][1]["error"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
+    assert "torchrun" in capsys.readouterr().err

@@ -488,3 +488,11 @@ def test_a_localisation_net_is_not_taken_for_a_classifier(tiny_set, tmp_path):
     save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
     with pytest.raises(VGGFastError, match="loc_weights"):
         vggfast.Engine(str(tmp_path / "loc"))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(limit=-1), "limit"), (dict(iou_threshold=1.5),
+                                                                        "IoU threshold")])
+def test_evaluate_localization_checks_its_options(kwargs, match):
+    cls, loc = _pair("scr")
+    with pytest.raises(VGGFastError, match=match):
+        L.evaluate_localization(_engine(cls, loc, "scr"), [], **kwargs)

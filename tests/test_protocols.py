@@ -242,3 +242,28 @@ def test_heatmap_places_each_score_at_its_window_centre(tiny):
         for j in range(probs.shape[1]):
             assert float(m[16 + 32 * i, 16 + 32 * j]) == pytest.approx(float(probs[i, j]),
                                                                         abs=1e-5)
+
+
+def test_evaluate_skips_hidden_folders_and_images_over_the_budget(weights, samples, tmp_path,
+                                                                   capsys, monkeypatch):
+    root = _folder(tmp_path, samples, ["3", "1"])
+    (root / ".ipynb_checkpoints").mkdir()                 # not a class
+    Image.open(samples["cat"]).save(root / ".ipynb_checkpoints" / "cat.png")
+    Image.new("RGB", (6000, 8)).save(root / "1" / "banner.png")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--json",
+                 "--quiet"]) == 0
+    cap = capsys.readouterr()
+    row = json.loads(cap.out)["results"][0]
+    assert row["images"] == 4 and [f["file"] for f in row["failed"]] == [
+        str(root / "1" / "banner.png")]
+    assert "memory budget" in cap.err
+
+
+def test_evaluate_says_when_it_maps_folders_by_sorted_order(samples, tmp_path, capsys):
+    path = tmp_path / "two.pth"
+    torch.save(small_model("D", num_classes=2).state_dict(), path)
+    root = _folder(tmp_path, samples, ["dogs", "cats"])
+    assert main(["evaluate", str(root), "--weights", str(path), "--scales", "32",
+                 "--quiet"]) == 0
+    assert "cats = 0" in capsys.readouterr().err

@@ -7,11 +7,13 @@ applies softmax, then averages the posteriors over the image and its flip and ov
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import numbers
 import os
-import functools
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
@@ -91,15 +93,32 @@ def check_memory(spec, dtype: torch.dtype, budget: int, batch: int, h: int, w: i
 CHUNK_IMAGES = 64
 
 
-def decoded_chunks(items: Sequence[Any]) -> Iterable[list[torch.Tensor]]:
-    """`items` decoded (preprocess.load_image) CHUNK_IMAGES at a time. Paths that do not exist
-    are an ImageError before anything is decoded, so a typo late in a long list fails at once."""
+def decoded_chunks(items: Sequence[Any]) -> Iterable[tuple[int, list[torch.Tensor]]]:
+    """(start, images): `items` decoded (preprocess.load_image) CHUNK_IMAGES at a time, start
+    the index of the chunk's first item. Paths that do not exist are an ImageError before
+    anything is decoded, so a typo late in a long list fails at once."""
     for i in items:
         if isinstance(i, (str, os.PathLike)) and not os.path.exists(i):
             raise ImageError(f"image not found: {os.fspath(i)}")
     size = CHUNK_IMAGES
     for start in range(0, len(items), size):
-        yield [pp.load_image(i) for i in items[start:start + size]]
+        yield start, [pp.load_image(i) for i in items[start:start + size]]
+
+
+@contextlib.contextmanager
+def naming_images(items: Sequence[Any], start: int):
+    """The planner's errors name "image K" of the request it was given, a chunk: re-raised with
+    K as the index in `items` and, for a path, the file."""
+    try:
+        yield
+    except VGGFastError as exc:
+        m = re.match(r"image (\d+)\b", str(exc))
+        if m is None or not start + int(m.group(1)) < len(items):
+            raise
+        k = start + int(m.group(1))
+        path = items[k] if isinstance(items[k], (str, os.PathLike)) else None
+        who = f"{os.fspath(path)} (image {k})" if path is not None else f"image {k}"
+        raise type(exc)(who + str(exc)[m.end():]) from None
 
 
 @dataclass
@@ -382,8 +401,9 @@ class Engine:
         flip = check_flag("flip", flip)
         scales, method, items, many = self._request(img, scales, method)
         results = []
-        for images in decoded_chunks(items):
-            plan = self._executor.plan(images, scales, flip, method)
+        for start, images in decoded_chunks(items):
+            with naming_images(items, start):
+                plan = self._executor.plan(images, scales, flip, method)
             scores = self._executor.run(plan, images)
             results += [result_from_views(self, plan, i, scores, method, average, top_k)
                         for i in range(len(images))]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
-from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
 
@@ -91,7 +91,7 @@ def features(engine: "Engine", imgs: Any, layer: str = "relu7", scales: Any = (2
     See the module docstring for the computation and D. normalize: L2-normalise each row (the
     paper's); a zero vector stays zero.
     """
-    from .engine import check_flag, decoded_chunks
+    from .engine import check_flag, decoded_chunks, naming_images
     layer = _check_layer(engine, layer)
     scales = _check_scales(engine, scales, layer)
     flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
@@ -103,12 +103,13 @@ def features(engine: "Engine", imgs: Any, layer: str = "relu7", scales: Any = (2
     if not items:
         raise ArgumentError("no images given")
     per_image = []
-    for images in decoded_chunks(items):
+    for start, images in decoded_chunks(items):
         if min(scales) >= engine.spec.image_size:
             # the planner's equal-size batches, across images (it refuses views below native
             # size)
             ex = engine._executor
-            plan = ex.plan(images, scales, bool(flip), "dense")
+            with naming_images(items, start):
+                plan = ex.plan(images, scales, bool(flip), "dense")
             pooled = ex.run(plan, images, tap=layer, reduce=lambda m: _pool(m, pool))
             for i in range(len(images)):
                 views = [plan.views[v] for v in plan.image_views(i)]
@@ -318,6 +319,17 @@ def list_inputs(src: str | os.PathLike) -> list[str]:
     return files
 
 
+def weights_id(w) -> str:
+    """A fingerprint of canonical weights (every tensor's name, shape and two float64 sums): a
+    resumed extract must not mix the rows of two models of one configuration."""
+    h = hashlib.sha256()
+    for k in sorted(w.state_dict):
+        t = w.state_dict[k]
+        h.update(f"{k}{tuple(t.shape)}{t.sum(dtype=torch.float64).item():.17g}"
+                 f"{t.abs().sum(dtype=torch.float64).item():.17g}".encode())
+    return h.hexdigest()[:16]
+
+
 def _dist_info() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
     try:
@@ -408,6 +420,8 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     settings = {"layer": layer, "scales": list(scales), "flip": bool(flip), "pool": pool,
                 "normalize": bool(normalize), "aggregate": aggregate, "world": world,
                 "batch_size": batch_size, "config": engine.spec.config,
+                "weights": weights_id(engine.weights), "preprocess": engine.preprocess,
+                "dtype": str(engine.dtype).removeprefix("torch."),
                 "files": hashlib.sha256("\n".join(files).encode()).hexdigest()}
     parts = _Parts(out, settings, rank)
     if gather is not None:
@@ -429,9 +443,22 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
                 idx.append(i)
             except ImageError as exc:
                 failed.append({"index": i, "file": files[i], "error": str(exc)})
-        # one request per chunk: the planner batches equal-size views across its images
-        vecs = (features(engine, images, layer, scales, flip, pool, normalize, aggregate).numpy()
-                if images else np.zeros((0, 0), np.float32))
+        # one request per chunk: the planner batches equal-size views across its images; an
+        # image over the memory budget is skipped, not the run
+        def run(ims):
+            return features(engine, ims, layer, scales, flip, pool, normalize, aggregate).numpy()
+        try:
+            vecs = run(images) if images else np.zeros((0, 0), np.float32)
+        except MemoryBudgetError:
+            rows, kept = [], []
+            for i, img in zip(idx, images):
+                try:
+                    rows.append(run([img]))
+                    kept.append(i)
+                except MemoryBudgetError as exc:
+                    failed.append({"index": i, "file": files[i],
+                                   "error": f"{files[i]}: {str(exc).split(') ', 1)[-1]}"})
+            idx, vecs = kept, (np.concatenate(rows) if rows else np.zeros((0, 0), np.float32))
         bar.update(len(chunk))
         parts.save(k, idx, vecs, failed)
     bar.close()
@@ -481,6 +508,10 @@ def cmd_extract(args) -> int:
     gather = None
     if world > 1:
         import torch.distributed as dist
+        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+            raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks "
+                               "of a sharded extract run together, e.g. `torchrun "
+                               f"--nproc-per-node {world} -m vggfast extract ...`")
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

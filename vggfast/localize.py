@@ -639,6 +639,11 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     _require_loc(engine)
     if protocol not in PROTOCOLS:
         raise ArgumentError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ArgumentError(f"limit must be 0 (all) or a positive number, not {limit!r}")
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) \
+            or not 0 <= iou_threshold < 1:
+        raise ArgumentError(f"the IoU threshold must be a number in [0, 1), not {iou_threshold!r}")
     samples = _as_samples(engine, dataset, image_root, class_map)
     if limit:
         samples = samples[:limit]

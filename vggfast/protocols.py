@@ -30,14 +30,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, VGGFastError
+from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError
 
 # A class index written as text: ASCII digits only (str.isdigit() also takes "²", which int()
 # refuses).
@@ -162,7 +162,8 @@ class Ensemble:
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder` (recursive), sorted by path."""
     return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
+                  and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def read_class_map(path: str | os.PathLike) -> dict[str, int]:
@@ -198,19 +199,21 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
 
 
 def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
-                    class_map: dict[str, int] | None = None) -> list[tuple[Path, int]]:
+                    class_map: dict[str, int] | None = None,
+                    note: Callable[[str], None] | None = None) -> list[tuple[Path, int]]:
     """(image, class index) pairs of an ImageFolder-style tree (one sub-folder per class).
 
     Folder -> index: `class_map` when given; else integer folder names are indices; else folder
     names equal to the engine's class names; else ImageNet WordNet IDs (n01440764, ...) for a
     model with the ImageNet classes, any subset of them; else, when there is one folder per
-    class, their sorted order (torchvision's ImageFolder rule). Anything else asks for a class
-    map.
+    class, their sorted order (torchvision's ImageFolder rule; said through `note`). Anything
+    else asks for a class map. Hidden folders and files (a leading ".") are skipped.
     """
     root = Path(root)
     if not root.is_dir():
         raise ArgumentError(f"{root} is not a folder (expected one sub-folder per class)")
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are not classes, as in training
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise ArgumentError(f"{root} has no class sub-folders (expected root/CLASS/IMAGE)")
     n = len(class_names)
@@ -228,6 +231,10 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
         index = {f: synsets[f] for f in folders}     # ImageNet's n01440764/... (any subset)
     elif len(folders) == n:
         index = {f: i for i, f in enumerate(folders)}
+        if note is not None:
+            note(f"the {n} folders are taken as classes 0..{n - 1} in sorted order "
+                 f"({folders[0]} = 0, ...; torchvision's ImageFolder rule); pass --class-map if "
+                 "the model was trained otherwise")
     else:
         raise ArgumentError(f"cannot tell which class each of the {len(folders)} folders is (the "
                             f"model has {n} classes); pass --class-map FILE (JSON or one folder "
@@ -257,15 +264,29 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     for start in range(0, len(pairs), CHUNK_IMAGES):
         # Decoded one by one (an unreadable image is skipped), classified as one request: the
         # planner batches equal-size views across the chunk's images.
-        images, labels = [], []
+        images, labels, named = [], [], []
         for img, label in pairs[start:start + CHUNK_IMAGES]:
             try:
                 images.append(pp.load_image(img))
                 labels.append(label)
+                named.append((img, label))
             except ImageError as exc:
                 failed.append({"file": str(img), "error": str(exc)})
-        results = engine.classify(images, scales=scales, flip=flip, method=method, top_k=5,
-                                  average=average) if images else []
+        def run(ims):
+            return engine.classify(ims, scales=scales, flip=flip, method=method, top_k=5,
+                                   average=average) if ims else []
+        try:
+            results = run(images)
+        except MemoryBudgetError:       # one image too large: skip it, not the evaluation
+            results, kept = [], []
+            for (img, _), x, label in zip(named, images, labels):
+                try:
+                    results += run([x])
+                    kept.append(label)
+                except MemoryBudgetError as exc:
+                    failed.append({"file": str(img),
+                                   "error": f"{img}: {str(exc).split(') ', 1)[-1]}"})
+            labels = kept
         for r, label in zip(results, labels):
             best = [i for i, _, _ in r.top(5)]
             done += 1
@@ -302,7 +323,8 @@ def cmd_evaluate(args) -> int:
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
     cmap = read_class_map(args.class_map) if args.class_map else None
-    pairs = labelled_images(args.folder, eng.class_names, cmap)
+    pairs = labelled_images(args.folder, eng.class_names, cmap,
+                            note=lambda m: print(f"vggfast: note: {m}", file=sys.stderr))
     if args.limit < 0:
         raise ArgumentError(f"--limit must be 0 (all) or a positive number, not {args.limit}")
     if args.limit:
