@@ -496,3 +496,20 @@ def test_evaluate_localization_checks_its_options(kwargs, match):
     cls, loc = _pair("scr")
     with pytest.raises(VGGFastError, match=match):
         L.evaluate_localization(_engine(cls, loc, "scr"), [], **kwargs)
+
+
+def test_training_samples_are_checked_before_training(tiny_set, tmp_path, capsys):
+    """An unreadable image is skipped with a warning (as the classification trainer does), a box
+    partly outside its image is clipped, one wholly outside is refused by file."""
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    from PIL import Image
+    Image.new("RGB", (48, 40)).save(tmp_path / "ok.png")
+    samples = [L.LocSample(str(tmp_path / "bad.png"), 0, [(1.0, 1.0, 5.0, 5.0)]),
+               L.LocSample(str(tmp_path / "ok.png"), 1, [(-20.0, -5.0, 30.0, 60.0)])]
+    kept = L.readable_samples(samples, "for training")
+    assert [s.file for s in kept] == [str(tmp_path / "ok.png")]
+    assert kept[0].boxes == [(0.0, 0.0, 30.0, 40.0)]
+    assert "bad.png" in capsys.readouterr().err
+    with pytest.raises(VGGFastError, match=r"ok\.png: box .* outside the 48x40 image"):
+        L.readable_samples([L.LocSample(str(tmp_path / "ok.png"), 1, [(100, 100, 140, 140)])],
+                           "for training")

@@ -48,6 +48,7 @@ Annotation files (`read_boxes`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import numbers
@@ -440,6 +441,36 @@ class LocSample:
     file: str
     label: int
     boxes: list[tuple[float, float, float, float]]
+
+
+def readable_samples(samples: Sequence[LocSample], where: str) -> list[LocSample]:
+    """The samples whose image PIL can open (read from the header only; the others are skipped
+    with a warning, as the classification trainer skips them), each box clipped to its image. A
+    box wholly outside its image is an AnnotationError naming the file."""
+    from .train import _header_problem, _report_skipped
+    from PIL import Image
+    out, skipped = [], []
+    for s in samples:
+        problem = _header_problem(s.file)
+        if problem is not None:
+            skipped.append((s.file, problem))
+            continue
+        with Image.open(s.file) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated 90 degrees when loaded
+                w, h = h, w
+        boxes = []
+        for b in s.boxes:
+            c = clip_box(b, w, h)
+            if not (c[2] > c[0] and c[3] > c[1]):
+                raise AnnotationError(f"{s.file}: box {list(b)} lies outside the {w}x{h} image")
+            boxes.append(c)
+        out.append(dataclasses.replace(s, boxes=boxes))
+    if skipped:
+        _report_skipped(skipped, where)
+    if not out:
+        raise AnnotationError(f"none of the {len(samples)} annotated images {where} can be read")
+    return out
 
 
 def _label_index(raw: Any, class_names: Sequence[str] | None, class_map: dict[str, int] | None,
@@ -879,8 +910,9 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     size = model.spec.image_size
     scales = train_scales(opts, size)
     pre = cls_w.preprocess or "torchvision"
-    samples = read_boxes(opts.boxes, classes, opts.data)
-    val = read_boxes(opts.val_boxes, classes, opts.val) if opts.val_boxes else None
+    samples = readable_samples(read_boxes(opts.boxes, classes, opts.data), "for training")
+    val = (readable_samples(read_boxes(opts.val_boxes, classes, opts.val), "for validation")
+           if opts.val_boxes else None)
     meta = loc_meta(cls_w.meta or {}, model.spec, opts.mode, classes, trainable=opts.trainable,
                     init=str(init))
     meta["preprocess"] = pre
