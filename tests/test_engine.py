@@ -386,3 +386,24 @@ def test_gpu_graph_replay_equals_eager(samples, backend):
                                    rtol=1e-3, atol=1e-4)
     cache = graphs._executor.graphs
     assert cache.captures > 1 and cache.replays >= cache.captures and not cache.disabled
+
+
+def test_info_of_features_only_and_cut_short_weights():
+    """info counts the parameters the weights have and says how far they reach: a features-only
+    checkpoint has no classes, a cut-short one (features[:23], a perceptual loss) ends at pool4."""
+    tv = torchvision.models.vgg16()
+    full = Engine(tv.state_dict()).info()
+    assert (full["parameters"], full["num_classes"], full["usable_up_to"]) == (138357544, 1000, "fc8")
+    feat = Engine(tv.features.state_dict()).info()
+    assert feat["parameters"] == sum(p.numel() for p in tv.features.parameters())
+    assert (feat["num_classes"], feat["usable_up_to"]) == (None, "pool5")
+    assert feat["class_names"].startswith("none")
+    cut = Engine(tv.features[:23].state_dict()).info()
+    assert cut["parameters"] == sum(p.numel() for p in tv.features[:23].parameters())
+    assert cut["usable_up_to"] == "pool4"
+    bn_model = small_model(batch_norm=True)
+    folded = sum(m.weight.numel() + m.out_channels for m in bn_model.modules()
+                 if isinstance(m, torch.nn.Conv2d))
+    folded += sum(m.weight.numel() + m.bias.numel() for m in bn_model.modules()
+                  if isinstance(m, torch.nn.Linear))
+    assert Engine(bn_model.state_dict()).info()["parameters"] == folded   # BN folded into convs

@@ -148,3 +148,49 @@ def test_an_image_over_the_budget_is_skipped_and_ranks_need_torchrun(weights, fo
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends(weights, folder,
+                                                                         tmp_path, capsys):
+    """A lock held by a live process refuses the run (one line, exit 2); a lock left by a
+    process that died is taken over."""
+    out = tmp_path / "f.npy"
+    parts = tmp_path / "f.npy.parts"
+    parts.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (parts / "r0.lock").write_text(f"{socket.gethostname()} {other.pid}")
+        assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
+        err = capsys.readouterr().err
+        assert f"another extract (pid {other.pid}" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    assert np.load(out).shape[0] == 4 and not parts.exists()
+
+
+def test_every_image_failing_says_why_and_leaves_nothing_behind(weights, tmp_path, capsys):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for n in range(3):
+        (d / f"{n}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "f.npy"
+    assert main(["extract", str(d), "--weights", weights, "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none of the 3 images could be used; the first:" in err and "0.jpg" in err
+    assert not out.exists() and not (tmp_path / "f.npy.parts").exists()
+
+
+def test_a_write_error_is_one_line_and_leaves_no_temporary_file(weights, folder, tmp_path,
+                                                                monkeypatch, capsys):
+    def disk_full(f, a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vf.np, "save", disk_full)
+    out = tmp_path / "f.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot write" in err and "No space left on device" in err
+    assert not list((tmp_path / "f.npy.parts").glob("*.tmp*"))
+    assert not (tmp_path / "f.npy.parts" / "r0.lock").exists()

@@ -513,3 +513,20 @@ def test_training_samples_are_checked_before_training(tiny_set, tmp_path, capsys
     with pytest.raises(VGGFastError, match=r"ok\.png: box .* outside the 48x40 image"):
         L.readable_samples([L.LocSample(str(tmp_path / "ok.png"), 1, [(100, 100, 140, 140)])],
                            "for training")
+
+
+def test_evaluation_clips_ground_truth_to_the_image(tmp_path):
+    """Predictions are clipped to the image, so ground truth is too: a box annotated past the
+    image's edge is scored as the part inside it."""
+    cls, loc = _pair("scr", seed=3)
+    eng = _engine(cls, loc, "scr")
+    _img(tmp_path / "a.png", 48, 40)
+    f = str(tmp_path / "a.png")
+    box = L.center_crop_box(eng, f, 1)
+    gt = (box[0], box[1], box[2] + 500.0, box[3] + 500.0)
+    r = L.evaluate_localization(eng, [L.LocSample(f, 1, [gt])], protocol="center")
+    clipped = float(L.iou([box], [(box[0], box[1], 48.0, 40.0)]).max())
+    assert r["mean_iou"] == pytest.approx(clipped)
+    assert clipped > 10 * float(L.iou([box], [gt]).max())
+    with pytest.raises(VGGFastError, match=r"a\.png: box .* outside the 48x40 image"):
+        L.evaluate_localization(eng, [L.LocSample(f, 1, [(60, 50, 90, 80)])], protocol="center")

@@ -489,3 +489,22 @@ def test_shipped_digits_model_through_the_triton_backend():
         assert float((tri == y).float().mean()) >= 0.95
     else:
         assert int((ref == y).sum()) >= n - 1  # and the answers agreed on are (nearly all) right
+
+
+def test_cli_defaults_follow_the_task():
+    """`vggfast train` without --epochs / --out gives each task its own defaults (74 epochs in
+    vggfast-run for classification; 10 in vggfast-loc for localisation)."""
+    import argparse
+
+    from vggfast import localize as L
+    parser = argparse.ArgumentParser(prog="vggfast")
+    T.add_cli(parser.add_subparsers(dest="command"))
+    o = T.options_from_args(parser.parse_args(["train", "--data", "d"]))
+    assert (o.epochs, o.out, o.lr) == (74, "vggfast-run", 0.01)
+    a = parser.parse_args(["train", "--data", "d", "--task", "localize", "--boxes", "b",
+                           "--init", "c"])
+    o = L.options_from_args(a)
+    assert (o.epochs, o.out, o.lr) == (10, "vggfast-loc", 1e-3)
+    a = parser.parse_args(["train", "--data", "d", "--task", "localize", "--boxes", "b",
+                           "--init", "c", "--epochs", "3", "--out", "o"])
+    assert (L.options_from_args(a).epochs, L.options_from_args(a).out) == (3, "o")

@@ -228,6 +228,18 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
+def _usable_up_to(spec, w) -> str | None:
+    """The last tap the weights can compute (every weight layer before it present and finite);
+    None when not even conv1_1 can be."""
+    bad = set(w.missing) | set(w.nonfinite)
+    last = None
+    for name, layer in spec.taps():
+        if layer.name in bad:
+            break
+        last = name
+    return last
+
+
 class Engine:
     """A VGG network ready for dense evaluation.
 
@@ -485,11 +497,15 @@ class Engine:
     def info(self) -> dict[str, Any]:
         """What the engine runs: configuration, sizes, parameters, classes, conventions."""
         s, w = self.spec, self.weights
+        has_fc8 = "fc8" not in w.missing
+        present = sum(l.cout * l.cin * l.k * l.k + l.cout for l in s.layers
+                      if l.name not in w.missing)   # batch norm is folded into the convs
         return {
-            **w.describe(), "torchvision_name": s.torchvision_name, "num_classes": s.num_classes,
-            "parameters": s.param_count() - (sum(2 * l.cout for l in s.convs) if s.batch_norm else 0),
-            "preprocess": self.preprocess, "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""), "backend": self.backend_name,
-            "cuda_graphs": self.cuda_graphs, "class_names": "from weights" if w.class_names else
-            ("imagenet" if s.num_classes == 1000 else "indices"),
+            **w.describe(), "torchvision_name": s.torchvision_name,
+            "num_classes": s.num_classes if has_fc8 else None, "parameters": present,
+            "usable_up_to": _usable_up_to(s, w), "preprocess": self.preprocess,
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "backend": self.backend_name, "cuda_graphs": self.cuda_graphs,
+            "class_names": "none (no classifier)" if not has_fc8 else "from weights"
+            if w.class_names else ("imagenet" if s.num_classes == 1000 else "indices"),
         }

@@ -343,28 +343,81 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _atomic_save(path: Path, write) -> None:
+    """write(tmp), then rename tmp to path; an OS error (disk full, no permission) is a one-line
+    VGGFastError and leaves no temporary file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise VGGFastError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _save_npy(path: Path, a: np.ndarray) -> None:
+    with open(path, "wb") as f:   # np.save(name) would append ".npy" to a temporary name
+        np.save(f, a)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 class _Parts:
     """A run's checkpoint folder OUT.parts/: settings.json, and per rank and chunk
     r{rank}-{chunk}.npy (features, in shard order) + r{rank}-{chunk}.json (file indices, failures).
     A chunk is written only once complete (atomic rename), so an interrupted run loses at most the
-    chunk in flight."""
+    chunk in flight. r{rank}.lock (host and pid) keeps a second run from writing the same output
+    at the same time; a lock left by a process that died is taken over."""
 
     def __init__(self, out: Path, settings: dict[str, Any], rank: int):
         self.dir = out.with_name(out.name + ".parts")
         self.rank = rank
+        self.lock = self.dir / f"r{rank}.lock"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise VGGFastError(f"cannot write next to {out}: {exc.strerror or exc}")
+            raise VGGFastError(f"cannot write next to {out}: {exc.strerror or exc}") from None
+        self._take_lock(out)
         meta = self.dir / "settings.json"
         if rank == 0 and not meta.exists():
             _atomic_save(meta, lambda p: p.write_text(json.dumps(settings, indent=1)))
         self.settings = settings
+
+    def _take_lock(self, out: Path) -> None:
+        import socket
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    host, pid = self.lock.read_text().split()
+                except (OSError, ValueError):
+                    host, pid = "", "0"   # being written, or garbage: look once more
+                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                    self.lock.unlink(missing_ok=True)   # its process died: take over
+                    continue
+                if host:
+                    raise VGGFastError(
+                        f"another extract (pid {pid} on {host}) is writing {out}; wait for it, "
+                        f"choose another --out, or delete {self.lock} if it is not running")
+                continue
+            except OSError as exc:
+                raise VGGFastError(f"cannot write next to {out}: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return
+        raise VGGFastError(f"cannot lock {self.lock}; delete it if no extract is running")
+
+    def release(self) -> None:
+        self.lock.unlink(missing_ok=True)
 
     def check(self) -> None:
         meta = self.dir / "settings.json"
@@ -385,13 +438,15 @@ class _Parts:
 
     def save(self, chunk: int, indices: list[int], feats: np.ndarray, failed: list[dict]) -> None:
         stem = self.dir / f"r{self.rank}-{chunk:08d}"
-        _atomic_save(stem.with_suffix(".npy"), lambda p: np.save(open(p, "wb"), feats))
+        _atomic_save(stem.with_suffix(".npy"), lambda p: _save_npy(p, feats))
         _atomic_save(stem.with_suffix(".json"),
                      lambda p: p.write_text(json.dumps({"indices": indices, "failed": failed})))
 
     def remove_own(self) -> None:
+        """This rank's chunks and lock (the run is over)."""
         for f in self.dir.glob(f"r{self.rank}-*"):
             f.unlink()
+        self.release()
 
 
 def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, layer: str = "relu7",
@@ -405,9 +460,9 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     Work is checkpointed every `batch_size` images in OUT.parts/, and a rerun with the same
     settings resumes from there. With world > 1 rank r takes files[r::world]; `gather(obj)` must
     return the list of every rank's obj on rank 0 (None elsewhere); rank 0 writes the output.
-    Returns the JSON record on rank 0, None on other ranks.
+    Returns the JSON record on rank 0, None on other ranks. A second run writing the same OUT
+    at the same time is refused (a lock in OUT.parts/).
     """
-    from tqdm import tqdm
     if not os.fspath(out).strip() or Path(out).name in ("", ".", ".."):
         raise ArgumentError(f"--out {os.fspath(out)!r} is not a file name")
     out = Path(out)
@@ -424,6 +479,17 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
                 "dtype": str(engine.dtype).removeprefix("torch."),
                 "files": hashlib.sha256("\n".join(files).encode()).hexdigest()}
     parts = _Parts(out, settings, rank)
+    try:
+        return _extract_parts(engine, files, out, parts, settings, layer, scales, flip, pool,
+                              normalize, aggregate, batch_size, progress, rank, world, gather)
+    finally:
+        parts.release()
+
+
+def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, pool, normalize,
+                   aggregate, batch_size, progress, rank, world, gather):
+    """extract's work once its checkpoint folder is locked."""
+    from tqdm import tqdm
     if gather is not None:
         gather(None)  # rank 0 has written settings.json before anyone checks it
     parts.check()
@@ -464,7 +530,7 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     bar.close()
     local = parts.done()
     gathered = gather(local) if gather is not None else [local]
-    record = None
+    record, error = None, None
     if rank == 0:
         rows: dict[int, np.ndarray] = {}
         failed = []
@@ -473,17 +539,18 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
                 rows.update(zip(ix, feats))
                 failed += bad
         order = sorted(rows)
-        if not order:
-            raise VGGFastError(f"none of the {len(files)} images could be read")
-        feats = np.stack([rows[i] for i in order]).astype(np.float32)
         failed.sort(key=lambda f: f["index"])
-        record = {"files": [files[i] for i in order],
-                  "failed": [{"file": f["file"], "error": f["error"]} for f in failed],
-                  "dim": int(feats.shape[1]), **{k: v for k, v in settings.items()
-                                                 if k not in ("files", "world", "batch_size")}}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(out, lambda p: np.save(open(p, "wb"), feats))
-        _atomic_save(_json_path(out), lambda p: p.write_text(json.dumps(record, indent=1)))
+        if not order:   # nothing to write; the parts go too, so a rerun reads the files again
+            error = (f"none of the {len(files)} images could be used"
+                     + (f"; the first: {failed[0]['error']}" if failed else ""))
+        else:
+            feats = np.stack([rows[i] for i in order]).astype(np.float32)
+            record = {"files": [files[i] for i in order],
+                      "failed": [{"file": f["file"], "error": f["error"]} for f in failed],
+                      "dim": int(feats.shape[1]), **{k: v for k, v in settings.items()
+                                                     if k not in ("files", "world", "batch_size")}}
+            _atomic_save(out, lambda p: _save_npy(p, feats))
+            _atomic_save(_json_path(out), lambda p: p.write_text(json.dumps(record, indent=1)))
     if gather is not None:
         gather(None)  # the output exists before anyone removes its parts
     parts.remove_own()
@@ -495,6 +562,8 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
             parts.dir.rmdir()
         except OSError:  # a rank on another node keeps its own (unshared) parts folder
             pass
+    if error:
+        raise VGGFastError(error)
     return record
 
 

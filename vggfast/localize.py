@@ -443,29 +443,40 @@ class LocSample:
     boxes: list[tuple[float, float, float, float]]
 
 
+def _oriented_size(file: str) -> tuple[int, int]:
+    """(width, height) of the image as loaded (EXIF rotation applied), from its header."""
+    from PIL import Image
+    with Image.open(file) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated 90 degrees when loaded
+            w, h = h, w
+    return w, h
+
+
+def _clipped_boxes(s: LocSample, w: int, h: int) -> list[tuple[float, ...]]:
+    """s.boxes clipped to its w x h image; a box wholly outside is an AnnotationError."""
+    boxes = []
+    for b in s.boxes:
+        c = clip_box(b, w, h)
+        if not (c[2] > c[0] and c[3] > c[1]):
+            raise AnnotationError(f"{s.file}: box {list(b)} lies outside the {w}x{h} image")
+        boxes.append(c)
+    return boxes
+
+
 def readable_samples(samples: Sequence[LocSample], where: str) -> list[LocSample]:
     """The samples whose image PIL can open (read from the header only; the others are skipped
     with a warning, as the classification trainer skips them), each box clipped to its image. A
     box wholly outside its image is an AnnotationError naming the file."""
     from .train import _header_problem, _report_skipped
-    from PIL import Image
     out, skipped = [], []
     for s in samples:
         problem = _header_problem(s.file)
         if problem is not None:
             skipped.append((s.file, problem))
             continue
-        with Image.open(s.file) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated 90 degrees when loaded
-                w, h = h, w
-        boxes = []
-        for b in s.boxes:
-            c = clip_box(b, w, h)
-            if not (c[2] > c[0] and c[3] > c[1]):
-                raise AnnotationError(f"{s.file}: box {list(b)} lies outside the {w}x{h} image")
-            boxes.append(c)
-        out.append(dataclasses.replace(s, boxes=boxes))
+        w, h = _oriented_size(s.file)
+        out.append(dataclasses.replace(s, boxes=_clipped_boxes(s, w, h)))
     if skipped:
         _report_skipped(skipped, where)
     if not out:
@@ -664,7 +675,8 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     ILSVRC criterion on `localize(img, scales, top_k)`: top1_error (the best guess) and
     top5_error (any of the top 5 guesses; top_k must be >= 5 for it), plus the classifier's
     top-1/top-5 classification errors. protocol "center": the central-crop, ground-truth-class
-    protocol; error. Unreadable images are skipped and listed under "failed".
+    protocol; error. Ground-truth boxes are clipped to their image, as predictions are.
+    Unreadable images are skipped and listed under "failed".
     """
     from tqdm import tqdm
     _require_loc(engine)
@@ -689,14 +701,16 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
         try:
             if protocol == "center":
                 box = center_crop_box(engine, s.file, s.label, center_scale)
-                best = float(iou([box], s.boxes).max())
+                gt = _clipped_boxes(s, *_oriented_size(s.file))
+                best = float(iou([box], gt).max())
                 ious.append(best)
                 counts["center"] += best <= iou_threshold
             else:
                 preds = localize(engine, s.file, scales, top_k, flip)
+                gt = _clipped_boxes(s, *_oriented_size(s.file))
                 classes = [g[0] for g in preds]
-                counts["loc1"] += not ilsvrc_correct(preds, s.label, s.boxes, 1, iou_threshold)
-                counts["loc5"] += not ilsvrc_correct(preds, s.label, s.boxes, 5, iou_threshold)
+                counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
+                counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)
                 counts["cls1"] += classes[0] != s.label
                 counts["cls5"] += s.label not in classes[:5]
         except ImageError as exc:

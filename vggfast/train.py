@@ -909,7 +909,8 @@ def add_cli(subparsers) -> None:
                    metavar="glorot|kaiming|NET_A_CKPT",
                    help="glorot (default, the paper's), kaiming (torchvision's), or a net-A "
                         "checkpoint: its conv1_1, conv2_1, conv3_1, conv3_2, fc6-fc8 are copied")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default {d.epochs} (10 with --task localize)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch, split over processes (default 256)")
     p.add_argument("--lr", type=float, default=None,
@@ -924,7 +925,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="default 0")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default {d.out}; vggfast-loc with --task localize)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where its last epoch ended")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")

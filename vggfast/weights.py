@@ -38,6 +38,7 @@ import torch
 from .configs import (ALIASES, BLOCK_CHANNELS, TABLE1, NetSpec, canonical_config,
                       make_spec, scaled)
 from .errors import ArgumentError, WeightsError
+from .preprocess import _WARNINGS_LOCK
 
 BN_EPS = 1e-5
 _PREFIXES = ("module.", "_orig_mod.")
@@ -196,7 +197,9 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                 meta.update(_json_object(json.loads(header["vggfast"]), f"{path} metadata"))
         else:
             try:
-                with warnings.catch_warnings():  # torch's pickle-protocol notes: not the user's
+                # torch's pickle-protocol notes are not the user's; the lock keeps threads from
+                # interleaving catch_warnings (global state) with image decoding's
+                with _WARNINGS_LOCK, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
                     with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext():
