@@ -360,6 +360,46 @@ def test_a_conv_stack_cut_short_loads_for_features(config, cut, deepest, truncat
         Engine(stack.state_dict()).classify(torch.rand(3, 40, 40), scales=[32])
 
 
+class _Sliced(torch.nn.Module):
+    """PyTorch's fast_neural_style Vgg16 (and LPIPS' vgg16): vgg.features split into slices whose
+    modules keep their index in vgg.features as their name."""
+
+    def __init__(self, features, cuts=(4, 9, 16, 23), renumber=False):
+        super().__init__()
+        start = 0
+        for n, end in enumerate(cuts, 1):
+            s = torch.nn.Sequential()
+            for x in range(start, end):
+                s.add_module(str(x - start if renumber else x), features[x])
+            setattr(self, f"slice{n}", s)
+            start = end
+
+    def forward(self, x):
+        for n in range(1, 5):
+            x = getattr(self, f"slice{n}")(x)
+        return x
+
+
+def test_perceptual_loss_slices_load_for_features():
+    """slice1.0.weight ... slice4.21.weight (alone, or inside LPIPS as net.slice1.0.weight with
+    its lin layers beside) load as vgg.features[:23]; slices numbered from 0 are refused."""
+    m = small_model("D")
+    sliced = _Sliced(m.features)
+    w = load(sliced.state_dict())
+    want = load(m.features[:23].state_dict())
+    assert w.spec == want.spec and w.missing == want.missing
+    for k, v in want.state_dict.items():
+        torch.testing.assert_close(w.state_dict[k], v)
+    lpips = torch.nn.Module()
+    lpips.net, lpips.lin0 = sliced, torch.nn.Conv2d(4, 1, 1)
+    fx = vggfast.FeatureExtractor(lpips.state_dict(), layers=["relu4_3"])
+    x = torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x)["relu4_3"], sliced(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(WeightsError, match="slices numbered from 0"):
+        load(_Sliced(m.features, renumber=True).state_dict())
+
+
 def test_a_cut_stack_is_checked_against_a_named_config():
     stack = small_model("D").features[:23].state_dict()       # blocks of 2, 2, 3, 3 convs
     assert load(stack, config="vgg16").spec.config == "D"

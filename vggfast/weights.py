@@ -7,7 +7,8 @@ model.safetensors / pytorch_model.bin), a torchvision model name found in the to
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
-...) or cut short (`features[:23]`: the layers present load, the rest are missing), with
+...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
+into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), with
 `module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
@@ -321,13 +322,39 @@ def _strip_owner(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+# Perceptual-loss code splits vgg.features into slices and keeps each module's index as its name
+# (PyTorch's fast_neural_style example, LPIPS' `net.slice1.0.weight`): slice1.0 ... slice4.21.
+_SLICE_KEY = re.compile(r"^(.*?)slice\d+\.(\d+)\.(weight|bias|running_mean|running_var|"
+                        r"num_batches_tracked)$")
+
+
+def _unslice(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.sliceN.I.x` -> `P.features.I.x` when the indices are vgg.features' own (unique across
+    slices); slices numbered from 0 each cannot be placed and are refused by name."""
+    hits = {k: m for k in sd for m in [_SLICE_KEY.match(k)] if m}
+    if not hits or any(_VGG_KEY.search(k) for k in sd):
+        return sd
+    seen: dict[tuple[str, int], str] = {}
+    for k, m in hits.items():
+        if m.group(3) != "weight":
+            continue
+        key = (m.group(1), int(m.group(2)))
+        if key in seen:
+            raise WeightsError(f"{seen[key]!r} and {k!r} have one index: slices numbered from 0 "
+                               "each do not say where their layers sit in vgg.features; save "
+                               "them with the indices of vgg.features (add_module(str(i), ...))")
+        seen[key] = k
+    return {(f"{m.group(1)}features.{m.group(2)}.{m.group(3)}" if (m := hits.get(k)) else k): v
+            for k, v in sd.items()}
+
+
 # A FeatureExtractor's parameters: the canonical names with "_" for "." (conv1_1_weight).
 _EXTRACTOR_KEY = re.compile(r"^(conv\d_\d|fc[678])_(weight|bias)$")
 
 
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
-    for k, v in _strip_owner(_strip_prefixes(sd)).items():
+    for k, v in _strip_owner(_unslice(_strip_prefixes(sd))).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
