@@ -400,6 +400,44 @@ def test_perceptual_loss_slices_load_for_features():
         load(_Sliced(m.features, renumber=True).state_dict())
 
 
+def _mmpretrain_keys(model):
+    """mmpretrain's VGG layout of a torchvision-layout model: `backbone.features.I.conv.*` /
+    `.bn.*` (one ConvModule per conv, one index per pool), `backbone.classifier.*`."""
+    sd, mi = {}, -1
+    for i, m in enumerate(model.features):
+        if isinstance(m, torch.nn.Conv2d):
+            mi += 1
+            part = "conv"
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            part = "bn"
+        elif isinstance(m, torch.nn.MaxPool2d):
+            mi += 1
+            continue
+        else:
+            continue
+        for k, v in m.state_dict().items():
+            sd[f"backbone.features.{mi}.{part}.{k}"] = v
+    for k, v in model.classifier.state_dict().items():
+        sd[f"backbone.classifier.{k}"] = v
+    return sd
+
+
+@pytest.mark.parametrize("config", ["A", "D", "vgg16_bn", "E"])
+def test_mmpretrain_checkpoints_load_as_torchvision(config):
+    m = small_model(config)
+    names = [f"class {i}" for i in range(10)]
+    ckpt = {"meta": {"mmcls_version": "0.x", "CLASSES": names}, "state_dict": _mmpretrain_keys(m)}
+    w, want = load(ckpt), load(m.state_dict())
+    assert w.class_names == names   # mmcls' CLASSES (mmpretrain: meta.dataset_meta.classes)
+    new = {"meta": {"dataset_meta": {"classes": tuple(names[::-1])}}, "state_dict": ckpt["state_dict"]}
+    assert load(new).class_names == names[::-1]
+    assert load({"meta": {"CLASSES": names[:3]}, "state_dict": ckpt["state_dict"]}).class_names is None
+    assert w.spec == want.spec and not w.missing
+    assert w.state_dict.keys() == want.state_dict.keys()
+    for k, v in want.state_dict.items():
+        torch.testing.assert_close(w.state_dict[k], v)
+
+
 def test_a_cut_stack_is_checked_against_a_named_config():
     stack = small_model("D").features[:23].state_dict()       # blocks of 2, 2, 3, 3 convs
     assert load(stack, config="vgg16").spec.config == "D"

@@ -8,7 +8,8 @@ Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
-into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), with
+into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
+ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names), with
 `module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
@@ -134,6 +135,9 @@ def load(src: Any, config: str | None = None) -> Weights:
             pass  # another tool's "config" (mmcv stores its whole config file there)
     spec, params, missing, nonfinite = _canonicalise(sd, config, meta, headless)
     names = meta.get("class_names")
+    tool = meta.get("tool_class_names")   # another tool's list: used when it fits, else ignored
+    if names is None and tool is not None and len(tool) == spec.num_classes:
+        names = tool
     if names is not None:
         if not (isinstance(names, list) and len(names) == spec.num_classes
                 and all(isinstance(n, str) for n in names)):
@@ -279,6 +283,11 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                                f"{type(raw).__name__}")
         if isinstance(raw.get("meta"), Mapping):
             meta.update(raw["meta"])
+            tool = raw["meta"].get("CLASSES")   # mmcls 0.x; mmpretrain: dataset_meta.classes
+            if tool is None and isinstance(raw["meta"].get("dataset_meta"), Mapping):
+                tool = raw["meta"]["dataset_meta"].get("classes")
+            if isinstance(tool, (list, tuple)) and all(isinstance(n, str) for n in tool):
+                meta.setdefault("tool_class_names", list(tool))
         if isinstance(raw.get("class_names"), list):
             meta.setdefault("class_names", raw["class_names"])
         inner = next((raw[k] for k in _WRAPPERS if isinstance(raw.get(k), Mapping)), None)
@@ -348,13 +357,51 @@ def _unslice(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in sd.items()}
 
 
+# mmpretrain / mmcv's VGG: each conv is a ConvModule (`features.I.conv.weight`, `.bn.*` with
+# norm_cfg), one index per conv module, one per max-pool; the classifier is torchvision's.
+_CONVMODULE_KEY = re.compile(r"^(.*?)features\.(\d+)\.(conv|bn)\.(weight|bias|running_mean|"
+                             r"running_var|num_batches_tracked)$")
+
+
+def _from_convmodules(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.features.I.conv.x` / `.bn.x` -> torchvision's `P.features.J.x`: J counts conv, [bn],
+    relu for every conv module and one index for every module without parameters (a pool)."""
+    hits = {k: m for k in sd for m in [_CONVMODULE_KEY.match(k)] if m}
+    if not hits or any(_VGG_KEY.search(k) for k in sd):
+        return sd
+    owners = {m.group(1) for m in hits.values()}
+    if len(owners) > 1:
+        return sd   # _strip_owner names the VGGs
+    convs = sorted({int(m.group(2)) for m in hits.values() if m.group(3) == "conv"})
+    bn = any(m.group(3) == "bn" for m in hits.values())
+    where, t = {}, 0
+    for i in range(convs[-1] + 1 if convs else 0):
+        if i in convs:
+            where[i] = t
+            t += 3 if bn else 2
+        else:
+            t += 1
+    out = {}
+    for k, v in sd.items():
+        m = hits.get(k)
+        if m is None:
+            out[k] = v
+            continue
+        i = int(m.group(2))
+        if i not in where:
+            raise WeightsError(f"{k!r}: a normalisation layer without its conv")
+        j = where[i] + (1 if m.group(3) == "bn" else 0)
+        out[f"{m.group(1)}features.{j}.{m.group(4)}"] = v
+    return out
+
+
 # A FeatureExtractor's parameters: the canonical names with "_" for "." (conv1_1_weight).
 _EXTRACTOR_KEY = re.compile(r"^(conv\d_\d|fc[678])_(weight|bias)$")
 
 
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
-    for k, v in _strip_owner(_unslice(_strip_prefixes(sd))).items():
+    for k, v in _strip_owner(_from_convmodules(_unslice(_strip_prefixes(sd)))).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
