@@ -472,3 +472,13 @@ def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
     got = eng.classify(x, scales=[32]).probs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert Engine(sd, device="cpu", preprocess="torchvision").preprocess == "torchvision"
+
+
+def test_a_torchscript_archive_is_refused_with_the_way_out(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.jit.script is deprecated in recent torch
+        scripted = torch.jit.script(small_model("A"))
+    scripted.save(str(tmp_path / "ts.pt"))
+    with pytest.raises(WeightsError, match=r"TorchScript archive.*state_dict\(\)"):
+        load(str(tmp_path / "ts.pt"))

@@ -218,6 +218,11 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     f"save a plain state_dict or a safetensors file ({_unpickle_reason(exc)})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
+                if _is_torchscript(path):
+                    raise WeightsError(
+                        f"{path}: a TorchScript archive, which vggfast does not load (it holds "
+                        "code); save its weights instead: torch.save(torch.jit.load(path)"
+                        ".state_dict(), 'weights.pt') where you trust the file") from None
                 raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
         if sidecar.is_file() and not meta:
             side = json.loads(sidecar.read_text())
@@ -251,6 +256,16 @@ def _looks_like_checkpoint(path: Path) -> bool:
     except OSError:
         return False
     return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save's zip: a code/ folder (or constants.pkl) beside data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl"))
+                       for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _unpickle_reason(exc: BaseException) -> str:
