@@ -157,6 +157,8 @@ def test_hub_cache_is_found_by_torchvision_name(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="hub cache"):
         load("vgg11")
+    with pytest.raises(WeightsError, match=r"not found: vgg17; torchvision names are vgg11, "):
+        load("vgg17")
     m = small_model("A", num_classes=1000, width=1 / 32)
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(m.state_dict(), tmp_path / "hub" / "checkpoints" / "vgg11-8a719046.pth")

@@ -182,6 +182,9 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
                 f"torchvision.models.{name.split('_features')[0]}(weights='DEFAULT')) or pass a path")
         extra = _HUB_EXTRA.get(name)
         return hit, (extra[2] if extra else None), (extra[1] if extra else None)
+    if re.fullmatch(r"vgg\w*", name) and not path.suffix:
+        names = ", ".join(sorted({n for n in ALIASES if n.startswith("vgg")} | set(_HUB_EXTRA)))
+        raise WeightsError(f"weights file not found: {path}; torchvision names are {names}")
     raise WeightsError(f"weights file not found: {path}")
 
 
