@@ -407,3 +407,18 @@ def test_info_of_features_only_and_cut_short_weights():
     folded += sum(m.weight.numel() + m.bias.numel() for m in bn_model.modules()
                   if isinstance(m, torch.nn.Linear))
     assert Engine(bn_model.state_dict()).info()["parameters"] == folded   # BN folded into convs
+
+
+def test_a_lrn_runs_in_half_types_on_the_cpu():
+    """torch's local_response_norm has no bfloat16 / float16 CPU kernel; the reference goes
+    through float32 there (the model's LRN module too)."""
+    m = small_model("A-LRN")
+    img = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(1))
+    want = Engine(m.state_dict(), backend="torch").classify(img, scales=[32, 40]).probs
+    for dtype in (torch.bfloat16, torch.float16):
+        got = Engine(m.state_dict(), backend="torch", dtype=dtype).classify(img, scales=[32, 40])
+        torch.testing.assert_close(got.probs, want, rtol=0, atol=1e-3)   # probs 0.096..0.107
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(m.to(dtype)(x.to(dtype)).float(), m.float()(x),
+                                       rtol=0, atol=2e-3)   # logits up to 0.06, bf16 err 2e-4

@@ -211,6 +211,54 @@ def test_conv_wrapper_refuses_bad_inputs():
         ops.pack_conv_weight(torch.randn(4, 8, 3), b, torch.float32)
 
 
+def test_wrappers_refuse_what_would_be_silently_wrong_or_a_raw_error():
+    """The audit's cases: an integer out_dtype truncated the results, an `out` overlapping the
+    input raced (programs read rows others had overwritten), and malformed arguments raised
+    AttributeError / TypeError / ZeroDivisionError instead of a VGGFastError."""
+    wt, b = make_layer(8, 8, 3, seed=7)
+    p = ops.pack_conv_weight(wt, b, torch.float32)
+    x = torch.randn(1, 5, 6, 8, device=DEV)
+    for bad in (torch.int32, torch.float64, "float32"):
+        with pytest.raises(ArgumentError, match="out_dtype"):
+            ops.conv2d(x, p, 1, out_dtype=bad)
+    with pytest.raises(ArgumentError, match="overlaps the input"):
+        ops.conv2d(x, p, 1, out=x)
+    with pytest.raises(ArgumentError, match="overlaps the input"):
+        ops.max_pool2x2(x, out=x[:, :2, :3])
+    xc = x.contiguous()
+    with pytest.raises(ArgumentError, match="overlaps the input"):
+        ops.lrn(xc, out=xc)
+    y = torch.empty(1, 5, 6, 8, device=DEV)
+    torch.testing.assert_close(ops.conv2d(x, p, 1, out=y), ops.conv2d(x, p, 1))  # apart: fine
+    with pytest.raises(ArgumentError, match="out must be"):
+        ops.conv2d(x, p, 1, out=[1])
+    for pad in (True, -1):
+        with pytest.raises(ArgumentError, match="pad"):
+            ops.conv2d(x, p, pad)
+    for split in (True, 0, ops.MAX_SPLIT_K + 1):
+        with pytest.raises(ArgumentError, match="split_k"):
+            ops.conv2d(x, p, 1, split_k=split)
+    with pytest.raises(ArgumentError, match="empty"):
+        ops.conv2d(torch.randn(0, 5, 6, 8, device=DEV), p, 1)
+    with pytest.raises(ArgumentError, match="empty"):
+        ops.lrn(torch.randn(1, 2, 2, 0, device=DEV))
+    with pytest.raises(ArgumentError, match="alpha"):
+        ops.lrn(xc, alpha="x")
+    with pytest.raises(ArgumentError, match="packed"):
+        ops.conv2d_many([x], None, 1)
+    with pytest.raises(ArgumentError, match="device"):
+        ops.pack_conv_weight(wt, b, torch.float32, device="nonsense")
+    gl = ops.group_layer([(0, 1, 5, 6)], 8, 8, 3, 1, False)
+    src = torch.randn(gl.in_numel, device=DEV)
+    with pytest.raises(ArgumentError, match="tables"):
+        ops.conv2d_grouped(src, gl, None, p)
+    tables = ops.upload_groups([gl], DEV)[0]
+    with pytest.raises(ArgumentError, match="out_dtype"):
+        ops.conv2d_grouped(src, gl, tables, p, out_dtype=torch.int32)
+    with pytest.raises(ArgumentError, match="strides"):
+        ops.group_layer([(0, 1, 5, 6)], 8, 8, 3, 1, False, strides=[(1, 2)])
+
+
 def test_autotune_shape_classes_pick_their_configs():
     """The GPU config pruning (pure Python): conv1_1 -> flat-K configs, batch-1 fc -> small-M
     GEMV tiles, big maps -> wgmma-sized tiles, fp32 -> TF32 or exact-fp32 tiles."""

@@ -24,8 +24,15 @@ class LRN(nn.LocalResponseNorm):
     def __init__(self):
         super().__init__(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lrn(x)
+
 
 def lrn(x: torch.Tensor) -> torch.Tensor:
+    """F.local_response_norm; on the CPU half types go through float32 (its avg_pool3d has no
+    bfloat16 / float16 kernel there)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return lrn(x.float()).to(x.dtype)
     return F.local_response_norm(x, LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
 

@@ -8,9 +8,10 @@ must be set before this module is first imported.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from .errors import ArgumentError
 
 INTERPRETING = _conv.INTERPRET
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_SPLIT_K = 16   # choose_split_k's ceiling; the reduction unrolls over the splits
 K_ALIGN = 128   # packed K rows: a multiple of every BLOCK_K, so B is never masked along K
 N_ALIGN = 16    # packed output channels: B rows and the bias load as whole 16-element vectors
 SMALL_ROWS, MID_ROWS = 128, 8192   # M-grid rows bounding the conv kernel's shape classes
@@ -61,16 +63,43 @@ def _check_act(x: torch.Tensor, name: str) -> None:
         raise ArgumentError(f"{name} must be a 4-D NHWC tensor, not {getattr(x, 'shape', x)!r}")
     if x.dtype not in FLOAT_DTYPES:
         raise ArgumentError(f"{name} must be float32, bfloat16 or float16, not {x.dtype}")
+    if x.numel() == 0:
+        raise ArgumentError(f"{name} is empty (shape {list(x.shape)})")
     if x.device.type == "cpu" and not INTERPRETING:
         raise ArgumentError(f"{name} is on the CPU; the Triton kernels need a CUDA tensor "
                             "(or TRITON_INTERPRET=1 set before import)")
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements can touch."""
+    start = t.data_ptr()
+    if t.is_contiguous():   # the common case, without Python over the dimensions
+        return start, start + t.numel() * t.element_size()
+    return start, start + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+                           ) * t.element_size()
+
+
 def _check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) -> None:
-    if tuple(out.shape) != shape or out.device != like.device or out.dtype not in FLOAT_DTYPES \
-            or out.stride(-1) != 1:
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape \
+            or out.device != like.device or out.dtype not in FLOAT_DTYPES or out.stride(-1) != 1:
         raise ArgumentError(f"out must be a {list(shape)} float tensor on {like.device} with "
-                            f"unit channel stride, not {list(out.shape)} {out.dtype} {out.device}")
+                            f"unit channel stride, not {getattr(out, 'shape', out)!r}")
+    (a0, a1), (b0, b1) = _span(out), _span(like)
+    if a0 < b1 and b0 < a1:   # programs would read input that others have already overwritten
+        raise ArgumentError("out overlaps the input; the kernels cannot run in place")
+
+
+def _check_out_dtype(out_dtype: Any) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ArgumentError(f"out_dtype must be None, float32, bfloat16 or float16, not "
+                            f"{out_dtype!r}")
+
+
+def _check_split_k(split_k: Any, pool: bool) -> None:
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or not 1 <= split_k <= MAX_SPLIT_K \
+            or (pool and split_k > 1):
+        raise ArgumentError(f"split_k must be an integer in 1..{MAX_SPLIT_K} (1 with pool), "
+                            f"not {split_k!r}")
 
 
 def pack_conv_weight(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype,
@@ -89,7 +118,12 @@ def pack_conv_weight(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtyp
         raise ArgumentError(f"conv bias must be [{cout}], not {getattr(bias, 'shape', bias)}")
     if dtype not in FLOAT_DTYPES:
         raise ArgumentError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
-    device = weight.device if device is None else torch.device(device)
+    if min(weight.shape) < 1:
+        raise ArgumentError(f"conv weight {list(weight.shape)} is empty")
+    try:
+        device = weight.device if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ArgumentError(f"device {device!r} is not a device ({exc})") from None
     kk = k * k * cin
     k_pad, cout_p = _cdiv(kk, K_ALIGN) * K_ALIGN, _cdiv(cout, N_ALIGN) * N_ALIGN
     w = torch.zeros(k_pad, cout_p, dtype=dtype, device=device)
@@ -117,7 +151,7 @@ def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> 
         return 1
     tiles = _cdiv(rows, 64) * _cdiv(cout, 128)
     split = 1
-    while (split * 2 <= 16 and tiles * split * 2 <= 2 * sms
+    while (split * 2 <= MAX_SPLIT_K and tiles * split * 2 <= 2 * sms
            and split * 2 <= k_total // 256):
         split *= 2
     return split
@@ -286,8 +320,9 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     if cin != packed.cin or x.device != packed.weight.device:
         raise ArgumentError(f"x has {cin} channels on {x.device}; the layer expects "
                             f"{packed.cin} on {packed.weight.device}")
-    if not isinstance(pad, int) or pad < 0:
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise ArgumentError(f"pad must be a non-negative integer, not {pad!r}")
+    _check_out_dtype(out_dtype)
     oh, ow = h + 2 * pad - packed.k + 1, w + 2 * pad - packed.k + 1
     gh, gw = (oh // 2, ow // 2) if pool else (oh, ow)
     if nb < 1 or gh < 1 or gw < 1:
@@ -307,8 +342,7 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     if split_k is None:
         split_k = choose_split_k(rows, packed.cout, packed.k * packed.k * packed.cin, pool,
                                  _sm_count(x.device))
-    if not isinstance(split_k, int) or split_k < 1 or (pool and split_k > 1):
-        raise ArgumentError(f"split_k must be a positive integer (1 with pool), not {split_k!r}")
+    _check_split_k(split_k, bool(pool))
     per_tile = 4 if pool else 1
     target = out
     if split_k > 1:
@@ -413,6 +447,8 @@ def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int
             raise ArgumentError(f"input {h}x{w} is too small for a {k}x{k} conv (pad {pad})"
                                 f"{' and a 2x2 pool' if pool else ''}")
         st = (h * w * cin, w * cin, cin, 1) if strides is None else tuple(strides[p])
+        if len(st) != 4:
+            raise ArgumentError(f"grouped input {p}: strides must be (n, h, w, c), not {st}")
         if off < 0 or min(st) < 0:
             raise ArgumentError(f"grouped input {p} has a negative offset or stride")
         in_numel = max(in_numel, off + 1 + (n - 1) * st[0] + (h - 1) * st[1]
@@ -473,15 +509,18 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
     if src.device.type == "cpu" and not INTERPRETING:
         raise ArgumentError("src is on the CPU; the Triton kernels need a CUDA tensor "
                             "(or TRITON_INTERPRET=1 set before import)")
-    table, chunks = tables
-    if table.shape != (len(layer.rows), GROUP_FIELDS) or chunks.numel() != sum(layer.spans) \
+    table, chunks = tables if isinstance(tables, tuple) and len(tables) == 2 else (None, None)
+    if not (isinstance(table, torch.Tensor) and isinstance(chunks, torch.Tensor)) \
+            or table.shape != (len(layer.rows), GROUP_FIELDS) or chunks.numel() != sum(layer.spans) \
             or table.dtype != torch.int64 or chunks.dtype != torch.int64:
         raise ArgumentError("tables must be this layer's entry of upload_groups")
+    _check_out_dtype(out_dtype)
     dtype = packed.weight.dtype if out_dtype is None else out_dtype
     if out is None:
         out = torch.empty(layer.numel, dtype=dtype, device=src.device)
-    elif out.dim() != 1 or out.numel() < layer.numel or out.device != src.device \
-            or out.dtype not in FLOAT_DTYPES or not out.is_contiguous():
+    elif not isinstance(out, torch.Tensor) or out.dim() != 1 or out.numel() < layer.numel \
+            or out.device != src.device or out.dtype not in FLOAT_DTYPES \
+            or not out.is_contiguous():
         raise ArgumentError(f"out must be a contiguous 1-D float tensor of at least "
                             f"{layer.numel} elements on {src.device}")
     m_class = _m_class(layer.m_rows)
@@ -490,8 +529,7 @@ def conv2d_grouped(src: torch.Tensor, layer: GroupLayer, tables: tuple[torch.Ten
     if split_k is None:
         split_k = choose_split_k(layer.m_rows, packed.cout, packed.k * packed.k * packed.cin,
                                  layer.pool, _sm_count(src.device))
-    if not isinstance(split_k, int) or split_k < 1 or (layer.pool and split_k > 1):
-        raise ArgumentError(f"split_k must be a positive integer (1 with pool), not {split_k!r}")
+    _check_split_k(split_k, layer.pool)
     target = out
     if split_k > 1:
         target = torch.empty(split_k, layer.vrows, cout_p, dtype=torch.float32,
@@ -530,12 +568,14 @@ def conv2d_many(xs: Sequence[torch.Tensor], packed: PackedConv, pad: int, relu: 
     """
     if not xs:
         raise ArgumentError("conv2d_many needs at least one input")
+    if not isinstance(packed, PackedConv):
+        raise ArgumentError("packed must come from pack_conv_weight")
     for i, x in enumerate(xs):
         _check_act(x, f"xs[{i}]")
         if x.shape[3] != packed.cin or x.device != packed.weight.device:
             raise ArgumentError(f"xs[{i}] has {x.shape[3]} channels on {x.device}; the layer "
                                 f"expects {packed.cin} on {packed.weight.device}")
-    if not isinstance(pad, int) or pad < 0:
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise ArgumentError(f"pad must be a non-negative integer, not {pad!r}")
     dtype = torch.promote_types(xs[0].dtype, xs[0].dtype)
     for x in xs[1:]:
@@ -589,8 +629,11 @@ def lrn(x: torch.Tensor, out: torch.Tensor | None = None, size: int = LRN_SIZE,
     _check_act(x, "x")
     if not x.is_contiguous():
         raise ArgumentError("lrn needs a contiguous NHWC tensor")
-    if not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ArgumentError(f"LRN size must be a positive integer, not {size!r}")
+    for name, v in (("alpha", alpha), ("beta", beta), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ArgumentError(f"LRN {name} must be a finite number, not {v!r}")
     if out is None:
         out = torch.empty_like(x)
     else:
