@@ -422,3 +422,15 @@ def test_a_lrn_runs_in_half_types_on_the_cpu():
         with torch.no_grad():
             torch.testing.assert_close(m.to(dtype)(x.to(dtype)).float(), m.float()(x),
                                        rtol=0, atol=2e-3)   # logits up to 0.06, bf16 err 2e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_of_an_empty_batch_are_empty(backend):
+    import os
+    if backend == "triton" and not torch.cuda.is_available() \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    eng = Engine(small_model(num_classes=10).state_dict(), backend=backend, dtype="float32",
+                 device="cuda" if torch.cuda.is_available() else "cpu")
+    out = eng.logits(torch.rand(0, 3, 32, 32))
+    assert out.shape == (0, 10) and out.dtype == torch.float32 and out.device.type == "cpu"

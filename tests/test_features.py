@@ -289,3 +289,18 @@ def test_the_default_descriptor_is_the_papers_relu7(eng):
     default = eng.features(img, scales=(32, 40))
     torch.testing.assert_close(default, eng.features(img, layer="relu7", scales=(32, 40)))
     assert default.min() >= 0 and eng.features(img, layer="fc7", scales=(32, 40)).min() < 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_batch_gives_empty_outputs_on_every_backend(backend):
+    """As any nn.Module: [0, 3, H, W] in, [0, C, h, w] out (the Triton kernels take no empty
+    launch, so an empty batch runs on plain torch ops)."""
+    import os
+    if backend == "triton" and not torch.cuda.is_available() \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    fx = FeatureExtractor(small_model().state_dict(), layers=["relu1_2", "pool3"], backend=backend)
+    with torch.no_grad():
+        out = fx(torch.rand(0, 3, 32, 32))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"relu1_2": (0, 4, 32, 32),
+                                                          "pool3": (0, 16, 4, 4)}

@@ -483,6 +483,8 @@ class Engine:
         if min(h, w) < 32:
             raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")
         self._require("fc8")
+        if x.shape[0] == 0:                 # as a module would: no kernel takes an empty launch
+            return torch.zeros(0, self.spec.num_classes)
         self._check_memory(x.shape[0], h, w)
         if not all_finite(x):               # else NaN logits, silently
             raise ArgumentError("logits input contains NaN or infinite values")

@@ -274,7 +274,7 @@ class FeatureExtractor(nn.Module):
         compiling = torch.compiler.is_compiling()
         fast_dtype = self._dtype or x.dtype
         fast = not compiling and fast_dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and not (torch.is_grad_enabled() and (
+            and x.shape[0] > 0 and not (torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in params.values())))
         if not compiling:   # refuse before allocating, as Engine does
             check_memory(self.spec, fast_dtype if fast else x.dtype, self._budget, x.shape[0],
