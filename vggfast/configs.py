@@ -71,6 +71,11 @@ class Layer:
     bn_index: int | None
     block: int
 
+    @property
+    def params(self) -> int:
+        """Weight and bias elements (BatchNorm folded in)."""
+        return self.cout * (self.cin * self.k * self.k + 1)
+
 
 @dataclass(frozen=True)
 class NetSpec:
@@ -151,7 +156,7 @@ class NetSpec:
     def param_count(self) -> int:
         n = 0
         for l in self.layers:
-            n += l.cout * l.cin * l.k * l.k + l.cout
+            n += l.params
             if self.batch_norm and l.kind == "conv":
                 n += 2 * l.cout
         return n

@@ -105,6 +105,29 @@ def decoded_chunks(items: Sequence[Any]) -> Iterable[tuple[int, list[torch.Tenso
         yield start, [pp.load_image(i) for i in items[start:start + size]]
 
 
+def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[int, str]]]:
+    """run(images), or, when that is over the memory budget, run([image]) for each image alone,
+    skipping those still over it: a long job loses the one huge photo, not its chunk.
+
+    Returns (outputs, kept, over): the outputs of the calls made, the positions in `images` they
+    cover in order, and (position, why) for each image skipped.
+    """
+    if not images:
+        return [], [], []
+    try:
+        return [run(images)], list(range(len(images))), []
+    except MemoryBudgetError:
+        pass
+    outs, kept, over = [], [], []
+    for i, img in enumerate(images):
+        try:
+            outs.append(run([img]))
+            kept.append(i)
+        except MemoryBudgetError as exc:   # "image 0 (HxW) at scale ...": keep what follows
+            over.append((i, str(exc).split(") ", 1)[-1]))
+    return outs, kept, over
+
+
 @contextlib.contextmanager
 def naming_images(items: Sequence[Any], start: int):
     """The planner's errors name "image K" of the request it was given, a chunk: re-raised with
@@ -226,18 +249,6 @@ def _default_budget(device: torch.device) -> int:
 
 def _fmt_bytes(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
-
-
-def _usable_up_to(spec, w) -> str | None:
-    """The last tap the weights can compute (every weight layer before it present and finite);
-    None when not even conv1_1 can be."""
-    bad = set(w.missing) | set(w.nonfinite)
-    last = None
-    for name, layer in spec.taps():
-        if layer.name in bad:
-            break
-        last = name
-    return last
 
 
 class Engine:
@@ -500,12 +511,11 @@ class Engine:
         """What the engine runs: configuration, sizes, parameters, classes, conventions."""
         s, w = self.spec, self.weights
         has_fc8 = "fc8" not in w.missing
-        present = sum(l.cout * l.cin * l.k * l.k + l.cout for l in s.layers
-                      if l.name not in w.missing)   # batch norm is folded into the convs
+        present = sum(l.params for l in s.layers if l.name not in w.missing)
         return {
             **w.describe(), "torchvision_name": s.torchvision_name,
             "num_classes": s.num_classes if has_fc8 else None, "parameters": present,
-            "usable_up_to": _usable_up_to(s, w), "preprocess": self.preprocess,
+            "usable_up_to": w.usable_up_to(), "preprocess": self.preprocess,
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "backend": self.backend_name, "cuda_graphs": self.cuda_graphs,
             "class_names": "none (no classifier)" if not has_fc8 else "from weights"

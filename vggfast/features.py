@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
-from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
 
@@ -364,7 +364,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:   # e.g. another user's process: alive
         return True
     return True
 
@@ -490,6 +490,8 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
                    aggregate, batch_size, progress, rank, world, gather):
     """extract's work once its checkpoint folder is locked."""
     from tqdm import tqdm
+
+    from .engine import skipping_oversized
     if gather is not None:
         gather(None)  # rank 0 has written settings.json before anyone checks it
     parts.check()
@@ -511,20 +513,13 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
                 failed.append({"index": i, "file": files[i], "error": str(exc)})
         # one request per chunk: the planner batches equal-size views across its images; an
         # image over the memory budget is skipped, not the run
-        def run(ims):
-            return features(engine, ims, layer, scales, flip, pool, normalize, aggregate).numpy()
-        try:
-            vecs = run(images) if images else np.zeros((0, 0), np.float32)
-        except MemoryBudgetError:
-            rows, kept = [], []
-            for i, img in zip(idx, images):
-                try:
-                    rows.append(run([img]))
-                    kept.append(i)
-                except MemoryBudgetError as exc:
-                    failed.append({"index": i, "file": files[i],
-                                   "error": f"{files[i]}: {str(exc).split(') ', 1)[-1]}"})
-            idx, vecs = kept, (np.concatenate(rows) if rows else np.zeros((0, 0), np.float32))
+        rows, kept, over = skipping_oversized(
+            lambda ims: features(engine, ims, layer, scales, flip, pool, normalize,
+                                 aggregate).numpy(), images)
+        failed += [{"index": idx[j], "file": files[idx[j]], "error": f"{files[idx[j]]}: {why}"}
+                   for j, why in over]
+        idx = [idx[j] for j in kept]
+        vecs = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         bar.update(len(chunk))
         parts.save(k, idx, vecs, failed)
     bar.close()

@@ -55,7 +55,7 @@ class VGG(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
                 or not 0 <= dropout <= 1:
             raise ArgumentError(f"dropout must be a probability in [0, 1], not {dropout!r}")
-        n = sum(l.cout * (l.cin * l.k * l.k + 1) for l in spec.layers)
+        n = sum(l.params for l in spec.layers)
         if n > MAX_PARAMS:
             raise ArgumentError(f"this network would have {n:,} parameters ({4 * n / 2**30:,.0f} "
                                 f"GiB in float32; fc6 alone reads a {spec.grid}x{spec.grid} map "

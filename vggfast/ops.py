@@ -89,6 +89,11 @@ def _check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) ->
         raise ArgumentError("out overlaps the input; the kernels cannot run in place")
 
 
+def _check_pad(pad: Any) -> None:
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ArgumentError(f"pad must be a non-negative integer, not {pad!r}")
+
+
 def _check_out_dtype(out_dtype: Any) -> None:
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise ArgumentError(f"out_dtype must be None, float32, bfloat16 or float16, not "
@@ -320,12 +325,11 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     if cin != packed.cin or x.device != packed.weight.device:
         raise ArgumentError(f"x has {cin} channels on {x.device}; the layer expects "
                             f"{packed.cin} on {packed.weight.device}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ArgumentError(f"pad must be a non-negative integer, not {pad!r}")
+    _check_pad(pad)
     _check_out_dtype(out_dtype)
     oh, ow = h + 2 * pad - packed.k + 1, w + 2 * pad - packed.k + 1
     gh, gw = (oh // 2, ow // 2) if pool else (oh, ow)
-    if nb < 1 or gh < 1 or gw < 1:
+    if gh < 1 or gw < 1:   # an empty batch is refused by _check_act
         raise ArgumentError(f"input {h}x{w} is too small for a {packed.k}x{packed.k} conv "
                             f"(pad {pad}){' and a 2x2 pool' if pool else ''}")
     shape = (nb, gh, gw, packed.cout)
@@ -575,8 +579,7 @@ def conv2d_many(xs: Sequence[torch.Tensor], packed: PackedConv, pad: int, relu: 
         if x.shape[3] != packed.cin or x.device != packed.weight.device:
             raise ArgumentError(f"xs[{i}] has {x.shape[3]} channels on {x.device}; the layer "
                                 f"expects {packed.cin} on {packed.weight.device}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ArgumentError(f"pad must be a non-negative integer, not {pad!r}")
+    _check_pad(pad)
     dtype = torch.promote_types(xs[0].dtype, xs[0].dtype)
     for x in xs[1:]:
         dtype = torch.promote_types(dtype, x.dtype)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError
+from .errors import ArgumentError, ImageError, VGGFastError
 
 # A class index written as text: ASCII digits only (str.isdigit() also takes "²", which int()
 # refuses).
@@ -256,7 +256,7 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     and listed under "failed"."""
     from tqdm import tqdm
 
-    from .engine import CHUNK_IMAGES
+    from .engine import CHUNK_IMAGES, skipping_oversized
     top1 = top5 = done = 0
     failed = []
     bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
@@ -264,30 +264,21 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     for start in range(0, len(pairs), CHUNK_IMAGES):
         # Decoded one by one (an unreadable image is skipped), classified as one request: the
         # planner batches equal-size views across the chunk's images.
-        images, labels, named = [], [], []
+        images, labels, names = [], [], []
         for img, label in pairs[start:start + CHUNK_IMAGES]:
             try:
                 images.append(pp.load_image(img))
                 labels.append(label)
-                named.append((img, label))
+                names.append(img)
             except ImageError as exc:
                 failed.append({"file": str(img), "error": str(exc)})
-        def run(ims):
-            return engine.classify(ims, scales=scales, flip=flip, method=method, top_k=5,
-                                   average=average) if ims else []
-        try:
-            results = run(images)
-        except MemoryBudgetError:       # one image too large: skip it, not the evaluation
-            results, kept = [], []
-            for (img, _), x, label in zip(named, images, labels):
-                try:
-                    results += run([x])
-                    kept.append(label)
-                except MemoryBudgetError as exc:
-                    failed.append({"file": str(img),
-                                   "error": f"{img}: {str(exc).split(') ', 1)[-1]}"})
-            labels = kept
-        for r, label in zip(results, labels):
+        # an image over the memory budget is skipped, not the evaluation
+        outs, kept, over = skipping_oversized(
+            lambda ims: engine.classify(ims, scales=scales, flip=flip, method=method, top_k=5,
+                                        average=average), images)
+        failed += [{"file": str(names[j]), "error": f"{names[j]}: {why}"} for j, why in over]
+        results = [r for out in outs for r in out]
+        for r, label in zip(results, [labels[j] for j in kept]):
             best = [i for i, _, _ in r.top(5)]
             done += 1
             top1 += best[0] != label

@@ -90,6 +90,16 @@ class Weights:
         bad = set(self.missing) | set(self.nonfinite)
         return [n for n in names[:end] if n in bad]
 
+    def usable_up_to(self) -> str | None:
+        """The last tap these weights can compute (every weight layer up to it present and
+        finite); None when not even conv1_1 can be."""
+        bad, last = set(self.missing) | set(self.nonfinite), None
+        for name, layer in self.spec.taps():
+            if layer.name in bad:   # taps come in layer order: nothing after it either
+                break
+            last = name
+        return last
+
 
 def load_weights(src: Any, config: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
     """Public entry: `(config_name, canonical state_dict)`; see `load` for the sources accepted."""
