@@ -1,5 +1,5 @@
 // pybind11 bindings of the planner -> vggfast._scheduler. No logic here: structs and functions
-// from plan.hpp, and the two error types (vggfast/scheduler.py maps them onto vggfast.errors).
+// from plan.hpp, and the error types (vggfast/scheduler.py maps them onto vggfast.errors).
 // The `*_rows` properties hand whole tables over as lists of tuples: a plan holds thousands of
 // records, and one attribute access per field from Python would cost more than planning.
 #include <pybind11/pybind11.h>
@@ -15,10 +15,25 @@ using namespace vggfast;
 PYBIND11_MODULE(_scheduler, m) {
     m.doc() = "vggfast's C++ planner: views, shapes, batches and activation arenas for a request";
 
-    // Translators run newest first, so the subclasses are registered after their base.
-    auto& plan_error = py::register_exception<PlanError>(m, "PlanError");
-    py::register_exception<ArgumentError>(m, "PlanArgumentError", plan_error.ptr());
-    py::register_exception<BudgetError>(m, "PlanBudgetError", plan_error.ptr());
+    // The Python exceptions carry args (message, image, reason): image -1 when the error is not
+    // about one image of the request (see PlanError). The types live as long as the module.
+    static PyObject* plan_error = nullptr;
+    static PyObject* argument_error = nullptr;
+    static PyObject* budget_error = nullptr;
+    plan_error = py::exception<PlanError>(m, "PlanError").release().ptr();
+    argument_error = py::exception<ArgumentError>(m, "PlanArgumentError", plan_error).release().ptr();
+    budget_error = py::exception<BudgetError>(m, "PlanBudgetError", plan_error).release().ptr();
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const PlanError& e) {
+            PyObject* type = dynamic_cast<const BudgetError*>(&e)     ? budget_error
+                             : dynamic_cast<const ArgumentError*>(&e) ? argument_error
+                                                                      : plan_error;
+            py::tuple args = py::make_tuple(e.what(), e.image(), e.reason());
+            PyErr_SetObject(type, args.ptr());
+        }
+    });
 
     py::class_<LayerDesc>(m, "LayerDesc")
         .def(py::init<>())

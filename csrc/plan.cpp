@@ -90,8 +90,8 @@ void check_request(const Request& req, const Options& opt) {
     for (size_t i = 0; i < req.images.size(); ++i) {
         auto [h, w] = req.images[i];
         if (h < 1 || w < 1 || h > kMaxSide || w > kMaxSide)
-            throw ArgumentError("image " + std::to_string(i) + " has size " + size_str(h, w) +
-                                "; both sides must be 1.." + std::to_string(kMaxSide));
+            throw ArgumentError(int64_t(i), "(" + size_str(h, w) + ") is out of range: both "
+                                "sides must be 1.." + std::to_string(kMaxSide));
     }
     for (int64_t q : req.scales) {
         if (q < opt.native_size)
@@ -555,7 +555,7 @@ Plan make_plan(const std::vector<LayerDesc>& layers, const Request& req, const O
             const View& v = plan.views[size_t(vs[0])];
             auto [ih, iw] = req.images[size_t(v.image)];
             throw BudgetError(
-                "image " + std::to_string(v.image) + " (" + size_str(ih, iw) + ") at scale " +
+                v.image, "(" + size_str(ih, iw) + ") at scale " +
                 std::to_string(v.scale) + " gives a " + size_str(h, w) + " view that needs " +
                 (one.total_bytes == kMax ? "more than 8 EiB" : fmt_bytes(one.total_bytes)) +
                 " of activations (batch 1, " +

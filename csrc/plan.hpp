@@ -153,9 +153,20 @@ struct Plan {
     int64_t budget_bytes = 0, elem_size = 0;
 };
 
+// An error about the request; one about a single image of it also carries that image's index in
+// the request and the words after "image K " (Python re-names the image, e.g. by its file).
 class PlanError : public std::runtime_error {
   public:
-    using std::runtime_error::runtime_error;
+    explicit PlanError(const std::string& what) : std::runtime_error(what) {}
+    PlanError(int64_t image, const std::string& reason)
+        : std::runtime_error("image " + std::to_string(image) + " " + reason),
+          image_(image), reason_(reason) {}
+    int64_t image() const { return image_; }  // -1: not about one image
+    const std::string& reason() const { return reason_; }
+
+  private:
+    int64_t image_ = -1;
+    std::string reason_;
 };
 class ArgumentError : public PlanError {
   public:

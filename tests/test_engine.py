@@ -159,6 +159,27 @@ def test_memory_budget_names_the_limit_and_the_way_to_raise_it(tiny, monkeypatch
     with pytest.raises(MemoryBudgetError, match="memory_budget") as err:
         eng.classify(torch.rand(3, 40, 2000), scales=64)
     assert "1.0 MiB" in str(err.value)
+    assert err.value.image == 0 and str(err.value) == f"image 0 {err.value.reason}"
+
+
+def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_path, monkeypatch):
+    """The planner sees a chunk; its error names the image's index in the whole list, its file."""
+    import vggfast.engine as E
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
+    eng = Engine(tiny.state_dict(), memory_budget=1 << 20)
+    items = [torch.rand(3, 40, 40), tmp_path / "small.png", torch.rand(3, 40, 48),
+             tmp_path / "pano.png"]
+    with pytest.raises(MemoryBudgetError) as err:
+        eng.classify(items, scales=64)
+    assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image 3) (40x2000) at scale 64 ")
+    assert err.value.image == 3 and "memory_budget" in err.value.reason
+    with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000\) at scale 64 "):
+        eng.classify([torch.rand(3, 40, 40), torch.rand(3, 40, 2000)], scales=64)
+
+
+def test_memory_budget_from_the_environment(tiny, monkeypatch):
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "2GiB")
     assert Engine(tiny.state_dict()).memory_budget == 2 << 30
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "lots")

@@ -13,7 +13,6 @@ import json
 import math
 import numbers
 import os
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
@@ -110,7 +109,7 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
     skipping those still over it: a long job loses the one huge photo, not its chunk.
 
     Returns (outputs, kept, over): the outputs of the calls made, the positions in `images` they
-    cover in order, and (position, why) for each image skipped.
+    cover in order, and (position, why) for each image skipped, why being "(HxW) at scale ...".
     """
     if not images:
         return [], [], []
@@ -123,8 +122,8 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
         try:
             outs.append(run([img]))
             kept.append(i)
-        except MemoryBudgetError as exc:   # "image 0 (HxW) at scale ...": keep what follows
-            over.append((i, str(exc).split(") ", 1)[-1]))
+        except MemoryBudgetError as exc:
+            over.append((i, exc.reason))
     return outs, kept, over
 
 
@@ -135,13 +134,14 @@ def naming_images(items: Sequence[Any], start: int):
     try:
         yield
     except VGGFastError as exc:
-        m = re.match(r"image (\d+)\b", str(exc))
-        if m is None or not start + int(m.group(1)) < len(items):
+        if exc.image is None or not start + exc.image < len(items):
             raise
-        k = start + int(m.group(1))
+        k = start + exc.image
         path = items[k] if isinstance(items[k], (str, os.PathLike)) else None
         who = f"{os.fspath(path)} (image {k})" if path is not None else f"image {k}"
-        raise type(exc)(who + str(exc)[m.end():]) from None
+        err = type(exc)(f"{who} {exc.reason}")
+        err.image, err.reason = k, exc.reason
+        raise err from None
 
 
 @dataclass

@@ -2,7 +2,14 @@
 
 
 class VGGFastError(Exception):
-    """Base of every error caused by user input (weights, images, arguments)."""
+    """Base of every error caused by user input (weights, images, arguments).
+
+    An error about one image of a request also says which: `image` is its index there and
+    `reason` the message's words after "image K " (None and "" otherwise).
+    """
+
+    image: int | None = None
+    reason: str = ""
 
 
 class WeightsError(VGGFastError):

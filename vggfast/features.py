@@ -516,7 +516,7 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
         rows, kept, over = skipping_oversized(
             lambda ims: features(engine, ims, layer, scales, flip, pool, normalize,
                                  aggregate).numpy(), images)
-        failed += [{"index": idx[j], "file": files[idx[j]], "error": f"{files[idx[j]]}: {why}"}
+        failed += [{"index": idx[j], "file": files[idx[j]], "error": f"{files[idx[j]]} {why}"}
                    for j, why in over]
         idx = [idx[j] for j in kept]
         vecs = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)

@@ -276,7 +276,7 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
         outs, kept, over = skipping_oversized(
             lambda ims: engine.classify(ims, scales=scales, flip=flip, method=method, top_k=5,
                                         average=average), images)
-        failed += [{"file": str(names[j]), "error": f"{names[j]}: {why}"} for j, why in over]
+        failed += [{"file": str(names[j]), "error": f"{names[j]} {why}"} for j, why in over]
         results = [r for out in outs for r in out]
         for r, label in zip(results, [labels[j] for j in kept]):
             best = [i for i, _, _ in r.top(5)]

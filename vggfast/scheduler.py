@@ -280,12 +280,14 @@ def _call(fn, *args):
     C = _ext()
     try:
         return fn(*args)
-    except C.PlanBudgetError as e:
-        raise MemoryBudgetError(str(e)) from None
-    except C.PlanArgumentError as e:
-        raise ArgumentError(str(e)) from None
     except C.PlanError as e:
-        raise VGGFastError(str(e)) from None
+        what, image, reason = e.args
+        kind = (MemoryBudgetError if isinstance(e, C.PlanBudgetError) else
+                ArgumentError if isinstance(e, C.PlanArgumentError) else VGGFastError)
+        err = kind(what)
+        if image >= 0:
+            err.image, err.reason = image, reason
+        raise err from None
 
 
 def _int(x: Any, what: str) -> int:
