@@ -484,3 +484,32 @@ def test_a_torchscript_archive_is_refused_with_the_way_out(tmp_path):
     scripted.save(str(tmp_path / "ts.pt"))
     with pytest.raises(WeightsError, match=r"TorchScript archive.*state_dict\(\)"):
         load(str(tmp_path / "ts.pt"))
+
+
+def test_other_tools_weight_files_are_named_in_the_refusal(tmp_path):
+    """Keras, MatConvNet, NumPy, ONNX, Caffe files: say what the file is and what vggfast reads;
+    a PyTorch file that merely fails keeps torch's reason."""
+    import numpy as np
+    np.save(tmp_path / "vgg16.npy", np.array({"conv1_1": [np.zeros(3)]}, dtype=object))
+    np.savez(tmp_path / "vgg16_weights.npz", conv1_1_W=np.zeros((3, 3, 3, 64), np.float32))
+    files = {"vgg16.npy": "NumPy .npy", "vgg16_weights.npz": "NumPy .npz",
+             "vgg16.h5": "HDF5", "imagenet-vgg-verydeep-19.mat": "MATLAB",
+             "vgg16.onnx": "ONNX", "VGG_ILSVRC_16_layers.caffemodel": "Caffe"}
+    (tmp_path / "vgg16.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (tmp_path / "imagenet-vgg-verydeep-19.mat").write_bytes(b"MATLAB 5.0 MAT-file" + bytes(64))
+    (tmp_path / "vgg16.onnx").write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(32))
+    (tmp_path / "VGG_ILSVRC_16_layers.caffemodel").write_bytes(b"\n\x0cVGG_ILSVRC_16" + bytes(32))
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "vgg16.keras", "w") as z:
+        z.writestr("config.json", "{}")
+        z.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
+    files["vgg16.keras"] = "Keras model"
+    for name, what in files.items():
+        with pytest.raises(WeightsError, match=f"{what}.*does not read.*safetensors") as err:
+            load(str(tmp_path / name))
+        assert "\n" not in str(err.value)
+    torch.save(small_model("A").state_dict(), tmp_path / "run.ckpt")
+    (tmp_path / "cut.h5").write_bytes((tmp_path / "run.ckpt").read_bytes()[:200])  # truncated
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+        load(str(tmp_path / "cut.h5"))
+    assert load(str(tmp_path / "run.ckpt")).spec.config == "A"

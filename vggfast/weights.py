@@ -224,6 +224,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                         raw = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
+                    _refuse_foreign(path)
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
                                        "nor a pickle)")
                 raise WeightsError(
@@ -231,6 +232,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     f"save a plain state_dict or a safetensors file ({_unpickle_reason(exc)})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
+                _refuse_foreign(path)
                 if _is_torchscript(path):
                     raise WeightsError(
                         f"{path}: a TorchScript archive, which vggfast does not load (it holds "
@@ -271,14 +273,49 @@ def _looks_like_checkpoint(path: Path) -> bool:
     return head.startswith(b"PK") or head[:1] == b"\x80"
 
 
-def _is_torchscript(path: Path) -> bool:
-    """torch.jit.save's zip: a code/ folder (or constants.pkl) beside data.pkl."""
+# Other tools' weight files, by their first bytes, their zip members, or else (a file that is
+# neither a zip nor a pickle) by their suffix: named in the refusal.
+_FOREIGN_MAGIC = {b"\x89HDF\r\n\x1a\n": "an HDF5 file (Keras .h5)",
+                  b"MATLAB": "a MATLAB file (e.g. MatConvNet's imagenet-vgg-verydeep-*.mat)",
+                  b"\x93NUMPY": "a NumPy .npy file (e.g. tensorflow-vgg's vgg16.npy)"}
+_FOREIGN_SUFFIX = {".onnx": "an ONNX model", ".caffemodel": "a Caffe model",
+                   ".h5": "an HDF5 file (Keras .h5)", ".pb": "a TensorFlow file",
+                   ".tflite": "a TensorFlow Lite model"}
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A WeightsError naming the tool a weight file that torch cannot load comes from, if known."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return
+    what = next((w for magic, w in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
+    if what is None and head.startswith(b"PK"):
+        names = _zip_names(path)
+        if names and all(n.endswith(".npy") for n in names):
+            what = "a NumPy .npz archive"
+        elif "model.weights.h5" in names:
+            what = "a Keras model"
+    elif what is None and head[:1] != b"\x80":
+        what = _FOREIGN_SUFFIX.get(path.suffix.lower())
+    if what is not None:
+        raise WeightsError(f"{path}: {what}, which vggfast does not read; it reads PyTorch "
+                           "checkpoints (torch.save of a state dict) and safetensors files with "
+                           "torchvision, timm or vggfast names: convert the tensors to one first")
+
+
+def _zip_names(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl"))
-                       for n in z.namelist())
+            return z.namelist()
     except (OSError, zipfile.BadZipFile):
-        return False
+        return []
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save's zip: a code/ folder (or constants.pkl) beside data.pkl."""
+    return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in _zip_names(path))
 
 
 def _unpickle_reason(exc: BaseException) -> str:
