@@ -504,12 +504,20 @@ def test_training_samples_are_checked_before_training(tiny_set, tmp_path, capsys
     (tmp_path / "bad.png").write_bytes(b"not a png")
     from PIL import Image
     Image.new("RGB", (48, 40)).save(tmp_path / "ok.png")
+    Image.new("RGB", (48, 40)).save(tmp_path / "big.png")   # pixels cut off after the header
+    (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:60])
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # loaded turned: 40 wide, 48 high
+    Image.new("RGB", (48, 40)).save(tmp_path / "turned.jpg", exif=exif)
     samples = [L.LocSample(str(tmp_path / "bad.png"), 0, [(1.0, 1.0, 5.0, 5.0)]),
-               L.LocSample(str(tmp_path / "ok.png"), 1, [(-20.0, -5.0, 30.0, 60.0)])]
+               L.LocSample(str(tmp_path / "ok.png"), 1, [(-20.0, -5.0, 30.0, 60.0)]),
+               L.LocSample(str(tmp_path / "cut.png"), 1, [(1.0, 1.0, 5.0, 5.0)]),
+               L.LocSample(str(tmp_path / "turned.jpg"), 1, [(-20.0, -5.0, 30.0, 60.0)])]
     kept = L.readable_samples(samples, "for training")
-    assert [s.file for s in kept] == [str(tmp_path / "ok.png")]
-    assert kept[0].boxes == [(0.0, 0.0, 30.0, 40.0)]
-    assert "bad.png" in capsys.readouterr().err
+    assert [s.file for s in kept] == [str(tmp_path / "ok.png"), str(tmp_path / "turned.jpg")]
+    assert kept[0].boxes == [(0.0, 0.0, 30.0, 40.0)] and kept[1].boxes == [(0.0, 0.0, 30.0, 48.0)]
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "cut.png" in err
     with pytest.raises(VGGFastError, match=r"ok\.png: box .* outside the 48x40 image"):
         L.readable_samples([L.LocSample(str(tmp_path / "ok.png"), 1, [(100, 100, 140, 140)])],
                            "for training")

@@ -443,16 +443,6 @@ class LocSample:
     boxes: list[tuple[float, float, float, float]]
 
 
-def _oriented_size(file: str) -> tuple[int, int]:
-    """(width, height) of the image as loaded (EXIF rotation applied), from its header."""
-    from PIL import Image
-    with Image.open(file) as im:
-        w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated 90 degrees when loaded
-            w, h = h, w
-    return w, h
-
-
 def _clipped_boxes(s: LocSample, w: int, h: int) -> list[tuple[float, ...]]:
     """s.boxes clipped to its w x h image; a box wholly outside is an AnnotationError."""
     boxes = []
@@ -468,15 +458,14 @@ def readable_samples(samples: Sequence[LocSample], where: str) -> list[LocSample
     """The samples whose image PIL can open (read from the header only; the others are skipped
     with a warning, as the classification trainer skips them), each box clipped to its image. A
     box wholly outside its image is an AnnotationError naming the file."""
-    from .train import _header_problem, _report_skipped
+    from .train import _header, _report_skipped
     out, skipped = [], []
     for s in samples:
-        problem = _header_problem(s.file)
-        if problem is not None:
-            skipped.append((s.file, problem))
+        size = _header(s.file, oriented=True)
+        if isinstance(size, str):
+            skipped.append((s.file, size))
             continue
-        w, h = _oriented_size(s.file)
-        out.append(dataclasses.replace(s, boxes=_clipped_boxes(s, w, h)))
+        out.append(dataclasses.replace(s, boxes=_clipped_boxes(s, *size)))
     if skipped:
         _report_skipped(skipped, where)
     if not out:
@@ -699,15 +688,15 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     bar = tqdm(samples, desc="localize", unit="img", disable=not progress, file=sys.stderr)
     for s in bar:
         try:
+            img = pp.load_image(s.file)     # decoded once; its size clips the ground truth
+            gt = _clipped_boxes(s, img.shape[-1], img.shape[-2])
             if protocol == "center":
-                box = center_crop_box(engine, s.file, s.label, center_scale)
-                gt = _clipped_boxes(s, *_oriented_size(s.file))
+                box = center_crop_box(engine, img, s.label, center_scale)
                 best = float(iou([box], gt).max())
                 ious.append(best)
                 counts["center"] += best <= iou_threshold
             else:
-                preds = localize(engine, s.file, scales, top_k, flip)
-                gt = _clipped_boxes(s, *_oriented_size(s.file))
+                preds = localize(engine, img, scales, top_k, flip)
                 classes = [g[0] for g in preds]
                 counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
                 counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)

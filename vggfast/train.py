@@ -227,12 +227,21 @@ def _check_options(opts: TrainOptions) -> None:
 
 def _header_problem(path: str) -> str | None:
     """Why PIL cannot open `path` (reading the header only), or None. Cheap for large folders."""
+    size = _header(path)
+    return size if isinstance(size, str) else None
+
+
+def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
+    """(width, height) of the image read from its header, or why PIL cannot open it. oriented:
+    as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes)."""
     from PIL import Image, UnidentifiedImageError
 
     from .preprocess import MIN_SIDE
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # turned 90 degrees
+                w, h = h, w
     except Image.DecompressionBombError:
         return "too many pixels (PIL's decompression-bomb guard)"
     except UnidentifiedImageError:
@@ -241,7 +250,7 @@ def _header_problem(path: str) -> str | None:
         return f"unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
     if min(w, h) < MIN_SIDE:
         return f"{w}x{h} pixels, both sides must be at least {MIN_SIDE}"
-    return None
+    return w, h
 
 
 @dataclass
