@@ -17,6 +17,8 @@ step() {
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
 [ $# -eq 0 ] && set -- install tests layers throughput mixed
+# pytest-xdist where the image has it (the step limits assume it), else one process
+python -c "import xdist" 2>/dev/null && XDIST="-n 8" || { XDIST=""; echo "(no pytest-xdist)"; }
 for s in "$@"; do
     case $s in
         install)
@@ -25,9 +27,9 @@ for s in "$@"; do
             step install 300 python -m pip install --no-build-isolation --no-deps -e .
             step planner 30 python -c "from vggfast import scheduler as S; from vggfast.configs \
 import make_spec; print(S.make_plan(make_spec('D'), [(480, 640)]).summary())" ;;
-        tests)      step tests 300 python -m pytest -q -p no:cacheprovider -n 8 \
+        tests)      step tests 300 python -m pytest -q -p no:cacheprovider $XDIST \
                         tests/test_kernels.py tests/test_engine.py tests/test_launch.py ;;
-        suite)      step suite 420 python -m pytest -q -p no:cacheprovider -n 12 tests ;;
+        suite)      step suite 420 python -m pytest -q -p no:cacheprovider ${XDIST:+-n 12} tests ;;
         layers)     step layers 200 python bench/layers.py ;;
         throughput) step throughput 300 python bench/throughput.py --no-compile --out "$OUT" ;;
         compile)    step compile 560 python bench/throughput.py --compile-batches 64 --out "$OUT" ;;
