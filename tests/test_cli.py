@@ -32,6 +32,25 @@ def test_classify_json_success(weights, samples):
     assert len(out[0]["top"]) == 3 and out[0]["top"][0]["prob"] >= out[0]["top"][1]["prob"]
 
 
+def test_classify_a_folder_takes_its_images_recursively(weights, samples, tmp_path, capsys):
+    import shutil
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    (tmp_path / "photos" / ".cache").mkdir()
+    shutil.copy(samples["cat"], tmp_path / "photos" / "b.jpg")
+    shutil.copy(samples["rocket"], tmp_path / "photos" / "sub" / "a.jpg")
+    shutil.copy(samples["rocket"], tmp_path / "photos" / ".cache" / "c.jpg")   # hidden: skipped
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    assert main(["classify", str(tmp_path / "photos"), str(samples["cat"]), "--weights", weights,
+                 "--scales", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["results"]
+    assert [r["image"] for r in out] == [str(tmp_path / "photos" / "b.jpg"),
+                                         str(tmp_path / "photos" / "sub" / "a.jpg"),
+                                         str(samples["cat"])]
+    (tmp_path / "empty").mkdir()
+    assert main(["classify", str(tmp_path / "empty"), "--weights", weights]) == 2
+    assert "folder without image files" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", [
     ["classify", "missing.jpg"],                              # missing image
     ["classify", "{cat}", "--weights", "nope.pth"],            # missing weights

@@ -13,7 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .errors import VGGFastError
+from .errors import ArgumentError, VGGFastError
 
 # Modules that add their own subcommands through `add_cli(subparsers)`.
 _COMMAND_MODULES: tuple[str, ...] = ("vggfast.train", "vggfast.features", "vggfast.protocols",
@@ -80,14 +80,21 @@ def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
     from .engine import CHUNK_IMAGES
+    from .protocols import list_images
+    paths = []
+    for path in args.images:     # a folder stands for its image files (recursive, sorted)
+        inside = list_images(Path(path)) if os.path.isdir(path) else [path]
+        if not inside:
+            raise ArgumentError(f"{path} is a folder without image files")
+        paths += [str(p) for p in inside]
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
     flip = not args.no_flip
     names, results, failed = [], [], 0
-    for start in range(0, len(args.images), CHUNK_IMAGES):
+    for start in range(0, len(paths), CHUNK_IMAGES):
         # a chunk of photos decoded at a time (each one a request), not every photo at once
         images = []
-        for path in args.images[start:start + CHUNK_IMAGES]:
+        for path in paths[start:start + CHUNK_IMAGES]:
             try:
                 images.append(load_image(path))
                 names.append(path)
@@ -190,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("classify", help="classify images (dense evaluation, scales and flips)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+",
+                   help="image files, or folders (their image files, recursively)")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
