@@ -282,6 +282,25 @@ def test_feature_extractor_dtype_refresh_and_errors(tv16):
         small(x)
 
 
+def test_feature_extractor_under_autocast_follows_torchvision(tv16):
+    """A perceptual loss in mixed-precision training: under autocast both paths compute in its
+    dtype and return it, as torchvision's module does, so target and generated features agree."""
+    fx = FeatureExtractor({f"features.{k}": v for k, v in tv16.state_dict().items()},
+                          layers=["relu2_2", "pool3"])
+    x = torch.randn(1, 3, 32, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = fx(x)
+            want = tv16[:17](x)                        # conv1_1 .. pool3
+        slow = fx(x.clone().requires_grad_(True))
+    for k, v in fast.items():
+        assert v.dtype == slow[k].dtype == torch.bfloat16
+        torch.testing.assert_close(v, slow[k].detach())
+    torch.testing.assert_close(fast["pool3"], want)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert fx.double()(x.double())["pool3"].dtype == torch.float64   # autocast leaves fp64
+
+
 def test_the_default_descriptor_is_the_papers_relu7(eng):
     """Appendix B's "activations of the penultimate layer": the Caffe models' fc7 blob, after
     the in-place ReLU, i.e. "relu7"; "fc7" (before the ReLU) has negative components."""

@@ -272,7 +272,11 @@ class FeatureExtractor(nn.Module):
                                 f"{self.deepest}; it needs at least {lo}x{lo}")
         params = {k: getattr(self, a) for k, a in self._keys.items()}
         compiling = torch.compiler.is_compiling()
-        fast_dtype = self._dtype or x.dtype
+        # under autocast the convolutions run in its dtype and the outputs come in it, as a
+        # torchvision module's do (float64 is left alone, as autocast leaves it)
+        amp = x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+        fast_dtype = self._dtype or out_dtype
         fast = not compiling and fast_dtype in (torch.float32, torch.bfloat16, torch.float16) \
             and x.shape[0] > 0 and not (torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in params.values())))
@@ -289,7 +293,7 @@ class FeatureExtractor(nn.Module):
         else:
             self._sync_fast_weights()
             out = self._fast_engine(x.device, fast_dtype)._backend.run(x, self.layers)
-            out = {k: v.to(x.device, x.dtype) for k, v in out.items()}
+            out = {k: v.to(x.device, out_dtype) for k, v in out.items()}
         return {t: out[t] for t in self.layers}
 
 
