@@ -263,9 +263,15 @@ def test_feature_extractor_dtype_refresh_and_errors(tv16):
         assert fx64(x.detach().double())["relu2_2"].dtype == torch.float64
     # bf16 fast engine: a copy of the weights, re-read after writes through .data on refresh()
     fb = FeatureExtractor(sd, layers=["relu2_2"], dtype=torch.bfloat16)
+    xg = x.detach().clone().requires_grad_(True)
+    slow = fb(xg)["relu2_2"]                  # the autograd path computes in dtype= too
+    slow.sum().backward()
+    assert slow.dtype == xg.grad.dtype == torch.float32
     with torch.no_grad():
         before = fb(x.detach())["relu2_2"]
         assert before.dtype == torch.float32 and before.abs().max() > 0
+        torch.testing.assert_close(before, slow.detach())
+        assert (before - fx(x.detach())["relu2_2"]).abs().max() > 1e-4   # bf16, not fp32
         for p in fb.parameters():
             p.data.zero_()                                  # not seen by the version counter
         fb.refresh()

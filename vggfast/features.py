@@ -149,10 +149,11 @@ class FeatureExtractor(nn.Module):
     `layers`. Computation stops after the deepest requested layer and only the weights up to it
     are kept. fc layers need H, W >= image_size.
 
-    Two paths on the same canonical (BatchNorm-folded) weights, computing in the same dtype:
+    Two paths on the same canonical (BatchNorm-folded) weights, computing in the same dtype,
+    `dtype` (default: x's dtype, or autocast's under torch.autocast; pass dtype=torch.bfloat16
+    for the fastest kernels on a GPU), with outputs cast back to x's (or autocast's) dtype:
     - no gradient needed (grad disabled, or neither x nor any weight requires grad): the engine's
-      fast backend (Triton kernels on CUDA, torch otherwise) in `dtype` (default: x's dtype;
-      pass dtype=torch.bfloat16 for the fastest kernels on a GPU).
+      fast backend (Triton kernels on CUDA, torch otherwise).
     - otherwise, and inside torch.compile: plain torch ops (cuDNN) with autograd. Input
       gradients equal torchvision's on the same weights. The weights are frozen parameters
       (requires_grad False); set `requires_grad_(True)` on them to fine-tune, which moves every
@@ -288,8 +289,10 @@ class FeatureExtractor(nn.Module):
             if any(p.device != x.device for p in params.values()):
                 raise ArgumentError(f"input is on {x.device} but the weights are on "
                                     f"{next(iter(params.values())).device}; move one with .to()")
-            params = {k: p.to(x.dtype) for k, p in params.items()}
-            out = dense_forward(params, self.spec, x, self.layers)
+            cdt = self._dtype or x.dtype        # the fast path's dtype: both paths agree
+            params = {k: p.to(cdt) for k, p in params.items()}
+            out = dense_forward(params, self.spec, x.to(cdt), self.layers)
+            out = {k: v.to(out_dtype) for k, v in out.items()}
         else:
             self._sync_fast_weights()
             out = self._fast_engine(x.device, fast_dtype)._backend.run(x, self.layers)
