@@ -162,6 +162,23 @@ def test_memory_budget_names_the_limit_and_the_way_to_raise_it(tiny, monkeypatch
     assert err.value.image == 0 and str(err.value) == f"image 0 {err.value.reason}"
 
 
+def test_a_callers_autocast_region_does_not_change_the_engines_dtype(tiny):
+    """Engine computes in its own dtype (the Triton kernels ignore autocast; so must the
+    reference): inside torch.autocast the answers are the same, not bf16 ones."""
+    eng = Engine(tiny.state_dict())
+    img, x = torch.rand(3, 40, 48), torch.randn(2, 3, 32, 32)
+
+    def answers():
+        return [eng.classify(img, scales=(32, 40)).probs, eng.logits(x), eng.score_map(img, 40),
+                eng.features(img, "relu7", (32,))]
+    want = answers()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = answers()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_path, monkeypatch):
     """The planner sees a chunk; its error names the image's index in the whole list, its file."""
     import vggfast.engine as E

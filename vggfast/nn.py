@@ -184,13 +184,17 @@ class TorchBackend:
         self.params = {k: (v.to(device, dtype, memory_format=fmt) if v.dim() == 4
                            else v.to(device, dtype)) for k, v in params.items()}
 
+    # the engine's dtype is the dtype: a caller's torch.autocast region does not change it (the
+    # Triton kernels ignore autocast; the reference must compute the same)
     @torch.no_grad()
     def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
         x = x.to(self.device, self.dtype, memory_format=self.memory_format)
-        out = dense_forward(self.params, self.spec, x, taps)
+        with torch.autocast(self.device.type, enabled=False):
+            out = dense_forward(self.params, self.spec, x, taps)
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
         pooled = pooled.to(self.device, self.dtype, memory_format=self.memory_format)
-        return fc_forward(self.params, self.spec, pooled).float()
+        with torch.autocast(self.device.type, enabled=False):
+            return fc_forward(self.params, self.spec, pooled).float()
