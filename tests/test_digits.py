@@ -63,3 +63,15 @@ def test_linear_classifier_on_engine_features_of_real_digits():
     np.testing.assert_allclose(np.linalg.norm(xtr, axis=1), 1, rtol=1e-5)
     clf = LogisticRegression(max_iter=2000, C=10.0).fit(xtr, ytr)
     assert clf.score(xte, yte) >= 0.93
+
+
+def test_result_repr_shows_the_answer():
+    """repr(Result) is the top classes and the scales (as the README example prints), not the
+    whole probability vector."""
+    eng = vggfast.Engine(str(SHIPPED), backend="torch")
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[4:28, 14:19] = 255
+    r = eng.classify(img, scales=[32, 48], top_k=3)
+    text = repr(r)
+    assert text.startswith("Result(top=[(1, '1', 0.9") and "scales=[32, 48]" in text
+    assert text.count("(") == 4 and len(text) < 200

@@ -26,6 +26,29 @@ def test_rgb_file_numpy_pil_and_tensor_agree(samples):
     assert f.dtype == torch.float32 and torch.allclose(f * 255, a.float(), atol=1e-4)
 
 
+def test_encoded_bytes_and_binary_file_objects(samples, tmp_path):
+    """A photo as bytes, bytearray, memoryview, io.BytesIO (from its current position) or an open
+    binary file decodes to the same pixels as its path; a text-mode file and a closed one are
+    one-line ImageErrors."""
+    import io
+    want = load_image(samples["cat"])
+    data = samples["cat"].read_bytes()
+    moved = io.BytesIO(b"junk" + data)
+    moved.seek(4)
+    with open(samples["cat"], "rb") as f:
+        for src in (data, bytearray(data), memoryview(data), io.BytesIO(data), moved, f):
+            assert torch.equal(load_image(src), want)
+    text = tmp_path / "t.txt"
+    text.write_text("not an image")
+    closed = io.BytesIO(data)
+    closed.close()
+    with open(text) as f:
+        for src, match in ((f, "binary mode"), (closed, "could not read")):
+            with pytest.raises(ImageError, match=match) as err:
+                load_image(src)
+            assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("mode", ["L", "1", "P", "LA", "RGBA", "CMYK", "YCbCr"])
 def test_8bit_modes_convert_like_pil(tmp_path, mode):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8))

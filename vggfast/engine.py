@@ -144,7 +144,7 @@ def naming_images(items: Sequence[Any], start: int):
         raise err from None
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
     """Classification of one image.
 
@@ -169,6 +169,13 @@ class Result:
 
     def to_dict(self, k: int | None = None) -> dict[str, Any]:
         return {"top": [{"index": i, "name": n, "prob": p} for i, n, p in self.top(k)]}
+
+    def __repr__(self) -> str:      # the answer, not a thousand probabilities
+        top = ", ".join(f"({i}, {n!r}, {p:.4f})" for i, n, p in self.top())
+        scales = f", scales={sorted(self.per_scale)}" if self.per_scale else ""
+        methods = f", methods={list(self.per_method)}" if self.per_method else ""
+        models = f", models={len(self.per_model)}" if self.per_model else ""
+        return f"Result(top=[{top}]{scales}{methods}{models})"
 
 
 def check_finite(t: torch.Tensor, engine: "Engine", what: str) -> torch.Tensor:

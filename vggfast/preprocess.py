@@ -1,7 +1,8 @@
 """Image decoding, conversion to RGB, isotropic rescaling, flips and normalisation.
 
 An image is a path, a PIL image, an HxWx3 uint8 numpy array, or a torch tensor [3, H, W] (uint8
-0-255, or float RGB in [0, 1]). `load_image` turns any of them into a [3, H, W] tensor, uint8, or
+0-255, or float RGB in [0, 1]); an encoded file also comes as bytes or a binary file object
+(`io.BytesIO`, `open(f, "rb")`, an upload), read from its current position. `load_image` turns any of them into a [3, H, W] tensor, uint8, or
 float32 in [0, 1] when the source carries more than 8 bits (16-bit and float images, float
 tensors).
 
@@ -76,15 +77,17 @@ def load_image(src) -> torch.Tensor:
         x = _from_tensor(src)
     elif isinstance(src, np.ndarray):
         x = _from_array(src)
-    elif isinstance(src, (str, os.PathLike, bytes)):
+    elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         x = _from_file(src)
+    elif callable(getattr(src, "read", None)):
+        x = _from_file(_read_stream(src))
     else:
         from PIL import Image
         if isinstance(src, Image.Image):
             x = _from_pil(src)
         else:
-            raise ImageError(f"an image must be a path, PIL image, numpy array or tensor, not "
-                             f"{type(src).__name__}")
+            raise ImageError(f"an image must be a path, bytes, a binary file, a PIL image, a "
+                             f"numpy array or a tensor, not {type(src).__name__}")
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIDE:
         where = f"{os.fspath(src)}: " if isinstance(src, (str, os.PathLike)) else ""
@@ -111,16 +114,31 @@ def _quiet_pil():
         yield
 
 
+def _read_stream(f) -> bytes:
+    """The bytes of a file object from its position on: read whole, so PIL's lazy decoding never
+    depends on a stream the caller may close or move."""
+    try:
+        data = f.read()
+    except (OSError, ValueError) as exc:     # a closed file, a socket reset
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:160]
+        raise ImageError(f"could not read the image from {type(f).__name__}: {why}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(f"{type(f).__name__} gave {type(data).__name__}, not bytes: open image "
+                         "files in binary mode ('rb')")
+    return data
+
+
 def _from_file(src) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
-    name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
-    if not isinstance(src, bytes) and not os.path.isfile(name):
+    encoded = isinstance(src, (bytes, bytearray, memoryview))
+    name = "<bytes>" if encoded else os.fspath(src)
+    if not encoded and not os.path.isfile(name):
         if os.path.isdir(name):
             raise ImageError(f"{name} is a folder, not an image file")
         raise ImageError(f"image not found: {name}")
     try:
         with _quiet_pil():
-            im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else name)
+            im = Image.open(io.BytesIO(src) if encoded else name)
         with im:
             im.load()
             return _from_pil(im)
