@@ -51,6 +51,22 @@ def test_classify_a_folder_takes_its_images_recursively(weights, samples, tmp_pa
     assert "folder without image files" in capsys.readouterr().err
 
 
+def test_classify_reads_an_image_from_standard_input(weights, samples):
+    """`-` is an image file's bytes on stdin (`cat photo.jpg | vggfast classify - ...`), with the
+    same answer as the file's path; bytes that are no image are the usual one-line error."""
+    args = ["--weights", weights, "--scales", "32", "--json"]
+    want = _run("classify", str(samples["cat"]), *args)
+    got = subprocess.run([sys.executable, "-m", "vggfast", "classify", "-", *args],
+                         input=samples["cat"].read_bytes(), capture_output=True, timeout=300)
+    assert got.returncode == 0, got.stderr
+    (w,), (g,) = json.loads(want.stdout)["results"], json.loads(got.stdout)["results"]
+    assert g["image"] == "-" and g["top"] == w["top"]
+    bad = subprocess.run([sys.executable, "-m", "vggfast", "classify", "-", *args],
+                         input=b"not an image", capture_output=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1
+    assert "not an image file" in bad.stderr.decode()
+
+
 @pytest.mark.parametrize("args", [
     ["classify", "missing.jpg"],                              # missing image
     ["classify", "{cat}", "--weights", "nope.pth"],            # missing weights

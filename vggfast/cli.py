@@ -83,7 +83,7 @@ def cmd_classify(args) -> int:
     from .protocols import list_images
     paths = []
     for path in args.images:     # a folder stands for its image files (recursive, sorted)
-        inside = list_images(Path(path)) if os.path.isdir(path) else [path]
+        inside = list_images(Path(path)) if path != "-" and os.path.isdir(path) else [path]
         if not inside:
             raise ArgumentError(f"{path} is a folder without image files")
         paths += [str(p) for p in inside]
@@ -96,7 +96,7 @@ def cmd_classify(args) -> int:
         images = []
         for path in paths[start:start + CHUNK_IMAGES]:
             try:
-                images.append(load_image(path))
+                images.append(load_image(sys.stdin.buffer if path == "-" else path))
                 names.append(path)
             except ImageError as exc:
                 print(error_line(exc), file=sys.stderr)
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify images (dense evaluation, scales and flips)")
     p.add_argument("images", nargs="+",
-                   help="image files, or folders (their image files, recursively)")
+                   help="image files, folders (their image files, recursively), or - for an "
+                        "image file's bytes on standard input")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
