@@ -256,6 +256,39 @@ def test_triton_features_grouped_equal_the_reference(samples):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_classify_from_several_threads_equals_one_at_a_time():
+    """A server's worker threads share one Engine: requests of one shape share the executor's
+    arena (and graphs on CUDA), so concurrent calls must not overwrite each other's activations.
+    Each thread's answer equals the one-at-a-time answer for its own image."""
+    import os
+    import threading
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    eng = Engine(small_model("D", num_classes=10).state_dict(), backend="triton", device=dev,
+                 dtype="float32")
+    torch.manual_seed(3)
+    imgs = [torch.rand(3, 40, 52) for _ in range(3)]          # one size: one plan, one arena
+    want = [eng.classify(im, scales=(32,)).probs for im in imgs]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for k in range(2):
+                got[i, k] = eng.classify(imgs[i], scales=(32,)).probs
+        except Exception as exc:          # noqa: BLE001 -- reported below, with its thread
+            errors.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(imgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (i, _), p in got.items():
+        torch.testing.assert_close(p, want[i], rtol=1e-5, atol=1e-7)
+
+
 def test_executor_waves_group_batches_within_the_budget():
     """With the triton backend, a plan's batches run in waves (one grouped forward each) whose
     arenas fit the budget together, every batch once and in order; the torch backend, which

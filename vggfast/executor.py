@@ -25,6 +25,7 @@ Python.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from typing import Callable, Sequence
@@ -179,6 +180,11 @@ class Executor:
                        if getattr(engine, "cuda_graphs", False) else None)
         self._arena: torch.Tensor | None = None
         self._arena_key: str | None = None
+        # One request runs at a time: the arena and the graphs' static buffers are shared by
+        # every request, so two threads (a server's workers) would overwrite each other's
+        # activations. `run` holds it until its results are on the host, i.e. until the device
+        # is done with them, whatever stream each caller is on.
+        self._lock = threading.Lock()
 
     def plan(self, images: Sequence[torch.Tensor], scales: Sequence[int], flip: bool,
              method: str, keep: Sequence[str] = ()) -> Plan:
@@ -220,7 +226,12 @@ class Executor:
 
     def run(self, plan: Plan, images: Sequence[torch.Tensor], tap: str = "fc8",
             reduce: Callable[[torch.Tensor], torch.Tensor] = spatial_mean) -> list[torch.Tensor]:
-        """Run every batch of `plan`; returns reduce(output of `tap`) per view, in view order."""
+        """Run every batch of `plan`; returns reduce(output of `tap`) per view (on the host), in
+        view order. Thread-safe: concurrent calls run one after the other."""
+        with self._lock:
+            return self._run(plan, images, tap, reduce)
+
+    def _run(self, plan, images, tap, reduce) -> list[torch.Tensor]:
         last_use: dict[tuple[int, int], int] = {}
         for b in plan.batches:
             for vi in b.views:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import gc
 import math
 import operator
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -422,6 +423,7 @@ class Scheduler:
         _options(spec, keep=(), **self._opt)  # fail now on bad options, not at the first plan
         self.cache_size = max(0, _int(cache_size, "cache_size"))
         self._cache: OrderedDict[str, Plan] = OrderedDict()
+        self._cache_lock = threading.Lock()   # an Engine may be called from several threads
 
     def _args(self, sizes, scales, flip, method, crop, grid, keep):
         return (self._layers, _request(sizes, scales, flip, method, crop, grid),
@@ -446,19 +448,22 @@ class Scheduler:
         """
         layers, req, opt = self._args(sizes, scales, flip, method, crop, grid, keep)
         key = _call(_C.plan_key, layers, req, opt)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
         plan = _convert(_call(_C.make_plan, layers, req, opt), self.spec, req)
         if self.cache_size:
-            self._cache[key] = plan
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            with self._cache_lock:
+                self._cache[key] = plan
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
         return plan
 
     def clear(self) -> None:
-        self._cache.clear()
+        with self._cache_lock:
+            self._cache.clear()
 
 
 def make_plan(spec: NetSpec, sizes: Iterable[Sequence[int]], scales: Any = (256, 384, 512),
