@@ -437,6 +437,23 @@ def test_engine_cuda_graphs_option():
         Engine(small_model(num_classes=10).state_dict(), cuda_graphs="yes")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_an_engine_on_the_second_gpu_runs_there(samples):
+    """Engine(device="cuda:1") launches its kernels (and captures its graphs) on cuda:1 while
+    cuda:0 is the current device, and answers as an engine on cuda:0 does."""
+    sd = small_model(num_classes=10).state_dict()
+    imgs = [samples["cat"], torch.rand(3, 40, 90)]
+    torch.cuda.set_device(0)
+    want = Engine(sd, device="cuda:0").classify(imgs, scales=(32, 40))
+    for graphs in (False, True):
+        eng = Engine(sd, device="cuda:1", cuda_graphs=graphs)
+        assert eng.device == torch.device("cuda:1") and eng._backend.device == eng.device
+        for _ in range(3):
+            for g, w in zip(eng.classify(imgs, scales=(32, 40)), want):
+                torch.testing.assert_close(g.probs, w.probs, rtol=1e-3, atol=1e-4)
+    assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gpu_graph_replay_equals_eager(samples, backend):

@@ -215,6 +215,14 @@ def _resolve_device(device: Any) -> torch.device:
         raise ArgumentError(f"device {device!r} requested but CUDA is not available")
     if dev.type not in ("cuda", "cpu"):
         raise ArgumentError(f"device must be cpu or cuda, not {device!r}")
+    if dev.type == "cuda":
+        # cuda:N as the engine's tensors report it ("cuda" is the current device), so device
+        # comparisons with them hold
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ArgumentError(f"device {device!r} does not exist: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", index)
     return dev
 
 

@@ -35,6 +35,7 @@ import torch
 from . import preprocess as pp
 from .errors import VGGFastError
 from .scheduler import Plan, Scheduler
+from .triton_backend import on_device
 
 
 def spatial_mean(t: torch.Tensor) -> torch.Tensor:
@@ -228,7 +229,7 @@ class Executor:
             reduce: Callable[[torch.Tensor], torch.Tensor] = spatial_mean) -> list[torch.Tensor]:
         """Run every batch of `plan`; returns reduce(output of `tap`) per view (on the host), in
         view order. Thread-safe: concurrent calls run one after the other."""
-        with self._lock:
+        with self._lock, on_device(self.engine.device):
             return self._run(plan, images, tap, reduce)
 
     def _run(self, plan, images, tap, reduce) -> list[torch.Tensor]:

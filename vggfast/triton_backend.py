@@ -19,6 +19,8 @@ torch op besides the output allocations.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import OrderedDict
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
@@ -38,6 +40,21 @@ def _ops():
         raise VGGFastError(f"the triton backend needs the triton package ({exc}); install "
                            "triton or use backend='torch'") from None
     return ops
+
+
+def on_device(device: torch.device):
+    """A context in which `device` is the current CUDA device (nothing on the CPU). Triton
+    launches on the current device, not on its arguments', and CUDA graphs capture the current
+    device's stream: an engine on cuda:1 would otherwise launch on cuda:0 with cuda:1's pointers."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_own_device(method):
+    @functools.wraps(method)
+    def run_there(self, *args, **kwargs):
+        with on_device(self.device):
+            return method(self, *args, **kwargs)
+    return run_there
 
 
 ARENA_ALIGN = 256   # bytes: every buffer carved from an arena starts at a multiple of this
@@ -81,6 +98,8 @@ class TritonBackend:
     def __init__(self, params: Mapping[str, torch.Tensor], spec: NetSpec, device: torch.device,
                  dtype: torch.dtype):
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:   # as its tensors report it: cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
         if dtype not in DTYPES:
             raise ArgumentError(f"the triton backend runs float32, bfloat16 or float16, "
                                 f"not {dtype}")
@@ -137,6 +156,7 @@ class TritonBackend:
             x = x.float()
         return x.to(self.device)
 
+    @_on_own_device
     @torch.no_grad()
     def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
         """Dense forward: x [N, 3, H, W] normalised float -> {tap: float32 NCHW}.
@@ -261,6 +281,7 @@ class TritonBackend:
             self._group_plans.popitem(last=False)
         return plan
 
+    @_on_own_device
     @torch.no_grad()
     def run_many(self, xs: Sequence[torch.Tensor], tap: str = "fc8",
                  plan: GroupPlan | None = None,
@@ -319,6 +340,7 @@ class TritonBackend:
         return [h[o:o + n * gh * gw * c].view(n, gh, gw, c).permute(0, 3, 1, 2).float()
                 for o, n, gh, gw in outputs]
 
+    @_on_own_device
     @torch.no_grad()
     def run_planned(self, x: torch.Tensor, layout, plan_ops: Sequence,
                     arena: torch.Tensor | None = None) -> torch.Tensor:
@@ -360,6 +382,7 @@ class TritonBackend:
                 h = ops.max_pool2x2(h, out=out)
         return h.permute(0, 3, 1, 2).float()
 
+    @_on_own_device
     @torch.no_grad()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
         """fc6-fc8 on a pool5 map pooled to grid x grid: [N, C, g, g] -> [N, classes] fp32."""
