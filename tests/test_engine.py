@@ -437,6 +437,20 @@ def test_engine_cuda_graphs_option():
         Engine(small_model(num_classes=10).state_dict(), cuda_graphs="yes")
 
 
+def test_cuda_devices_resolve_to_the_index_their_tensors_report(monkeypatch):
+    """Engine.device is cuda:N, never a bare "cuda" (torch.device("cuda") != cuda:0, the device
+    its tensors report), for device="cuda" and for the default device alike (CUDA faked)."""
+    from vggfast import engine as E
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for dev in (None, "cuda", torch.device("cuda")):
+        assert E._resolve_device(dev) == torch.device("cuda", 1), dev
+    assert E._resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ArgumentError, match="does not exist"):
+        E._resolve_device("cuda:2")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_an_engine_on_the_second_gpu_runs_there(samples):
     """Engine(device="cuda:1") launches its kernels (and captures its graphs) on cuda:1 while
