@@ -28,7 +28,7 @@ def test_logits_equal_torchvision_at_224(name):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want = tv(x)
-    got = Engine(tv.state_dict(), backend="torch").logits(x)
+    got = Engine(tv.state_dict(), backend="torch", dtype="float32").logits(x)
     assert got.shape == (2, 1000)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
@@ -37,7 +37,8 @@ def test_logits_at_other_sizes_follow_torchvision_adaptive_pool(tiny):
     x = torch.randn(1, 3, 75, 50)
     with torch.no_grad():
         want = tiny(x)
-    torch.testing.assert_close(Engine(tiny.state_dict()).logits(x), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(Engine(tiny.state_dict(), dtype="float32").logits(x), want,
+                               rtol=1e-4, atol=1e-6)
 
 
 def _independent_score_map(model, path, q, flip=False):
@@ -59,7 +60,7 @@ def _independent_score_map(model, path, q, flip=False):
 @pytest.mark.parametrize("photo", ["cat", "rocket", "astronaut"])
 def test_score_map_equals_an_independent_dense_evaluation(samples, photo):
     m = small_model("D", num_classes=10, image_size=32)
-    eng = Engine(m.state_dict(), backend="torch")
+    eng = Engine(m.state_dict(), backend="torch", dtype="float32")
     for q in (32, 75):
         want = _independent_score_map(m, samples[photo], q)
         got = eng.score_map(samples[photo], scale=q)
@@ -70,7 +71,7 @@ def test_score_map_equals_an_independent_dense_evaluation(samples, photo):
 
 def test_classify_equals_an_independent_dense_protocol(samples):
     m = small_model("C", num_classes=10, image_size=32)
-    eng = Engine(m.state_dict())
+    eng = Engine(m.state_dict(), dtype="float32")
     scales = (32, 48, 64)
     for photo in ("coffee", "rocket"):
         posts = []
@@ -89,7 +90,7 @@ def test_classify_equals_an_independent_dense_protocol(samples):
 
 
 def test_classify_list_of_mixed_sizes_equals_one_by_one(samples):
-    eng = Engine(small_model(num_classes=10).state_dict())
+    eng = Engine(small_model(num_classes=10).state_dict(), dtype="float32")
     imgs = [samples["cat"], samples["rocket"], samples["astronaut"],
             torch.rand(3, 40, 170)]  # panorama
     batch = eng.classify(imgs, scales=(32, 40))
@@ -102,7 +103,7 @@ def test_long_lists_go_in_chunks_with_the_same_results(samples, monkeypatch, tmp
     """A list longer than CHUNK_IMAGES is decoded, planned and run a chunk at a time (host memory
     holds a chunk's photos); results, and Appendix B features, equal one request for all."""
     import vggfast.engine as E
-    eng = Engine(small_model(num_classes=10).state_dict())
+    eng = Engine(small_model(num_classes=10).state_dict(), dtype="float32")
     imgs = [samples["cat"], samples["rocket"], torch.rand(3, 40, 170), samples["astronaut"],
             torch.rand(3, 50, 33)]
     whole = eng.classify(imgs, scales=(32, 40))
