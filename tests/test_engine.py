@@ -428,6 +428,47 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
         torch.testing.assert_close(cache2.run(lambda x: x + 1, a, "fc8"), a + 1)
 
 
+def test_graph_capture_runs_on_a_stream_of_the_inputs_device(monkeypatch):
+    """GraphCache captures on its own stream of the input's device, warmed up there first, not
+    on torch.cuda.graph's process-wide default capture stream (made on whichever device was
+    current at the first capture: an engine on cuda:1 would capture on cuda:0). CUDA faked."""
+    import contextlib
+
+    from vggfast.executor import GraphCache
+    made, events = [], []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = device
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def on_stream(s):
+        events.append(("run on", s))
+        yield
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None, **kw):
+        events.append(("capture on", stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    x = torch.rand(2, 3)
+    out, graph = GraphCache()._record(lambda t: t * 2, x)
+    side = made[0]
+    assert side.device == x.device and graph == "graph"
+    assert events == [("run on", side), ("capture on", side)]
+    torch.testing.assert_close(out, x * 2)
+
+
 def test_engine_cuda_graphs_option():
     eng = Engine(small_model(num_classes=10).state_dict(), device="cpu")
     assert eng.cuda_graphs is False and eng.info()["cuda_graphs"] is False
@@ -459,13 +500,19 @@ def test_an_engine_on_the_second_gpu_runs_there(samples):
     sd = small_model(num_classes=10).state_dict()
     imgs = [samples["cat"], torch.rand(3, 40, 90)]
     torch.cuda.set_device(0)
-    want = Engine(sd, device="cuda:0").classify(imgs, scales=(32, 40))
+    first = Engine(sd, device="cuda:0")
+    want = first.classify(imgs, scales=(32, 40))
+    first.classify(imgs, scales=(32, 40))      # a capture on cuda:0 first
+    assert first._executor.graphs.captures > 0
     for graphs in (False, True):
         eng = Engine(sd, device="cuda:1", cuda_graphs=graphs)
         assert eng.device == torch.device("cuda:1") and eng._backend.device == eng.device
         for _ in range(3):
             for g, w in zip(eng.classify(imgs, scales=(32, 40)), want):
                 torch.testing.assert_close(g.probs, w.probs, rtol=1e-3, atol=1e-4)
+        if graphs:     # captured there, not fallen back to eager
+            cache = eng._executor.graphs
+            assert cache.captures > 0 and cache.replays > 0 and not cache.disabled
     assert torch.cuda.current_device() == 0
 
 

@@ -128,7 +128,9 @@ class GraphCache:
             forward(static_in)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Captured on `side`, a stream of the input's device: torch.cuda.graph's default capture
+        # stream is one per process, made on whichever device was current at the first capture.
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             static_out = forward(static_in)
         return static_out, graph
 
