@@ -428,6 +428,51 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
         torch.testing.assert_close(cache2.run(lambda x: x + 1, a, "fc8"), a + 1)
 
 
+def test_graph_static_inputs_outlive_a_callers_inference_mode(monkeypatch):
+    """A graph captured under the caller's torch.inference_mode is replayed by a later request
+    outside it: its static inputs, copied into at every replay, are normal tensors (the CUDA
+    recording replaced by a recorder whose replay writes its output as kernels do)."""
+    from vggfast.executor import GraphCache
+
+    def fake_record(self, fn, static_in):
+        out = fn(static_in)
+
+        class Replay:
+            def replay(self):
+                with torch.inference_mode():    # kernels write without autograd's checks
+                    out.copy_(fn(static_in))
+        return out, Replay()
+
+    monkeypatch.setattr(GraphCache, "_record", fake_record)
+    cache = GraphCache()
+    with torch.inference_mode():
+        for _ in range(2):                       # eager, then captured
+            cache.run(lambda t: t * 2, torch.rand(2, 3), "fc8")
+    assert cache.captures == 1
+    x = torch.rand(2, 3)
+    torch.testing.assert_close(cache.run(lambda t: t * 2, x, "fc8"), x * 2)
+    assert cache.replays == 2
+
+
+def test_executor_buffers_outlive_a_callers_inference_mode():
+    """Requests under torch.inference_mode and outside it may alternate (a server's handlers):
+    what the executor keeps from the first ones (its arena, and on CUDA a graph's static inputs)
+    is still writable by a later one outside it, which gives the same answer."""
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sd = small_model("D", num_classes=10).state_dict()
+    img = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(4))
+    for graphs in ((False, True) if dev == "cuda" else (False,)):
+        eng = Engine(sd, backend="triton", device=dev, dtype="float32", cuda_graphs=graphs)
+        with torch.inference_mode():
+            want = [eng.classify(img, scales=(32, 40)).probs for _ in range(2)]
+        assert graphs or eng._executor._arena is not None
+        torch.testing.assert_close(eng.classify(img, scales=(32, 40)).probs, want[0],
+                                   rtol=0, atol=0)
+
+
 def test_graph_capture_runs_on_a_stream_of_the_inputs_device(monkeypatch):
     """GraphCache captures on its own stream of the input's device, warmed up there first, not
     on torch.cuda.graph's process-wide default capture stream (made on whichever device was

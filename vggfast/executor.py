@@ -98,7 +98,10 @@ class GraphCache:
         return static_out
 
     def _capture(self, forward, x, key, keep=None):
-        static_in = x.clone() if isinstance(x, torch.Tensor) else tuple(t.clone() for t in x)
+        # Normal tensors even under a caller's inference_mode: every replay copies into them,
+        # which a later call outside inference_mode could not do to inference tensors.
+        with torch.inference_mode(False):
+            static_in = x.clone() if isinstance(x, torch.Tensor) else tuple(t.clone() for t in x)
         try:
             static_out, graph = self._record(forward, static_in)
         except VGGFastError:
