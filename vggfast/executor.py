@@ -207,7 +207,11 @@ class Executor:
         need = max(needs)
         if self._arena_key != plan.key or self._arena is None or self._arena.numel() < need:
             self._arena = None   # the old one goes back to the allocator first
-            self._arena = torch.empty(need, dtype=torch.uint8, device=self.engine.device)
+            # A normal tensor under a caller's inference_mode too: later requests write it
+            # whatever their mode (that its dtype views are not inference tensors in torch 2.14
+            # is not relied upon).
+            with torch.inference_mode(False):
+                self._arena = torch.empty(need, dtype=torch.uint8, device=self.engine.device)
             self._arena_key = plan.key
         return self._arena
 
