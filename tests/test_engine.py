@@ -28,7 +28,7 @@ def test_logits_equal_torchvision_at_224(name):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         want = tv(x)
-    got = Engine(tv.state_dict(), backend="torch").logits(x)
+    got = Engine(tv.state_dict(), backend="torch", dtype="float32").logits(x)
     assert got.shape == (2, 1000)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
@@ -37,7 +37,8 @@ def test_logits_at_other_sizes_follow_torchvision_adaptive_pool(tiny):
     x = torch.randn(1, 3, 75, 50)
     with torch.no_grad():
         want = tiny(x)
-    torch.testing.assert_close(Engine(tiny.state_dict()).logits(x), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(Engine(tiny.state_dict(), dtype="float32").logits(x), want,
+                               rtol=1e-4, atol=1e-6)
 
 
 def _independent_score_map(model, path, q, flip=False):
@@ -59,7 +60,7 @@ def _independent_score_map(model, path, q, flip=False):
 @pytest.mark.parametrize("photo", ["cat", "rocket", "astronaut"])
 def test_score_map_equals_an_independent_dense_evaluation(samples, photo):
     m = small_model("D", num_classes=10, image_size=32)
-    eng = Engine(m.state_dict(), backend="torch")
+    eng = Engine(m.state_dict(), backend="torch", dtype="float32")
     for q in (32, 75):
         want = _independent_score_map(m, samples[photo], q)
         got = eng.score_map(samples[photo], scale=q)
@@ -70,7 +71,7 @@ def test_score_map_equals_an_independent_dense_evaluation(samples, photo):
 
 def test_classify_equals_an_independent_dense_protocol(samples):
     m = small_model("C", num_classes=10, image_size=32)
-    eng = Engine(m.state_dict())
+    eng = Engine(m.state_dict(), dtype="float32")
     scales = (32, 48, 64)
     for photo in ("coffee", "rocket"):
         posts = []
@@ -89,7 +90,7 @@ def test_classify_equals_an_independent_dense_protocol(samples):
 
 
 def test_classify_list_of_mixed_sizes_equals_one_by_one(samples):
-    eng = Engine(small_model(num_classes=10).state_dict())
+    eng = Engine(small_model(num_classes=10).state_dict(), dtype="float32")
     imgs = [samples["cat"], samples["rocket"], samples["astronaut"],
             torch.rand(3, 40, 170)]  # panorama
     batch = eng.classify(imgs, scales=(32, 40))
@@ -102,7 +103,7 @@ def test_long_lists_go_in_chunks_with_the_same_results(samples, monkeypatch, tmp
     """A list longer than CHUNK_IMAGES is decoded, planned and run a chunk at a time (host memory
     holds a chunk's photos); results, and Appendix B features, equal one request for all."""
     import vggfast.engine as E
-    eng = Engine(small_model(num_classes=10).state_dict())
+    eng = Engine(small_model(num_classes=10).state_dict(), dtype="float32")
     imgs = [samples["cat"], samples["rocket"], torch.rand(3, 40, 170), samples["astronaut"],
             torch.rand(3, 50, 33)]
     whole = eng.classify(imgs, scales=(32, 40))
@@ -427,6 +428,92 @@ def test_graph_cache_eager_first_capture_second_replay_after_and_lru(monkeypatch
         torch.testing.assert_close(cache2.run(lambda x: x + 1, a, "fc8"), a + 1)
 
 
+def test_graph_static_inputs_outlive_a_callers_inference_mode(monkeypatch):
+    """A graph captured under the caller's torch.inference_mode is replayed by a later request
+    outside it: its static inputs, copied into at every replay, are normal tensors (the CUDA
+    recording replaced by a recorder whose replay writes its output as kernels do)."""
+    from vggfast.executor import GraphCache
+
+    def fake_record(self, fn, static_in):
+        out = fn(static_in)
+
+        class Replay:
+            def replay(self):
+                with torch.inference_mode():    # kernels write without autograd's checks
+                    out.copy_(fn(static_in))
+        return out, Replay()
+
+    monkeypatch.setattr(GraphCache, "_record", fake_record)
+    cache = GraphCache()
+    with torch.inference_mode():
+        for _ in range(2):                       # eager, then captured
+            cache.run(lambda t: t * 2, torch.rand(2, 3), "fc8")
+    assert cache.captures == 1
+    x = torch.rand(2, 3)
+    torch.testing.assert_close(cache.run(lambda t: t * 2, x, "fc8"), x * 2)
+    assert cache.replays == 2
+
+
+def test_executor_buffers_outlive_a_callers_inference_mode():
+    """Requests under torch.inference_mode and outside it may alternate (a server's handlers):
+    what the executor keeps from the first ones (its arena, and on CUDA a graph's static inputs)
+    is still writable by a later one outside it, which gives the same answer."""
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sd = small_model("D", num_classes=10).state_dict()
+    img = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(4))
+    for graphs in ((False, True) if dev == "cuda" else (False,)):
+        eng = Engine(sd, backend="triton", device=dev, dtype="float32", cuda_graphs=graphs)
+        with torch.inference_mode():
+            want = [eng.classify(img, scales=(32, 40)).probs for _ in range(2)]
+        assert graphs or not eng._executor._arena.is_inference()
+        torch.testing.assert_close(eng.classify(img, scales=(32, 40)).probs, want[0],
+                                   rtol=0, atol=0)
+
+
+def test_graph_capture_runs_on_a_stream_of_the_inputs_device(monkeypatch):
+    """GraphCache captures on its own stream of the input's device, warmed up there first, not
+    on torch.cuda.graph's process-wide default capture stream (made on whichever device was
+    current at the first capture: an engine on cuda:1 would capture on cuda:0). CUDA faked."""
+    import contextlib
+
+    from vggfast.executor import GraphCache
+    made, events = [], []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = device
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def on_stream(s):
+        events.append(("run on", s))
+        yield
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None, **kw):
+        events.append(("capture on", stream))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    x = torch.rand(2, 3)
+    out, graph = GraphCache()._record(lambda t: t * 2, x)
+    side = made[0]
+    assert side.device == x.device and graph == "graph"
+    assert events == [("run on", side), ("capture on", side)]
+    torch.testing.assert_close(out, x * 2)
+
+
 def test_engine_cuda_graphs_option():
     eng = Engine(small_model(num_classes=10).state_dict(), device="cpu")
     assert eng.cuda_graphs is False and eng.info()["cuda_graphs"] is False
@@ -437,6 +524,20 @@ def test_engine_cuda_graphs_option():
         Engine(small_model(num_classes=10).state_dict(), cuda_graphs="yes")
 
 
+def test_cuda_devices_resolve_to_the_index_their_tensors_report(monkeypatch):
+    """Engine.device is cuda:N, never a bare "cuda" (torch.device("cuda") != cuda:0, the device
+    its tensors report), for device="cuda" and for the default device alike (CUDA faked)."""
+    from vggfast import engine as E
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for dev in (None, "cuda", torch.device("cuda")):
+        assert E._resolve_device(dev) == torch.device("cuda", 1), dev
+    assert E._resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ArgumentError, match="does not exist"):
+        E._resolve_device("cuda:2")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_an_engine_on_the_second_gpu_runs_there(samples):
     """Engine(device="cuda:1") launches its kernels (and captures its graphs) on cuda:1 while
@@ -444,13 +545,19 @@ def test_an_engine_on_the_second_gpu_runs_there(samples):
     sd = small_model(num_classes=10).state_dict()
     imgs = [samples["cat"], torch.rand(3, 40, 90)]
     torch.cuda.set_device(0)
-    want = Engine(sd, device="cuda:0").classify(imgs, scales=(32, 40))
+    first = Engine(sd, device="cuda:0")
+    want = first.classify(imgs, scales=(32, 40))
+    first.classify(imgs, scales=(32, 40))      # a capture on cuda:0 first
+    assert first._executor.graphs.captures > 0
     for graphs in (False, True):
         eng = Engine(sd, device="cuda:1", cuda_graphs=graphs)
         assert eng.device == torch.device("cuda:1") and eng._backend.device == eng.device
         for _ in range(3):
             for g, w in zip(eng.classify(imgs, scales=(32, 40)), want):
                 torch.testing.assert_close(g.probs, w.probs, rtol=1e-3, atol=1e-4)
+        if graphs:     # captured there, not fallen back to eager
+            cache = eng._executor.graphs
+            assert cache.captures > 0 and cache.replays > 0 and not cache.disabled
     assert torch.cuda.current_device() == 0
 
 

@@ -206,7 +206,7 @@ def check_flag(name: str, value: Any) -> bool:
 
 def _resolve_device(device: Any) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

@@ -98,7 +98,10 @@ class GraphCache:
         return static_out
 
     def _capture(self, forward, x, key, keep=None):
-        static_in = x.clone() if isinstance(x, torch.Tensor) else tuple(t.clone() for t in x)
+        # Normal tensors even under a caller's inference_mode: every replay copies into them,
+        # which a later call outside inference_mode could not do to inference tensors.
+        with torch.inference_mode(False):
+            static_in = x.clone() if isinstance(x, torch.Tensor) else tuple(t.clone() for t in x)
         try:
             static_out, graph = self._record(forward, static_in)
         except VGGFastError:
@@ -128,7 +131,9 @@ class GraphCache:
             forward(static_in)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Captured on `side`, a stream of the input's device: torch.cuda.graph's default capture
+        # stream is one per process, made on whichever device was current at the first capture.
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             static_out = forward(static_in)
         return static_out, graph
 
@@ -202,7 +207,11 @@ class Executor:
         need = max(needs)
         if self._arena_key != plan.key or self._arena is None or self._arena.numel() < need:
             self._arena = None   # the old one goes back to the allocator first
-            self._arena = torch.empty(need, dtype=torch.uint8, device=self.engine.device)
+            # A normal tensor under a caller's inference_mode too: later requests write it
+            # whatever their mode (that its dtype views are not inference tensors in torch 2.14
+            # is not relied upon).
+            with torch.inference_mode(False):
+                self._arena = torch.empty(need, dtype=torch.uint8, device=self.engine.device)
             self._arena_key = plan.key
         return self._arena
 
