@@ -14,6 +14,11 @@ set -o pipefail
 RES=${RES:-bench/results}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
+# Untuned tiles by default (the first of each list in kernels/conv.py, picked by the autotuner on
+# an H100 in run A): a cold autotune of every layer shape, batch class, split-K and grouped
+# variant may not fit the step limits. VGGFAST_AUTOTUNE=1 bash bench/gpu_check.sh ... tunes; the
+# results' meta says which.
+export VGGFAST_AUTOTUNE=${VGGFAST_AUTOTUNE:-0}
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" -C "$RES" . 2>/dev/null; true; }
 step() {
     local name=$1 limit=$2

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -139,7 +140,9 @@ def meta(device: torch.device) -> dict:
          "git_commit": run(["git", "rev-parse", "HEAD"]),
          "git_dirty": bool(run(["git", "status", "--porcelain", "--untracked-files=no"])
                            not in ("", "unknown")),
-         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         # off: each layer shape takes the first tile of its list (kernels/conv.py), untuned
+         "autotune": os.environ.get("VGGFAST_AUTOTUNE", "1").strip() != "0"}
     if device.type == "cuda":
         m.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                  driver=run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     info = meta(device)
     print(f"vggfast bench: config {spec.config} width {width:g} on "
           f"{info.get('gpu') or 'CPU (' + str(info.get('cpu')) + ')'}; torch {info['torch']}, "
-          f"triton {info['triton']}, commit {info['git_commit'][:12]}")
+          f"triton {info['triton']}, commit {info['git_commit'][:12]}"
+          f"{'' if info['autotune'] else ', VGGFAST_AUTOTUNE=0 (untuned tiles)'}")
     rows: list[dict] = []
     result = {"meta": info, "config": spec.config, "width": width, "dtype": str(dtype),
               "rows": rows}
