@@ -441,3 +441,38 @@ def test_extract_refuses_inconsistent_rank_environment(env, weights_file, tmp_pa
 def test_build_model_refuses_nonsense_before_allocating(kwargs, match):
     with pytest.raises(ArgumentError, match=match):
         vggfast.build_model("A", **kwargs)
+
+
+# -- found by the photo-formats audit --------------------------------------------------------------
+
+def _bad_avif(tmp_path):
+    """An AVIF whose primary item does not exist: libavif's decoder raises RuntimeError."""
+    import io
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, "AVIF")
+    path = tmp_path / "bad.avif"
+    path.write_bytes(buf.getvalue().replace(b"pitm\0\0\0\0\0\1", b"pitm\0\0\0\0\0\7"))
+    return path
+
+
+def test_decoder_errors_that_are_not_oserror_are_image_errors(tmp_path, weights_file, capsys):
+    """PIL's plugins raise more than OSError on bad bytes (a traceback here before), and an
+    exception without a message left nothing to quote (an IndexError before)."""
+    path = _bad_avif(tmp_path)
+    with pytest.raises(ImageError, match=r"bad\.avif: corrupt or truncated image \(Failed to "):
+        pp.load_image(str(path))
+    assert main(["classify", str(path), "--weights", weights_file, "--scales", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.avif" in err, err
+    Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
+    im = Image.open(tmp_path / "ok.png")
+
+    def load():
+        raise EOFError()
+    im.load = load
+    with pytest.raises(ImageError, match=r"corrupt or truncated image \(EOFError\)"):
+        pp.load_image(im)
+    im.close()

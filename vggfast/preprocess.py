@@ -112,7 +112,7 @@ def _quiet_pil():
 
 
 def _from_file(src) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
     if not isinstance(src, bytes) and not os.path.isfile(name):
         if os.path.isdir(name):
@@ -121,26 +121,38 @@ def _from_file(src) -> torch.Tensor:
     try:
         with _quiet_pil():
             im = Image.open(io.BytesIO(src) if isinstance(src, bytes) else name)
-        with im:
-            im.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        raise ImageError(f"{name}: {_decode_failure(exc)}")
+    with im:
+        try:
             return _from_pil(im)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
-                         "if the file is trusted")
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file PIL can read")
-    except ImageError as exc:
-        raise ImageError(f"{name}: {exc}")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
+        except ImageError as exc:
+            raise ImageError(f"{name}: {exc}")
+
+
+def _decode_failure(exc: Exception) -> ImageError:
+    """The ImageError for an exception PIL raised opening or decoding an image. Bad bytes make
+    PIL's plugins raise more than OSError: libavif's RuntimeError, struct.error, zlib.error..."""
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(f"refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                          "if the file is trusted")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError("not an image file PIL can read")
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    return ImageError(f"corrupt or truncated image ({first})")
 
 
 def _from_pil(im) -> torch.Tensor:
     from PIL import ImageOps
     try:
         im.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        raise _decode_failure(exc)
     try:
         with _quiet_pil():
             im = ImageOps.exif_transpose(im)
