@@ -156,3 +156,15 @@ def test_normalize_constants_cached_in_inference_mode_still_work_with_autograd()
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert first.shape == y.shape
+
+
+def test_big_endian_arrays_read_like_native_ones(tmp_path):
+    """np.asarray of a big-endian 16-bit image (I;16B: TIFFs in Motorola byte order) is '>u2';
+    it was refused as "not uint16"."""
+    a16 = (np.arange(20 * 30, dtype=np.uint16) * 97).reshape(20, 30)
+    path = tmp_path / "be.tiff"
+    Image.frombytes("I;16B", (30, 20), a16.astype(">u2").tobytes()).save(path)
+    a = np.asarray(Image.open(path))
+    assert a.dtype == np.dtype(">u2")
+    assert torch.equal(load_image(a), load_image(path))
+    assert torch.equal(load_image(a16.astype(">f4") / 65535), load_image(a16 / 65535))

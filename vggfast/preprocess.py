@@ -190,6 +190,8 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise ImageError(f"a numpy image must be HxWx3 (or HxW, HxWx1, HxWx4), not shape {a.shape}")
     a = a[:, :, :3] if a.shape[2] == 4 else a
+    if not a.dtype.isnative:  # big-endian samples (np.asarray of an I;16B image): same values
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     if a.dtype == np.uint8:
