@@ -476,3 +476,40 @@ def test_decoder_errors_that_are_not_oserror_are_image_errors(tmp_path, weights_
     with pytest.raises(ImageError, match=r"corrupt or truncated image \(EOFError\)"):
         pp.load_image(im)
     im.close()
+
+
+def _tiff_with(tmp_path, name, tag, count=None, value=None):
+    """A 16x12 RGB TIFF whose IFD entry for `tag` gets a new count or (short) value."""
+    import io
+    import struct
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[at:at + 2])[0] == tag:
+            if count is not None:
+                data[at + 4:at + 8] = struct.pack("<I", count)
+            if value is not None:
+                data[at + 8:at + 10] = struct.pack("<H", value)
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_cli_output_carries_none_of_pils_own_reports(tmp_path, weights_file, capsys, caplog):
+    """PIL warns about a TIFF tag whose data runs past the end of the file while decoding it
+    (the image is still read), and logs an error before refusing a TIFF with 229 samples per
+    pixel: both printed beside the CLI's results and its one-line error."""
+    skipped = _tiff_with(tmp_path, "skipped.tiff", 284, count=100_000)   # PlanarConfiguration
+    refused = _tiff_with(tmp_path, "refused.tiff", 277, value=229)       # SamplesPerPixel
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["classify", str(skipped), str(refused), "--weights", weights_file,
+                     "--scales", "32"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "skipped.tiff" in out
+    assert err.count("\n") == 1 and "refused.tiff" in err, err
+    assert not [str(w.message) for w in caught if "PIL" in w.filename]
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("PIL")]

@@ -5,11 +5,14 @@ User errors print one line on stderr and exit with code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -233,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _pil_quiet():
+    """PIL's own reports on a damaged file silenced: its warnings (TIFF tags past the end of the
+    file, read while decoding) and log records (a logger.error before it raises) would print
+    beside the command's one-line error, or among the results of a file it could still read."""
+    log, sink = logging.getLogger("PIL"), logging.NullHandler()  # else logging's last resort
+    propagate = log.propagate                                      # prints its records
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        log.addHandler(sink)
+        log.propagate = False
+        try:
+            yield
+        finally:
+            log.removeHandler(sink)
+            log.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -241,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        code = int(args.func(args) or 0)
+        with _pil_quiet():
+            code = int(args.func(args) or 0)
         sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
         return code
     except VGGFastError as exc:
