@@ -513,3 +513,19 @@ def test_cli_output_carries_none_of_pils_own_reports(tmp_path, weights_file, cap
     assert err.count("\n") == 1 and "refused.tiff" in err, err
     assert not [str(w.message) for w in caught if "PIL" in w.filename]
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("PIL")]
+
+
+def test_cli_classify_skips_a_photo_over_the_memory_budget_by_name(tmp_path, weights_file,
+                                                                   capsys, monkeypatch):
+    """A panorama over the memory budget failed the whole command (the other photos' results
+    lost) with an error naming "image 1" of the chunk, not the file; evaluate and extract
+    already skipped it by name."""
+    import json
+    Image.fromarray(IMG).save(tmp_path / "a.png")
+    Image.new("RGB", (4000, 8)).save(tmp_path / "pano.png")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "8MiB")   # 13.6 MiB for the panorama
+    assert main(["classify", str(tmp_path / "pano.png"), str(tmp_path / "a.png"), "--weights",
+                 weights_file, "--scales", "32", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert [r["image"] for r in json.loads(out)["results"]] == [str(tmp_path / "a.png")]
+    assert err.count("\n") == 1 and "pano.png (8x4000) at scale 32 gives" in err, err

@@ -82,7 +82,7 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
 def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
-    from .engine import CHUNK_IMAGES
+    from .engine import CHUNK_IMAGES, skipping_oversized
     from .protocols import list_images
     paths = []
     for path in args.images:     # a folder stands for its image files (recursive, sorted)
@@ -96,14 +96,24 @@ def cmd_classify(args) -> int:
     names, results, failed = [], [], 0
     for start in range(0, len(paths), CHUNK_IMAGES):
         # a chunk of photos decoded at a time (each one a request), not every photo at once
-        images = []
+        images, decoded = [], []
         for path in paths[start:start + CHUNK_IMAGES]:
             try:
                 images.append(load_image(path))
-                names.append(path)
+                decoded.append(path)
             except ImageError as exc:
                 print(error_line(exc), file=sys.stderr)
                 failed += 1
+        # a photo over the memory budget (a panorama) is skipped by name, not the chunk
+        outs, kept, over = skipping_oversized(
+            lambda ims: eng.classify(ims, scales=scales, flip=flip, method=args.method,
+                                     top_k=args.top), images)
+        for j, why in over:
+            print(error_line(VGGFastError(f"{decoded[j]} {why}")), file=sys.stderr)
+            failed += 1
+        images = [images[j] for j in kept]
+        names += [decoded[j] for j in kept]
+        results += [r for out in outs for r in out]
         if not images:
             continue
         if args.explain:
@@ -114,8 +124,6 @@ def cmd_classify(args) -> int:
                    f"layer each" if any(len(w) > 1 for w in waves)
                    else f"batch by batch on the {eng.backend_name} backend")
             print(f"{plan}\n  runs {how}", file=sys.stderr if args.json else sys.stdout)
-        results += eng.classify(images, scales=scales, flip=flip, method=args.method,
-                                top_k=args.top)
     if results:
         _print_results(names, results, args.top, args.json)
     return 2 if failed else 0
