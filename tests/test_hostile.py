@@ -500,16 +500,19 @@ def _tiff_with(tmp_path, name, tag, count=None, value=None):
 
 def test_cli_output_carries_none_of_pils_own_reports(tmp_path, weights_file, capsys, caplog):
     """PIL warns about a TIFF tag whose data runs past the end of the file while decoding it
-    (the image is still read), and logs an error before refusing a TIFF with 229 samples per
-    pixel: both printed beside the CLI's results and its one-line error."""
+    (the image is still read) and about every PNG8 with per-entry alpha (pngquant's output) it
+    converts to RGB, and logs an error before refusing a TIFF with 229 samples per pixel: all
+    printed beside the CLI's results and its one-line error."""
     skipped = _tiff_with(tmp_path, "skipped.tiff", 284, count=100_000)   # PlanarConfiguration
     refused = _tiff_with(tmp_path, "refused.tiff", 277, value=229)       # SamplesPerPixel
+    png8 = tmp_path / "png8.png"
+    Image.fromarray(IMG).quantize(16).save(png8, transparency=bytes(range(0, 256, 16)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(["classify", str(skipped), str(refused), "--weights", weights_file,
-                     "--scales", "32"])
+        code = main(["classify", str(skipped), str(png8), str(refused), "--weights",
+                     weights_file, "--scales", "32"])
     out, err = capsys.readouterr()
-    assert code == 2 and "skipped.tiff" in out
+    assert code == 2 and "skipped.tiff" in out and "png8.png" in out
     assert err.count("\n") == 1 and "refused.tiff" in err, err
     assert not [str(w.message) for w in caught if "PIL" in w.filename]
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("PIL")]
