@@ -532,3 +532,22 @@ def test_cli_classify_skips_a_photo_over_the_memory_budget_by_name(tmp_path, wei
     out, err = capsys.readouterr()
     assert [r["image"] for r in json.loads(out)["results"]] == [str(tmp_path / "a.png")]
     assert err.count("\n") == 1 and "pano.png (8x4000) at scale 32 gives" in err, err
+
+
+def test_an_unreadable_image_of_a_list_is_named_by_its_index(eng, tmp_path, monkeypatch):
+    """A list's decode errors did not say which image (the planner's errors do): one wrongly
+    scaled array among 64 was a hunt. The index is the list's, not the chunk's."""
+    import vggfast.engine as E
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    for bad, why in [(IMG.astype(np.float32), "float image values must lie in"),
+                     (str(tmp_path / "notes.jpg"), "notes.jpg: not an image file")]:
+        items = [IMG, torch.rand(3, 40, 40), IMG[:, ::-1], bad]
+        for call in (lambda: eng.classify(items, scales=32),
+                     lambda: eng.features(items, layer="pool5", scales=32)):
+            with pytest.raises(ImageError, match=f"^image 3: .*{why}") as err:
+                call()
+            assert err.value.image == 3 and why in err.value.reason
+    with pytest.raises(ImageError, match="^float image values") as err:   # one image: as it was
+        eng.classify(IMG.astype(np.float32), scales=32)
+    assert err.value.image is None
