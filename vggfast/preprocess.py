@@ -10,9 +10,10 @@ Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK
 dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colour under a
 transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
 [0, 1] when its maximum is at most 1, else as 0-255; values outside the range are clipped.
-Multi-frame files (GIF, TIFF) use their first frame. PIL's decompression-bomb guard stays on: an
-image over twice `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError;
-below that PIL's warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
+Multi-frame files (animated GIF, WebP and PNG, multi-page TIFF, MPO) use their first frame, an
+ICO its largest image. PIL's decompression-bomb guard stays on: an image over twice
+`PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError; below that PIL's
+warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
