@@ -2,8 +2,9 @@
 
 An image is a path, a PIL image, an HxWx3 uint8 numpy array, or a torch tensor [3, H, W] (uint8
 0-255, or float RGB in [0, 1]). `load_image` turns any of them into a [3, H, W] tensor, uint8, or
-float32 in [0, 1] when the source carries more than 8 bits (16-bit and float images, float
-tensors).
+float32 in [0, 1] when the source carries more than 8 bits (16-bit grayscale and float images,
+uint16 and float arrays, float tensors; PIL itself reads 48-bit RGB PNG and TIFF files as 8-bit
+RGB, their high bytes).
 
 Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK", "YCbCr", "LAB",
 "HSV" go through PIL's RGB conversion. Alpha ("RGBA", "LA", "PA", palette transparency) is
