@@ -544,7 +544,8 @@ def test_an_unreadable_image_of_a_list_is_named_by_its_index(eng, tmp_path, monk
                      (str(tmp_path / "notes.jpg"), "notes.jpg: not an image file")]:
         items = [IMG, torch.rand(3, 40, 40), IMG[:, ::-1], bad]
         for call in (lambda: eng.classify(items, scales=32),
-                     lambda: eng.features(items, layer="pool5", scales=32)):
+                     lambda: eng.features(items, layer="pool5", scales=32),
+                     lambda: vggfast.Ensemble([eng, eng]).classify(items, scales=32)):
             with pytest.raises(ImageError, match=f"^image 3: .*{why}") as err:
                 call()
             assert err.value.image == 3 and why in err.value.reason
