@@ -441,3 +441,114 @@ def test_extract_refuses_inconsistent_rank_environment(env, weights_file, tmp_pa
 def test_build_model_refuses_nonsense_before_allocating(kwargs, match):
     with pytest.raises(ArgumentError, match=match):
         vggfast.build_model("A", **kwargs)
+
+
+# -- found by the photo-formats audit --------------------------------------------------------------
+
+def _bad_avif(tmp_path):
+    """An AVIF whose primary item does not exist: libavif's decoder raises RuntimeError."""
+    import io
+    from PIL import features
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, "AVIF")
+    path = tmp_path / "bad.avif"
+    path.write_bytes(buf.getvalue().replace(b"pitm\0\0\0\0\0\1", b"pitm\0\0\0\0\0\7"))
+    return path
+
+
+def test_decoder_errors_that_are_not_oserror_are_image_errors(tmp_path, weights_file, capsys):
+    """PIL's plugins raise more than OSError on bad bytes (a traceback here before), and an
+    exception without a message left nothing to quote (an IndexError before)."""
+    path = _bad_avif(tmp_path)
+    with pytest.raises(ImageError, match=r"bad\.avif: corrupt or truncated image \(Failed to "):
+        pp.load_image(str(path))
+    assert main(["classify", str(path), "--weights", weights_file, "--scales", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.avif" in err, err
+    Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
+    im = Image.open(tmp_path / "ok.png")
+
+    def load():
+        raise EOFError()
+    im.load = load
+    with pytest.raises(ImageError, match=r"corrupt or truncated image \(EOFError\)"):
+        pp.load_image(im)
+    im.close()
+
+
+def _tiff_with(tmp_path, name, tag, count=None, value=None):
+    """A 16x12 RGB TIFF whose IFD entry for `tag` gets a new count or (short) value."""
+    import io
+    import struct
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[at:at + 2])[0] == tag:
+            if count is not None:
+                data[at + 4:at + 8] = struct.pack("<I", count)
+            if value is not None:
+                data[at + 8:at + 10] = struct.pack("<H", value)
+    path = tmp_path / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_cli_output_carries_none_of_pils_own_reports(tmp_path, weights_file, capsys, caplog):
+    """PIL warns about a TIFF tag whose data runs past the end of the file while decoding it
+    (the image is still read) and about every PNG8 with per-entry alpha (pngquant's output) it
+    converts to RGB, and logs an error before refusing a TIFF with 229 samples per pixel: all
+    printed beside the CLI's results and its one-line error."""
+    skipped = _tiff_with(tmp_path, "skipped.tiff", 284, count=100_000)   # PlanarConfiguration
+    refused = _tiff_with(tmp_path, "refused.tiff", 277, value=229)       # SamplesPerPixel
+    png8 = tmp_path / "png8.png"
+    Image.fromarray(IMG).quantize(16).save(png8, transparency=bytes(range(0, 256, 16)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["classify", str(skipped), str(png8), str(refused), "--weights",
+                     weights_file, "--scales", "32"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "skipped.tiff" in out and "png8.png" in out
+    assert err.count("\n") == 1 and "refused.tiff" in err, err
+    assert not [str(w.message) for w in caught if "PIL" in w.filename]
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("PIL")]
+
+
+def test_cli_classify_skips_a_photo_over_the_memory_budget_by_name(tmp_path, weights_file,
+                                                                   capsys, monkeypatch):
+    """A panorama over the memory budget failed the whole command (the other photos' results
+    lost) with an error naming "image 1" of the chunk, not the file; evaluate and extract
+    already skipped it by name."""
+    import json
+    Image.fromarray(IMG).save(tmp_path / "a.png")
+    Image.new("RGB", (4000, 8)).save(tmp_path / "pano.png")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "8MiB")   # 13.6 MiB for the panorama
+    assert main(["classify", str(tmp_path / "pano.png"), str(tmp_path / "a.png"), "--weights",
+                 weights_file, "--scales", "32", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert [r["image"] for r in json.loads(out)["results"]] == [str(tmp_path / "a.png")]
+    assert err.count("\n") == 1 and "pano.png (8x4000) at scale 32 gives" in err, err
+
+
+def test_an_unreadable_image_of_a_list_is_named_by_its_index(eng, tmp_path, monkeypatch):
+    """A list's decode errors did not say which image (the planner's errors do): one wrongly
+    scaled array among 64 was a hunt. The index is the list's, not the chunk's."""
+    import vggfast.engine as E
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    for bad, why in [(IMG.astype(np.float32), "float image values must lie in"),
+                     (str(tmp_path / "notes.jpg"), "notes.jpg: not an image file")]:
+        items = [IMG, torch.rand(3, 40, 40), IMG[:, ::-1], bad]
+        for call in (lambda: eng.classify(items, scales=32),
+                     lambda: eng.features(items, layer="pool5", scales=32),
+                     lambda: vggfast.Ensemble([eng, eng]).classify(items, scales=32)):
+            with pytest.raises(ImageError, match=f"^image 3: .*{why}") as err:
+                call()
+            assert err.value.image == 3 and why in err.value.reason
+    with pytest.raises(ImageError, match="^float image values") as err:   # one image: as it was
+        eng.classify(IMG.astype(np.float32), scales=32)
+    assert err.value.image is None

@@ -179,3 +179,49 @@ def test_normalize_constants_cached_in_inference_mode_still_work_with_autograd()
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert first.shape == y.shape
+
+
+def test_big_endian_arrays_read_like_native_ones(tmp_path):
+    """np.asarray of a big-endian 16-bit image (I;16B: TIFFs in Motorola byte order) is '>u2';
+    it was refused as "not uint16"."""
+    a16 = (np.arange(20 * 30, dtype=np.uint16) * 97).reshape(20, 30)
+    path = tmp_path / "be.tiff"
+    Image.frombytes("I;16B", (30, 20), a16.astype(">u2").tobytes()).save(path)
+    a = np.asarray(Image.open(path))
+    assert a.dtype == np.dtype(">u2")
+    assert torch.equal(load_image(a), load_image(path))
+    assert torch.equal(load_image(a16.astype(">f4") / 65535), load_image(a16 / 65535))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF", "MPO"])
+def test_multi_frame_files_use_their_first_frame(tmp_path, fmt):
+    frames = [Image.new("RGB", (40, 30), c) for c in [(250, 0, 0), (0, 250, 0), (0, 0, 250)]]
+    path = tmp_path / f"anim.{fmt.lower()}"
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:],
+                   **({"lossless": True} if fmt == "WEBP" else {}))
+    with Image.open(path) as im:
+        assert getattr(im, "n_frames", 1) == 3
+    got = load_image(path)
+    assert got.shape == (3, 30, 40)
+    assert (got[0].float() - 250).abs().max() <= 3 and got[1:].float().max() <= 3
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tiff"])
+def test_all_eight_exif_orientations_give_the_upright_image(tmp_path, suffix):
+    """Each EXIF orientation equals the stored pixels turned by hand (TIFF turns its own on load
+    in PIL, so its pixels are compared with the image written)."""
+    t = Image.Transpose
+    by_hand = {1: [], 2: [t.FLIP_LEFT_RIGHT], 3: [t.ROTATE_180], 4: [t.FLIP_TOP_BOTTOM],
+               5: [t.TRANSPOSE], 6: [t.ROTATE_270], 7: [t.TRANSVERSE], 8: [t.ROTATE_90]}
+    base = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), np.uint8))
+    for orientation, steps in by_hand.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}{suffix}"
+        base.save(path, exif=exif, **({"lossless": True} if suffix == ".webp" else {}))
+        with Image.open(path) as stored:
+            want = base if suffix != ".jpg" else stored.convert("RGB")
+        for step in steps:
+            want = want.transpose(step)
+        assert torch.equal(load_image(path), torch.from_numpy(np.array(want)).permute(2, 0, 1)), \
+            orientation

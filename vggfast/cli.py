@@ -5,11 +5,14 @@ User errors print one line on stderr and exit with code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -79,7 +82,7 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
 def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
-    from .engine import CHUNK_IMAGES
+    from .engine import CHUNK_IMAGES, skipping_oversized
     from .protocols import list_images
     paths = []
     for path in args.images:     # a folder stands for its image files (recursive, sorted)
@@ -93,14 +96,24 @@ def cmd_classify(args) -> int:
     names, results, failed = [], [], 0
     for start in range(0, len(paths), CHUNK_IMAGES):
         # a chunk of photos decoded at a time (each one a request), not every photo at once
-        images = []
+        images, decoded = [], []
         for path in paths[start:start + CHUNK_IMAGES]:
             try:
                 images.append(load_image(sys.stdin.buffer if path == "-" else path))
-                names.append(path)
+                decoded.append(path)
             except ImageError as exc:
                 print(error_line(exc), file=sys.stderr)
                 failed += 1
+        # a photo over the memory budget (a panorama) is skipped by name, not the chunk
+        outs, kept, over = skipping_oversized(
+            lambda ims: eng.classify(ims, scales=scales, flip=flip, method=args.method,
+                                     top_k=args.top), images)
+        for j, why in over:
+            print(error_line(VGGFastError(f"{decoded[j]} {why}")), file=sys.stderr)
+            failed += 1
+        images = [images[j] for j in kept]
+        names += [decoded[j] for j in kept]
+        results += [r for out in outs for r in out]
         if not images:
             continue
         if args.explain:
@@ -111,8 +124,6 @@ def cmd_classify(args) -> int:
                    f"layer each" if any(len(w) > 1 for w in waves)
                    else f"batch by batch on the {eng.backend_name} backend")
             print(f"{plan}\n  runs {how}", file=sys.stderr if args.json else sys.stdout)
-        results += eng.classify(images, scales=scales, flip=flip, method=args.method,
-                                top_k=args.top)
     if results:
         _print_results(names, results, args.top, args.json)
     return 2 if failed else 0
@@ -234,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _pil_quiet():
+    """PIL's own reports on a damaged file silenced: its warnings (TIFF tags past the end of the
+    file, read while decoding) and log records (a logger.error before it raises) would print
+    beside the command's one-line error, or among the results of a file it could still read."""
+    log, sink = logging.getLogger("PIL"), logging.NullHandler()  # else logging's last resort
+    propagate = log.propagate                                      # prints its records
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        log.addHandler(sink)
+        log.propagate = False
+        try:
+            yield
+        finally:
+            log.removeHandler(sink)
+            log.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -242,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        code = int(args.func(args) or 0)
+        with _pil_quiet():
+            code = int(args.func(args) or 0)
         sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
         return code
     except VGGFastError as exc:

@@ -96,12 +96,29 @@ def decoded_chunks(items: Sequence[Any]) -> Iterable[tuple[int, list[torch.Tenso
     """(start, images): `items` decoded (preprocess.load_image) CHUNK_IMAGES at a time, start
     the index of the chunk's first item. Paths that do not exist are an ImageError before
     anything is decoded, so a typo late in a long list fails at once."""
-    for i in items:
+    for k, i in enumerate(items):
         if isinstance(i, (str, os.PathLike)) and not os.path.exists(i):
-            raise ImageError(f"image not found: {os.fspath(i)}")
+            raise _of_image(ImageError(f"image not found: {os.fspath(i)}"), k, len(items))
     size = CHUNK_IMAGES
     for start in range(0, len(items), size):
-        yield start, [pp.load_image(i) for i in items[start:start + size]]
+        yield start, [load_item(items, k) for k in range(start, min(start + size, len(items)))]
+
+
+def load_item(items: Sequence[Any], k: int) -> torch.Tensor:
+    """items[k] decoded (preprocess.load_image); an ImageError about it says which image of a
+    list it is, as the planner's errors do: "image K: why" (a path is named in why)."""
+    try:
+        return pp.load_image(items[k])
+    except ImageError as exc:
+        raise _of_image(exc, k, len(items)) from None
+
+
+def _of_image(exc: ImageError, k: int, n: int) -> ImageError:
+    if n == 1:  # a request of one image: there is no other to tell it from
+        return exc
+    err = type(exc)(f"image {k}: {exc}")
+    err.image, err.reason = k, str(exc)
+    return err
 
 
 def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[int, str]]]:
@@ -455,7 +472,8 @@ class Engine:
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
-        return self._executor.plan([pp.load_image(i) for i in items], scales, flip, method)
+        return self._executor.plan([load_item(items, k) for k in range(len(items))], scales,
+                                   flip, method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""

@@ -5,7 +5,8 @@ class VGGFastError(Exception):
     """Base of every error caused by user input (weights, images, arguments).
 
     An error about one image of a request also says which: `image` is its index there and
-    `reason` the message's words after "image K " (None and "" otherwise).
+    `reason` the message's words after "image K " ("image K: " for an image of a list that
+    could not be read; None and "" otherwise).
     """
 
     image: int | None = None

@@ -2,18 +2,20 @@
 
 An image is a path, a PIL image, an HxWx3 uint8 numpy array, or a torch tensor [3, H, W] (uint8
 0-255, or float RGB in [0, 1]); an encoded file also comes as bytes or a binary file object
-(`io.BytesIO`, `open(f, "rb")`, an upload), read from its current position. `load_image` turns any of them into a [3, H, W] tensor, uint8, or
-float32 in [0, 1] when the source carries more than 8 bits (16-bit and float images, float
-tensors).
+(`io.BytesIO`, `open(f, "rb")`, an upload), read from its current position. `load_image` turns
+any of them into a [3, H, W] tensor, uint8, or float32 in [0, 1] when the source carries more
+than 8 bits (16-bit grayscale and float images, uint16 and float arrays, float tensors; PIL
+itself reads 48-bit RGB PNG and TIFF files as 8-bit RGB, their high bytes).
 
 Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK", "YCbCr", "LAB",
 "HSV" go through PIL's RGB conversion. Alpha ("RGBA", "LA", "PA", palette transparency) is
 dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colour under a
 transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
 [0, 1] when its maximum is at most 1, else as 0-255; values outside the range are clipped.
-Multi-frame files (GIF, TIFF) use their first frame. PIL's decompression-bomb guard stays on: an
-image over twice `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError;
-below that PIL's warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
+Multi-frame files (animated GIF, WebP and PNG, multi-page TIFF, MPO) use their first frame, an
+ICO its largest image. PIL's decompression-bomb guard stays on: an image over twice
+`PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError; below that PIL's
+warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
@@ -129,7 +131,7 @@ def _read_stream(f) -> bytes:
 
 
 def _from_file(src) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     encoded = isinstance(src, (bytes, bytearray, memoryview))
     name = "<bytes>" if encoded else os.fspath(src)
     if not encoded and not os.path.isfile(name):
@@ -139,26 +141,38 @@ def _from_file(src) -> torch.Tensor:
     try:
         with _quiet_pil():
             im = Image.open(io.BytesIO(src) if encoded else name)
-        with im:
-            im.load()
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        raise ImageError(f"{name}: {_decode_failure(exc)}")
+    with im:
+        try:
             return _from_pil(im)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
-                         "if the file is trusted")
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file PIL can read")
-    except ImageError as exc:
-        raise ImageError(f"{name}: {exc}")
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
+        except ImageError as exc:
+            raise ImageError(f"{name}: {exc}")
+
+
+def _decode_failure(exc: Exception) -> ImageError:
+    """The ImageError for an exception PIL raised opening or decoding an image. Bad bytes make
+    PIL's plugins raise more than OSError: libavif's RuntimeError, struct.error, zlib.error..."""
+    from PIL import Image, UnidentifiedImageError
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(f"refused, too many pixels ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                          "if the file is trusted")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError("not an image file PIL can read")
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    return ImageError(f"corrupt or truncated image ({first})")
 
 
 def _from_pil(im) -> torch.Tensor:
     from PIL import ImageOps
     try:
         im.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"corrupt or truncated image ({str(exc).splitlines()[0][:160]})")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        raise _decode_failure(exc)
     try:
         with _quiet_pil():
             im = ImageOps.exif_transpose(im)
@@ -196,6 +210,8 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise ImageError(f"a numpy image must be HxWx3 (or HxW, HxWx1, HxWx4), not shape {a.shape}")
     a = a[:, :, :3] if a.shape[2] == 4 else a
+    if not a.dtype.isnative:  # big-endian samples (np.asarray of an I;16B image): same values
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     if a.dtype == np.uint8:

@@ -144,10 +144,12 @@ class Ensemble:
                  method: str = "dense", top_k: int = 5,
                  average: str = "probs") -> "Result | list[Result]":
         """Fused classification of one image (-> Result) or a list (-> list of Result)."""
-        from .engine import Result, _check_top_k
+        from .engine import Result, _check_top_k, load_item
         top_k = _check_top_k(top_k)
-        if isinstance(img, (list, tuple)):
-            return [self.classify(i, scales, flip, method, top_k, average) for i in img]
+        if isinstance(img, (list, tuple)):  # an unreadable one is named by its index
+            items = list(img)
+            return [self.classify(load_item(items, k), scales, flip, method, top_k, average)
+                    for k in range(len(items))]
         x = pp.load_image(img)
         rs = [e.classify(x, scales=scales, flip=flip, method=method, top_k=top_k, average=average)
               for e in self.engines]
