@@ -166,6 +166,47 @@ def test_hub_cache_is_found_by_torchvision_name(tmp_path, monkeypatch):
     assert eng.spec.config == "A" and eng.class_names[281] == "tabby"
 
 
+def _hf_cache(root, repo, sd, rev="0123456789abcdef0123456789abcdef01234567", config=None):
+    """huggingface_hub's documented cache layout: refs/main names the snapshot holding the files."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    safetensors.torch.save_file(sd, str(snap / "model.safetensors"))
+    if config is not None:
+        (snap / "config.json").write_text(json.dumps(config))
+    return snap
+
+
+@pytest.mark.parametrize("name", ["timm/vgg11.tv_in1k", "hf-hub:timm/vgg11.tv_in1k",
+                                  "vgg11.tv_in1k"])
+def test_timm_weights_are_found_in_the_hugging_face_cache(tmp_path, monkeypatch, name):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    m = small_model("A", num_classes=3, width=1 / 32, image_size=64)   # _timm_names: fc6 2x2
+    with pytest.raises(WeightsError, match=r"'timm/vgg11.tv_in1k' is not in the Hugging Face "
+                       r"cache .*timm.create_model\('vgg11.tv_in1k', pretrained=True\)"):
+        load(name)
+    labels = {"label_names": ["ant", "bee", "cat"]}
+    _hf_cache(tmp_path, "timm/vgg11.tv_in1k", _timm_names(m.state_dict()), config=labels)
+    eng = Engine(name, backend="torch")
+    assert eng.spec.config == "A" and eng.class_names == ["ant", "bee", "cat"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(eng.logits(x), m(x), rtol=1e-4, atol=1e-5)
+    assert load_weights(name)[0] == "A"
+
+
+def test_hugging_face_names_without_huggingface_hub(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)   # import fails
+    with pytest.raises(WeightsError, match=r"needs huggingface_hub \(pip install huggingface_hub\)"
+                       r"; or pass the weights file's path"):
+        load("timm/vgg16.tv_in1k")
+    with pytest.raises(WeightsError, match="not found: vgg16.pth"):   # a file name stays one
+        load("vgg16.pth")
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned_by_vggfast_test",))

@@ -3,7 +3,9 @@
 Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, a
 directory written by `vggfast train --out DIR`, or a Hugging Face model folder with
 model.safetensors / pytorch_model.bin), a torchvision model name found in the torch hub cache
-("vgg16" -> vgg16-397923af.pth), a state dict or checkpoint dict, or a `torch.nn.Module`.
+("vgg16" -> vgg16-397923af.pth), a timm name found in the Hugging Face cache by huggingface_hub
+("timm/vgg16.tv_in1k", "hf-hub:timm/vgg16.tv_in1k", "vgg16.tv_in1k"), a state dict or checkpoint
+dict, or a `torch.nn.Module`.
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
@@ -168,6 +170,66 @@ def hub_checkpoint(name: str) -> Path | None:
     return hits[0] if hits else None
 
 
+# timm's names: "hf-hub:timm/vgg16.tv_in1k" (its own spelling, any repo), "timm/vgg16.tv_in1k", or
+# bare "vgg16.tv_in1k" (torchvision's names have no dot); "@rev" picks a revision, as in timm.
+_HF_FILES = ("model.safetensors", "pytorch_model.bin")     # the order timm tries them
+_FILE_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".pkl", ".json",
+                  ".onnx", ".h5", ".keras", ".mat", ".npy", ".npz", ".caffemodel", ".pb",
+                  ".tflite"}
+
+
+def _hf_repo(text: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when `text` names a Hugging Face Hub repo the way timm does."""
+    if text.startswith("hf-hub:"):
+        text = text[len("hf-hub:"):]
+    elif text.startswith("timm/"):
+        pass
+    elif re.fullmatch(r"vgg\d+(_bn)?\.[a-z]\w*", text.lower()) and \
+            Path(text).suffix.lower() not in _FILE_SUFFIXES:
+        text = "timm/" + text.lower()
+    else:
+        return None
+    repo, _, revision = text.partition("@")
+    return repo, revision or None
+
+
+def _hf_cache_dir() -> Path:
+    """huggingface_hub's cache folder, read from the environment now (huggingface_hub reads it
+    once, at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or \
+        os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(hub)))
+
+
+def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
+    """The weights file of Hugging Face Hub repo `repo` ("timm/vgg16.tv_in1k") in the local
+    Hugging Face cache, found with huggingface_hub and no network access."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise WeightsError(f"reading {repo!r} from the Hugging Face cache needs huggingface_hub "
+                           "(pip install huggingface_hub); or pass the weights file's path") from None
+    cache = _hf_cache_dir()
+    for filename in _HF_FILES:
+        try:
+            hit = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision)
+        except ValueError as exc:    # huggingface_hub's HFValidationError: not a repo id
+            raise WeightsError(f"{repo!r} is not a Hugging Face Hub repo id ({_first_line(exc)})")
+        if isinstance(hit, str) and os.path.isfile(hit):   # else None or _CACHED_NO_EXIST
+            return Path(hit)
+    at = f" at revision {revision!r}" if revision else ""
+    if repo.startswith("timm/"):
+        model = f"hf-hub:{repo}@{revision}" if revision else repo[len("timm/"):]
+        fetch = f"python -c \"import timm; timm.create_model('{model}', pretrained=True)\""
+    else:
+        fetch = f"python -c \"import huggingface_hub; huggingface_hub.snapshot_download('{repo}')\""
+    raise WeightsError(f"{repo!r}{at} is not in the Hugging Face cache ({cache}; looked for "
+                       f"{' and '.join(_HF_FILES)}); vggfast never downloads. Fetch it once with "
+                       f"{fetch} or pass a path")
+
+
 def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]:
     if not os.fspath(src).strip():  # Path("") is the current folder
         raise WeightsError("the weights path is empty; pass a file, a folder or a torchvision name")
@@ -192,6 +254,9 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
                 f"torchvision.models.{name.split('_features')[0]}(weights='DEFAULT')) or pass a path")
         extra = _HUB_EXTRA.get(name)
         return hit, (extra[2] if extra else None), (extra[1] if extra else None)
+    repo = _hf_repo(os.fspath(src).strip())
+    if repo is not None:
+        return hf_checkpoint(*repo), None, None
     if re.fullmatch(r"vgg\w*", name) and not path.suffix:
         names = ", ".join(sorted({n for n in ALIASES if n.startswith("vgg")} | set(_HUB_EXTRA)))
         raise WeightsError(f"weights file not found: {path}; torchvision names are {names}")
@@ -244,6 +309,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             # a JSON file that merely shares the stem (a class list, a training log) is not ours
             if isinstance(side, dict) and set(side) & _META_KEYS:
                 meta.update(side)
+        if path.name in _HF_FILES:
+            meta.update(_hf_label_names(path.parent / "config.json"))
     except UnicodeDecodeError as exc:
         raise WeightsError(f"{sidecar}: metadata is not UTF-8 text ({exc.reason})")
     except OSError as exc:
@@ -255,6 +322,21 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
 
 _META_KEYS = {"config", "batch_norm", "width", "image_size", "num_classes", "class_names",
               "preprocess", "task"}
+
+
+def _hf_label_names(config: Path) -> dict[str, Any]:
+    """A Hugging Face folder's config.json's class names (timm writes `label_names`, a list or a
+    {"0": name, ...} map, when the model was pushed with them) as another tool's list; {} when
+    there are none or the file is not readable: it is another tool's file."""
+    try:
+        names = json.loads(config.read_text()).get("label_names")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    if isinstance(names, dict) and set(names) == {str(i) for i in range(len(names))}:
+        names = [names[str(i)] for i in range(len(names))]
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return {"tool_class_names": names}
+    return {}
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:
