@@ -68,7 +68,7 @@ def test_odd_widths_are_read_from_the_tensors():
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "model_state_dict", "module.",
                                   "_orig_mod.", "module._orig_mod.", "timm", "canonical",
                                   "state_dict_ema", "model.", "net.backbone.", "model.timm",
-                                  "lightning"])
+                                  "lightning", "features.module."])
 def test_every_input_form_gives_the_same_canonical_weights(ref64, wrap):
     m, w = ref64
     sd = m.state_dict()
@@ -77,6 +77,9 @@ def test_every_input_form_gives_the_same_canonical_weights(ref64, wrap):
     elif wrap == "lightning":      # a LightningModule holding the VGG as self.vgg, and a loss
         src = {"state_dict": {**{"vgg." + k: v for k, v in sd.items()},
                               "loss.weight": torch.ones(3)}, "epoch": 1, "global_step": 10}
+    elif wrap == "features.module.":   # pytorch/examples' ImageNet script: DataParallel(features)
+        src = {"state_dict": {k.replace("features.", wrap, 1): v for k, v in sd.items()},
+               "arch": "vgg16", "best_acc1": torch.tensor(71.6), "optimizer": {"state": {}}}
     elif wrap == "model.timm":
         src = {"model." + k: v for k, v in _timm_names(sd).items()}
     elif wrap.endswith("."):

@@ -12,7 +12,9 @@ vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
 into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
 ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names), with
-`module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
+`module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
+a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
+other tensors are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
@@ -45,7 +47,10 @@ from .errors import ArgumentError, WeightsError
 from .preprocess import _WARNINGS_LOCK
 
 BN_EPS = 1e-5
-_PREFIXES = ("module.", "_orig_mod.")
+# Wrappers' attribute names, removed at any depth: DataParallel / DDP and torch.compile wrap a
+# model ("module.features.0.weight") or one part of it (pytorch/examples' ImageNet script
+# wraps vgg.features alone: "features.module.0.weight").
+_WRAPPER_NAMES = ("module", "_orig_mod")
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
 # Used only when none of _WRAPPERS is there (timm ModelEmaV2/V3, DeiT/ConvNeXt-style "model_ema").
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
@@ -577,15 +582,12 @@ def _caffe_classifier(sd: dict[str, torch.Tensor]) -> bool:
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
+        *path, leaf = k.split(".")
+        k = ".".join([p for p in path if p not in _WRAPPER_NAMES] + [leaf])
         if k in out:  # e.g. both "conv.w" and "module.conv.w": which one is meant is unknowable
-            raise WeightsError(f"two tensors are named {k!r} once the prefixes "
-                               f"{', '.join(_PREFIXES)} are removed; keep one set")
+            raise WeightsError(f"two tensors are named {k!r} once the wrappers' names "
+                               f"{', '.join(n + '.' for n in _WRAPPER_NAMES)} are removed; "
+                               "keep one set")
         out[k] = v
     return out
 
