@@ -1,5 +1,7 @@
 import json
 import os
+import struct
+import zipfile
 
 import pytest
 import safetensors.torch
@@ -269,6 +271,42 @@ def test_bad_weights_get_one_clear_error(tmp_path, tiny, kind):
     with pytest.raises(WeightsError) as err:
         load(_corrupt(tmp_path, tiny, kind))
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def _damaged(tmp_path, sd, kind):
+    path = tmp_path / ("w.safetensors" if "safetensors" in kind else "w.pth")
+    if kind.startswith("empty"):
+        path.write_bytes(b"")
+        return path
+    if "safetensors" in kind:
+        safetensors.torch.save_file(sd, str(path))
+    else:
+        torch.save(sd, path, _use_new_zipfile_serialization=kind != "truncated legacy")
+    data = bytearray(path.read_bytes())
+    if kind == "zeroed pickle bytes":      # inside data.pkl, past its PROTO opcode
+        with zipfile.ZipFile(path) as z:
+            info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+        name, extra = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        start = info.header_offset + 30 + name + extra
+        data[start + 2:start + 12] = bytes(10)
+    else:
+        data = data[:len(data) * 9 // 10]
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty .pth", "empty .safetensors", "truncated zip",
+                                  "truncated legacy", "zeroed pickle bytes",
+                                  "truncated safetensors"])
+def test_damaged_files_say_so_and_what_to_do(tmp_path, tiny, kind):
+    """A file cut short or damaged in a download: named as such (not as a refused pickle), with
+    the way out, on one line (torch's miniz reason goes on for three sentences)."""
+    with pytest.raises(WeightsError) as err:
+        load(_damaged(tmp_path, tiny.state_dict(), kind))
+    msg = str(err.value)
+    assert "fetch or save it again" in msg and "refused" not in msg
+    assert "\n" not in msg and len(msg) < 300 and "If you are seeing" not in msg
+    assert ("empty (0 bytes)" in msg) == kind.startswith("empty")
 
 
 def test_wrong_config_and_unknown_source(tiny):

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -272,6 +273,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     meta: dict[str, Any] = {}
     sidecar = path.with_suffix(".json")
     try:
+        if path.stat().st_size == 0:
+            raise WeightsError(f"{path}: the file is empty (0 bytes); {_DAMAGED}")
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
             from safetensors.torch import load_file
@@ -280,7 +283,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     header = f.metadata() or {}
                 raw = load_file(str(path))
             except (SafetensorError, ValueError) as exc:
-                raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})")
+                raise WeightsError(f"{path}: not a readable safetensors file "
+                                   f"({_first_sentence(exc)}); {_DAMAGED}")
             if "vggfast" in header:
                 meta.update(_json_object(json.loads(header["vggfast"]), f"{path} metadata"))
         else:
@@ -297,9 +301,13 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     _refuse_foreign(path)
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
                                        "nor a pickle)")
+                reason = _unpickle_reason(exc)
+                if _damaged_pickle(path, reason):
+                    raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({reason}); "
+                                       f"{_DAMAGED}")
                 raise WeightsError(
                     f"{path}: refused to unpickle objects other than tensors (weights_only=True); "
-                    f"save a plain state_dict or a safetensors file ({_unpickle_reason(exc)})")
+                    f"save a plain state_dict or a safetensors file ({reason})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 _refuse_foreign(path)
@@ -308,7 +316,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                         f"{path}: a TorchScript archive, which vggfast does not load (it holds "
                         "code); save its weights instead: torch.save(torch.jit.load(path)"
                         ".state_dict(), 'weights.pt') where you trust the file") from None
-                raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
+                raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
+                                   f"({_first_sentence(exc)}); {_DAMAGED}")
         if sidecar.is_file() and not meta:
             side = json.loads(sidecar.read_text())
             # a JSON file that merely shares the stem (a class list, a training log) is not ours
@@ -419,6 +428,37 @@ def _unpickle_reason(exc: BaseException) -> str:
         if line and not line.startswith(skip):
             return line[:200]
     return type(exc).__name__
+
+
+# Said of a file that is cut short or damaged (an interrupted download or save, a bad copy).
+_DAMAGED = "if it was cut short or damaged (an interrupted download or save), fetch or save it again"
+
+
+# torch's weights_only unpickler's words for a stream no pickler writes (a length past the end),
+# as opposed to its refusals of what a well-formed stream asks for.
+_BROKEN_PICKLE = re.compile(r"String is too long|negative argument|unsupported persistent id|"
+                            r"persistent_load id must be")
+_PICKLE_OPCODES = {op.code.encode("latin-1")[0] for op in pickletools.opcodes}
+
+
+def _damaged_pickle(path: Path, reason: str) -> bool:
+    """Whether an unpickling failure comes from damaged bytes: a byte that is no pickle opcode
+    (a valid one torch does not take is a pickle of another kind), bytes no pickler writes, or a
+    zip member (torch.save's archive) whose CRC does not match its data."""
+    m = re.match(r"Unsupported operand (\d+)", reason)
+    if (m and int(m.group(1)) not in _PICKLE_OPCODES) or _BROKEN_PICKLE.match(reason):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of the first line: torch's and safetensors' reasons go on with advice
+    (miniz's "If you are seeing this error, ...") that does not fit on one line."""
+    return re.split(r"\. (?=[A-Z])", _first_line(exc))[0].rstrip(".")
 
 
 def _first_line(exc: BaseException) -> str:
