@@ -399,6 +399,29 @@ def test_hugging_face_folder_with_pytorch_model_bin(ref64, tmp_path):
     _same(load(str(tmp_path)).state_dict, w.state_dict)
 
 
+@pytest.mark.parametrize("fmt", ["model.safetensors", "pytorch_model.bin"])
+def test_sharded_hugging_face_folder(ref64, tmp_path, fmt):
+    """save_pretrained(max_shard_size=...) writes shards and an index of which holds what."""
+    m, w = ref64
+    sd = _timm_names(m.state_dict())
+    stem, ext = fmt.split(".")
+    keys = list(sd)
+    shards = {f"{stem}-0000{i + 1}-of-00002.{ext}": keys[i::2] for i in range(2)}
+    for name, part in shards.items():
+        if ext == "safetensors":
+            safetensors.torch.save_file({k: sd[k] for k in part}, str(tmp_path / name))
+        else:
+            torch.save({k: sd[k] for k in part}, tmp_path / name)
+    index = tmp_path / f"{fmt}.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0},
+                                 "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    _same(load(str(tmp_path)).state_dict, w.state_dict)
+    _same(load(index).state_dict, w.state_dict)
+    (tmp_path / next(iter(shards))).unlink()
+    with pytest.raises(WeightsError, match=f"shard {stem}-00001-of-00002.{ext} is not beside it"):
+        load(str(tmp_path))
+
+
 def test_a_modified_classifier_is_named_in_the_refusal():
     m = small_model("D")
     m.classifier = torch.nn.Sequential(torch.nn.Linear(m.classifier[0].in_features, 16),

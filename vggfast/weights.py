@@ -2,7 +2,7 @@
 
 Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, a
 directory written by `vggfast train --out DIR`, or a Hugging Face model folder with
-model.safetensors / pytorch_model.bin), a torchvision model name found in the torch hub cache
+model.safetensors / pytorch_model.bin or a shard index, `*.index.json`, and its shards), a torchvision model name found in the torch hub cache
 ("vgg16" -> vgg16-397923af.pth), a timm name found in the Hugging Face cache by huggingface_hub
 ("timm/vgg16.tv_in1k", "hf-hub:timm/vgg16.tv_in1k", "vgg16.tv_in1k"), a state dict or checkpoint
 dict, or a `torch.nn.Module`.
@@ -178,7 +178,10 @@ def hub_checkpoint(name: str) -> Path | None:
 
 # timm's names: "hf-hub:timm/vgg16.tv_in1k" (its own spelling, any repo), "timm/vgg16.tv_in1k", or
 # bare "vgg16.tv_in1k" (torchvision's names have no dot); "@rev" picks a revision, as in timm.
-_HF_FILES = ("model.safetensors", "pytorch_model.bin")     # the order timm tries them
+# The order timm tries them; then the indexes of sharded weights (save_pretrained with a small
+# max_shard_size: model-00001-of-00002.safetensors ... beside the index).
+_HF_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+             "pytorch_model.bin.index.json")
 _FILE_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".pkl", ".json",
                   ".onnx", ".h5", ".keras", ".mat", ".npy", ".npz", ".caffemodel", ".pb",
                   ".tflite"}
@@ -232,7 +235,7 @@ def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
     else:
         fetch = f"python -c \"import huggingface_hub; huggingface_hub.snapshot_download('{repo}')\""
     raise WeightsError(f"{repo!r}{at} is not in the Hugging Face cache ({cache}; looked for "
-                       f"{' and '.join(_HF_FILES)}); vggfast never downloads. Fetch it once with "
+                       f"{', '.join(_HF_FILES)}); vggfast never downloads. Fetch it once with "
                        f"{fetch} or pass a path")
 
 
@@ -241,12 +244,12 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
         raise WeightsError("the weights path is empty; pass a file, a folder or a torchvision name")
     path = Path(os.path.expanduser(os.fspath(src)))
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):  # vggfast train --out; HF hub
+        for name in _HF_FILES:  # vggfast train --out; a Hugging Face model folder
             if (path / name).is_file():
                 return path / name, None, None
-        raise WeightsError(f"{path} is a folder without model.safetensors or pytorch_model.bin "
-                           "(expected the --out folder of `vggfast train` or a Hugging Face "
-                           "model folder); pass the weights file itself")
+        raise WeightsError(f"{path} is a folder without model.safetensors, pytorch_model.bin or "
+                           "a shard index (expected the --out folder of `vggfast train` or a "
+                           "Hugging Face model folder); pass the weights file itself")
     if path.is_file():
         return path, None, None
     name = os.fspath(src).strip().lower()
@@ -272,6 +275,8 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
 def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     meta: dict[str, Any] = {}
     sidecar = path.with_suffix(".json")
+    if path.name.endswith(".index.json"):
+        return _read_shards(path)
     try:
         if path.stat().st_size == 0:
             raise WeightsError(f"{path}: the file is empty (0 bytes); {_DAMAGED}")
@@ -332,6 +337,31 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{path}: metadata is not valid JSON ({exc})")
     return raw, meta
+
+
+def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Sharded weights (Hugging Face's `*.index.json`: {"weight_map": {tensor: shard file}}): the
+    shards beside the index, read as one state dict."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{index}: not a readable shard index ({_first_line(exc)})")
+    if not (isinstance(weight_map, dict) and weight_map and all(
+            isinstance(f, str) and f == Path(f).name and not f.endswith(".index.json")
+            for f in weight_map.values())):
+        raise WeightsError(f"{index}: a shard index needs a 'weight_map' of tensor names to "
+                           "file names in its folder")
+    raw: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise WeightsError(f"{index}: shard {shard} is not beside it; fetch every shard")
+        part, _ = _read_file(index.parent / shard)
+        raw.update(part)
+    lost = [k for k in weight_map if k not in raw]
+    if lost:
+        raise WeightsError(f"{index}: its shards lack {len(lost)} of the tensors it lists "
+                           f"({', '.join(lost[:3])}); fetch the shards again")
+    return raw, _hf_label_names(index.parent / "config.json")
 
 
 _META_KEYS = {"config", "batch_norm", "width", "image_size", "num_classes", "class_names",
