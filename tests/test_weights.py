@@ -309,6 +309,17 @@ def test_damaged_files_say_so_and_what_to_do(tmp_path, tiny, kind):
     assert ("empty (0 bytes)" in msg) == kind.startswith("empty")
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_state_dict_pickled_with_a_newer_protocol_is_named(tmp_path, tiny, protocol):
+    """torch.load(weights_only=True) cannot read torch.save(..., pickle_protocol=4): the reason
+    is the protocol, not an object other than tensors and not a damaged file."""
+    path = tmp_path / "w.pth"
+    torch.save(tiny.state_dict(), path, pickle_protocol=protocol)
+    with pytest.raises(WeightsError, match=r"pickled with protocol 4 or later \(opcode FRAME\).*"
+                       "torch.save's default protocol"):
+        load(path)
+
+
 def test_wrong_config_and_unknown_source(tiny):
     with pytest.raises(WeightsError, match="does not match"):
         load(tiny.state_dict(), config="E")

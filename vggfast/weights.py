@@ -310,6 +310,14 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                 if _damaged_pickle(path, reason):
                     raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({reason}); "
                                        f"{_DAMAGED}")
+                m = re.match(r"Unsupported operand (\d+)", reason)
+                if m:   # a valid opcode: torch.save(..., pickle_protocol=4) frames its stream
+                    op = _PICKLE_OPCODES[int(m.group(1))]
+                    raise WeightsError(
+                        f"{path}: refused to unpickle it: it was pickled with protocol {op.proto} "
+                        f"or later (opcode {op.name}), which torch's weights_only loader does not "
+                        "read; save a plain state_dict with torch.save's default protocol or a "
+                        "safetensors file")
                 raise WeightsError(
                     f"{path}: refused to unpickle objects other than tensors (weights_only=True); "
                     f"save a plain state_dict or a safetensors file ({reason})")
@@ -468,7 +476,7 @@ _DAMAGED = "if it was cut short or damaged (an interrupted download or save), fe
 # as opposed to its refusals of what a well-formed stream asks for.
 _BROKEN_PICKLE = re.compile(r"String is too long|negative argument|unsupported persistent id|"
                             r"persistent_load id must be")
-_PICKLE_OPCODES = {op.code.encode("latin-1")[0] for op in pickletools.opcodes}
+_PICKLE_OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
 
 
 def _damaged_pickle(path: Path, reason: str) -> bool:
