@@ -234,9 +234,11 @@ def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
         fetch = f"python -c \"import timm; timm.create_model('{model}', pretrained=True)\""
     else:
         fetch = f"python -c \"import huggingface_hub; huggingface_hub.snapshot_download('{repo}')\""
-    raise WeightsError(f"{repo!r}{at} is not in the Hugging Face cache ({cache}; looked for "
-                       f"{', '.join(_HF_FILES)}); vggfast never downloads. Fetch it once with "
-                       f"{fetch} or pass a path")
+    tag = " (timm's repo names carry the weights' tag: 'timm/vgg16.tv_in1k')" if \
+        repo.startswith("timm/") and "." not in repo else ""
+    raise WeightsError(f"{repo!r}{at} is not in the Hugging Face cache{tag} ({cache}; looked for "
+                       f"{' and '.join(_HF_FILES[:2])}, sharded or not); vggfast never downloads. "
+                       f"Fetch it once with {fetch} or pass a path")
 
 
 def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]:
