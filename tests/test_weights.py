@@ -320,6 +320,16 @@ def test_a_state_dict_pickled_with_a_newer_protocol_is_named(tmp_path, tiny, pro
         load(path)
 
 
+def test_a_folder_of_checkpoints_names_them(tmp_path):
+    """timm's train output: model_best.pth.tar, last.pth.tar, args.yaml; which one is meant is
+    the user's choice, so the error lists them."""
+    for name in ("model_best.pth.tar", "last.pth.tar", "args.yaml"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(WeightsError, match=r"pass the weights file itself \(it holds "
+                       r"last.pth.tar, model_best.pth.tar\)$"):
+        load(tmp_path)
+
+
 def test_wrong_config_and_unknown_source(tiny):
     with pytest.raises(WeightsError, match="does not match"):
         load(tiny.state_dict(), config="E")

@@ -249,9 +249,13 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
         for name in _HF_FILES:  # vggfast train --out; a Hugging Face model folder
             if (path / name).is_file():
                 return path / name, None, None
+        # timm's and Lightning's output folders hold several checkpoints: name them
+        files = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix.lower() in
+                       (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"))
+        held = f" (it holds {', '.join(files[:4])}{' ...' * (len(files) > 4)})" if files else ""
         raise WeightsError(f"{path} is a folder without model.safetensors, pytorch_model.bin or "
                            "a shard index (expected the --out folder of `vggfast train` or a "
-                           "Hugging Face model folder); pass the weights file itself")
+                           f"Hugging Face model folder); pass the weights file itself{held}")
     if path.is_file():
         return path, None, None
     name = os.fspath(src).strip().lower()
