@@ -384,6 +384,17 @@ def test_two_vggs_in_one_checkpoint_are_refused_by_name(tiny):
         load(src)
 
 
+@pytest.mark.parametrize("ema", ["ema_model.module.", "model_ema.", "ema."])
+def test_a_module_with_its_ema_copy_loads_the_model(tiny, ema):
+    """A LightningModule holding the VGG and an EMA copy of it (AveragedModel keeps it under
+    .module): the model's weights, as for {"state_dict", "state_dict_ema"} checkpoints."""
+    sd = tiny.state_dict()
+    src = {"state_dict": {**{"model." + k: v for k, v in sd.items()},
+                          **{ema + k: v + 1 for k, v in sd.items()}, "ema_model.n_averaged":
+                          torch.tensor(5)}}
+    _same(load(src).state_dict, load(sd).state_dict)
+
+
 class _Opaque:
     """Any class of the user's: a checkpoint holding one is refused."""
 

@@ -14,7 +14,7 @@ into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretr
 ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names), with
 `module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
 a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
-other tensors are ignored, two VGGs refused), and
+other tensors and an EMA copy beside it are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
@@ -546,13 +546,21 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 _VGG_KEY = re.compile(r"(?:^|\.)(features\.\d+\.weight|pre_logits\.fc1\.weight|conv1_1[._]weight)$")
 
 
+_EMA_OWNER = re.compile(r"(^|[._])ema([._]|$)")
+
+
 def _strip_owner(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys of a VGG held as an attribute ("model.features.0.weight" in a Lightning module) or of
     `vgg.features` alone ("0.weight") -> the VGG's own keys. Tensors outside the VGG are dropped;
-    two VGGs in one checkpoint (a model and a perceptual loss) are refused by name."""
+    two VGGs in one checkpoint (a model and a perceptual loss) are refused by name, unless all
+    but one are EMA copies (Lightning's `ema_model.`, `model_ema.`): as for checkpoint wrappers,
+    an EMA copy is used only when there is nothing else."""
     if any(_VGG_KEY.match(k) for k in sd):
         return sd
     owners = sorted({k[:m.start(1)] for k in sd for m in [_VGG_KEY.search(k)] if m})
+    plain = [o for o in owners if not _EMA_OWNER.search(o)]
+    if len(owners) > 1 and len(plain) == 1:
+        owners = plain
     if len(owners) > 1:
         raise WeightsError(f"these weights hold {len(owners)} VGGs (under "
                            f"{', '.join(repr(o) for o in owners[:4])}); pass the state dict of one, "
