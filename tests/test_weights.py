@@ -260,13 +260,16 @@ def _corrupt(tmp_path, tiny, kind):
     elif kind == "grayscale conv1":
         sd["features.0.weight"] = sd["features.0.weight"][:, :1]
         torch.save(sd, path)
+    elif kind == "zero-size conv":    # the last conv's width divided fc6's input: a crash
+        sd["features.28.weight"] = sd["features.28.weight"][:0]
+        torch.save(sd, path)
     return path
 
 
 @pytest.mark.parametrize("kind", ["missing file", "empty dir", "garbage", "truncated",
                                   "garbage safetensors", "not a dict", "resnet", "missing bias",
                                   "wrong shape", "incomplete classifier", "int weights",
-                                  "grayscale conv1"])
+                                  "grayscale conv1", "zero-size conv"])
 def test_bad_weights_get_one_clear_error(tmp_path, tiny, kind):
     with pytest.raises(WeightsError) as err:
         load(_corrupt(tmp_path, tiny, kind))

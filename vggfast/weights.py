@@ -800,9 +800,9 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
     for w in conv_w:
         if not w.is_floating_point():
             raise WeightsError(f"convolution weights must be floating point, found {w.dtype}")
-        if w.dim() != 4:
-            raise WeightsError(f"convolution weights must be 4-D [Cout, Cin, k, k], found "
-                               f"{tuple(w.shape)}")
+        if w.dim() != 4 or w.numel() == 0:
+            raise WeightsError(f"convolution weights must be 4-D [Cout, Cin, k, k] with values, "
+                               f"found {tuple(w.shape)}")
     kernels = [int(w.shape[-1]) for w in conv_w]
     if indices is not None:
         found = _blocks_from_indices(indices, bn)
