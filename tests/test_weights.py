@@ -119,6 +119,19 @@ def test_files_round_trip(ref64, tmp_path, ext):
     assert eng.class_names[3] == "c3" and eng.preprocess == "caffe"
 
 
+@pytest.mark.parametrize("fmt,name", [("safetensors", "vgg.pth"), ("safetensors", "vgg.bin"),
+                                      ("torch", "vgg.safetensors"), ("torch legacy", "vgg.safetensors")])
+def test_the_bytes_decide_the_format_not_the_suffix(ref64, tmp_path, fmt, name):
+    """A download saved under another suffix (wget .../model.safetensors -O vgg.pth) loads."""
+    m, w = ref64
+    path = tmp_path / name
+    if fmt == "safetensors":
+        safetensors.torch.save_file(m.state_dict(), str(path))
+    else:
+        torch.save(m.state_dict(), path, _use_new_zipfile_serialization=fmt == "torch")
+    _same(load(path).state_dict, w.state_dict)
+
+
 def test_batchnorm_is_folded_with_running_statistics():
     m = small_model("vgg11_bn", num_classes=5)
     torch.manual_seed(1)

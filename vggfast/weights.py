@@ -286,7 +286,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     try:
         if path.stat().st_size == 0:
             raise WeightsError(f"{path}: the file is empty (0 bytes); {_DAMAGED}")
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors import SafetensorError, safe_open
             from safetensors.torch import load_file
             try:
@@ -305,8 +305,11 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                 with _WARNINGS_LOCK, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext():
-                        raw = torch.load(path, map_location="cpu", weights_only=True)
+                    # an open file, not the path: torch 2.14 hands a path ending in
+                    # .safetensors to safetensors, whatever the bytes say
+                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext(), \
+                            open(path, "rb") as f:
+                        raw = torch.load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
                     _refuse_foreign(path)
@@ -401,6 +404,20 @@ def _json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise WeightsError(f"{what} must be a JSON object, found {type(value).__name__}")
     return value
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content, whatever the suffix (a download saved as vgg16.pth): a safetensors file opens
+    with its header's length (8 bytes) and the header's JSON; torch.save's archive with "PK", its
+    legacy pickle with PROTO. The suffix decides only what neither format's opening shows."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return path.suffix == ".safetensors"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return False
+    return head[8:9] == b"{" or path.suffix == ".safetensors"
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
