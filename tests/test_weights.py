@@ -216,6 +216,16 @@ def test_timm_weights_are_found_in_the_hugging_face_cache(tmp_path, monkeypatch,
     assert load_weights(name)[0] == "A"
 
 
+def test_hf_home_is_honoured_when_hf_hub_cache_is_unset(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    m = small_model("B", num_classes=3, width=1 / 32, image_size=64)
+    _hf_cache(tmp_path / "hub", "timm/vgg13.tv_in1k", _timm_names(m.state_dict()))
+    assert load("hf-hub:timm/vgg13.tv_in1k").spec.config == "B"
+
+
 def test_hugging_face_names_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)   # import fails
     with pytest.raises(WeightsError, match=r"needs huggingface_hub \(pip install huggingface_hub\)"
