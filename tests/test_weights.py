@@ -120,7 +120,8 @@ def test_files_round_trip(ref64, tmp_path, ext):
 
 
 @pytest.mark.parametrize("fmt,name", [("safetensors", "vgg.pth"), ("safetensors", "vgg.bin"),
-                                      ("torch", "vgg.safetensors"), ("torch legacy", "vgg.safetensors")])
+                                      ("torch", "vgg.safetensors"),
+                                      ("torch legacy", "vgg.safetensors")])
 def test_the_bytes_decide_the_format_not_the_suffix(ref64, tmp_path, fmt, name):
     """A download saved under another suffix (wget .../model.safetensors -O vgg.pth) loads."""
     m, w = ref64

@@ -2,10 +2,11 @@
 
 Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, a
 directory written by `vggfast train --out DIR`, or a Hugging Face model folder with
-model.safetensors / pytorch_model.bin or a shard index, `*.index.json`, and its shards), a torchvision model name found in the torch hub cache
-("vgg16" -> vgg16-397923af.pth), a timm name found in the Hugging Face cache by huggingface_hub
-("timm/vgg16.tv_in1k", "hf-hub:timm/vgg16.tv_in1k", "vgg16.tv_in1k"), a state dict or checkpoint
-dict, or a `torch.nn.Module`.
+model.safetensors / pytorch_model.bin or a shard index, `*.index.json`, and its shards), a
+torchvision model name found in the torch hub cache ("vgg16" -> vgg16-397923af.pth), a timm name
+found in the Hugging Face cache by huggingface_hub ("timm/vgg16.tv_in1k", "hf-hub:timm/...",
+"vgg16.tv_in1k"), a state dict or checkpoint dict, or a `torch.nn.Module`. The file's first
+bytes, not its suffix, tell safetensors from torch.save.
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
@@ -176,10 +177,9 @@ def hub_checkpoint(name: str) -> Path | None:
     return hits[0] if hits else None
 
 
-# timm's names: "hf-hub:timm/vgg16.tv_in1k" (its own spelling, any repo), "timm/vgg16.tv_in1k", or
-# bare "vgg16.tv_in1k" (torchvision's names have no dot); "@rev" picks a revision, as in timm.
-# The order timm tries them; then the indexes of sharded weights (save_pretrained with a small
-# max_shard_size: model-00001-of-00002.safetensors ... beside the index).
+# A Hugging Face model folder's weights, in the order timm tries them; then the indexes of
+# sharded weights (save_pretrained with a small max_shard_size: model-00001-of-00002.safetensors
+# ... beside the index).
 _HF_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
              "pytorch_model.bin.index.json")
 _FILE_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".pkl", ".json",
@@ -188,7 +188,9 @@ _FILE_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".pkl"
 
 
 def _hf_repo(text: str) -> tuple[str, str | None] | None:
-    """(repo id, revision) when `text` names a Hugging Face Hub repo the way timm does."""
+    """(repo id, revision) when `text` names a Hugging Face Hub repo the way timm does:
+    "hf-hub:timm/vgg16.tv_in1k" (its own spelling, any repo), "timm/vgg16.tv_in1k", or bare
+    "vgg16.tv_in1k" (torchvision's names have no dot); "@rev" picks a revision, as in timm."""
     if text.startswith("hf-hub:"):
         text = text[len("hf-hub:"):]
     elif text.startswith("timm/"):
@@ -219,7 +221,8 @@ def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         raise WeightsError(f"reading {repo!r} from the Hugging Face cache needs huggingface_hub "
-                           "(pip install huggingface_hub); or pass the weights file's path") from None
+                           "(pip install huggingface_hub); or pass the weights file's path"
+                           ) from None
     cache = _hf_cache_dir()
     for filename in _HF_FILES:
         try:
@@ -373,6 +376,8 @@ def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if not (index.parent / shard).is_file():
             raise WeightsError(f"{index}: shard {shard} is not beside it; fetch every shard")
         part, _ = _read_file(index.parent / shard)
+        if not isinstance(part, Mapping):
+            raise WeightsError(f"{index}: shard {shard} is not a state dict")
         raw.update(part)
     lost = [k for k in weight_map if k not in raw]
     if lost:
@@ -492,7 +497,8 @@ def _unpickle_reason(exc: BaseException) -> str:
 
 
 # Said of a file that is cut short or damaged (an interrupted download or save, a bad copy).
-_DAMAGED = "if it was cut short or damaged (an interrupted download or save), fetch or save it again"
+_DAMAGED = ("if it was cut short or damaged (an interrupted download or save), fetch or save it "
+            "again")
 
 
 # torch's weights_only unpickler's words for a stream no pickler writes (a length past the end),
@@ -563,6 +569,7 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 _VGG_KEY = re.compile(r"(?:^|\.)(features\.\d+\.weight|pre_logits\.fc1\.weight|conv1_1[._]weight)$")
 
 
+# An attribute holding an EMA copy of the model: ema., ema_model., model_ema., net_ema.
 _EMA_OWNER = re.compile(r"(^|[._])ema([._]|$)")
 
 
