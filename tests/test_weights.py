@@ -1,5 +1,7 @@
 import json
 import os
+import struct
+import zipfile
 
 import pytest
 import safetensors.torch
@@ -68,7 +70,7 @@ def test_odd_widths_are_read_from_the_tensors():
 @pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "model_state_dict", "module.",
                                   "_orig_mod.", "module._orig_mod.", "timm", "canonical",
                                   "state_dict_ema", "model.", "net.backbone.", "model.timm",
-                                  "lightning"])
+                                  "lightning", "features.module."])
 def test_every_input_form_gives_the_same_canonical_weights(ref64, wrap):
     m, w = ref64
     sd = m.state_dict()
@@ -77,6 +79,9 @@ def test_every_input_form_gives_the_same_canonical_weights(ref64, wrap):
     elif wrap == "lightning":      # a LightningModule holding the VGG as self.vgg, and a loss
         src = {"state_dict": {**{"vgg." + k: v for k, v in sd.items()},
                               "loss.weight": torch.ones(3)}, "epoch": 1, "global_step": 10}
+    elif wrap == "features.module.":   # pytorch/examples' ImageNet script: DataParallel(features)
+        src = {"state_dict": {k.replace("features.", wrap, 1): v for k, v in sd.items()},
+               "arch": "vgg16", "best_acc1": torch.tensor(71.6), "optimizer": {"state": {}}}
     elif wrap == "model.timm":
         src = {"model." + k: v for k, v in _timm_names(sd).items()}
     elif wrap.endswith("."):
@@ -112,6 +117,20 @@ def test_files_round_trip(ref64, tmp_path, ext):
     assert got.class_names == meta["class_names"] and got.preprocess == "caffe"
     eng = Engine(path)
     assert eng.class_names[3] == "c3" and eng.preprocess == "caffe"
+
+
+@pytest.mark.parametrize("fmt,name", [("safetensors", "vgg.pth"), ("safetensors", "vgg.bin"),
+                                      ("torch", "vgg.safetensors"),
+                                      ("torch legacy", "vgg.safetensors")])
+def test_the_bytes_decide_the_format_not_the_suffix(ref64, tmp_path, fmt, name):
+    """A download saved under another suffix (wget .../model.safetensors -O vgg.pth) loads."""
+    m, w = ref64
+    path = tmp_path / name
+    if fmt == "safetensors":
+        safetensors.torch.save_file(m.state_dict(), str(path))
+    else:
+        torch.save(m.state_dict(), path, _use_new_zipfile_serialization=fmt == "torch")
+    _same(load(path).state_dict, w.state_dict)
 
 
 def test_batchnorm_is_folded_with_running_statistics():
@@ -166,6 +185,57 @@ def test_hub_cache_is_found_by_torchvision_name(tmp_path, monkeypatch):
     assert eng.spec.config == "A" and eng.class_names[281] == "tabby"
 
 
+def _hf_cache(root, repo, sd, rev="0123456789abcdef0123456789abcdef01234567", config=None):
+    """huggingface_hub's documented cache layout: refs/main names the snapshot holding the files."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    snap = folder / "snapshots" / rev
+    snap.mkdir(parents=True)
+    safetensors.torch.save_file(sd, str(snap / "model.safetensors"))
+    if config is not None:
+        (snap / "config.json").write_text(json.dumps(config))
+    return snap
+
+
+@pytest.mark.parametrize("name", ["timm/vgg11.tv_in1k", "hf-hub:timm/vgg11.tv_in1k",
+                                  "vgg11.tv_in1k"])
+def test_timm_weights_are_found_in_the_hugging_face_cache(tmp_path, monkeypatch, name):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    m = small_model("A", num_classes=3, width=1 / 32, image_size=64)   # _timm_names: fc6 2x2
+    with pytest.raises(WeightsError, match=r"'timm/vgg11.tv_in1k' is not in the Hugging Face "
+                       r"cache .*timm.create_model\('vgg11.tv_in1k', pretrained=True\)"):
+        load(name)
+    labels = {"label_names": ["ant", "bee", "cat"]}
+    _hf_cache(tmp_path, "timm/vgg11.tv_in1k", _timm_names(m.state_dict()), config=labels)
+    eng = Engine(name, backend="torch")
+    assert eng.spec.config == "A" and eng.class_names == ["ant", "bee", "cat"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(eng.logits(x), m(x), rtol=1e-4, atol=1e-5)
+    assert load_weights(name)[0] == "A"
+
+
+def test_hf_home_is_honoured_when_hf_hub_cache_is_unset(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    m = small_model("B", num_classes=3, width=1 / 32, image_size=64)
+    _hf_cache(tmp_path / "hub", "timm/vgg13.tv_in1k", _timm_names(m.state_dict()))
+    assert load("hf-hub:timm/vgg13.tv_in1k").spec.config == "B"
+
+
+def test_hugging_face_names_without_huggingface_hub(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)   # import fails
+    with pytest.raises(WeightsError, match=r"needs huggingface_hub \(pip install huggingface_hub\)"
+                       r"; or pass the weights file's path"):
+        load("timm/vgg16.tv_in1k")
+    with pytest.raises(WeightsError, match="not found: vgg16.pth"):   # a file name stays one
+        load("vgg16.pth")
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned_by_vggfast_test",))
@@ -214,17 +284,77 @@ def _corrupt(tmp_path, tiny, kind):
     elif kind == "grayscale conv1":
         sd["features.0.weight"] = sd["features.0.weight"][:, :1]
         torch.save(sd, path)
+    elif kind == "zero-size conv":    # the last conv's width divided fc6's input: a crash
+        sd["features.28.weight"] = sd["features.28.weight"][:0]
+        torch.save(sd, path)
     return path
 
 
 @pytest.mark.parametrize("kind", ["missing file", "empty dir", "garbage", "truncated",
                                   "garbage safetensors", "not a dict", "resnet", "missing bias",
                                   "wrong shape", "incomplete classifier", "int weights",
-                                  "grayscale conv1"])
+                                  "grayscale conv1", "zero-size conv"])
 def test_bad_weights_get_one_clear_error(tmp_path, tiny, kind):
     with pytest.raises(WeightsError) as err:
         load(_corrupt(tmp_path, tiny, kind))
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def _damaged(tmp_path, sd, kind):
+    path = tmp_path / ("w.safetensors" if "safetensors" in kind else "w.pth")
+    if kind.startswith("empty"):
+        path.write_bytes(b"")
+        return path
+    if "safetensors" in kind:
+        safetensors.torch.save_file(sd, str(path))
+    else:
+        torch.save(sd, path, _use_new_zipfile_serialization=kind != "truncated legacy")
+    data = bytearray(path.read_bytes())
+    if kind == "zeroed pickle bytes":      # inside data.pkl, past its PROTO opcode
+        with zipfile.ZipFile(path) as z:
+            info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+        name, extra = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+        start = info.header_offset + 30 + name + extra
+        data[start + 2:start + 12] = bytes(10)
+    else:
+        data = data[:len(data) * 9 // 10]
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty .pth", "empty .safetensors", "truncated zip",
+                                  "truncated legacy", "zeroed pickle bytes",
+                                  "truncated safetensors"])
+def test_damaged_files_say_so_and_what_to_do(tmp_path, tiny, kind):
+    """A file cut short or damaged in a download: named as such (not as a refused pickle), with
+    the way out, on one line (torch's miniz reason goes on for three sentences)."""
+    with pytest.raises(WeightsError) as err:
+        load(_damaged(tmp_path, tiny.state_dict(), kind))
+    msg = str(err.value)
+    assert "fetch or save it again" in msg and "refused" not in msg
+    assert "\n" not in msg and len(msg) < 300 and "If you are seeing" not in msg
+    assert ("empty (0 bytes)" in msg) == kind.startswith("empty")
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_state_dict_pickled_with_a_newer_protocol_is_named(tmp_path, tiny, protocol):
+    """torch.load(weights_only=True) cannot read torch.save(..., pickle_protocol=4): the reason
+    is the protocol, not an object other than tensors and not a damaged file."""
+    path = tmp_path / "w.pth"
+    torch.save(tiny.state_dict(), path, pickle_protocol=protocol)
+    with pytest.raises(WeightsError, match=r"pickled with protocol 4 or later \(opcode FRAME\).*"
+                       "torch.save's default protocol"):
+        load(path)
+
+
+def test_a_folder_of_checkpoints_names_them(tmp_path):
+    """timm's train output: model_best.pth.tar, last.pth.tar, args.yaml; which one is meant is
+    the user's choice, so the error lists them."""
+    for name in ("model_best.pth.tar", "last.pth.tar", "args.yaml"):
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(WeightsError, match=r"pass the weights file itself \(it holds "
+                       r"last.pth.tar, model_best.pth.tar\)$"):
+        load(tmp_path)
 
 
 def test_wrong_config_and_unknown_source(tiny):
@@ -281,6 +411,17 @@ def test_two_vggs_in_one_checkpoint_are_refused_by_name(tiny):
         load(src)
 
 
+@pytest.mark.parametrize("ema", ["ema_model.module.", "model_ema.", "ema."])
+def test_a_module_with_its_ema_copy_loads_the_model(tiny, ema):
+    """A LightningModule holding the VGG and an EMA copy of it (AveragedModel keeps it under
+    .module): the model's weights, as for {"state_dict", "state_dict_ema"} checkpoints."""
+    sd = tiny.state_dict()
+    src = {"state_dict": {**{"model." + k: v for k, v in sd.items()},
+                          **{ema + k: v + 1 for k, v in sd.items()}, "ema_model.n_averaged":
+                          torch.tensor(5)}}
+    _same(load(src).state_dict, load(sd).state_dict)
+
+
 class _Opaque:
     """Any class of the user's: a checkpoint holding one is refused."""
 
@@ -315,6 +456,29 @@ def test_hugging_face_folder_with_pytorch_model_bin(ref64, tmp_path):
     torch.save(_timm_names(m.state_dict()), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "vgg16", "num_classes": 7}))
     _same(load(str(tmp_path)).state_dict, w.state_dict)
+
+
+@pytest.mark.parametrize("fmt", ["model.safetensors", "pytorch_model.bin"])
+def test_sharded_hugging_face_folder(ref64, tmp_path, fmt):
+    """save_pretrained(max_shard_size=...) writes shards and an index of which holds what."""
+    m, w = ref64
+    sd = _timm_names(m.state_dict())
+    stem, ext = fmt.split(".")
+    keys = list(sd)
+    shards = {f"{stem}-0000{i + 1}-of-00002.{ext}": keys[i::2] for i in range(2)}
+    for name, part in shards.items():
+        if ext == "safetensors":
+            safetensors.torch.save_file({k: sd[k] for k in part}, str(tmp_path / name))
+        else:
+            torch.save({k: sd[k] for k in part}, tmp_path / name)
+    index = tmp_path / f"{fmt}.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0},
+                                 "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    _same(load(str(tmp_path)).state_dict, w.state_dict)
+    _same(load(index).state_dict, w.state_dict)
+    (tmp_path / next(iter(shards))).unlink()
+    with pytest.raises(WeightsError, match=f"shard {stem}-00001-of-00002.{ext} is not beside it"):
+        load(str(tmp_path))
 
 
 def test_a_modified_classifier_is_named_in_the_refusal():

@@ -2,15 +2,20 @@
 
 Accepted sources: a path (.pt/.pth/.bin through `torch.load(weights_only=True)`, .safetensors, a
 directory written by `vggfast train --out DIR`, or a Hugging Face model folder with
-model.safetensors / pytorch_model.bin), a torchvision model name found in the torch hub cache
-("vgg16" -> vgg16-397923af.pth), a state dict or checkpoint dict, or a `torch.nn.Module`.
+model.safetensors / pytorch_model.bin or a shard index, `*.index.json`, and its shards), a
+torchvision model name found in the torch hub cache ("vgg16" -> vgg16-397923af.pth), a timm name
+found in the Hugging Face cache by huggingface_hub ("timm/vgg16.tv_in1k", "hf-hub:timm/...",
+"vgg16.tv_in1k"), a state dict or checkpoint dict, or a `torch.nn.Module`. The file's first
+bytes, not its suffix, tell safetensors from torch.save.
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
 timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
 into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
 ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names), with
-`module.` / `_orig_mod.` prefixes, a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`; other tensors are ignored, two VGGs refused), and
+`module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
+a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
+other tensors and an EMA copy beside it are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
@@ -28,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -43,7 +49,10 @@ from .errors import ArgumentError, WeightsError
 from .preprocess import _WARNINGS_LOCK
 
 BN_EPS = 1e-5
-_PREFIXES = ("module.", "_orig_mod.")
+# Wrappers' attribute names, removed at any depth: DataParallel / DDP and torch.compile wrap a
+# model ("module.features.0.weight") or one part of it (pytorch/examples' ImageNet script
+# wraps vgg.features alone: "features.module.0.weight").
+_WRAPPER_NAMES = ("module", "_orig_mod")
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
 # Used only when none of _WRAPPERS is there (timm ModelEmaV2/V3, DeiT/ConvNeXt-style "model_ema").
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
@@ -168,17 +177,88 @@ def hub_checkpoint(name: str) -> Path | None:
     return hits[0] if hits else None
 
 
+# A Hugging Face model folder's weights, in the order timm tries them; then the indexes of
+# sharded weights (save_pretrained with a small max_shard_size: model-00001-of-00002.safetensors
+# ... beside the index).
+_HF_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+             "pytorch_model.bin.index.json")
+_FILE_SUFFIXES = {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar", ".pkl", ".json",
+                  ".onnx", ".h5", ".keras", ".mat", ".npy", ".npz", ".caffemodel", ".pb",
+                  ".tflite"}
+
+
+def _hf_repo(text: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when `text` names a Hugging Face Hub repo the way timm does:
+    "hf-hub:timm/vgg16.tv_in1k" (its own spelling, any repo), "timm/vgg16.tv_in1k", or bare
+    "vgg16.tv_in1k" (torchvision's names have no dot); "@rev" picks a revision, as in timm."""
+    if text.startswith("hf-hub:"):
+        text = text[len("hf-hub:"):]
+    elif text.startswith("timm/"):
+        pass
+    elif re.fullmatch(r"vgg\d+(_bn)?\.[a-z]\w*", text.lower()) and \
+            Path(text).suffix.lower() not in _FILE_SUFFIXES:
+        text = "timm/" + text.lower()
+    else:
+        return None
+    repo, _, revision = text.partition("@")
+    return repo, revision or None
+
+
+def _hf_cache_dir() -> Path:
+    """huggingface_hub's cache folder, read from the environment now (huggingface_hub reads it
+    once, at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or \
+        os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(hub)))
+
+
+def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
+    """The weights file of Hugging Face Hub repo `repo` ("timm/vgg16.tv_in1k") in the local
+    Hugging Face cache, found with huggingface_hub and no network access."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise WeightsError(f"reading {repo!r} from the Hugging Face cache needs huggingface_hub "
+                           "(pip install huggingface_hub); or pass the weights file's path"
+                           ) from None
+    cache = _hf_cache_dir()
+    for filename in _HF_FILES:
+        try:
+            hit = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision)
+        except ValueError as exc:    # huggingface_hub's HFValidationError: not a repo id
+            raise WeightsError(f"{repo!r} is not a Hugging Face Hub repo id ({_first_line(exc)})")
+        if isinstance(hit, str) and os.path.isfile(hit):   # else None or _CACHED_NO_EXIST
+            return Path(hit)
+    at = f" at revision {revision!r}" if revision else ""
+    if repo.startswith("timm/"):
+        model = f"hf-hub:{repo}@{revision}" if revision else repo[len("timm/"):]
+        fetch = f"python -c \"import timm; timm.create_model('{model}', pretrained=True)\""
+    else:
+        fetch = f"python -c \"import huggingface_hub; huggingface_hub.snapshot_download('{repo}')\""
+    tag = " (timm's repo names carry the weights' tag: 'timm/vgg16.tv_in1k')" if \
+        repo.startswith("timm/") and "." not in repo else ""
+    raise WeightsError(f"{repo!r}{at} is not in the Hugging Face cache{tag} ({cache}; looked for "
+                       f"{' and '.join(_HF_FILES[:2])}, sharded or not); vggfast never downloads. "
+                       f"Fetch it once with {fetch} or pass a path")
+
+
 def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]:
     if not os.fspath(src).strip():  # Path("") is the current folder
         raise WeightsError("the weights path is empty; pass a file, a folder or a torchvision name")
     path = Path(os.path.expanduser(os.fspath(src)))
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):  # vggfast train --out; HF hub
+        for name in _HF_FILES:  # vggfast train --out; a Hugging Face model folder
             if (path / name).is_file():
                 return path / name, None, None
-        raise WeightsError(f"{path} is a folder without model.safetensors or pytorch_model.bin "
-                           "(expected the --out folder of `vggfast train` or a Hugging Face "
-                           "model folder); pass the weights file itself")
+        # timm's and Lightning's output folders hold several checkpoints: name them
+        files = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix.lower() in
+                       (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"))
+        held = f" (it holds {', '.join(files[:4])}{' ...' * (len(files) > 4)})" if files else ""
+        raise WeightsError(f"{path} is a folder without model.safetensors, pytorch_model.bin or "
+                           "a shard index (expected the --out folder of `vggfast train` or a "
+                           f"Hugging Face model folder); pass the weights file itself{held}")
     if path.is_file():
         return path, None, None
     name = os.fspath(src).strip().lower()
@@ -192,6 +272,9 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
                 f"torchvision.models.{name.split('_features')[0]}(weights='DEFAULT')) or pass a path")
         extra = _HUB_EXTRA.get(name)
         return hit, (extra[2] if extra else None), (extra[1] if extra else None)
+    repo = _hf_repo(os.fspath(src).strip())
+    if repo is not None:
+        return hf_checkpoint(*repo), None, None
     if re.fullmatch(r"vgg\w*", name) and not path.suffix:
         names = ", ".join(sorted({n for n in ALIASES if n.startswith("vgg")} | set(_HUB_EXTRA)))
         raise WeightsError(f"weights file not found: {path}; torchvision names are {names}")
@@ -201,8 +284,12 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
 def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     meta: dict[str, Any] = {}
     sidecar = path.with_suffix(".json")
+    if path.name.endswith(".index.json"):
+        return _read_shards(path)
     try:
-        if path.suffix == ".safetensors":
+        if path.stat().st_size == 0:
+            raise WeightsError(f"{path}: the file is empty (0 bytes); {_DAMAGED}")
+        if _is_safetensors(path):
             from safetensors import SafetensorError, safe_open
             from safetensors.torch import load_file
             try:
@@ -210,7 +297,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     header = f.metadata() or {}
                 raw = load_file(str(path))
             except (SafetensorError, ValueError) as exc:
-                raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(exc)})")
+                raise WeightsError(f"{path}: not a readable safetensors file "
+                                   f"({_first_sentence(exc)}); {_DAMAGED}")
             if "vggfast" in header:
                 meta.update(_json_object(json.loads(header["vggfast"]), f"{path} metadata"))
         else:
@@ -220,16 +308,31 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                 with _WARNINGS_LOCK, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext():
-                        raw = torch.load(path, map_location="cpu", weights_only=True)
+                    # an open file, not the path: torch 2.14 hands a path ending in
+                    # .safetensors to safetensors, whatever the bytes say
+                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext(), \
+                            open(path, "rb") as f:
+                        raw = torch.load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
                     _refuse_foreign(path)
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
                                        "nor a pickle)")
+                reason = _unpickle_reason(exc)
+                if _damaged_pickle(path, reason):
+                    raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({reason}); "
+                                       f"{_DAMAGED}")
+                m = re.match(r"Unsupported operand (\d+)", reason)
+                if m:   # a valid opcode: torch.save(..., pickle_protocol=4) frames its stream
+                    op = _PICKLE_OPCODES[int(m.group(1))]
+                    raise WeightsError(
+                        f"{path}: refused to unpickle it: it was pickled with protocol {op.proto} "
+                        f"or later (opcode {op.name}), which torch's weights_only loader does not "
+                        "read; save a plain state_dict with torch.save's default protocol or a "
+                        "safetensors file")
                 raise WeightsError(
                     f"{path}: refused to unpickle objects other than tensors (weights_only=True); "
-                    f"save a plain state_dict or a safetensors file ({_unpickle_reason(exc)})")
+                    f"save a plain state_dict or a safetensors file ({reason})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 _refuse_foreign(path)
@@ -238,12 +341,15 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                         f"{path}: a TorchScript archive, which vggfast does not load (it holds "
                         "code); save its weights instead: torch.save(torch.jit.load(path)"
                         ".state_dict(), 'weights.pt') where you trust the file") from None
-                raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})")
+                raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
+                                   f"({_first_sentence(exc)}); {_DAMAGED}")
         if sidecar.is_file() and not meta:
             side = json.loads(sidecar.read_text())
             # a JSON file that merely shares the stem (a class list, a training log) is not ours
             if isinstance(side, dict) and set(side) & _META_KEYS:
                 meta.update(side)
+        if path.name in _HF_FILES:
+            meta.update(_hf_label_names(path.parent / "config.json"))
     except UnicodeDecodeError as exc:
         raise WeightsError(f"{sidecar}: metadata is not UTF-8 text ({exc.reason})")
     except OSError as exc:
@@ -253,14 +359,70 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     return raw, meta
 
 
+def _read_shards(index: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Sharded weights (Hugging Face's `*.index.json`: {"weight_map": {tensor: shard file}}): the
+    shards beside the index, read as one state dict."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{index}: not a readable shard index ({_first_line(exc)})")
+    if not (isinstance(weight_map, dict) and weight_map and all(
+            isinstance(f, str) and f == Path(f).name and not f.endswith(".index.json")
+            for f in weight_map.values())):
+        raise WeightsError(f"{index}: a shard index needs a 'weight_map' of tensor names to "
+                           "file names in its folder")
+    raw: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise WeightsError(f"{index}: shard {shard} is not beside it; fetch every shard")
+        part, _ = _read_file(index.parent / shard)
+        if not isinstance(part, Mapping):
+            raise WeightsError(f"{index}: shard {shard} is not a state dict")
+        raw.update(part)
+    lost = [k for k in weight_map if k not in raw]
+    if lost:
+        raise WeightsError(f"{index}: its shards lack {len(lost)} of the tensors it lists "
+                           f"({', '.join(lost[:3])}); fetch the shards again")
+    return raw, _hf_label_names(index.parent / "config.json")
+
+
 _META_KEYS = {"config", "batch_norm", "width", "image_size", "num_classes", "class_names",
               "preprocess", "task"}
+
+
+def _hf_label_names(config: Path) -> dict[str, Any]:
+    """A Hugging Face folder's config.json's class names (timm writes `label_names`, a list or a
+    {"0": name, ...} map, when the model was pushed with them) as another tool's list; {} when
+    there are none or the file is not readable: it is another tool's file."""
+    try:
+        names = json.loads(config.read_text()).get("label_names")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    if isinstance(names, dict) and set(names) == {str(i) for i in range(len(names))}:
+        names = [names[str(i)] for i in range(len(names))]
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return {"tool_class_names": names}
+    return {}
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise WeightsError(f"{what} must be a JSON object, found {type(value).__name__}")
     return value
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By content, whatever the suffix (a download saved as vgg16.pth): a safetensors file opens
+    with its header's length (8 bytes) and the header's JSON; torch.save's archive with "PK", its
+    legacy pickle with PROTO. The suffix decides only what neither format's opening shows."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return path.suffix == ".safetensors"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return False
+    return head[8:9] == b"{" or path.suffix == ".safetensors"
 
 
 def _looks_like_checkpoint(path: Path) -> bool:
@@ -334,6 +496,38 @@ def _unpickle_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# Said of a file that is cut short or damaged (an interrupted download or save, a bad copy).
+_DAMAGED = ("if it was cut short or damaged (an interrupted download or save), fetch or save it "
+            "again")
+
+
+# torch's weights_only unpickler's words for a stream no pickler writes (a length past the end),
+# as opposed to its refusals of what a well-formed stream asks for.
+_BROKEN_PICKLE = re.compile(r"String is too long|negative argument|unsupported persistent id|"
+                            r"persistent_load id must be")
+_PICKLE_OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+
+
+def _damaged_pickle(path: Path, reason: str) -> bool:
+    """Whether an unpickling failure comes from damaged bytes: a byte that is no pickle opcode
+    (a valid one torch does not take is a pickle of another kind), bytes no pickler writes, or a
+    zip member (torch.save's archive) whose CRC does not match its data."""
+    m = re.match(r"Unsupported operand (\d+)", reason)
+    if (m and int(m.group(1)) not in _PICKLE_OPCODES) or _BROKEN_PICKLE.match(reason):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of the first line: torch's and safetensors' reasons go on with advice
+    (miniz's "If you are seeing this error, ...") that does not fit on one line."""
+    return re.split(r"\. (?=[A-Z])", _first_line(exc))[0].rstrip(".")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -375,13 +569,22 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 _VGG_KEY = re.compile(r"(?:^|\.)(features\.\d+\.weight|pre_logits\.fc1\.weight|conv1_1[._]weight)$")
 
 
+# An attribute holding an EMA copy of the model: ema., ema_model., model_ema., net_ema.
+_EMA_OWNER = re.compile(r"(^|[._])ema([._]|$)")
+
+
 def _strip_owner(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys of a VGG held as an attribute ("model.features.0.weight" in a Lightning module) or of
     `vgg.features` alone ("0.weight") -> the VGG's own keys. Tensors outside the VGG are dropped;
-    two VGGs in one checkpoint (a model and a perceptual loss) are refused by name."""
+    two VGGs in one checkpoint (a model and a perceptual loss) are refused by name, unless all
+    but one are EMA copies (Lightning's `ema_model.`, `model_ema.`): as for checkpoint wrappers,
+    an EMA copy is used only when there is nothing else."""
     if any(_VGG_KEY.match(k) for k in sd):
         return sd
     owners = sorted({k[:m.start(1)] for k in sd for m in [_VGG_KEY.search(k)] if m})
+    plain = [o for o in owners if not _EMA_OWNER.search(o)]
+    if len(owners) > 1 and len(plain) == 1:
+        owners = plain
     if len(owners) > 1:
         raise WeightsError(f"these weights hold {len(owners)} VGGs (under "
                            f"{', '.join(repr(o) for o in owners[:4])}); pass the state dict of one, "
@@ -495,15 +698,12 @@ def _caffe_classifier(sd: dict[str, torch.Tensor]) -> bool:
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
+        *path, leaf = k.split(".")
+        k = ".".join([p for p in path if p not in _WRAPPER_NAMES] + [leaf])
         if k in out:  # e.g. both "conv.w" and "module.conv.w": which one is meant is unknowable
-            raise WeightsError(f"two tensors are named {k!r} once the prefixes "
-                               f"{', '.join(_PREFIXES)} are removed; keep one set")
+            raise WeightsError(f"two tensors are named {k!r} once the wrappers' names "
+                               f"{', '.join(n + '.' for n in _WRAPPER_NAMES)} are removed; "
+                               "keep one set")
         out[k] = v
     return out
 
@@ -624,9 +824,9 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
     for w in conv_w:
         if not w.is_floating_point():
             raise WeightsError(f"convolution weights must be floating point, found {w.dtype}")
-        if w.dim() != 4:
-            raise WeightsError(f"convolution weights must be 4-D [Cout, Cin, k, k], found "
-                               f"{tuple(w.shape)}")
+        if w.dim() != 4 or w.numel() == 0:
+            raise WeightsError(f"convolution weights must be 4-D [Cout, Cin, k, k] with values, "
+                               f"found {tuple(w.shape)}")
     kernels = [int(w.shape[-1]) for w in conv_w]
     if indices is not None:
         found = _blocks_from_indices(indices, bn)
