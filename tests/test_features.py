@@ -329,3 +329,23 @@ def test_an_empty_batch_gives_empty_outputs_on_every_backend(backend):
         out = fx(torch.rand(0, 3, 32, 32))
     assert {k: tuple(v.shape) for k, v in out.items()} == {"relu1_2": (0, 4, 32, 32),
                                                           "pool3": (0, 16, 4, 4)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a second device)")
+def test_both_paths_compute_on_the_inputs_device(tv16):
+    """Weights on the GPU (the default there) and a CPU input: the fast path always ran on the
+    input's device; the autograd path refused it, so a loss and its target disagreed on what
+    worked. Both now run there, and gradients still reach parameters on the GPU."""
+    sd = {f"features.{k}": v for k, v in tv16.state_dict().items()}
+    fx = FeatureExtractor(sd, layers=["relu2_2"], device="cuda")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fast = fx(x)["relu2_2"]
+    xg = x.clone().requires_grad_(True)
+    slow = fx(xg)["relu2_2"]
+    assert fast.device.type == slow.device.type == "cpu"
+    torch.testing.assert_close(slow.detach(), fast, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast, tv16[:9](x), rtol=1e-4, atol=1e-5)
+    fx.requires_grad_(True)
+    fx(x)["relu2_2"].sum().backward()
+    assert fx.conv1_1_weight.grad is not None and fx.conv1_1_weight.grad.device.type == "cuda"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggfast import ops
+ops = pytest.importorskip("vggfast.ops", reason="no triton >= 3.6 here", exc_type=ImportError)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,15 @@ def test_interpreter_and_switch_take_triton_path():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
+    # a triton past the versions the shortcut was checked on takes triton's own path
+    env.pop("VGGFAST_FAST_LAUNCH")
+    for version, want in (("3.6.0", "True"), ("3.8.1", "True"), ("3.9.0", "False"),
+                          ("4.0.0", "False")):
+        code = (f"import triton; triton.__version__ = {version!r}; import vggfast.ops as o; "
+                "print(o.FAST_LAUNCH)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.stdout.strip() == want, (version, proc.stdout + proc.stderr)
 
 
 def test_pow2_matches_triton():

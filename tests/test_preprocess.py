@@ -87,6 +87,25 @@ def test_16bit_and_float_images_keep_their_range(tmp_path):
     assert load_image(np.full((9, 9, 3), 65535, np.uint16)).eq(1).all()
 
 
+def test_tensors_take_the_dtypes_numpy_arrays_take():
+    """uint16 (torchvision.io's decode of a 16-bit PNG) and bool tensors were refused while the
+    same numpy arrays were read; other integer tensors are still refused, by name."""
+    a16 = (np.arange(3 * 10 * 12, dtype=np.uint16) * 181).reshape(3, 10, 12)
+    mask = np.zeros((10, 12), np.bool_)
+    mask[2:5, 3:9] = True
+    if hasattr(torch, "uint16"):
+        t16 = torch.from_numpy(a16.astype(np.int32)).to(torch.uint16)
+        got = load_image(t16)
+        assert got.dtype == torch.float32 and torch.equal(
+            got, load_image(np.ascontiguousarray(a16.transpose(1, 2, 0))))
+        assert abs(float(got.max()) - float(a16.max()) / 65535) < 1e-7
+    got = load_image(torch.from_numpy(mask))
+    assert got.dtype == torch.uint8 and torch.equal(got, load_image(mask))
+    assert set(got.unique().tolist()) == {0, 255}
+    with pytest.raises(ImageError, match="uint8, uint16, bool or float.*torch.int64"):
+        load_image(torch.zeros(3, 10, 12, dtype=torch.int64))
+
+
 def test_exif_orientation_is_applied(tmp_path):
     im = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()

@@ -362,6 +362,27 @@ def test_unreadable_files_are_skipped_and_reported(tmp_path, capsys):
         T.scan_folder(data)
 
 
+def test_folder_lists_avif_and_jpeg2000_and_skips_a_broken_avif_by_name(tmp_path):
+    """AVIF and JPEG 2000 photos were not listed at all, and a broken AVIF (libavif raises
+    RuntimeError, not OSError) was a traceback once they were."""
+    import io
+    from PIL import features
+    if not (features.check("avif") and features.check("jpg_2000")):
+        pytest.skip("this Pillow has no AVIF or JPEG 2000 support")
+    data = make_folder(tmp_path / "data", n=2)
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 10, 10)).save(buf, "AVIF")
+    (data / "cat" / "good.avif").write_bytes(buf.getvalue())
+    (data / "cat" / "bad.avif").write_bytes(
+        buf.getvalue().replace(b"pitm\0\0\0\0\0\1", b"pitm\0\0\0\0\0\7"))   # no primary item
+    Image.new("RGB", (48, 40)).save(data / "dog" / "x.jp2")
+    scan = T.scan_folder(data)
+    assert sorted(Path(p).name for p, _ in scan.samples) == [
+        "0.png", "0.png", "1.png", "1.png", "good.avif", "x.jp2"]
+    [(path, why)] = scan.skipped
+    assert Path(path).name == "bad.avif" and why.startswith("corrupt or truncated image"), why
+
+
 def test_val_folder_with_unknown_class(tmp_path):
     data = make_folder(tmp_path / "data", n=2)
     val = make_folder(tmp_path / "val", classes=("cat", "cow"), n=1)

@@ -270,6 +270,28 @@ def _parse_bytes(text: str) -> int:
     return int(value)
 
 
+def _choose_backend(backend: str, device: torch.device) -> str:
+    """backend="auto": triton on CUDA, torch elsewhere, and torch (with a warning, once) on a
+    CUDA machine whose triton cannot run the kernels (missing, or older than 3.6)."""
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "torch"
+    from .triton_backend import unavailable
+    why = unavailable()
+    if why is not None:     # run on cuDNN rather than refuse, and say why it is slower
+        _warn_once(f"vggfast: the Triton kernels are unavailable ({why}); backend='auto' runs "
+                   "on the torch (cuDNN) backend")
+        return "torch"
+    return "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    import warnings
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def _default_budget(device: torch.device) -> int:
     env = os.environ.get("VGGFAST_MEMORY_BUDGET")
     if env:
@@ -333,9 +355,7 @@ class Engine:
         n = self.spec.num_classes
         self.class_names = self.weights.class_names or (
             imagenet_classes() if n == 1000 else [str(i) for i in range(n)])
-        if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        self.backend_name = backend
+        self.backend_name = backend = _choose_backend(backend, self.device)
         self._backend = self._make_backend(self.weights)
         self.loc_weights: Weights | None = None
         self.loc_mode: str | None = None

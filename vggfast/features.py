@@ -158,7 +158,9 @@ class FeatureExtractor(nn.Module):
       gradients equal torchvision's on the same weights. The weights are frozen parameters
       (requires_grad False); set `requires_grad_(True)` on them to fine-tune, which moves every
       call to this path.
-    The fast path follows the parameters (an optimiser step, load_state_dict, .to(), in-place
+    Both paths compute on x's device and return there (the parameters are copied to it when
+    they live elsewhere; keep the two together with `.to()` for speed). The fast path follows
+    the parameters (an optimiser step, load_state_dict, .to(), in-place
     ops); writes through `.data` bypass PyTorch's version counters, so call `refresh()` after
     them. Copies (deepcopy, torch.save of the module, pickling) drop the fast engines, which are
     rebuilt on the next call. memory_budget: as Engine's (a forward over it is refused).
@@ -286,11 +288,10 @@ class FeatureExtractor(nn.Module):
                          *x.shape[-2:], "use smaller inputs, or raise the limit with "
                          "FeatureExtractor(..., memory_budget=BYTES)")
         if not fast:
-            if any(p.device != x.device for p in params.values()):
-                raise ArgumentError(f"input is on {x.device} but the weights are on "
-                                    f"{next(iter(params.values())).device}; move one with .to()")
+            # on x's device, as the fast path's engines are (a differentiable copy when the
+            # parameters live elsewhere: gradients still reach them)
             cdt = self._dtype or x.dtype        # the fast path's dtype: both paths agree
-            params = {k: p.to(cdt) for k, p in params.items()}
+            params = {k: p.to(x.device, cdt) for k, p in params.items()}
             out = dense_forward(params, self.spec, x.to(cdt), self.layers)
             out = {k: v.to(out_dtype) for k, v in out.items()}
         else:
@@ -310,7 +311,7 @@ def list_inputs(src: str | os.PathLike) -> list[str]:
     if p.is_dir():
         files = [str(f) for f in list_images(p)]
     elif p.is_file():
-        if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"):
+        if p.suffix.lower() in pp.IMAGE_SUFFIXES:
             raise ArgumentError(f"{src} is an image; extract takes a folder of images or a text "
                                 "file listing one image path per line")
         try:

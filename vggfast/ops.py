@@ -17,15 +17,59 @@ import numpy as np
 import torch
 import triton
 
-from vggfast.kernels import conv as _conv
-from vggfast.kernels import lrn as _lrn
-from vggfast.kernels import pool as _pool
-from vggfast.kernels import score as _score
+# The kernels use triton 3.6's language and autotuner (older releases fail on importing them);
+# torch 2.4-2.9 wheels bring triton 3.0-3.5, so this is an ImportError the backend reports.
+MIN_TRITON = (3, 6)
 
-from .configs import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE
-from .errors import ArgumentError
+
+def _triton_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+if _triton_version(triton.__version__) < MIN_TRITON:
+    raise ImportError(f"vggfast's kernels need triton >= {'.'.join(map(str, MIN_TRITON))}, this "
+                      f"is triton {triton.__version__}")
+
+from vggfast.kernels import conv as _conv  # noqa: E402
+from vggfast.kernels import lrn as _lrn  # noqa: E402
+from vggfast.kernels import pool as _pool  # noqa: E402
+from vggfast.kernels import score as _score  # noqa: E402
+
+from .configs import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE  # noqa: E402
+from .errors import ArgumentError  # noqa: E402
 
 INTERPRETING = _conv.INTERPRET
+
+
+def _fix_interpreter_index() -> None:
+    """Let the interpreter use a run-time scalar as a loop bound under numpy >= 2.4.
+
+    Triton 3.6's interpreter gives its scalar tensors (1-element numpy arrays) an `__index__`
+    of `int(data)`, which numpy 2.4 refuses for arrays with a dimension ("only 0-dimensional
+    arrays can be converted"), so `for k in range(lo, hi)` with run-time bounds fails in every
+    kernel. Later triton squeezes the array first; this wraps the patching function to do that.
+    Nothing changes for compiled kernels.
+    """
+    from triton.runtime import interpreter
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_vggfast", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._vggfast = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETING:
+    _fix_interpreter_index()
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_SPLIT_K = 16   # choose_split_k's ceiling; the reduction unrolls over the splits
 K_ALIGN = 128   # packed K rows: a multiple of every BLOCK_K, so B is never masked along K
@@ -178,7 +222,12 @@ def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> 
 # `python scripts/launch_overhead.py --check` compares the launcher calls of both paths argument
 # by argument, with kernels compiled for sm_90 and a stub driver, including launches at a second
 # set of sizes that reuse the first's entries (tests/test_launch.py runs it).
-FAST_LAUNCH = (not INTERPRETING and hasattr(triton, "knobs")      # triton >= 3.4 internals
+# The shortcut reproduces triton internals checked on 3.6 (on an H100) and 3.8 (the stub driver
+# check): a later triton takes its own launch path until the check is run against it.
+FAST_LAUNCH_TRITON = ((3, 6), (3, 9))    # [first, past-the-last) minor versions
+FAST_LAUNCH = (not INTERPRETING and hasattr(triton, "knobs")
+               and FAST_LAUNCH_TRITON[0] <= _triton_version(triton.__version__)
+               < FAST_LAUNCH_TRITON[1]
                and os.environ.get("VGGFAST_FAST_LAUNCH", "1").strip() != "0")
 _FAST: dict[tuple, tuple | None] = {}
 _FAST_LIMIT = 4096      # kinds of launch kept (a server meeting endless new shapes)

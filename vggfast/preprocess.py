@@ -38,6 +38,11 @@ import torch.nn.functional as F
 from .errors import ArgumentError, ImageError
 
 MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refused
+# Files a folder of images is listed by (classify/extract/evaluate/train): torchvision's
+# ImageFolder extensions plus the other photo formats Pillow decodes (AVIF, JPEG 2000, ICO, ...).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".tif",
+                  ".tiff", ".webp", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k",
+                  ".jpx", ".ico", ".tga", ".qoi")
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,10 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
     t = t.cpu()
     if t.dtype == torch.uint8:
         return t.contiguous()
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8).mul_(255).contiguous()
+    if t.dtype == getattr(torch, "uint16", None):   # torchvision.io's 16-bit PNG decode
+        return t.to(torch.float32).div_(65535.0).contiguous()
     if t.is_floating_point():
         t = t.to(torch.float32)
         if not torch.isfinite(t).all():
@@ -247,7 +256,8 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
             raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
                              f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
         return t.clamp(0, 1).contiguous()
-    raise ImageError(f"tensor images must be uint8 or floating point, not {t.dtype}")
+    raise ImageError(f"tensor images must be uint8, uint16, bool or float in [0, 1], not "
+                     f"{t.dtype}")
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,7 @@ if TYPE_CHECKING:
     from .engine import Engine, Result
 
 AVERAGES = ("probs", "scores")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                  ".pgm", ".jfif")
+IMAGE_SUFFIXES = pp.IMAGE_SUFFIXES
 
 
 def check_average(average: Any) -> str:

@@ -66,9 +66,9 @@ from tqdm import tqdm
 from .configs import make_spec
 from .errors import ArgumentError, ImageError, VGGFastError
 from .nn import VGG, build_model
+from .preprocess import IMAGE_SUFFIXES
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff",
-                  ".webp", ".gif")
+IMG_EXTENSIONS = IMAGE_SUFFIXES
 PREPROCESS = "torchvision"
 
 # PCA of the ImageNet training pixels, RGB in [0, 1] (the values Krizhevsky et al.'s colour
@@ -234,20 +234,23 @@ def _header_problem(path: str) -> str | None:
 def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
     """(width, height) of the image read from its header, or why PIL cannot open it. oriented:
     as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from .preprocess import MIN_SIDE
+    from .preprocess import MIN_SIDE, _decode_failure
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # turned 90 degrees
-                w, h = h, w
-    except Image.DecompressionBombError:
-        return "too many pixels (PIL's decompression-bomb guard)"
-    except UnidentifiedImageError:
-        return "not an image file PIL can read"
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return f"unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+            if oriented:
+                try:
+                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
+                except Exception:  # noqa: BLE001 - broken EXIF: loading keeps the stored way up
+                    turned = False
+                if turned:
+                    w, h = h, w
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (libavif, struct, zlib)
+        return str(_decode_failure(exc))
     if min(w, h) < MIN_SIDE:
         return f"{w}x{h} pixels, both sides must be at least {MIN_SIDE}"
     return w, h

@@ -32,13 +32,22 @@ from .errors import ArgumentError, VGGFastError, WeightsError
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def unavailable() -> str | None:
+    """Why the Triton kernels cannot be used here (no triton, or one older than 3.6), or None."""
+    try:
+        from . import ops  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def _ops():
     """vggfast.ops, or a VGGFastError when Triton is not importable here."""
-    try:
-        from . import ops
-    except ImportError as exc:
-        raise VGGFastError(f"the triton backend needs the triton package ({exc}); install "
-                           "triton or use backend='torch'") from None
+    why = unavailable()
+    if why is not None:
+        raise VGGFastError(f"the triton backend is unavailable here ({why}); install "
+                           "triton >= 3.6 or use backend='torch'")
+    from . import ops
     return ops
 
 
