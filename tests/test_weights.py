@@ -442,6 +442,27 @@ def test_timm_training_checkpoint_with_its_args_loads(ref64, tmp_path):
         load(str(path))
 
 
+def test_numpy_numbers_beside_the_weights_load_and_numpy_arrays_do_not(ref64, tmp_path):
+    """Training scripts save metrics as numpy numbers (best_acc1 = np.float64, an np.int64
+    epoch): they were refused as "objects other than tensors". numpy arrays (their pickle calls
+    ndarray.__setstate__) and the user's own classes are still refused."""
+    import numpy as np
+    if not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("torch < 2.5 has no safe_globals")
+    path = tmp_path / "model_best.pth.tar"
+    sd = ref64[0].state_dict()
+    torch.save({"epoch": np.int64(90), "best_acc1": np.float64(71.59), "arch": np.str_("vgg16"),
+                "lr": np.float32(1e-4), "done": np.bool_(True), "state_dict": sd}, path)
+    w = load(str(path))
+    assert w.spec.config == "D"
+    for k, v in sd.items():
+        if k.startswith("features.0."):
+            torch.testing.assert_close(w.state_dict[f"conv1_1.{k.rsplit('.', 1)[1]}"], v.float())
+    torch.save({"state_dict": sd, "confusion": np.zeros((2, 2))}, path)
+    with pytest.raises(WeightsError, match=r"refused.*_reconstruct"):
+        load(str(path))
+
+
 def test_timm_without_head_loads_for_features(ref64):
     """timm's vgg with num_classes=0 keeps pre_logits (fc6, fc7) and has no head.fc."""
     sd = ref64[0].state_dict()
@@ -677,3 +698,22 @@ def test_other_tools_weight_files_are_named_in_the_refusal(tmp_path):
     with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
         load(str(tmp_path / "cut.h5"))
     assert load(str(tmp_path / "run.ckpt")).spec.config == "A"
+
+
+def test_demo_finds_timms_weights_in_the_hugging_face_cache(tmp_path, monkeypatch):
+    """`vggfast demo` looked only in the torch hub cache; timm's copy of torchvision's weights
+    is the same network, found in the Hugging Face cache when the hub cache has none."""
+    pytest.importorskip("huggingface_hub")
+    from vggfast.cli import find_demo_weights
+    monkeypatch.delenv("VGGFAST_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert find_demo_weights() is None
+    m = small_model("E", num_classes=3, width=1 / 32, image_size=64)
+    _hf_cache(tmp_path / "hf", "timm/vgg19.tv_in1k", _timm_names(m.state_dict()))
+    assert find_demo_weights() == "timm/vgg19.tv_in1k"
+    assert load(find_demo_weights()).spec.config == "E"
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(small_model("A", num_classes=1000, width=1 / 32).state_dict(),
+               tmp_path / "torch" / "hub" / "checkpoints" / "vgg11-8a719046.pth")
+    assert find_demo_weights() == "vgg11"      # the torch hub cache first

@@ -160,13 +160,22 @@ def sample_images() -> list[Path]:
 
 
 def find_demo_weights() -> str | None:
-    """$VGGFAST_WEIGHTS, else the first torchvision VGG checkpoint in the torch hub cache."""
+    """$VGGFAST_WEIGHTS, else the first torchvision VGG checkpoint in the torch hub cache, else
+    the first of timm's (the same weights, "timm/vgg16.tv_in1k") in the Hugging Face cache."""
     if os.environ.get("VGGFAST_WEIGHTS"):
         return os.environ["VGGFAST_WEIGHTS"]
-    from .weights import hub_checkpoint
-    for name in ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn", "vgg13", "vgg11", "vgg13_bn", "vgg11_bn"):
+    from .errors import WeightsError
+    from .weights import hf_checkpoint, hub_checkpoint
+    names = ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn", "vgg13", "vgg11", "vgg13_bn", "vgg11_bn")
+    for name in names:
         if hub_checkpoint(name) is not None:
             return name
+    for name in names:
+        try:
+            hf_checkpoint(f"timm/{name}.tv_in1k")
+        except WeightsError:        # not cached, or no huggingface_hub installed
+            continue
+        return f"timm/{name}.tv_in1k"
     return None
 
 
@@ -175,8 +184,8 @@ def cmd_demo(args) -> int:
     from .nn import build_model
     weights = args.weights or find_demo_weights()
     if weights is None:
-        print("NOTE: no trained weights found ($VGGFAST_WEIGHTS, or torchvision's vgg16-397923af.pth "
-              "in the torch hub cache): using an UNTRAINED VGG16 with random weights; its "
+        print("NOTE: no trained weights found ($VGGFAST_WEIGHTS, torchvision's vgg16-397923af.pth "
+              "in the torch hub cache, or timm's vgg16.tv_in1k in the Hugging Face cache): using an UNTRAINED VGG16 with random weights; its "
               "predictions are meaningless. This shows the pipeline and its speed only.")
         import torch
         torch.manual_seed(0)

@@ -56,8 +56,26 @@ _WRAPPER_NAMES = ("module", "_orig_mod")
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
 # Used only when none of _WRAPPERS is there (timm ModelEmaV2/V3, DeiT/ConvNeXt-style "model_ema").
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
-# Harmless classes common in training checkpoints (timm train.py saves its argparse args).
-_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _numpy_scalar_globals() -> list:
+    """What a pickled numpy number needs (a checkpoint's `best_acc1 = np.float64(...)`, an
+    `epoch` from np.int64): numpy's scalar-from-bytes constructor, np.dtype and the numeric and
+    text dtype classes. They build values from raw bytes and call nothing else; numpy arrays
+    (`_reconstruct`) and object dtypes stay refused."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    out: list = [core.multiarray.scalar, np.dtype]
+    kinds = getattr(np, "dtypes", None)          # numpy >= 1.25: one class per dtype
+    if kinds is not None:
+        out += [getattr(kinds, n) for n in dir(kinds) if n.endswith("DType")
+                and n not in ("ObjectDType", "VoidDType") and isinstance(getattr(kinds, n), type)]
+    return out
+
+
+# Harmless classes common in training checkpoints (timm train.py saves its argparse args;
+# training scripts save numpy numbers beside the weights).
+_SAFE_GLOBALS = (argparse.Namespace, *_numpy_scalar_globals())
 _TIMM = {"pre_logits.fc1.": "classifier.0.", "pre_logits.fc2.": "classifier.3.",
          "head.fc.": "classifier.6."}
 _CANONICAL = re.compile(r"^(conv\d_\d|fc[678])\.(weight|bias)$")
