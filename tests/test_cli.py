@@ -144,3 +144,18 @@ def test_bench_on_cpu_runs_the_reference_and_says_so(tmp_path, capsys):
         assert "no CUDA device" in out
     rows = json.loads((tmp_path / "throughput.json").read_text())
     assert rows
+
+
+
+def test_a_warning_on_the_command_line_is_one_line(capsys):
+    """backend='auto' on a CUDA machine whose triton cannot run the kernels falls back to cuDNN
+    with a warning: under the command line's handler that is one line, not a file:line report."""
+    import warnings
+
+    from vggfast import cli
+    with cli._pil_quiet():
+        warnings.warn("vggfast: the Triton kernels are unavailable (test)", RuntimeWarning)
+        warnings.warn("something of torch's", UserWarning)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["vggfast: the Triton kernels are unavailable (test)",
+                                "UserWarning: something of torch's"], err

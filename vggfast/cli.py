@@ -256,13 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _pil_quiet():
-    """PIL's own reports on a damaged file silenced: its warnings (TIFF tags past the end of the
-    file, read while decoding) and log records (a logger.error before it raises) would print
-    beside the command's one-line error, or among the results of a file it could still read."""
+    """PIL's own reports on a damaged file silenced, other warnings printed as one line each.
+    PIL's warnings (TIFF tags past the end of the file, read while decoding) and log records (a
+    logger.error before it raises) would print beside the command's one-line error, or among
+    the results of a file it could still read."""
     log, sink = logging.getLogger("PIL"), logging.NullHandler()  # else logging's last resort
     propagate = log.propagate                                      # prints its records
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"PIL\.")
+        # a warning that does reach the terminal is one line, without the source line it
+        # came from (vggfast's own: "vggfast: the Triton kernels are unavailable (...)")
+        warnings.showwarning = lambda message, category, *_, **__: print(
+            f"{message}" if str(message).startswith("vggfast:") else
+            f"{category.__name__}: {message}", file=sys.stderr)
         log.addHandler(sink)
         log.propagate = False
         try:
