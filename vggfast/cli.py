@@ -185,8 +185,9 @@ def cmd_demo(args) -> int:
     weights = args.weights or find_demo_weights()
     if weights is None:
         print("NOTE: no trained weights found ($VGGFAST_WEIGHTS, torchvision's vgg16-397923af.pth "
-              "in the torch hub cache, or timm's vgg16.tv_in1k in the Hugging Face cache): using an UNTRAINED VGG16 with random weights; its "
-              "predictions are meaningless. This shows the pipeline and its speed only.")
+              "in the torch hub cache, or timm's vgg16.tv_in1k in the Hugging Face cache): using "
+              "an UNTRAINED VGG16 with random weights; its predictions are meaningless. This "
+              "shows the pipeline and its speed only.")
         import torch
         torch.manual_seed(0)
         weights = build_model("D").state_dict()

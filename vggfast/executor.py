@@ -133,7 +133,11 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         # Captured on `side`, a stream of the input's device: torch.cuda.graph's default capture
         # stream is one per process, made on whichever device was current at the first capture.
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+        # thread_local: CUDA work of the caller's other threads (a logits() or FeatureExtractor
+        # call, a data loader's copies) neither fails nor invalidates this capture, as it would
+        # under the default "global" mode; only this thread's unsafe calls are refused.
+        with torch.cuda.graph(graph, pool=self.pool, stream=side,
+                              capture_error_mode="thread_local"):
             static_out = forward(static_in)
         return static_out, graph
 
