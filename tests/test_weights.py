@@ -300,6 +300,18 @@ def test_bad_weights_get_one_clear_error(tmp_path, tiny, kind):
     assert "\n" not in str(err.value) and len(str(err.value)) < 400
 
 
+@pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n" * 20,
+                                     b"\xff\xd8\xff\xe0" + bytes(400), b"{}\n"])
+def test_a_file_that_is_no_checkpoint_at_all_is_named_so(tmp_path, content):
+    """A text file or a photo passed as weights read "not a readable PyTorch checkpoint (list
+    index out of range)", which suggests a damaged download."""
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=r"weights\.pt: not a PyTorch checkpoint \(neither a "
+                                           r"zip archive nor a pickle\)$"):
+        load(path)
+
+
 def _damaged(tmp_path, sd, kind):
     path = tmp_path / ("w.safetensors" if "safetensors" in kind else "w.pth")
     if kind.startswith("empty"):

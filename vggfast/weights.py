@@ -354,6 +354,9 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 _refuse_foreign(path)
+                if not _looks_like_checkpoint(path):     # a text file, an image, ...
+                    raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
+                                       "nor a pickle)") from None
                 if _is_torchscript(path):
                     raise WeightsError(
                         f"{path}: a TorchScript archive, which vggfast does not load (it holds "
