@@ -240,13 +240,8 @@ def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if oriented:
-                try:
-                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
-                except Exception:  # noqa: BLE001 - broken EXIF: loading keeps the stored way up
-                    turned = False
-                if turned:
-                    w, h = h, w
+            if oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # turned 90 degrees
+                w, h = h, w
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (libavif, struct, zlib)
