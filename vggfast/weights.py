@@ -307,11 +307,9 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                 # interleaving catch_warnings (global state) with image decoding's
                 with _WARNINGS_LOCK, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
                     # an open file, not the path: torch 2.14 hands a path ending in
                     # .safetensors to safetensors, whatever the bytes say
-                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext(), \
-                            open(path, "rb") as f:
+                    with _allow_safe_globals(), open(path, "rb") as f:
                         raw = torch.load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
@@ -520,6 +518,25 @@ def _damaged_pickle(path: Path, reason: str) -> bool:
             return z.testzip() is not None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile):
         return False
+
+
+@contextlib.contextmanager
+def _allow_safe_globals():
+    """_SAFE_GLOBALS allowed for the torch.load inside (the caller holds _WARNINGS_LOCK).
+    torch >= 2.5 scopes the allowance with safe_globals; torch 2.4 has only the process-wide
+    add_safe_globals, so the user's own list is put back as it was afterwards."""
+    ser = torch.serialization
+    if hasattr(ser, "safe_globals"):
+        with ser.safe_globals(list(_SAFE_GLOBALS)):
+            yield
+        return
+    before = list(ser.get_safe_globals())   # a copy: torch 2.4 returns its live list
+    ser.add_safe_globals(list(_SAFE_GLOBALS))
+    try:
+        yield
+    finally:
+        ser.clear_safe_globals()
+        ser.add_safe_globals(before)
 
 
 def _first_sentence(exc: BaseException) -> str:
