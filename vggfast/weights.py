@@ -302,6 +302,8 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             if "vggfast" in header:
                 meta.update(_json_object(json.loads(header["vggfast"]), f"{path} metadata"))
         else:
+            if _is_torchscript(path):   # torch 2.4's torch.load hands it to torch.jit.load
+                raise _torchscript_refusal(path)
             try:
                 # torch's pickle-protocol notes are not the user's; the lock keeps threads from
                 # interleaving catch_warnings (global state) with image decoding's
@@ -335,10 +337,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 _refuse_foreign(path)
                 if _is_torchscript(path):
-                    raise WeightsError(
-                        f"{path}: a TorchScript archive, which vggfast does not load (it holds "
-                        "code); save its weights instead: torch.save(torch.jit.load(path)"
-                        ".state_dict(), 'weights.pt') where you trust the file") from None
+                    raise _torchscript_refusal(path) from None
                 raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
                                    f"({_first_sentence(exc)}); {_DAMAGED}")
         if sidecar.is_file() and not meta:
@@ -473,6 +472,12 @@ def _zip_names(path: Path) -> list[str]:
         return []
 
 
+def _torchscript_refusal(path: Path) -> WeightsError:
+    return WeightsError(f"{path}: a TorchScript archive, which vggfast does not load (it holds "
+                        "code); save its weights instead: torch.save(torch.jit.load(path)"
+                        ".state_dict(), 'weights.pt') where you trust the file")
+
+
 def _is_torchscript(path: Path) -> bool:
     """torch.jit.save's zip: a code/ folder (or constants.pkl) beside data.pkl."""
     return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in _zip_names(path))
@@ -485,6 +490,9 @@ def _unpickle_reason(exc: BaseException) -> str:
     m = re.search(r"(?:Unsupported global: )?GLOBAL ([\w.]+)", text)
     if m:  # torch words this two ways; both name the class or function the file wants to load
         return f"it needs GLOBAL {m.group(1)}, which is not a tensor type"
+    m = re.search(r"WeightsUnpickler error: *(\S[^\n]*)", text)
+    if m:  # torch 2.4 puts the reason at the end of its "Please file an issue" line
+        return m.group(1).strip()[:200]
     skip = ("Weights only load failed", "Please file an issue", "Check the documentation",
             "(1)", "(2)", "In PyTorch")
     for line in text.splitlines():
@@ -501,8 +509,10 @@ _DAMAGED = ("if it was cut short or damaged (an interrupted download or save), f
 
 # torch's weights_only unpickler's words for a stream no pickler writes (a length past the end),
 # as opposed to its refusals of what a well-formed stream asks for.
+# ("unexpected EOF": a legacy file cut short; torch 2.4 wraps it as a refusal, later torch raises
+# it as a RuntimeError)
 _BROKEN_PICKLE = re.compile(r"String is too long|negative argument|unsupported persistent id|"
-                            r"persistent_load id must be")
+                            r"persistent_load id must be|unexpected EOF")
 _PICKLE_OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
 
 
