@@ -243,7 +243,11 @@ def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
             if oriented:
                 try:
                     turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
-                except Exception:  # noqa: BLE001 - broken EXIF: loading keeps the stored way up
+                except Exception:  # noqa: BLE001 - broken EXIF: loading keeps the stored way up,
+                    # unless the pixels do not decode either (a PNG's getexif decodes them: one
+                    # cut short fails here), which the outer guard reports as load_image would
+                    with Image.open(path) as again:
+                        again.load()
                     turned = False
                 if turned:
                     w, h = h, w
