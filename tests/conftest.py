@@ -16,6 +16,17 @@ from vggfast.cli import sample_images  # noqa: E402
 from vggfast.nn import build_model  # noqa: E402
 
 
+def skip_unless_triton_backend():
+    """Skip unless backend="triton" can run here: CUDA or the interpreter, and a triton that
+    vggfast's kernels support (older ones are refused by design, e.g. triton 3.0 with torch 2.4)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from vggfast.triton_backend import unavailable
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"the triton backend is unavailable here: {why}")
+
+
 @pytest.fixture(scope="session")
 def samples():
     """The bundled real photos: cat 451x300, coffee 600x400, rocket 240x427, astronaut 512x512."""

@@ -5,7 +5,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import small_model
+from conftest import skip_unless_triton_backend, small_model
 from vggfast import Engine, VGGFastError
 from vggfast.errors import ArgumentError, MemoryBudgetError
 
@@ -229,9 +229,7 @@ def test_logits_input_checks(tiny):
 
 def test_triton_backend_classifies_like_the_reference(samples):
     """Engine(backend="triton") end to end (the Triton interpreter on CPU) vs backend="torch"."""
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    skip_unless_triton_backend()
     m = small_model("D", num_classes=10)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     fast = Engine(m.state_dict(), backend="triton", device=dev, dtype="float32")
@@ -244,9 +242,7 @@ def test_triton_backend_classifies_like_the_reference(samples):
 def test_triton_features_grouped_equal_the_reference(samples):
     """Engine.features on the triton backend (grouped waves, the pre-ReLU fc7) equals the torch
     backend's."""
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    skip_unless_triton_backend()
     sd = small_model("D", num_classes=10).state_dict()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     fast = Engine(sd, backend="triton", device=dev, dtype="float32")
@@ -261,10 +257,8 @@ def test_classify_from_several_threads_equals_one_at_a_time():
     """A server's worker threads share one Engine: requests of one shape share the executor's
     arena (and graphs on CUDA), so concurrent calls must not overwrite each other's activations.
     Each thread's answer equals the one-at-a-time answer for its own image."""
-    import os
     import threading
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    skip_unless_triton_backend()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     eng = Engine(small_model("D", num_classes=10).state_dict(), backend="triton", device=dev,
                  dtype="float32")
@@ -294,9 +288,7 @@ def test_executor_waves_group_batches_within_the_budget():
     """With the triton backend, a plan's batches run in waves (one grouped forward each) whose
     arenas fit the budget together, every batch once and in order; the torch backend, which
     cannot group, runs batch by batch."""
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    skip_unless_triton_backend()
     sd = small_model("D", num_classes=10).state_dict()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     imgs = [torch.rand(3, 60, 80), torch.rand(3, 80, 60), torch.rand(3, 40, 170)]
@@ -321,9 +313,7 @@ def test_executor_waves_group_batches_within_the_budget():
 def test_executor_arena_once_per_plan_key(samples):
     """Without CUDA graphs, grouped waves take their intermediates from one arena that the
     executor allocates once per plan key: a repeated request reuses it, another replaces it."""
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    skip_unless_triton_backend()
     sd = small_model("D", num_classes=10).state_dict()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     eng = Engine(sd, backend="triton", device=dev, dtype="float32", cuda_graphs=False)
@@ -458,9 +448,7 @@ def test_executor_buffers_outlive_a_callers_inference_mode():
     """Requests under torch.inference_mode and outside it may alternate (a server's handlers):
     what the executor keeps from the first ones (its arena, and on CUDA a graph's static inputs)
     is still writable by a later one outside it, which gives the same answer."""
-    import os
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    skip_unless_triton_backend()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sd = small_model("D", num_classes=10).state_dict()
     img = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(4))
@@ -621,10 +609,8 @@ def test_a_lrn_runs_in_half_types_on_the_cpu():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_logits_of_an_empty_batch_are_empty(backend):
-    import os
-    if backend == "triton" and not torch.cuda.is_available() \
-            and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if backend == "triton":
+        skip_unless_triton_backend()
     eng = Engine(small_model(num_classes=10).state_dict(), backend=backend, dtype="float32",
                  device="cuda" if torch.cuda.is_available() else "cpu")
     out = eng.logits(torch.rand(0, 3, 32, 32))

@@ -7,7 +7,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import small_model
+from conftest import skip_unless_triton_backend, small_model
 from vggfast import Engine, FeatureExtractor, VGGFastError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -320,10 +320,8 @@ def test_the_default_descriptor_is_the_papers_relu7(eng):
 def test_an_empty_batch_gives_empty_outputs_on_every_backend(backend):
     """As any nn.Module: [0, 3, H, W] in, [0, C, h, w] out (the Triton kernels take no empty
     launch, so an empty batch runs on plain torch ops)."""
-    import os
-    if backend == "triton" and not torch.cuda.is_available() \
-            and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if backend == "triton":
+        skip_unless_triton_backend()
     fx = FeatureExtractor(small_model().state_dict(), layers=["relu1_2", "pool3"], backend=backend)
     with torch.no_grad():
         out = fx(torch.rand(0, 3, 32, 32))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import skip_unless_triton_backend
 import vggfast
 from vggfast import train as T
 from vggfast.errors import ArgumentError, VGGFastError
@@ -495,7 +496,7 @@ def test_shipped_digits_model_through_the_triton_backend():
     one prediction may differ from the fp32 torch backend); on CPU the interpreter is slow
     (~0.3 s an image), so the first 16 digits, which must match exactly."""
     pytest.importorskip("sklearn", reason="the digits data come from scikit-learn")
-    pytest.importorskip("triton", reason="the Triton backend needs triton")
+    skip_unless_triton_backend()
     mk = _digits_script()
     images, labels = mk.digits_splits()["heldout"]
     cuda = torch.cuda.is_available()

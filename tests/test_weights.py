@@ -1,5 +1,6 @@
 import json
 import os
+import pickle
 import struct
 import zipfile
 
@@ -440,15 +441,18 @@ class _Opaque:
 
 def test_timm_training_checkpoint_with_its_args_loads(ref64, tmp_path):
     """timm's train script saves argparse.Namespace args beside the weights: allowed, as timm
-    itself allows it; any other class is still refused."""
+    itself allows it; any other class is still refused. The allowance is for vggfast's load
+    only: torch's process-wide list (all torch 2.4 has) is left as the user had it."""
     import argparse
-    if not hasattr(torch.serialization, "safe_globals"):
-        pytest.skip("torch < 2.5 has no safe_globals")
     path = tmp_path / "checkpoint-3.pth.tar"
     sd = ref64[0].state_dict()
     torch.save({"epoch": 3, "arch": "vgg16", "state_dict": _timm_names(sd),
                 "args": argparse.Namespace(lr=0.1, model="vgg16")}, path)
+    before = list(torch.serialization.get_safe_globals())
     assert load(str(path)).spec.config == "D"
+    assert list(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(pickle.UnpicklingError):     # the user's own weights_only load refuses it
+        torch.load(path, weights_only=True)
     torch.save({"state_dict": sd, "extra": _Opaque()}, path)
     with pytest.raises(WeightsError, match=r"GLOBAL [\w.]*_Opaque"):
         load(str(path))

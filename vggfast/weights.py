@@ -320,16 +320,16 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             if "vggfast" in header:
                 meta.update(_json_object(json.loads(header["vggfast"]), f"{path} metadata"))
         else:
+            if _is_torchscript(path):   # torch 2.4's torch.load hands it to torch.jit.load
+                raise _torchscript_refusal(path)
             try:
                 # torch's pickle-protocol notes are not the user's; the lock keeps threads from
                 # interleaving catch_warnings (global state) with image decoding's
                 with _WARNINGS_LOCK, warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
                     # an open file, not the path: torch 2.14 hands a path ending in
                     # .safetensors to safetensors, whatever the bytes say
-                    with allow(list(_SAFE_GLOBALS)) if allow else contextlib.nullcontext(), \
-                            open(path, "rb") as f:
+                    with _allow_safe_globals(), open(path, "rb") as f:
                         raw = torch.load(f, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
@@ -358,10 +358,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
                                        "nor a pickle)") from None
                 if _is_torchscript(path):
-                    raise WeightsError(
-                        f"{path}: a TorchScript archive, which vggfast does not load (it holds "
-                        "code); save its weights instead: torch.save(torch.jit.load(path)"
-                        ".state_dict(), 'weights.pt') where you trust the file") from None
+                    raise _torchscript_refusal(path) from None
                 raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
                                    f"({_first_sentence(exc)}); {_DAMAGED}")
         if sidecar.is_file() and not meta:
@@ -496,6 +493,12 @@ def _zip_names(path: Path) -> list[str]:
         return []
 
 
+def _torchscript_refusal(path: Path) -> WeightsError:
+    return WeightsError(f"{path}: a TorchScript archive, which vggfast does not load (it holds "
+                        "code); save its weights instead: torch.save(torch.jit.load(path)"
+                        ".state_dict(), 'weights.pt') where you trust the file")
+
+
 def _is_torchscript(path: Path) -> bool:
     """torch.jit.save's zip: a code/ folder (or constants.pkl) beside data.pkl."""
     return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in _zip_names(path))
@@ -508,6 +511,9 @@ def _unpickle_reason(exc: BaseException) -> str:
     m = re.search(r"(?:Unsupported global: )?GLOBAL ([\w.]+)", text)
     if m:  # torch words this two ways; both name the class or function the file wants to load
         return f"it needs GLOBAL {m.group(1)}, which is not a tensor type"
+    m = re.search(r"WeightsUnpickler error: *(\S[^\n]*)", text)
+    if m:  # torch 2.4 puts the reason at the end of its "Please file an issue" line
+        return m.group(1).strip()[:200]
     skip = ("Weights only load failed", "Please file an issue", "Check the documentation",
             "(1)", "(2)", "In PyTorch")
     for line in text.splitlines():
@@ -524,8 +530,10 @@ _DAMAGED = ("if it was cut short or damaged (an interrupted download or save), f
 
 # torch's weights_only unpickler's words for a stream no pickler writes (a length past the end),
 # as opposed to its refusals of what a well-formed stream asks for.
+# ("unexpected EOF": a legacy file cut short; torch 2.4 wraps it as a refusal, later torch raises
+# it as a RuntimeError)
 _BROKEN_PICKLE = re.compile(r"String is too long|negative argument|unsupported persistent id|"
-                            r"persistent_load id must be")
+                            r"persistent_load id must be|unexpected EOF")
 _PICKLE_OPCODES = {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
 
 
@@ -541,6 +549,25 @@ def _damaged_pickle(path: Path, reason: str) -> bool:
             return z.testzip() is not None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile):
         return False
+
+
+@contextlib.contextmanager
+def _allow_safe_globals():
+    """_SAFE_GLOBALS allowed for the torch.load inside (the caller holds _WARNINGS_LOCK).
+    torch >= 2.5 scopes the allowance with safe_globals; torch 2.4 has only the process-wide
+    add_safe_globals, so the user's own list is put back as it was afterwards."""
+    ser = torch.serialization
+    if hasattr(ser, "safe_globals"):
+        with ser.safe_globals(list(_SAFE_GLOBALS)):
+            yield
+        return
+    before = list(ser.get_safe_globals())   # a copy: torch 2.4 returns its live list
+    ser.add_safe_globals(list(_SAFE_GLOBALS))
+    try:
+        yield
+    finally:
+        ser.clear_safe_globals()
+        ser.add_safe_globals(before)
 
 
 def _first_sentence(exc: BaseException) -> str:
