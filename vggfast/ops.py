@@ -30,7 +30,8 @@ def _triton_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-if _triton_version(triton.__version__) < MIN_TRITON:
+TRITON_VERSION = _triton_version(triton.__version__)
+if TRITON_VERSION < MIN_TRITON:
     raise ImportError(f"vggfast's kernels need triton >= {'.'.join(map(str, MIN_TRITON))}, this "
                       f"is triton {triton.__version__}")
 
@@ -226,8 +227,7 @@ def choose_split_k(rows: int, cout: int, k_total: int, pool: bool, sms: int) -> 
 # check): a later triton takes its own launch path until the check is run against it.
 FAST_LAUNCH_TRITON = ((3, 6), (3, 9))    # [first, past-the-last) minor versions
 FAST_LAUNCH = (not INTERPRETING and hasattr(triton, "knobs")
-               and FAST_LAUNCH_TRITON[0] <= _triton_version(triton.__version__)
-               < FAST_LAUNCH_TRITON[1]
+               and FAST_LAUNCH_TRITON[0] <= TRITON_VERSION < FAST_LAUNCH_TRITON[1]
                and os.environ.get("VGGFAST_FAST_LAUNCH", "1").strip() != "0")
 _FAST: dict[tuple, tuple | None] = {}
 _FAST_LIMIT = 4096      # kinds of launch kept (a server meeting endless new shapes)

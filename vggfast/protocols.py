@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from .engine import Engine, Result
 
 AVERAGES = ("probs", "scores")
-IMAGE_SUFFIXES = pp.IMAGE_SUFFIXES
 
 
 def check_average(average: Any) -> str:
@@ -163,7 +162,7 @@ class Ensemble:
 def list_images(folder: Path) -> list[Path]:
     """Image files under `folder` (recursive), sorted by path."""
     return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and p.suffix.lower() in IMAGE_SUFFIXES
+                  and p.suffix.lower() in pp.IMAGE_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -246,7 +245,8 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
         raise ArgumentError(f"folder {f} maps to class {i}, outside the model's 0..{n - 1}")
     pairs = [(p, index[f]) for f in folders for p in list_images(root / f)]
     if not pairs:
-        raise ArgumentError(f"no images found under {root} (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        raise ArgumentError(f"no images found under {root} (suffixes "
+                            f"{', '.join(pp.IMAGE_SUFFIXES)})")
     return pairs
 
 

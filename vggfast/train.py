@@ -68,7 +68,6 @@ from .errors import ArgumentError, ImageError, VGGFastError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES
 
-IMG_EXTENSIONS = IMAGE_SUFFIXES
 PREPROCESS = "torchvision"
 
 # PCA of the ImageNet training pixels, RGB in [0, 1] (the values Krizhevsky et al.'s colour
@@ -280,12 +279,12 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
         for dirpath, dirnames, filenames in os.walk(rootp / name, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in sorted(filenames):
-                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
+                if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
                     files.append((os.path.join(dirpath, f), name))
     if not files:
         raise VGGFastError(
             f"--{what} {rootp}: no images found (expected the ImageFolder layout ROOT/CLASS_NAME/"
-            f"IMAGE with extensions {', '.join(IMG_EXTENSIONS)}; found {len(folders)} class "
+            f"IMAGE with extensions {', '.join(IMAGE_SUFFIXES)}; found {len(folders)} class "
             "folders)")
     present = sorted({c for _, c in files})
     if classes is None:
