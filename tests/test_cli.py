@@ -88,6 +88,14 @@ def test_user_errors_exit_2_with_one_line(weights, samples, args):
     assert len(lines) == 1 and "error" in lines[0], p.stderr
 
 
+@pytest.mark.parametrize("method, match", [("multicrop", "multi-crop evaluation takes"),
+                                           ("dense", "native size")])
+def test_a_scale_too_small_is_explained_for_the_method(weights, samples, capsys, method, match):
+    assert main(["classify", str(samples["cat"]), "--weights", str(weights), "--scales", "16",
+                 "--method", method]) == 2
+    assert match in capsys.readouterr().err
+
+
 def test_no_weights_is_a_clear_error(samples, monkeypatch, capsys):
     monkeypatch.delenv("VGGFAST_WEIGHTS", raising=False)
     assert main(["classify", str(samples["cat"])]) == 2

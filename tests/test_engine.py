@@ -139,6 +139,8 @@ def test_imagenet_class_names_ship_with_the_package():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(scales=16), "below the network's native size"),
+    (dict(scales=16, method="multicrop"), "multi-crop evaluation takes 32x32 crops"),
+    (dict(scales=16, method="dense+multicrop"), "below the network's native size"),
     (dict(scales=()), "empty"),
     (dict(scales=[32, 40.5]), "whole number"),
     (dict(scales=[float("nan")]), "whole number"),

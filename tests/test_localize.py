@@ -523,6 +523,27 @@ def test_training_samples_are_checked_before_training(tiny_set, tmp_path, capsys
                            "for training")
 
 
+def test_an_image_whose_exif_cannot_be_read_is_kept_the_way_it_is_stored(tmp_path, monkeypatch):
+    """load_image keeps the stored orientation when the EXIF block is broken; the training scan
+    agrees (it read the EXIF outside its guard and skipped such a photo), while a PNG whose
+    pixels are cut short is still skipped."""
+    import struct
+
+    from PIL import Image
+    Image.new("RGB", (48, 40)).save(tmp_path / "photo.jpg")
+    Image.new("RGB", (48, 40)).save(tmp_path / "big.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:60])
+
+    def broken(self):
+        raise struct.error("unpack requires a buffer of 12 bytes")
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    from vggfast.preprocess import load_image
+    assert tuple(load_image(tmp_path / "photo.jpg").shape) == (3, 40, 48)
+    samples = [L.LocSample(str(tmp_path / f), 0, [(1.0, 1.0, 5.0, 5.0)])
+               for f in ("photo.jpg", "cut.png")]
+    assert [s.file for s in L.readable_samples(samples, "for training")] == [samples[0].file]
+
+
 def test_evaluation_clips_ground_truth_to_the_image(tmp_path):
     """Predictions are clipped to the image, so ground truth is too: a box annotated past the
     image's edge is scored as the part inside it."""

@@ -91,7 +91,7 @@ def cmd_classify(args) -> int:
             raise ArgumentError(f"{path} is a folder without image files")
         paths += [str(p) for p in inside]
     eng = _engine(args, _need_weights(args))
-    scales = eng.check_scales(args.scales)
+    scales = eng.check_scales(args.scales, method=args.method)
     flip = not args.no_flip
     names, results, failed = [], [], 0
     for start in range(0, len(paths), CHUNK_IMAGES):

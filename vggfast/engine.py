@@ -389,9 +389,13 @@ class Engine:
     # -- checks ---------------------------------------------------------------------------------
 
     def check_scales(self, scales: Any, minimum: int | None = None,
-                     why: str | None = None) -> tuple[int, ...]:
+                     why: str | None = None, method: str = "dense") -> tuple[int, ...]:
         """Validate scales: an int or a non-empty sequence of ints >= `minimum` (default: the
-        native size, below which the dense net has no map after pool5; `why` says otherwise)."""
+        native size, below which the dense net has no map after pool5 and multi-crop evaluation
+        no crop, as the message for `method` says; `why` says otherwise)."""
+        if minimum is None and method == "multicrop":
+            minimum, n = self.spec.image_size, self.spec.image_size
+            why = f"multi-crop evaluation takes {n}x{n} crops, so each scale must be at least {n}"
         if isinstance(scales, (torch.Tensor, np.ndarray)):  # iterating a 0-d one fails
             scales = scales.tolist()
         if isinstance(scales, numbers.Number) and not isinstance(scales, bool):
@@ -437,9 +441,9 @@ class Engine:
     def _request(self, imgs: Any, scales: Any, method: str):
         """Checked (scales, method, images, whether a list was given); the images not decoded
         yet (see `decoded_chunks`)."""
-        scales = self.check_scales(scales)
         if method not in METHODS:
             raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        scales = self.check_scales(scales, method=method)
         many = isinstance(imgs, (list, tuple))
         return scales, method, list(imgs) if many else [imgs], many
 

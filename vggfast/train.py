@@ -239,8 +239,17 @@ def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # turned 90 degrees
-                w, h = h, w
+            if oriented:
+                try:
+                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
+                except Exception:  # noqa: BLE001 - broken EXIF: load_image keeps the stored way
+                    # up, unless the pixels do not decode either (a PNG's getexif decodes them:
+                    # one cut short fails here), which the outer guard reports as load_image would
+                    with Image.open(path) as again:
+                        again.load()
+                    turned = False
+                if turned:
+                    w, h = h, w
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (libavif, struct, zlib)
