@@ -347,3 +347,37 @@ def test_both_paths_compute_on_the_inputs_device(tv16):
     fx.requires_grad_(True)
     fx(x)["relu2_2"].sum().backward()
     assert fx.conv1_1_weight.grad is not None and fx.conv1_1_weight.grad.device.type == "cuda"
+
+
+def _replica(fx):
+    """What nn.DataParallel's replicate() makes of a module on each forward (it needs 2+ GPUs
+    itself): a shallow copy whose parameters are fresh copies of the module's."""
+    r = fx._replicate_for_data_parallel()
+    for name, p in fx._parameters.items():
+        setattr(r, name, p.detach().clone())   # as replicate() does: plain tensors, not Parameters
+    return r
+
+
+def test_data_parallel_replicas_reuse_the_engines_and_follow_the_weights(tv16, monkeypatch):
+    """Replicas used to rebuild every fast engine (weights copied to the CPU, packed again) on
+    every forward, as their fresh parameter copies looked like changed weights; they now use the
+    engines of the module they copy, which still follow its parameters."""
+    from vggfast import engine as engine_mod
+    fx = FeatureExtractor({f"features.{k}": v for k, v in tv16.state_dict().items()},
+                          layers=["relu2_2"])
+    x = torch.randn(2, 3, 36, 40)
+    with torch.no_grad():
+        want = fx(x)["relu2_2"]
+    built = []
+    real = engine_mod.Engine.__init__
+    monkeypatch.setattr(engine_mod.Engine, "__init__",
+                        lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(_replica(fx)(x)["relu2_2"], want, rtol=0, atol=0)
+        assert built == []
+        fx.conv1_1_weight.mul_(2)          # an optimiser step on the module DataParallel wraps
+        changed = _replica(fx)(x)["relu2_2"]
+    assert len(built) == 1 and not torch.allclose(changed, want)
+    with torch.no_grad():
+        torch.testing.assert_close(changed, fx(x)["relu2_2"], rtol=0, atol=0)

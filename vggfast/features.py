@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import sys
+import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -220,10 +222,23 @@ class FeatureExtractor(nn.Module):
                 w.state_dict[key].to(eng.device, copy=True), requires_grad=False))
         self._weights = w
         self._synced = self._param_signature()
+        self._init_shared()
+
+    def _init_shared(self) -> None:
+        # nn.DataParallel runs shallow copies of this module (replicas, one per GPU, made again
+        # every forward) whose parameters are fresh copies: the fast path of a replica uses the
+        # engines of the module it was copied from, which checks its own parameters, instead of
+        # rebuilding every engine on every call. Replicas run in threads: one lock guards them.
+        self._origin = weakref.ref(self)
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         # the engines hold compiled kernels and C++ plans: not copied, rebuilt when next needed
-        return {**self.__dict__, "_engines": {}}
+        return {**self.__dict__, "_engines": {}, "_origin": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._init_shared()
 
     def _param_signature(self) -> tuple:
         """What identifies the parameters' current values: storage, in-place version, dtype."""
@@ -295,8 +310,12 @@ class FeatureExtractor(nn.Module):
             out = dense_forward(params, self.spec, x.to(cdt), self.layers)
             out = {k: v.to(out_dtype) for k, v in out.items()}
         else:
-            self._sync_fast_weights()
-            out = self._fast_engine(x.device, fast_dtype)._backend.run(x, self.layers)
+            owner = self._origin() if getattr(self, "_is_replica", False) else self
+            owner = owner if owner is not None else self
+            with owner._lock:
+                owner._sync_fast_weights()
+                engine = owner._fast_engine(x.device, fast_dtype)
+            out = engine._backend.run(x, self.layers)
             out = {k: v.to(x.device, out_dtype) for k, v in out.items()}
         return {t: out[t] for t in self.layers}
 
