@@ -552,3 +552,23 @@ def test_an_unreadable_image_of_a_list_is_named_by_its_index(eng, tmp_path, monk
     with pytest.raises(ImageError, match="^float image values") as err:   # one image: as it was
         eng.classify(IMG.astype(np.float32), scales=32)
     assert err.value.image is None
+
+
+# -- found by the image-inputs audit ---------------------------------------------------------------
+
+def test_cli_prints_a_file_name_its_stdout_cannot_encode(tmp_path, weights_file, monkeypatch):
+    """A photo whose file name is not UTF-8 (Python reads it with lone surrogates) was
+    classified, then printing its name ended the command with a UnicodeEncodeError traceback
+    under a strict UTF-8 stdout (en_US.UTF-8 terminals; C.UTF-8 happens to escape it)."""
+    import io
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")                      # Latin-1 bytes, not UTF-8
+    Image.fromarray(IMG).save(folder / name)
+    buf = io.BytesIO()
+    out = io.TextIOWrapper(buf, encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["classify", str(folder), "--weights", weights_file, "--scales", "32"]) == 0
+    out.flush()
+    assert f"{folder}/caf\\udce9.png\n" in buf.getvalue().decode()
+    assert out.errors == "strict"                            # the caller's stream as it was

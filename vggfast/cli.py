@@ -279,6 +279,25 @@ def _pil_quiet():
             log.propagate = propagate
 
 
+@contextlib.contextmanager
+def _printable_stdout():
+    """Results name their files on stdout; a name the terminal's encoding cannot show (a file
+    name that is not UTF-8, read by Python as lone surrogates, under a strict en_US.UTF-8
+    stdout) is printed with backslash escapes, as the one-line errors on stderr print it,
+    rather than ending the command with a UnicodeEncodeError traceback after the work."""
+    out = sys.stdout
+    errors = getattr(out, "errors", None)
+    fix = errors == "strict" and callable(getattr(out, "reconfigure", None))
+    if fix:
+        out.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if fix:   # its flush fails on a closed pipe, which main reports (or not) itself
+            with contextlib.suppress(OSError, ValueError):
+                out.reconfigure(errors=errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -287,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        with _pil_quiet():
+        with _pil_quiet(), _printable_stdout():
             code = int(args.func(args) or 0)
         sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
         return code
