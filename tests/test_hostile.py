@@ -2,6 +2,7 @@
 `VGGFastError` (exit 2 on the command line), never a traceback, a hang or a silent wrong answer."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -572,3 +573,36 @@ def test_cli_prints_a_file_name_its_stdout_cannot_encode(tmp_path, weights_file,
     out.flush()
     assert f"{folder}/caf\\udce9.png\n" in buf.getvalue().decode()
     assert out.errors == "strict"                            # the caller's stream as it was
+
+
+def test_file_objects_are_named_and_any_read_failure_is_an_image_error(tmp_path):
+    """A zip member whose bytes fail their CRC raised zipfile.BadZipFile through load_image (a
+    traceback: only OSError and ValueError were caught); a file object's errors said "<bytes>"
+    where it has a name; an empty file, upload or pipe was "not an image file PIL can read"."""
+    import io
+    import zipfile
+    path = tmp_path / "a.png"
+    Image.fromarray(IMG).save(path)
+    data = path.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("in/a.png", data)
+    raw = bytearray(buf.getvalue())
+    raw[raw.find(b"IDAT") + 10] ^= 0xFF                   # the member no longer matches its CRC
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as z, z.open("in/a.png") as member:
+        with pytest.raises(ImageError, match=r"^could not read the image from in/a\.png "
+                                             r"\(ZipExtFile\): Bad CRC-32"):
+            pp.load_image(member)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[:len(data) // 2])
+    with open(cut, "rb") as f:
+        with pytest.raises(ImageError, match=f"^{re.escape(str(cut))}: corrupt or truncated image"):
+            pp.load_image(f)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with open(empty, "rb") as f:
+        for src, name in ((empty, str(empty)), (str(empty), str(empty)), (f, str(empty)),
+                          (b"", "<bytes>"), (io.BytesIO(b""), "<bytes>")):
+            with pytest.raises(ImageError, match="empty \\(0 bytes\\), not an image file") as err:
+                pp.load_image(src)
+            assert str(err.value).startswith(f"{name}: "), err.value

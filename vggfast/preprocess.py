@@ -87,7 +87,7 @@ def load_image(src) -> torch.Tensor:
     elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         x = _from_file(src)
     elif callable(getattr(src, "read", None)):
-        x = _from_file(_read_stream(src))
+        x = _from_file(_read_stream(src), _stream_name(src))
     else:
         from PIL import Image
         if isinstance(src, Image.Image):
@@ -121,28 +121,42 @@ def _quiet_pil():
         yield
 
 
+def _stream_name(f) -> str:
+    """What errors call a file object's image: its file name where it has one (an open file, a
+    zip member, "<stdin>"), else "<bytes>" as for encoded bytes."""
+    name = getattr(f, "name", None)
+    return name if isinstance(name, str) and name else "<bytes>"
+
+
 def _read_stream(f) -> bytes:
     """The bytes of a file object from its position on: read whole, so PIL's lazy decoding never
     depends on a stream the caller may close or move."""
     try:
         data = f.read()
-    except (OSError, ValueError) as exc:     # a closed file, a socket reset
-        why = (str(exc) or type(exc).__name__).splitlines()[0][:160]
-        raise ImageError(f"could not read the image from {type(f).__name__}: {why}")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a closed file, a socket reset, a zip member's
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:160]   # bad CRC (BadZipFile)
+        name = _stream_name(f)
+        what = type(f).__name__ if name == "<bytes>" else f"{name} ({type(f).__name__})"
+        raise ImageError(f"could not read the image from {what}: {why}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"{type(f).__name__} gave {type(data).__name__}, not bytes: open image "
                          "files in binary mode ('rb')")
     return data
 
 
-def _from_file(src) -> torch.Tensor:
+def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     from PIL import Image
     encoded = isinstance(src, (bytes, bytearray, memoryview))
-    name = "<bytes>" if encoded else os.fspath(src)
+    name = name if encoded else os.fspath(src)
     if not encoded and not os.path.isfile(name):
         if os.path.isdir(name):
             raise ImageError(f"{name} is a folder, not an image file")
         raise ImageError(f"image not found: {name}")
+    # said apart from undecodable bytes: an empty upload or pipe is a different mistake
+    if (memoryview(src).nbytes if encoded else _file_size(name)) == 0:
+        raise ImageError(f"{name}: empty (0 bytes), not an image file")
     try:
         with _quiet_pil():
             im = Image.open(io.BytesIO(src) if encoded else name)
@@ -155,6 +169,13 @@ def _from_file(src) -> torch.Tensor:
             return _from_pil(im)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}")
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:     # gone since: Image.open says so
+        return None
 
 
 def _decode_failure(exc: Exception) -> ImageError:
