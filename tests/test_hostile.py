@@ -606,3 +606,27 @@ def test_file_objects_are_named_and_any_read_failure_is_an_image_error(tmp_path)
             with pytest.raises(ImageError, match="empty \\(0 bytes\\), not an image file") as err:
                 pp.load_image(src)
             assert str(err.value).startswith(f"{name}: "), err.value
+
+
+def test_paths_that_are_no_file_and_files_the_system_cannot_read(tmp_path, eng, monkeypatch):
+    """/dev/null and a FIFO exist but were "image not found" (a FIFO must still not be opened:
+    that waits for a writer); an empty path quoted nothing ("image not found: "); a file the
+    system cannot read (permission denied, an I/O error) was "corrupt or truncated"."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for src in (os.devnull, fifo):
+        with pytest.raises(ImageError, match=f"^{re.escape(os.fspath(src))} is not a regular "
+                                             "file \\(a device, pipe or socket\\)"):
+            pp.load_image(src)
+    for call in (lambda: pp.load_image(""), lambda: eng.classify(["", IMG], scales=32)):
+        with pytest.raises(ImageError, match="an empty path is not an image file$"):
+            call()
+    path = tmp_path / "locked.png"
+    Image.fromarray(IMG).save(path)
+
+    def refuse(fp, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(fp))  # as open() does, even as root
+    monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(ImageError, match=f"^{re.escape(str(path))}: cannot read the file "
+                                         r"\(Permission denied\)$"):
+        pp.load_image(path)

@@ -98,7 +98,7 @@ def decoded_chunks(items: Sequence[Any]) -> Iterable[tuple[int, list[torch.Tenso
     anything is decoded, so a typo late in a long list fails at once."""
     for k, i in enumerate(items):
         if isinstance(i, (str, os.PathLike)) and not os.path.exists(i):
-            raise _of_image(ImageError(f"image not found: {os.fspath(i)}"), k, len(items))
+            raise _of_image(pp.not_found(i), k, len(items))
     size = CHUNK_IMAGES
     for start in range(0, len(items), size):
         yield start, [load_item(items, k) for k in range(start, min(start + size, len(items)))]

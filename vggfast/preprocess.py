@@ -153,7 +153,10 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     if not encoded and not os.path.isfile(name):
         if os.path.isdir(name):
             raise ImageError(f"{name} is a folder, not an image file")
-        raise ImageError(f"image not found: {name}")
+        if os.path.exists(name):   # never opened: a FIFO's open would wait for a writer
+            raise ImageError(f"{name} is not a regular file (a device, pipe or socket); pass "
+                             "an image file, or its bytes")
+        raise not_found(name)
     # said apart from undecodable bytes: an empty upload or pipe is a different mistake
     if (memoryview(src).nbytes if encoded else _file_size(name)) == 0:
         raise ImageError(f"{name}: empty (0 bytes), not an image file")
@@ -169,6 +172,12 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
             return _from_pil(im)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}")
+
+
+def not_found(path: str | os.PathLike) -> ImageError:
+    """The ImageError for a path to nothing (a path of "" would quote nothing)."""
+    path = os.fspath(path)
+    return ImageError(f"image not found: {path}" if path else "an empty path is not an image file")
 
 
 def _file_size(path: str) -> int | None:
@@ -187,6 +196,8 @@ def _decode_failure(exc: Exception) -> ImageError:
                           "if the file is trusted")
     if isinstance(exc, UnidentifiedImageError):
         return ImageError("not an image file PIL can read")
+    if isinstance(exc, OSError) and exc.errno is not None:   # the system's, not a decoder's:
+        return ImageError(f"cannot read the file ({exc.strerror})")   # the bytes may be fine
     first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
     return ImageError(f"corrupt or truncated image ({first})")
 
