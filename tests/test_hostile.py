@@ -630,3 +630,21 @@ def test_paths_that_are_no_file_and_files_the_system_cannot_read(tmp_path, eng, 
     with pytest.raises(ImageError, match=f"^{re.escape(str(path))}: cannot read the file "
                                          r"\(Permission denied\)$"):
         pp.load_image(path)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_subclasses_strided_buffers_and_nan_arrays():
+    """np.matrix (an ndarray) raised numpy's ValueError from deep inside the conversion; a
+    strided memoryview of a good file was "corrupt or truncated"; a NaN numpy array was called
+    an "image tensor"."""
+    gray = IMG[..., 0]
+    want = pp.load_image(gray)
+    assert torch.equal(pp.load_image(np.matrix(gray)), want)
+    assert torch.equal(pp.load_image(np.ma.masked_array(gray)), want)
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(IMG).save(buf, "PNG")
+    doubled = np.repeat(np.frombuffer(buf.getvalue(), np.uint8), 2)   # every byte twice
+    assert torch.equal(pp.load_image(memoryview(doubled)[::2]), pp.load_image(IMG))
+    with pytest.raises(ImageError, match="^float image contains NaN or infinite values$"):
+        pp.load_image(np.full((20, 20, 3), np.nan, np.float32))

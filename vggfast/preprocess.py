@@ -160,6 +160,8 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     # said apart from undecodable bytes: an empty upload or pipe is a different mistake
     if (memoryview(src).nbytes if encoded else _file_size(name)) == 0:
         raise ImageError(f"{name}: empty (0 bytes), not an image file")
+    if isinstance(src, memoryview) and not src.c_contiguous:   # BytesIO takes no strides
+        src = src.tobytes()
     try:
         with _quiet_pil():
             im = Image.open(io.BytesIO(src) if encoded else name)
@@ -242,6 +244,7 @@ def _gray_float(a: np.ndarray) -> torch.Tensor:
 
 
 def _from_array(a: np.ndarray) -> torch.Tensor:
+    a = np.asarray(a)  # subclasses index their own way: np.matrix stays 2-D under a[:, :, None]
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
@@ -283,7 +286,7 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         t = t.to(torch.float32)
         if not torch.isfinite(t).all():
-            raise ImageError("image tensor contains NaN or infinite values")
+            raise ImageError("float image contains NaN or infinite values")  # numpy's too
         if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
             raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
                              f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
