@@ -648,3 +648,20 @@ def test_array_subclasses_strided_buffers_and_nan_arrays():
     assert torch.equal(pp.load_image(memoryview(doubled)[::2]), pp.load_image(IMG))
     with pytest.raises(ImageError, match="^float image contains NaN or infinite values$"):
         pp.load_image(np.full((20, 20, 3), np.nan, np.float32))
+
+
+def test_postscript_named_as_a_photo_is_not_handed_to_ghostscript(tmp_path, monkeypatch):
+    """PIL identifies files by content: PostScript in "photo.jpg" opened as EPS and its load ran
+    Ghostscript on the file's program wherever gs is installed (here, without gs, it was a
+    "corrupt or truncated image")."""
+    from PIL import EpsImagePlugin
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 20\nshowpage\n"
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(eps)
+    for src, name in ((path, str(path)), (eps, "<bytes>")):
+        with pytest.raises(ImageError, match=f"^{re.escape(name)}: EPS \\(PostScript\\) is not "
+                                             "decoded"):
+            pp.load_image(src)
+    assert ran == []

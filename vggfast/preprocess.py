@@ -170,6 +170,12 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
         raise ImageError(f"{name}: {_decode_failure(exc)}")
     with im:
+        # PIL knows a file by its bytes, not its name: a "photo.jpg" holding PostScript opens as
+        # EPS, and decoding it hands the file's program to Ghostscript (a full interpreter, with
+        # a history of sandbox escapes) where one is installed. Opening read the header only.
+        if im.format == "EPS":
+            raise ImageError(f"{name}: EPS (PostScript) is not decoded, that would run the "
+                             "file's code in Ghostscript; convert it to PNG first")
         try:
             return _from_pil(im)
         except ImageError as exc:
