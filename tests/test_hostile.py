@@ -339,7 +339,7 @@ def test_overflowing_weights_are_an_error_not_nan_probabilities():
 
 
 def test_logits_refuse_tensors_without_values(eng):
-    with pytest.raises(ArgumentError, match="dense, with values"):
+    with pytest.raises(ArgumentError, match="dense float tensor .* not a meta tensor$"):
         eng.logits(torch.empty(1, 3, 32, 32, device="meta"))
 
 
@@ -665,3 +665,20 @@ def test_postscript_named_as_a_photo_is_not_handed_to_ghostscript(tmp_path, monk
                                              "decoded"):
             pp.load_image(src)
     assert ran == []
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_feature_extractor_and_logits_refuse_tensors_without_a_dense_shape(sd, eng):
+    """FeatureExtractor let sparse and meta tensors through to PyTorch's RuntimeErrors (logits
+    refused them), and both asked a nested tensor for its shape first, which raises; the
+    refusals now say what was given."""
+    fx = vggfast.FeatureExtractor(sd, layers=["relu2_1"])
+    nested = torch.nested.nested_tensor([torch.rand(3, 40, 50), torch.rand(3, 40, 40)])
+    for x, got in [(torch.rand(1, 3, 40, 50).to_sparse(), "a sparse_coo tensor"),
+                   (torch.empty(1, 3, 40, 50, device="meta"), "a meta tensor"),
+                   (nested, "a nested tensor"), (torch.rand(3, 40, 50), r"float32 \[3, 40, 50\]"),
+                   (IMG, "ndarray")]:
+        for call in (fx, eng.logits):
+            with pytest.raises(ArgumentError, match=f"expects a dense float tensor \\[N, 3, H, W\\]"
+                                                    f", already normalised, not {got}$"):
+                call(x)

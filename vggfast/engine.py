@@ -195,6 +195,23 @@ class Result:
         return f"Result(top=[{top}]{scales}{methods}{models})"
 
 
+def check_nchw(x: Any, who: str) -> None:
+    """ArgumentError unless x is a dense float tensor [N, 3, H, W] holding values (what logits
+    and FeatureExtractor take), saying what x is. A nested tensor has no shape to ask for (its
+    .shape raises a RuntimeError), so the kind of tensor is tested before its shape."""
+    if not isinstance(x, torch.Tensor):
+        got = type(x).__name__
+    elif x.is_nested or x.layout != torch.strided or x.is_meta:
+        got = "a nested tensor" if x.is_nested else "a meta tensor" if x.is_meta else \
+            f"a {str(x.layout).replace('torch.', '')} tensor"
+    elif x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        got = f"{str(x.dtype).replace('torch.', '')} {list(x.shape)}"
+    else:
+        return
+    raise ArgumentError(f"{who} expects a dense float tensor [N, 3, H, W], already normalised, "
+                        f"not {got}")
+
+
 def check_finite(t: torch.Tensor, engine: "Engine", what: str) -> torch.Tensor:
     """`t` (the network's outputs) unless some value is NaN or infinite: finite weights whose
     products overflow the compute dtype, or an input the checks let through."""
@@ -538,11 +555,7 @@ class Engine:
         Equals torchvision's forward: features, adaptive average pool to (image_size/32)^2, then
         the classifier (fc layers applied as convs on the pooled map).
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
-                or not x.is_floating_point() or x.layout != torch.strided or x.is_meta \
-                or x.is_nested:
-            raise ArgumentError("logits expects a float tensor [N, 3, H, W] already normalised "
-                                "(dense, with values)")
+        check_nchw(x, "logits")
         h, w = x.shape[-2:]
         if min(h, w) < 32:
             raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")

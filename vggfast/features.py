@@ -265,10 +265,8 @@ class FeatureExtractor(nn.Module):
         return self._engines[key]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from .engine import check_memory
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
-                or not x.is_floating_point():
-            raise ArgumentError("FeatureExtractor expects a float tensor [N, 3, H, W], normalised")
+        from .engine import check_memory, check_nchw
+        check_nchw(x, "FeatureExtractor")   # sparse, meta, nested: PyTorch's RuntimeErrors before
         lo = self._min_side
         if min(x.shape[-2:]) < lo:
             raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for "
