@@ -682,3 +682,16 @@ def test_feature_extractor_and_logits_refuse_tensors_without_a_dense_shape(sd, e
             with pytest.raises(ArgumentError, match=f"expects a dense float tensor \\[N, 3, H, W\\]"
                                                     f", already normalised, not {got}$"):
                 call(x)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_of_images_is_refused_with_the_list_to_pass(eng, layout):
+    """A nested tensor (a natural holder of images of different sizes) raised PyTorch's
+    "NestedTensorImpl doesn't support sizes" RuntimeError from load_image."""
+    nt = torch.nested.nested_tensor([torch.rand(3, 40, 50), torch.rand(3, 40, 40)], layout=layout)
+    for call in (lambda: pp.load_image(nt), lambda: eng.classify(nt, scales=32)):
+        with pytest.raises(ImageError, match=r"^a nested tensor is not one image; pass its "
+                                             r"images as a list, list\(t.unbind\(\)\)$"):
+            call()
+    assert len(eng.classify(list(nt.unbind()), scales=32)) == 2

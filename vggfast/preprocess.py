@@ -272,6 +272,9 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
 
 
 def _from_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.is_nested:  # strided ones have no .shape to check (it raises): images of many sizes
+        raise ImageError("a nested tensor is not one image; pass its images as a list, "
+                         "list(t.unbind())")
     if t.layout != torch.strided or t.is_meta:
         raise ImageError(f"a tensor image must be a dense tensor holding data, not "
                          f"{'a meta tensor' if t.is_meta else t.layout}")
