@@ -695,3 +695,18 @@ def test_a_nested_tensor_of_images_is_refused_with_the_list_to_pass(eng, layout)
                                              r"images as a list, list\(t.unbind\(\)\)$"):
             call()
     assert len(eng.classify(list(nt.unbind()), scales=32)) == 2
+
+
+def test_a_path_given_as_bytes_says_to_pass_the_path(tmp_path):
+    """bytes are an encoded image (a path is a str or os.PathLike): os.fsencode(path) or a name
+    from os.listdir(b".") was "not an image file PIL can read", as if the photo were bad."""
+    import io
+    path = tmp_path / "cat.png"
+    Image.fromarray(IMG).save(path)
+    for src in (os.fsencode(path), bytearray(os.fsencode(path)), io.BytesIO(os.fsencode(path))):
+        with pytest.raises(ImageError, match=f"^<bytes>: these bytes are no image but a file's "
+                                             f"path; .* pass the path itself \\(a str\\): "
+                                             f"{re.escape(str(path))}$"):
+            pp.load_image(src)
+    with pytest.raises(ImageError, match="^<bytes>: not an image file PIL can read$"):
+        pp.load_image(os.fsencode(tmp_path / "absent.png"))

@@ -168,6 +168,10 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        if encoded and _names_a_file(src):   # os.fsencode(path), bytes from os.listdir(b".")
+            raise ImageError(f"{name}: these bytes are no image but a file's path; bytes are "
+                             f"read as an encoded image, so pass the path itself (a str): "
+                             f"{os.fsdecode(bytes(src))}")
         raise ImageError(f"{name}: {_decode_failure(exc)}")
     with im:
         # PIL knows a file by its bytes, not its name: a "photo.jpg" holding PostScript opens as
@@ -180,6 +184,12 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
             return _from_pil(im)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}")
+
+
+def _names_a_file(data) -> bool:
+    """Whether bytes that are no image are the path of a file (short, no NUL, there)."""
+    data = bytes(data[:4097])
+    return len(data) <= 4096 and b"\0" not in data and os.path.isfile(data)
 
 
 def not_found(path: str | os.PathLike) -> ImageError:
