@@ -11,7 +11,8 @@ Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK
 "HSV" go through PIL's RGB conversion. Alpha ("RGBA", "LA", "PA", palette transparency) is
 dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colour under a
 transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
-[0, 1] when its maximum is at most 1, else as 0-255; values outside the range are clipped.
+[0, 1] when its maximum is at most 1 (+ FLOAT_SLACK, rounding), else as 0-255; values outside
+the range are clipped.
 Multi-frame files (animated GIF, WebP and PNG, multi-page TIFF, MPO) use their first frame, an
 ICO its largest image. PIL's decompression-bomb guard stays on: an image over twice
 `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError; below that PIL's
@@ -38,6 +39,9 @@ import torch.nn.functional as F
 from .errors import ArgumentError, ImageError
 
 MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refused
+# How far float RGB may stray outside [0, 1] and still be read as [0, 1] (clamped): rounding in
+# the arithmetic that made it (a colour conversion's 1.0000001), not a different scale.
+FLOAT_SLACK = 1e-3
 # Files a folder of images is listed by (classify/extract/evaluate/train): torchvision's
 # ImageFolder extensions plus the other photo formats Pillow decodes (AVIF, JPEG 2000, ICO, ...).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".tif",
@@ -241,7 +245,7 @@ def _from_pil(im) -> torch.Tensor:
         a = np.asarray(im, dtype=np.float32)
         if not np.isfinite(a).all():
             raise ImageError("float image contains NaN or infinite values")
-        if a.size and a.max() > 1.0:
+        if a.size and a.max() > 1.0 + FLOAT_SLACK:   # 0-255; a 1.0000001 is [0, 1] rounded
             a = a / 255.0
         return _gray_float(a)
     if mode != "RGB":
@@ -306,7 +310,7 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
         t = t.to(torch.float32)
         if not torch.isfinite(t).all():
             raise ImageError("float image contains NaN or infinite values")  # numpy's too
-        if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
+        if t.numel() and (t.min() < -FLOAT_SLACK or t.max() > 1 + FLOAT_SLACK):
             raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
                              f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
         return t.clamp(0, 1).contiguous()
