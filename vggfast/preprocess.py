@@ -16,7 +16,8 @@ the range are clipped.
 Multi-frame files (animated GIF, WebP and PNG, multi-page TIFF, MPO) use their first frame, an
 ICO its largest image. PIL's decompression-bomb guard stays on: an image over twice
 `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError; below that PIL's
-warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
+warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused, and so are EPS
+files (PostScript, whatever their name), which PIL decodes by running them in Ghostscript.
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
