@@ -288,12 +288,15 @@ def _printable_stdout():
     out = sys.stdout
     errors = getattr(out, "errors", None)
     fix = errors == "strict" and callable(getattr(out, "reconfigure", None))
-    if fix:
-        out.reconfigure(errors="backslashreplace")
+    try:
+        if fix:   # its flush fails on a closed pipe or file: that shows (or not) where it did
+            out.reconfigure(errors="backslashreplace")
+    except (OSError, ValueError):
+        fix = False
     try:
         yield
     finally:
-        if fix:   # its flush fails on a closed pipe, which main reports (or not) itself
+        if fix:
             with contextlib.suppress(OSError, ValueError):
                 out.reconfigure(errors=errors)
 
