@@ -710,3 +710,21 @@ def test_a_path_given_as_bytes_says_to_pass_the_path(tmp_path):
             pp.load_image(src)
     with pytest.raises(ImageError, match="^<bytes>: not an image file PIL can read$"):
         pp.load_image(os.fsencode(tmp_path / "absent.png"))
+
+
+def test_a_bytes_path_like_is_named_as_a_str(tmp_path):
+    """os.scandir(b".") gives path-likes whose path is bytes: they were read, but their errors
+    quoted the path as b'...'."""
+    (tmp_path / "bad.png").write_text("not a photo")
+    Image.fromarray(IMG).save(tmp_path / "good.png")
+    entries = {e.name: e for e in os.scandir(os.fsencode(tmp_path))}
+    assert torch.equal(pp.load_image(entries[b"good.png"]), pp.load_image(IMG))
+    with pytest.raises(ImageError, match=f"^{re.escape(str(tmp_path / 'bad.png'))}: not an "
+                                         "image file PIL can read$"):
+        pp.load_image(entries[b"bad.png"])
+
+    class Missing:
+        def __fspath__(self):
+            return os.fsencode(tmp_path / "none.png")
+    with pytest.raises(ImageError, match=f"^image not found: {re.escape(str(tmp_path))}"):
+        pp.load_image(Missing())

@@ -155,7 +155,7 @@ def naming_images(items: Sequence[Any], start: int):
             raise
         k = start + exc.image
         path = items[k] if isinstance(items[k], (str, os.PathLike)) else None
-        who = f"{os.fspath(path)} (image {k})" if path is not None else f"image {k}"
+        who = f"{os.fsdecode(path)} (image {k})" if path is not None else f"image {k}"
         err = type(exc)(f"{who} {exc.reason}")
         err.image, err.reason = k, exc.reason
         raise err from None

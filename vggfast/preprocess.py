@@ -102,7 +102,7 @@ def load_image(src) -> torch.Tensor:
                              f"numpy array or a tensor, not {type(src).__name__}")
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIDE:
-        where = f"{os.fspath(src)}: " if isinstance(src, (str, os.PathLike)) else ""
+        where = f"{os.fsdecode(src)}: " if isinstance(src, (str, os.PathLike)) else ""
         raise ImageError(f"{where}image is {w}x{h} pixels; both sides must be at least "
                          f"{MIN_SIDE}")
     return x
@@ -154,7 +154,8 @@ def _read_stream(f) -> bytes:
 def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     from PIL import Image
     encoded = isinstance(src, (bytes, bytearray, memoryview))
-    name = name if encoded else os.fspath(src)
+    # a str even for a bytes path-like (os.scandir(b".")'s entries): errors quote no b'...'
+    name = name if encoded else os.fsdecode(src)
     if not encoded and not os.path.isfile(name):
         if os.path.isdir(name):
             raise ImageError(f"{name} is a folder, not an image file")
@@ -199,7 +200,7 @@ def _names_a_file(data) -> bool:
 
 def not_found(path: str | os.PathLike) -> ImageError:
     """The ImageError for a path to nothing (a path of "" would quote nothing)."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     return ImageError(f"image not found: {path}" if path else "an empty path is not an image file")
 
 
