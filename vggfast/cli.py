@@ -273,10 +273,41 @@ def _pil_quiet():
         log.addHandler(sink)
         log.propagate = False
         try:
-            yield
+            with _libtiff_quiet():
+                yield
         finally:
             log.removeHandler(sink)
             log.propagate = propagate
+
+
+@contextlib.contextmanager
+def _libtiff_quiet():
+    """libtiff's own messages silenced: it writes them to stderr itself, from C ("ZSTDDecode:
+    Error in ZSTD_decompressStream()..."), a line beside the one-line error of every damaged
+    TIFF; PIL still raises. Pillow offers no switch, so its libtiff's handlers are set to NULL
+    (libtiff's documented way to suppress them) through ctypes, where the library can be found
+    among the process's mappings (Linux); elsewhere the messages still show."""
+    lib = None
+    try:
+        from PIL import Image  # noqa: F401 - loads PIL's C module, and libtiff with it
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "/libtiff" in line})
+        if paths:
+            import ctypes
+            lib = ctypes.CDLL(paths[0])
+            for fn in (lib.TIFFSetErrorHandler, lib.TIFFSetWarningHandler):
+                fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    except (OSError, AttributeError, ImportError):
+        lib = None
+    if lib is None:
+        yield
+        return
+    old = lib.TIFFSetErrorHandler(None), lib.TIFFSetWarningHandler(None)
+    try:
+        yield
+    finally:
+        lib.TIFFSetErrorHandler(old[0])
+        lib.TIFFSetWarningHandler(old[1])
 
 
 @contextlib.contextmanager
