@@ -194,3 +194,38 @@ def test_a_write_error_is_one_line_and_leaves_no_temporary_file(weights, folder,
     assert err.count("\n") == 0 and "cannot write" in err and "No space left on device" in err
     assert not list((tmp_path / "f.npy.parts").glob("*.tmp*"))
     assert not (tmp_path / "f.npy.parts" / "r0.lock").exists()
+
+
+def test_file_names_that_are_not_utf8_and_list_files_with_a_bom(weights, tmp_path, samples,
+                                                               capsys):
+    """A photo whose name is not UTF-8 (Linux allows any bytes) ended `extract FOLDER` with a
+    UnicodeEncodeError traceback (the settings hash encoded the names strictly); a list file
+    naming it was refused whole ("'utf-8' codec can't decode"); a list file saved with a
+    byte-order mark lost its first image ("not found: .../\\ufeff/..."), and a UTF-16 one said
+    "can't decode byte 0xff"."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    shutil.copy(samples["cat"], d / odd)
+    shutil.copy(samples["coffee"], d / "b.jpg")
+    want = Engine(weights).features([str(d / odd), str(d / "b.jpg")], layer="pool5", scales=32)
+    args = ["--weights", weights, "--scales", "32", "--layer", "pool5", "--quiet"]
+    assert main(["extract", str(d), "--out", str(tmp_path / "f.npy"), *args]) == 0
+    got = json.loads((tmp_path / "f.json").read_text())
+    assert sorted(got["files"]) == sorted([str(d / odd), str(d / "b.jpg")])
+    lists = {"raw.txt": os.fsencode(d / odd) + b"\n" + os.fsencode(d / "b.jpg") + b"\n",
+             "bom.txt": b"\xef\xbb\xbf" + f"{d / odd}\n{d / 'b.jpg'}\n".encode("utf-8",
+                                                                              "surrogateescape")}
+    for name, data in lists.items():
+        (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"{name}.npy"
+        assert main(["extract", str(tmp_path / name), "--out", str(out), *args]) == 0, name
+        assert json.loads((tmp_path / f"{name}.json").read_text())["files"] == \
+            [str(d / odd), str(d / "b.jpg")]
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), want)
+    (tmp_path / "utf16.txt").write_text(f"{d / 'b.jpg'}\n", encoding="utf-16")
+    capsys.readouterr()
+    assert main(["extract", str(tmp_path / "utf16.txt"), "--out", str(tmp_path / "u.npy"),
+                 *args]) == 2
+    assert capsys.readouterr().err == (f"vggfast: error: the file list {tmp_path / 'utf16.txt'} "
+                                       "is not UTF-8 text (one path per line)\n")

@@ -2,6 +2,7 @@
 `VGGFastError` (exit 2 on the command line), never a traceback, a hang or a silent wrong answer."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -338,7 +339,7 @@ def test_overflowing_weights_are_an_error_not_nan_probabilities():
 
 
 def test_logits_refuse_tensors_without_values(eng):
-    with pytest.raises(ArgumentError, match="dense, with values"):
+    with pytest.raises(ArgumentError, match="dense float tensor .* not a meta tensor$"):
         eng.logits(torch.empty(1, 3, 32, 32, device="meta"))
 
 
@@ -552,3 +553,206 @@ def test_an_unreadable_image_of_a_list_is_named_by_its_index(eng, tmp_path, monk
     with pytest.raises(ImageError, match="^float image values") as err:   # one image: as it was
         eng.classify(IMG.astype(np.float32), scales=32)
     assert err.value.image is None
+
+
+# -- found by the image-inputs audit ---------------------------------------------------------------
+
+def test_cli_prints_a_file_name_its_stdout_cannot_encode(tmp_path, weights_file, monkeypatch):
+    """A photo whose file name is not UTF-8 (Python reads it with lone surrogates) was
+    classified, then printing its name ended the command with a UnicodeEncodeError traceback
+    under a strict UTF-8 stdout (en_US.UTF-8 terminals; C.UTF-8 happens to escape it)."""
+    import io
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")                      # Latin-1 bytes, not UTF-8
+    Image.fromarray(IMG).save(folder / name)
+    buf = io.BytesIO()
+    out = io.TextIOWrapper(buf, encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["classify", str(folder), "--weights", weights_file, "--scales", "32"]) == 0
+    out.flush()
+    assert f"{folder}/caf\\udce9.png\n" in buf.getvalue().decode()
+    assert out.errors == "strict"                            # the caller's stream as it was
+
+
+def test_file_objects_are_named_and_any_read_failure_is_an_image_error(tmp_path):
+    """A zip member whose bytes fail their CRC raised zipfile.BadZipFile through load_image (a
+    traceback: only OSError and ValueError were caught); a file object's errors said "<bytes>"
+    where it has a name; an empty file, upload or pipe was "not an image file PIL can read"."""
+    import io
+    import zipfile
+    path = tmp_path / "a.png"
+    Image.fromarray(IMG).save(path)
+    data = path.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("in/a.png", data)
+    raw = bytearray(buf.getvalue())
+    raw[raw.find(b"IDAT") + 10] ^= 0xFF                   # the member no longer matches its CRC
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as z, z.open("in/a.png") as member:
+        with pytest.raises(ImageError, match=r"^could not read the image from in/a\.png "
+                                             r"\(ZipExtFile\): Bad CRC-32"):
+            pp.load_image(member)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[:len(data) // 2])
+    with open(cut, "rb") as f:
+        with pytest.raises(ImageError, match=f"^{re.escape(str(cut))}: corrupt or truncated image"):
+            pp.load_image(f)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with open(empty, "rb") as f:
+        for src, name in ((empty, str(empty)), (str(empty), str(empty)), (f, str(empty)),
+                          (b"", "<bytes>"), (io.BytesIO(b""), "<bytes>")):
+            with pytest.raises(ImageError, match="empty \\(0 bytes\\), not an image file") as err:
+                pp.load_image(src)
+            assert str(err.value).startswith(f"{name}: "), err.value
+
+
+def test_paths_that_are_no_file_and_files_the_system_cannot_read(tmp_path, eng, monkeypatch):
+    """/dev/null and a FIFO exist but were "image not found" (a FIFO must still not be opened:
+    that waits for a writer); an empty path quoted nothing ("image not found: "); a file the
+    system cannot read (permission denied, an I/O error) was "corrupt or truncated"."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for src in (os.devnull, fifo):
+        with pytest.raises(ImageError, match=f"^{re.escape(os.fspath(src))} is not a regular "
+                                             "file \\(a device, pipe or socket\\)"):
+            pp.load_image(src)
+    for call in (lambda: pp.load_image(""), lambda: eng.classify(["", IMG], scales=32)):
+        with pytest.raises(ImageError, match="an empty path is not an image file$"):
+            call()
+    path = tmp_path / "locked.png"
+    Image.fromarray(IMG).save(path)
+
+    def refuse(fp, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(fp))  # as open() does, even as root
+    monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(ImageError, match=f"^{re.escape(str(path))}: cannot read the file "
+                                         r"\(Permission denied\)$"):
+        pp.load_image(path)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_subclasses_strided_buffers_and_nan_arrays():
+    """np.matrix (an ndarray) raised numpy's ValueError from deep inside the conversion; a
+    strided memoryview of a good file was "corrupt or truncated"; a NaN numpy array was called
+    an "image tensor"."""
+    gray = IMG[..., 0]
+    want = pp.load_image(gray)
+    assert torch.equal(pp.load_image(np.matrix(gray)), want)
+    assert torch.equal(pp.load_image(np.ma.masked_array(gray)), want)
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(IMG).save(buf, "PNG")
+    doubled = np.repeat(np.frombuffer(buf.getvalue(), np.uint8), 2)   # every byte twice
+    assert torch.equal(pp.load_image(memoryview(doubled)[::2]), pp.load_image(IMG))
+    with pytest.raises(ImageError, match="^float image contains NaN or infinite values$"):
+        pp.load_image(np.full((20, 20, 3), np.nan, np.float32))
+
+
+def test_postscript_named_as_a_photo_is_not_handed_to_ghostscript(tmp_path, monkeypatch):
+    """PIL identifies files by content: PostScript in "photo.jpg" opened as EPS and its load ran
+    Ghostscript on the file's program wherever gs is installed (here, without gs, it was a
+    "corrupt or truncated image")."""
+    from PIL import EpsImagePlugin
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 20 20\nshowpage\n"
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(eps)
+    for src, name in ((path, str(path)), (eps, "<bytes>")):
+        with pytest.raises(ImageError, match=f"^{re.escape(name)}: EPS \\(PostScript\\) is not "
+                                             "decoded"):
+            pp.load_image(src)
+    assert ran == []
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_feature_extractor_and_logits_refuse_tensors_without_a_dense_shape(sd, eng):
+    """FeatureExtractor let sparse and meta tensors through to PyTorch's RuntimeErrors (logits
+    refused them), and both asked a nested tensor for its shape first, which raises; the
+    refusals now say what was given."""
+    fx = vggfast.FeatureExtractor(sd, layers=["relu2_1"])
+    nested = torch.nested.nested_tensor([torch.rand(3, 40, 50), torch.rand(3, 40, 40)])
+    for x, got in [(torch.rand(1, 3, 40, 50).to_sparse(), "a sparse_coo tensor"),
+                   (torch.empty(1, 3, 40, 50, device="meta"), "a meta tensor"),
+                   (nested, "a nested tensor"), (torch.rand(3, 40, 50), r"float32 \[3, 40, 50\]"),
+                   (IMG, "ndarray")]:
+        for call in (fx, eng.logits):
+            with pytest.raises(ArgumentError, match=f"expects a dense float tensor \\[N, 3, H, W\\]"
+                                                    f", already normalised, not {got}$"):
+                call(x)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_of_images_is_refused_with_the_list_to_pass(eng, layout):
+    """A nested tensor (a natural holder of images of different sizes) raised PyTorch's
+    "NestedTensorImpl doesn't support sizes" RuntimeError from load_image."""
+    nt = torch.nested.nested_tensor([torch.rand(3, 40, 50), torch.rand(3, 40, 40)], layout=layout)
+    for call in (lambda: pp.load_image(nt), lambda: eng.classify(nt, scales=32)):
+        with pytest.raises(ImageError, match=r"^a nested tensor is not one image; pass its "
+                                             r"images as a list, list\(t.unbind\(\)\)$"):
+            call()
+    assert len(eng.classify(list(nt.unbind()), scales=32)) == 2
+
+
+def test_a_path_given_as_bytes_says_to_pass_the_path(tmp_path):
+    """bytes are an encoded image (a path is a str or os.PathLike): os.fsencode(path) or a name
+    from os.listdir(b".") was "not an image file PIL can read", as if the photo were bad."""
+    import io
+    path = tmp_path / "cat.png"
+    Image.fromarray(IMG).save(path)
+    for src in (os.fsencode(path), bytearray(os.fsencode(path)), io.BytesIO(os.fsencode(path))):
+        with pytest.raises(ImageError, match=f"^<bytes>: these bytes are no image but a file's "
+                                             f"path; .* pass the path itself \\(a str\\): "
+                                             f"{re.escape(str(path))}$"):
+            pp.load_image(src)
+    with pytest.raises(ImageError, match="^<bytes>: not an image file PIL can read$"):
+        pp.load_image(os.fsencode(tmp_path / "absent.png"))
+
+
+def test_a_bytes_path_like_is_named_as_a_str(tmp_path):
+    """os.scandir(b".") gives path-likes whose path is bytes: they were read, but their errors
+    quoted the path as b'...'."""
+    (tmp_path / "bad.png").write_text("not a photo")
+    Image.fromarray(IMG).save(tmp_path / "good.png")
+    entries = {e.name: e for e in os.scandir(os.fsencode(tmp_path))}
+    assert torch.equal(pp.load_image(entries[b"good.png"]), pp.load_image(IMG))
+    with pytest.raises(ImageError, match=f"^{re.escape(str(tmp_path / 'bad.png'))}: not an "
+                                         "image file PIL can read$"):
+        pp.load_image(entries[b"bad.png"])
+
+    class Missing:
+        def __fspath__(self):
+            return os.fsencode(tmp_path / "none.png")
+    with pytest.raises(ImageError, match=f"^image not found: {re.escape(str(tmp_path))}"):
+        pp.load_image(Missing())
+
+
+def test_cli_error_for_a_damaged_tiff_is_one_line_at_the_file_descriptor(tmp_path, weights_file,
+                                                                        capfd):
+    """libtiff writes its own messages to stderr from C ("JPEGLib: Not a JPEG file: starts
+    with 0x80 0x17."), which no Python-level silencing reaches: each damaged TIFF printed that
+    line above the command's one-line error. Good TIFFs, libtiff-compressed, still decode."""
+    import io
+    import struct
+    buf = io.BytesIO()
+    Image.fromarray(IMG).save(buf, "TIFF", compression="tiff_lzw")
+    data = bytearray(buf.getvalue())
+    (tmp_path / "lzw.tiff").write_bytes(bytes(data))
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[at:at + 2])[0] == 259:        # Compression: LZW -> JPEG
+            data[at + 8:at + 10] = struct.pack("<H", 7)
+    (tmp_path / "bad.tiff").write_bytes(bytes(data))
+    capfd.readouterr()
+    assert main(["classify", str(tmp_path / "bad.tiff"), str(tmp_path / "lzw.tiff"),
+                 "--weights", weights_file, "--scales", "32"]) == 2
+    out, err = capfd.readouterr()
+    assert str(tmp_path / "lzw.tiff") in out
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"vggfast: error: {tmp_path / 'bad.tiff'}: corrupt or truncated"), err
+    with pytest.raises(ImageError):      # outside the command line, libtiff is left as it was
+        pp.load_image(tmp_path / "bad.tiff")

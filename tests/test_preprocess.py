@@ -244,3 +244,17 @@ def test_all_eight_exif_orientations_give_the_upright_image(tmp_path, suffix):
             want = want.transpose(step)
         assert torch.equal(load_image(path), torch.from_numpy(np.array(want)).permute(2, 0, 1)), \
             orientation
+
+
+def test_a_float_image_a_rounding_over_one_stays_in_0_1():
+    """An "F" image in [0, 1] whose maximum came out 1.0000001 (float rounding) was read as
+    0-255, so the whole photo turned black (all values / 255); arrays and tensors already
+    allowed that rounding."""
+    a = np.random.default_rng(0).random((20, 30), dtype=np.float32)
+    a[0, 0] = np.float32(1.0000001)
+    want = load_image(a)
+    got = load_image(Image.fromarray(a, "F"))
+    assert float(got.max()) == 1.0 and torch.equal(got, want)
+    a[0, 0] = 1.01                     # past rounding: the 0-255 reading, as before
+    assert torch.allclose(load_image(Image.fromarray(a, "F")), torch.from_numpy(a / 255)[None]
+                          .expand(3, -1, -1))

@@ -530,3 +530,16 @@ def test_cli_defaults_follow_the_task():
     a = parser.parse_args(["train", "--data", "d", "--task", "localize", "--boxes", "b",
                            "--init", "c", "--epochs", "3", "--out", "o"])
     assert (L.options_from_args(a).epochs, L.options_from_args(a).out) == (3, "o")
+
+
+def test_a_skipped_file_whose_name_is_not_utf8_is_listed(tmp_path):
+    """Writing skipped.txt ended the run with a UnicodeEncodeError when a skipped file's name
+    was not UTF-8 (Python holds it with lone surrogates); it is listed as the system spells it."""
+    data = make_folder(tmp_path / "data", n=2)
+    odd = os.fsencode(data / "cat") + b"/caf\xe9.jpg"
+    with open(odd, "wb") as f:
+        f.write(b"not a jpeg")
+    r = T.fit(T.TrainOptions(data=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                             **TINY))
+    assert [p for p, _ in r.skipped] == [os.fsdecode(odd)]
+    assert (tmp_path / "run" / "skipped.txt").read_bytes().startswith(odd + b"\t")

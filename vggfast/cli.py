@@ -273,10 +273,63 @@ def _pil_quiet():
         log.addHandler(sink)
         log.propagate = False
         try:
-            yield
+            with _libtiff_quiet():
+                yield
         finally:
             log.removeHandler(sink)
             log.propagate = propagate
+
+
+@contextlib.contextmanager
+def _libtiff_quiet():
+    """libtiff's own messages silenced: it writes them to stderr itself, from C ("ZSTDDecode:
+    Error in ZSTD_decompressStream()..."), a line beside the one-line error of every damaged
+    TIFF; PIL still raises. Pillow offers no switch, so its libtiff's handlers are set to NULL
+    (libtiff's documented way to suppress them) through ctypes, where the library can be found
+    among the process's mappings (Linux); elsewhere the messages still show."""
+    lib = None
+    try:
+        from PIL import Image  # noqa: F401 - loads PIL's C module, and libtiff with it
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "/libtiff" in line})
+        if paths:
+            import ctypes
+            lib = ctypes.CDLL(paths[0])
+            for fn in (lib.TIFFSetErrorHandler, lib.TIFFSetWarningHandler):
+                fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    except (OSError, AttributeError, ImportError):
+        lib = None
+    if lib is None:
+        yield
+        return
+    old = lib.TIFFSetErrorHandler(None), lib.TIFFSetWarningHandler(None)
+    try:
+        yield
+    finally:
+        lib.TIFFSetErrorHandler(old[0])
+        lib.TIFFSetWarningHandler(old[1])
+
+
+@contextlib.contextmanager
+def _printable_stdout():
+    """Results name their files on stdout; a name the terminal's encoding cannot show (a file
+    name that is not UTF-8, read by Python as lone surrogates, under a strict en_US.UTF-8
+    stdout) is printed with backslash escapes, as the one-line errors on stderr print it,
+    rather than ending the command with a UnicodeEncodeError traceback after the work."""
+    out = sys.stdout
+    errors = getattr(out, "errors", None)
+    fix = errors == "strict" and callable(getattr(out, "reconfigure", None))
+    try:
+        if fix:   # its flush fails on a closed pipe or file: that shows (or not) where it did
+            out.reconfigure(errors="backslashreplace")
+    except (OSError, ValueError):
+        fix = False
+    try:
+        yield
+    finally:
+        if fix:
+            with contextlib.suppress(OSError, ValueError):
+                out.reconfigure(errors=errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        with _pil_quiet():
+        with _pil_quiet(), _printable_stdout():
             code = int(args.func(args) or 0)
         sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
         return code

@@ -98,7 +98,7 @@ def decoded_chunks(items: Sequence[Any]) -> Iterable[tuple[int, list[torch.Tenso
     anything is decoded, so a typo late in a long list fails at once."""
     for k, i in enumerate(items):
         if isinstance(i, (str, os.PathLike)) and not os.path.exists(i):
-            raise _of_image(ImageError(f"image not found: {os.fspath(i)}"), k, len(items))
+            raise _of_image(pp.not_found(i), k, len(items))
     size = CHUNK_IMAGES
     for start in range(0, len(items), size):
         yield start, [load_item(items, k) for k in range(start, min(start + size, len(items)))]
@@ -155,7 +155,7 @@ def naming_images(items: Sequence[Any], start: int):
             raise
         k = start + exc.image
         path = items[k] if isinstance(items[k], (str, os.PathLike)) else None
-        who = f"{os.fspath(path)} (image {k})" if path is not None else f"image {k}"
+        who = f"{os.fsdecode(path)} (image {k})" if path is not None else f"image {k}"
         err = type(exc)(f"{who} {exc.reason}")
         err.image, err.reason = k, exc.reason
         raise err from None
@@ -193,6 +193,23 @@ class Result:
         methods = f", methods={list(self.per_method)}" if self.per_method else ""
         models = f", models={len(self.per_model)}" if self.per_model else ""
         return f"Result(top=[{top}]{scales}{methods}{models})"
+
+
+def check_nchw(x: Any, who: str) -> None:
+    """ArgumentError unless x is a dense float tensor [N, 3, H, W] holding values (what logits
+    and FeatureExtractor take), saying what x is. A nested tensor has no shape to ask for (its
+    .shape raises a RuntimeError), so the kind of tensor is tested before its shape."""
+    if not isinstance(x, torch.Tensor):
+        got = type(x).__name__
+    elif x.is_nested or x.layout != torch.strided or x.is_meta:
+        got = "a nested tensor" if x.is_nested else "a meta tensor" if x.is_meta else \
+            f"a {str(x.layout).replace('torch.', '')} tensor"
+    elif x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        got = f"{str(x.dtype).replace('torch.', '')} {list(x.shape)}"
+    else:
+        return
+    raise ArgumentError(f"{who} expects a dense float tensor [N, 3, H, W], already normalised, "
+                        f"not {got}")
 
 
 def check_finite(t: torch.Tensor, engine: "Engine", what: str) -> torch.Tensor:
@@ -542,11 +559,7 @@ class Engine:
         Equals torchvision's forward: features, adaptive average pool to (image_size/32)^2, then
         the classifier (fc layers applied as convs on the pooled map).
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
-                or not x.is_floating_point() or x.layout != torch.strided or x.is_meta \
-                or x.is_nested:
-            raise ArgumentError("logits expects a float tensor [N, 3, H, W] already normalised "
-                                "(dense, with values)")
+        check_nchw(x, "logits")
         h, w = x.shape[-2:]
         if min(h, w) < 32:
             raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")

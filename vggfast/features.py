@@ -280,10 +280,8 @@ class FeatureExtractor(nn.Module):
         return self._engines[key]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        from .engine import check_memory
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 \
-                or not x.is_floating_point():
-            raise ArgumentError("FeatureExtractor expects a float tensor [N, 3, H, W], normalised")
+        from .engine import check_memory, check_nchw
+        check_nchw(x, "FeatureExtractor")   # sparse, meta, nested: PyTorch's RuntimeErrors before
         lo = self._min_side
         if min(x.shape[-2:]) < lo:
             raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for "
@@ -334,7 +332,13 @@ def list_inputs(src: str | os.PathLike) -> list[str]:
             raise ArgumentError(f"{src} is an image; extract takes a folder of images or a text "
                                 "file listing one image path per line")
         try:
-            lines = p.read_text().splitlines()
+            data = p.read_bytes()
+            if b"\0" in data:   # UTF-16 (an editor's "Unicode"), or not text at all
+                raise ArgumentError(f"the file list {p} is not UTF-8 text (one path per line)")
+            # decoded as the system decodes file names: a path that is not UTF-8 (any bytes on
+            # Linux; `find > list.txt` writes them) names the file a folder listing names, and
+            # an editor's byte-order mark is no part of the first path
+            lines = os.fsdecode(data.removeprefix(b"\xef\xbb\xbf")).splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise ArgumentError(f"cannot read the file list {p}: {exc}")
         files = [str((p.parent / l.strip()) if not os.path.isabs(l.strip()) else l.strip())
@@ -504,7 +508,10 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
                 "batch_size": batch_size, "config": engine.spec.config,
                 "weights": weights_id(engine.weights), "preprocess": engine.preprocess,
                 "dtype": str(engine.dtype).removeprefix("torch."),
-                "files": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+                # a file name that is not UTF-8 hashes as its bytes (surrogateescape), a UTF-8
+                # one as before: a resumed run's earlier parts still match
+                "files": hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape"))
+                .hexdigest()}
     parts = _Parts(out, settings, rank)
     try:
         return _extract_parts(engine, files, out, parts, settings, layer, scales, flip, pool,

@@ -11,11 +11,13 @@ Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK
 "HSV" go through PIL's RGB conversion. Alpha ("RGBA", "LA", "PA", palette transparency) is
 dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colour under a
 transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
-[0, 1] when its maximum is at most 1, else as 0-255; values outside the range are clipped.
+[0, 1] when its maximum is at most 1 (+ FLOAT_SLACK, rounding), else as 0-255; values outside
+the range are clipped.
 Multi-frame files (animated GIF, WebP and PNG, multi-page TIFF, MPO) use their first frame, an
 ICO its largest image. PIL's decompression-bomb guard stays on: an image over twice
 `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError; below that PIL's
-warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused.
+warning is silenced. Images with a side under MIN_SIDE (8) pixels are refused, and so are EPS
+files (PostScript, whatever their name), which PIL decodes by running them in Ghostscript.
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
@@ -38,6 +40,9 @@ import torch.nn.functional as F
 from .errors import ArgumentError, ImageError
 
 MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refused
+# How far float RGB may stray outside [0, 1] and still be read as [0, 1] (clamped): rounding in
+# the arithmetic that made it (a colour conversion's 1.0000001), not a different scale.
+FLOAT_SLACK = 1e-3
 # Files a folder of images is listed by (classify/extract/evaluate/train): torchvision's
 # ImageFolder extensions plus the other photo formats Pillow decodes (AVIF, JPEG 2000, ICO, ...).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".tif",
@@ -87,7 +92,7 @@ def load_image(src) -> torch.Tensor:
     elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         x = _from_file(src)
     elif callable(getattr(src, "read", None)):
-        x = _from_file(_read_stream(src))
+        x = _from_file(_read_stream(src), _stream_name(src))
     else:
         from PIL import Image
         if isinstance(src, Image.Image):
@@ -97,7 +102,7 @@ def load_image(src) -> torch.Tensor:
                              f"numpy array or a tensor, not {type(src).__name__}")
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIDE:
-        where = f"{os.fspath(src)}: " if isinstance(src, (str, os.PathLike)) else ""
+        where = f"{os.fsdecode(src)}: " if isinstance(src, (str, os.PathLike)) else ""
         raise ImageError(f"{where}image is {w}x{h} pixels; both sides must be at least "
                          f"{MIN_SIDE}")
     return x
@@ -121,40 +126,89 @@ def _quiet_pil():
         yield
 
 
+def _stream_name(f) -> str:
+    """What errors call a file object's image: its file name where it has one (an open file, a
+    zip member, "<stdin>"), else "<bytes>" as for encoded bytes."""
+    name = getattr(f, "name", None)
+    return name if isinstance(name, str) and name else "<bytes>"
+
+
 def _read_stream(f) -> bytes:
     """The bytes of a file object from its position on: read whole, so PIL's lazy decoding never
     depends on a stream the caller may close or move."""
     try:
         data = f.read()
-    except (OSError, ValueError) as exc:     # a closed file, a socket reset
-        why = (str(exc) or type(exc).__name__).splitlines()[0][:160]
-        raise ImageError(f"could not read the image from {type(f).__name__}: {why}")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a closed file, a socket reset, a zip member's
+        why = (str(exc) or type(exc).__name__).splitlines()[0][:160]   # bad CRC (BadZipFile)
+        name = _stream_name(f)
+        what = type(f).__name__ if name == "<bytes>" else f"{name} ({type(f).__name__})"
+        raise ImageError(f"could not read the image from {what}: {why}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"{type(f).__name__} gave {type(data).__name__}, not bytes: open image "
                          "files in binary mode ('rb')")
     return data
 
 
-def _from_file(src) -> torch.Tensor:
+def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     from PIL import Image
     encoded = isinstance(src, (bytes, bytearray, memoryview))
-    name = "<bytes>" if encoded else os.fspath(src)
+    # a str even for a bytes path-like (os.scandir(b".")'s entries): errors quote no b'...'
+    name = name if encoded else os.fsdecode(src)
     if not encoded and not os.path.isfile(name):
         if os.path.isdir(name):
             raise ImageError(f"{name} is a folder, not an image file")
-        raise ImageError(f"image not found: {name}")
+        if os.path.exists(name):   # never opened: a FIFO's open would wait for a writer
+            raise ImageError(f"{name} is not a regular file (a device, pipe or socket); pass "
+                             "an image file, or its bytes")
+        raise not_found(name)
+    # said apart from undecodable bytes: an empty upload or pipe is a different mistake
+    if (memoryview(src).nbytes if encoded else _file_size(name)) == 0:
+        raise ImageError(f"{name}: empty (0 bytes), not an image file")
+    if isinstance(src, memoryview) and not src.c_contiguous:   # BytesIO takes no strides
+        src = src.tobytes()
     try:
         with _quiet_pil():
             im = Image.open(io.BytesIO(src) if encoded else name)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        if encoded and _names_a_file(src):   # os.fsencode(path), bytes from os.listdir(b".")
+            raise ImageError(f"{name}: these bytes are no image but a file's path; bytes are "
+                             f"read as an encoded image, so pass the path itself (a str): "
+                             f"{os.fsdecode(bytes(src))}")
         raise ImageError(f"{name}: {_decode_failure(exc)}")
     with im:
+        # PIL knows a file by its bytes, not its name: a "photo.jpg" holding PostScript opens as
+        # EPS, and decoding it hands the file's program to Ghostscript (a full interpreter, with
+        # a history of sandbox escapes) where one is installed. Opening read the header only.
+        if im.format == "EPS":
+            raise ImageError(f"{name}: EPS (PostScript) is not decoded, that would run the "
+                             "file's code in Ghostscript; convert it to PNG first")
         try:
             return _from_pil(im)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}")
+
+
+def _names_a_file(data) -> bool:
+    """Whether bytes that are no image are the path of a file (short, no NUL, there)."""
+    data = bytes(data[:4097])
+    return len(data) <= 4096 and b"\0" not in data and os.path.isfile(data)
+
+
+def not_found(path: str | os.PathLike) -> ImageError:
+    """The ImageError for a path to nothing (a path of "" would quote nothing)."""
+    path = os.fsdecode(path)
+    return ImageError(f"image not found: {path}" if path else "an empty path is not an image file")
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:     # gone since: Image.open says so
+        return None
 
 
 def _decode_failure(exc: Exception) -> ImageError:
@@ -166,6 +220,8 @@ def _decode_failure(exc: Exception) -> ImageError:
                           "if the file is trusted")
     if isinstance(exc, UnidentifiedImageError):
         return ImageError("not an image file PIL can read")
+    if isinstance(exc, OSError) and exc.errno is not None:   # the system's, not a decoder's:
+        return ImageError(f"cannot read the file ({exc.strerror})")   # the bytes may be fine
     first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
     return ImageError(f"corrupt or truncated image ({first})")
 
@@ -191,7 +247,7 @@ def _from_pil(im) -> torch.Tensor:
         a = np.asarray(im, dtype=np.float32)
         if not np.isfinite(a).all():
             raise ImageError("float image contains NaN or infinite values")
-        if a.size and a.max() > 1.0:
+        if a.size and a.max() > 1.0 + FLOAT_SLACK:   # 0-255; a 1.0000001 is [0, 1] rounded
             a = a / 255.0
         return _gray_float(a)
     if mode != "RGB":
@@ -210,6 +266,7 @@ def _gray_float(a: np.ndarray) -> torch.Tensor:
 
 
 def _from_array(a: np.ndarray) -> torch.Tensor:
+    a = np.asarray(a)  # subclasses index their own way: np.matrix stays 2-D under a[:, :, None]
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
@@ -231,6 +288,9 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
 
 
 def _from_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.is_nested:  # strided ones have no .shape to check (it raises): images of many sizes
+        raise ImageError("a nested tensor is not one image; pass its images as a list, "
+                         "list(t.unbind())")
     if t.layout != torch.strided or t.is_meta:
         raise ImageError(f"a tensor image must be a dense tensor holding data, not "
                          f"{'a meta tensor' if t.is_meta else t.layout}")
@@ -251,8 +311,8 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         t = t.to(torch.float32)
         if not torch.isfinite(t).all():
-            raise ImageError("image tensor contains NaN or infinite values")
-        if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
+            raise ImageError("float image contains NaN or infinite values")  # numpy's too
+        if t.numel() and (t.min() < -FLOAT_SLACK or t.max() > 1 + FLOAT_SLACK):
             raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
                              f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
         return t.clamp(0, 1).contiguous()

@@ -571,7 +571,9 @@ def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]]) -> None:
     text = "".join(f"{p}\t{why}\n" for p, why in skipped)
-    _atomic_write(out / SKIPPED_FILE, lambda p: Path(p).write_text(text))
+    # the names as the system spells them: one that is not UTF-8 (Linux allows any bytes) has
+    # lone surrogates in Python, which write_text refused, ending the run
+    _atomic_write(out / SKIPPED_FILE, lambda p: Path(p).write_bytes(os.fsencode(text)))
 
 
 def load_checkpoint(out: str | os.PathLike) -> dict[str, Any]:
