@@ -735,3 +735,170 @@ def test_demo_finds_timms_weights_in_the_hugging_face_cache(tmp_path, monkeypatc
     torch.save(small_model("A", num_classes=1000, width=1 / 32).state_dict(),
                tmp_path / "torch" / "hub" / "checkpoints" / "vgg11-8a719046.pth")
     assert find_demo_weights() == "vgg11"      # the torch hub cache first
+
+
+def _torchvision_vgg(cfg="D", num_classes=10, batch_norm=False, seed=0):
+    """torchvision's own VGG class at 1/16 width with a 64-wide classifier (its 7x7 adaptive pool
+    kept: native size 224), random weights and biases, BatchNorm statistics not the identity:
+    the reference another tool's layout of the same tensors must compute."""
+    from torchvision.models.vgg import VGG, cfgs, make_layers
+    torch.manual_seed(seed)
+    layers = [c if c == "M" else c // 16 for c in cfgs[cfg]]
+    tv = VGG(make_layers(layers, batch_norm=batch_norm), num_classes=num_classes)
+    tv.classifier[0] = torch.nn.Linear(layers[-2] * 49, 64)
+    tv.classifier[3] = torch.nn.Linear(64, 64)
+    tv.classifier[6] = torch.nn.Linear(64, num_classes)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+                m.bias.uniform_(-0.1, 0.1)
+    return tv.eval()
+
+
+def _logits_match(src, tv, **engine_args):
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = tv(x)
+    got = Engine(src, backend="torch", device="cpu", dtype="float32", **engine_args).logits(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _cadene_keys(sd, prefix=""):
+    """Cadene's pretrainedmodels (modify_vggs): features -> _features, classifier[0] / [3] / [6]
+    -> linear0 / linear1 / last_linear."""
+    fc = {"classifier.0.": "linear0.", "classifier.3.": "linear1.", "classifier.6.": "last_linear."}
+    out = {}
+    for k, v in sd.items():
+        k = "_" + k if k.startswith("features.") else next(
+            new + k[len(old):] for old, new in fc.items() if k.startswith(old))
+        out[prefix + k] = v
+    return out
+
+
+@pytest.mark.parametrize("bn,prefix", [(False, ""), (True, ""), (False, "module."),
+                                       (False, "model.")])
+def test_cadene_pretrainedmodels_layout_computes_torchvisions_logits(bn, prefix):
+    """pretrainedmodels.vgg16(num_classes=...) saved with state_dict(): `_features.N`, `linear0`,
+    `linear1`, `last_linear` (a fine-tuned 10-class head here); read as "no VGG convolution
+    tensors found". Its input convention is torchvision's."""
+    tv = _torchvision_vgg(batch_norm=bn)
+    src = _cadene_keys(tv.state_dict(), prefix)
+    w = load(src)
+    assert (w.spec.config, w.spec.batch_norm, w.spec.num_classes, w.missing) == ("D", bn, 10, ())
+    assert w.preprocess is None
+    _same(w.state_dict, load(tv.state_dict()).state_dict)
+    _logits_match(src, tv)
+    feats = {k: v for k, v in src.items() if "_features." in k}   # model._features alone
+    assert load(feats).missing == ("fc6", "fc7", "fc8")
+
+
+def _layer_name_keys(tv, classifier=True, bare=False):
+    """David Bau's dissect vgg16_places365: torchvision's VGG with modules named as Caffe's layers
+    (features.conv1_1 ..., classifier.fc6 / fc7 / fc8a); bare: caffemodel2pytorch's conv1_1 ...
+    fc8a of the same Caffe model."""
+    out, block, conv = {}, 1, 0
+    for i, m in enumerate(tv.features):
+        if isinstance(m, torch.nn.MaxPool2d):
+            block, conv = block + 1, 0
+        elif isinstance(m, torch.nn.Conv2d):
+            conv += 1
+            for p, v in m.state_dict().items():
+                out[f"{'' if bare else 'features.'}conv{block}_{conv}.{p}"] = v
+    for i, name in ((0, "fc6"), (3, "fc7"), (6, "fc8a")):
+        for p, v in tv.classifier[i].state_dict().items():
+            out[f"{'' if bare else 'classifier.'}{name}.{p}"] = v
+    return out
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_places365_vgg16_with_caffes_layer_names(bare):
+    """dissect's vgg16_places365-*.pth loaded as a conv stack alone ("conv1_1.weight" under
+    "features." passed for vggfast's names held by an owner), its classifier.fc6 / fc7 / fc8a
+    silently dropped, 1000 classes assumed; now all of it, 365 classes."""
+    tv = _torchvision_vgg(num_classes=365)
+    src = _layer_name_keys(tv, bare=bare)
+    w = load(src)
+    assert (w.spec.config, w.spec.num_classes, w.missing) == ("D", 365, ())
+    _same(w.state_dict, load(tv.state_dict()).state_dict)
+    _logits_match(src, tv)
+    _logits_match({"state_dict": {"model." + k: v for k, v in src.items()}}, tv)
+    assert load({k: v for k, v in src.items() if "fc" not in k}).missing == ("fc6", "fc7", "fc8")
+    with pytest.raises(WeightsError, match="two tensors are named 'fc8.weight'"):
+        load({**load(tv.state_dict()).state_dict, "fc8a.weight": torch.zeros(365, 64, 1, 1)})
+
+
+def _reparametrised(kind):
+    import warnings
+    from torch.nn.utils import parametrizations, prune
+    m = small_model("D")
+    layer = m.features[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # the old weight_norm is deprecated
+        if kind == "pruning":
+            prune.l1_unstructured(layer, "weight", amount=0.3)
+        elif kind == "global pruning":
+            convs = [(c, "weight") for c in m.features if isinstance(c, torch.nn.Conv2d)]
+            prune.global_unstructured(convs, prune.L1Unstructured, amount=0.2)
+        elif kind == "weight norm":
+            torch.nn.utils.weight_norm(layer)
+        elif kind == "spectral norm":
+            torch.nn.utils.spectral_norm(layer)
+        elif kind == "parametrizations.weight_norm":
+            parametrizations.weight_norm(layer)
+        elif kind == "parametrizations.spectral_norm":
+            parametrizations.spectral_norm(m.classifier[0])
+    return m.state_dict()
+
+
+@pytest.mark.parametrize("kind,fix", [
+    ("pruning", r"prune\.remove\(layer, 'weight'\)"),
+    ("global pruning", r"prune\.remove\(layer, 'weight'\)"),
+    ("weight norm", r"remove_weight_norm\(layer\)"),
+    ("spectral norm", r"remove_spectral_norm\(layer\)"),
+    ("parametrizations.weight_norm", r"parametrize\.remove_parametrizations\(layer, 'weight'\)"),
+    ("parametrizations.spectral_norm", r"parametrize\.remove_parametrizations\(layer, 'weight'\)"),
+])
+def test_reparametrised_weights_are_refused_with_the_way_out(kind, fix):
+    """features.2.weight_orig / weight_mask (pruning), weight_g / weight_v (weight norm), ...: the
+    layer's weight is not among the tensors; it read "12 convolutions ... match no configuration
+    of Table 1". Refused by name, with the torch call that makes the weights plain."""
+    sd = _reparametrised(kind)
+    for src in (sd, {"state_dict": {"model." + k: v for k, v in sd.items()}}):
+        with pytest.raises(WeightsError, match=f"reparametrised.*{fix}") as err:
+            load(src)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_a_reparametrised_module_beside_the_vgg_is_not_its_business():
+    """A GAN checkpoint: the perceptual-loss VGG and a spectral-normed discriminator with a
+    features.N of its own beside it: the VGG loads, whether it sits at the top or under `vgg.`."""
+    sd = small_model("D").state_dict()
+    disc = {"disc." + k: v for k, v in _reparametrised("spectral norm").items()
+            if k.startswith("features.2.")}
+    assert "disc.features.2.weight_u" in disc
+    for vgg in ("", "vgg."):
+        w = load({"state_dict": {**{vgg + k: v for k, v in sd.items()}, **disc}})
+        _same(w.state_dict, load(sd).state_dict)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_timm_safetensors_compute_torchvisions_logits(tmp_path, dtype):
+    """A half-precision export of timm's layout (pre_logits.fc1 a 4-D [F, C, 7, 7] conv, head.fc)
+    as a safetensors file: the tensors are widened exactly, so the logits are those of the
+    torchvision model holding the same (rounded) values."""
+    tv = _torchvision_vgg()
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.copy_(p.to(dtype).float())
+    sd = _timm_names(tv.state_dict())
+    sd["pre_logits.fc1.weight"] = tv.classifier[0].weight.detach().reshape(64, 32, 7, 7)
+    sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    w = load(path)
+    assert w.state_dict["fc6.weight"].dtype == torch.float32 and not w.missing
+    _logits_match(path, tv)

@@ -12,13 +12,19 @@ timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_cla
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
 into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
-ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names), with
+ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names),
+Cadene's pretrainedmodels (`_features.N.*`, `linear0`, `linear1`, `last_linear`), Caffe's layer
+names as torchvision's module names (dissect's vgg16_places365: `features.conv1_1.weight`,
+`classifier.fc6` ... `classifier.fc8a`; fc8a, Places365's name for fc8, also bare), with
 `module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
 a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
 other tensors and an EMA copy beside it are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
+Weights stored reparametrised (pruning's `weight_orig`/`weight_mask`, weight norm's `weight_g`,
+spectral norm, `parametrizations.weight.*`) are refused, naming the torch call that makes them
+plain.
 
 Canonical form (what every backend reads): float32 tensors named by layer, BatchNorm folded into
 the convs (eps 1e-5, torchvision's), `{conv}.weight` [Cout, Cin, k, k], `fc6.weight` [F, C, g, g]
@@ -715,9 +721,100 @@ def _from_convmodules(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _EXTRACTOR_KEY = re.compile(r"^(conv\d_\d|fc[678])_(weight|bias)$")
 
 
+# Cadene's pretrainedmodels (modify_vggs) moves torchvision's VGG modules to other attributes:
+# features -> _features, classifier[0] / [3] / [6] -> linear0 / linear1 / last_linear. The tensors
+# and the input convention (RGB, mean/std) are torchvision's.
+_CADENE = {"_features.": "features.", "linear0.": "classifier.0.", "linear1.": "classifier.3.",
+           "last_linear.": "classifier.6."}
+_CADENE_KEY = re.compile(r"^((?:.*\.)?)_features\.\d+\.weight$")
+
+
+def _from_cadene(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P._features.I.x`, `P.linear0.x`, `P.linear1.x`, `P.last_linear.x` -> torchvision's keys."""
+    owners = sorted({m.group(1) for k in sd for m in [_CADENE_KEY.match(k)] if m}, key=len,
+                    reverse=True)
+    if not owners or any(_VGG_KEY.search(k) for k in sd):
+        return sd
+    out = {}
+    for k, v in sd.items():
+        o = next((o for o in owners if k.startswith(o)), None)
+        if o is not None:
+            rest = k[len(o):]
+            old = next((old for old in _CADENE if rest.startswith(old)), None)
+            if old is not None:
+                k = o + _CADENE[old] + rest[len(old):]
+        out[k] = v
+    return out
+
+
+# Caffe's layer names as module names: David Bau's dissect / GAN dissection convert the Places365
+# VGG16 (vgg16_places365-*.pth) into torchvision's VGG with named modules, features.conv1_1 ...
+# classifier.fc6 / fc7 / fc8a (Places365's Caffe model names its 365-way layer fc8a; so do
+# caffemodel2pytorch's conversions of it, conv1_1 ... fc8a). Without this, "conv1_1.weight" under
+# "features." passed for a conv stack alone and the classifier was silently dropped.
+_LAYER_NAME_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)(?:features\.(?P<conv>conv\d_\d)|"
+                             r"classifier\.(?P<fc>fc[678]a?))\.(?P<p>weight|bias)$")
+_FC8A_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)(?P<fc>fc8a)\.(?P<p>weight|bias)$")
+
+
+def _from_layer_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.features.convB_I.x`, `P.classifier.fcN.x`, `P.fc8a.x` -> vggfast's `P.convB_I.x`,
+    `P.fcN.x` (fc8a is fc8)."""
+    hits = {k: m.groupdict() for k in sd for m in [_LAYER_NAME_KEY.match(k) or _FC8A_KEY.match(k)]
+            if m}
+    if not hits:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        g = hits.get(k)
+        if g is not None:
+            k = f"{g['owner']}{g.get('conv') or g['fc'].replace('fc8a', 'fc8')}.{g['p']}"
+        if k in out:
+            raise WeightsError(f"two tensors are named {k!r} once Caffe's layer names are mapped "
+                               "(fc8a is fc8); keep one set")
+        out[k] = v
+    return out
+
+
+# Weights stored reparametrised: torch.nn.utils.prune (weight_orig, weight_mask), weight_norm
+# (weight_g, weight_v), spectral_norm (weight_orig, weight_u, weight_v) and their parametrize
+# forms (parametrizations.weight.original...). The weight the layer computes with is not among the
+# tensors, so the layer looked absent and the stack matched no configuration of Table 1.
+_REPARAM_KEY = re.compile(r"(?:^|\.)(?:features\.\d+|classifier\.\d+|conv\d_\d|fc[678])\."
+                          r"(?:(?:weight|bias)_(orig|mask|g|v|u)$|"
+                          r"parametrizations\.(weight|bias)\.)")
+
+
+def _refuse_reparametrised(sd: dict[str, torch.Tensor]) -> None:
+    """A WeightsError naming the reparametrisation and the torch call that makes weights plain.
+    Only the VGG's own tensors count: those at the top when the VGG is there, else any."""
+    at_top = any(_VGG_KEY.match(k) for k in sd)
+    find = _REPARAM_KEY.match if at_top else _REPARAM_KEY.search
+    hits = [(k, m) for k in sd for m in [find(k)] if m]
+    if not hits:
+        return
+    kinds = {m.group(1) for _, m in hits}
+    if any(m.group(2) for _, m in hits):
+        what = "torch.nn.utils.parametrizations: weight or spectral norm"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+    elif "mask" in kinds:
+        what, fix = "pruning", "torch.nn.utils.prune.remove(layer, 'weight')"
+    elif "u" in kinds:
+        what, fix = "spectral norm", "torch.nn.utils.remove_spectral_norm(layer)"
+    elif "g" in kinds:
+        what, fix = "weight norm", "torch.nn.utils.remove_weight_norm(layer)"
+    else:   # its partner tensor is missing: pruning or spectral norm
+        what = "torch.nn.utils' pruning or spectral norm"
+        fix = "prune.remove(layer, 'weight') or remove_spectral_norm(layer)"
+    raise WeightsError(f"{hits[0][0]!r}: the weights are stored reparametrised ({what}), not as "
+                       f"the layers' weights; call {fix} on each such layer and save the "
+                       "state dict again")
+
+
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
-    for k, v in _strip_owner(_from_convmodules(_unslice(_strip_prefixes(sd)))).items():
+    sd = _from_layer_names(_from_cadene(_strip_prefixes(sd)))
+    for k, v in _strip_owner(_from_convmodules(_unslice(sd))).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
@@ -726,6 +823,7 @@ def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise WeightsError(f"two tensors are named {k!r} once timm's names are mapped; "
                                "keep one set")
         out[k] = v
+    _refuse_reparametrised(out)
     return out
 
 
