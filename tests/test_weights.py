@@ -902,3 +902,20 @@ def test_half_precision_timm_safetensors_compute_torchvisions_logits(tmp_path, d
     w = load(path)
     assert w.state_dict["fc6.weight"].dtype == torch.float32 and not w.missing
     _logits_match(path, tv)
+
+
+def test_unusable_weights_name_the_deepest_layer_they_still_compute(tiny):
+    """The refusal said "up to the last good layer" without naming it, "are missing" when some
+    layers were also NaN, and offered features when not even conv1_1 was usable."""
+    sd = {k: v.clone() for k, v in tiny.state_dict().items() if k.startswith("features.")}
+    sd["features.17.weight"][0, 0, 0, 0] = float("inf")      # conv4_1; no classifier at all
+    eng = Engine(sd)
+    with pytest.raises(WeightsError, match=r"layers conv4_1, .*, fc8 of these weights are missing "
+                       r"or contain NaN or infinite values; they can be used for features up to "
+                       r"pool3 \(layer='pool3'\), not for this request$"):
+        eng.classify(torch.rand(3, 40, 40), scales=[32])
+    assert eng.features([torch.rand(3, 40, 40)], layer="pool3", scales=[32]).shape[-1] == 16
+    sd["features.0.bias"][0] = float("nan")
+    with pytest.raises(WeightsError, match=r"layers conv1_1 of .*; nothing can be computed with "
+                       r"them$"):
+        Engine(sd).features([torch.rand(3, 40, 40)], layer="relu1_1", scales=[32])
