@@ -919,3 +919,28 @@ def test_unusable_weights_name_the_deepest_layer_they_still_compute(tiny):
     with pytest.raises(WeightsError, match=r"layers conv1_1 of .*; nothing can be computed with "
                        r"them$"):
         Engine(sd).features([torch.rand(3, 40, 40)], layer="relu1_1", scales=[32])
+
+
+def test_tensorflow_checkpoints_and_savedmodels_are_named_in_the_refusal(tmp_path):
+    """TF-slim's vgg_16.ckpt (TensorFlow's own VGG release), a V2 checkpoint's .index and
+    .data-00000-of-00001, and a SavedModel folder read as "not a PyTorch checkpoint" or "a
+    folder without model.safetensors"; the .ckpt and .index files are LevelDB tables (their
+    footer ends with the table magic number), here written by hand."""
+    import numpy as np
+    magic = (0xdb4775248b80fb57).to_bytes(8, "little")
+    table = b"\x00\x16\x04vgg_16/conv1/conv1_1/weights" + bytes(np.random.default_rng(0).bytes(200))
+    (tmp_path / "vgg_16.ckpt").write_bytes(table + bytes(40) + magic)
+    (tmp_path / "model.ckpt.index").write_bytes(table + bytes(40) + magic)
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(bytes(range(256)) * 4)
+    saved = tmp_path / "vgg16_savedmodel"
+    (saved / "variables").mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"\x08\x01\x12\x00")
+    for name in ("vgg_16.ckpt", "model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+        with pytest.raises(WeightsError, match=r"a TensorFlow checkpoint .*does not read.*convert"):
+            load(str(tmp_path / name))
+    with pytest.raises(WeightsError, match=r"vgg16_savedmodel: a TensorFlow SavedModel folder, "
+                                           r"which vggfast does not read"):
+        load(str(saved))
+    (tmp_path / "notes.ckpt").write_bytes(b"\x00" + bytes(100))   # no table footer: unnamed
+    with pytest.raises(WeightsError, match=r"not a PyTorch checkpoint \(neither a zip"):
+        load(str(tmp_path / "notes.ckpt"))

@@ -22,9 +22,10 @@ other tensors and an EMA copy beside it are ignored, two VGGs refused), and
 checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
 `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
-Weights stored reparametrised (pruning's `weight_orig`/`weight_mask`, weight norm's `weight_g`,
-spectral norm, `parametrizations.weight.*`) are refused, naming the torch call that makes them
-plain.
+Other tools' files (Keras .h5/.keras, TensorFlow checkpoints and SavedModel folders, ONNX, Caffe,
+MatConvNet, NumPy) are refused by name. Weights stored reparametrised (pruning's `weight_orig`
+/ `weight_mask`, weight norm's `weight_g`, spectral norm, `parametrizations.weight.*`) are
+refused, naming the torch call that makes them plain.
 
 Canonical form (what every backend reads): float32 tensors named by layer, BatchNorm folded into
 the convs (eps 1e-5, torchvision's), `{conv}.weight` [Cout, Cin, k, k], `fc6.weight` [F, C, g, g]
@@ -276,6 +277,8 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
         for name in _HF_FILES:  # vggfast train --out; a Hugging Face model folder
             if (path / name).is_file():
                 return path / name, None, None
+        if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+            raise _foreign_refusal(path, "a TensorFlow SavedModel folder")
         # timm's and Lightning's output folders hold several checkpoints: name them
         files = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix.lower() in
                        (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"))
@@ -485,10 +488,33 @@ def _refuse_foreign(path: Path) -> None:
             what = "a Keras model"
     elif what is None and head[:1] != b"\x80":
         what = _FOREIGN_SUFFIX.get(path.suffix.lower())
+        if what is None and (_is_sstable(path) or ".data-0" in path.name):
+            what = "a TensorFlow checkpoint (e.g. TF-slim's vgg_16.ckpt)"
     if what is not None:
-        raise WeightsError(f"{path}: {what}, which vggfast does not read; it reads PyTorch "
-                           "checkpoints (torch.save of a state dict) and safetensors files with "
-                           "torchvision, timm or vggfast names: convert the tensors to one first")
+        raise _foreign_refusal(path, what)
+
+
+def _foreign_refusal(path: Path, what: str) -> WeightsError:
+    return WeightsError(f"{path}: {what}, which vggfast does not read; it reads PyTorch "
+                        "checkpoints (torch.save of a state dict) and safetensors files with "
+                        "torchvision, timm or vggfast names: convert the tensors to one first")
+
+
+# TensorFlow's checkpoints (TF-slim's vgg_16.ckpt, a V2 checkpoint's .index) are LevelDB tables:
+# their last 8 bytes are the table magic number, little-endian.
+_SSTABLE_MAGIC = (0xdb4775248b80fb57).to_bytes(8, "little")
+
+
+def _is_sstable(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 48:       # a table's footer alone is 48 bytes
+                return False
+            f.seek(-8, os.SEEK_END)
+            return f.read(8) == _SSTABLE_MAGIC
+    except OSError:
+        return False
 
 
 def _zip_names(path: Path) -> list[str]:
