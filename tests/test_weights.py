@@ -707,6 +707,11 @@ def test_other_tools_weight_files_are_named_in_the_refusal(tmp_path):
         z.writestr("config.json", "{}")
         z.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
     files["vgg16.keras"] = "Keras model"
+    (tmp_path / "vgg16.t7").write_bytes(b"\x04\x00\x00\x00\x01\x00\x00\x00" + bytes(64))
+    (tmp_path / "vgg16-397923af.params").write_bytes(b"\x12\x01" + bytes(64))
+    (tmp_path / "VGG_ILSVRC_16_layers_deploy.prototxt").write_text('name: "VGG_ILSVRC_16"\n')
+    files.update({"vgg16.t7": "Lua Torch7", "vgg16-397923af.params": "MXNet / Gluon",
+                  "VGG_ILSVRC_16_layers_deploy.prototxt": "Caffe network description"})
     for name, what in files.items():
         with pytest.raises(WeightsError, match=f"{what}.*does not read.*safetensors") as err:
             load(str(tmp_path / name))

@@ -469,7 +469,10 @@ _FOREIGN_MAGIC = {b"\x89HDF\r\n\x1a\n": "an HDF5 file (Keras .h5)",
                   b"\x93NUMPY": "a NumPy .npy file (e.g. tensorflow-vgg's vgg16.npy)"}
 _FOREIGN_SUFFIX = {".onnx": "an ONNX model", ".caffemodel": "a Caffe model",
                    ".h5": "an HDF5 file (Keras .h5)", ".pb": "a TensorFlow file",
-                   ".tflite": "a TensorFlow Lite model"}
+                   ".tflite": "a TensorFlow Lite model",
+                   ".t7": "a Lua Torch7 file (e.g. fast-neural-style's vgg16.t7)",
+                   ".params": "an MXNet / Gluon .params file",
+                   ".prototxt": "a Caffe network description (its weights are a .caffemodel)"}
 
 
 def _refuse_foreign(path: Path) -> None:
