@@ -657,8 +657,9 @@ def test_a_cut_stack_is_checked_against_a_named_config():
 def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
     """jcjohnson/pytorch-vgg's Caffe conversions (vgg16-00b39a1b.pth, used by style-transfer and
     Faster R-CNN code) hold the Linear layers at classifier.1, .4, .6 and expect Caffe's input
-    (BGR, 0-255, minus the mean pixel): both are read off that layout."""
-    m = small_model("D")
+    (BGR, 0-255, minus the mean pixel): both are read off that layout and the paper's ImageNet
+    fc6 (a 7x7 map in, 8x the last conv's width out)."""
+    m = small_model("D", image_size=224)
     moved = {"classifier.0": "classifier.1", "classifier.3": "classifier.4"}
     sd = {}
     for k, v in m.state_dict().items():
@@ -669,14 +670,53 @@ def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
     _same(w.state_dict, load(m.state_dict()).state_dict)
     assert w.preprocess == "caffe"
     eng = Engine(str(tmp_path / "vgg16-00b39a1b.pth"), device="cpu")
-    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
     # the Caffe convention by hand: BGR, 0-255, minus the BGR mean pixel, through the module
     bgr = x.flip(0) * 255 - torch.tensor([103.939, 116.779, 123.68]).view(3, 1, 1)
     with torch.no_grad():
         want = torch.softmax(torch.cat([m(bgr[None]), m(bgr.flip(-1)[None])]), 1).mean(0)
-    got = eng.classify(x, scales=[32]).probs
+    got = eng.classify(x, scales=[224]).probs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert Engine(sd, device="cpu", preprocess="torchvision").preprocess == "torchvision"
+
+
+class _CifarVGG(torch.nn.Module):
+    """chengyangfu/pytorch-vgg-cifar10's VGG (1/16 width here): torchvision's features, then
+    Dropout, Linear(512, 512), ReLU, Dropout, Linear(512, 512), ReLU, Linear(512, 10) on the 1x1
+    map of a 32x32 image: its Linear layers sit at classifier.1, .4, .6 as in jcjohnson's files."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers
+        torch.manual_seed(0)
+        self.features = make_layers([c if c == "M" else c // 16 for c in cfgs["D"]])
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Dropout(), torch.nn.Linear(32, 32), torch.nn.ReLU(True), torch.nn.Dropout(),
+            torch.nn.Linear(32, 32), torch.nn.ReLU(True), torch.nn.Linear(32, 10))
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() == 1:
+                    p.uniform_(-0.1, 0.1)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def test_a_cifar_vgg_with_a_dropout_first_classifier_keeps_torchvisions_input():
+    """Its checkpoint ({"epoch", "state_dict" with features under DataParallel, "best_prec1"})
+    was read as a Caffe conversion and classified with BGR 0-255 input: wrong, without a word.
+    The layout is the same; the input convention is its training script's (torchvision's)."""
+    m = _CifarVGG().eval()
+    sd = {k.replace("features.", "features.module.", 1): v for k, v in m.state_dict().items()}
+    ckpt = {"epoch": 300, "state_dict": sd, "best_prec1": 93.5}
+    w = load(ckpt)
+    assert (w.spec.image_size, w.spec.num_classes, w.preprocess) == (32, 10, None)
+    eng = Engine(ckpt, device="cpu", backend="torch", dtype="float32")
+    assert eng.preprocess == "torchvision"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = m(x)
+    torch.testing.assert_close(eng.logits(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_a_torchscript_archive_is_refused_with_the_way_out(tmp_path):

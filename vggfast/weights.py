@@ -169,8 +169,9 @@ def load(src: Any, config: str | None = None) -> Weights:
         not any(re.search(r"(^|\.)head\.fc\.weight$", k) for k in sd)
     sd = _rename(sd)
     if _caffe_classifier(sd):
+        if _imagenet_fc6(sd):
+            preprocess = preprocess or "caffe"
         sd = {_CAFFE_FC.get(k, k): v for k, v in sd.items()}
-        preprocess = preprocess or "caffe"
     if config is None and isinstance(meta.get("config"), str):
         try:
             canonical_config(meta["config"])
@@ -859,7 +860,10 @@ def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # jcjohnson/pytorch-vgg's conversions of the original Caffe models (vgg16-00b39a1b.pth,
 # vgg19-d01eb7cb.pth; style transfer and Faster R-CNN code loads them) keep a Dropout before fc6,
 # so their Linear layers sit at classifier.1, .4, .6, and they expect Caffe's input: BGR, 0-255,
-# minus the mean pixel. That classifier layout is their signature.
+# minus the mean pixel. That classifier layout with the paper's ImageNet fc6 is their signature:
+# CIFAR VGGs written with the same Dropout-first Sequential (chengyangfu/pytorch-vgg-cifar10's
+# Linear(512, 512) on the 1x1 map) were trained on torchvision's input, and fed Caffe's they
+# classified wrongly without a word.
 _CAFFE_FC = {f"classifier.{a}.{p}": f"classifier.{b}.{p}"
              for a, b in ((1, 0), (4, 3)) for p in ("weight", "bias")}
 
@@ -868,6 +872,16 @@ def _caffe_classifier(sd: dict[str, torch.Tensor]) -> bool:
     linear = {int(m.group(1)) for k in sd
               for m in [re.fullmatch(r"classifier\.(\d+)\.(?:weight|bias)", k)] if m}
     return linear == {1, 4, 6}
+
+
+def _imagenet_fc6(sd: dict[str, torch.Tensor]) -> bool:
+    """fc6 (classifier.1) reads a 7x7 map and is 8x as wide as the last conv: the paper's
+    ImageNet classifier (4096 outputs for 512 channels) at any width."""
+    convs, w = _convs_torchvision(sd), sd.get("classifier.1.weight")
+    if not convs or w is None or w.dim() != 2:
+        return False
+    c = convs[-1][1].shape[0]
+    return tuple(w.shape) == (8 * c, 49 * c)
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
