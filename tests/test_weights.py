@@ -989,3 +989,25 @@ def test_tensorflow_checkpoints_and_savedmodels_are_named_in_the_refusal(tmp_pat
     (tmp_path / "notes.ckpt").write_bytes(b"\x00" + bytes(100))   # no table footer: unnamed
     with pytest.raises(WeightsError, match=r"not a PyTorch checkpoint \(neither a zip"):
         load(str(tmp_path / "notes.ckpt"))
+
+
+@pytest.mark.parametrize("kind", ["parameters alone", "no running stats", "groupnorm"])
+def test_normalisation_without_running_statistics_is_named(kind):
+    """A BatchNorm VGG's parameters saved alone (dict(model.named_parameters())), BatchNorm built
+    with track_running_stats=False, GroupNorm in its place: there is nothing to fold. They read
+    as "unexpected tensors ...: a modified VGG"."""
+    m = small_model("vgg11_bn")
+    if kind == "parameters alone":
+        sd = dict(m.named_parameters())
+    else:
+        for i, mod in enumerate(m.features):
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                m.features[i] = (torch.nn.GroupNorm(2, mod.num_features) if kind == "groupnorm"
+                                 else torch.nn.BatchNorm2d(mod.num_features,
+                                                           track_running_stats=False))
+        sd = m.state_dict()
+    with pytest.raises(WeightsError, match=r"^features\.1 holds a normalisation layer's weight "
+                       r"but no running statistics .*save model\.state_dict\(\)"):
+        load(sd)
+    assert load(m.state_dict() if kind == "parameters alone" else small_model("vgg11_bn")
+                .state_dict()).spec.batch_norm

@@ -1000,6 +1000,17 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         conv_w = [w for _, w in tv]
         indices = [i for i, _ in tv]
         bn = any(f"features.{i + 1}.running_mean" in sd for i in indices)
+        # a normalisation layer's weight after a conv but no running statistics (parameters
+        # saved alone, BatchNorm with track_running_stats=False, GroupNorm): it read as "tensors
+        # no layer of configuration D reads (a modified VGG)"
+        norm = next((i + 1 for i, w in tv if not bn and getattr(sd.get(
+            f"features.{i + 1}.weight"), "shape", None) == w.shape[:1]), None)
+        if norm is not None:
+            raise WeightsError(
+                f"features.{norm} holds a normalisation layer's weight but no running statistics "
+                "(BatchNorm's running_mean / running_var); save model.state_dict(), which holds "
+                "them, not its parameters alone (BatchNorm without running statistics and "
+                "GroupNorm cannot be folded into the convolutions)")
     elif canonical_keys:
         names = sorted({k.split(".")[0] for k in canonical_keys if k.startswith("conv")},
                        key=lambda n: (int(n[4]), int(n[6])))
