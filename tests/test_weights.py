@@ -1011,3 +1011,22 @@ def test_normalisation_without_running_statistics_is_named(kind):
         load(sd)
     assert load(m.state_dict() if kind == "parameters alone" else small_model("vgg11_bn")
                 .state_dict()).spec.batch_norm
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_batchnorm_beside_layer_names_is_refused_not_dropped(named):
+    """conv1_1.weight ... with bn1_1.running_mean ... (or features.conv1_1 / features.bn1_1): the
+    BatchNorm tensors were ignored and the network ran without them, silently wrong."""
+    m = small_model("vgg11_bn")
+    sd, block, conv = {}, 1, 0
+    for mod in m.features:
+        if isinstance(mod, torch.nn.MaxPool2d):
+            block, conv = block + 1, 0
+        elif isinstance(mod, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+            conv += isinstance(mod, torch.nn.Conv2d)
+            kind = "conv" if isinstance(mod, torch.nn.Conv2d) else "bn"
+            for p, v in mod.state_dict().items():
+                sd[f"{'features.' if named else ''}{kind}{block}_{conv}.{p}"] = v
+    with pytest.raises(WeightsError, match=r"BatchNorm statistics \((features\.)?bn1_1\."
+                                           r"running_mean, \.\.\.\) beside layer names"):
+        load(sd)

@@ -1017,6 +1017,14 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         names = [n for n in names if f"{n}.weight" in sd]
         conv_w = [sd[f"{n}.weight"] for n in names]
         indices, bn = None, False
+        # layer names say nothing of which conv a BatchNorm follows: its statistics were
+        # ignored and the network ran without them
+        stats = sorted(k for k in sd if re.fullmatch(r"(features\.)?[^.]+\.running_(mean|var)", k))
+        if stats:
+            raise WeightsError(f"BatchNorm statistics ({stats[0]}, ...) beside layer names "
+                               "(conv1_1.weight): which conv each follows is not known; save the "
+                               "model in torchvision's layout (features.N) or fold the BatchNorm "
+                               "into the convolutions first")
     else:
         sample = ", ".join(list(sd)[:5])
         raise WeightsError("unknown layout: no VGG convolution tensors found (expected torchvision "
