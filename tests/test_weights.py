@@ -1030,3 +1030,25 @@ def test_batchnorm_beside_layer_names_is_refused_not_dropped(named):
     with pytest.raises(WeightsError, match=r"BatchNorm statistics \((features\.)?bn1_1\."
                                            r"running_mean, \.\.\.\) beside layer names"):
         load(sd)
+
+
+def test_deepspeed_model_states_load_and_zero3_placeholders_are_named(tmp_path):
+    """DeepSpeed's mp_rank_00_model_states.pt holds the (here bf16) weights under "module" beside
+    its own entries: read as "no tensors found". Under ZeRO-3 each partitioned tensor is saved
+    empty: the way out is DeepSpeed's consolidation script."""
+    tv = _torchvision_vgg()
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    sd = {k: v.to(torch.bfloat16) for k, v in tv.state_dict().items()}
+    state = {"module": sd, "buffer_names": [], "optimizer": None, "param_shapes": None,
+             "lr_scheduler": {"last_epoch": 3}, "sparse_tensor_module_names": set(),
+             "skipped_steps": 0, "global_steps": 40, "global_samples": 640, "dp_world_size": 1,
+             "mp_world_size": 1, "ds_config": {"train_batch_size": 16}, "ds_version": "0.14.0"}
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save(state, path)
+    _logits_match(path, tv)
+    torch.save({**state, "module": {k: torch.empty(0, dtype=v.dtype) for k, v in sd.items()}},
+               path)
+    with pytest.raises(WeightsError, match="every tensor is empty.*zero_to_fp32.py"):
+        load(path)

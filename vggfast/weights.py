@@ -18,9 +18,9 @@ names as torchvision's module names (dissect's vgg16_places365: `features.conv1_
 `classifier.fc6` ... `classifier.fc8a`; fc8a, Places365's name for fc8, also bare), with
 `module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
 a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
-other tensors and an EMA copy beside it are ignored, two VGGs refused), and
-checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
-`state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
+other tensors and an EMA copy beside it are ignored, two VGGs refused), and checkpoint wrappers
+(`state_dict`, `model`, `model_state_dict`, `net`, `weights`, DeepSpeed's `module`; an EMA
+copy, `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
 Other tools' files (Keras .h5/.keras, TensorFlow checkpoints and SavedModel folders, ONNX, Caffe,
 MatConvNet, NumPy) are refused by name. Weights stored reparametrised (pruning's `weight_orig`
@@ -60,7 +60,8 @@ BN_EPS = 1e-5
 # model ("module.features.0.weight") or one part of it (pytorch/examples' ImageNet script
 # wraps vgg.features alone: "features.module.0.weight").
 _WRAPPER_NAMES = ("module", "_orig_mod")
-_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# "module": DeepSpeed's mp_rank_00_model_states.pt (beside buffer_names, ds_config, ...)
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights", "module")
 # Used only when none of _WRAPPERS is there (timm ModelEmaV2/V3, DeiT/ConvNeXt-style "model_ema").
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
 
@@ -643,6 +644,10 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not tensors:
         raise WeightsError("no tensors found: not a state dict or a known checkpoint layout "
                            f"(top-level keys: {', '.join(map(str, list(raw)[:8])) or 'none'})")
+    if all(v.numel() == 0 for v in tensors.values()):   # DeepSpeed ZeRO-3's placeholders
+        raise WeightsError("every tensor is empty, as in a DeepSpeed ZeRO-3 checkpoint's "
+                           "partitioned model; consolidate it first with the zero_to_fp32.py "
+                           "script saved beside it")
     empty = [k for k, v in tensors.items() if v.is_meta or v.layout != torch.strided]
     if empty:
         raise WeightsError(f"tensor {empty[0]!r} holds no values (a meta or sparse tensor); "
