@@ -839,6 +839,9 @@ def test_cadene_pretrainedmodels_layout_computes_torchvisions_logits(bn, prefix)
     _logits_match(src, tv)
     feats = {k: v for k, v in src.items() if "_features." in k}   # model._features alone
     assert load(feats).missing == ("fc6", "fc7", "fc8")
+    if prefix == "model.":   # beside a torchvision VGG (a perceptual loss): two VGGs, named
+        with pytest.raises(WeightsError, match="hold 2 VGGs.*'loss.vgg.'.*'model.'"):
+            load({**src, **{"loss.vgg." + k: v for k, v in tv.state_dict().items()}})
 
 
 def _layer_name_keys(tv, classifier=True, bare=False):

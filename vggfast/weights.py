@@ -766,9 +766,12 @@ _CADENE_KEY = re.compile(r"^((?:.*\.)?)_features\.\d+\.weight$")
 
 def _from_cadene(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`P._features.I.x`, `P.linear0.x`, `P.linear1.x`, `P.last_linear.x` -> torchvision's keys."""
-    owners = sorted({m.group(1) for k in sd for m in [_CADENE_KEY.match(k)] if m}, key=len,
-                    reverse=True)
-    if not owners or any(_VGG_KEY.search(k) for k in sd):
+    owners = {m.group(1) for k in sd for m in [_CADENE_KEY.match(k)] if m}
+    # an owner with torchvision's names as well is not Cadene's; another VGG beside one is left
+    # for _strip_owner to name (it took that one for the model, unseen)
+    owners = sorted((o for o in owners if not any(k.startswith((o + "features.", o + "classifier."))
+                                                  for k in sd)), key=len, reverse=True)
+    if not owners:
         return sd
     out = {}
     for k, v in sd.items():
