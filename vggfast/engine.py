@@ -442,10 +442,13 @@ class Engine:
         bad = self.weights.unusable(upto)
         if bad:
             miss = [n for n in bad if n in self.weights.missing]
-            what = "are missing" if miss else "contain NaN or infinite values"
-            raise WeightsError(
-                f"layers {', '.join(bad)} of these weights {what}; they can be used for features "
-                f"up to the last good layer, not for this request")
+            what = " or ".join(w for w, hit in (("are missing", miss), (
+                "contain NaN or infinite values", len(miss) < len(bad))) if hit)
+            # the user's way out is a shallower layer: name it (none when conv1_1 is bad)
+            last = self.weights.usable_up_to()
+            use = (f"they can be used for features up to {last} (layer={last!r}), not for this "
+                   "request" if last else "nothing can be computed with them")
+            raise WeightsError(f"layers {', '.join(bad)} of these weights {what}; {use}")
 
     def activation_bytes(self, batch: int, h: int, w: int) -> int:
         """Peak activation bytes of one batch (input, conv output and ReLU output alive at once)."""

@@ -12,13 +12,20 @@ timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_cla
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
 into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
-ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names), with
+ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names),
+Cadene's pretrainedmodels (`_features.N.*`, `linear0`, `linear1`, `last_linear`), Caffe's layer
+names as torchvision's module names (dissect's vgg16_places365: `features.conv1_1.weight`,
+`classifier.fc6` ... `classifier.fc8a`; fc8a, Places365's name for fc8, also bare), with
 `module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
 a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
-other tensors and an EMA copy beside it are ignored, two VGGs refused), and
-checkpoint wrappers (`state_dict`, `model`, `model_state_dict`, `net`, `weights`; an EMA copy,
-`state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
+other tensors and an EMA copy beside it are ignored, two VGGs refused), and checkpoint wrappers
+(`state_dict`, `model`, `model_state_dict`, `net`, `weights`, DeepSpeed's `module`; an EMA
+copy, `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
 argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
+Other tools' files (Keras .h5/.keras, TensorFlow checkpoints and SavedModel folders, ONNX, Caffe,
+MatConvNet, NumPy) are refused by name. Weights stored reparametrised (pruning's `weight_orig`
+/ `weight_mask`, weight norm's `weight_g`, spectral norm, `parametrizations.weight.*`) are
+refused, naming the torch call that makes them plain.
 
 Canonical form (what every backend reads): float32 tensors named by layer, BatchNorm folded into
 the convs (eps 1e-5, torchvision's), `{conv}.weight` [Cout, Cin, k, k], `fc6.weight` [F, C, g, g]
@@ -53,7 +60,8 @@ BN_EPS = 1e-5
 # model ("module.features.0.weight") or one part of it (pytorch/examples' ImageNet script
 # wraps vgg.features alone: "features.module.0.weight").
 _WRAPPER_NAMES = ("module", "_orig_mod")
-_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# "module": DeepSpeed's mp_rank_00_model_states.pt (beside buffer_names, ds_config, ...)
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "weights", "module")
 # Used only when none of _WRAPPERS is there (timm ModelEmaV2/V3, DeiT/ConvNeXt-style "model_ema").
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
 
@@ -162,8 +170,9 @@ def load(src: Any, config: str | None = None) -> Weights:
         not any(re.search(r"(^|\.)head\.fc\.weight$", k) for k in sd)
     sd = _rename(sd)
     if _caffe_classifier(sd):
+        if _imagenet_fc6(sd):
+            preprocess = preprocess or "caffe"
         sd = {_CAFFE_FC.get(k, k): v for k, v in sd.items()}
-        preprocess = preprocess or "caffe"
     if config is None and isinstance(meta.get("config"), str):
         try:
             canonical_config(meta["config"])
@@ -270,6 +279,8 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
         for name in _HF_FILES:  # vggfast train --out; a Hugging Face model folder
             if (path / name).is_file():
                 return path / name, None, None
+        if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+            raise _foreign_refusal(path, "a TensorFlow SavedModel folder")
         # timm's and Lightning's output folders hold several checkpoints: name them
         files = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix.lower() in
                        (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar"))
@@ -460,7 +471,10 @@ _FOREIGN_MAGIC = {b"\x89HDF\r\n\x1a\n": "an HDF5 file (Keras .h5)",
                   b"\x93NUMPY": "a NumPy .npy file (e.g. tensorflow-vgg's vgg16.npy)"}
 _FOREIGN_SUFFIX = {".onnx": "an ONNX model", ".caffemodel": "a Caffe model",
                    ".h5": "an HDF5 file (Keras .h5)", ".pb": "a TensorFlow file",
-                   ".tflite": "a TensorFlow Lite model"}
+                   ".tflite": "a TensorFlow Lite model",
+                   ".t7": "a Lua Torch7 file (e.g. fast-neural-style's vgg16.t7)",
+                   ".params": "an MXNet / Gluon .params file",
+                   ".prototxt": "a Caffe network description (its weights are a .caffemodel)"}
 
 
 def _refuse_foreign(path: Path) -> None:
@@ -479,10 +493,33 @@ def _refuse_foreign(path: Path) -> None:
             what = "a Keras model"
     elif what is None and head[:1] != b"\x80":
         what = _FOREIGN_SUFFIX.get(path.suffix.lower())
+        if what is None and (_is_sstable(path) or ".data-0" in path.name):
+            what = "a TensorFlow checkpoint (e.g. TF-slim's vgg_16.ckpt)"
     if what is not None:
-        raise WeightsError(f"{path}: {what}, which vggfast does not read; it reads PyTorch "
-                           "checkpoints (torch.save of a state dict) and safetensors files with "
-                           "torchvision, timm or vggfast names: convert the tensors to one first")
+        raise _foreign_refusal(path, what)
+
+
+def _foreign_refusal(path: Path, what: str) -> WeightsError:
+    return WeightsError(f"{path}: {what}, which vggfast does not read; it reads PyTorch "
+                        "checkpoints (torch.save of a state dict) and safetensors files with "
+                        "torchvision, timm or vggfast names: convert the tensors to one first")
+
+
+# TensorFlow's checkpoints (TF-slim's vgg_16.ckpt, a V2 checkpoint's .index) are LevelDB tables:
+# their last 8 bytes are the table magic number, little-endian.
+_SSTABLE_MAGIC = (0xdb4775248b80fb57).to_bytes(8, "little")
+
+
+def _is_sstable(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 48:       # a table's footer alone is 48 bytes
+                return False
+            f.seek(-8, os.SEEK_END)
+            return f.read(8) == _SSTABLE_MAGIC
+    except OSError:
+        return False
 
 
 def _zip_names(path: Path) -> list[str]:
@@ -607,6 +644,10 @@ def _unwrap(raw: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not tensors:
         raise WeightsError("no tensors found: not a state dict or a known checkpoint layout "
                            f"(top-level keys: {', '.join(map(str, list(raw)[:8])) or 'none'})")
+    if all(v.numel() == 0 for v in tensors.values()):   # DeepSpeed ZeRO-3's placeholders
+        raise WeightsError("every tensor is empty, as in a DeepSpeed ZeRO-3 checkpoint's "
+                           "partitioned model; consolidate it first with the zero_to_fp32.py "
+                           "script saved beside it")
     empty = [k for k, v in tensors.items() if v.is_meta or v.layout != torch.strided]
     if empty:
         raise WeightsError(f"tensor {empty[0]!r} holds no values (a meta or sparse tensor); "
@@ -715,9 +756,103 @@ def _from_convmodules(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _EXTRACTOR_KEY = re.compile(r"^(conv\d_\d|fc[678])_(weight|bias)$")
 
 
+# Cadene's pretrainedmodels (modify_vggs) moves torchvision's VGG modules to other attributes:
+# features -> _features, classifier[0] / [3] / [6] -> linear0 / linear1 / last_linear. The tensors
+# and the input convention (RGB, mean/std) are torchvision's.
+_CADENE = {"_features.": "features.", "linear0.": "classifier.0.", "linear1.": "classifier.3.",
+           "last_linear.": "classifier.6."}
+_CADENE_KEY = re.compile(r"^((?:.*\.)?)_features\.\d+\.weight$")
+
+
+def _from_cadene(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P._features.I.x`, `P.linear0.x`, `P.linear1.x`, `P.last_linear.x` -> torchvision's keys."""
+    owners = {m.group(1) for k in sd for m in [_CADENE_KEY.match(k)] if m}
+    # an owner with torchvision's names as well is not Cadene's; another VGG beside one is left
+    # for _strip_owner to name (it took that one for the model, unseen)
+    owners = sorted((o for o in owners if not any(k.startswith((o + "features.", o + "classifier."))
+                                                  for k in sd)), key=len, reverse=True)
+    if not owners:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        o = next((o for o in owners if k.startswith(o)), None)
+        if o is not None:
+            rest = k[len(o):]
+            old = next((old for old in _CADENE if rest.startswith(old)), None)
+            if old is not None:
+                k = o + _CADENE[old] + rest[len(old):]
+        out[k] = v
+    return out
+
+
+# Caffe's layer names as module names: David Bau's dissect / GAN dissection convert the Places365
+# VGG16 (vgg16_places365-*.pth) into torchvision's VGG with named modules, features.conv1_1 ...
+# classifier.fc6 / fc7 / fc8a (Places365's Caffe model names its 365-way layer fc8a; so do
+# caffemodel2pytorch's conversions of it, conv1_1 ... fc8a). Without this, "conv1_1.weight" under
+# "features." passed for a conv stack alone and the classifier was silently dropped.
+_LAYER_NAME_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)(?:features\.(?P<conv>conv\d_\d)|"
+                             r"classifier\.(?P<fc>fc[678]a?))\.(?P<p>weight|bias)$")
+_FC8A_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)(?P<fc>fc8a)\.(?P<p>weight|bias)$")
+
+
+def _from_layer_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.features.convB_I.x`, `P.classifier.fcN.x`, `P.fc8a.x` -> vggfast's `P.convB_I.x`,
+    `P.fcN.x` (fc8a is fc8)."""
+    hits = {k: m.groupdict() for k in sd for m in [_LAYER_NAME_KEY.match(k) or _FC8A_KEY.match(k)]
+            if m}
+    if not hits:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        g = hits.get(k)
+        if g is not None:
+            k = f"{g['owner']}{g.get('conv') or g['fc'].replace('fc8a', 'fc8')}.{g['p']}"
+        if k in out:
+            raise WeightsError(f"two tensors are named {k!r} once Caffe's layer names are mapped "
+                               "(fc8a is fc8); keep one set")
+        out[k] = v
+    return out
+
+
+# Weights stored reparametrised: torch.nn.utils.prune (weight_orig, weight_mask), weight_norm
+# (weight_g, weight_v), spectral_norm (weight_orig, weight_u, weight_v) and their parametrize
+# forms (parametrizations.weight.original...). The weight the layer computes with is not among the
+# tensors, so the layer looked absent and the stack matched no configuration of Table 1.
+_REPARAM_KEY = re.compile(r"(?:^|\.)(?:features\.\d+|classifier\.\d+|conv\d_\d|fc[678])\."
+                          r"(?:(?:weight|bias)_(orig|mask|g|v|u)$|"
+                          r"parametrizations\.(weight|bias)\.)")
+
+
+def _refuse_reparametrised(sd: dict[str, torch.Tensor]) -> None:
+    """A WeightsError naming the reparametrisation and the torch call that makes weights plain.
+    Only the VGG's own tensors count: those at the top when the VGG is there, else any."""
+    at_top = any(_VGG_KEY.match(k) for k in sd)
+    find = _REPARAM_KEY.match if at_top else _REPARAM_KEY.search
+    hits = [(k, m) for k in sd for m in [find(k)] if m]
+    if not hits:
+        return
+    kinds = {m.group(1) for _, m in hits}
+    if any(m.group(2) for _, m in hits):
+        what = "torch.nn.utils.parametrizations: weight or spectral norm"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+    elif "mask" in kinds:
+        what, fix = "pruning", "torch.nn.utils.prune.remove(layer, 'weight')"
+    elif "u" in kinds:
+        what, fix = "spectral norm", "torch.nn.utils.remove_spectral_norm(layer)"
+    elif "g" in kinds:
+        what, fix = "weight norm", "torch.nn.utils.remove_weight_norm(layer)"
+    else:   # its partner tensor is missing: pruning or spectral norm
+        what = "torch.nn.utils' pruning or spectral norm"
+        fix = "prune.remove(layer, 'weight') or remove_spectral_norm(layer)"
+    raise WeightsError(f"{hits[0][0]!r}: the weights are stored reparametrised ({what}), not as "
+                       f"the layers' weights; call {fix} on each such layer and save the "
+                       "state dict again")
+
+
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
-    for k, v in _strip_owner(_from_convmodules(_unslice(_strip_prefixes(sd)))).items():
+    sd = _from_layer_names(_from_cadene(_strip_prefixes(sd)))
+    for k, v in _strip_owner(_from_convmodules(_unslice(sd))).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
@@ -726,13 +861,17 @@ def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise WeightsError(f"two tensors are named {k!r} once timm's names are mapped; "
                                "keep one set")
         out[k] = v
+    _refuse_reparametrised(out)
     return out
 
 
 # jcjohnson/pytorch-vgg's conversions of the original Caffe models (vgg16-00b39a1b.pth,
 # vgg19-d01eb7cb.pth; style transfer and Faster R-CNN code loads them) keep a Dropout before fc6,
 # so their Linear layers sit at classifier.1, .4, .6, and they expect Caffe's input: BGR, 0-255,
-# minus the mean pixel. That classifier layout is their signature.
+# minus the mean pixel. That classifier layout with the paper's ImageNet fc6 is their signature:
+# CIFAR VGGs written with the same Dropout-first Sequential (chengyangfu/pytorch-vgg-cifar10's
+# Linear(512, 512) on the 1x1 map) were trained on torchvision's input, and fed Caffe's they
+# classified wrongly without a word.
 _CAFFE_FC = {f"classifier.{a}.{p}": f"classifier.{b}.{p}"
              for a, b in ((1, 0), (4, 3)) for p in ("weight", "bias")}
 
@@ -741,6 +880,16 @@ def _caffe_classifier(sd: dict[str, torch.Tensor]) -> bool:
     linear = {int(m.group(1)) for k in sd
               for m in [re.fullmatch(r"classifier\.(\d+)\.(?:weight|bias)", k)] if m}
     return linear == {1, 4, 6}
+
+
+def _imagenet_fc6(sd: dict[str, torch.Tensor]) -> bool:
+    """fc6 (classifier.1) reads a 7x7 map and is 8x as wide as the last conv: the paper's
+    ImageNet classifier (4096 outputs for 512 channels) at any width."""
+    convs, w = _convs_torchvision(sd), sd.get("classifier.1.weight")
+    if not convs or w is None or w.dim() != 2:
+        return False
+    c = convs[-1][1].shape[0]
+    return tuple(w.shape) == (8 * c, 49 * c)
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -859,12 +1008,31 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         conv_w = [w for _, w in tv]
         indices = [i for i, _ in tv]
         bn = any(f"features.{i + 1}.running_mean" in sd for i in indices)
+        # a normalisation layer's weight after a conv but no running statistics (parameters
+        # saved alone, BatchNorm with track_running_stats=False, GroupNorm): it read as "tensors
+        # no layer of configuration D reads (a modified VGG)"
+        norm = next((i + 1 for i, w in tv if not bn and getattr(sd.get(
+            f"features.{i + 1}.weight"), "shape", None) == w.shape[:1]), None)
+        if norm is not None:
+            raise WeightsError(
+                f"features.{norm} holds a normalisation layer's weight but no running statistics "
+                "(BatchNorm's running_mean / running_var); save model.state_dict(), which holds "
+                "them, not its parameters alone (BatchNorm without running statistics and "
+                "GroupNorm cannot be folded into the convolutions)")
     elif canonical_keys:
         names = sorted({k.split(".")[0] for k in canonical_keys if k.startswith("conv")},
                        key=lambda n: (int(n[4]), int(n[6])))
         names = [n for n in names if f"{n}.weight" in sd]
         conv_w = [sd[f"{n}.weight"] for n in names]
         indices, bn = None, False
+        # layer names say nothing of which conv a BatchNorm follows: its statistics were
+        # ignored and the network ran without them
+        stats = sorted(k for k in sd if re.fullmatch(r"(features\.)?[^.]+\.running_(mean|var)", k))
+        if stats:
+            raise WeightsError(f"BatchNorm statistics ({stats[0]}, ...) beside layer names "
+                               "(conv1_1.weight): which conv each follows is not known; save the "
+                               "model in torchvision's layout (features.N) or fold the BatchNorm "
+                               "into the convolutions first")
     else:
         sample = ", ".join(list(sd)[:5])
         raise WeightsError("unknown layout: no VGG convolution tensors found (expected torchvision "
