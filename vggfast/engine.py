@@ -514,7 +514,7 @@ class Engine:
         from .localize import localize
         return localize(self, img, scales, top_k, flip, merge_iou)
 
-    def features(self, imgs: Any, layer: str = "relu7", scales: Any = (256, 384, 512),
+    def features(self, imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
                  flip: bool = True, pool: str = "avg", normalize: bool = True,
                  aggregate: str = "mean") -> torch.Tensor:
         """Appendix B descriptors of one image or a list -> [N, D] float32 on cpu.
