@@ -88,6 +88,19 @@ def test_user_errors_exit_2_with_one_line(weights, samples, args):
     assert len(lines) == 1 and "error" in lines[0], p.stderr
 
 
+@pytest.mark.parametrize("command", [["classify", "x.jpg"], ["extract", "d", "--out", "f.npy"],
+                                     ["info", "w.pth"], ["train", "--data", "d"]])
+def test_a_typod_option_points_at_the_subcommands_help(command, capsys):
+    """`vggfast classify x.jpg --scalez 3`: one line naming the subcommand's --help, which lists
+    its options (the top-level --help does not)."""
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--scalez", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"vggfast {command[0]}: error: unrecognized arguments: --scalez 3")
+    assert err.rstrip().endswith(f"(see vggfast {command[0]} --help)")
+
+
 def test_no_weights_is_a_clear_error(samples, monkeypatch, capsys):
     monkeypatch.delenv("VGGFAST_WEIGHTS", raising=False)
     assert main(["classify", str(samples["cat"])]) == 2

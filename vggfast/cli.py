@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own parser takes every option (argparse.REMAINDER cannot)
         args = argparse.Namespace(func=cmd_bench, args=argv[1:])
     else:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # a typo'd option: point at the subcommand's --help, which lists its options
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with _pil_quiet():
             code = int(args.func(args) or 0)

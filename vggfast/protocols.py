@@ -436,7 +436,8 @@ def add_cli(sub) -> None:
     p.add_argument("--class-map", default=None,
                    help="folder name -> class index (JSON, or one folder name per line in index "
                         "order such as ImageNet's LOC_synset_mapping.txt)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use only the first N images (default 0: all)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from .localize import add_evaluate_arguments  # --task localize: vggfast/localize.py
