@@ -64,7 +64,11 @@ def test_classify_reads_an_image_from_standard_input(weights, samples):
     bad = subprocess.run([sys.executable, "-m", "vggfast", "classify", "-", *args],
                          input=b"not an image", capture_output=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1
-    assert "not an image file" in bad.stderr.decode()
+    assert "standard input: not an image file" in bad.stderr.decode()
+    empty = subprocess.run([sys.executable, "-m", "vggfast", "classify", "-", *args],
+                           input=b"", capture_output=True, timeout=300)
+    assert empty.returncode == 2 and empty.stderr.decode().count("\n") == 1
+    assert "standard input is empty" in empty.stderr.decode()
 
 
 @pytest.mark.parametrize("args", [

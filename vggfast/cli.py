@@ -79,6 +79,21 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
             print(f"  {p:7.4f}  {i:4d}  {name}")
 
 
+def _stdin_image():
+    """`-`: an image file's bytes on standard input, named as such in its errors (not
+    "<bytes>")."""
+    from .errors import ImageError
+    from .preprocess import load_image
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise ImageError("standard input is empty; pipe an image file into `-`, e.g. "
+                         "cat photo.jpg | vggfast classify -")
+    try:
+        return load_image(data)
+    except ImageError as exc:
+        raise ImageError(f"standard input: {str(exc).removeprefix('<bytes>: ')}") from None
+
+
 def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
@@ -99,7 +114,7 @@ def cmd_classify(args) -> int:
         images, decoded = [], []
         for path in paths[start:start + CHUNK_IMAGES]:
             try:
-                images.append(load_image(sys.stdin.buffer if path == "-" else path))
+                images.append(_stdin_image() if path == "-" else load_image(path))
                 decoded.append(path)
             except ImageError as exc:
                 print(error_line(exc), file=sys.stderr)
