@@ -436,6 +436,11 @@ def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
     with Image.open(png) as im:
         assert im.size == (48, 40)
         assert (255, 64, 64) in {c for _, c in im.getcolors(10000)}  # the box outline
+    rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
+               str(tmp_path / "loc"), "--scales", "32", "--out", str(tmp_path / "no" / "b.png")])
+    err = capsys.readouterr().err                     # one line, as heatmap's, no errno repr
+    assert rc == 2 and err == f"vggfast: error: cannot write {tmp_path / 'no' / 'b.png'}: No " \
+                              "such file or directory\n"
     assert main(["info", str(tmp_path / "loc"), "--json"]) == 0      # describes the loc net
     info = json.loads(capsys.readouterr().out)
     assert info["task"] == "localize" and info["mode"] == "scr" and info["outputs"] == 4

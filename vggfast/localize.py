@@ -1003,7 +1003,7 @@ def draw_boxes(img: Any, preds: Sequence[Sequence[Any]], out: str | os.PathLike 
         try:
             im.save(out)
         except (OSError, ValueError) as exc:
-            raise ArgumentError(f"cannot write {out}: {exc}")
+            raise ArgumentError(f"cannot write {out}: {getattr(exc, 'strerror', None) or exc}")
     return im
 
 
