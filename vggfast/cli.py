@@ -35,9 +35,12 @@ def _weights_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb"))
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 "
+                                                 "on cuda, float32 on cpu)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="auto (default): triton on cuda, torch otherwise")
+    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb"),
+                   help="input convention (default: from the weights, else torchvision)")
 
 
 def _engine(args, weights):
@@ -238,10 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "image file's bytes on standard input")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
-    p.add_argument("--top", type=int, default=5, help="classes to print per image")
-    p.add_argument("--method", default="dense", choices=("dense", "multicrop", "dense+multicrop"))
+    p.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--method", default="dense", choices=("dense", "multicrop", "dense+multicrop"),
+                   help="dense (default; Sec. 3.2), multicrop (a 5x5 grid of crops and their "
+                        "flips per scale) or both averaged")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--explain", action="store_true",
                    help="print the scheduler's plan (views, batches, memory) first")
@@ -257,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="classify the bundled sample photos with the best weights found")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", add_help=False,

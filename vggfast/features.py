@@ -629,9 +629,11 @@ def add_cli(sub) -> None:
     p.add_argument("--layer", default="fc7",
                    help="fc7 (default; Appendix B's descriptor), relu7 (fc7 after its ReLU), "
                         "relu6, pool5, conv5_3, ...")
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--pool", default="avg", choices=POOLS)
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
+    p.add_argument("--pool", default="avg", choices=POOLS, help="over space (default avg)")
     p.add_argument("--aggregate", default="mean", choices=AGGREGATES,
                    help="over scales: mean (D = C) or stack (D = C x scales)")
     p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")

@@ -1049,8 +1049,9 @@ def add_cli(sub) -> None:
     _engine_args(p)
     p.add_argument("--loc-weights", "-l", required=True,
                    help="the localisation net (`vggfast train --task localize` output)")
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384])
-    p.add_argument("--top", type=int, default=5, help="classes (one box each)")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384], metavar="Q",
+                   help="test scales: the image's smallest side rescaled to Q (default 256 384)")
+    p.add_argument("--top", type=int, default=5, help="classes (one box each; default 5)")
     p.add_argument("--flip", action="store_true", help="also use the flipped image's boxes")
     p.add_argument("--out", "-o", default=None, help="write the image with the boxes (PNG/JPEG)")
     p.add_argument("--draw", type=int, default=0,

@@ -429,8 +429,10 @@ def add_cli(sub) -> None:
     p.add_argument("--method", nargs="+", default=["dense"],
                    choices=("dense", "multicrop", "dense+multicrop"),
                    help="one or more protocols; one table row each")
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
-    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
     p.add_argument("--average", default="probs", choices=AVERAGES,
                    help="probs: softmax per view then mean (default); scores: mean then softmax")
     p.add_argument("--class-map", default=None,
