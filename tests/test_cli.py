@@ -163,6 +163,20 @@ def test_bench_on_cpu_runs_the_reference_and_says_so(tmp_path, capsys):
     assert rows
 
 
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
+def test_bench_refuses_an_unusable_out_before_timing(tmp_path, capsys, out):
+    """A file given as --out (or a folder under one) is a one-line usage error up front; it was
+    a traceback after the whole benchmark had run."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--batches", "1", "--no-dense", "--no-engine", "--no-check",
+              "--out", str(tmp_path / out)])
+    cap = capsys.readouterr()
+    assert exc.value.code == 2 and cap.err.count("\n") == 1 and "Traceback" not in cap.err
+    assert cap.err.startswith(f"vggfast bench: error: --out {tmp_path / out}")
+    assert cap.out == ""                                  # nothing was timed
+
+
 
 def test_a_warning_on_the_command_line_is_one_line(capsys):
     """backend='auto' on a CUDA machine whose triton cannot run the kernels falls back to cuDNN
