@@ -195,6 +195,12 @@ def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_
     assert err.value.image == 3 and "memory_budget" in err.value.reason
     with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000\) at scale 64 "):
         eng.classify([torch.rand(3, 40, 40), torch.rand(3, 40, 2000)], scales=64)
+    # plan and score_map name the file as classify does
+    for call in (lambda: eng.plan(items, scales=64),
+                 lambda: eng.score_map(tmp_path / "pano.png", scale=64)):
+        with pytest.raises(MemoryBudgetError) as err:
+            call()
+        assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image ")
 
 
 def test_memory_budget_from_the_environment(tiny, monkeypatch):

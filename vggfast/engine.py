@@ -492,8 +492,9 @@ class Engine:
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
-        return self._executor.plan([load_item(items, k) for k in range(len(items))], scales,
-                                   flip, method)
+        images = [load_item(items, k) for k in range(len(items))]
+        with naming_images(items, 0):     # a refusal names the file, as classify's does
+            return self._executor.plan(images, scales, flip, method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
@@ -502,7 +503,8 @@ class Engine:
             raise ArgumentError("score_map takes one image, not a list; call it once per image")
         scales, _, items, _ = self._request(img, (scale,), "dense")
         images = [pp.load_image(items[0])]
-        plan = self._executor.plan(images, scales, False, "dense")
+        with naming_images(items, 0):
+            plan = self._executor.plan(images, scales, False, "dense")
         return check_finite(self._executor.run(plan, images, reduce=lambda t: t)[0], self,
                             "class scores")
 
