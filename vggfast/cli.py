@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("info", help="describe weights: configuration, parameters, classes")
-    p.add_argument("weights_pos", nargs="?", metavar="WEIGHTS")
+    p.add_argument("weights_pos", nargs="?", metavar="WEIGHTS",
+                   help="the weights to describe (or --weights)")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--json", action="store_true")

@@ -1044,7 +1044,7 @@ def add_cli(sub) -> None:
     from .cli import _engine_args, _weights_arg
     p = sub.add_parser("localize", help="boxes of the top classes (paper Appendix A): dense "
                                         "localisation net + greedy merging; draws them with --out")
-    p.add_argument("image")
+    p.add_argument("image", help="an image file")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--loc-weights", "-l", required=True,

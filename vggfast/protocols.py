@@ -447,7 +447,7 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image (PNG)")
-    p.add_argument("image")
+    p.add_argument("image", help="an image file")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--out", "-o", required=True, help="output PNG")
