@@ -485,6 +485,13 @@ def test_train_and_evaluate_commands_route_task_localize(tiny_set, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["images"] == 6
     assert main(["train", "--task", "localize", "--data", str(tiny_set), "--init",
                  str(tiny_set / "cls"), "--out", str(out)]) == 2  # no --boxes
+    (tmp_path / "a_file").write_text("")          # an --out it cannot make: one line, as
+    capsys.readouterr()                           # `vggfast train`'s (it was a traceback)
+    assert main(["train", "--task", "localize", "--data", str(tiny_set), "--boxes",
+                 str(tiny_set / "boxes.jsonl"), "--init", str(tiny_set / "cls"), "--out",
+                 str(tmp_path / "a_file"), "--device", "cpu", "--workers", "0", "--quiet"]) == 2
+    assert capsys.readouterr().err == f"vggfast: error: cannot create --out {tmp_path / 'a_file'}" \
+                                      ": File exists\n"
 
 
 def test_a_localisation_net_is_not_taken_for_a_classifier(tiny_set, tmp_path):

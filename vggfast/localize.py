@@ -931,7 +931,10 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
     say(f"localisation net {opts.mode.upper()} from {init}: {len(samples)} training images, "
         f"scales {scales}, trainable {opts.trainable}, {device}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:     # a file, or a read-only place: one line, as `vggfast train`'s
+        raise VGGFastError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     history = []
     for epoch in range(opts.epochs):
         model.train()
