@@ -54,6 +54,7 @@ import math
 import numbers
 import os
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -931,10 +932,14 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
     say(f"localisation net {opts.mode.upper()} from {init}: {len(samples)} training images, "
         f"scales {scales}, trainable {opts.trainable}, {device}")
-    try:
+    try:        # a file, or a read-only place: one line, as `vggfast train`'s
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:     # a file, or a read-only place: one line, as `vggfast train`'s
+    except OSError as exc:
         raise VGGFastError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    try:        # found now, not when the first epoch's model is saved
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise VGGFastError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     history = []
     for epoch in range(opts.epochs):
         model.train()
