@@ -64,7 +64,11 @@ def test_classify_reads_an_image_from_standard_input(weights, samples):
     bad = subprocess.run([sys.executable, "-m", "vggfast", "classify", "-", *args],
                          input=b"not an image", capture_output=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1
-    assert "not an image file" in bad.stderr.decode()
+    assert "standard input: not an image file" in bad.stderr.decode()
+    empty = subprocess.run([sys.executable, "-m", "vggfast", "classify", "-", *args],
+                           input=b"", capture_output=True, timeout=300)
+    assert empty.returncode == 2 and empty.stderr.decode().count("\n") == 1
+    assert "standard input is empty" in empty.stderr.decode()
 
 
 @pytest.mark.parametrize("args", [
@@ -94,6 +98,19 @@ def test_a_scale_too_small_is_explained_for_the_method(weights, samples, capsys,
     assert main(["classify", str(samples["cat"]), "--weights", str(weights), "--scales", "16",
                  "--method", method]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["classify", "x.jpg"], ["extract", "d", "--out", "f.npy"],
+                                     ["info", "w.pth"], ["train", "--data", "d"]])
+def test_a_typod_option_points_at_the_subcommands_help(command, capsys):
+    """`vggfast classify x.jpg --scalez 3`: one line naming the subcommand's --help, which lists
+    its options (the top-level --help does not)."""
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--scalez", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"vggfast {command[0]}: error: unrecognized arguments: --scalez 3")
+    assert err.rstrip().endswith(f"(see vggfast {command[0]} --help)")
 
 
 def test_no_weights_is_a_clear_error(samples, monkeypatch, capsys):
@@ -152,6 +169,20 @@ def test_bench_on_cpu_runs_the_reference_and_says_so(tmp_path, capsys):
         assert "no CUDA device" in out
     rows = json.loads((tmp_path / "throughput.json").read_text())
     assert rows
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/sub"])
+def test_bench_refuses_an_unusable_out_before_timing(tmp_path, capsys, out):
+    """A file given as --out (or a folder under one) is a one-line usage error up front; it was
+    a traceback after the whole benchmark had run."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--batches", "1", "--no-dense", "--no-engine", "--no-check",
+              "--out", str(tmp_path / out)])
+    cap = capsys.readouterr()
+    assert exc.value.code == 2 and cap.err.count("\n") == 1 and "Traceback" not in cap.err
+    assert cap.err.startswith(f"vggfast bench: error: --out {tmp_path / out}")
+    assert cap.out == ""                                  # nothing was timed
 
 
 

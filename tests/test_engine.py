@@ -197,6 +197,12 @@ def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_
     assert err.value.image == 3 and "memory_budget" in err.value.reason
     with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000\) at scale 64 "):
         eng.classify([torch.rand(3, 40, 40), torch.rand(3, 40, 2000)], scales=64)
+    # plan and score_map name the file as classify does
+    for call in (lambda: eng.plan(items, scales=64),
+                 lambda: eng.score_map(tmp_path / "pano.png", scale=64)):
+        with pytest.raises(MemoryBudgetError) as err:
+            call()
+        assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image ")
 
 
 def test_memory_budget_from_the_environment(tiny, monkeypatch):
@@ -617,3 +623,21 @@ def test_logits_of_an_empty_batch_are_empty(backend):
                  device="cuda" if torch.cuda.is_available() else "cpu")
     out = eng.logits(torch.rand(0, 3, 32, 32))
     assert out.shape == (0, 10) and out.dtype == torch.float32 and out.device.type == "cpu"
+
+
+def test_the_readmes_runs_anywhere_example_prints_what_it_says(monkeypatch, capsys):
+    """README's first Python block ("so this runs anywhere, as written"), run as written from the
+    repository root: it prints the list its comment shows, [(1, '1', 0.95...), ...] (float32 on
+    a CPU; bfloat16 on a GPU moves the third digit)."""
+    import ast
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    block = re.search(r"runs\s+anywhere, as written:\n\n```python\n(.*?)```", text, re.S)[1]
+    assert "# [(1, '1', 0.95...), ...]" in block
+    monkeypatch.chdir(root)
+    exec(compile(block, "README.md", "exec"), {})
+    top = ast.literal_eval(capsys.readouterr().out.strip())
+    assert len(top) == 3 and top[0][:2] == (1, "1")
+    assert 0.95 <= top[0][2] < 0.96 if not torch.cuda.is_available() else top[0][2] > 0.9

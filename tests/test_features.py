@@ -1,5 +1,8 @@
 """Engine.features / feature_maps (Appendix B) and FeatureExtractor, against computations written
 out here on torchvision-layout modules."""
+import argparse
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -307,13 +310,21 @@ def test_feature_extractor_under_autocast_follows_torchvision(tv16):
         assert fx.double()(x.double())["pool3"].dtype == torch.float64   # autocast leaves fp64
 
 
-def test_the_default_descriptor_is_the_papers_relu7(eng):
-    """Appendix B's "activations of the penultimate layer": the Caffe models' fc7 blob, after
-    the in-place ReLU, i.e. "relu7"; "fc7" (before the ReLU) has negative components."""
+def test_the_default_descriptor_is_fc7_as_design_md_names_it(eng):
+    """DESIGN.md's public API: features(imgs, layer="fc7", ...), Appendix B's fc7 output (before
+    its ReLU, as every "fc"/"conv" name is); "relu7" is the same blob after the ReLU. The CLI's
+    extract has the same default."""
+    from vggfast.features import add_cli, extract, features
+    assert inspect.signature(type(eng).features).parameters["layer"].default == "fc7"
+    assert inspect.signature(features).parameters["layer"].default == "fc7"
+    assert inspect.signature(extract).parameters["layer"].default == "fc7"
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_cli(sub)
+    assert sub.choices["extract"].get_default("layer") == "fc7"
     img = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(2))
     default = eng.features(img, scales=(32, 40))
-    torch.testing.assert_close(default, eng.features(img, layer="relu7", scales=(32, 40)))
-    assert default.min() >= 0 and eng.features(img, layer="fc7", scales=(32, 40)).min() < 0
+    torch.testing.assert_close(default, eng.features(img, layer="fc7", scales=(32, 40)))
+    assert default.min() < 0 and eng.features(img, layer="relu7", scales=(32, 40)).min() >= 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

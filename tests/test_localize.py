@@ -436,6 +436,11 @@ def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
     with Image.open(png) as im:
         assert im.size == (48, 40)
         assert (255, 64, 64) in {c for _, c in im.getcolors(10000)}  # the box outline
+    rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
+               str(tmp_path / "loc"), "--scales", "32", "--out", str(tmp_path / "no" / "b.png")])
+    err = capsys.readouterr().err                     # one line, as heatmap's, no errno repr
+    assert rc == 2 and err == f"vggfast: error: cannot write {tmp_path / 'no' / 'b.png'}: No " \
+                              "such file or directory\n"
     assert main(["info", str(tmp_path / "loc"), "--json"]) == 0      # describes the loc net
     info = json.loads(capsys.readouterr().out)
     assert info["task"] == "localize" and info["mode"] == "scr" and info["outputs"] == 4
@@ -480,6 +485,13 @@ def test_train_and_evaluate_commands_route_task_localize(tiny_set, tmp_path, cap
     assert json.loads(capsys.readouterr().out)["images"] == 6
     assert main(["train", "--task", "localize", "--data", str(tiny_set), "--init",
                  str(tiny_set / "cls"), "--out", str(out)]) == 2  # no --boxes
+    (tmp_path / "a_file").write_text("")          # an --out it cannot make: one line, as
+    capsys.readouterr()                           # `vggfast train`'s (it was a traceback)
+    assert main(["train", "--task", "localize", "--data", str(tiny_set), "--boxes",
+                 str(tiny_set / "boxes.jsonl"), "--init", str(tiny_set / "cls"), "--out",
+                 str(tmp_path / "a_file"), "--device", "cpu", "--workers", "0", "--quiet"]) == 2
+    assert capsys.readouterr().err == f"vggfast: error: cannot create --out {tmp_path / 'a_file'}" \
+                                      ": File exists\n"
 
 
 def test_a_localisation_net_is_not_taken_for_a_classifier(tiny_set, tmp_path):

@@ -3,10 +3,12 @@ and exact resume, data errors, DDP on CPU, and the shipped digits model.
 
 Everything runs on tiny networks (width 1/16, 32x32 crops) and a handful of images, on CPU.
 """
+import errno
 import importlib.util
 import json
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -264,6 +266,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
         T._atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]
+
+    def full(p):        # the OS refusing (a full disk, a read-only --out): a one-line user error
+        Path(p).write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(VGGFastError, match=f"^cannot write {re.escape(str(target))}: No space"):
+        T._atomic_write(target, full)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
+from .errors import VGGFastError
 from .nn import TorchBackend, build_model, dense_forward
 from .weights import load
 
@@ -111,6 +112,12 @@ def parse_args(argv):
                     f"{','.join(map(str, args.batches))}")
     if args.size < 32 or args.size % 32:
         p.error("--size must be a multiple of 32")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; give a folder for throughput.json / .csv")
+    try:    # made now, so a bad --out fails before the timing runs, not after them
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot make the results folder ({exc.strerror or exc})")
     return args
 
 
@@ -505,14 +512,17 @@ def _report(result, args) -> int:
               f"{f(r['peak_extra_mib'], '8.0f'):>8s} {f(r['speedup_vs_eager'], '8.2f'):>8s} "
               f"{f(r['speedup_vs_compile'], '9.2f'):>9s}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(result, indent=2))
-    with open(out / "throughput.csv", "w", newline="") as fh:
-        keys = list(rows[0]) if rows else ["backend"]
-        meta_keys = ["gpu", "driver", "torch", "triton", "git_commit"]
-        w = csv.DictWriter(fh, fieldnames=keys + meta_keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **{k: result["meta"].get(k) for k in meta_keys}})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "throughput.json").write_text(json.dumps(result, indent=2))
+        with open(out / "throughput.csv", "w", newline="") as fh:
+            keys = list(rows[0]) if rows else ["backend"]
+            meta_keys = ["gpu", "driver", "torch", "triton", "git_commit"]
+            w = csv.DictWriter(fh, fieldnames=keys + meta_keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({**r, **{k: result["meta"].get(k) for k in meta_keys}})
+    except OSError as exc:
+        raise VGGFastError(f"cannot write the results to {out}: {exc.strerror or exc}") from None
     print(f"\nwrote {out / 'throughput.json'} and {out / 'throughput.csv'}")
     return 0

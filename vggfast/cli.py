@@ -35,9 +35,12 @@ def _weights_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb"))
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16 "
+                                                 "on cuda, float32 on cpu)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="auto (default): triton on cuda, torch otherwise")
+    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb"),
+                   help="input convention (default: from the weights, else torchvision)")
 
 
 def _engine(args, weights):
@@ -79,6 +82,21 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
             print(f"  {p:7.4f}  {i:4d}  {name}")
 
 
+def _stdin_image():
+    """`-`: an image file's bytes on standard input, named as such in its errors (not
+    "<bytes>")."""
+    from .errors import ImageError
+    from .preprocess import load_image
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise ImageError("standard input is empty; pipe an image file into `-`, e.g. "
+                         "cat photo.jpg | vggfast classify -")
+    try:
+        return load_image(data)
+    except ImageError as exc:
+        raise ImageError(f"standard input: {str(exc).removeprefix('<bytes>: ')}") from None
+
+
 def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
@@ -99,7 +117,7 @@ def cmd_classify(args) -> int:
         images, decoded = [], []
         for path in paths[start:start + CHUNK_IMAGES]:
             try:
-                images.append(load_image(sys.stdin.buffer if path == "-" else path))
+                images.append(_stdin_image() if path == "-" else load_image(path))
                 decoded.append(path)
             except ImageError as exc:
                 print(error_line(exc), file=sys.stderr)
@@ -223,17 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "image file's bytes on standard input")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
-    p.add_argument("--top", type=int, default=5, help="classes to print per image")
-    p.add_argument("--method", default="dense", choices=("dense", "multicrop", "dense+multicrop"))
+    p.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--method", default="dense", choices=("dense", "multicrop", "dense+multicrop"),
+                   help="dense (default; Sec. 3.2), multicrop (a 5x5 grid of crops and their "
+                        "flips per scale) or both averaged")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--explain", action="store_true",
                    help="print the scheduler's plan (views, batches, memory) first")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("info", help="describe weights: configuration, parameters, classes")
-    p.add_argument("weights_pos", nargs="?", metavar="WEIGHTS")
+    p.add_argument("weights_pos", nargs="?", metavar="WEIGHTS",
+                   help="the weights to describe (or --weights)")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--json", action="store_true")
@@ -242,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="classify the bundled sample photos with the best weights found")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", add_help=False,
@@ -338,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own parser takes every option (argparse.REMAINDER cannot)
         args = argparse.Namespace(func=cmd_bench, args=argv[1:])
     else:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # a typo'd option: point at the subcommand's --help, which lists its options
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         with _pil_quiet(), _printable_stdout():
             code = int(args.func(args) or 0)

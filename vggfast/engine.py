@@ -516,8 +516,9 @@ class Engine:
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
-        return self._executor.plan([load_item(items, k) for k in range(len(items))], scales,
-                                   flip, method)
+        images = [load_item(items, k) for k in range(len(items))]
+        with naming_images(items, 0):     # a refusal names the file, as classify's does
+            return self._executor.plan(images, scales, flip, method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
@@ -526,7 +527,8 @@ class Engine:
             raise ArgumentError("score_map takes one image, not a list; call it once per image")
         scales, _, items, _ = self._request(img, (scale,), "dense")
         images = [pp.load_image(items[0])]
-        plan = self._executor.plan(images, scales, False, "dense")
+        with naming_images(items, 0):
+            plan = self._executor.plan(images, scales, False, "dense")
         return check_finite(self._executor.run(plan, images, reduce=lambda t: t)[0], self,
                             "class scores")
 
@@ -538,7 +540,7 @@ class Engine:
         from .localize import localize
         return localize(self, img, scales, top_k, flip, merge_iou)
 
-    def features(self, imgs: Any, layer: str = "relu7", scales: Any = (256, 384, 512),
+    def features(self, imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
                  flip: bool = True, pool: str = "avg", normalize: bool = True,
                  aggregate: str = "mean") -> torch.Tensor:
         """Appendix B descriptors of one image or a list -> [N, D] float32 on cpu.

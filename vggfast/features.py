@@ -12,9 +12,10 @@ and the number of classes for fc8.
 
 Layer names are `NetSpec.tap_names()`: conv{b}_{i}, relu{b}_{i}, [norm1], pool{b}, fc6, relu6,
 fc7, relu7, fc8. A "conv"/"fc" name is the layer's output before its ReLU (torchvision's
-`features[i]` / `classifier[i]` output), the "relu" name the one after. The paper's descriptor,
-"4096-D activations of the penultimate layer", is the fc7 blob of the Caffe models, whose ReLU
-runs in place on it: "relu7" here, the default of `features` and `extract`.
+`features[i]` / `classifier[i]` output), the "relu" name the one after. The default of `features`
+and `extract` is "fc7", the fc7 output of DESIGN.md's public API (the paper's "4096-D activations
+of the penultimate layer"); "relu7" is the same blob after its ReLU, as the Caffe models' fc7 blob
+reads once their in-place ReLU has run.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def _pool(m: torch.Tensor, pool: str) -> torch.Tensor:
     return m.mean(dim=(2, 3)) if pool == "avg" else m.amax(dim=(2, 3))
 
 
-def features(engine: "Engine", imgs: Any, layer: str = "relu7", scales: Any = (256, 384, 512),
+def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
              flip: bool = True, pool: str = "avg", normalize: bool = True,
              aggregate: str = "mean") -> torch.Tensor:
     """Appendix B descriptors of one image or a list of images -> [N, D] float32 on cpu.
@@ -480,7 +481,7 @@ class _Parts:
         self.release()
 
 
-def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, layer: str = "relu7",
+def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, layer: str = "fc7",
             scales: Any = (256, 384, 512), flip: bool = True, pool: str = "avg",
             normalize: bool = True, aggregate: str = "mean", batch_size: int = 16,
             progress: bool = True, rank: int = 0, world: int = 1,
@@ -651,12 +652,14 @@ def add_cli(sub) -> None:
     _engine_args(p)
     p.add_argument("--out", "-o", required=True, help="features .npy; the file list goes to "
                                                       "the same name with .json")
-    p.add_argument("--layer", default="relu7",
-                   help="relu7 (the paper's descriptor), fc7 (before its ReLU), relu6, pool5, "
-                        "conv5_3, ...")
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
-    p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--pool", default="avg", choices=POOLS)
+    p.add_argument("--layer", default="fc7",
+                   help="fc7 (default; Appendix B's descriptor), relu7 (fc7 after its ReLU), "
+                        "relu6, pool5, conv5_3, ...")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
+    p.add_argument("--pool", default="avg", choices=POOLS, help="over space (default avg)")
     p.add_argument("--aggregate", default="mean", choices=AGGREGATES,
                    help="over scales: mean (D = C) or stack (D = C x scales)")
     p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")

@@ -54,6 +54,7 @@ import math
 import numbers
 import os
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -931,7 +932,14 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
     say(f"localisation net {opts.mode.upper()} from {init}: {len(samples)} training images, "
         f"scales {scales}, trainable {opts.trainable}, {device}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:        # a file, or a read-only place: one line, as `vggfast train`'s
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VGGFastError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    try:        # found now, not when the first epoch's model is saved
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise VGGFastError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     history = []
     for epoch in range(opts.epochs):
         model.train()
@@ -1003,7 +1011,7 @@ def draw_boxes(img: Any, preds: Sequence[Sequence[Any]], out: str | os.PathLike 
         try:
             im.save(out)
         except (OSError, ValueError) as exc:
-            raise ArgumentError(f"cannot write {out}: {exc}")
+            raise ArgumentError(f"cannot write {out}: {getattr(exc, 'strerror', None) or exc}")
     return im
 
 
@@ -1044,13 +1052,14 @@ def add_cli(sub) -> None:
     from .cli import _engine_args, _weights_arg
     p = sub.add_parser("localize", help="boxes of the top classes (paper Appendix A): dense "
                                         "localisation net + greedy merging; draws them with --out")
-    p.add_argument("image")
+    p.add_argument("image", help="an image file")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--loc-weights", "-l", required=True,
                    help="the localisation net (`vggfast train --task localize` output)")
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384])
-    p.add_argument("--top", type=int, default=5, help="classes (one box each)")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384], metavar="Q",
+                   help="test scales: the image's smallest side rescaled to Q (default 256 384)")
+    p.add_argument("--top", type=int, default=5, help="classes (one box each; default 5)")
     p.add_argument("--flip", action="store_true", help="also use the flipped image's boxes")
     p.add_argument("--out", "-o", default=None, help="write the image with the boxes (PNG/JPEG)")
     p.add_argument("--draw", type=int, default=0,

@@ -429,14 +429,17 @@ def add_cli(sub) -> None:
     p.add_argument("--method", nargs="+", default=["dense"],
                    choices=("dense", "multicrop", "dense+multicrop"),
                    help="one or more protocols; one table row each")
-    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512])
-    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--scales", type=int, nargs="+", default=[256, 384, 512], metavar="Q",
+                   help="test scales: each image's smallest side rescaled to Q (default 256 384 "
+                        "512)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped view")
     p.add_argument("--average", default="probs", choices=AVERAGES,
                    help="probs: softmax per view then mean (default); scores: mean then softmax")
     p.add_argument("--class-map", default=None,
                    help="folder name -> class index (JSON, or one folder name per line in index "
                         "order such as ImageNet's LOC_synset_mapping.txt)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use only the first N images (default 0: all)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from .localize import add_evaluate_arguments  # --task localize: vggfast/localize.py
@@ -444,7 +447,7 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image (PNG)")
-    p.add_argument("image")
+    p.add_argument("image", help="an image file")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--out", "-o", required=True, help="output PNG")

@@ -529,6 +529,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create files 0600
         os.replace(tmp, path)
+    except OSError as exc:      # a read-only --out, a full disk: one line, not a traceback
+        raise VGGFastError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
