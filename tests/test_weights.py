@@ -460,10 +460,11 @@ def test_timm_training_checkpoint_with_its_args_loads(ref64, tmp_path):
         load(str(path))
 
 
-def test_numpy_numbers_beside_the_weights_load_and_numpy_arrays_do_not(ref64, tmp_path):
+def test_numpy_numbers_and_arrays_beside_the_weights_load(ref64, tmp_path):
     """Training scripts save metrics as numpy numbers (best_acc1 = np.float64, an np.int64
-    epoch): they were refused as "objects other than tensors". numpy arrays (their pickle calls
-    ndarray.__setstate__) and the user's own classes are still refused."""
+    epoch): they were refused as "objects other than tensors". numpy arrays beside the weights
+    (their pickle calls ndarray.__setstate__) load as inert stand-ins on torch >= 2.6, where
+    torch's allowlist takes named entries; earlier, they are refused by name."""
     import numpy as np
     if not hasattr(torch.serialization, "safe_globals"):
         pytest.skip("torch < 2.5 has no safe_globals")
@@ -477,8 +478,69 @@ def test_numpy_numbers_beside_the_weights_load_and_numpy_arrays_do_not(ref64, tm
         if k.startswith("features.0."):
             torch.testing.assert_close(w.state_dict[f"conv1_1.{k.rsplit('.', 1)[1]}"], v.float())
     torch.save({"state_dict": sd, "confusion": np.zeros((2, 2))}, path)
-    with pytest.raises(WeightsError, match=r"refused.*_reconstruct"):
+    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        _same(load(str(path)).state_dict, w.state_dict)
+    else:
+        with pytest.raises(WeightsError, match=r"refused.*_reconstruct"):
+            load(str(path))
+
+
+_HYDRA_LIKE = '''
+class DictConfig:      # pickles as omegaconf's does: a class with its own __getstate__ state
+    def __init__(self, content):
+        self._content = dict(content)
+    def __getstate__(self):
+        return {"_content": self._content, "_metadata": ("flags", None)}
+'''
+
+
+def test_lightning_checkpoint_with_hydra_hyper_parameters_loads(ref64, tmp_path, monkeypatch):
+    """Lightning under Hydra saves hyper_parameters as omegaconf DictConfigs, often with
+    pathlib paths: weights_only refuses the whole file. Those classes stand in as inert data
+    (omegaconf need not be installed; nothing of it runs) and the weights load; a class of any
+    other module beside the weights (the user's own, a payload) is still refused, and its code
+    never runs."""
+    import pathlib
+    import sys
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        pytest.skip("torch < 2.6: the allowlist takes no named stand-ins")
+    pkg = tmp_path / "fake" / "omegaconf"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "dictconfig.py").write_text(_HYDRA_LIKE)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    from omegaconf.dictconfig import DictConfig
+    sd = ref64[0].state_dict()
+    ckpt = {"epoch": 3, "global_step": 900, "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "hyper_parameters": {"cfg": DictConfig({"lr": 0.01, "data": "/data/imagenet"}),
+                                 "root": pathlib.PurePosixPath("/data/imagenet")}}
+    path = tmp_path / "epoch=3-step=900.ckpt"
+    torch.save(ckpt, path)
+    for name in [m for m in sys.modules if m.startswith("omegaconf")]:
+        monkeypatch.delitem(sys.modules, name)       # as on a machine without omegaconf
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "fake" not in p])
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)          # what vggfast had before
+    _same(load(str(path)).state_dict, load(sd).state_dict)
+    # a payload beside the weights: refused, never run
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": sd, "cfg": _Payload(str(marker))}, path)
+    with pytest.raises(WeightsError, match=r"refused.*GLOBAL [\w.]*_touch"):
         load(str(path))
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def _touch(marker):
+    open(marker, "w").close()
 
 
 def test_timm_without_head_loads_for_features(ref64):

@@ -21,7 +21,10 @@ a VGG held under one attribute prefix of a larger module (Lightning's `model.fea
 other tensors and an EMA copy beside it are ignored, two VGGs refused), and checkpoint wrappers
 (`state_dict`, `model`, `model_state_dict`, `net`, `weights`, DeepSpeed's `module`; an EMA
 copy, `state_dict_ema` / `model_ema`, when there is nothing else). Training checkpoints may carry
-argparse.Namespace arguments (timm's do); any other class is refused, never unpickled.
+argparse.Namespace arguments (timm's do) and numpy numbers; on torch >= 2.6, classes of
+metadata modules (omegaconf's DictConfig in a Lightning + Hydra checkpoint's hyper_parameters,
+pathlib paths, numpy arrays) load as inert stand-ins, still through torch's weights_only
+unpickler. Any other class is refused, never unpickled.
 Other tools' files (Keras .h5/.keras, TensorFlow checkpoints and SavedModel folders, ONNX, Caffe,
 MatConvNet, NumPy) are refused by name. Weights stored reparametrised (pruning's `weight_orig`
 / `weight_mask`, weight norm's `weight_g`, spectral norm, `parametrizations.weight.*`) are
@@ -359,9 +362,12 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                         f"or later (opcode {op.name}), which torch's weights_only loader does not "
                         "read; save a plain state_dict with torch.save's default protocol or a "
                         "safetensors file")
-                raise WeightsError(
-                    f"{path}: refused to unpickle objects other than tensors (weights_only=True); "
-                    f"save a plain state_dict or a safetensors file ({reason})")
+                raw = _load_with_stand_ins(path)
+                if raw is None:
+                    raise WeightsError(
+                        f"{path}: refused to unpickle objects other than tensors "
+                        f"(weights_only=True); save a plain state_dict or a safetensors file "
+                        f"({reason})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
                 _refuse_foreign(path)
@@ -588,18 +594,70 @@ def _damaged_pickle(path: Path, reason: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _allow_safe_globals():
-    """_SAFE_GLOBALS allowed for the torch.load inside (the caller holds _WARNINGS_LOCK).
-    torch >= 2.5 scopes the allowance with safe_globals; torch 2.4 has only the process-wide
-    add_safe_globals, so the user's own list is put back as it was afterwards."""
+class _StandIn:
+    """What an object of a class or function a checkpoint names beside its weights becomes
+    (Hydra's omegaconf.DictConfig or a pathlib.PosixPath in a Lightning checkpoint's
+    hyper_parameters, a numpy array of metrics): its arguments and state are kept as plain data;
+    nothing of the named class or function is imported or run."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+# Where the classes of a training checkpoint's metadata come from (Lightning's hyper_parameters
+# under Hydra: omegaconf; paths, dates, enums, numpy arrays of metrics). Only these stand in:
+# any other class (a pickled model, the user's own, a payload) stays refused by name.
+_METADATA_MODULES = ("omegaconf", "pathlib", "numpy", "datetime", "enum", "typing", "collections",
+                     "uuid", "decimal", "fractions")
+
+
+def _load_with_stand_ins(path: Path) -> Any | None:
+    """A torch.save zip checkpoint whose state dict sits beside objects weights_only refuses,
+    loaded with each refused global replaced by a _StandIn (still through torch's weights_only
+    unpickler). None where that cannot help: a class outside _METADATA_MODULES (a pickled model,
+    a payload), the tensors inside a refused object (no state dict outside them), or a torch
+    without named allowlist entries (< 2.6)."""
     ser = torch.serialization
+    if not hasattr(ser, "get_unsafe_globals_in_checkpoint"):
+        return None
+    try:
+        names = ser.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file, a damaged archive
+        return None
+    if not names or any(n.split(".")[0] not in _METADATA_MODULES for n in names):
+        return None
+    stand_ins = [(type(n.rsplit(".", 1)[-1], (_StandIn,), {"__module__": __name__}), n)
+                 for n in names]
+    try:
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _allow_safe_globals(stand_ins), open(path, "rb") as f:
+                raw = torch.load(f, map_location="cpu", weights_only=True)
+        _unwrap(raw)
+    except Exception:  # noqa: BLE001 - refused all the same: the caller says why
+        return None
+    return raw
+
+
+@contextlib.contextmanager
+def _allow_safe_globals(extra: list | None = None):
+    """_SAFE_GLOBALS (and `extra`) allowed for the torch.load inside (the caller holds
+    _WARNINGS_LOCK). torch >= 2.5 scopes the allowance with safe_globals; torch 2.4 has only the
+    process-wide add_safe_globals, so the user's own list is put back as it was afterwards."""
+    ser = torch.serialization
+    allowed = list(_SAFE_GLOBALS) + list(extra or ())
     if hasattr(ser, "safe_globals"):
-        with ser.safe_globals(list(_SAFE_GLOBALS)):
+        with ser.safe_globals(allowed):
             yield
         return
     before = list(ser.get_safe_globals())   # a copy: torch 2.4 returns its live list
-    ser.add_safe_globals(list(_SAFE_GLOBALS))
+    ser.add_safe_globals(allowed)
     try:
         yield
     finally:
