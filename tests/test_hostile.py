@@ -357,6 +357,30 @@ def test_decompression_bomb_limits(tmp_path, monkeypatch):
         pp.load_image(str(path))
 
 
+def test_huge_arrays_and_tensors_meet_the_file_limit_before_any_copy(monkeypatch):
+    """A broadcast array or an expanded tensor of 100000x100000 pixels costs nothing to make;
+    converting it would take 120 GB. Over twice PIL's limit it is refused, as a file is, before
+    anything is copied; at the limit it is read; with the limit off (None) the caller's word
+    stands."""
+    import numpy as np
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (100_000, 100_000, 3))
+    for img in (huge, torch.zeros(3, 1, 1).expand(3, 100_000, 100_000),
+                np.broadcast_to(np.zeros((1, 1), np.float32), (100_000, 100_000))):
+        with pytest.raises(ImageError, match=r"too many pixels \(100000x100000 .*MAX_IMAGE_PIXELS"):
+            pp.load_image(img)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    assert pp.load_image(np.zeros((40, 30, 3), np.uint8)).shape == (3, 40, 30)   # 1200 pixels
+    with pytest.raises(ImageError, match="too many pixels"):
+        pp.load_image(torch.rand(3, 40, 31))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert pp.load_image(torch.rand(3, 40, 31)).shape == (3, 40, 31)
+
+
+def test_a_generator_of_images_is_told_to_be_a_list(eng):
+    with pytest.raises(ImageError, match=r"not generator; pass several images as a list$"):
+        eng.classify(torch.rand(3, 40, 40) for _ in range(2))
+
+
 def test_decoding_in_threads_leaves_the_warning_filters_alone(tmp_path):
     """warnings.catch_warnings is process-wide: concurrent decodes must not leak its filters."""
     import threading

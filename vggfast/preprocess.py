@@ -98,8 +98,9 @@ def load_image(src) -> torch.Tensor:
         if isinstance(src, Image.Image):
             x = _from_pil(src)
         else:
+            several = "; pass several images as a list" if hasattr(src, "__iter__") else ""
             raise ImageError(f"an image must be a path, bytes, a binary file, a PIL image, a "
-                             f"numpy array or a tensor, not {type(src).__name__}")
+                             f"numpy array or a tensor, not {type(src).__name__}{several}")
     h, w = x.shape[-2:]
     if min(h, w) < MIN_SIDE:
         where = f"{os.fsdecode(src)}: " if isinstance(src, (str, os.PathLike)) else ""
@@ -265,12 +266,25 @@ def _gray_float(a: np.ndarray) -> torch.Tensor:
     return t[None].expand(3, -1, -1).contiguous()
 
 
+def _check_pixels(h: int, w: int) -> None:
+    """Arrays and tensors meet the limit PIL sets files (twice MAX_IMAGE_PIXELS, where it refuses
+    a decompression bomb) before they are copied: a broadcast array or an expanded tensor of a
+    huge shape costs nothing to make and all of host memory to convert."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and h * w > 2 * limit:
+        raise ImageError(f"refused, too many pixels ({w}x{h} = {h * w} > {2 * limit}, twice "
+                         "PIL.Image.MAX_IMAGE_PIXELS, the limit for image files); raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if the image is meant")
+
+
 def _from_array(a: np.ndarray) -> torch.Tensor:
     a = np.asarray(a)  # subclasses index their own way: np.matrix stays 2-D under a[:, :, None]
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise ImageError(f"a numpy image must be HxWx3 (or HxW, HxWx1, HxWx4), not shape {a.shape}")
+    _check_pixels(a.shape[0], a.shape[1])
     a = a[:, :, :3] if a.shape[2] == 4 else a
     if not a.dtype.isnative:  # big-endian samples (np.asarray of an I;16B image): same values
         a = a.astype(a.dtype.newbyteorder("="))
@@ -300,6 +314,7 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
         raise ImageError(f"a tensor image must be [3, H, W] (or [1, H, W], [4, H, W]), not "
                          f"{list(t.shape)}; for batches of normalised input use Engine.logits")
+    _check_pixels(t.shape[1], t.shape[2])
     t = t[:3] if t.shape[0] == 4 else t.expand(3, -1, -1) if t.shape[0] == 1 else t
     t = t.cpu()
     if t.dtype == torch.uint8:
