@@ -47,6 +47,19 @@ def small_model(config="D", num_classes=10, width=1 / 16, image_size=32, seed=0,
     return m
 
 
+def random_bn_statistics(model):
+    """Give every BatchNorm of `model` non-trivial running statistics and affine parameters (a
+    freshly built one has mean 0, var 1, weight 1, bias 0: folding it would prove nothing)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
 @pytest.fixture
 def tiny():
     return small_model()

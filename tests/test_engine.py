@@ -5,7 +5,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import skip_unless_triton_backend, small_model
+from conftest import random_bn_statistics, skip_unless_triton_backend, small_model
 from vggfast import Engine, VGGFastError
 from vggfast.errors import ArgumentError, MemoryBudgetError
 
@@ -16,13 +16,9 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def test_logits_equal_torchvision_at_224(name):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, name)(num_classes=1000).eval()
+    random_bn_statistics(tv)
     with torch.no_grad():
         for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                 m.bias.uniform_(-0.05, 0.05)
     x = torch.randn(2, 3, 224, 224)

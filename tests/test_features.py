@@ -10,7 +10,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import skip_unless_triton_backend, small_model
+from conftest import random_bn_statistics, skip_unless_triton_backend, small_model
 from vggfast import Engine, FeatureExtractor, VGGFastError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -165,11 +165,7 @@ def test_feature_extractor_outputs_and_input_grads_equal_torchvision(tv16):
 
 def test_feature_extractor_no_grad_path_uses_the_fast_backend(monkeypatch):
     m = small_model("A", num_classes=10, batch_norm=True, seed=4)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
+    random_bn_statistics(m)
     layers = ["relu2_1", "pool3", "fc7"]
     fx = FeatureExtractor(m, layers=layers)
     x = torch.randn(2, 3, 64, 48, requires_grad=True)

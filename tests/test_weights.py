@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import small_model
+from conftest import random_bn_statistics, small_model
 import vggfast
 from vggfast import Engine, VGGFastError, load_weights
 from vggfast.configs import TABLE1
@@ -137,12 +137,7 @@ def test_the_bytes_decide_the_format_not_the_suffix(ref64, tmp_path, fmt, name):
 def test_batchnorm_is_folded_with_running_statistics():
     m = small_model("vgg11_bn", num_classes=5)
     torch.manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.3, 3.0)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-0.3, 0.3)
+    random_bn_statistics(m)
     w = load(m.state_dict())
     assert w.spec.batch_norm and "features.1.running_mean" not in w.state_dict
     x = torch.randn(2, 3, 32, 32)
@@ -857,13 +852,9 @@ def _torchvision_vgg(cfg="D", num_classes=10, batch_norm=False, seed=0):
     tv.classifier[6] = torch.nn.Linear(64, num_classes)
     with torch.no_grad():
         for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
                 m.bias.uniform_(-0.1, 0.1)
-    return tv.eval()
+    return random_bn_statistics(tv).eval()
 
 
 def _logits_match(src, tv, **engine_args):
