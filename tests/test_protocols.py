@@ -260,6 +260,21 @@ def test_evaluate_skips_hidden_folders_and_images_over_the_budget(weights, sampl
     assert "memory budget" in cap.err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "dense", "multicrop", "dense"], "--method dense is given twice"),
+    (["--scales", "32", "48", "32"], "scale 32 is given twice")])
+def test_evaluate_refuses_a_method_or_scale_given_twice(weights, samples, tmp_path, capsys,
+                                                        extra, message):
+    """A repeated method would print the same row twice; refused in one line, as a repeated scale
+    is."""
+    root = _folder(tmp_path, samples, ["3", "1"])
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
+                 *extra]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert cap.err.startswith(f"vggfast: error: {message}; list each")
+
+
 def test_evaluate_says_when_it_maps_folders_by_sorted_order(samples, tmp_path, capsys):
     path = tmp_path / "two.pth"
     torch.save(small_model("D", num_classes=2).state_dict(), path)

@@ -312,6 +312,9 @@ def cmd_evaluate(args) -> int:
     if getattr(args, "task", "classify") == "localize":
         from .localize import run_evaluate
         return run_evaluate(args)
+    twice = next((m for i, m in enumerate(args.method) if m in args.method[:i]), None)
+    if twice is not None:   # as a repeated scale is refused: it would be a second, equal row
+        raise ArgumentError(f"--method {twice} is given twice; list each method once")
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
     cmap = read_class_map(args.class_map) if args.class_map else None
