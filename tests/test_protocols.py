@@ -232,6 +232,19 @@ def test_heatmap_writes_a_png_of_the_image_size(weights, samples, tmp_path, caps
     assert "outside" in capsys.readouterr().err
 
 
+def test_heatmap_over_the_memory_budget_names_the_file(weights, samples, tmp_path, capsys,
+                                                       monkeypatch):
+    """heatmap decodes the image itself; the planner's refusal named the tensor it was given
+    ("image 0"), now the file, as classify's does."""
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1KiB")
+    out = tmp_path / "heat.png"
+    assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
+                 "--scale", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vggfast: error: {samples['cat']} (300x451) at scale 64 gives")
+    assert "image 0" not in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_heatmap_places_each_score_at_its_window_centre(tiny):
     eng = Engine(tiny.state_dict())
     x = torch.rand(3, 96, 160)  # smallest side == scale: no resampling, so pixels line up

@@ -23,6 +23,7 @@ multi-model fusion (`Ensemble`, Table 6) averages the models' posteriors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -349,6 +350,20 @@ def _colormap(v: "Any") -> "Any":
     return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _naming_file(img: Any):
+    """A refusal about the request's one image (the planner's "image 0 (HxW) at scale ...", of
+    the decoded tensor it was given) names the file instead, as `vggfast classify` does."""
+    try:
+        yield
+    except VGGFastError as exc:
+        if exc.image is None or not isinstance(img, (str, os.PathLike)):
+            raise
+        err = type(exc)(f"{os.fsdecode(img)} {exc.reason}")
+        err.image, err.reason = exc.image, exc.reason
+        raise err from None
+
+
 def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
                     scale: int | None = None, raw: bool = False) -> tuple[torch.Tensor, int]:
     """The dense score map of one class, resampled onto the image: ([H, W] fp32, class index).
@@ -361,7 +376,8 @@ def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
     """
     x = pp.load_image(img)
     q = scale if scale is not None else max(384, engine.spec.image_size)
-    scores = engine.score_map(x, scale=q)  # [classes, h, w]
+    with _naming_file(img):
+        scores = engine.score_map(x, scale=q)  # [classes, h, w]
     if cls is None:
         k = int(scores.mean(dim=(1, 2)).argmax())
     elif isinstance(cls, str) and not _INTEGER.fullmatch(cls.strip()):
@@ -401,7 +417,8 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
     if not 0 <= alpha <= 1:
         raise ArgumentError(f"alpha must lie in [0, 1], not {alpha}")
     x = pp.load_image(img)
-    m, k = class_map_image(engine, x, cls, scale, raw)
+    with _naming_file(img):     # x is decoded once, for the map and the overlay
+        m, k = class_map_image(engine, x, cls, scale, raw)
     v = m.numpy()
     v = (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)
     base = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.float32)
