@@ -129,6 +129,26 @@ def test_info_and_demo_in_process(weights, monkeypatch, capsys):
     assert "cat.jpg" in out and "ms)" in out and "UNTRAINED" not in out
 
 
+def test_info_refuses_two_weights_but_not_the_environments(weights, tmp_path, monkeypatch,
+                                                             capsys):
+    """`info W --weights X` described W without a word about X; now refused. $VGGFAST_WEIGHTS is
+    a default, so WEIGHTS beside it is no clash."""
+    other = tmp_path / "other.pth"
+    torch.save(small_model("A", num_classes=3).state_dict(), other)
+    monkeypatch.delenv("VGGFAST_WEIGHTS", raising=False)
+    assert main(["info", weights, "--weights", str(other), "--json"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert cap.err.startswith(f"vggfast: error: two weights given ({weights} and --weights {other})")
+    monkeypatch.setenv("VGGFAST_WEIGHTS", str(other))
+    for argv, config in [([weights], "D"), (["--weights", weights], "D"), ([], "A")]:
+        assert main(["info", *argv, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["config"] == config
+    monkeypatch.delenv("VGGFAST_WEIGHTS")
+    assert main(["info"]) == 2
+    assert "pass --weights" in capsys.readouterr().err
+
+
 def test_bad_image_among_good_ones_is_reported_and_the_rest_classified(weights, samples, tmp_path,
                                                                       capsys, monkeypatch):
     bad = tmp_path / "bad.jpg"

@@ -124,6 +124,20 @@ def test_feature_arguments_are_checked(eng):
             eng.features(x, **{"scales": 32, **kwargs})
 
 
+@pytest.mark.parametrize("layer, aggregate", [("fc7", "mean"), ("pool5", "stack"),
+                                              ("relu2_2", "stack"), ("fc8", "mean")])
+def test_no_images_give_no_rows_of_the_width_one_image_gives(eng, layer, aggregate):
+    """features([]) is [0, D] float32 on cpu, as classify([]) is []; the settings still checked."""
+    scales = (32, 48)
+    one = eng.features([torch.rand(3, 40, 50)], layer=layer, scales=scales, aggregate=aggregate)
+    none = eng.features([], layer=layer, scales=scales, aggregate=aggregate)
+    assert none.shape == (0, one.shape[1]) and none.dtype == one.dtype == torch.float32
+    assert none.device == one.device == torch.device("cpu")
+    assert torch.cat([none, one]).shape == one.shape
+    with pytest.raises(VGGFastError, match="unknown layer"):
+        eng.features([], layer="fc9", scales=scales)
+
+
 # -- FeatureExtractor -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

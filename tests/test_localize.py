@@ -436,11 +436,26 @@ def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
     with Image.open(png) as im:
         assert im.size == (48, 40)
         assert (255, 64, 64) in {c for _, c in im.getcolors(10000)}  # the box outline
-    rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
-               str(tmp_path / "loc"), "--scales", "32", "--out", str(tmp_path / "no" / "b.png")])
-    err = capsys.readouterr().err                     # one line, as heatmap's, no errno repr
-    assert rc == 2 and err == f"vggfast: error: cannot write {tmp_path / 'no' / 'b.png'}: No " \
-                              "such file or directory\n"
+    # a missing folder is made, as extract and train make theirs; the suffix names the format
+    jpg = tmp_path / "new" / "b.jpg"
+    assert main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
+                 str(tmp_path / "loc"), "--scales", "32", "--out", str(jpg)]) == 0
+    capsys.readouterr()
+    with Image.open(jpg) as im:
+        assert im.format == "JPEG" and im.size == (48, 40)
+    # an --out it cannot write, or whose format it cannot tell, is refused before anything is
+    # computed or printed (the boxes were printed, then the write failed)
+    (tmp_path / "file").write_text("")
+    for out, err in [(tmp_path / "file" / "b.png", f"cannot write {tmp_path / 'file' / 'b.png'}: "
+                                                   f"{tmp_path / 'file'} is a file, not a folder"),
+                     (tmp_path / "b", f"--out {tmp_path / 'b'} has no suffix"),
+                     (tmp_path / "b.foo", f"--out {tmp_path / 'b.foo'}: PIL writes no .foo")]:
+        rc = main(["localize", str(tiny_set / "1.png"), "--weights", str(cls), "--loc-weights",
+                   str(tmp_path / "loc"), "--scales", "32", "--out", str(out)])
+        cap = capsys.readouterr()                     # one line, as heatmap's, no errno repr
+        assert rc == 2 and cap.out == "" and cap.err.count("\n") == 1
+        assert cap.err.startswith(f"vggfast: error: {err}")
+        assert not out.exists()
     assert main(["info", str(tmp_path / "loc"), "--json"]) == 0      # describes the loc net
     info = json.loads(capsys.readouterr().out)
     assert info["task"] == "localize" and info["mode"] == "scr" and info["outputs"] == 4

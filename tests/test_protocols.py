@@ -232,6 +232,60 @@ def test_heatmap_writes_a_png_of_the_image_size(weights, samples, tmp_path, caps
     assert "outside" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, fmt", [("heat.jpg", "JPEG"), ("heat.JPEG", "JPEG"),
+                                       ("heat.webp", "WEBP"), ("heat.bmp", "BMP"),
+                                       ("heat.tif", "TIFF"), ("new/sub/heat.png", "PNG")])
+def test_heatmap_writes_the_format_its_suffix_names(weights, samples, tmp_path, capsys, name,
+                                                    fmt):
+    """PNG data went under any name (heat.jpg was a PNG); a missing folder was refused, where
+    extract and train make theirs."""
+    out = tmp_path / name
+    assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
+                 "--scale", "64"]) == 0
+    with Image.open(out) as im:
+        assert im.format == fmt and im.mode == "RGB" and im.size == (451, 300)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("heat", "has no suffix to tell the image format; use .png, .jpg"),
+    ("heat.foo", "PIL writes no .foo images; use .png, .jpg"),
+    ("heat.xbm", "PIL cannot write an RGB image as XBM"),
+    ("file/heat.png", "is a file, not a folder")])
+def test_heatmap_refuses_an_out_it_cannot_write_before_any_work(samples, tmp_path, capsys, name,
+                                                                message):
+    """Refused before the weights are read (these do not exist), in one line."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path / name
+    assert main(["heatmap", str(samples["cat"]), "--weights", str(tmp_path / "none.pth"),
+                 "--out", str(out)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1 and message in cap.err
+    assert "none.pth" not in cap.err and not out.exists()
+
+
+def test_save_image_converts_a_mode_the_format_cannot_hold(tmp_path):
+    """JPEG has no alpha: RGBA is written as RGB there, kept where the format holds it."""
+    from vggfast.preprocess import save_image
+    im = Image.new("RGBA", (8, 6), (10, 200, 30, 128))
+    save_image(im, tmp_path / "a.jpg")
+    save_image(im, tmp_path / "a.png")
+    with Image.open(tmp_path / "a.jpg") as a, Image.open(tmp_path / "a.png") as b:
+        assert (a.format, a.mode, b.format, b.mode) == ("JPEG", "RGB", "PNG", "RGBA")
+
+
+def test_heatmap_over_the_memory_budget_names_the_file(weights, samples, tmp_path, capsys,
+                                                       monkeypatch):
+    """heatmap decodes the image itself; the planner's refusal named the tensor it was given
+    ("image 0"), now the file, as classify's does."""
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1KiB")
+    out = tmp_path / "heat.png"
+    assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
+                 "--scale", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vggfast: error: {samples['cat']} (300x451) at scale 64 gives")
+    assert "image 0" not in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_heatmap_places_each_score_at_its_window_centre(tiny):
     eng = Engine(tiny.state_dict())
     x = torch.rand(3, 96, 160)  # smallest side == scale: no resampling, so pixels line up
@@ -258,6 +312,21 @@ def test_evaluate_skips_hidden_folders_and_images_over_the_budget(weights, sampl
     assert row["images"] == 4 and [f["file"] for f in row["failed"]] == [
         str(root / "1" / "banner.png")]
     assert "memory budget" in cap.err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "dense", "multicrop", "dense"], "--method dense is given twice"),
+    (["--scales", "32", "48", "32"], "scale 32 is given twice")])
+def test_evaluate_refuses_a_method_or_scale_given_twice(weights, samples, tmp_path, capsys,
+                                                        extra, message):
+    """A repeated method would print the same row twice; refused in one line, as a repeated scale
+    is."""
+    root = _folder(tmp_path, samples, ["3", "1"])
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
+                 *extra]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert cap.err.startswith(f"vggfast: error: {message}; list each")
 
 
 def test_evaluate_says_when_it_maps_folders_by_sorted_order(samples, tmp_path, capsys):

@@ -278,6 +278,45 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 
 
+def test_a_full_disk_while_writing_the_model_is_one_line(tmp_path, monkeypatch, capsys):
+    """safetensors reports a failed write as its own SafetensorError, not OSError: `vggfast train`
+    ended in a traceback. Now the one-line error of other write failures, no temporary left."""
+    import safetensors
+    import safetensors.torch
+
+    from vggfast.cli import main
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise safetensors.SafetensorError(
+            f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+            f'"{filename}"')
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    data, out = make_folder(tmp_path / "data", n=2), tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--config", "A", "--epochs",
+                 "1", "--width", "0.0625", "--image-size", "32", "--batch-size", "2",
+                 "--workers", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vggfast: error: cannot write {out / T.MODEL_FILE}: No space left on device\n"
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+    def other(tensors, filename, metadata=None):   # not the disk's doing: not a user error
+        raise safetensors.SafetensorError("Some tensors share memory")
+    monkeypatch.setattr(safetensors.torch, "save_file", other)
+    with pytest.raises(safetensors.SafetensorError, match="share memory"):
+        T._save_safetensors({}, str(tmp_path / "x.safetensors"), {})
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_while_writing_the_checkpoint_is_an_oserror():
+    """torch.save given a name writes from C++, and a full disk is a RuntimeError ("unexpected
+    pos"); the checkpoint is written through a Python file, so it is the OSError _atomic_write
+    turns into one line."""
+    with pytest.raises(OSError) as exc:
+        T._save_torch({"w": torch.zeros(100_000)}, "/dev/full")
+    assert exc.value.errno == errno.ENOSPC
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """2 epochs straight == 1 epoch, then --resume for 1 more: same losses, same weights, with
     dropout, jitter, flips and colour shift on (the RNG state travels in the checkpoint)."""

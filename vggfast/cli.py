@@ -157,6 +157,10 @@ def _loc_info(w) -> dict:
 
 def cmd_info(args) -> int:
     from .weights import load
+    if args.weights_pos and args.weights:   # one would be ignored without a word
+        raise ArgumentError(f"two weights given ({args.weights_pos} and --weights "
+                            f"{args.weights}); describe one: pass it as WEIGHTS or as --weights")
+    args.weights = args.weights or os.environ.get("VGGFAST_WEIGHTS")
     weights = args.weights_pos or _need_weights(args)
     w = load(weights, config=args.config)
     if (w.meta or {}).get("task") == "localize":
@@ -260,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
+    # $VGGFAST_WEIGHTS is read in cmd_info, so that only a --weights typed beside WEIGHTS clashes
+    p.set_defaults(func=cmd_info, weights=None)
 
     p = sub.add_parser("demo", help="classify the bundled sample photos with the best weights found")
     _weights_arg(p)

@@ -103,8 +103,9 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     if aggregate not in AGGREGATES:
         raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
     items = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
-    if not items:
-        raise ArgumentError("no images given")
+    if not items:   # as classify([]) gives []: no rows, of the width the settings give
+        d = engine.spec.tap_layer(layer).cout * (len(scales) if aggregate == "stack" else 1)
+        return torch.zeros(0, d, dtype=torch.float32)
     per_image = []
     for start, images in decoded_chunks(items):
         if min(scales) >= engine.spec.image_size:

@@ -991,7 +991,8 @@ _COLOURS = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 192, 0), (200, 6
 def draw_boxes(img: Any, preds: Sequence[Sequence[Any]], out: str | os.PathLike | None = None,
                width: int | None = None):
     """Draw `localize`'s boxes with "name score" labels on `img`; returns the PIL image and saves
-    it to `out` when given (format from the suffix)."""
+    it to `out` when given (format from the suffix, a missing folder made:
+    `preprocess.save_image`)."""
     from PIL import Image, ImageDraw
     x = pp.load_image(img)
     a = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -1008,10 +1009,7 @@ def draw_boxes(img: Any, preds: Sequence[Sequence[Any]], out: str | os.PathLike 
         d.rectangle([l - 1, t - 1, r + 1, b + 1], fill=col)
         d.text((tx, ty), label, fill=(0, 0, 0))
     if out is not None:
-        try:
-            im.save(out)
-        except (OSError, ValueError) as exc:
-            raise ArgumentError(f"cannot write {out}: {getattr(exc, 'strerror', None) or exc}")
+        pp.save_image(im, out)
     return im
 
 
@@ -1031,6 +1029,8 @@ def _loc_engine(args):
 
 
 def cmd_localize(args) -> int:
+    if args.out:    # refused before the nets are loaded, not after the boxes are printed
+        pp.image_format(args.out)
     eng = _loc_engine(args)
     preds = eng.localize(args.image, scales=args.scales, top_k=args.top, flip=args.flip)
     if args.json:
@@ -1061,7 +1061,9 @@ def add_cli(sub) -> None:
                    help="test scales: the image's smallest side rescaled to Q (default 256 384)")
     p.add_argument("--top", type=int, default=5, help="classes (one box each; default 5)")
     p.add_argument("--flip", action="store_true", help="also use the flipped image's boxes")
-    p.add_argument("--out", "-o", default=None, help="write the image with the boxes (PNG/JPEG)")
+    p.add_argument("--out", "-o", default=None,
+                   help="write the image with the boxes, its format from the suffix (.png, .jpg, "
+                        "...); a missing folder is made")
     p.add_argument("--draw", type=int, default=0,
                    help="boxes drawn with --out, best first (default 0: all --top boxes)")
     p.add_argument("--json", action="store_true")

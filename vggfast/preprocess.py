@@ -29,15 +29,17 @@ import contextlib
 import functools
 import io
 import os
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgumentError, ImageError
+from .errors import ArgumentError, ImageError, VGGFastError
 
 MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refused
 # How far float RGB may stray outside [0, 1] and still be read as [0, 1] (clamped): rounding in
@@ -377,3 +379,60 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     top, left = (h - size) // 2, (w - size) // 2
     return x[..., top:top + size, left:left + size]
+
+
+# -- writing images -------------------------------------------------------------------------------
+
+def image_format(out: str | os.PathLike) -> str:
+    """The PIL format an RGB image written to `out` takes from its suffix, as PIL's own save infers
+    it (.png PNG, .jpg/.jpeg JPEG, .webp WEBP, .bmp BMP, .tif TIFF, ...); checked before any work,
+    with the parent folder made as `extract` and `train` make theirs.
+
+    ArgumentError: `out` is a folder, has no suffix, or one PIL cannot write an RGB image as.
+    VGGFastError: the folder cannot be made or written in.
+    """
+    from PIL import Image
+    path = Path(os.fspath(out))
+    use = "use .png, .jpg, .webp, .bmp or .tif"
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise ArgumentError(f"--out {os.fspath(out)} is a folder; give an image file name such as "
+                            f"{path / 'out.png'}")
+    suffix = path.suffix.lower()
+    if not suffix:
+        raise ArgumentError(f"--out {path} has no suffix to tell the image format; {use}")
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ArgumentError(f"--out {path}: PIL writes no {suffix} images; {use}")
+    try:    # a writer missing its plugin, or one for 1-bit images only (.xbm), found now
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArgumentError(f"--out {path}: PIL cannot write an RGB image as {fmt} ({exc}); "
+                            f"{use}") from None
+    try:    # found before the work, not after it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except (FileExistsError, NotADirectoryError) as exc:   # mkdir's "File exists" would puzzle
+        file = next((a for a in reversed(path.parents) if a.exists() and not a.is_dir()), None)
+        why = f"{file} is a file, not a folder" if file is not None else exc.strerror or exc
+        raise VGGFastError(f"cannot write {path}: {why}") from None
+    except OSError as exc:
+        raise VGGFastError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return fmt
+
+
+def save_image(im, out: str | os.PathLike) -> None:
+    """Save the PIL image `im` to `out` in the format its suffix names (`image_format`),
+    converted to RGB first when that format cannot hold its mode (JPEG has no alpha)."""
+    from PIL import Image
+    fmt = image_format(out)
+    if im.mode != "RGB":
+        try:
+            Image.new(im.mode, (1, 1)).save(io.BytesIO(), format=fmt)
+        except (OSError, ValueError, KeyError):
+            im = im.convert("RGB")
+    try:
+        im.save(out, format=fmt)
+    except OSError as exc:
+        raise VGGFastError(f"cannot write {out}: {exc.strerror or exc}") from None

@@ -23,6 +23,7 @@ multi-model fusion (`Ensemble`, Table 6) averages the models' posteriors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -312,6 +313,9 @@ def cmd_evaluate(args) -> int:
     if getattr(args, "task", "classify") == "localize":
         from .localize import run_evaluate
         return run_evaluate(args)
+    twice = next((m for i, m in enumerate(args.method) if m in args.method[:i]), None)
+    if twice is not None:   # as a repeated scale is refused: it would be a second, equal row
+        raise ArgumentError(f"--method {twice} is given twice; list each method once")
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales)
     cmap = read_class_map(args.class_map) if args.class_map else None
@@ -346,6 +350,20 @@ def _colormap(v: "Any") -> "Any":
     return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _naming_file(img: Any):
+    """A refusal about the request's one image (the planner's "image 0 (HxW) at scale ...", of
+    the decoded tensor it was given) names the file instead, as `vggfast classify` does."""
+    try:
+        yield
+    except VGGFastError as exc:
+        if exc.image is None or not isinstance(img, (str, os.PathLike)):
+            raise
+        err = type(exc)(f"{os.fsdecode(img)} {exc.reason}")
+        err.image, err.reason = exc.image, exc.reason
+        raise err from None
+
+
 def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
                     scale: int | None = None, raw: bool = False) -> tuple[torch.Tensor, int]:
     """The dense score map of one class, resampled onto the image: ([H, W] fp32, class index).
@@ -358,7 +376,8 @@ def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
     """
     x = pp.load_image(img)
     q = scale if scale is not None else max(384, engine.spec.image_size)
-    scores = engine.score_map(x, scale=q)  # [classes, h, w]
+    with _naming_file(img):
+        scores = engine.score_map(x, scale=q)  # [classes, h, w]
     if cls is None:
         k = int(scores.mean(dim=(1, 2)).argmax())
     elif isinstance(cls, str) and not _INTEGER.fullmatch(cls.strip()):
@@ -389,29 +408,31 @@ def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
 
 def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str | None = None,
             scale: int | None = None, alpha: float = 0.5, raw: bool = False) -> int:
-    """Write the class map overlaid on the image (PNG, the image's size); returns the class index.
+    """Write the class map overlaid on the image (the image's size, in the format the suffix of
+    `out` names: .png, .jpg, .webp, .bmp, .tif, ...); returns the class index.
 
-    The map is stretched to 0..1 by its own min and max before colouring.
+    The map is stretched to 0..1 by its own min and max before colouring. A missing folder of
+    `out` is made.
     """
     import numpy as np
     from PIL import Image
     if not 0 <= alpha <= 1:
         raise ArgumentError(f"alpha must lie in [0, 1], not {alpha}")
+    pp.image_format(out)    # a bad --out is refused before the work
     x = pp.load_image(img)
-    m, k = class_map_image(engine, x, cls, scale, raw)
+    with _naming_file(img):     # x is decoded once, for the map and the overlay
+        m, k = class_map_image(engine, x, cls, scale, raw)
     v = m.numpy()
     v = (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)
     base = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.float32)
     blend = (1 - alpha) * base + alpha * _colormap(v).astype(np.float32)
-    try:
-        Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
-    except OSError as exc:
-        raise VGGFastError(f"cannot write {out}: {exc.strerror or exc}")
+    pp.save_image(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), out)
     return k
 
 
 def cmd_heatmap(args) -> int:
     from .cli import _engine, _need_weights
+    pp.image_format(args.out)   # before the weights are loaded
     eng = _engine(args, _need_weights(args))
     k = heatmap(eng, args.image, args.out, args.cls, args.scale, args.alpha, args.raw)
     print(f"{args.out}: class {k} ({eng.class_names[k]})")
@@ -446,11 +467,13 @@ def add_cli(sub) -> None:
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image (PNG)")
+    p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image")
     p.add_argument("image", help="an image file")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--out", "-o", required=True, help="output PNG")
+    p.add_argument("--out", "-o", required=True,
+                   help="output image, its format from the suffix (.png, .jpg, .webp, .bmp, .tif, "
+                        "...); a missing folder is made")
     p.add_argument("--class", dest="cls", default=None,
                    help="class index or exact name (default: the top class)")
     p.add_argument("--scale", type=int, default=None, help="smallest side Q (default 384)")

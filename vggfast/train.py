@@ -48,6 +48,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -549,14 +550,35 @@ def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
+def _save_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are:
+    safetensors reports them as its own SafetensorError, which `_atomic_write` would let through
+    as a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(state, path, metadata=metadata)
+    except SafetensorError as exc:
+        io = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
+        if io is None:      # not the disk's doing
+            raise
+        raise OSError(int(io[2]), io[1]) from None
+
+
+def _save_torch(obj: Any, path: str) -> None:
+    """torch.save through a Python file: given a name, torch writes from C++ and a full disk is a
+    RuntimeError ("unexpected pos 704 vs 598"); through a file it is the OSError (ENOSPC)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_model(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write OUT/model.safetensors (metadata under "vggfast") and OUT/model.json atomically."""
-    from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta)
     state = export_state(model)
-    _atomic_write(out / MODEL_FILE, lambda p: save_file(state, p, metadata={"vggfast": text}))
+    _atomic_write(out / MODEL_FILE, lambda p: _save_safetensors(state, p, {"vggfast": text}))
     _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return out / MODEL_FILE
 
@@ -880,7 +902,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
                     "options": {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in asdict(opts).items()}}
             save_model(model, meta, out)
-            _atomic_write(out / CKPT_FILE, lambda p: torch.save(ckpt, p))
+            _atomic_write(out / CKPT_FILE, lambda p: _save_torch(ckpt, p))
             _write_log(out, history)
             if new:
                 _write_skipped(out, skipped)
