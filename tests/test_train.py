@@ -3,6 +3,7 @@ and exact resume, data errors, DDP on CPU, and the shipped digits model.
 
 Everything runs on tiny networks (width 1/16, 32x32 crops) and a handful of images, on CPU.
 """
+import datetime
 import errno
 import importlib.util
 import json
@@ -474,7 +475,10 @@ def _ddp_worker(rank, world, port, opts):
     import torch.distributed as dist
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a bounded wait: a rank that never comes (or a collective one rank skips) fails the test in
+    # minutes instead of holding CI for gloo's default 30
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=180))
     try:
         T.fit(opts)
     finally:
