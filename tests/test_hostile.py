@@ -379,6 +379,8 @@ def test_huge_arrays_and_tensors_meet_the_file_limit_before_any_copy(monkeypatch
 def test_a_generator_of_images_is_told_to_be_a_list(eng):
     with pytest.raises(ImageError, match=r"not generator; pass several images as a list$"):
         eng.classify(torch.rand(3, 40, 40) for _ in range(2))
+    with pytest.raises(ImageError, match=r"not list; one image is expected here"):
+        pp.load_image([torch.rand(3, 40, 40)])
 
 
 def test_decoding_in_threads_leaves_the_warning_filters_alone(tmp_path):

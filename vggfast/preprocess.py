@@ -100,7 +100,9 @@ def load_image(src) -> torch.Tensor:
         if isinstance(src, Image.Image):
             x = _from_pil(src)
         else:
-            several = "; pass several images as a list" if hasattr(src, "__iter__") else ""
+            several = ("; one image is expected here, not a list of them"
+                       if isinstance(src, (list, tuple)) else
+                       "; pass several images as a list" if hasattr(src, "__iter__") else "")
             raise ImageError(f"an image must be a path, bytes, a binary file, a PIL image, a "
                              f"numpy array or a tensor, not {type(src).__name__}{several}")
     h, w = x.shape[-2:]
