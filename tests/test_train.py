@@ -553,3 +553,22 @@ def test_a_skipped_file_whose_name_is_not_utf8_is_listed(tmp_path):
                              **TINY))
     assert [p for p, _ in r.skipped] == [os.fsdecode(odd)]
     assert (tmp_path / "run" / "skipped.txt").read_bytes().startswith(odd + b"\t")
+
+
+def test_folder_links_are_followed_but_a_link_loop_is_not(tmp_path):
+    """`ln -s .. loop` inside a class folder made the scan walk ROOT/c/loop/c/loop/... (and every
+    other class under it) without end; a linked class folder or image folder still counts."""
+    data = make_folder(tmp_path / "data", classes=("a b", "c", "ünï 猫"), n=2)
+    (data / "c" / "loop").symlink_to("..")
+    (data / "c" / "self").symlink_to(".")
+    make_folder(tmp_path / "lib", classes=("x",), n=3)
+    (tmp_path / "lib" / "x" / "back").symlink_to(tmp_path / "lib")
+    (data / "a b" / "library").symlink_to(tmp_path / "lib" / "x")
+    (data / "linked").symlink_to(data / "c")
+    (data / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "c" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "c" / "notes.txt").write_text("not an image")
+    scan = T.scan_folder(data)
+    assert scan.classes == ["a b", "c", "linked", "ünï 猫"] and not scan.skipped
+    counts = np.bincount([l for _, l in scan.samples]).tolist()
+    assert counts == [2 + 3, 2, 2, 2]

@@ -284,9 +284,20 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
         raise VGGFastError(f"--{what} {rootp}: not a folder (expected ROOT/CLASS_NAME/IMAGE files)")
     folders = sorted(p.name for p in rootp.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[str, str]] = []
+    # links are followed (a class folder of links to a photo library), but never into a folder
+    # already walked, nor up to ROOT or above it: a link back up (`ln -s .. loop`) made the walk
+    # branch at every level and never end, listing every class's images under each class
+    top = os.path.realpath(rootp)
+
+    def new_folder(path: str, seen: set[str]) -> bool:
+        real = os.path.realpath(path)
+        return real not in seen and not (top + os.sep).startswith(real.rstrip(os.sep) + os.sep)
     for name in folders:
+        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(rootp / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            seen.add(os.path.realpath(dirpath))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and new_folder(os.path.join(dirpath, d), seen))
             for f in sorted(filenames):
                 if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
                     files.append((os.path.join(dirpath, f), name))
