@@ -555,6 +555,21 @@ def test_a_skipped_file_whose_name_is_not_utf8_is_listed(tmp_path):
     assert (tmp_path / "run" / "skipped.txt").read_bytes().startswith(odd + b"\t")
 
 
+def test_a_diverged_run_stops_before_saving_nan_weights(tmp_path):
+    """lr 1e4 sends the loss to NaN in epoch 2: fit wrote NaN weights over epoch 1's files and
+    returned as if it had trained; now it raises, and OUT still holds epoch 1, finite."""
+    data = make_folder(tmp_path / "data", n=4)
+    run = tmp_path / "run"
+    opts = dict(data=str(data), out=str(run), epochs=3, batch_size=4, lr=1e4, **TINY)
+    with pytest.raises(VGGFastError, match=r"^training diverged: the loss of epoch 2 is nan at "
+                                           r"lr 10000; try a lower --lr \(.*keeps epoch 1"):
+        T.fit(T.TrainOptions(**opts))
+    sd, _ = load_safetensors(run / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len((run / "log.csv").read_text().splitlines()) == 2
+
+
 def test_folder_links_are_followed_but_a_link_loop_is_not(tmp_path):
     """`ln -s .. loop` inside a class folder made the scan walk ROOT/c/loop/c/loop/... (and every
     other class under it) without end; a linked class folder or image folder still counts."""

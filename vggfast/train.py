@@ -850,6 +850,17 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         bar.close()
         seconds = time.perf_counter() - t0
         loss_sum, n_seen, top1 = _all_sum(stats, d).tolist()
+        if not (math.isfinite(loss_sum) and bool(torch.stack(
+                [torch.isfinite(p).all() for p in model.parameters()]).all())):
+            # a diverged run (lr too high) went on to write NaN weights over the last good
+            # epoch's files and exit 0; stop before saving (the sum and, after DDP's gradient
+            # all-reduce, the weights are the same in every process, so all of them stop here)
+            # and leave the previous epoch's checkpoint
+            kept = (f"{out} keeps epoch {epoch}, resumable with --resume" if epoch
+                    else "no epoch was saved")
+            raise VGGFastError(f"training diverged: the loss of epoch {epoch + 1} is "
+                               f"{loss_sum / max(n_seen, 1)} at lr {lr:g}; try a lower --lr "
+                               f"({kept})")
         if d.on:  # every process learns which files failed to decode
             lists = [None] * d.world
             dist.all_gather_object(lists, failed)
