@@ -587,3 +587,23 @@ def test_folder_links_are_followed_but_a_link_loop_is_not(tmp_path):
     assert scan.classes == ["a b", "c", "linked", "ünï 猫"] and not scan.skipped
     counts = np.bincount([l for _, l in scan.samples]).tolist()
     assert counts == [2 + 3, 2, 2, 2]
+
+
+def test_an_empty_class_folder_is_reported_not_dropped_silently(tmp_path, capsys):
+    """A training class folder without images was left out of the classes without a word (the
+    model then had fewer outputs than there were folders); now a warning names it."""
+    data = make_folder(tmp_path / "data", n=2)
+    (data / "emu").mkdir()
+    (data / "owl").mkdir()
+    (data / "owl" / "notes.txt").write_text("no images here")
+    scan = T.scan_folder(data)
+    assert scan.classes == ["cat", "dog"] and scan.empty == ["emu", "owl"]
+    assert T.scan_folder(data, scan.classes, what="val").empty == []
+    r = T.fit(T.TrainOptions(data=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                             **TINY))
+    assert r.meta["class_names"] == ["cat", "dog"]
+    err = capsys.readouterr().err
+    assert re.search(r"warning: class folders \['emu', 'owl'\] in .* hold no images", err), err
+    val = make_folder(tmp_path / "val", classes=("cat", "emu"), n=1)
+    with pytest.raises(VGGFastError, match=r"\['emu'\] are not classes .*without images"):
+        T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "r2"), **TINY))

@@ -262,12 +262,14 @@ def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
 @dataclass
 class FolderScan:
     """An ImageFolder-layout folder: class names (sorted folder names), (path, label) samples,
-    and the files that were skipped, as (path, reason)."""
+    and the files that were skipped, as (path, reason). empty: the class folders without image
+    files, which are not classes (training data only)."""
 
     root: str
     classes: list[str]
     samples: list[tuple[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
 
 
 def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
@@ -312,11 +314,14 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
             raise VGGFastError(f"--{what} {rootp}: only one class ({present[0]!r}); a classifier "
                                "needs at least two class folders with images")
         classes = present
+        bare = [c for c in folders if c not in present]
     else:
+        bare = []
         unknown = [c for c in present if c not in classes]
         if unknown:
             raise VGGFastError(f"--{what} {rootp}: class folders {unknown[:5]} are not classes of "
-                               f"the training data")
+                               f"the training data (a training class folder without images is "
+                               f"not a class)")
     index = {c: i for i, c in enumerate(classes)}
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound
         problems = list(pool.map(_header_problem, [p for p, _ in files]))
@@ -332,7 +337,7 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
         raise VGGFastError(f"--{what} {rootp}: no readable image in class folders {empty[:5]} "
                            f"({len(skipped)} unreadable files, e.g. {skipped[0][0]}: "
                            f"{skipped[0][1]})")
-    return FolderScan(str(rootp), list(classes), samples, skipped)
+    return FolderScan(str(rootp), list(classes), samples, skipped, bare)
 
 
 def random_scale(smin: int, smax: int, gen: torch.Generator) -> int:
@@ -743,6 +748,11 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
     skipped = list(train_scan.skipped) + (list(val_scan.skipped) if val_scan else [])
     if main:
         _report_skipped(train_scan.skipped, f"in {train_scan.root}")
+        if train_scan.empty:  # left out silently, the model had fewer classes than folders
+            more = f" and {len(train_scan.empty) - 5} more" if len(train_scan.empty) > 5 else ""
+            print(f"vggfast: warning: class folders {train_scan.empty[:5]}{more} in "
+                  f"{train_scan.root} hold no images; they are not classes of this model",
+                  file=sys.stderr)
         if val_scan:
             _report_skipped(val_scan.skipped, f"in {val_scan.root}")
     classes = train_scan.classes
