@@ -607,3 +607,23 @@ def test_an_empty_class_folder_is_reported_not_dropped_silently(tmp_path, capsys
     val = make_folder(tmp_path / "val", classes=("cat", "emu"), n=1)
     with pytest.raises(VGGFastError, match=r"\['emu'\] are not classes .*without images"):
         T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "r2"), **TINY))
+
+
+def test_resume_says_that_a_new_lr_is_not_used(tmp_path, capsys):
+    """--resume --lr 0.5 trained on at the checkpoint's lr without a word (the optimizer's state
+    brings back its own), and saved lr 0.5 as the run's option, so the next resume did not even
+    differ; now each such resume warns and the checkpoint keeps the settings in effect."""
+    data = make_folder(tmp_path / "data", n=2)
+    common = dict(data=str(data), out=str(tmp_path / "run"), batch_size=4, **TINY)
+    T.fit(T.TrainOptions(epochs=1, **common))
+    assert capsys.readouterr().err == ""
+    for epochs in (2, 3):
+        r = T.fit(T.TrainOptions(epochs=epochs, lr=0.5, weight_decay=0.0, resume=True, **common))
+        err = capsys.readouterr().err
+        assert ("ignored: --lr 0.5 (the run's: 0.01), --weight-decay 0.0 (the run's: 0.0005)"
+                in err), err
+        assert [h["lr"] for h in r.history] == [0.01] * epochs
+        ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        assert (ck["options"]["lr"], ck["options"]["weight_decay"]) == (0.01, 5e-4)
+    T.fit(T.TrainOptions(epochs=4, resume=True, **common))
+    assert "ignored" not in capsys.readouterr().err

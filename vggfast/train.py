@@ -86,6 +86,8 @@ NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
 MODEL_FILE, META_FILE, CKPT_FILE = "model.safetensors", "model.json", "checkpoint.pt"
 LOG_FILE, SKIPPED_FILE = "log.csv", "skipped.txt"
+# options that --resume takes from the checkpoint's optimizer and scheduler states, not the flags
+RESTORED_OPTIONS = ("lr", "momentum", "weight_decay", "patience")
 LOG_FIELDS = ("epoch", "loss", "top1_err", "top5_err", "err_on", "lr", "img_per_s", "seconds")
 
 
@@ -771,7 +773,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         optimizer, mode="max", factor=0.1, patience=opts.patience)
     torch.manual_seed(opts.seed + 1 + d.rank)  # dropout masks differ between processes
 
-    start, history = 0, []
+    start, history, in_effect = 0, [], {}
     if opts.resume:
         ck = load_checkpoint(out)
         old = ck.get("meta", {})
@@ -794,6 +796,15 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             print(f"vggfast: warning: the checkpoint was written by {len(rng)} processes, this run "
                   f"has {d.world}; dropout masks will not continue the old sequence exactly",
                   file=sys.stderr)
+        # the optimizer's and scheduler's states bring back their own settings, so a new
+        # --lr (say, to continue a diverged run more slowly) was dropped without a word
+        was = ck.get("options", {})
+        in_effect = {k: was[k] for k in RESTORED_OPTIONS if k in was}  # saved as they are
+        kept = [f"--{k.replace('_', '-')} {getattr(opts, k)!r} (the run's: {v!r})"
+                for k, v in in_effect.items() if v != getattr(opts, k)]
+        if kept and main:
+            print(f"vggfast: warning: --resume continues the checkpoint's optimizer and lr "
+                  f"schedule; ignored: {', '.join(kept)}", file=sys.stderr)
         say(f"resuming {out} after epoch {start}")
     if main:
         try:
@@ -866,8 +877,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             # epoch's files and exit 0; stop before saving (the sum and, after DDP's gradient
             # all-reduce, the weights are the same in every process, so all of them stop here)
             # and leave the previous epoch's checkpoint
-            kept = (f"{out} keeps epoch {epoch}, resumable with --resume" if epoch
-                    else "no epoch was saved")
+            kept = f"{out} keeps epoch {epoch}" if epoch else "no epoch was saved"
             raise VGGFastError(f"training diverged: the loss of epoch {epoch + 1} is "
                                f"{loss_sum / max(n_seen, 1)} at lr {lr:g}; try a lower --lr "
                                f"({kept})")
@@ -909,8 +919,8 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng,
                     "meta": meta, "history": history,
-                    "options": {k: (list(v) if isinstance(v, tuple) else v)
-                                for k, v in asdict(opts).items()}}
+                    "options": {**{k: (list(v) if isinstance(v, tuple) else v)
+                                   for k, v in asdict(opts).items()}, **in_effect}}
             save_model(model, meta, out)
             _atomic_write(out / CKPT_FILE, lambda p: torch.save(ckpt, p))
             _write_log(out, history)
