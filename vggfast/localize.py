@@ -960,6 +960,13 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
             tot += float(loss.detach()) * len(y)
             seen += len(y)
         seconds = time.perf_counter() - t0
+        if not (math.isfinite(tot) and bool(torch.stack(
+                [torch.isfinite(p).all() for p in model.parameters()]).all())):
+            # as in `vggfast train`: a diverged run wrote NaN boxes over the last good epoch's
+            # files and exited 0; stop before saving and keep them
+            kept = f"{out} keeps epoch {epoch}" if epoch else "no epoch was saved"
+            raise VGGFastError(f"training diverged: the loss of epoch {epoch + 1} is "
+                               f"{tot / max(seen, 1)} at lr {lr:g}; try a lower --lr ({kept})")
         row = {"epoch": epoch + 1, "loss": tot / max(seen, 1), "lr": lr, "seconds": seconds}
         if vds is not None:
             vkeys = [(i, 0) for i in range(len(vds))]
