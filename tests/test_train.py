@@ -627,3 +627,18 @@ def test_resume_says_that_a_new_lr_is_not_used(tmp_path, capsys):
         assert (ck["options"]["lr"], ck["options"]["weight_decay"]) == (0.01, 5e-4)
     T.fit(T.TrainOptions(epochs=4, resume=True, **common))
     assert "ignored" not in capsys.readouterr().err
+
+
+def test_an_error_in_a_data_worker_is_one_line(tmp_path):
+    """With --workers > 0 (4 by default) a VGGFastError raised while loading came back from
+    torch's DataLoader with the worker's whole traceback as its message, which the CLI printed
+    as its one-line error; now it is the error's own message, as with --workers 0."""
+    data = make_folder(tmp_path / "data", n=2)
+    for f in data.glob("*/*.png"):      # headers fine (the scan keeps them), pixels cut off
+        f.write_bytes(f.read_bytes()[:300])
+    for workers in (0, 1):
+        opts = T.TrainOptions(data=str(data), out=str(tmp_path / f"r{workers}"), epochs=1,
+                              batch_size=4, **{**TINY, "workers": workers})
+        with pytest.raises(VGGFastError) as e:
+            T.fit(opts)
+        assert re.fullmatch(r"no image of .*data could be decoded", str(e.value)), str(e.value)

@@ -882,7 +882,8 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from .train import MODEL_FILE, _atomic_write, _resolve_device, epoch_order, sample_seed, save_model
+    from .train import (MODEL_FILE, _atomic_write, _resolve_device, batches, epoch_order,
+                        sample_seed, save_model)
     if opts.mode not in MODES:
         raise ArgumentError(f"unknown --mode {opts.mode!r}; use scr or pcr")
     for name in ("epochs", "batch_size"):
@@ -949,8 +950,8 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
                             num_workers=opts.workers)
         lr = optimizer.param_groups[0]["lr"]
         t0, tot, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False,
-                   disable=opts.quiet, file=sys.stderr)
+        bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch + 1}/{opts.epochs}",
+                   leave=False, disable=opts.quiet, file=sys.stderr)
         for x, t, y in bar:
             x, t, y = x.to(device), t.to(device), y.to(device)
             loss = euclidean_loss(model(x), t, y, opts.mode)

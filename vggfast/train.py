@@ -434,6 +434,24 @@ class FolderDataset(torch.utils.data.Dataset):
         raise VGGFastError(f"no image of {os.path.dirname(os.path.dirname(path))} could be decoded")
 
 
+def batches(loader):
+    """Iterate `loader`, re-raising a VGGFastError from a worker process with its own message:
+    torch's DataLoader rebuilds it with the worker's whole traceback as the message, which the
+    CLI then printed as its "one-line" error (--workers is 4 by default)."""
+    try:
+        yield from loader
+    except VGGFastError as exc:
+        text = str(exc)
+        if not text.startswith("Caught ") or "DataLoader worker" not in text:
+            raise
+        lines = text.rstrip("\n").split("\n")
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        starts = [i for i, line in enumerate(lines) if line.startswith(name)]
+        if not starts:
+            raise
+        raise type(exc)("\n".join(lines[starts[-1]:])[len(name):]) from None
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for one image in one epoch."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
@@ -706,7 +724,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for x, y, _ in loader:
+    for x, y, _ in batches(loader):
         x = x.to(device, non_blocking=True, memory_format=fmt)
         y = y.to(device, non_blocking=True)
         with autocast():
@@ -849,7 +867,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch",
                    disable=not main or opts.quiet, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
-        for step, (x, y, bad) in enumerate(loader):
+        for step, (x, y, bad) in enumerate(batches(loader)):
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
             with autocast():
