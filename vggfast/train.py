@@ -34,6 +34,9 @@ Output folder (`out`), rewritten atomically (temporary file, then `os.replace`) 
 - `checkpoint.pt`: model/optimizer/scheduler state, completed epochs, RNG states, metadata and
   history (loads with `torch.load(weights_only=True)`);
 - `log.csv`: one row per epoch; `skipped.txt`: unreadable files that were skipped.
+An epoch whose loss or weights are not finite (a diverged run, lr too high) stops the run with a
+VGGFastError before it is saved, so `out` keeps the last good epoch. `resume` takes lr, momentum,
+weight decay and patience from the checkpoint (a warning names flags that differ).
 
 Multi-GPU and multi-node: run under torchrun (`torchrun --nproc-per-node 8 -m vggfast train ...`);
 DistributedDataParallel on nccl (CUDA) or gloo (CPU), bf16 autocast on CUDA. BatchNorm uses each
