@@ -642,3 +642,19 @@ def test_an_error_in_a_data_worker_is_one_line(tmp_path):
         with pytest.raises(VGGFastError) as e:
             T.fit(opts)
         assert re.fullmatch(r"no image of .*data could be decoded", str(e.value)), str(e.value)
+
+
+def test_a_val_image_that_fails_to_decode_is_reported(tmp_path, capsys):
+    """A validation image whose header reads but whose pixels do not was scored as the next
+    image, silently; now it is reported as the training ones are (stderr and skipped.txt)."""
+    data = make_folder(tmp_path / "data", n=2)
+    val = make_folder(tmp_path / "val", n=2, seed=3)
+    good = (val / "dog" / "1.png").read_bytes()
+    (val / "dog" / "1.png").write_bytes(good[:len(good) // 2])
+    r = T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "run"), epochs=2,
+                             batch_size=4, **TINY))
+    assert [(Path(p).parent.name, Path(p).name, why) for p, why in r.skipped] == [
+        ("dog", "1.png", "failed to decode")]
+    err = capsys.readouterr().err
+    assert err.count("while validating (replaced by other images)") == 1 and "1.png" in err
+    assert "dog/1.png\tfailed to decode" in (tmp_path / "run" / "skipped.txt").read_text()

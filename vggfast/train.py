@@ -721,13 +721,16 @@ def _report_skipped(items: list[tuple[str, str]], where: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist
-             ) -> tuple[float, float, int]:
-    """(top-1 error, top-5 error, images) of `model` on `loader`, summed over processes."""
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist,
+             failed: list[int] | None = None) -> tuple[float, float, int]:
+    """(top-1 error, top-5 error, images) of `model` on `loader`, summed over processes.
+    failed: gets the indices of this process's images that failed to decode (replaced)."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for x, y, _ in batches(loader):
+    for x, y, bad in batches(loader):
+        if failed is not None:
+            failed += [int(i) for i in bad.tolist() if i >= 0]
         x = x.to(device, non_blocking=True, memory_format=fmt)
         y = y.to(device, non_blocking=True)
         with autocast():
@@ -855,6 +858,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
     if start >= opts.epochs:
         say(f"{out}: already trained for {start} epochs (--epochs {opts.epochs}); nothing to do")
     seen_failed: set[int] = set()
+    seen_vfailed: set[int] = set()
     n_train = len(train_ds)
 
     for epoch in range(start, opts.epochs):
@@ -919,8 +923,22 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
                                  pad=False)
             vloader = DataLoader(val_ds, batch_size=local_bs, sampler=[(i, 0) for i in vorder],
                                  generator=torch.Generator().manual_seed(opts.seed), **loader_kw)
-            top1_err, top5_err, _ = evaluate(model, vloader, device, autocast, d)
+            vfailed: list[int] = []
+            top1_err, top5_err, _ = evaluate(model, vloader, device, autocast, d, vfailed)
             err_on = "val"
+            # a val image that failed to decode was scored as the next one without a word
+            if d.on:
+                lists = [None] * d.world
+                dist.all_gather_object(lists, vfailed)
+                vfailed = [i for part in lists for i in part]
+            vnew = sorted(set(vfailed) - seen_vfailed)
+            seen_vfailed.update(vnew)
+            if vnew:
+                items = [(val_ds.samples[i][0], "failed to decode") for i in vnew]
+                skipped += items
+                new = new or vnew
+                if main:
+                    _report_skipped(items, "while validating (replaced by other images)")
         else:
             top1_err, top5_err, err_on = 1 - top1 / max(n_seen, 1), float("nan"), "train"
         scheduler.step(1 - top1_err)
