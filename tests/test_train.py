@@ -658,3 +658,17 @@ def test_a_val_image_that_fails_to_decode_is_reported(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("while validating (replaced by other images)") == 1 and "1.png" in err
     assert "dog/1.png\tfailed to decode" in (tmp_path / "run" / "skipped.txt").read_text()
+
+
+def test_out_holding_a_model_but_no_run_is_refused(tmp_path):
+    """--out with a model.safetensors and no checkpoint.pt (a localisation run, someone's model
+    folder) was overwritten after the first epoch; now it is refused, as --task localize does."""
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "theirs"
+    m = build_model("A", 2, width=1 / 16, image_size=32)
+    T.save_model(m, T.model_meta(m, ["x", "y"]), out)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(VGGFastError, match=r"already holds a model \(model.safetensors\)"):
+        T.fit(T.TrainOptions(data=str(data), out=str(out), epochs=1, batch_size=4, **TINY))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["model.json", "model.safetensors"]

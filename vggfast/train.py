@@ -768,6 +768,11 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
     if not opts.resume and (out / CKPT_FILE).exists():
         raise VGGFastError(f"--out {out} already holds a training run; pass --resume to continue "
                            "it or choose another folder")
+    if not opts.resume and (out / MODEL_FILE).exists():
+        # a model without a checkpoint (a --task localize run, a downloaded model folder) was
+        # overwritten after the first epoch without a word
+        raise VGGFastError(f"--out {out} already holds a model ({MODEL_FILE}) that is not a run "
+                           "to resume; choose another folder")
 
     train_scan = scan_folder(opts.data, what="data")
     val_scan = scan_folder(opts.val, train_scan.classes, what="val") if opts.val else None
