@@ -586,3 +586,18 @@ def test_evaluation_clips_ground_truth_to_the_image(tmp_path):
     assert clipped > 10 * float(L.iou([box], [gt]).max())
     with pytest.raises(VGGFastError, match=r"a\.png: box .* outside the 48x40 image"):
         L.evaluate_localization(eng, [L.LocSample(f, 1, [(60, 50, 90, 80)])], protocol="center")
+
+
+def test_a_diverged_localizer_stops_before_saving_nan_weights(tiny_set, tmp_path):
+    """lr 1e6 sent the Euclidean loss to NaN and train_localizer saved the NaN net, returning as
+    if trained; now it raises, and what --out holds (if anything) is finite."""
+    out = tmp_path / "loc"
+    with pytest.raises(VGGFastError, match=r"^training diverged: the loss of epoch \d+ is "):
+        L.train_localizer(L.LocTrainOptions(
+            boxes=str(tiny_set / "boxes.jsonl"), init=str(tiny_set / "cls"), data=str(tiny_set),
+            out=str(out), batch_size=6, workers=0, scales=(32, 48), epochs=6, lr=1e6,
+            quiet=True))
+    if (out / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        sd = load_file(str(out / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in sd.values())

@@ -596,3 +596,122 @@ def test_a_skipped_file_whose_name_is_not_utf8_is_listed(tmp_path):
                              **TINY))
     assert [p for p, _ in r.skipped] == [os.fsdecode(odd)]
     assert (tmp_path / "run" / "skipped.txt").read_bytes().startswith(odd + b"\t")
+
+
+def test_a_diverged_run_stops_before_saving_nan_weights(tmp_path):
+    """lr 1e4 sends the loss to NaN in epoch 2: fit wrote NaN weights over epoch 1's files and
+    returned as if it had trained; now it raises, and OUT still holds epoch 1, finite."""
+    data = make_folder(tmp_path / "data", n=4)
+    run = tmp_path / "run"
+    opts = dict(data=str(data), out=str(run), epochs=3, batch_size=4, lr=1e4, **TINY)
+    with pytest.raises(VGGFastError, match=r"^training diverged: the loss of epoch 2 is nan at "
+                                           r"lr 10000; try a lower --lr \(.*keeps epoch 1"):
+        T.fit(T.TrainOptions(**opts))
+    sd, _ = load_safetensors(run / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len((run / "log.csv").read_text().splitlines()) == 2
+
+
+def test_folder_links_are_followed_but_a_link_loop_is_not(tmp_path):
+    """`ln -s .. loop` inside a class folder made the scan walk ROOT/c/loop/c/loop/... (and every
+    other class under it) without end; a linked class folder or image folder still counts."""
+    data = make_folder(tmp_path / "data", classes=("a b", "c", "ünï 猫"), n=2)
+    (data / "c" / "loop").symlink_to("..")
+    (data / "c" / "self").symlink_to(".")
+    make_folder(tmp_path / "lib", classes=("x",), n=3)
+    (tmp_path / "lib" / "x" / "back").symlink_to(tmp_path / "lib")
+    (data / "a b" / "library").symlink_to(tmp_path / "lib" / "x")
+    (data / "linked").symlink_to(data / "c")
+    (data / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "c" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "c" / "notes.txt").write_text("not an image")
+    scan = T.scan_folder(data)
+    assert scan.classes == ["a b", "c", "linked", "ünï 猫"] and not scan.skipped
+    counts = np.bincount([l for _, l in scan.samples]).tolist()
+    assert counts == [2 + 3, 2, 2, 2]
+
+
+def test_an_empty_class_folder_is_reported_not_dropped_silently(tmp_path, capsys):
+    """A training class folder without images was left out of the classes without a word (the
+    model then had fewer outputs than there were folders); now a warning names it."""
+    data = make_folder(tmp_path / "data", n=2)
+    (data / "emu").mkdir()
+    (data / "owl").mkdir()
+    (data / "owl" / "notes.txt").write_text("no images here")
+    scan = T.scan_folder(data)
+    assert scan.classes == ["cat", "dog"] and scan.empty == ["emu", "owl"]
+    assert T.scan_folder(data, scan.classes, what="val").empty == []
+    r = T.fit(T.TrainOptions(data=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                             **TINY))
+    assert r.meta["class_names"] == ["cat", "dog"]
+    err = capsys.readouterr().err
+    assert re.search(r"warning: class folders \['emu', 'owl'\] in .* hold no images", err), err
+    val = make_folder(tmp_path / "val", classes=("cat", "emu"), n=1)
+    with pytest.raises(VGGFastError, match=r"\['emu'\] are not classes .*without images"):
+        T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "r2"), **TINY))
+
+
+def test_resume_says_that_a_new_lr_is_not_used(tmp_path, capsys):
+    """--resume --lr 0.5 trained on at the checkpoint's lr without a word (the optimizer's state
+    brings back its own), and saved lr 0.5 as the run's option, so the next resume did not even
+    differ; now each such resume warns and the checkpoint keeps the settings in effect."""
+    data = make_folder(tmp_path / "data", n=2)
+    common = dict(data=str(data), out=str(tmp_path / "run"), batch_size=4, **TINY)
+    T.fit(T.TrainOptions(epochs=1, **common))
+    assert capsys.readouterr().err == ""
+    for epochs in (2, 3):
+        r = T.fit(T.TrainOptions(epochs=epochs, lr=0.5, weight_decay=0.0, resume=True, **common))
+        err = capsys.readouterr().err
+        assert ("ignored: --lr 0.5 (the run's: 0.01), --weight-decay 0.0 (the run's: 0.0005)"
+                in err), err
+        assert [h["lr"] for h in r.history] == [0.01] * epochs
+        ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        assert (ck["options"]["lr"], ck["options"]["weight_decay"]) == (0.01, 5e-4)
+    T.fit(T.TrainOptions(epochs=4, resume=True, **common))
+    assert "ignored" not in capsys.readouterr().err
+
+
+def test_an_error_in_a_data_worker_is_one_line(tmp_path):
+    """With --workers > 0 (4 by default) a VGGFastError raised while loading came back from
+    torch's DataLoader with the worker's whole traceback as its message, which the CLI printed
+    as its one-line error; now it is the error's own message, as with --workers 0."""
+    data = make_folder(tmp_path / "data", n=2)
+    for f in data.glob("*/*.png"):      # headers fine (the scan keeps them), pixels cut off
+        f.write_bytes(f.read_bytes()[:300])
+    for workers in (0, 1):
+        opts = T.TrainOptions(data=str(data), out=str(tmp_path / f"r{workers}"), epochs=1,
+                              batch_size=4, **{**TINY, "workers": workers})
+        with pytest.raises(VGGFastError) as e:
+            T.fit(opts)
+        assert re.fullmatch(r"no image of .*data could be decoded", str(e.value)), str(e.value)
+
+
+def test_a_val_image_that_fails_to_decode_is_reported(tmp_path, capsys):
+    """A validation image whose header reads but whose pixels do not was scored as the next
+    image, silently; now it is reported as the training ones are (stderr and skipped.txt)."""
+    data = make_folder(tmp_path / "data", n=2)
+    val = make_folder(tmp_path / "val", n=2, seed=3)
+    good = (val / "dog" / "1.png").read_bytes()
+    (val / "dog" / "1.png").write_bytes(good[:len(good) // 2])
+    r = T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "run"), epochs=2,
+                             batch_size=4, **TINY))
+    assert [(Path(p).parent.name, Path(p).name, why) for p, why in r.skipped] == [
+        ("dog", "1.png", "failed to decode")]
+    err = capsys.readouterr().err
+    assert err.count("while validating (replaced by other images)") == 1 and "1.png" in err
+    assert "dog/1.png\tfailed to decode" in (tmp_path / "run" / "skipped.txt").read_text()
+
+
+def test_out_holding_a_model_but_no_run_is_refused(tmp_path):
+    """--out with a model.safetensors and no checkpoint.pt (a localisation run, someone's model
+    folder) was overwritten after the first epoch; now it is refused, as --task localize does."""
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "theirs"
+    m = build_model("A", 2, width=1 / 16, image_size=32)
+    T.save_model(m, T.model_meta(m, ["x", "y"]), out)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(VGGFastError, match=r"already holds a model \(model.safetensors\)"):
+        T.fit(T.TrainOptions(data=str(data), out=str(out), epochs=1, batch_size=4, **TINY))
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["model.json", "model.safetensors"]

@@ -882,7 +882,8 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from .train import MODEL_FILE, _atomic_write, _resolve_device, epoch_order, sample_seed, save_model
+    from .train import (MODEL_FILE, _atomic_write, _resolve_device, batches, epoch_order,
+                        sample_seed, save_model)
     if opts.mode not in MODES:
         raise ArgumentError(f"unknown --mode {opts.mode!r}; use scr or pcr")
     for name in ("epochs", "batch_size"):
@@ -949,8 +950,8 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
                             num_workers=opts.workers)
         lr = optimizer.param_groups[0]["lr"]
         t0, tot, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts.epochs}", leave=False,
-                   disable=opts.quiet, file=sys.stderr)
+        bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch + 1}/{opts.epochs}",
+                   leave=False, disable=opts.quiet, file=sys.stderr)
         for x, t, y in bar:
             x, t, y = x.to(device), t.to(device), y.to(device)
             loss = euclidean_loss(model(x), t, y, opts.mode)
@@ -960,6 +961,13 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
             tot += float(loss.detach()) * len(y)
             seen += len(y)
         seconds = time.perf_counter() - t0
+        if not (math.isfinite(tot) and bool(torch.stack(
+                [torch.isfinite(p).all() for p in model.parameters()]).all())):
+            # as in `vggfast train`: a diverged run wrote NaN boxes over the last good epoch's
+            # files and exited 0; stop before saving and keep them
+            kept = f"{out} keeps epoch {epoch}" if epoch else "no epoch was saved"
+            raise VGGFastError(f"training diverged: the loss of epoch {epoch + 1} is "
+                               f"{tot / max(seen, 1)} at lr {lr:g}; try a lower --lr ({kept})")
         row = {"epoch": epoch + 1, "loss": tot / max(seen, 1), "lr": lr, "seconds": seconds}
         if vds is not None:
             vkeys = [(i, 0) for i in range(len(vds))]

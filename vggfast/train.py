@@ -34,6 +34,9 @@ Output folder (`out`), rewritten atomically (temporary file, then `os.replace`) 
 - `checkpoint.pt`: model/optimizer/scheduler state, completed epochs, RNG states, metadata and
   history (loads with `torch.load(weights_only=True)`);
 - `log.csv`: one row per epoch; `skipped.txt`: unreadable files that were skipped.
+An epoch whose loss or weights are not finite (a diverged run, lr too high) stops the run with a
+VGGFastError before it is saved, so `out` keeps the last good epoch. `resume` takes lr, momentum,
+weight decay and patience from the checkpoint (a warning names flags that differ).
 
 Multi-GPU and multi-node: run under torchrun (`torchrun --nproc-per-node 8 -m vggfast train ...`);
 DistributedDataParallel on nccl (CUDA) or gloo (CPU), bf16 autocast on CUDA. BatchNorm uses each
@@ -87,6 +90,8 @@ NET_A_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
 MODEL_FILE, META_FILE, CKPT_FILE = "model.safetensors", "model.json", "checkpoint.pt"
 LOG_FILE, SKIPPED_FILE = "log.csv", "skipped.txt"
+# options that --resume takes from the checkpoint's optimizer and scheduler states, not the flags
+RESTORED_OPTIONS = ("lr", "momentum", "weight_decay", "patience")
 LOG_FIELDS = ("epoch", "loss", "top1_err", "top5_err", "err_on", "lr", "img_per_s", "seconds")
 
 
@@ -263,12 +268,14 @@ def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
 @dataclass
 class FolderScan:
     """An ImageFolder-layout folder: class names (sorted folder names), (path, label) samples,
-    and the files that were skipped, as (path, reason)."""
+    and the files that were skipped, as (path, reason). empty: the class folders without image
+    files, which are not classes (training data only)."""
 
     root: str
     classes: list[str]
     samples: list[tuple[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
 
 
 def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
@@ -285,9 +292,20 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
         raise VGGFastError(f"--{what} {rootp}: not a folder (expected ROOT/CLASS_NAME/IMAGE files)")
     folders = sorted(p.name for p in rootp.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[str, str]] = []
+    # links are followed (a class folder of links to a photo library), but never into a folder
+    # already walked, nor up to ROOT or above it: a link back up (`ln -s .. loop`) made the walk
+    # branch at every level and never end, listing every class's images under each class
+    top = os.path.realpath(rootp)
+
+    def new_folder(path: str, seen: set[str]) -> bool:
+        real = os.path.realpath(path)
+        return real not in seen and not (top + os.sep).startswith(real.rstrip(os.sep) + os.sep)
     for name in folders:
+        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(rootp / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            seen.add(os.path.realpath(dirpath))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and new_folder(os.path.join(dirpath, d), seen))
             for f in sorted(filenames):
                 if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
                     files.append((os.path.join(dirpath, f), name))
@@ -302,11 +320,14 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
             raise VGGFastError(f"--{what} {rootp}: only one class ({present[0]!r}); a classifier "
                                "needs at least two class folders with images")
         classes = present
+        bare = [c for c in folders if c not in present]
     else:
+        bare = []
         unknown = [c for c in present if c not in classes]
         if unknown:
             raise VGGFastError(f"--{what} {rootp}: class folders {unknown[:5]} are not classes of "
-                               f"the training data")
+                               f"the training data (a training class folder without images is "
+                               f"not a class)")
     index = {c: i for i, c in enumerate(classes)}
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound
         problems = list(pool.map(_header_problem, [p for p, _ in files]))
@@ -322,7 +343,7 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
         raise VGGFastError(f"--{what} {rootp}: no readable image in class folders {empty[:5]} "
                            f"({len(skipped)} unreadable files, e.g. {skipped[0][0]}: "
                            f"{skipped[0][1]})")
-    return FolderScan(str(rootp), list(classes), samples, skipped)
+    return FolderScan(str(rootp), list(classes), samples, skipped, bare)
 
 
 def random_scale(smin: int, smax: int, gen: torch.Generator) -> int:
@@ -415,6 +436,24 @@ class FolderDataset(torch.utils.data.Dataset):
             gen = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(img, gen), label, failed
         raise VGGFastError(f"no image of {os.path.dirname(os.path.dirname(path))} could be decoded")
+
+
+def batches(loader):
+    """Iterate `loader`, re-raising a VGGFastError from a worker process with its own message:
+    torch's DataLoader rebuilds it with the worker's whole traceback as the message, which the
+    CLI then printed as its "one-line" error (--workers is 4 by default)."""
+    try:
+        yield from loader
+    except VGGFastError as exc:
+        text = str(exc)
+        if not text.startswith("Caught ") or "DataLoader worker" not in text:
+            raise
+        lines = text.rstrip("\n").split("\n")
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        starts = [i for i, line in enumerate(lines) if line.startswith(name)]
+        if not starts:
+            raise
+        raise type(exc)("\n".join(lines[starts[-1]:])[len(name):]) from None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -704,13 +743,16 @@ def _report_skipped(items: list[tuple[str, str]], where: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist
-             ) -> tuple[float, float, int]:
-    """(top-1 error, top-5 error, images) of `model` on `loader`, summed over processes."""
+def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist,
+             failed: list[int] | None = None) -> tuple[float, float, int]:
+    """(top-1 error, top-5 error, images) of `model` on `loader`, summed over processes.
+    failed: gets the indices of this process's images that failed to decode (replaced)."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for x, y, _ in loader:
+    for x, y, bad in batches(loader):
+        if failed is not None:
+            failed += [int(i) for i in bad.tolist() if i >= 0]
         x = x.to(device, non_blocking=True, memory_format=fmt)
         y = y.to(device, non_blocking=True)
         with autocast():
@@ -748,12 +790,22 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
     if not opts.resume and (out / CKPT_FILE).exists():
         raise VGGFastError(f"--out {out} already holds a training run; pass --resume to continue "
                            "it or choose another folder")
+    if not opts.resume and (out / MODEL_FILE).exists():
+        # a model without a checkpoint (a --task localize run, a downloaded model folder) was
+        # overwritten after the first epoch without a word
+        raise VGGFastError(f"--out {out} already holds a model ({MODEL_FILE}) that is not a run "
+                           "to resume; choose another folder")
 
     train_scan = scan_folder(opts.data, what="data")
     val_scan = scan_folder(opts.val, train_scan.classes, what="val") if opts.val else None
     skipped = list(train_scan.skipped) + (list(val_scan.skipped) if val_scan else [])
     if main:
         _report_skipped(train_scan.skipped, f"in {train_scan.root}")
+        if train_scan.empty:  # left out silently, the model had fewer classes than folders
+            more = f" and {len(train_scan.empty) - 5} more" if len(train_scan.empty) > 5 else ""
+            print(f"vggfast: warning: class folders {train_scan.empty[:5]}{more} in "
+                  f"{train_scan.root} hold no images; they are not classes of this model",
+                  file=sys.stderr)
         if val_scan:
             _report_skipped(val_scan.skipped, f"in {val_scan.root}")
     classes = train_scan.classes
@@ -772,7 +824,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         optimizer, mode="max", factor=0.1, patience=opts.patience)
     torch.manual_seed(opts.seed + 1 + d.rank)  # dropout masks differ between processes
 
-    start, history = 0, []
+    start, history, in_effect = 0, [], {}
     if opts.resume:
         ck = load_checkpoint(out)
         old = ck.get("meta", {})
@@ -795,6 +847,15 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             print(f"vggfast: warning: the checkpoint was written by {len(rng)} processes, this run "
                   f"has {d.world}; dropout masks will not continue the old sequence exactly",
                   file=sys.stderr)
+        # the optimizer's and scheduler's states bring back their own settings, so a new
+        # --lr (say, to continue a diverged run more slowly) was dropped without a word
+        was = ck.get("options", {})
+        in_effect = {k: was[k] for k in RESTORED_OPTIONS if k in was}  # saved as they are
+        kept = [f"--{k.replace('_', '-')} {getattr(opts, k)!r} (the run's: {v!r})"
+                for k, v in in_effect.items() if v != getattr(opts, k)]
+        if kept and main:
+            print(f"vggfast: warning: --resume continues the checkpoint's optimizer and lr "
+                  f"schedule; ignored: {', '.join(kept)}", file=sys.stderr)
         say(f"resuming {out} after epoch {start}")
     if main:
         try:
@@ -824,6 +885,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
     if start >= opts.epochs:
         say(f"{out}: already trained for {start} epochs (--epochs {opts.epochs}); nothing to do")
     seen_failed: set[int] = set()
+    seen_vfailed: set[int] = set()
     n_train = len(train_ds)
 
     for epoch in range(start, opts.epochs):
@@ -839,7 +901,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch",
                    disable=not main or opts.quiet, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
-        for step, (x, y, bad) in enumerate(loader):
+        for step, (x, y, bad) in enumerate(batches(loader)):
             x = x.to(device, non_blocking=True, memory_format=fmt)
             y = y.to(device, non_blocking=True)
             with autocast():
@@ -861,6 +923,16 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         bar.close()
         seconds = time.perf_counter() - t0
         loss_sum, n_seen, top1 = _all_sum(stats, d).tolist()
+        if not (math.isfinite(loss_sum) and bool(torch.stack(
+                [torch.isfinite(p).all() for p in model.parameters()]).all())):
+            # a diverged run (lr too high) went on to write NaN weights over the last good
+            # epoch's files and exit 0; stop before saving (the sum and, after DDP's gradient
+            # all-reduce, the weights are the same in every process, so all of them stop here)
+            # and leave the previous epoch's checkpoint
+            kept = f"{out} keeps epoch {epoch}" if epoch else "no epoch was saved"
+            raise VGGFastError(f"training diverged: the loss of epoch {epoch + 1} is "
+                               f"{loss_sum / max(n_seen, 1)} at lr {lr:g}; try a lower --lr "
+                               f"({kept})")
         if d.on:  # every process learns which files failed to decode
             lists = [None] * d.world
             dist.all_gather_object(lists, failed)
@@ -878,8 +950,22 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
                                  pad=False)
             vloader = DataLoader(val_ds, batch_size=local_bs, sampler=[(i, 0) for i in vorder],
                                  generator=torch.Generator().manual_seed(opts.seed), **loader_kw)
-            top1_err, top5_err, _ = evaluate(model, vloader, device, autocast, d)
+            vfailed: list[int] = []
+            top1_err, top5_err, _ = evaluate(model, vloader, device, autocast, d, vfailed)
             err_on = "val"
+            # a val image that failed to decode was scored as the next one without a word
+            if d.on:
+                lists = [None] * d.world
+                dist.all_gather_object(lists, vfailed)
+                vfailed = [i for part in lists for i in part]
+            vnew = sorted(set(vfailed) - seen_vfailed)
+            seen_vfailed.update(vnew)
+            if vnew:
+                items = [(val_ds.samples[i][0], "failed to decode") for i in vnew]
+                skipped += items
+                new = new or vnew
+                if main:
+                    _report_skipped(items, "while validating (replaced by other images)")
         else:
             top1_err, top5_err, err_on = 1 - top1 / max(n_seen, 1), float("nan"), "train"
         scheduler.step(1 - top1_err)
@@ -899,8 +985,8 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "rng": rng,
                     "meta": meta, "history": history,
-                    "options": {k: (list(v) if isinstance(v, tuple) else v)
-                                for k, v in asdict(opts).items()}}
+                    "options": {**{k: (list(v) if isinstance(v, tuple) else v)
+                                   for k, v in asdict(opts).items()}, **in_effect}}
             save_model(model, meta, out)
             _atomic_write(out / CKPT_FILE, lambda p: _save_torch(ckpt, p))
             _write_log(out, history)
