@@ -54,6 +54,7 @@ else:
 METHODS = ("dense", "multicrop", "dense+multicrop")
 DEFAULT_MEMORY_BUDGET = 8 << 30
 DEFAULT_ALIGN = 256
+_INT64_MAX = (1 << 63) - 1
 
 
 # -- the plan, as plain frozen Python objects ------------------------------------------------------
@@ -351,6 +352,10 @@ def _options(spec: NetSpec, elem_size: int, memory_budget: int, kernel_table: Ma
     o.elem_size = _int(elem_size, "elem_size")
     if isinstance(memory_budget, float) and math.isfinite(memory_budget):
         memory_budget = int(memory_budget)  # "8e9" bytes; fractions of a byte do not matter
+    if isinstance(memory_budget, int) and memory_budget >= _INT64_MAX:
+        # A budget past int64 (Engine(memory_budget=1e30): "no limit") holds every plan the
+        # largest one does; refusing it made such an Engine impossible to build.
+        memory_budget = _INT64_MAX
     o.budget = _int(memory_budget, "memory_budget")
     o.align = _int(align, "align")
     o.max_batch = _int(max_batch, "max_batch")
