@@ -644,3 +644,16 @@ def test_a_budget_past_int64_means_no_limit():
         assert plan.budget_bytes == (1 << 63) - 1 and len(plan.batches) == 1
     with pytest.raises(ArgumentError, match="memory_budget"):
         S.make_plan(spec, [(480, 640)], scales=(256,), memory_budget=float("inf"))
+
+
+def test_requests_of_the_wrong_kind_are_argument_errors():
+    spec = make_spec("D")
+    for kwargs in (dict(sizes=None), dict(sizes=5), dict(sizes="480x640"),
+                   dict(kernel_table=[("conv", 1)])):
+        args = dict(sizes=[(480, 640)], scales=(256,))
+        args.update(kwargs)
+        with pytest.raises(ArgumentError):   # was a TypeError from deep inside
+            S.make_plan(spec, **args)
+    # one tap name is that name, not its letters ("cannot keep 'f'")
+    plan = S.make_plan(spec, [(480, 640)], scales=(256,), keep="fc7")
+    assert plan.arenas[0].tensor("fc7").last == len(plan.ops) + 1

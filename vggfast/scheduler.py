@@ -324,6 +324,8 @@ def _request(sizes: Iterable[Sequence[int]], scales: Any, flip: bool, method: st
         raise ArgumentError(f"scales must be an integer or a list of integers, not {scales!r}")
     if not isinstance(method, str) or method not in METHODS:
         raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise ArgumentError(f"sizes must be a list of (height, width) pairs, not {sizes!r}")
     images = []
     for i, s in enumerate(sizes):
         try:
@@ -360,7 +362,11 @@ def _options(spec: NetSpec, elem_size: int, memory_budget: int, kernel_table: Ma
     o.align = _int(align, "align")
     o.max_batch = _int(max_batch, "max_batch")
     o.fuse_pool = bool(fuse_pool)
-    o.keep = [str(k) for k in keep]
+    # one tap name alone is one name, not its letters
+    o.keep = [keep] if isinstance(keep, str) else [str(k) for k in keep]
+    if kernel_table is not None and not isinstance(kernel_table, Mapping):
+        raise ArgumentError(f"kernel_table must map shape-class keys to configuration ids, not "
+                            f"{type(kernel_table).__name__}")
     table = dict(kernel_table or {})
     o.kernel_table = sorted((str(k), _int(v, f"kernel config of {k!r}")) for k, v in table.items())
     return o
@@ -423,9 +429,10 @@ class Scheduler:
         self.spec = spec
         self._layers = layers_of(spec)
         self._opt = dict(elem_size=elem_size, memory_budget=memory_budget,
-                         kernel_table=dict(kernel_table or {}), max_batch=max_batch,
+                         kernel_table=kernel_table, max_batch=max_batch,
                          fuse_pool=fuse_pool, align=align)
         _options(spec, keep=(), **self._opt)  # fail now on bad options, not at the first plan
+        self._opt["kernel_table"] = dict(kernel_table or {})   # the caller's dict may change
         self.cache_size = max(0, _int(cache_size, "cache_size"))
         self._cache: OrderedDict[str, Plan] = OrderedDict()
         self._cache_lock = threading.Lock()   # an Engine may be called from several threads
