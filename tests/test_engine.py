@@ -228,6 +228,27 @@ def test_a_memory_budget_past_int64_is_no_limit(tiny, monkeypatch):
         assert eng.plan(x, scales=32).budget_bytes == (1 << 63) - 1
 
 
+def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
+    """Engine.plan needs only the sizes: it held every decoded image of the list at once."""
+    import weakref
+    import vggfast.engine as E
+    alive, most = weakref.WeakSet(), []
+    real = E.pp.load_image
+
+    def load(item):
+        x = real(item)
+        alive.add(x)
+        most.append(len(alive))
+        return x
+
+    monkeypatch.setattr(E.pp, "load_image", load)
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    imgs = [torch.rand(3, 40 + k, 48) for k in range(6)]
+    plan = eng.plan(imgs, scales=(32, 40))
+    assert max(most) == 1 and plan.num_images == 6
+    assert eng._executor.plan(imgs, (32, 40), True, "dense") is plan   # classify's cached plan
+
+
 def test_memory_budget_from_the_environment(tiny, monkeypatch):
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "2GiB")
     assert Engine(tiny.state_dict()).memory_budget == 2 << 30
