@@ -657,3 +657,12 @@ def test_requests_of_the_wrong_kind_are_argument_errors():
     # one tap name is that name, not its letters ("cannot keep 'f'")
     plan = S.make_plan(spec, [(480, 640)], scales=(256,), keep="fc7")
     assert plan.arenas[0].tensor("fc7").last == len(plan.ops) + 1
+
+
+def test_summary_of_a_small_net_shows_bytes():
+    spec = make_spec("D", 10, width=1 / 16, image_size=32)
+    plan = S.make_plan(spec, [(36, 45)], scales=(36,), flip=False, memory_budget=60000)
+    (arena,) = plan.arenas
+    text = plan.summary()
+    assert f"peak activation memory {arena.total_bytes} bytes" in text
+    assert "budget 60000 bytes" in text and "0.0 MiB" not in text

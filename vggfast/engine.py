@@ -512,7 +512,9 @@ class Engine:
              method: str = "dense"):
         """The scheduler's plan for a classify request: views, batches, arena, peak memory.
 
-        Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary.
+        Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary. A list longer than
+        CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
+        the plan of the whole list, as one request.
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)

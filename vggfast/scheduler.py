@@ -266,7 +266,10 @@ class Plan:
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+    # as the planner's messages write sizes: a small net's arenas all read "0.0 MiB" otherwise
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{int(n)} bytes"
 
 
 # -- calling the extension -----------------------------------------------------------------------
