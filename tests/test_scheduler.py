@@ -666,3 +666,15 @@ def test_summary_of_a_small_net_shows_bytes():
     text = plan.summary()
     assert f"peak activation memory {arena.total_bytes} bytes" in text
     assert "budget 60000 bytes" in text and "0.0 MiB" not in text
+
+
+def test_cache_is_keyed_by_the_request_not_by_its_hash(monkeypatch):
+    # Plan.key is a 64-bit FNV-1a hash; two requests whose hashes collide must not share a plan.
+    spec = make_spec("D")
+    sch = S.Scheduler(spec, memory_budget=2 << 30)
+    monkeypatch.setattr(S._C, "plan_key", lambda *args: "0" * 16)   # every request collides
+    a = sch.plan([(480, 640)], scales=(256,))
+    b = sch.plan([(640, 480)], scales=(256,))
+    c = sch.plan([(480, 640)], scales=(256,), flip=False)
+    assert len({a.views[0][7:9], b.views[0][7:9]}) == 2 and len(c.views) == 1
+    assert sch.plan([[480, 640]], scales=256) is a          # the same request is still a hit

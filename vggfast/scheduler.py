@@ -437,7 +437,7 @@ class Scheduler:
         _options(spec, keep=(), **self._opt)  # fail now on bad options, not at the first plan
         self._opt["kernel_table"] = dict(kernel_table or {})   # the caller's dict may change
         self.cache_size = max(0, _int(cache_size, "cache_size"))
-        self._cache: OrderedDict[str, Plan] = OrderedDict()
+        self._cache: OrderedDict[tuple, Plan] = OrderedDict()
         self._cache_lock = threading.Lock()   # an Engine may be called from several threads
 
     def _args(self, sizes, scales, flip, method, crop, grid, keep):
@@ -462,7 +462,11 @@ class Scheduler:
         Raises ArgumentError (bad request, views too small) or MemoryBudgetError.
         """
         layers, req, opt = self._args(sizes, scales, flip, method, crop, grid, keep)
-        key = _call(_C.plan_key, layers, req, opt)
+        # Cached by the request itself, not by its 64-bit key: a hash collision (FNV-1a is easy
+        # to collide on purpose) would hand one request another's views. The options other than
+        # keep are the scheduler's own.
+        key = (tuple(req.images), tuple(req.scales), req.flip, req.method, req.crop, req.grid,
+               tuple(opt.keep))
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit is not None:
