@@ -13,7 +13,8 @@ A request (image sizes, scales Q, flips, dense and/or multi-crop views) becomes 
   buffer of `Plan.peak_bytes` bytes that every batch of the plan shares.
 - ops: the launch list, the same for every batch (input tensor -> output tensor, fused ReLU and
   pool, kernel configuration id); tensor indices match every arena's tensor list.
-- key: a hash of the request's structure; `Scheduler` caches plans by it.
+- key: a hash of the request's structure (equal requests, equal keys); `Scheduler` caches plans by
+  the request itself, so a hash collision cannot hand out another request's plan.
 
 How an executor runs a plan (activations are NHWC, `elem_size` bytes per element):
 
@@ -415,7 +416,7 @@ def _shape(s) -> Shape:
 # -- public API -----------------------------------------------------------------------------------
 
 class Scheduler:
-    """Plans requests for one network and memory budget, caching plans by key (LRU).
+    """Plans requests for one network and memory budget, caching plans by request (LRU).
 
     spec: the network. elem_size: bytes per activation element (2 for bf16/fp16, 4 for fp32).
     memory_budget: bytes one batch's activation arena may use. kernel_table: shape-class key ->
@@ -453,7 +454,7 @@ class Scheduler:
     def plan(self, sizes: Iterable[Sequence[int]], scales: Any = (256, 384, 512),
              flip: bool = True, method: str = "dense", *, crop: int | None = None, grid: int = 5,
              keep: Iterable[str] = ()) -> Plan:
-        """Plan a request; a request with the same key returns the cached Plan object.
+        """Plan a request; the same request again returns the cached Plan object.
 
         sizes: (height, width) of each image as decoded. scales: smallest-side sizes Q (each >=
         spec.image_size). method: "dense" | "multicrop" | "dense+multicrop". crop: multi-crop side
