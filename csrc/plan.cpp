@@ -63,9 +63,12 @@ void check_layers(const std::vector<LayerDesc>& layers) {
         if (l.kind != "conv" && l.kind != "fc")
             throw ArgumentError("layer " + l.name + ": kind must be 'conv' or 'fc', not '" + l.kind +
                                 "'");
-        if (l.cin < 1 || l.cout < 1 || l.k < 1 || l.pad < 0)
-            throw ArgumentError("layer " + l.name + ": channels and kernel size must be positive "
-                                "and padding non-negative");
+        // Bounded so that h + 2 * pad and k * k (shapes, flops) cannot overflow int64.
+        if (l.cin < 1 || l.cout < 1 || l.k < 1 || l.pad < 0 || l.cin > kMaxSide ||
+            l.cout > kMaxSide || l.k > kMaxSide || l.pad > kMaxSide)
+            throw ArgumentError("layer " + l.name + ": channels and kernel size must be 1.." +
+                                std::to_string(kMaxSide) + " and padding 0.." +
+                                std::to_string(kMaxSide));
         if (i > 0 && l.cin != layers[i - 1].cout)
             throw ArgumentError("layer " + l.name + " reads " + std::to_string(l.cin) +
                                 " channels but " + layers[i - 1].name + " writes " +
@@ -324,6 +327,7 @@ std::vector<int64_t> crop_origins(int64_t size, int64_t crop, int64_t n) {
 
 ShapeInfo infer_shapes(const std::vector<LayerDesc>& layers, int64_t h, int64_t w) {
     // h + 2 * pad - k + 1 below must not overflow (signed overflow is undefined behaviour).
+    check_layers(layers);
     if (h < 1 || w < 1 || h > kMaxInferSide || w > kMaxInferSide)
         throw ArgumentError("input size " + size_str(h, w) + " is out of range: both sides must "
                             "be 1.." + std::to_string(kMaxInferSide));

@@ -678,3 +678,19 @@ def test_cache_is_keyed_by_the_request_not_by_its_hash(monkeypatch):
     c = sch.plan([(480, 640)], scales=(256,), flip=False)
     assert len({a.views[0][7:9], b.views[0][7:9]}) == 2 and len(c.views) == 1
     assert sch.plan([[480, 640]], scales=256) is a          # the same request is still a hit
+
+
+@pytest.mark.parametrize("field,value", [("k", 1 << 62), ("pad", 1 << 62), ("cout", 1 << 62),
+                                         ("k", 1 << 32)])
+def test_layer_sizes_past_int32_are_refused_not_wrapped(field, value):
+    # h + 2 * pad and k * k overflowed int64: shapes "too small" by -9e18, flops of 0
+    desc = dict(name="c", kind="conv", cin=3, cout=8, k=3, pad=1, relu=True, lrn=False, pool=False)
+    desc[field] = value
+    layers = [S._C.LayerDesc(**desc)]
+    spec = make_spec("D")
+    req = S._request([(300, 300)], (256,), False, "dense", None, 5)
+    opt = S._options(spec, 2, HUGE, None, 0, True, 256, ())
+    for call in (lambda: S._call(S._C.make_plan, layers, req, opt),
+                 lambda: S._call(S._C.infer_shapes, layers, 300, 300)):
+        with pytest.raises(ArgumentError, match="channels and kernel size must be 1.."):
+            call()
