@@ -15,6 +15,13 @@ namespace {
 constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
 // Sides beyond this are refused outright: their products could not be represented anyway.
 constexpr int64_t kMaxSide = (int64_t(1) << 31) - 1;
+// Crops per side of a multi-crop grid (and per call of crop_origins): a grid is a handful.
+constexpr int64_t kMaxGrid = 64;
+// Sides infer_shapes takes: a rescaled image is at most kMaxSide * kMaxSide wide, and a layer's
+// h + 2 * pad must not overflow.
+constexpr int64_t kMaxInferSide = kMaxSide * kMaxSide;
+// Bytes per element of a rescaled image (float32, vggfast/preprocess.py's resize_short).
+constexpr int64_t kRescaleElemSize = 4;
 
 // a * b, saturating at kMax (operands are non-negative): an overflowing size is simply "too big".
 int64_t mul_sat(int64_t a, int64_t b) {
@@ -56,9 +63,12 @@ void check_layers(const std::vector<LayerDesc>& layers) {
         if (l.kind != "conv" && l.kind != "fc")
             throw ArgumentError("layer " + l.name + ": kind must be 'conv' or 'fc', not '" + l.kind +
                                 "'");
-        if (l.cin < 1 || l.cout < 1 || l.k < 1 || l.pad < 0)
-            throw ArgumentError("layer " + l.name + ": channels and kernel size must be positive "
-                                "and padding non-negative");
+        // Bounded so that h + 2 * pad and k * k (shapes, flops) cannot overflow int64.
+        if (l.cin < 1 || l.cout < 1 || l.k < 1 || l.pad < 0 || l.cin > kMaxSide ||
+            l.cout > kMaxSide || l.k > kMaxSide || l.pad > kMaxSide)
+            throw ArgumentError("layer " + l.name + ": channels and kernel size must be 1.." +
+                                std::to_string(kMaxSide) + " and padding 0.." +
+                                std::to_string(kMaxSide));
         if (i > 0 && l.cin != layers[i - 1].cout)
             throw ArgumentError("layer " + l.name + " reads " + std::to_string(l.cin) +
                                 " channels but " + layers[i - 1].name + " writes " +
@@ -110,8 +120,9 @@ void check_request(const Request& req, const Options& opt) {
                                 " is below the network's native size " +
                                 std::to_string(opt.native_size) + "; use crop >= " +
                                 std::to_string(opt.native_size));
-        if (req.grid < 1 || req.grid > 64)
-            throw ArgumentError("multi-crop grid must be 1..64 crops per side, not " +
+        if (req.grid < 1 || req.grid > kMaxGrid)
+            throw ArgumentError("multi-crop grid must be 1.." + std::to_string(kMaxGrid) +
+                                " crops per side, not " +
                                 std::to_string(req.grid));
         for (int64_t q : req.scales)
             if (q < crop)
@@ -285,27 +296,41 @@ void assign_offsets(Arena& a) {
 }  // namespace
 
 std::pair<int64_t, int64_t> rescaled_size(int64_t h, int64_t w, int64_t q) {
-    if (h < 1 || w < 1 || q < 1)
-        throw ArgumentError("rescaled_size needs positive sizes, got " + size_str(h, w) +
-                            " to " + std::to_string(q));
+    // Bounded as the planner bounds a request, so q * long fits int64 and the size is exact (a
+    // saturated product divided by h would be a wrong size, not an error).
+    if (h < 1 || w < 1 || q < 1 || h > kMaxSide || w > kMaxSide || q > kMaxSide)
+        throw ArgumentError("rescaled_size needs sizes 1.." + std::to_string(kMaxSide) + ", got " +
+                            size_str(h, w) + " to " + std::to_string(q));
     if (h <= w) return {q, mul_sat(q, w) / h};
     return {mul_sat(q, h) / w, q};
 }
 
 std::vector<int64_t> crop_origins(int64_t size, int64_t crop, int64_t n) {
-    if (n < 1 || crop < 1 || size < crop)
+    // n is bounded like a grid: a huge n was a multi-terabyte allocation (std::bad_alloc).
+    if (n < 1 || n > kMaxGrid || crop < 1 || size < crop)
         throw ArgumentError("cannot place " + std::to_string(n) + " crops of " +
-                            std::to_string(crop) + " pixels on a side of " + std::to_string(size));
+                            std::to_string(crop) + " pixels on a side of " + std::to_string(size) +
+                            " (1.." + std::to_string(kMaxGrid) + " crops, each at most the side)");
     std::vector<int64_t> o(static_cast<size_t>(n));
+    const int64_t span = size - crop;
     if (n == 1) {
-        o[0] = (size - crop) / 2;
+        o[0] = span / 2;
         return o;
     }
-    for (int64_t i = 0; i < n; ++i) o[static_cast<size_t>(i)] = i * (size - crop) / (n - 1);
+    // i * span / (n - 1) without forming i * span, which overflows int64 for a rescaled
+    // panorama's side (up to kMaxSide^2) and gave negative origins: span = a (n - 1) + b, so
+    // i * span / (n - 1) = i a + (i b) / (n - 1) exactly, with i b < (n - 1)^2.
+    const int64_t a = span / (n - 1), b = span % (n - 1);
+    for (int64_t i = 0; i < n; ++i) o[static_cast<size_t>(i)] = i * a + i * b / (n - 1);
     return o;
 }
 
 ShapeInfo infer_shapes(const std::vector<LayerDesc>& layers, int64_t h, int64_t w) {
+    // h + 2 * pad - k + 1 below must not overflow (signed overflow is undefined behaviour).
+    check_layers(layers);
+    if (h < 1 || w < 1 || h > kMaxInferSide || w > kMaxInferSide)
+        throw ArgumentError("input size " + size_str(h, w) + " is out of range: both sides must "
+                            "be 1.." + std::to_string(kMaxInferSide));
     ShapeInfo s;
     s.height = h;
     s.width = w;
@@ -505,6 +530,24 @@ Plan make_plan(const std::vector<LayerDesc>& layers, const Request& req, const O
                 }
             }
             if (has_crops(req.method)) {
+                // Crops are cut from the whole rescaled image, which the executor holds (float32,
+                // as preprocess.resize_short makes it) while the crops are small: a huge Q passed
+                // every arena check and then allocated tens of GB on the host. It must fit the
+                // budget as a dense view's input must (a dense view's arena check covers more).
+                const int64_t pixels =
+                    mul_sat(mul_sat(mul_sat(rh, rw), layers[0].cin), kRescaleElemSize);
+                if (pixels == kMax || pixels > opt.budget)  // saturated: past int64
+                    throw BudgetError(
+                        int64_t(i), "(" + size_str(h, w) + ") at scale " + std::to_string(q) +
+                        " is rescaled to " + size_str(rh, rw) + " to cut its crops: " +
+                        (pixels == kMax ? "more than 8 EiB" : fmt_bytes(pixels)) +
+                        " of float32 pixels, over the memory budget of " + fmt_bytes(opt.budget) +
+                        "; use smaller scales" +
+                        (pixels == kMax
+                             ? std::string()
+                             : ", or raise the budget to at least " + std::to_string(pixels) +
+                                   " bytes with Engine(..., memory_budget=BYTES) or "
+                                   "VGGFAST_MEMORY_BUDGET"));
                 std::vector<int64_t> ys = crop_origins(rh, crop, req.grid);
                 std::vector<int64_t> xs = crop_origins(rw, crop, req.grid);
                 View v = base;

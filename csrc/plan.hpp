@@ -21,7 +21,8 @@
 //   key      a hash of the request's structure: equal keys mean equal plans.
 //
 // Errors a user can cause are thrown as ArgumentError (a view smaller than the network's native
-// size, a bad method...) or BudgetError (a single view whose activations exceed the budget).
+// size, a bad method...) or BudgetError (a single view whose activations exceed the budget,
+// or, for multi-crop, a rescaled image (float32) that alone does).
 // Their what() is one line that names the limit and how to raise it.
 #pragma once
 
@@ -178,11 +179,13 @@ class BudgetError : public PlanError {
 };
 
 // Size after the isotropic rescale that makes the smallest side q: if h <= w, (q, (q*w) // h),
-// else ((q*h) // w, q). An image whose short side is already q keeps its size.
+// else ((q*h) // w, q). An image whose short side is already q keeps its size. h, w, q are
+// 1..2^31-1, as a request's.
 std::pair<int64_t, int64_t> rescaled_size(int64_t h, int64_t w, int64_t q);
 
 // Origins of n crops of side `crop` evenly over a side of length `size`:
-// (i * (size - crop)) // (n - 1) for i = 0..n-1; the centre (size - crop) // 2 when n == 1.
+// (i * (size - crop)) // (n - 1) for i = 0..n-1, exact at any size; the centre
+// (size - crop) // 2 when n == 1. n is 1..64, as a multi-crop grid.
 std::vector<int64_t> crop_origins(int64_t size, int64_t crop, int64_t n);
 
 // Per-layer output sizes of an h x w input; ArgumentError when a layer would produce nothing.

@@ -201,6 +201,50 @@ def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_
         assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image ")
 
 
+def test_multicrop_at_a_huge_scale_is_refused_before_the_rescale(tiny):
+    """The crops fit any budget; the rescaled image they are cut from (here 6000x6000 float32,
+    412 MiB, allocated before) must fit it too, and the refusal names the image."""
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=8 << 20)
+    imgs = [torch.rand(3, 40, 48), torch.rand(3, 40, 40)]
+    for call in (lambda: eng.classify(imgs, scales=(32, 6000), method="multicrop"),
+                 lambda: eng.plan(imgs, scales=6000, method="multicrop")):
+        with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x48\) at scale 6000 is "
+                                                    r"rescaled to 6000x7200 .*memory_budget"):
+            call()
+    eng.classify(imgs, scales=(32, 96), method="multicrop")   # 96x115 float32 fits 8 MiB
+
+
+def test_a_memory_budget_past_int64_is_no_limit(tiny, monkeypatch):
+    x = torch.rand(3, 40, 48)
+    want = Engine(tiny.state_dict(), backend="torch", dtype="float32").classify(x, scales=32)
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1e30")
+    for eng in (Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=1e30),
+                Engine(tiny.state_dict(), backend="torch", dtype="float32")):
+        torch.testing.assert_close(eng.classify(x, scales=32).probs, want.probs)
+        assert eng.plan(x, scales=32).budget_bytes == (1 << 63) - 1
+
+
+def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
+    """Engine.plan needs only the sizes: it held every decoded image of the list at once."""
+    import weakref
+    import vggfast.engine as E
+    alive, most = weakref.WeakSet(), []
+    real = E.pp.load_image
+
+    def load(item):
+        x = real(item)
+        alive.add(x)
+        most.append(len(alive))
+        return x
+
+    monkeypatch.setattr(E.pp, "load_image", load)
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    imgs = [torch.rand(3, 40 + k, 48) for k in range(6)]
+    plan = eng.plan(imgs, scales=(32, 40))
+    assert max(most) == 1 and plan.num_images == 6
+    assert eng._executor.plan(imgs, (32, 40), True, "dense") is plan   # classify's cached plan
+
+
 def test_memory_budget_from_the_environment(tiny, monkeypatch):
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "2GiB")
     assert Engine(tiny.state_dict()).memory_budget == 2 << 30

@@ -313,10 +313,14 @@ def test_random_plans_arena_budget_and_batches():
         try:
             plan = S.make_plan(spec, **req, **kw)
         except MemoryBudgetError as e:
-            # refused only when some single view really needs more than the budget
+            # refused only when some single view really needs more than the budget, or the
+            # rescaled image (float32) that crops are cut from does
             need = max(single_view_bytes(spec, v.height, v.width, elem_size=elem, align=align,
                                          fuse_pool=fuse, keep=keep) for v in probe.views)
-            assert need > budget, (need, budget)
+            rescaled = max(3 * v.rescaled_h * v.rescaled_w * 4 for v in probe.views if v.crop)\
+                if req["method"] != "dense" else 0
+            assert max(need, rescaled) > budget, (need, rescaled, budget)
+            assert (rescaled if "rescaled to" in str(e) else need) > budget, str(e)
             assert "\n" not in str(e) and "memory_budget" in str(e)
             errors += 1
             continue
@@ -593,3 +597,100 @@ def test_budget_error_names_the_limit_and_is_exact():
     S.make_plan(spec, [(480, 640)], scales=(512,), flip=False, memory_budget=need)  # fits exactly
     with pytest.raises(MemoryBudgetError, match=f"at least {need} bytes"):
         S.make_plan(spec, [(480, 640)], scales=(512,), flip=False, memory_budget=need - 1)
+
+
+def test_multicrop_refuses_a_rescaled_image_over_the_budget():
+    # The crops are small, but the executor cuts them from the whole rescaled image (float32):
+    # a huge Q used to pass every arena check and then allocate tens of GB on the host.
+    spec = make_spec("D")
+    sizes, q = [(100, 100), (480, 640)], 3000
+    need = 3 * 3000 * 4000 * 4                       # image 1 rescaled to 3000x4000, float32
+    crop_arena = single_view_bytes(spec, 224, 224)
+    assert crop_arena < need
+    plan = S.make_plan(spec, sizes, scales=(q,), method="multicrop", memory_budget=need)
+    assert {(v.rescaled_h, v.rescaled_w) for v in plan.views} == {(3000, 3000), (3000, 4000)}
+    for method in ("multicrop", "dense+multicrop"):
+        with pytest.raises(MemoryBudgetError) as info:
+            S.make_plan(spec, sizes, scales=(256, q), method=method, memory_budget=need - 1)
+        msg = str(info.value)
+        assert info.value.image == 1 and msg.startswith("image 1 (480x640) at scale 3000")
+        assert f"at least {need} bytes" in msg and "\n" not in msg
+    with pytest.raises(MemoryBudgetError, match="more than 8 EiB"):   # saturated, not wrapped
+        S.make_plan(spec, [(1, (1 << 31) - 1)], scales=(1 << 30,), method="multicrop",
+                    memory_budget=(1 << 63) - 1)
+
+
+def test_helpers_are_exact_at_int64_scale_or_refuse():
+    # i * (size - crop) overflowed int64 for a rescaled panorama's side: negative crop origins.
+    for size, crop, n in [(1 << 62, 224, 5), (1 << 62, 1, 64), ((1 << 63) - 1, 224, 63)]:
+        assert S.crop_origins(size, crop, n) == tuple(i * (size - crop) // (n - 1)
+                                                      for i in range(n))
+    bad = [lambda: S.crop_origins(10 ** 12, 1, 10 ** 12),   # was std::bad_alloc (MemoryError)
+           lambda: S.crop_origins(500, 224, 65),
+           lambda: S.rescaled_size(1, (1 << 63) - 1, (1 << 63) - 1),  # was a saturated size
+           lambda: S.infer_shapes(make_spec("D"), (1 << 63) - 1, 5),  # h + 2 * pad overflowed
+           lambda: S.infer_shapes(make_spec("D"), -(1 << 63), 5),
+           lambda: S.infer_shapes(make_spec("D"), 0, 5)]
+    for f in bad:
+        with pytest.raises(ArgumentError) as info:
+            f()
+        assert "\n" not in str(info.value)
+
+
+def test_a_budget_past_int64_means_no_limit():
+    spec = make_spec("D")
+    for budget in (1e30, 1 << 64, 1 << 63):
+        plan = S.make_plan(spec, [(480, 640)], scales=(256,), memory_budget=budget)
+        assert plan.budget_bytes == (1 << 63) - 1 and len(plan.batches) == 1
+    with pytest.raises(ArgumentError, match="memory_budget"):
+        S.make_plan(spec, [(480, 640)], scales=(256,), memory_budget=float("inf"))
+
+
+def test_requests_of_the_wrong_kind_are_argument_errors():
+    spec = make_spec("D")
+    for kwargs in (dict(sizes=None), dict(sizes=5), dict(sizes="480x640"),
+                   dict(kernel_table=[("conv", 1)])):
+        args = dict(sizes=[(480, 640)], scales=(256,))
+        args.update(kwargs)
+        with pytest.raises(ArgumentError):   # was a TypeError from deep inside
+            S.make_plan(spec, **args)
+    # one tap name is that name, not its letters ("cannot keep 'f'")
+    plan = S.make_plan(spec, [(480, 640)], scales=(256,), keep="fc7")
+    assert plan.arenas[0].tensor("fc7").last == len(plan.ops) + 1
+
+
+def test_summary_of_a_small_net_shows_bytes():
+    spec = make_spec("D", 10, width=1 / 16, image_size=32)
+    plan = S.make_plan(spec, [(36, 45)], scales=(36,), flip=False, memory_budget=60000)
+    (arena,) = plan.arenas
+    text = plan.summary()
+    assert f"peak activation memory {arena.total_bytes} bytes" in text
+    assert "budget 60000 bytes" in text and "0.0 MiB" not in text
+
+
+def test_cache_is_keyed_by_the_request_not_by_its_hash(monkeypatch):
+    # Plan.key is a 64-bit FNV-1a hash; two requests whose hashes collide must not share a plan.
+    spec = make_spec("D")
+    sch = S.Scheduler(spec, memory_budget=2 << 30)
+    monkeypatch.setattr(S._C, "plan_key", lambda *args: "0" * 16)   # every request collides
+    a = sch.plan([(480, 640)], scales=(256,))
+    b = sch.plan([(640, 480)], scales=(256,))
+    c = sch.plan([(480, 640)], scales=(256,), flip=False)
+    assert len({a.views[0][7:9], b.views[0][7:9]}) == 2 and len(c.views) == 1
+    assert sch.plan([[480, 640]], scales=256) is a          # the same request is still a hit
+
+
+@pytest.mark.parametrize("field,value", [("k", 1 << 62), ("pad", 1 << 62), ("cout", 1 << 62),
+                                         ("k", 1 << 32)])
+def test_layer_sizes_past_int32_are_refused_not_wrapped(field, value):
+    # h + 2 * pad and k * k overflowed int64: shapes "too small" by -9e18, flops of 0
+    desc = dict(name="c", kind="conv", cin=3, cout=8, k=3, pad=1, relu=True, lrn=False, pool=False)
+    desc[field] = value
+    layers = [S._C.LayerDesc(**desc)]
+    spec = make_spec("D")
+    req = S._request([(300, 300)], (256,), False, "dense", None, 5)
+    opt = S._options(spec, 2, HUGE, None, 0, True, 256, ())
+    for call in (lambda: S._call(S._C.make_plan, layers, req, opt),
+                 lambda: S._call(S._C.infer_shapes, layers, 300, 300)):
+        with pytest.raises(ArgumentError, match="channels and kernel size must be 1.."):
+            call()

@@ -512,13 +512,17 @@ class Engine:
              method: str = "dense"):
         """The scheduler's plan for a classify request: views, batches, arena, peak memory.
 
-        Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary.
+        Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary. A list longer than
+        CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
+        the plan of the whole list, as one request.
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
-        images = [load_item(items, k) for k in range(len(items))]
+        # Only the sizes: each image is dropped once decoded (holding every decoded photo of a
+        # long list at once is what classify's chunks avoid).
+        sizes = [tuple(load_item(items, k).shape[-2:]) for k in range(len(items))]
         with naming_images(items, 0):     # a refusal names the file, as classify's does
-            return self._executor.plan(images, scales, flip, method)
+            return self._executor.scheduler.plan(sizes, scales, flip, method)
 
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""

@@ -13,7 +13,8 @@ A request (image sizes, scales Q, flips, dense and/or multi-crop views) becomes 
   buffer of `Plan.peak_bytes` bytes that every batch of the plan shares.
 - ops: the launch list, the same for every batch (input tensor -> output tensor, fused ReLU and
   pool, kernel configuration id); tensor indices match every arena's tensor list.
-- key: a hash of the request's structure; `Scheduler` caches plans by it.
+- key: a hash of the request's structure (equal requests, equal keys); `Scheduler` caches plans by
+  the request itself, so a hash collision cannot hand out another request's plan.
 
 How an executor runs a plan (activations are NHWC, `elem_size` bytes per element):
 
@@ -54,6 +55,7 @@ else:
 METHODS = ("dense", "multicrop", "dense+multicrop")
 DEFAULT_MEMORY_BUDGET = 8 << 30
 DEFAULT_ALIGN = 256
+_INT64_MAX = (1 << 63) - 1
 
 
 # -- the plan, as plain frozen Python objects ------------------------------------------------------
@@ -265,7 +267,10 @@ class Plan:
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+    # as the planner's messages write sizes: a small net's arenas all read "0.0 MiB" otherwise
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{int(n)} bytes"
 
 
 # -- calling the extension -----------------------------------------------------------------------
@@ -323,6 +328,8 @@ def _request(sizes: Iterable[Sequence[int]], scales: Any, flip: bool, method: st
         raise ArgumentError(f"scales must be an integer or a list of integers, not {scales!r}")
     if not isinstance(method, str) or method not in METHODS:
         raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise ArgumentError(f"sizes must be a list of (height, width) pairs, not {sizes!r}")
     images = []
     for i, s in enumerate(sizes):
         try:
@@ -351,11 +358,19 @@ def _options(spec: NetSpec, elem_size: int, memory_budget: int, kernel_table: Ma
     o.elem_size = _int(elem_size, "elem_size")
     if isinstance(memory_budget, float) and math.isfinite(memory_budget):
         memory_budget = int(memory_budget)  # "8e9" bytes; fractions of a byte do not matter
+    if isinstance(memory_budget, int) and memory_budget >= _INT64_MAX:
+        # A budget past int64 (Engine(memory_budget=1e30): "no limit") holds every plan the
+        # largest one does; refusing it made such an Engine impossible to build.
+        memory_budget = _INT64_MAX
     o.budget = _int(memory_budget, "memory_budget")
     o.align = _int(align, "align")
     o.max_batch = _int(max_batch, "max_batch")
     o.fuse_pool = bool(fuse_pool)
-    o.keep = [str(k) for k in keep]
+    # one tap name alone is one name, not its letters
+    o.keep = [keep] if isinstance(keep, str) else [str(k) for k in keep]
+    if kernel_table is not None and not isinstance(kernel_table, Mapping):
+        raise ArgumentError(f"kernel_table must map shape-class keys to configuration ids, not "
+                            f"{type(kernel_table).__name__}")
     table = dict(kernel_table or {})
     o.kernel_table = sorted((str(k), _int(v, f"kernel config of {k!r}")) for k, v in table.items())
     return o
@@ -401,7 +416,7 @@ def _shape(s) -> Shape:
 # -- public API -----------------------------------------------------------------------------------
 
 class Scheduler:
-    """Plans requests for one network and memory budget, caching plans by key (LRU).
+    """Plans requests for one network and memory budget, caching plans by request (LRU).
 
     spec: the network. elem_size: bytes per activation element (2 for bf16/fp16, 4 for fp32).
     memory_budget: bytes one batch's activation arena may use. kernel_table: shape-class key ->
@@ -418,11 +433,12 @@ class Scheduler:
         self.spec = spec
         self._layers = layers_of(spec)
         self._opt = dict(elem_size=elem_size, memory_budget=memory_budget,
-                         kernel_table=dict(kernel_table or {}), max_batch=max_batch,
+                         kernel_table=kernel_table, max_batch=max_batch,
                          fuse_pool=fuse_pool, align=align)
         _options(spec, keep=(), **self._opt)  # fail now on bad options, not at the first plan
+        self._opt["kernel_table"] = dict(kernel_table or {})   # the caller's dict may change
         self.cache_size = max(0, _int(cache_size, "cache_size"))
-        self._cache: OrderedDict[str, Plan] = OrderedDict()
+        self._cache: OrderedDict[tuple, Plan] = OrderedDict()
         self._cache_lock = threading.Lock()   # an Engine may be called from several threads
 
     def _args(self, sizes, scales, flip, method, crop, grid, keep):
@@ -438,7 +454,7 @@ class Scheduler:
     def plan(self, sizes: Iterable[Sequence[int]], scales: Any = (256, 384, 512),
              flip: bool = True, method: str = "dense", *, crop: int | None = None, grid: int = 5,
              keep: Iterable[str] = ()) -> Plan:
-        """Plan a request; a request with the same key returns the cached Plan object.
+        """Plan a request; the same request again returns the cached Plan object.
 
         sizes: (height, width) of each image as decoded. scales: smallest-side sizes Q (each >=
         spec.image_size). method: "dense" | "multicrop" | "dense+multicrop". crop: multi-crop side
@@ -447,7 +463,11 @@ class Scheduler:
         Raises ArgumentError (bad request, views too small) or MemoryBudgetError.
         """
         layers, req, opt = self._args(sizes, scales, flip, method, crop, grid, keep)
-        key = _call(_C.plan_key, layers, req, opt)
+        # Cached by the request itself, not by its 64-bit key: a hash collision (FNV-1a is easy
+        # to collide on purpose) would hand one request another's views. The options other than
+        # keep are the scheduler's own.
+        key = (tuple(req.images), tuple(req.scales), req.flip, req.method, req.crop, req.grid,
+               tuple(opt.keep))
         with self._cache_lock:
             hit = self._cache.get(key)
             if hit is not None:
