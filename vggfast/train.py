@@ -742,6 +742,22 @@ def _report_skipped(items: list[tuple[str, str]], where: str) -> None:
           file=sys.stderr)
 
 
+def _newly_failed(failed: list[int], seen: set[int], ds, d: _Dist, main: bool,
+                  when: str) -> list[tuple[str, str]]:
+    """(path, reason) of the images of `ds` that failed to decode in this epoch's pass for the
+    first time, gathered from every process (each learns them); reported once, by the main one."""
+    if d.on:
+        lists = [None] * d.world
+        dist.all_gather_object(lists, failed)
+        failed = [i for part in lists for i in part]
+    new = sorted(set(failed) - seen)
+    seen.update(new)
+    items = [(ds.samples[i][0], "failed to decode") for i in new]
+    if main:
+        _report_skipped(items, f"{when} (replaced by other images)")
+    return items
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, d: _Dist,
              failed: list[int] | None = None) -> tuple[float, float, int]:
@@ -933,17 +949,8 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             raise VGGFastError(f"training diverged: the loss of epoch {epoch + 1} is "
                                f"{loss_sum / max(n_seen, 1)} at lr {lr:g}; try a lower --lr "
                                f"({kept})")
-        if d.on:  # every process learns which files failed to decode
-            lists = [None] * d.world
-            dist.all_gather_object(lists, failed)
-            failed = [i for part in lists for i in part]
-        new = sorted(set(failed) - seen_failed)
-        seen_failed.update(new)
-        if new:
-            items = [(train_ds.samples[i][0], "failed to decode") for i in new]
-            skipped += items
-            if main:
-                _report_skipped(items, "while training (replaced by other images)")
+        new = _newly_failed(failed, seen_failed, train_ds, d, main, "while training")
+        skipped += new
 
         if val_ds is not None:
             vorder = epoch_order(len(val_ds), 0, opts.seed, d.rank, d.world, shuffle=False,
@@ -954,18 +961,9 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
             top1_err, top5_err, _ = evaluate(model, vloader, device, autocast, d, vfailed)
             err_on = "val"
             # a val image that failed to decode was scored as the next one without a word
-            if d.on:
-                lists = [None] * d.world
-                dist.all_gather_object(lists, vfailed)
-                vfailed = [i for part in lists for i in part]
-            vnew = sorted(set(vfailed) - seen_vfailed)
-            seen_vfailed.update(vnew)
-            if vnew:
-                items = [(val_ds.samples[i][0], "failed to decode") for i in vnew]
-                skipped += items
-                new = new or vnew
-                if main:
-                    _report_skipped(items, "while validating (replaced by other images)")
+            vnew = _newly_failed(vfailed, seen_vfailed, val_ds, d, main, "while validating")
+            skipped += vnew
+            new = new or vnew
         else:
             top1_err, top5_err, err_on = 1 - top1 / max(n_seen, 1), float("nan"), "train"
         scheduler.step(1 - top1_err)
