@@ -200,6 +200,21 @@ def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples,
     assert "--class-map" in capsys.readouterr().err
 
 
+def test_digit_folders_named_as_the_models_classes_follow_the_names(tmp_path):
+    """`vggfast train` on folders 0..10 names its classes in text order (0, 1, 10, 2, ...): the
+    folder "10" is class 2. Read as integers, every label from folder 2 on was wrong, silently;
+    folder names that are the model's class names now win, and plain indices still work for a
+    model whose names are not its folders' (ImageNet names, say)."""
+    for f in map(str, range(11)):
+        (tmp_path / f).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / f / "a.png")
+    names = sorted(map(str, range(11)))
+    got = {p.parent.name: i for p, i in labelled_images(tmp_path, names)}
+    assert got == {f: names.index(f) for f in names} and got["10"] == 2 and got["2"] == 3
+    got = {p.parent.name: i for p, i in labelled_images(tmp_path, [f"c{i}" for i in range(11)])}
+    assert got == {f: int(f) for f in names}
+
+
 def test_imagenet_synset_folders_map_to_their_classes(tmp_path):
     """An ImageNet validation tree (synset folders, any subset) needs no class map for a model
     with the ImageNet classes; the synset order is torchvision's index order."""

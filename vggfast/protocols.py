@@ -204,8 +204,8 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
                     note: Callable[[str], None] | None = None) -> list[tuple[Path, int]]:
     """(image, class index) pairs of an ImageFolder-style tree (one sub-folder per class).
 
-    Folder -> index: `class_map` when given; else integer folder names are indices; else folder
-    names equal to the engine's class names; else ImageNet WordNet IDs (n01440764, ...) for a
+    Folder -> index: `class_map` when given; else folder names equal to the engine's class
+    names; else integer folder names are indices; else ImageNet WordNet IDs (n01440764, ...) for a
     model with the ImageNet classes, any subset of them; else, when there is one folder per
     class, their sorted order (torchvision's ImageFolder rule; said through `note`). Anything
     else asks for a class map. Hidden folders and files (a leading ".") are skipped.
@@ -224,10 +224,12 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
             raise ArgumentError(f"the class map has no entry for folder(s) "
                                 f"{', '.join(unknown[:5])}")
         index = {f: class_map[f] for f in folders}
+    elif all(f in class_names for f in folders):
+        # before the integer rule: `vggfast train` names classes by its folders sorted as text,
+        # so a model trained on folders 0..10 has class 2 named "10"
+        index = {f: list(class_names).index(f) for f in folders}
     elif all(f.isascii() and f.isdigit() for f in folders):
         index = {f: int(f) for f in folders}
-    elif all(f in class_names for f in folders):
-        index = {f: list(class_names).index(f) for f in folders}
     elif (synsets := imagenet_synsets(class_names)) and all(f in synsets for f in folders):
         index = {f: synsets[f] for f in folders}     # ImageNet's n01440764/... (any subset)
     elif len(folders) == n:
