@@ -229,3 +229,24 @@ def test_file_names_that_are_not_utf8_and_list_files_with_a_bom(weights, tmp_pat
                  *args]) == 2
     assert capsys.readouterr().err == (f"vggfast: error: the file list {tmp_path / 'utf16.txt'} "
                                        "is not UTF-8 text (one path per line)\n")
+
+
+@pytest.mark.parametrize("bad, match", [(dict(pool="median"), "unknown pool"),
+                                        (dict(aggregate="sum"), "unknown aggregate"),
+                                        (dict(flip="yes"), "flip must be"),
+                                        (dict(normalize="no"), "normalize must be")])
+def test_bad_settings_are_refused_before_the_checkpoint_folder_exists(weights, samples, tmp_path,
+                                                                      bad, match):
+    """extract() used to write OUT.parts/settings.json before checking pool, aggregate, flip and
+    normalize, then fail in its first chunk: every corrected rerun was refused as "an interrupted
+    run with other settings". It now refuses them first and writes nothing."""
+    eng = Engine(weights)
+    out = tmp_path / "feats.npy"
+    files = [str(samples["cat"])]
+    with pytest.raises(vf.VGGFastError, match=match):
+        vf.extract(eng, files, out, layer="relu7", scales=(32,), progress=False, **bad)
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny.pth"]
+    rec = vf.extract(eng, files, out, layer="relu7", scales=(32,), progress=False)
+    np.testing.assert_allclose(np.load(out), eng.features(files, layer="relu7", scales=(32,)),
+                               rtol=1e-5, atol=1e-7)
+    assert rec["files"] == files and not (tmp_path / "feats.npy.parts").exists()

@@ -501,8 +501,16 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     out = Path(out)
     if out.is_dir():
         raise ArgumentError(f"--out {out} is a folder; give a file name such as {out / 'feats.npy'}")
+    from .engine import check_flag
     layer = _check_layer(engine, layer)
     scales = _check_scales(engine, scales, layer)
+    # every setting is checked before OUT.parts/settings.json is written: a run refused later,
+    # in its first chunk, left settings that no corrected rerun matched
+    flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
+    if pool not in POOLS:
+        raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
+    if aggregate not in AGGREGATES:
+        raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
     if batch_size < 1:
         raise ArgumentError(f"--batch-size must be positive, not {batch_size}")
     settings = {"layer": layer, "scales": list(scales), "flip": bool(flip), "pool": pool,
