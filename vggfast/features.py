@@ -86,6 +86,21 @@ def _pool(m: torch.Tensor, pool: str) -> torch.Tensor:
     return m.mean(dim=(2, 3)) if pool == "avg" else m.amax(dim=(2, 3))
 
 
+def _check_settings(engine: "Engine", layer: str, scales: Any, flip: Any, pool: str,
+                    aggregate: str, normalize: Any) -> tuple[str, tuple[int, ...], bool, bool]:
+    """The descriptor settings of `features` and `extract` checked: (layer, scales, flip,
+    normalize)."""
+    from .engine import check_flag
+    layer = _check_layer(engine, layer)
+    scales = _check_scales(engine, scales, layer)
+    flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
+    if pool not in POOLS:
+        raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
+    if aggregate not in AGGREGATES:
+        raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
+    return layer, scales, flip, normalize
+
+
 def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
              flip: bool = True, pool: str = "avg", normalize: bool = True,
              aggregate: str = "mean") -> torch.Tensor:
@@ -94,14 +109,9 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     See the module docstring for the computation and D. normalize: L2-normalise each row (the
     paper's); a zero vector stays zero.
     """
-    from .engine import check_flag, decoded_chunks, naming_images
-    layer = _check_layer(engine, layer)
-    scales = _check_scales(engine, scales, layer)
-    flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
-    if pool not in POOLS:
-        raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
-    if aggregate not in AGGREGATES:
-        raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
+    from .engine import decoded_chunks, naming_images
+    layer, scales, flip, normalize = _check_settings(engine, layer, scales, flip, pool,
+                                                     aggregate, normalize)
     items = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
     if not items:   # as classify([]) gives []: no rows, of the width the settings give
         d = engine.spec.tap_layer(layer).cout * (len(scales) if aggregate == "stack" else 1)
@@ -501,16 +511,10 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     out = Path(out)
     if out.is_dir():
         raise ArgumentError(f"--out {out} is a folder; give a file name such as {out / 'feats.npy'}")
-    from .engine import check_flag
-    layer = _check_layer(engine, layer)
-    scales = _check_scales(engine, scales, layer)
     # every setting is checked before OUT.parts/settings.json is written: a run refused later,
     # in its first chunk, left settings that no corrected rerun matched
-    flip, normalize = check_flag("flip", flip), check_flag("normalize", normalize)
-    if pool not in POOLS:
-        raise ArgumentError(f"unknown pool {pool!r}; use 'avg' or 'max'")
-    if aggregate not in AGGREGATES:
-        raise ArgumentError(f"unknown aggregate {aggregate!r}; use 'mean' or 'stack'")
+    layer, scales, flip, normalize = _check_settings(engine, layer, scales, flip, pool,
+                                                     aggregate, normalize)
     if batch_size < 1:
         raise ArgumentError(f"--batch-size must be positive, not {batch_size}")
     settings = {"layer": layer, "scales": list(scales), "flip": bool(flip), "pool": pool,
