@@ -337,14 +337,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             if _is_torchscript(path):   # torch 2.4's torch.load hands it to torch.jit.load
                 raise _torchscript_refusal(path)
             try:
-                # torch's pickle-protocol notes are not the user's; the lock keeps threads from
-                # interleaving catch_warnings (global state) with image decoding's
-                with _WARNINGS_LOCK, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    # an open file, not the path: torch 2.14 hands a path ending in
-                    # .safetensors to safetensors, whatever the bytes say
-                    with _allow_safe_globals(), open(path, "rb") as f:
-                        raw = torch.load(f, map_location="cpu", weights_only=True)
+                raw = _torch_load(path)
             except pickle.UnpicklingError as exc:
                 if not _looks_like_checkpoint(path):
                     _refuse_foreign(path)
@@ -594,6 +587,18 @@ def _damaged_pickle(path: Path, reason: str) -> bool:
         return False
 
 
+def _torch_load(path: Path, extra: list | None = None) -> Any:
+    """torch.load(weights_only=True) of `path` on the CPU, _SAFE_GLOBALS (and `extra`) allowed."""
+    # torch's pickle-protocol notes are not the user's; the lock keeps threads from
+    # interleaving catch_warnings (global state) with image decoding's
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # an open file, not the path: torch 2.14 hands a path ending in .safetensors to
+        # safetensors, whatever the bytes say
+        with _allow_safe_globals(extra), open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+
+
 class _StandIn:
     """What an object of a class or function a checkpoint names beside its weights becomes
     (Hydra's omegaconf.DictConfig or a pathlib.PosixPath in a Lightning checkpoint's
@@ -635,10 +640,7 @@ def _load_with_stand_ins(path: Path) -> Any | None:
     stand_ins = [(type(n.rsplit(".", 1)[-1], (_StandIn,), {"__module__": __name__}), n)
                  for n in names]
     try:
-        with _WARNINGS_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _allow_safe_globals(stand_ins), open(path, "rb") as f:
-                raw = torch.load(f, map_location="cpu", weights_only=True)
+        raw = _torch_load(path, stand_ins)
         _unwrap(raw)
     except Exception:  # noqa: BLE001 - refused all the same: the caller says why
         return None
