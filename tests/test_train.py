@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -481,8 +482,16 @@ def _ddp_worker(rank, world, port, opts):
                             timeout=datetime.timedelta(seconds=180))
     try:
         T.fit(opts)
+        dist.barrier()  # neither rank tears its connections down while the other still works
     finally:
         dist.destroy_process_group()
+    # The results are on disk. A rank left to the interpreter's exit was, about once in 20 runs
+    # on a loaded 2-core CI machine, aborted there by gloo ("terminate called without an active
+    # exception", SIGABRT) after its work was done, failing the test for nothing it checks;
+    # leave without the exit teardown (an error above still raises and fails the run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
