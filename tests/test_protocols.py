@@ -144,6 +144,21 @@ def test_ensemble_and_method_refusals(tiny):
         eng.classify(torch.rand(3, 40, 40), scales=32, average="median")
 
 
+def test_ensemble_scales_given_as_an_iterator_reach_every_engine(samples):
+    """Each engine was handed the caller's scales: an iterator was used up by the first, and the
+    second was refused with "scales is empty" (a list of images: the second image, too)."""
+    d = Engine(small_model("D", num_classes=10, seed=1).state_dict())
+    e = Engine(small_model("E", num_classes=10, seed=2).state_dict())
+    img = samples["rocket"]
+    want = Ensemble([d, e]).classify(img, scales=(32, 48))
+    for got in (Ensemble([d, e]).classify(img, scales=iter([32, 48])),
+                *Ensemble([d, e]).classify([img, img], scales=(q for q in (32, 48)))):
+        torch.testing.assert_close(got.probs, want.probs, rtol=0, atol=0)
+        assert set(got.per_scale) == {32, 48}
+    with pytest.raises(VGGFastError, match="^scale 16 is below the network's native size"):
+        Ensemble([d, e]).classify([img, "missing.png"], scales=iter([16]))
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -145,6 +145,10 @@ class Ensemble:
         """Fused classification of one image (-> Result) or a list (-> list of Result)."""
         from .engine import Result, _check_top_k, load_item
         top_k = _check_top_k(top_k)
+        # once, before the engines (and a list's images) share them: an iterator of scales
+        # would be used up by the first; each engine checks them against its own native size
+        for e in self.engines:
+            scales = e.check_scales(scales, method=method)
         if isinstance(img, (list, tuple)):  # an unreadable one is named by its index
             items = list(img)
             return [self.classify(load_item(items, k), scales, flip, method, top_k, average)
