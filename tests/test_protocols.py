@@ -159,6 +159,33 @@ def test_ensemble_scales_given_as_an_iterator_reach_every_engine(samples):
         Ensemble([d, e]).classify([img, "missing.png"], scales=iter([16]))
 
 
+def _named(config, names, seed=0):
+    sd = small_model(config, num_classes=len(names), seed=seed).state_dict()
+    return Engine({"state_dict": sd, "meta": {"class_names": names}})
+
+
+def test_ensemble_refuses_engines_with_other_class_names():
+    """Models with the same number of classes but other labels (or the same labels in another
+    order) were fused silently: each averaged posterior mixed two classes. Refused in one line
+    naming both; a model without names is checked on the count only."""
+    abc = _named("D", ["ant", "bee", "cat"])
+    plain = Engine(small_model("E", num_classes=3, seed=4).state_dict())
+    for other in (_named("E", ["ant", "bee", "dog"], 1), _named("A", ["ant", "cat", "bee"], 2)):
+        k = 1 if other.class_names[1] == "cat" else 2
+        with pytest.raises(VGGFastError) as err:
+            Ensemble([abc, plain, other])
+        msg = str(err.value)
+        assert msg.startswith(f"engine 0 (D, <dict>) and engine 2 ({other.spec.config}, <dict>) "
+                              f"have different class names (class {k} is ")
+        assert "fusion needs the same classes in the same order" in msg and "\n" not in msg
+    with pytest.raises(VGGFastError, match=r"^engine 0 \(D, <dict>\) has 3 classes and engine 1 "
+                                           r"\(A, <dict>\) 7;"):
+        Ensemble([abc, Engine(small_model("A", num_classes=7).state_dict())])
+    fused = Ensemble([plain, abc, _named("E", ["ant", "bee", "cat"], 3)])
+    assert fused.class_names == ["ant", "bee", "cat"]    # the names, not the plain one's indices
+    assert fused.classify(torch.rand(3, 40, 40), scales=32).top(1)[0][1] in abc.class_names
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 
 @pytest.fixture

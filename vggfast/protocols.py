@@ -98,10 +98,38 @@ def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch
 
 # -- model fusion ---------------------------------------------------------------------------------
 
+def _model(k: int, engine: "Engine") -> str:
+    """Engine k of a list, as an error names it."""
+    return f"engine {k} ({engine.spec.config}, {engine.weights.source})"
+
+
+def _check_same_classes(engines: Sequence["Engine"]) -> None:
+    """Refuse engines whose classes differ: their posteriors cannot be averaged. Names are
+    compared where the weights have them; an engine without names is checked on the count."""
+    n = engines[0].spec.num_classes
+    for k, e in enumerate(engines):
+        if e.spec.num_classes != n:
+            raise ArgumentError(f"{_model(0, engines[0])} has {n} classes and {_model(k, e)} "
+                                f"{e.spec.num_classes}; fusion needs the same classes in the "
+                                "same order")
+    named = [(k, e) for k, e in enumerate(engines) if e.weights.class_names]
+    if not named:
+        return
+    j, first = named[0]
+    for k, e in named[1:]:
+        a, b = first.weights.class_names, e.weights.class_names
+        c = next((c for c in range(n) if a[c] != b[c]), None)
+        if c is not None:
+            raise ArgumentError(f"{_model(j, first)} and {_model(k, e)} have different class "
+                                f"names (class {c} is {a[c]!r} in one, {b[c]!r} in the other); "
+                                "fusion needs the same classes in the same order")
+
+
 class Ensemble:
     """Multi-model fusion (Table 6): the weighted mean of several engines' posteriors.
 
-    engines: Engines with the same number of classes (any configurations, e.g. D and E).
+    engines: Engines with the same classes (any configurations, e.g. D and E): the same number,
+    and the same names in the same order where their weights name them.
     weights: one non-negative number per engine (normalised to sum 1); None = equal weights.
     classify(img, scales, flip, method, top_k, average) takes Engine.classify's arguments; each
     image is decoded once and every engine applies its own preprocessing. Result.per_model lists
@@ -113,10 +141,7 @@ class Ensemble:
         engines = list(engines) if isinstance(engines, (list, tuple)) else None
         if not engines or not all(isinstance(e, Engine) for e in engines):
             raise ArgumentError("Ensemble needs a non-empty list of vggfast.Engine objects")
-        n = {e.spec.num_classes for e in engines}
-        if len(n) != 1:
-            raise ArgumentError(f"the engines disagree on the number of classes ({sorted(n)}); "
-                                "fusion needs the same classes in the same order")
+        _check_same_classes(engines)
         if weights is None:
             weights = [1.0] * len(engines)
         try:
@@ -133,7 +158,9 @@ class Ensemble:
         total = math.fsum(weights)
         self.engines = engines
         self.weights = [w / total for w in weights]
-        self.class_names = engines[0].class_names
+        # a model without names in its weights takes them from one that has them
+        self.class_names = next((e.class_names for e in engines if e.weights.class_names),
+                                engines[0].class_names)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{e.spec.config}:{w:.3g}" for e, w in zip(self.engines, self.weights))
