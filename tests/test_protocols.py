@@ -236,6 +236,51 @@ def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys, mo
     assert "top-1 val. error (%)" in table and "dense" in table.splitlines()[2]
 
 
+@pytest.mark.parametrize("scales, label, message", [
+    ("32", 3, "scales must be an integer or a list of integers, not '32'"),
+    ([16], 3, "scale 16 is below the network's native size 32"),
+    ([32, 32], 3, "scale 32 is given twice"),
+    (32, "3", "the label of pairs[1] ({img}) must be a class index 0..9, not '3'"),
+    (32, True, "the label of pairs[1] ({img}) must be a class index 0..9, not True"),
+    (32, 3.0, "the label of pairs[1] ({img}) must be a class index 0..9, not 3.0"),
+    (32, -1, "the label of pairs[1] ({img}) must be a class index 0..9, not -1"),
+    (32, 10, "the label of pairs[1] ({img}) must be a class index 0..9, not 10"),
+    (32, None, "the label of pairs[1] ({img}) must be a class index 0..9, not NoneType")])
+def test_evaluate_checks_its_arguments_before_reading_an_image(weights, samples, monkeypatch,
+                                                               scales, label, message):
+    """Python's evaluate took its arguments as given: scales=32 ran the whole evaluation, then
+    failed with a TypeError; a label "3" (or True, 3.0, -1, 10) was counted as a wrong answer,
+    silently. Refused up front in one line, with the Engine's own scale checks."""
+    from vggfast import protocols
+    eng = Engine(weights)
+    img = str(samples["cat"])
+    read = []
+    monkeypatch.setattr(protocols.pp, "load_image", lambda x: read.append(x))
+    with pytest.raises(VGGFastError) as err:
+        protocols.evaluate(eng, [(img, 1), (img, label)], scales, progress=False)
+    assert str(err.value).startswith(message.format(img=img)) and "\n" not in str(err.value)
+    assert read == []
+
+
+def test_evaluate_takes_any_int_label_and_scales_as_classify_does(weights, samples):
+    """scales as classify takes them (one int, an iterator) and numpy integer labels; the row
+    lists the scales used (an iterator's were listed as [])."""
+    from vggfast.protocols import evaluate
+    eng = Engine(weights)
+    img = str(samples["cat"])
+    top = eng.classify(img, scales=(32, 40)).top(2)
+    want = evaluate(eng, [(img, top[1][0])], (32, 40), progress=False)
+    assert want["top1_error"] == 100 and want["top5_error"] == 0
+    for scales in (iter([32, 40]), (q for q in [32, 40])):
+        got = evaluate(eng, [(img, np.int64(top[1][0]))], scales, progress=False)
+        assert got == want and got["scales"] == [32, 40]
+    assert evaluate(eng, [(img, top[0][0])], 32, progress=False)["scales"] == [32]
+    with pytest.raises(VGGFastError, match="^pairs is empty"):
+        evaluate(eng, [], 32, progress=False)
+    with pytest.raises(VGGFastError, match=r"^pairs\[0\] must be an \(image, class index\) pair"):
+        evaluate(eng, [img], 32, progress=False)
+
+
 def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples, tmp_path, capsys):
     root = _folder(tmp_path, samples, ["dogs", "cats"])
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32"]) == 2

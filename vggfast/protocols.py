@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -284,14 +284,44 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
     return pairs
 
 
+def check_pairs(pairs: Any, num_classes: int) -> list[tuple[Any, int]]:
+    """(image, class index) pairs as a list, each label an integer 0..num_classes-1 (a label
+    that is no class index would only count as a wrong answer)."""
+    if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
+        raise ArgumentError(f"pairs must be a list of (image, class index) pairs, not "
+                            f"{type(pairs).__name__}")
+    out = []
+    for k, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            what = f"{len(pair)} items" if isinstance(pair, (list, tuple)) else type(pair).__name__
+            raise ArgumentError(f"pairs[{k}] must be an (image, class index) pair, not {what}")
+        img, label = pair
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) \
+                or not 0 <= label < num_classes:
+            name = f" ({img})" if isinstance(img, (str, os.PathLike)) else ""
+            bad = repr(label) if isinstance(label, (str, numbers.Number)) else type(label).__name__
+            raise ArgumentError(f"the label of pairs[{k}]{name} must be a class index "
+                                f"0..{num_classes - 1}, not {bad}")
+        out.append((img, int(label)))
+    if not out:
+        raise ArgumentError("pairs is empty; give at least one (image, class index) pair")
+    return out
+
+
 def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequence[int],
              flip: bool = True, method: str = "dense", average: str = "probs",
              progress: bool = True) -> dict[str, Any]:
     """Top-1 / top-5 error (%) of `engine` on (image, label) pairs; unreadable images are skipped
-    and listed under "failed"."""
+    and listed under "failed". Labels are class indices 0..num_classes-1; the arguments are
+    checked before any image is read."""
     from tqdm import tqdm
 
-    from .engine import CHUNK_IMAGES, skipping_oversized
+    from .engine import CHUNK_IMAGES, check_flag, check_method, skipping_oversized
+    method = check_method(method)
+    scales = engine.check_scales(scales, method=method)
+    check_average(average)
+    flip = check_flag("flip", flip)
+    pairs = check_pairs(pairs, engine.spec.num_classes)
     top1 = top5 = done = 0
     failed = []
     bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
