@@ -13,6 +13,7 @@ from conftest import small_model
 from vggfast import Engine, Ensemble, VGGFastError
 from vggfast.cli import main
 from vggfast.engine import imagenet_classes
+from vggfast.errors import ImageError
 from vggfast.protocols import class_map_image, labelled_images
 from vggfast.scheduler import make_plan
 
@@ -279,6 +280,31 @@ def test_evaluate_takes_any_int_label_and_scales_as_classify_does(weights, sampl
         evaluate(eng, [], 32, progress=False)
     with pytest.raises(VGGFastError, match=r"^pairs\[0\] must be an \(image, class index\) pair"):
         evaluate(eng, [img], 32, progress=False)
+
+
+def test_evaluate_reports_the_files_every_method_skipped_once_each(weights, samples, tmp_path,
+                                                                    capsys, monkeypatch):
+    """With several --method values only the first method's skipped files were printed: a file
+    the later ones could not read went unreported. Each is printed once, the methods named when
+    not all skipped it."""
+    from vggfast import protocols
+    root = _folder(tmp_path, samples, ["3", "1"])
+    (root / "1" / "broken.jpg").write_bytes(b"not a jpeg")
+    load, calls = protocols.pp.load_image, []
+
+    def gone_after_the_first_method(img):   # coffee.png removed while dense ran
+        calls.append(img)
+        if img.name == "coffee.png" and calls.count(img) > 1:
+            raise ImageError(f"{img}: no such file")
+        return load(img)
+
+    monkeypatch.setattr(protocols.pp, "load_image", gone_after_the_first_method)
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
+                 "--method", "dense", "multicrop", "dense+multicrop"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"vggfast: skipped {root / '1' / 'broken.jpg'}: not an image file PIL can read",
+                   f"vggfast: skipped {root / '1' / 'coffee.png'}: no such file "
+                   "(--method multicrop dense+multicrop only)"]
 
 
 def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples, tmp_path, capsys):

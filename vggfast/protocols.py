@@ -392,9 +392,15 @@ def cmd_evaluate(args) -> int:
     for method in args.method:
         rows.append(evaluate(eng, pairs, scales, not args.no_flip, method, args.average,
                              progress=not args.quiet))
-    failed = rows[0]["failed"]
-    for f in failed:
-        print(f"vggfast: skipped {f['error']}", file=sys.stderr)
+    # every method's, once per file in the order met; one that only some methods skipped (each
+    # method reads the files anew: one can go unreadable meanwhile) says which
+    skipped: dict[str, tuple[str, list[str]]] = {}
+    for row in rows:
+        for f in row["failed"]:
+            skipped.setdefault(f["file"], (f["error"], []))[1].append(row["method"])
+    for error, methods in skipped.values():
+        only = f" (--method {' '.join(methods)} only)" if len(methods) < len(rows) else ""
+        print(f"vggfast: skipped {error}{only}", file=sys.stderr)
     if args.json:
         print(json.dumps({"config": eng.spec.config, "results": rows}, indent=2))
     else:
