@@ -13,6 +13,7 @@ from conftest import small_model
 from vggfast import Engine, Ensemble, VGGFastError
 from vggfast.cli import main
 from vggfast.engine import imagenet_classes
+from vggfast.errors import ImageError
 from vggfast.protocols import class_map_image, labelled_images
 from vggfast.scheduler import make_plan
 
@@ -144,6 +145,48 @@ def test_ensemble_and_method_refusals(tiny):
         eng.classify(torch.rand(3, 40, 40), scales=32, average="median")
 
 
+def test_ensemble_scales_given_as_an_iterator_reach_every_engine(samples):
+    """Each engine was handed the caller's scales: an iterator was used up by the first, and the
+    second was refused with "scales is empty" (a list of images: the second image, too)."""
+    d = Engine(small_model("D", num_classes=10, seed=1).state_dict())
+    e = Engine(small_model("E", num_classes=10, seed=2).state_dict())
+    img = samples["rocket"]
+    want = Ensemble([d, e]).classify(img, scales=(32, 48))
+    for got in (Ensemble([d, e]).classify(img, scales=iter([32, 48])),
+                *Ensemble([d, e]).classify([img, img], scales=(q for q in (32, 48)))):
+        torch.testing.assert_close(got.probs, want.probs, rtol=0, atol=0)
+        assert set(got.per_scale) == {32, 48}
+    with pytest.raises(VGGFastError, match="^scale 16 is below the network's native size"):
+        Ensemble([d, e]).classify([img, "missing.png"], scales=iter([16]))
+
+
+def _named(config, names, seed=0):
+    sd = small_model(config, num_classes=len(names), seed=seed).state_dict()
+    return Engine({"state_dict": sd, "meta": {"class_names": names}})
+
+
+def test_ensemble_refuses_engines_with_other_class_names():
+    """Models with the same number of classes but other labels (or the same labels in another
+    order) were fused silently: each averaged posterior mixed two classes. Refused in one line
+    naming both; a model without names is checked on the count only."""
+    abc = _named("D", ["ant", "bee", "cat"])
+    plain = Engine(small_model("E", num_classes=3, seed=4).state_dict())
+    for other in (_named("E", ["ant", "bee", "dog"], 1), _named("A", ["ant", "cat", "bee"], 2)):
+        k = 1 if other.class_names[1] == "cat" else 2
+        with pytest.raises(VGGFastError) as err:
+            Ensemble([abc, plain, other])
+        msg = str(err.value)
+        assert msg.startswith(f"engine 0 (D, <dict>) and engine 2 ({other.spec.config}, <dict>) "
+                              f"have different class names (class {k} is ")
+        assert "fusion needs the same classes in the same order" in msg and "\n" not in msg
+    with pytest.raises(VGGFastError, match=r"^engine 0 \(D, <dict>\) has 3 classes and engine 1 "
+                                           r"\(A, <dict>\) 7;"):
+        Ensemble([abc, Engine(small_model("A", num_classes=7).state_dict())])
+    fused = Ensemble([plain, abc, _named("E", ["ant", "bee", "cat"], 3)])
+    assert fused.class_names == ["ant", "bee", "cat"]    # the names, not the plain one's indices
+    assert fused.classify(torch.rand(3, 40, 40), scales=32).top(1)[0][1] in abc.class_names
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -192,6 +235,76 @@ def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys, mo
                  "--class-map", str(cmap), "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "top-1 val. error (%)" in table and "dense" in table.splitlines()[2]
+
+
+@pytest.mark.parametrize("scales, label, message", [
+    ("32", 3, "scales must be an integer or a list of integers, not '32'"),
+    ([16], 3, "scale 16 is below the network's native size 32"),
+    ([32, 32], 3, "scale 32 is given twice"),
+    (32, "3", "the label of pairs[1] ({img}) must be a class index 0..9, not '3'"),
+    (32, True, "the label of pairs[1] ({img}) must be a class index 0..9, not True"),
+    (32, 3.0, "the label of pairs[1] ({img}) must be a class index 0..9, not 3.0"),
+    (32, -1, "the label of pairs[1] ({img}) must be a class index 0..9, not -1"),
+    (32, 10, "the label of pairs[1] ({img}) must be a class index 0..9, not 10"),
+    (32, None, "the label of pairs[1] ({img}) must be a class index 0..9, not NoneType")])
+def test_evaluate_checks_its_arguments_before_reading_an_image(weights, samples, monkeypatch,
+                                                               scales, label, message):
+    """Python's evaluate took its arguments as given: scales=32 ran the whole evaluation, then
+    failed with a TypeError; a label "3" (or True, 3.0, -1, 10) was counted as a wrong answer,
+    silently. Refused up front in one line, with the Engine's own scale checks."""
+    from vggfast import protocols
+    eng = Engine(weights)
+    img = str(samples["cat"])
+    read = []
+    monkeypatch.setattr(protocols.pp, "load_image", lambda x: read.append(x))
+    with pytest.raises(VGGFastError) as err:
+        protocols.evaluate(eng, [(img, 1), (img, label)], scales, progress=False)
+    assert str(err.value).startswith(message.format(img=img)) and "\n" not in str(err.value)
+    assert read == []
+
+
+def test_evaluate_takes_any_int_label_and_scales_as_classify_does(weights, samples):
+    """scales as classify takes them (one int, an iterator) and numpy integer labels; the row
+    lists the scales used (an iterator's were listed as [])."""
+    from vggfast.protocols import evaluate
+    eng = Engine(weights)
+    img = str(samples["cat"])
+    top = eng.classify(img, scales=(32, 40)).top(2)
+    want = evaluate(eng, [(img, top[1][0])], (32, 40), progress=False)
+    assert want["top1_error"] == 100 and want["top5_error"] == 0
+    for scales in (iter([32, 40]), (q for q in [32, 40])):
+        got = evaluate(eng, [(img, np.int64(top[1][0]))], scales, progress=False)
+        assert got == want and got["scales"] == [32, 40]
+    assert evaluate(eng, [(img, top[0][0])], 32, progress=False)["scales"] == [32]
+    with pytest.raises(VGGFastError, match="^pairs is empty"):
+        evaluate(eng, [], 32, progress=False)
+    with pytest.raises(VGGFastError, match=r"^pairs\[0\] must be an \(image, class index\) pair"):
+        evaluate(eng, [img], 32, progress=False)
+
+
+def test_evaluate_reports_the_files_every_method_skipped_once_each(weights, samples, tmp_path,
+                                                                    capsys, monkeypatch):
+    """With several --method values only the first method's skipped files were printed: a file
+    the later ones could not read went unreported. Each is printed once, the methods named when
+    not all skipped it."""
+    from vggfast import protocols
+    root = _folder(tmp_path, samples, ["3", "1"])
+    (root / "1" / "broken.jpg").write_bytes(b"not a jpeg")
+    load, calls = protocols.pp.load_image, []
+
+    def gone_after_the_first_method(img):   # coffee.png removed while dense ran
+        calls.append(img)
+        if img.name == "coffee.png" and calls.count(img) > 1:
+            raise ImageError(f"{img}: no such file")
+        return load(img)
+
+    monkeypatch.setattr(protocols.pp, "load_image", gone_after_the_first_method)
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
+                 "--method", "dense", "multicrop", "dense+multicrop"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"vggfast: skipped {root / '1' / 'broken.jpg'}: not an image file PIL can read",
+                   f"vggfast: skipped {root / '1' / 'coffee.png'}: no such file "
+                   "(--method multicrop dense+multicrop only)"]
 
 
 def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples, tmp_path, capsys):

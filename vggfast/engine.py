@@ -229,6 +229,13 @@ def _check_top_k(k: Any) -> int:
     return int(k)
 
 
+def check_method(method: Any) -> str:
+    """An evaluation method of METHODS (see protocols.py)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    return method
+
+
 def check_flag(name: str, value: Any) -> bool:
     """A yes/no argument: True, False (or 1, 0). A string such as "no" is refused, not read as
     True."""
@@ -461,8 +468,7 @@ class Engine:
     def _request(self, imgs: Any, scales: Any, method: str):
         """Checked (scales, method, images, whether a list was given); the images not decoded
         yet (see `decoded_chunks`)."""
-        if method not in METHODS:
-            raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        method = check_method(method)
         scales = self.check_scales(scales, method=method)
         many = isinstance(imgs, (list, tuple))
         return scales, method, list(imgs) if many else [imgs], many

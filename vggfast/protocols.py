@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +98,38 @@ def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch
 
 # -- model fusion ---------------------------------------------------------------------------------
 
+def _model(k: int, engine: "Engine") -> str:
+    """Engine k of a list, as an error names it."""
+    return f"engine {k} ({engine.spec.config}, {engine.weights.source})"
+
+
+def _check_same_classes(engines: Sequence["Engine"]) -> None:
+    """Refuse engines whose classes differ: their posteriors cannot be averaged. Names are
+    compared where the weights have them; an engine without names is checked on the count."""
+    n = engines[0].spec.num_classes
+    for k, e in enumerate(engines):
+        if e.spec.num_classes != n:
+            raise ArgumentError(f"{_model(0, engines[0])} has {n} classes and {_model(k, e)} "
+                                f"{e.spec.num_classes}; fusion needs the same classes in the "
+                                "same order")
+    named = [(k, e) for k, e in enumerate(engines) if e.weights.class_names]
+    if not named:
+        return
+    j, first = named[0]
+    for k, e in named[1:]:
+        a, b = first.weights.class_names, e.weights.class_names
+        c = next((c for c in range(n) if a[c] != b[c]), None)
+        if c is not None:
+            raise ArgumentError(f"{_model(j, first)} and {_model(k, e)} have different class "
+                                f"names (class {c} is {a[c]!r} in one, {b[c]!r} in the other); "
+                                "fusion needs the same classes in the same order")
+
+
 class Ensemble:
     """Multi-model fusion (Table 6): the weighted mean of several engines' posteriors.
 
-    engines: Engines with the same number of classes (any configurations, e.g. D and E).
+    engines: Engines with the same classes (any configurations, e.g. D and E): the same number,
+    and the same names in the same order where their weights name them.
     weights: one non-negative number per engine (normalised to sum 1); None = equal weights.
     classify(img, scales, flip, method, top_k, average) takes Engine.classify's arguments; each
     image is decoded once and every engine applies its own preprocessing. Result.per_model lists
@@ -113,10 +141,7 @@ class Ensemble:
         engines = list(engines) if isinstance(engines, (list, tuple)) else None
         if not engines or not all(isinstance(e, Engine) for e in engines):
             raise ArgumentError("Ensemble needs a non-empty list of vggfast.Engine objects")
-        n = {e.spec.num_classes for e in engines}
-        if len(n) != 1:
-            raise ArgumentError(f"the engines disagree on the number of classes ({sorted(n)}); "
-                                "fusion needs the same classes in the same order")
+        _check_same_classes(engines)
         if weights is None:
             weights = [1.0] * len(engines)
         try:
@@ -133,7 +158,9 @@ class Ensemble:
         total = math.fsum(weights)
         self.engines = engines
         self.weights = [w / total for w in weights]
-        self.class_names = engines[0].class_names
+        # a model without names in its weights takes them from one that has them
+        self.class_names = next((e.class_names for e in engines if e.weights.class_names),
+                                engines[0].class_names)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{e.spec.config}:{w:.3g}" for e, w in zip(self.engines, self.weights))
@@ -145,6 +172,10 @@ class Ensemble:
         """Fused classification of one image (-> Result) or a list (-> list of Result)."""
         from .engine import Result, _check_top_k, load_item
         top_k = _check_top_k(top_k)
+        # once, before the engines (and a list's images) share them: an iterator of scales
+        # would be used up by the first; each engine checks them against its own native size
+        for e in self.engines:
+            scales = e.check_scales(scales, method=method)
         if isinstance(img, (list, tuple)):  # an unreadable one is named by its index
             items = list(img)
             return [self.classify(load_item(items, k), scales, flip, method, top_k, average)
@@ -253,14 +284,44 @@ def labelled_images(root: str | os.PathLike, class_names: Sequence[str],
     return pairs
 
 
+def check_pairs(pairs: Any, num_classes: int) -> list[tuple[Any, int]]:
+    """(image, class index) pairs as a list, each label an integer 0..num_classes-1 (a label
+    that is no class index would only count as a wrong answer)."""
+    if isinstance(pairs, (str, bytes, dict)) or not isinstance(pairs, Iterable):
+        raise ArgumentError(f"pairs must be a list of (image, class index) pairs, not "
+                            f"{type(pairs).__name__}")
+    out = []
+    for k, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            what = f"{len(pair)} items" if isinstance(pair, (list, tuple)) else type(pair).__name__
+            raise ArgumentError(f"pairs[{k}] must be an (image, class index) pair, not {what}")
+        img, label = pair
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) \
+                or not 0 <= label < num_classes:
+            name = f" ({img})" if isinstance(img, (str, os.PathLike)) else ""
+            bad = repr(label) if isinstance(label, (str, numbers.Number)) else type(label).__name__
+            raise ArgumentError(f"the label of pairs[{k}]{name} must be a class index "
+                                f"0..{num_classes - 1}, not {bad}")
+        out.append((img, int(label)))
+    if not out:
+        raise ArgumentError("pairs is empty; give at least one (image, class index) pair")
+    return out
+
+
 def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequence[int],
              flip: bool = True, method: str = "dense", average: str = "probs",
              progress: bool = True) -> dict[str, Any]:
     """Top-1 / top-5 error (%) of `engine` on (image, label) pairs; unreadable images are skipped
-    and listed under "failed"."""
+    and listed under "failed". Labels are class indices 0..num_classes-1; the arguments are
+    checked before any image is read."""
     from tqdm import tqdm
 
-    from .engine import CHUNK_IMAGES, skipping_oversized
+    from .engine import CHUNK_IMAGES, check_flag, check_method, skipping_oversized
+    method = check_method(method)
+    scales = engine.check_scales(scales, method=method)
+    check_average(average)
+    flip = check_flag("flip", flip)
+    pairs = check_pairs(pairs, engine.spec.num_classes)
     top1 = top5 = done = 0
     failed = []
     bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
@@ -331,9 +392,15 @@ def cmd_evaluate(args) -> int:
     for method in args.method:
         rows.append(evaluate(eng, pairs, scales, not args.no_flip, method, args.average,
                              progress=not args.quiet))
-    failed = rows[0]["failed"]
-    for f in failed:
-        print(f"vggfast: skipped {f['error']}", file=sys.stderr)
+    # every method's, once per file in the order met; one that only some methods skipped (each
+    # method reads the files anew: one can go unreadable meanwhile) says which
+    skipped: dict[str, tuple[str, list[str]]] = {}
+    for row in rows:
+        for f in row["failed"]:
+            skipped.setdefault(f["file"], (f["error"], []))[1].append(row["method"])
+    for error, methods in skipped.values():
+        only = f" (--method {' '.join(methods)} only)" if len(methods) < len(rows) else ""
+        print(f"vggfast: skipped {error}{only}", file=sys.stderr)
     if args.json:
         print(json.dumps({"config": eng.spec.config, "results": rows}, indent=2))
     else:
