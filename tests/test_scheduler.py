@@ -694,3 +694,28 @@ def test_layer_sizes_past_int32_are_refused_not_wrapped(field, value):
                  lambda: S._call(S._C.infer_shapes, layers, 300, 300)):
         with pytest.raises(ArgumentError, match="channels and kernel size must be 1.."):
             call()
+
+
+@pytest.mark.parametrize("value", ["no", "false", "", 2, 0, 1, 1.0, None],
+                         ids=["no", "false", "empty", "2", "0", "1", "1.0", "None"])
+def test_flip_and_fuse_pool_take_only_bools(value):
+    """bool(flip) read "no", "false" and 2 as True: a request for no flips silently planned (and
+    ran) the flipped views too, and fuse_pool="no" modelled a fused pool the backend lacks."""
+    spec = make_spec("D")
+    sch = S.Scheduler(spec, memory_budget=HUGE)
+    for call in (lambda: sch.plan([(480, 640)], scales=(256,), flip=value),
+                 lambda: sch.key([(480, 640)], scales=(256,), flip=value)):
+        with pytest.raises(ArgumentError, match=r"^flip must be True or False, not ") as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ArgumentError, match=r"^fuse_pool must be True or False, not "):
+        S.Scheduler(spec, fuse_pool=value)
+
+
+def test_flip_takes_numpy_bools():
+    import numpy as np
+    spec = make_spec("D")
+    for value, views in ((np.False_, 1), (np.True_, 2), (False, 1), (True, 2)):
+        plan = S.make_plan(spec, [(480, 640)], scales=(256,), flip=value, memory_budget=HUGE,
+                           fuse_pool=np.bool_(True))
+        assert plan.flip is bool(value) and len(plan.views) == views

@@ -25,6 +25,7 @@ from . import preprocess as pp
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
+from .scheduler import check_flag
 from .weights import Weights, all_finite, load
 
 METHODS = ("dense", "multicrop", "dense+multicrop")  # see protocols.py
@@ -227,15 +228,6 @@ def _check_top_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ArgumentError(f"top_k must be a positive integer, not {k!r}")
     return int(k)
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """A yes/no argument: True, False (or 1, 0). A string such as "no" is refused, not read as
-    True."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
-                                               and value in (0, 1)):
-        return bool(value)
-    raise ArgumentError(f"{name} must be True or False, not {value!r}")
 
 
 def _resolve_device(device: Any) -> torch.device:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+import numpy as np
+
 from .configs import NetSpec
 from .errors import ArgumentError, MemoryBudgetError, VGGFastError
 
@@ -312,6 +314,15 @@ def _int(x: Any, what: str) -> int:
     return v
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no argument: True or False (a numpy bool too). Anything else is refused: bool()
+    reads "no", "false", 2 and None each as an answer, so a typo gave a silently different
+    request."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ArgumentError(f"{name} must be True or False, not {value!r}")
+
+
 def layers_of(spec: NetSpec) -> list:
     """The C++ layer list of a NetSpec (every layer of Table 1, fc6-fc8 as dense convolutions)."""
     C = _ext()
@@ -341,7 +352,7 @@ def _request(sizes: Iterable[Sequence[int]], scales: Any, flip: bool, method: st
     r = C.Request()
     r.images = images
     r.scales = [_int(q, "each scale") for q in scales]
-    r.flip = bool(flip)
+    r.flip = check_flag("flip", flip)
     r.method = method
     r.crop = 0 if crop is None else _int(crop, "crop")
     r.grid = _int(grid, "grid")
@@ -365,7 +376,7 @@ def _options(spec: NetSpec, elem_size: int, memory_budget: int, kernel_table: Ma
     o.budget = _int(memory_budget, "memory_budget")
     o.align = _int(align, "align")
     o.max_batch = _int(max_batch, "max_batch")
-    o.fuse_pool = bool(fuse_pool)
+    o.fuse_pool = check_flag("fuse_pool", fuse_pool)
     # one tap name alone is one name, not its letters
     o.keep = [keep] if isinstance(keep, str) else [str(k) for k in keep]
     if kernel_table is not None and not isinstance(kernel_table, Mapping):
