@@ -245,6 +245,23 @@ def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
     assert eng._executor.plan(imgs, (32, 40), True, "dense") is plan   # classify's cached plan
 
 
+def test_plan_of_an_empty_list_is_empty(tiny):
+    """classify([]) gives []; plan([]) raised the planner's "no images to plan"."""
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    assert eng.classify([], scales=(32, 40)) == []
+    for imgs in ([], ()):
+        plan = eng.plan(imgs, scales=(32, 40), flip=False, method="dense+multicrop")
+        assert (plan.num_images, plan.views, plan.batches, plan.arenas) == (0, (), (), ())
+        assert (plan.peak_bytes, plan.naive_bytes, plan.flops) == (0, 0, 0)
+        assert (plan.scales, plan.flip, plan.method) == ((32, 40), False, "dense+multicrop")
+        assert plan.budget_bytes == eng.memory_budget and plan.ops[-1].name == "fc8"
+        assert "0 images" in str(plan) and "0 views" in str(plan) and "0 batches" in str(plan)
+        assert "peak activation memory 0 bytes" in str(plan)
+    assert eng.plan([], scales=32).key != eng.plan([], scales=32, flip=False).key
+    with pytest.raises(ArgumentError, match="below the network's native size"):
+        eng.plan([], scales=16)    # the request is checked as one of images is
+
+
 def test_memory_budget_from_the_environment(tiny, monkeypatch):
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "2GiB")
     assert Engine(tiny.state_dict()).memory_budget == 2 << 30

@@ -719,3 +719,23 @@ def test_flip_takes_numpy_bools():
         plan = S.make_plan(spec, [(480, 640)], scales=(256,), flip=value, memory_budget=HUGE,
                            fuse_pool=np.bool_(True))
         assert plan.flip is bool(value) and len(plan.views) == views
+
+
+def test_an_empty_plan_is_checked_as_a_plan_of_images():
+    spec = make_spec("D")
+    sch = S.Scheduler(spec, memory_budget=2 << 30)
+    plan = sch.empty_plan(scales=(256, 384), method="multicrop", flip=False)
+    assert (plan.num_images, plan.views, plan.shapes, plan.batches, plan.peak_bytes) == \
+        (0, (), (), (), 0)
+    assert plan.key == sch.key([], scales=(256, 384), method="multicrop", flip=False)
+    assert plan.ops == sch.plan([(480, 640)], scales=(256,)).ops
+    for kwargs, words in ((dict(scales=(200,)), "native size 224"), (dict(scales=()), "no scales"),
+                          (dict(method="multicrop", crop=300), "scales >= 300"),
+                          (dict(keep=["conv9_9"]), "cannot keep"), (dict(flip="no"), "flip"),
+                          (dict(method="tencrop"), "unknown method")):
+        with pytest.raises(ArgumentError, match=words):
+            sch.empty_plan(**{"scales": (256,), **kwargs})
+    # a scale no image could be planned at within the budget is still a request of nothing
+    assert sch.empty_plan(scales=(4096,)).peak_bytes == 0
+    with pytest.raises(ArgumentError, match="no images"):
+        sch.plan([], scales=(256,))     # plan itself still refuses: an empty plan is asked for

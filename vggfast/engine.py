@@ -506,10 +506,13 @@ class Engine:
 
         Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary. A list longer than
         CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
-        the plan of the whole list, as one request.
+        the plan of the whole list, as one request. An empty list has an empty plan (no views,
+        batches or memory), as classify([]) gives [].
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
+        if not items:
+            return self._executor.scheduler.empty_plan(scales, flip, method)
         # Only the sizes: each image is dropped once decoded (holding every decoded photo of a
         # long list at once is what classify's chunks avoid).
         sizes = [tuple(load_item(items, k).shape[-2:]) for k in range(len(items))]

@@ -413,11 +413,15 @@ def _convert_records(raw, spec: NetSpec, req) -> Plan:
         for i, a in enumerate(raw.arenas))
     batches = tuple(Batch(i, b.height, b.width, tuple(b.views), b.arena)
                     for i, b in enumerate(raw.batches))
-    ops = tuple(Op(o.kind, o.layer, spec.layers[o.layer].name, o.input, o.output, o.relu, o.pool,
-                   o.config, o.config_key) for o in raw.ops)
+    ops = tuple(_op(o, spec) for o in raw.ops)
     return Plan(raw.key, spec.config, len(req.images), tuple(req.scales), req.flip, req.method,
                 views, shapes, batches, arenas, ops, raw.peak_bytes, raw.naive_bytes,
                 raw.budget_bytes, raw.elem_size)
+
+
+def _op(o, spec: NetSpec) -> Op:
+    return Op(o.kind, o.layer, spec.layers[o.layer].name, o.input, o.output, o.relu, o.pool,
+              o.config, o.config_key)
 
 
 def _shape(s) -> Shape:
@@ -491,6 +495,24 @@ class Scheduler:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return plan
+
+    def empty_plan(self, scales: Any = (256, 384, 512), flip: bool = True,
+                   method: str = "dense", *, crop: int | None = None, grid: int = 5,
+                   keep: Iterable[str] = ()) -> Plan:
+        """The plan of a request of no images (Engine.plan([]), as classify([]) gives []): no
+        views, shapes, batches or arenas, peak_bytes and naive_bytes 0; key, scales, flip,
+        method and ops as a request of images has them. The arguments are checked as `plan`
+        checks them (the planner refuses a request of no images, so its checks see a stand-in
+        image of the native size, planned without a budget)."""
+        layers, req, opt = self._args([], scales, flip, method, crop, grid, keep)
+        key = _call(_C.plan_key, layers, req, opt)
+        n = self.spec.image_size
+        probe = _request([(n, n)], req.scales, req.flip, req.method, req.crop or None, req.grid)
+        unlimited = _options(self.spec, keep=keep, **{**self._opt, "memory_budget": _INT64_MAX})
+        _call(_C.make_plan, layers, probe, unlimited)
+        ops = tuple(_op(o, self.spec) for o in _call(_C.build_ops, layers, opt))
+        return Plan(key, self.spec.config, 0, tuple(req.scales), req.flip, req.method, (), (), (),
+                    (), ops, 0, 0, opt.budget, opt.elem_size)
 
     def clear(self) -> None:
         with self._cache_lock:
