@@ -201,6 +201,62 @@ def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_
         assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image ")
 
 
+def test_a_long_list_is_checked_before_its_first_chunk_runs(tiny, tmp_path, monkeypatch):
+    """A list of several chunks refused an image late in it (over the budget, too small, not an
+    image) only when its chunk came, after the chunks before it had run. Now every image's size
+    is read (a file's header, nothing decoded) and planned before the first chunk runs."""
+    import io
+    import vggfast.engine as E
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
+    Image.new("RGB", (40, 5)).save(tmp_path / "thin.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
+    decoded, runs = [], []
+    real_load, real_run = E.pp.load_image, eng._executor.run
+    monkeypatch.setattr(E.pp, "load_image", lambda i: decoded.append(i) or real_load(i))
+    monkeypatch.setattr(eng._executor, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    head = [torch.rand(3, 40, 40), tmp_path / "small.png", torch.rand(3, 40, 48),
+            io.BytesIO((tmp_path / "small.png").read_bytes())]
+    for last, exc, words in [
+            (tmp_path / "pano.png", MemoryBudgetError, f"{tmp_path / 'pano.png'} (image 4) "
+                                                       "(40x2000) at scale 64 "),
+            (io.BytesIO((tmp_path / "pano.png").read_bytes()), MemoryBudgetError,
+             "image 4 (40x2000) at scale 64 "),
+            (torch.rand(3, 40, 2000), MemoryBudgetError, "image 4 (40x2000) at scale 64 "),
+            (tmp_path / "thin.png", VGGFastError, "image 4: "),
+            (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
+        decoded.clear()
+        runs.clear()
+        with pytest.raises(exc) as err:
+            eng.classify(head + [last], scales=64)
+        assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
+        assert runs == [] and decoded == []
+    assert "both sides must be at least 8" in str(
+        pytest.raises(VGGFastError, eng.classify, head + [tmp_path / "thin.png"], scales=64).value)
+    # what passes the checks runs as before: file objects read from where they stood
+    streams = [io.BytesIO((tmp_path / "small.png").read_bytes()) for _ in range(3)]
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 64)
+    want = [r.probs for r in eng.classify(head[:3] + [tmp_path / "small.png"] * 3, scales=64)]
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    for b in streams:
+        b.seek(0)
+    got = [r.probs for r in eng.classify(head[:3] + streams, scales=64)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    # a stream that cannot be read twice is not read ahead; it is checked when its chunk comes
+    reads, runs[:] = [], []
+    pipe = type("Pipe", (), {"read": lambda self: reads.append(1) or
+                             (tmp_path / "pano.png").read_bytes()})
+    with pytest.raises(VGGFastError, match="^image 4: .*notes.jpg: not an image file"):
+        eng.classify(head[:3] + [pipe(), tmp_path / "notes.jpg"], scales=64)
+    assert reads == [] and runs == []
+    with pytest.raises(MemoryBudgetError, match=r"^image 3 \(40x2000\) at scale 64 "):
+        eng.classify(head[:3] + [pipe(), head[0]], scales=64)
+    assert len(runs) == 1 and reads == [1]   # the first chunk ran before its chunk was read
+
+
 def test_multicrop_at_a_huge_scale_is_refused_before_the_rescale(tiny):
     """The crops fit any budget; the rescaled image they are cut from (here 6000x6000 float32,
     412 MiB, allocated before) must fit it too, and the refusal names the image."""
@@ -243,6 +299,23 @@ def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
     plan = eng.plan(imgs, scales=(32, 40))
     assert max(most) == 1 and plan.num_images == 6
     assert eng._executor.plan(imgs, (32, 40), True, "dense") is plan   # classify's cached plan
+
+
+def test_plan_of_an_empty_list_is_empty(tiny):
+    """classify([]) gives []; plan([]) raised the planner's "no images to plan"."""
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    assert eng.classify([], scales=(32, 40)) == []
+    for imgs in ([], ()):
+        plan = eng.plan(imgs, scales=(32, 40), flip=False, method="dense+multicrop")
+        assert (plan.num_images, plan.views, plan.batches, plan.arenas) == (0, (), (), ())
+        assert (plan.peak_bytes, plan.naive_bytes, plan.flops) == (0, 0, 0)
+        assert (plan.scales, plan.flip, plan.method) == ((32, 40), False, "dense+multicrop")
+        assert plan.budget_bytes == eng.memory_budget and plan.ops[-1].name == "fc8"
+        assert "0 images" in str(plan) and "0 views" in str(plan) and "0 batches" in str(plan)
+        assert "peak activation memory 0 bytes" in str(plan)
+    assert eng.plan([], scales=32).key != eng.plan([], scales=32, flip=False).key
+    with pytest.raises(ArgumentError, match="below the network's native size"):
+        eng.plan([], scales=16)    # the request is checked as one of images is
 
 
 def test_memory_budget_from_the_environment(tiny, monkeypatch):

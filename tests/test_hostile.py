@@ -166,6 +166,21 @@ def test_yes_no_arguments_refuse_strings(eng, call):
         call(eng)
 
 
+@pytest.mark.parametrize("value", [2, -1, 1.0, None, "false", np.int64(2)],
+                         ids=["2", "-1", "1.0", "None", "false", "int64"])
+def test_yes_no_arguments_take_only_bools(eng, value):
+    """Only True and False (numpy bools and the integers 1 and 0 too) are yes or no, in the
+    engine as in the Scheduler it plans with (which read every truthy value as True)."""
+    for call in (lambda: eng.classify(IMG, scales=[32], flip=value),
+                 lambda: eng.plan(IMG, scales=[32], flip=value),
+                 lambda: eng.features(IMG, layer="pool5", scales=[32], normalize=value)):
+        with pytest.raises(ArgumentError, match=r"^(flip|normalize) must be True or False, not "):
+            call()
+    assert len(eng.plan(IMG, scales=[32], flip=np.True_).views) == 2
+    assert len(eng.plan(IMG, scales=[32], flip=np.int64(0)).views) == 1
+    assert len(eng.plan(IMG, scales=[32], flip=1).views) == 2
+
+
 def test_score_map_refuses_a_list(eng):
     with pytest.raises(ArgumentError, match="one image"):
         eng.score_map([IMG, IMG], scale=32)

@@ -1,4 +1,6 @@
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -258,3 +260,39 @@ def test_a_float_image_a_rounding_over_one_stays_in_0_1():
     a[0, 0] = 1.01                     # past rounding: the 0-255 reading, as before
     assert torch.allclose(load_image(Image.fromarray(a, "F")), torch.from_numpy(a / 255)[None]
                           .expand(3, -1, -1))
+
+
+def test_image_size_is_the_decoded_size_without_decoding(samples, tmp_path, monkeypatch):
+    """image_size (the checks classify makes before a long list is decoded) reads a file's
+    header: the same (H, W) as load_image, EXIF orientation applied, nothing decoded, a file
+    object left where it stood."""
+    import io
+    from vggfast import preprocess as pp
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # stored 60x40, shown 40x60
+    Image.new("RGB", (60, 40)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    Image.new("RGB", (64, 48)).save(tmp_path / "icon.ico", sizes=[(16, 16), (64, 48)])
+    frames = [Image.new("P", (30, 20)), Image.new("P", (30, 20))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    stream = io.BytesIO(b"junk" + (tmp_path / "turned.jpg").read_bytes())
+    stream.seek(4)
+    # PIL decodes an ICO to open it (its sizes are only known then); its largest image is used
+    assert pp.image_size(tmp_path / "icon.ico") == tuple(load_image(tmp_path / "icon.ico")
+                                                         .shape[-2:]) == (48, 64)
+    sources = [samples["cat"], str(tmp_path / "turned.jpg"), tmp_path / "anim.gif", (tmp_path / "turned.jpg").read_bytes(), stream,
+               Image.open(samples["rocket"]), np.zeros((20, 30), np.uint8),
+               torch.zeros(1, 20, 30), torch.zeros(20, 30)]
+    want = [tuple(load_image(s).shape[-2:]) for s in sources[:-5]]
+    stream.seek(4)
+    want += [tuple(load_image(s).shape[-2:]) for s in sources[-5:]]
+    stream.seek(4)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    assert [pp.image_size(s) for s in sources] == want and want[1] == (60, 40)
+    assert stream.tell() == 4
+    monkeypatch.undo()
+    for bad, words in [(tmp_path / "none.png", "image not found"), (tmp_path, "is a folder"),
+                       (b"", "empty"), (np.zeros((5, 40, 3), np.uint8), "at least 8"),
+                       (torch.zeros(2, 3, 8, 8), "must be [3, H, W]"), (3.5, "not float")]:
+        with pytest.raises(ImageError, match=re.escape(words)):
+            pp.image_size(bad)
+    assert pp.image_size(type("Pipe", (), {"read": lambda self: b""})()) is None

@@ -694,3 +694,48 @@ def test_layer_sizes_past_int32_are_refused_not_wrapped(field, value):
                  lambda: S._call(S._C.infer_shapes, layers, 300, 300)):
         with pytest.raises(ArgumentError, match="channels and kernel size must be 1.."):
             call()
+
+
+@pytest.mark.parametrize("value", ["no", "false", "", 2, -1, 1.0, None],
+                         ids=["no", "false", "empty", "2", "-1", "1.0", "None"])
+def test_flip_and_fuse_pool_take_only_bools(value):
+    """bool(flip) read "no", "false" and 2 as True: a request for no flips silently planned (and
+    ran) the flipped views too, and fuse_pool="no" modelled a fused pool the backend lacks."""
+    spec = make_spec("D")
+    sch = S.Scheduler(spec, memory_budget=HUGE)
+    for call in (lambda: sch.plan([(480, 640)], scales=(256,), flip=value),
+                 lambda: sch.key([(480, 640)], scales=(256,), flip=value)):
+        with pytest.raises(ArgumentError, match=r"^flip must be True or False, not ") as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ArgumentError, match=r"^fuse_pool must be True or False, not "):
+        S.Scheduler(spec, fuse_pool=value)
+
+
+def test_flip_takes_numpy_bools():
+    import numpy as np
+    spec = make_spec("D")
+    for value, views in ((np.False_, 1), (np.True_, 2), (False, 1), (True, 2)):
+        plan = S.make_plan(spec, [(480, 640)], scales=(256,), flip=value, memory_budget=HUGE,
+                           fuse_pool=np.bool_(True))
+        assert plan.flip is bool(value) and len(plan.views) == views
+
+
+def test_an_empty_plan_is_checked_as_a_plan_of_images():
+    spec = make_spec("D")
+    sch = S.Scheduler(spec, memory_budget=2 << 30)
+    plan = sch.empty_plan(scales=(256, 384), method="multicrop", flip=False)
+    assert (plan.num_images, plan.views, plan.shapes, plan.batches, plan.peak_bytes) == \
+        (0, (), (), (), 0)
+    assert plan.key == sch.key([], scales=(256, 384), method="multicrop", flip=False)
+    assert plan.ops == sch.plan([(480, 640)], scales=(256,)).ops
+    for kwargs, words in ((dict(scales=(200,)), "native size 224"), (dict(scales=()), "no scales"),
+                          (dict(method="multicrop", crop=300), "scales >= 300"),
+                          (dict(keep=["conv9_9"]), "cannot keep"), (dict(flip="no"), "flip"),
+                          (dict(method="tencrop"), "unknown method")):
+        with pytest.raises(ArgumentError, match=words):
+            sch.empty_plan(**{"scales": (256,), **kwargs})
+    # a scale no image could be planned at within the budget is still a request of nothing
+    assert sch.empty_plan(scales=(4096,)).peak_bytes == 0
+    with pytest.raises(ArgumentError, match="no images"):
+        sch.plan([], scales=(256,))     # plan itself still refuses: an empty plan is asked for

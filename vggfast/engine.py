@@ -25,6 +25,7 @@ from . import preprocess as pp
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
+from .scheduler import check_flag
 from .weights import Weights, all_finite, load
 
 METHODS = ("dense", "multicrop", "dense+multicrop")  # see protocols.py
@@ -113,6 +114,15 @@ def load_item(items: Sequence[Any], k: int) -> torch.Tensor:
         raise _of_image(exc, k, len(items)) from None
 
 
+def item_size(items: Sequence[Any], k: int) -> tuple[int, int] | None:
+    """(H, W) of items[k] without decoding it (preprocess.image_size: a file's header), None for
+    a stream that cannot be read twice; an ImageError names the image as load_item's does."""
+    try:
+        return pp.image_size(items[k])
+    except ImageError as exc:
+        raise _of_image(exc, k, len(items)) from None
+
+
 def _of_image(exc: ImageError, k: int, n: int) -> ImageError:
     if n == 1:  # a request of one image: there is no other to tell it from
         return exc
@@ -145,15 +155,17 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
 
 
 @contextlib.contextmanager
-def naming_images(items: Sequence[Any], start: int):
+def naming_images(items: Sequence[Any], start: int | Sequence[int]):
     """The planner's errors name "image K" of the request it was given, a chunk: re-raised with
-    K as the index in `items` and, for a path, the file."""
+    K as the index in `items` and, for a path, the file. start: the index in `items` of the
+    request's first image, or the index of each of its images."""
+    index = range(start, len(items)) if isinstance(start, int) else start
     try:
         yield
     except VGGFastError as exc:
-        if exc.image is None or not start + exc.image < len(items):
+        if exc.image is None or not 0 <= exc.image < len(index):
             raise
-        k = start + exc.image
+        k = index[exc.image]
         path = items[k] if isinstance(items[k], (str, os.PathLike)) else None
         who = f"{os.fsdecode(path)} (image {k})" if path is not None else f"image {k}"
         err = type(exc)(f"{who} {exc.reason}")
@@ -234,15 +246,6 @@ def check_method(method: Any) -> str:
     if not isinstance(method, str) or method not in METHODS:
         raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     return method
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """A yes/no argument: True, False (or 1, 0). A string such as "no" is refused, not read as
-    True."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
-                                               and value in (0, 1)):
-        return bool(value)
-    raise ArgumentError(f"{name} must be True or False, not {value!r}")
 
 
 def _resolve_device(device: Any) -> torch.device:
@@ -473,6 +476,24 @@ class Engine:
         many = isinstance(imgs, (list, tuple))
         return scales, method, list(imgs) if many else [imgs], many
 
+    def _check_chunks(self, items: list, scales: tuple[int, ...], flip: bool, method: str) -> None:
+        """A list of several chunks (see `decoded_chunks`) planned chunk by chunk from its images'
+        sizes (`item_size`: a file's header, one image at a time, nothing decoded) before the
+        first chunk runs: an image too small, over the memory budget or unreadable late in a
+        long list is refused before the chunks before it are computed, as in a list of one
+        chunk. The plans stay in the scheduler's cache for the chunks' runs. What only decoding
+        finds (corrupt pixels, a stream that cannot be read twice) is found in its chunk."""
+        if len(items) <= CHUNK_IMAGES:   # decoded and planned before anything runs
+            return
+        for start in range(0, len(items), CHUNK_IMAGES):
+            chunk = range(start, min(start + CHUNK_IMAGES, len(items)))
+            sizes = {k: item_size(items, k) for k in chunk}
+            known = [k for k in chunk if sizes[k] is not None]
+            if known:
+                with naming_images(items, known):
+                    self._executor.scheduler.plan([sizes[k] for k in known], scales, flip,
+                                                  method)
+
     # -- views ----------------------------------------------------------------------------------
 
     def _views(self, x: torch.Tensor, q: int, flip: bool) -> torch.Tensor:
@@ -498,6 +519,9 @@ class Engine:
         native-size crops per scale, and their flips) | "dense+multicrop" (mean of both).
         average: "probs" (softmax per view, then mean; the paper's) | "scores" (mean of raw scores,
         then softmax). See vggfast/protocols.py.
+        A list longer than CHUNK_IMAGES is decoded and run that many images at a time; every
+        image's size is read (a file's header) and planned first, so an image too small, over
+        the memory budget or unreadable is refused before any chunk runs.
         """
         self._require("fc8")
         from .protocols import check_average, result_from_views
@@ -505,6 +529,7 @@ class Engine:
         check_average(average)
         flip = check_flag("flip", flip)
         scales, method, items, many = self._request(img, scales, method)
+        self._check_chunks(items, scales, flip, method)
         results = []
         for start, images in decoded_chunks(items):
             with naming_images(items, start):
@@ -520,10 +545,13 @@ class Engine:
 
         Returns a `vggfast.scheduler.Plan`; `print(plan)` shows its summary. A list longer than
         CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
-        the plan of the whole list, as one request.
+        the plan of the whole list, as one request. An empty list has an empty plan (no views,
+        batches or memory), as classify([]) gives [].
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
+        if not items:
+            return self._executor.scheduler.empty_plan(scales, flip, method)
         # Only the sizes: each image is dropped once decoded (holding every decoded photo of a
         # long list at once is what classify's chunks avoid).
         sizes = [tuple(load_item(items, k).shape[-2:]) for k in range(len(items))]

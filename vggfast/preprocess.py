@@ -105,12 +105,64 @@ def load_image(src) -> torch.Tensor:
                        "; pass several images as a list" if hasattr(src, "__iter__") else "")
             raise ImageError(f"an image must be a path, bytes, a binary file, a PIL image, a "
                              f"numpy array or a tensor, not {type(src).__name__}{several}")
-    h, w = x.shape[-2:]
+    _check_sides(src, *x.shape[-2:])
+    return x
+
+
+def image_size(src) -> tuple[int, int] | None:
+    """(H, W) of the image load_image(src) gives, read without decoding it: a file's header (a
+    path, bytes, a binary file that can seek back), a PIL image's size, an array's or tensor's
+    shape. For checks made before a long list is decoded; what decoding alone finds (corrupt
+    pixels, a float array's values) is left to load_image. None for a file object that cannot
+    be read twice (a pipe, a socket). Raises the ImageError load_image would for what it sees: a
+    missing, empty or unreadable file, EPS, too many pixels, the wrong shape, a side under
+    MIN_SIDE. H and W may be each other's where EXIF orientation is stored after a PNG's
+    pixels, which no sizing rule depends on."""
+    from PIL import Image
+    if isinstance(src, torch.Tensor):
+        h, w = _tensor_size(src)
+    elif isinstance(src, np.ndarray):
+        h, w = _array_size(np.asarray(src))
+    elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
+        with _open_file(src) as (im, _):
+            h, w = _pil_size(im)
+    elif callable(getattr(src, "read", None)):
+        seekable = getattr(src, "seekable", None)
+        if not (callable(seekable) and seekable()):
+            return None
+        pos = src.tell()
+        data = _read_stream(src)
+        src.seek(pos)
+        with _open_file(data, _stream_name(src)) as (im, _):
+            h, w = _pil_size(im)
+    elif isinstance(src, Image.Image):
+        h, w = _pil_size(src)
+    else:   # no image: load_image raises the ImageError that says so
+        return tuple(load_image(src).shape[-2:])
+    _check_sides(src, h, w)
+    return h, w
+
+
+def _check_sides(src, h: int, w: int) -> None:
     if min(h, w) < MIN_SIDE:
         where = f"{os.fsdecode(src)}: " if isinstance(src, (str, os.PathLike)) else ""
         raise ImageError(f"{where}image is {w}x{h} pixels; both sides must be at least "
                          f"{MIN_SIDE}")
-    return x
+
+
+def _pil_size(im) -> tuple[int, int]:
+    """(H, W) of a PIL image once decoded with its EXIF orientation applied, from its header: a
+    PNG's EXIF may follow its pixels, and PIL decodes the whole file to look for it there."""
+    w, h = im.size
+    if im.format != "PNG" or "exif" in im.info:
+        try:
+            with _quiet_pil():
+                orientation = im.getexif().get(0x0112)   # ExifTags.Base.Orientation
+        except Exception:  # noqa: BLE001 - broken EXIF data: the stored orientation is kept
+            orientation = None
+        if orientation in (5, 6, 7, 8):   # the transposes and quarter turns
+            h, w = w, h
+    return h, w
 
 
 # warnings.catch_warnings changes process-wide state and is not thread-safe: threads decoding at
@@ -157,6 +209,17 @@ def _read_stream(f) -> bytes:
 
 
 def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
+    with _open_file(src, name) as (im, name):
+        try:
+            return _from_pil(im)
+        except ImageError as exc:
+            raise ImageError(f"{name}: {exc}")
+
+
+@contextlib.contextmanager
+def _open_file(src, name: str = "<bytes>"):
+    """(PIL image, name for errors) of a path or encoded bytes: its header read, its pixels not
+    decoded."""
     from PIL import Image
     encoded = isinstance(src, (bytes, bytearray, memoryview))
     # a str even for a bytes path-like (os.scandir(b".")'s entries): errors quote no b'...'
@@ -191,10 +254,7 @@ def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
         if im.format == "EPS":
             raise ImageError(f"{name}: EPS (PostScript) is not decoded, that would run the "
                              "file's code in Ghostscript; convert it to PNG first")
-        try:
-            return _from_pil(im)
-        except ImageError as exc:
-            raise ImageError(f"{name}: {exc}")
+        yield im, name
 
 
 def _names_a_file(data) -> bool:
@@ -282,13 +342,21 @@ def _check_pixels(h: int, w: int) -> None:
                          "PIL.Image.MAX_IMAGE_PIXELS if the image is meant")
 
 
-def _from_array(a: np.ndarray) -> torch.Tensor:
-    a = np.asarray(a)  # subclasses index their own way: np.matrix stays 2-D under a[:, :, None]
+def _array_size(a: np.ndarray) -> tuple[int, int]:
+    """(H, W) of a numpy image whose shape is one, before it is copied."""
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise ImageError(f"a numpy image must be HxWx3 (or HxW, HxWx1, HxWx4), not shape {a.shape}")
     _check_pixels(a.shape[0], a.shape[1])
+    return a.shape[0], a.shape[1]
+
+
+def _from_array(a: np.ndarray) -> torch.Tensor:
+    a = np.asarray(a)  # subclasses index their own way: np.matrix stays 2-D under a[:, :, None]
+    _array_size(a)
+    if a.ndim == 2:
+        a = a[:, :, None]
     a = a[:, :, :3] if a.shape[2] == 4 else a
     if not a.dtype.isnative:  # big-endian samples (np.asarray of an I;16B image): same values
         a = a.astype(a.dtype.newbyteorder("="))
@@ -305,20 +373,27 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     raise ImageError(f"numpy images must be uint8, uint16 or float in [0, 1], not {a.dtype}")
 
 
-def _from_tensor(t: torch.Tensor) -> torch.Tensor:
+def _tensor_size(t: torch.Tensor) -> tuple[int, int]:
+    """(H, W) of a tensor image whose kind and shape are one, before it is copied."""
     if t.is_nested:  # strided ones have no .shape to check (it raises): images of many sizes
         raise ImageError("a nested tensor is not one image; pass its images as a list, "
                          "list(t.unbind())")
     if t.layout != torch.strided or t.is_meta:
         raise ImageError(f"a tensor image must be a dense tensor holding data, not "
                          f"{'a meta tensor' if t.is_meta else t.layout}")
+    shape = (1, *t.shape) if t.dim() == 2 else tuple(t.shape)
+    if len(shape) != 3 or shape[0] not in (1, 3, 4):
+        raise ImageError(f"a tensor image must be [3, H, W] (or [1, H, W], [4, H, W]), not "
+                         f"{list(t.shape)}; for batches of normalised input use Engine.logits")
+    _check_pixels(shape[1], shape[2])
+    return shape[1], shape[2]
+
+
+def _from_tensor(t: torch.Tensor) -> torch.Tensor:
+    _tensor_size(t)
     t = t.detach()
     if t.dim() == 2:
         t = t[None]
-    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
-        raise ImageError(f"a tensor image must be [3, H, W] (or [1, H, W], [4, H, W]), not "
-                         f"{list(t.shape)}; for batches of normalised input use Engine.logits")
-    _check_pixels(t.shape[1], t.shape[2])
     t = t[:3] if t.shape[0] == 4 else t.expand(3, -1, -1) if t.shape[0] == 1 else t
     t = t.cpu()
     if t.dtype == torch.uint8:

@@ -35,11 +35,14 @@ from __future__ import annotations
 import gc
 import math
 import operator
+import numbers
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
 
 from .configs import NetSpec
 from .errors import ArgumentError, MemoryBudgetError, VGGFastError
@@ -312,6 +315,16 @@ def _int(x: Any, what: str) -> int:
     return v
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no argument: True or False (a numpy bool, or the integers 1 and 0, too). Anything
+    else is refused: bool() reads "no", "false", 2 and None each as an answer, so a typo gave a
+    silently different request."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                               and value in (0, 1)):
+        return bool(value)
+    raise ArgumentError(f"{name} must be True or False, not {value!r}")
+
+
 def layers_of(spec: NetSpec) -> list:
     """The C++ layer list of a NetSpec (every layer of Table 1, fc6-fc8 as dense convolutions)."""
     C = _ext()
@@ -341,7 +354,7 @@ def _request(sizes: Iterable[Sequence[int]], scales: Any, flip: bool, method: st
     r = C.Request()
     r.images = images
     r.scales = [_int(q, "each scale") for q in scales]
-    r.flip = bool(flip)
+    r.flip = check_flag("flip", flip)
     r.method = method
     r.crop = 0 if crop is None else _int(crop, "crop")
     r.grid = _int(grid, "grid")
@@ -365,7 +378,7 @@ def _options(spec: NetSpec, elem_size: int, memory_budget: int, kernel_table: Ma
     o.budget = _int(memory_budget, "memory_budget")
     o.align = _int(align, "align")
     o.max_batch = _int(max_batch, "max_batch")
-    o.fuse_pool = bool(fuse_pool)
+    o.fuse_pool = check_flag("fuse_pool", fuse_pool)
     # one tap name alone is one name, not its letters
     o.keep = [keep] if isinstance(keep, str) else [str(k) for k in keep]
     if kernel_table is not None and not isinstance(kernel_table, Mapping):
@@ -402,11 +415,15 @@ def _convert_records(raw, spec: NetSpec, req) -> Plan:
         for i, a in enumerate(raw.arenas))
     batches = tuple(Batch(i, b.height, b.width, tuple(b.views), b.arena)
                     for i, b in enumerate(raw.batches))
-    ops = tuple(Op(o.kind, o.layer, spec.layers[o.layer].name, o.input, o.output, o.relu, o.pool,
-                   o.config, o.config_key) for o in raw.ops)
+    ops = tuple(_op(o, spec) for o in raw.ops)
     return Plan(raw.key, spec.config, len(req.images), tuple(req.scales), req.flip, req.method,
                 views, shapes, batches, arenas, ops, raw.peak_bytes, raw.naive_bytes,
                 raw.budget_bytes, raw.elem_size)
+
+
+def _op(o, spec: NetSpec) -> Op:
+    return Op(o.kind, o.layer, spec.layers[o.layer].name, o.input, o.output, o.relu, o.pool,
+              o.config, o.config_key)
 
 
 def _shape(s) -> Shape:
@@ -480,6 +497,24 @@ class Scheduler:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return plan
+
+    def empty_plan(self, scales: Any = (256, 384, 512), flip: bool = True,
+                   method: str = "dense", *, crop: int | None = None, grid: int = 5,
+                   keep: Iterable[str] = ()) -> Plan:
+        """The plan of a request of no images (Engine.plan([]), as classify([]) gives []): no
+        views, shapes, batches or arenas, peak_bytes and naive_bytes 0; key, scales, flip,
+        method and ops as a request of images has them. The arguments are checked as `plan`
+        checks them (the planner refuses a request of no images, so its checks see a stand-in
+        image of the native size, planned without a budget)."""
+        layers, req, opt = self._args([], scales, flip, method, crop, grid, keep)
+        key = _call(_C.plan_key, layers, req, opt)
+        n = self.spec.image_size
+        probe = _request([(n, n)], req.scales, req.flip, req.method, req.crop or None, req.grid)
+        unlimited = _options(self.spec, keep=keep, **{**self._opt, "memory_budget": _INT64_MAX})
+        _call(_C.make_plan, layers, probe, unlimited)
+        ops = tuple(_op(o, self.spec) for o in _call(_C.build_ops, layers, opt))
+        return Plan(key, self.spec.config, 0, tuple(req.scales), req.flip, req.method, (), (), (),
+                    (), ops, 0, 0, opt.budget, opt.elem_size)
 
     def clear(self) -> None:
         with self._cache_lock:
