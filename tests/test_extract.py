@@ -250,3 +250,18 @@ def test_bad_settings_are_refused_before_the_checkpoint_folder_exists(weights, s
     np.testing.assert_allclose(np.load(out), eng.features(files, layer="relu7", scales=(32,)),
                                rtol=1e-5, atol=1e-7)
     assert rec["files"] == files and not (tmp_path / "feats.npy.parts").exists()
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "8", True, 0, -1, None])
+def test_batch_size_must_be_a_positive_integer(weights, samples, tmp_path, batch_size):
+    """extract(..., batch_size=2.5 or "8") failed with a TypeError (or a chunking by floats);
+    now a one-line ArgumentError, before anything is written."""
+    eng = Engine(weights)
+    with pytest.raises(vf.ArgumentError) as err:
+        vf.extract(eng, [str(samples["cat"])], tmp_path / "f.npy", layer="relu7", scales=(32,),
+                   progress=False, batch_size=batch_size)
+    assert str(err.value) == f"batch_size must be a positive integer, not {batch_size!r}"
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny.pth"]
+    rec = vf.extract(eng, [str(samples["cat"])], tmp_path / "f.npy", layer="relu7",
+                     scales=(32,), progress=False, batch_size=np.int64(3))
+    assert rec["files"] == [str(samples["cat"])]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import sys
 import threading
@@ -515,8 +516,10 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     # in its first chunk, left settings that no corrected rerun matched
     layer, scales, flip, normalize = _check_settings(engine, layer, scales, flip, pool,
                                                      aggregate, normalize)
-    if batch_size < 1:
-        raise ArgumentError(f"--batch-size must be positive, not {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
+        raise ArgumentError(f"batch_size must be a positive integer, not {batch_size!r}")
+    batch_size = int(batch_size)    # a numpy integer would not go into settings.json
     settings = {"layer": layer, "scales": list(scales), "flip": bool(flip), "pool": pool,
                 "normalize": bool(normalize), "aggregate": aggregate, "world": world,
                 "batch_size": batch_size, "config": engine.spec.config,
