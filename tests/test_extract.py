@@ -265,3 +265,36 @@ def test_batch_size_must_be_a_positive_integer(weights, samples, tmp_path, batch
     rec = vf.extract(eng, [str(samples["cat"])], tmp_path / "f.npy", layer="relu7",
                      scales=(32,), progress=False, batch_size=np.int64(3))
     assert rec["files"] == [str(samples["cat"])]
+
+
+def test_out_without_npy_gets_it_and_two_outputs_never_share_a_file_list(weights, samples,
+                                                                          tmp_path, capsys):
+    """`--out x` wrote the features to x and the file list to x.json, the very file list of
+    `--out x.npy`: two different outputs, one x.json overwritten by the other. The features now
+    always go to a .npy (appended as np.save does) whose file list is that name with .json."""
+    files = [str(samples["cat"])]
+    assert [vf.output_paths(tmp_path / n) for n in ("x", "x.npy", "x.json", "x.tar")] == [
+        (tmp_path / "x.npy", tmp_path / "x.json"), (tmp_path / "x.npy", tmp_path / "x.json"),
+        (tmp_path / "x.json.npy", tmp_path / "x.json.json"),
+        (tmp_path / "x.tar.npy", tmp_path / "x.tar.json")]
+    outs = ["x", "x.npy", "x.json", "x.json.npy", "x.tar", "x.NPY", "y.npy.npy", "y.npy"]
+    paths = {n: vf.output_paths(tmp_path / n) for n in outs}
+    arrays = {a for a, _ in paths.values()}
+    # one file list per features file, and no file list is another output's features
+    assert len({j for _, j in paths.values()}) == len(arrays) and not arrays & {
+        j for _, j in paths.values()}
+    eng = Engine(weights)
+    vf.extract(eng, files, tmp_path / "x", layer="relu7", scales=(32,), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth", "x.json", "x.npy"]
+    assert json.loads((tmp_path / "x.json").read_text())["files"] == files
+    (tmp_path / "one").mkdir()
+    shutil.copy(samples["cat"], tmp_path / "one" / "cat.jpg")
+    assert main(["extract", str(tmp_path / "one"), "--weights", weights, "--out",
+                 str(tmp_path / "feats"), "--scales", "32", "--layer", "relu7", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'feats.npy'}: ")
+    assert (tmp_path / "feats.npy").exists() and not (tmp_path / "feats").exists()
+    feats, meta = _load(tmp_path / "feats.npy")
+    assert feats.shape[0] == len(meta["files"])
+    (tmp_path / "d.npy").mkdir()
+    with pytest.raises(vf.ArgumentError, match="is a folder"):
+        vf.output_paths(tmp_path / "d")
