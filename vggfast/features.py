@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 POOLS = ("avg", "max")
 AGGREGATES = ("mean", "stack")
+# `vggfast extract`'s exit status when some images were skipped and the others written (2 is a
+# usage error or nothing written, as everywhere in the CLI)
+PARTIAL = 1
 
 
 # -- descriptors ----------------------------------------------------------------------------------
@@ -667,14 +670,18 @@ def cmd_extract(args) -> int:
     npy, index = output_paths(args.out)
     print(f"{npy}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
           f"{len(rec['failed'])} skipped; file list in {index}")
-    return 0
+    return PARTIAL if rec["failed"] else 0
 
 
 def add_cli(sub) -> None:
     """Add the `extract` subcommand."""
     from .cli import _engine_args, _weights_arg
     p = sub.add_parser("extract", help="Appendix B features of a folder or list of images "
-                                       "(resumable; shards across ranks under torchrun)")
+                                       "(resumable; shards across ranks under torchrun)",
+                       epilog=f"exit status: 0 every image written; {PARTIAL} some images "
+                              "skipped (unreadable, or over the memory budget: named on stderr "
+                              "and under \"failed\" in the .json), the others written; 2 a usage "
+                              "error, or nothing written")
     p.add_argument("source", metavar="DIR_OR_LIST",
                    help="a folder of images (recursive) or a text file with one path per line")
     _weights_arg(p)
