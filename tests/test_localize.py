@@ -601,3 +601,29 @@ def test_a_diverged_localizer_stops_before_saving_nan_weights(tiny_set, tmp_path
         from safetensors.torch import load_file
         sd = load_file(str(out / "model.safetensors"))
         assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_a_localisation_over_the_memory_budget_names_the_image_file(tmp_path):
+    """The refusal said only "a 3200x64 input (batch 1) needs ... over the memory budget": in
+    `vggfast evaluate --task localize` over a folder, which photo it was went unsaid. It now
+    names the file, as classify's and heatmap's refusals do."""
+    from PIL import Image
+
+    from vggfast.errors import MemoryBudgetError
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    _img(tmp_path / "small.png", 48, 40)
+    want = f"{pano} (40x2000) at scale 64: a 3200x64 input (batch 1) needs "
+    with pytest.raises(MemoryBudgetError) as err:
+        eng.localize(str(pano), scales=(64,))
+    assert str(err.value).startswith(want) and "memory_budget=BYTES" in str(err.value)
+    assert err.value.image == 0 and str(err.value) == f"{pano} {err.value.reason}"
+    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x2000\) at scale 64: a 3200x64 "):
+        eng.localize(torch.rand(3, 40, 2000), scales=(64,))     # no file to name
+    samples = [L.LocSample(str(tmp_path / "small.png"), 0, [(0, 0, 8, 8)]),
+               L.LocSample(str(pano), 1, [(0, 0, 10, 10)])]
+    with pytest.raises(MemoryBudgetError) as err:   # evaluate decodes the image itself
+        L.evaluate_localization(eng, samples, scales=(64,))
+    assert str(err.value).startswith(want)

@@ -67,7 +67,8 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
+from .protocols import _naming_file
 from .train import RunOptions, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
@@ -350,7 +351,14 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     all_boxes, all_probs, image_probs = [], [], []
     for q in scales:
         h, w = pp.rescaled_size(H, W, q)
-        engine._check_memory(2 if flip else 1, h, w)
+        with _naming_file(img):     # "FILE (HxW) at scale Q: why", as classify and heatmap say
+            try:
+                engine._check_memory(2 if flip else 1, h, w)
+            except MemoryBudgetError as exc:
+                reason = f"({H}x{W}) at scale {q}: {exc}"
+                err = MemoryBudgetError(f"image 0 {reason}")
+                err.image, err.reason = 0, reason
+                raise err from None
         v = pp.resize_short(x, q)
         v = torch.stack([v, v.flip(-1)]) if flip else v[None]
         scores = engine._backend.run(pp.normalize(v, engine.preprocess), ("fc8",))["fc8"].cpu()
@@ -697,7 +705,8 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
                 ious.append(best)
                 counts["center"] += best <= iou_threshold
             else:
-                preds = localize(engine, img, scales, top_k, flip)
+                with _naming_file(s.file):      # the decoded image has no name of its own
+                    preds = localize(engine, img, scales, top_k, flip)
                 classes = [g[0] for g in preds]
                 counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
                 counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)
