@@ -3,6 +3,7 @@ application against crop-by-crop module forwards, the central-crop protocol, the
 criterion, annotation readers, training, CLI and errors. Tiny random nets; CPU only."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -627,3 +628,41 @@ def test_a_localisation_over_the_memory_budget_names_the_image_file(tmp_path):
     with pytest.raises(MemoryBudgetError) as err:   # evaluate decodes the image itself
         L.evaluate_localization(eng, samples, scales=(64,))
     assert str(err.value).startswith(want)
+
+
+def _failing_pil_save(monkeypatch, exc):
+    """PIL's save to a file name writes a partial file and fails with `exc` (a full disk, a
+    crash); saves to in-memory buffers (the format probes) work."""
+    import io
+
+    from PIL import Image
+    real = Image.Image.save
+
+    def save(self, fp, format=None, **kw):
+        if isinstance(fp, io.BytesIO):
+            return real(self, fp, format, **kw)
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n half an image")
+        raise exc
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"),
+                                 KeyboardInterrupt()])
+def test_the_localize_image_is_written_atomically(tmp_path, monkeypatch, exc):
+    """draw_boxes (`vggfast localize --out`) wrote the PNG in place: a full disk or a crash
+    mid-write left a truncated image where the previous one was. It now writes a temporary file
+    in the same folder and renames it: the old image survives and no temporary is left."""
+    from PIL import Image
+    out = tmp_path / "boxes.png"
+    preds = [(0, "a", 0.9, (2.0, 3.0, 30.0, 20.0))]
+    L.draw_boxes(torch.rand(3, 40, 48), preds, out)
+    old = out.read_bytes()
+    with Image.open(out) as im:
+        assert im.size == (48, 40)
+    _failing_pil_save(monkeypatch, exc)
+    with pytest.raises(VGGFastError if isinstance(exc, OSError) else KeyboardInterrupt) as err:
+        L.draw_boxes(torch.rand(3, 40, 48), preds, out)
+    if isinstance(exc, OSError):
+        assert str(err.value) == f"cannot write {out}: No space left on device"
+    assert out.read_bytes() == old and os.listdir(tmp_path) == ["boxes.png"]

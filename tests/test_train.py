@@ -24,7 +24,7 @@ import vggfast
 from vggfast import train as T
 from vggfast.errors import ArgumentError, VGGFastError
 from vggfast.nn import build_model
-from vggfast.preprocess import load_image, normalize
+from vggfast.preprocess import atomic_write, load_image, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = ROOT / "vggfast" / "data" / "digits_a.safetensors"
@@ -266,7 +266,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         Path(p).write_text("half")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        T._atomic_write(target, broken)
+        atomic_write(target, broken)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 
@@ -274,7 +274,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         Path(p).write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(VGGFastError, match=f"^cannot write {re.escape(str(target))}: No space"):
-        T._atomic_write(target, full)
+        atomic_write(target, full)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 
@@ -311,7 +311,7 @@ def test_a_full_disk_while_writing_the_model_is_one_line(tmp_path, monkeypatch, 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_while_writing_the_checkpoint_is_an_oserror():
     """torch.save given a name writes from C++, and a full disk is a RuntimeError ("unexpected
-    pos"); the checkpoint is written through a Python file, so it is the OSError _atomic_write
+    pos"); the checkpoint is written through a Python file, so it is the OSError atomic_write
     turns into one line."""
     with pytest.raises(OSError) as exc:
         T._save_torch({"w": torch.zeros(100_000)}, "/dev/full")

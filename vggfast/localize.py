@@ -891,8 +891,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from .train import (MODEL_FILE, _atomic_write, _resolve_device, batches, epoch_order,
-                        sample_seed, save_model)
+    from .train import MODEL_FILE, _resolve_device, batches, epoch_order, sample_seed, save_model
     if opts.mode not in MODES:
         raise ArgumentError(f"unknown --mode {opts.mode!r}; use scr or pcr")
     for name in ("epochs", "batch_size"):
@@ -993,7 +992,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
         model.eval()
         save_model(model, meta, out)
         text = "".join(json.dumps(r) + "\n" for r in history)
-        _atomic_write(out / "log.jsonl", lambda p: Path(p).write_text(text))
+        pp.atomic_write(out / "log.jsonl", lambda p: Path(p).write_text(text))
     say(f"model: {out / MODEL_FILE}  (use with vggfast.Engine(CLASSIFIER, loc_weights="
         f"{str(out)!r}))")
     return LocTrainResult(out, meta, history)
