@@ -462,6 +462,20 @@ def test_cli_parses_and_trains(tmp_path):
         args.func(args)
 
 
+def test_an_empty_init_is_the_usual_one_line_error(tmp_path, capsys):
+    """`vggfast train --init ''` (an empty path, e.g. an unset shell variable) is refused as any
+    other --init that names nothing: `vggfast: error: --init '': ...`, one line, exit 2, before
+    the data folder is read; --task localize likewise."""
+    from vggfast.cli import main
+    for extra, why in [([], "--init '': not 'glorot', 'kaiming' or an existing net-A checkpoint"),
+                       (["--task", "localize", "--boxes", "b.jsonl"],
+                        "a localisation net starts from a classification model: pass --init")]:
+        assert main(["train", "--data", str(tmp_path / "none"), "--init", "", *extra]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.count("\n") == 1
+        assert cap.err.startswith(f"vggfast: error: {why}"), cap.err
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP on CPU
 
