@@ -46,7 +46,7 @@ def _load(out):
 
 def test_extract_skips_bad_files_and_matches_engine_features(weights, folder, tmp_path, capsys):
     out = tmp_path / "feats.npy"
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
     cap = capsys.readouterr()
     assert "b_broken.jpg" in cap.err and "4 x" in cap.out
     feats, meta = _load(out)
@@ -70,7 +70,7 @@ def test_extract_skips_bad_files_and_matches_engine_features(weights, folder, tm
 def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, monkeypatch, capsys):
     clean = tmp_path / "clean.npy"
     assert main(["extract", str(folder), "--weights", weights, "--out", str(clean), *ARGS,
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2"]) == 1     # b_broken.jpg skipped
     real = vf.features
     calls = []
 
@@ -95,7 +95,7 @@ def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, mon
     assert "other settings (weights)" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(vf, "features", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    assert main(cmd + ["--batch-size", "2"]) == 0
+    assert main(cmd + ["--batch-size", "2"]) == 1
     assert len(calls) == 1 and len(calls[0]) == 1  # one chunk, with only the fifth file left
     got, meta = _load(out)
     want, want_meta = _load(clean)
@@ -113,7 +113,7 @@ def _free_port():
 def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
     one = tmp_path / "one.npy"
     assert main(["extract", str(folder), "--weights", weights, "--out", str(one), *ARGS,
-                 "--batch-size", "1"]) == 0
+                 "--batch-size", "1"]) == 1
     two = tmp_path / "two.npy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -124,7 +124,7 @@ def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
                         str(folder), "--weights", weights, "--out", str(two), *ARGS,
                         "--batch-size", "1", "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 1, p.stderr[-3000:]     # rank 0's: b_broken.jpg was skipped
     assert "b_broken.jpg" in p.stderr and p.stdout.count("4 x") == 1  # rank 0 reports once
     got, meta = _load(two)
     want, want_meta = _load(one)
@@ -138,7 +138,7 @@ def test_an_image_over_the_budget_is_skipped_and_ranks_need_torchrun(weights, fo
     Image.new("RGB", (3000, 16)).save(folder / "f_banner.png")
     out = tmp_path / "f.npy"
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "8MiB")
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
     feats, meta = _load(out)
     assert feats.shape[0] == 4 and [os.path.basename(f["file"]) for f in meta["failed"]] == [
         "b_broken.jpg", "f_banner.png"]
@@ -167,7 +167,7 @@ def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends(weights
     finally:
         other.kill()
         other.wait()
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
     assert np.load(out).shape[0] == 4 and not parts.exists()
 
 
@@ -250,3 +250,73 @@ def test_bad_settings_are_refused_before_the_checkpoint_folder_exists(weights, s
     np.testing.assert_allclose(np.load(out), eng.features(files, layer="relu7", scales=(32,)),
                                rtol=1e-5, atol=1e-7)
     assert rec["files"] == files and not (tmp_path / "feats.npy.parts").exists()
+
+
+def test_skipped_images_make_the_exit_status_1_and_the_help_says_so(weights, folder, tmp_path,
+                                                                    capsys):
+    """extract exited 0 when it had skipped unreadable files: a script could not tell a partial
+    run from a whole one. It now exits 1 (the good rows are still written), 0 when nothing was
+    skipped, and 2 stays the usage / nothing-written status; `extract --help` says so."""
+    out = tmp_path / "f.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
+    cap = capsys.readouterr()
+    assert "vggfast: skipped" in cap.err and "b_broken.jpg" in cap.err and "4 x" in cap.out
+    assert np.load(out).shape[0] == 4 and len(_load(out)[1]["failed"]) == 1
+    (folder / "b_broken.jpg").unlink()
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 0
+    assert np.load(out).shape[0] == 4 and _load(out)[1]["failed"] == []
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["extract", "--help"])
+    assert exc.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 every image written; 1 some images skipped" in help_text
+    assert "2 a usage error, or nothing written" in help_text
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "8", True, 0, -1, None])
+def test_batch_size_must_be_a_positive_integer(weights, samples, tmp_path, batch_size):
+    """extract(..., batch_size=2.5 or "8") failed with a TypeError (or a chunking by floats);
+    now a one-line ArgumentError, before anything is written."""
+    eng = Engine(weights)
+    with pytest.raises(vf.ArgumentError) as err:
+        vf.extract(eng, [str(samples["cat"])], tmp_path / "f.npy", layer="relu7", scales=(32,),
+                   progress=False, batch_size=batch_size)
+    assert str(err.value) == f"batch_size must be a positive integer, not {batch_size!r}"
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny.pth"]
+    rec = vf.extract(eng, [str(samples["cat"])], tmp_path / "f.npy", layer="relu7",
+                     scales=(32,), progress=False, batch_size=np.int64(3))
+    assert rec["files"] == [str(samples["cat"])]
+
+
+def test_out_without_npy_gets_it_and_two_outputs_never_share_a_file_list(weights, samples,
+                                                                          tmp_path, capsys):
+    """`--out x` wrote the features to x and the file list to x.json, the very file list of
+    `--out x.npy`: two different outputs, one x.json overwritten by the other. The features now
+    always go to a .npy (appended as np.save does) whose file list is that name with .json."""
+    files = [str(samples["cat"])]
+    assert [vf.output_paths(tmp_path / n) for n in ("x", "x.npy", "x.json", "x.tar")] == [
+        (tmp_path / "x.npy", tmp_path / "x.json"), (tmp_path / "x.npy", tmp_path / "x.json"),
+        (tmp_path / "x.json.npy", tmp_path / "x.json.json"),
+        (tmp_path / "x.tar.npy", tmp_path / "x.tar.json")]
+    outs = ["x", "x.npy", "x.json", "x.json.npy", "x.tar", "x.NPY", "y.npy.npy", "y.npy"]
+    paths = {n: vf.output_paths(tmp_path / n) for n in outs}
+    arrays = {a for a, _ in paths.values()}
+    # one file list per features file, and no file list is another output's features
+    assert len({j for _, j in paths.values()}) == len(arrays) and not arrays & {
+        j for _, j in paths.values()}
+    eng = Engine(weights)
+    vf.extract(eng, files, tmp_path / "x", layer="relu7", scales=(32,), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth", "x.json", "x.npy"]
+    assert json.loads((tmp_path / "x.json").read_text())["files"] == files
+    (tmp_path / "one").mkdir()
+    shutil.copy(samples["cat"], tmp_path / "one" / "cat.jpg")
+    assert main(["extract", str(tmp_path / "one"), "--weights", weights, "--out",
+                 str(tmp_path / "feats"), "--scales", "32", "--layer", "relu7", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'feats.npy'}: ")
+    assert (tmp_path / "feats.npy").exists() and not (tmp_path / "feats").exists()
+    feats, meta = _load(tmp_path / "feats.npy")
+    assert feats.shape[0] == len(meta["files"])
+    (tmp_path / "d.npy").mkdir()
+    with pytest.raises(vf.ArgumentError, match="is a folder"):
+        vf.output_paths(tmp_path / "d")

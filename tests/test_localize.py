@@ -3,6 +3,7 @@ application against crop-by-crop module forwards, the central-crop protocol, the
 criterion, annotation readers, training, CLI and errors. Tiny random nets; CPU only."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -601,3 +602,67 @@ def test_a_diverged_localizer_stops_before_saving_nan_weights(tiny_set, tmp_path
         from safetensors.torch import load_file
         sd = load_file(str(out / "model.safetensors"))
         assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_a_localisation_over_the_memory_budget_names_the_image_file(tmp_path):
+    """The refusal said only "a 3200x64 input (batch 1) needs ... over the memory budget": in
+    `vggfast evaluate --task localize` over a folder, which photo it was went unsaid. It now
+    names the file, as classify's and heatmap's refusals do."""
+    from PIL import Image
+
+    from vggfast.errors import MemoryBudgetError
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    _img(tmp_path / "small.png", 48, 40)
+    want = f"{pano} (40x2000) at scale 64: a 3200x64 input (batch 1) needs "
+    with pytest.raises(MemoryBudgetError) as err:
+        eng.localize(str(pano), scales=(64,))
+    assert str(err.value).startswith(want) and "memory_budget=BYTES" in str(err.value)
+    assert err.value.image == 0 and str(err.value) == f"{pano} {err.value.reason}"
+    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x2000\) at scale 64: a 3200x64 "):
+        eng.localize(torch.rand(3, 40, 2000), scales=(64,))     # no file to name
+    samples = [L.LocSample(str(tmp_path / "small.png"), 0, [(0, 0, 8, 8)]),
+               L.LocSample(str(pano), 1, [(0, 0, 10, 10)])]
+    with pytest.raises(MemoryBudgetError) as err:   # evaluate decodes the image itself
+        L.evaluate_localization(eng, samples, scales=(64,))
+    assert str(err.value).startswith(want)
+
+
+def _failing_pil_save(monkeypatch, exc):
+    """PIL's save to a file name writes a partial file and fails with `exc` (a full disk, a
+    crash); saves to in-memory buffers (the format probes) work."""
+    import io
+
+    from PIL import Image
+    real = Image.Image.save
+
+    def save(self, fp, format=None, **kw):
+        if isinstance(fp, io.BytesIO):
+            return real(self, fp, format, **kw)
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n half an image")
+        raise exc
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"),
+                                 KeyboardInterrupt()])
+def test_the_localize_image_is_written_atomically(tmp_path, monkeypatch, exc):
+    """draw_boxes (`vggfast localize --out`) wrote the PNG in place: a full disk or a crash
+    mid-write left a truncated image where the previous one was. It now writes a temporary file
+    in the same folder and renames it: the old image survives and no temporary is left."""
+    from PIL import Image
+    out = tmp_path / "boxes.png"
+    preds = [(0, "a", 0.9, (2.0, 3.0, 30.0, 20.0))]
+    L.draw_boxes(torch.rand(3, 40, 48), preds, out)
+    old = out.read_bytes()
+    with Image.open(out) as im:
+        assert im.size == (48, 40)
+    _failing_pil_save(monkeypatch, exc)
+    with pytest.raises(VGGFastError if isinstance(exc, OSError) else KeyboardInterrupt) as err:
+        L.draw_boxes(torch.rand(3, 40, 48), preds, out)
+    if isinstance(exc, OSError):
+        assert str(err.value) == f"cannot write {out}: No space left on device"
+    assert out.read_bytes() == old and os.listdir(tmp_path) == ["boxes.png"]

@@ -401,6 +401,33 @@ def test_save_image_converts_a_mode_the_format_cannot_hold(tmp_path):
         assert (a.format, a.mode, b.format, b.mode) == ("JPEG", "RGB", "PNG", "RGBA")
 
 
+def test_heatmap_is_written_atomically(weights, samples, tmp_path, capsys, monkeypatch):
+    """The heatmap was written in place: a full disk (or a crash) mid-write left a truncated
+    image where the previous heatmap was. It goes to a temporary file in the same folder, then
+    is renamed: the old image survives, no temporary is left, and the error is one line."""
+    import io
+    out = tmp_path / "heat.png"
+    cmd = ["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
+           "--scale", "64"]
+    assert main(cmd) == 0
+    old = out.read_bytes()
+    real = Image.Image.save
+
+    def full_disk(self, fp, format=None, **kw):     # the format probes write to memory
+        if isinstance(fp, io.BytesIO):
+            return real(self, fp, format, **kw)
+        with open(fp, "wb") as f:
+            f.write(old[:100])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    capsys.readouterr()
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert err == f"vggfast: error: cannot write {out}: No space left on device\n"
+    assert out.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heat.png", "tiny.pth"]
+
+
 def test_heatmap_over_the_memory_budget_names_the_file(weights, samples, tmp_path, capsys,
                                                        monkeypatch):
     """heatmap decodes the image itself; the planner's refusal named the tensor it was given

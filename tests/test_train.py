@@ -25,7 +25,7 @@ import vggfast
 from vggfast import train as T
 from vggfast.errors import ArgumentError, VGGFastError
 from vggfast.nn import build_model
-from vggfast.preprocess import load_image, normalize
+from vggfast.preprocess import atomic_write, load_image, normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = ROOT / "vggfast" / "data" / "digits_a.safetensors"
@@ -267,7 +267,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         Path(p).write_text("half")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        T._atomic_write(target, broken)
+        atomic_write(target, broken)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 
@@ -275,7 +275,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         Path(p).write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(VGGFastError, match=f"^cannot write {re.escape(str(target))}: No space"):
-        T._atomic_write(target, full)
+        atomic_write(target, full)
     assert target.read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["f.txt"]
 
@@ -312,7 +312,7 @@ def test_a_full_disk_while_writing_the_model_is_one_line(tmp_path, monkeypatch, 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_while_writing_the_checkpoint_is_an_oserror():
     """torch.save given a name writes from C++, and a full disk is a RuntimeError ("unexpected
-    pos"); the checkpoint is written through a Python file, so it is the OSError _atomic_write
+    pos"); the checkpoint is written through a Python file, so it is the OSError atomic_write
     turns into one line."""
     with pytest.raises(OSError) as exc:
         T._save_torch({"w": torch.zeros(100_000)}, "/dev/full")
@@ -461,6 +461,20 @@ def test_cli_parses_and_trains(tmp_path):
     args = parser.parse_args(["train", "--data", str(data), "--image-size", "30"])
     with pytest.raises(VGGFastError, match="multiple of 32"):
         args.func(args)
+
+
+def test_an_empty_init_is_the_usual_one_line_error(tmp_path, capsys):
+    """`vggfast train --init ''` (an empty path, e.g. an unset shell variable) is refused as any
+    other --init that names nothing: `vggfast: error: --init '': ...`, one line, exit 2, before
+    the data folder is read; --task localize likewise."""
+    from vggfast.cli import main
+    for extra, why in [([], "--init '': not 'glorot', 'kaiming' or an existing net-A checkpoint"),
+                       (["--task", "localize", "--boxes", "b.jsonl"],
+                        "a localisation net starts from a classification model: pass --init")]:
+        assert main(["train", "--data", str(tmp_path / "none"), "--init", "", *extra]) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.count("\n") == 1
+        assert cap.err.startswith(f"vggfast: error: {why}"), cap.err
 
 
 # ---------------------------------------------------------------------------------------------

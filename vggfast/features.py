@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import sys
 import threading
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 
 POOLS = ("avg", "max")
 AGGREGATES = ("mean", "stack")
+# `vggfast extract`'s exit status when some images were skipped and the others written (2 is a
+# usage error or nothing written, as everywhere in the CLI)
+PARTIAL = 1
 
 
 # -- descriptors ----------------------------------------------------------------------------------
@@ -498,7 +502,9 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
             progress: bool = True, rank: int = 0, world: int = 1,
             gather=None) -> dict[str, Any] | None:
     """Features of `files` to OUT (.npy, [N, D] float32, row i = i-th readable file) and
-    OUT.json ({"files": [...], "failed": [{"file", "error"}], settings}).
+    OUT's name with .json ({"files": [...], "failed": [{"file", "error"}], settings}); an OUT not
+    ending in .npy gets it appended, as np.save does (`output_paths`), so two different outputs
+    never share one .json.
 
     Work is checkpointed every `batch_size` images in OUT.parts/, and a rerun with the same
     settings resumes from there. With world > 1 rank r takes files[r::world]; `gather(obj)` must
@@ -506,17 +512,15 @@ def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, laye
     Returns the JSON record on rank 0, None on other ranks. A second run writing the same OUT
     at the same time is refused (a lock in OUT.parts/).
     """
-    if not os.fspath(out).strip() or Path(out).name in ("", ".", ".."):
-        raise ArgumentError(f"--out {os.fspath(out)!r} is not a file name")
-    out = Path(out)
-    if out.is_dir():
-        raise ArgumentError(f"--out {out} is a folder; give a file name such as {out / 'feats.npy'}")
+    out, _ = output_paths(out)
     # every setting is checked before OUT.parts/settings.json is written: a run refused later,
     # in its first chunk, left settings that no corrected rerun matched
     layer, scales, flip, normalize = _check_settings(engine, layer, scales, flip, pool,
                                                      aggregate, normalize)
-    if batch_size < 1:
-        raise ArgumentError(f"--batch-size must be positive, not {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
+        raise ArgumentError(f"batch_size must be a positive integer, not {batch_size!r}")
+    batch_size = int(batch_size)    # a numpy integer would not go into settings.json
     settings = {"layer": layer, "scales": list(scales), "flip": bool(flip), "pool": pool,
                 "normalize": bool(normalize), "aggregate": aggregate, "world": world,
                 "batch_size": batch_size, "config": engine.spec.config,
@@ -593,7 +597,8 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
                       "dim": int(feats.shape[1]), **{k: v for k, v in settings.items()
                                                      if k not in ("files", "world", "batch_size")}}
             _atomic_save(out, lambda p: _save_npy(p, feats))
-            _atomic_save(_json_path(out), lambda p: p.write_text(json.dumps(record, indent=1)))
+            _atomic_save(output_paths(out)[1],
+                         lambda p: p.write_text(json.dumps(record, indent=1)))
     if gather is not None:
         gather(None)  # the output exists before anyone removes its parts
     parts.remove_own()
@@ -610,8 +615,20 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
     return record
 
 
-def _json_path(out: Path) -> Path:
-    return out.with_suffix(".json") if out.suffix == ".npy" else out.with_name(out.name + ".json")
+def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(features, file list) that `extract` writes for --out OUT: OUT when it ends in .npy, else
+    OUT + ".npy" (np.save's rule), and the features' name with .npy replaced by .json. `--out x`
+    and `--out x.npy` are one output; when the features went to x itself, the two were different
+    outputs writing one x.json."""
+    if not os.fspath(out).strip() or Path(out).name in ("", ".", ".."):
+        raise ArgumentError(f"--out {os.fspath(out)!r} is not a file name")
+    given = Path(out)
+    npy = given if given.suffix == ".npy" else given.with_name(given.name + ".npy")
+    for p in (given, npy):
+        if p.is_dir():
+            raise ArgumentError(f"--out {p} is a folder; give a file name such as "
+                                f"{p / 'feats.npy'}")
+    return npy, npy.with_suffix(".json")
 
 
 def cmd_extract(args) -> int:
@@ -646,25 +663,32 @@ def cmd_extract(args) -> int:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
-    if rank == 0:
-        for f in rec["failed"]:
-            print(f"vggfast: skipped {f['error']}", file=sys.stderr)
-        print(f"{args.out}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
-              f"{len(rec['failed'])} skipped; file list in {_json_path(Path(args.out))}")
-    return 0
+    if rank != 0:
+        return 0
+    for f in rec["failed"]:
+        print(f"vggfast: skipped {f['error']}", file=sys.stderr)
+    npy, index = output_paths(args.out)
+    print(f"{npy}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
+          f"{len(rec['failed'])} skipped; file list in {index}")
+    return PARTIAL if rec["failed"] else 0
 
 
 def add_cli(sub) -> None:
     """Add the `extract` subcommand."""
     from .cli import _engine_args, _weights_arg
     p = sub.add_parser("extract", help="Appendix B features of a folder or list of images "
-                                       "(resumable; shards across ranks under torchrun)")
+                                       "(resumable; shards across ranks under torchrun)",
+                       epilog=f"exit status: 0 every image written; {PARTIAL} some images "
+                              "skipped (unreadable, or over the memory budget: named on stderr "
+                              "and under \"failed\" in the .json), the others written; 2 a usage "
+                              "error, or nothing written")
     p.add_argument("source", metavar="DIR_OR_LIST",
                    help="a folder of images (recursive) or a text file with one path per line")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--out", "-o", required=True, help="features .npy; the file list goes to "
-                                                      "the same name with .json")
+    p.add_argument("--out", "-o", required=True,
+                   help="features .npy (.npy appended when OUT does not end in it); the file "
+                        "list goes to the same name with .json")
     p.add_argument("--layer", default="fc7",
                    help="fc7 (default; Appendix B's descriptor), relu7 (fc7 after its ReLU), "
                         "relu6, pool5, conv5_3, ...")

@@ -67,7 +67,8 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
+from .protocols import _naming_file
 from .train import RunOptions, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
@@ -350,7 +351,14 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     all_boxes, all_probs, image_probs = [], [], []
     for q in scales:
         h, w = pp.rescaled_size(H, W, q)
-        engine._check_memory(2 if flip else 1, h, w)
+        with _naming_file(img):     # "FILE (HxW) at scale Q: why", as classify and heatmap say
+            try:
+                engine._check_memory(2 if flip else 1, h, w)
+            except MemoryBudgetError as exc:
+                reason = f"({H}x{W}) at scale {q}: {exc}"
+                err = MemoryBudgetError(f"image 0 {reason}")
+                err.image, err.reason = 0, reason
+                raise err from None
         v = pp.resize_short(x, q)
         v = torch.stack([v, v.flip(-1)]) if flip else v[None]
         scores = engine._backend.run(pp.normalize(v, engine.preprocess), ("fc8",))["fc8"].cpu()
@@ -697,7 +705,8 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
                 ious.append(best)
                 counts["center"] += best <= iou_threshold
             else:
-                preds = localize(engine, img, scales, top_k, flip)
+                with _naming_file(s.file):      # the decoded image has no name of its own
+                    preds = localize(engine, img, scales, top_k, flip)
                 classes = [g[0] for g in preds]
                 counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
                 counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)
@@ -882,8 +891,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from .train import (MODEL_FILE, _atomic_write, _resolve_device, batches, epoch_order,
-                        sample_seed, save_model)
+    from .train import MODEL_FILE, _resolve_device, batches, epoch_order, sample_seed, save_model
     if opts.mode not in MODES:
         raise ArgumentError(f"unknown --mode {opts.mode!r}; use scr or pcr")
     for name in ("epochs", "batch_size"):
@@ -984,7 +992,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
         model.eval()
         save_model(model, meta, out)
         text = "".join(json.dumps(r) + "\n" for r in history)
-        _atomic_write(out / "log.jsonl", lambda p: Path(p).write_text(text))
+        pp.atomic_write(out / "log.jsonl", lambda p: Path(p).write_text(text))
     say(f"model: {out / MODEL_FILE}  (use with vggfast.Engine(CLASSIFIER, loc_weights="
         f"{str(out)!r}))")
     return LocTrainResult(out, meta, history)

@@ -34,6 +34,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -499,9 +500,30 @@ def image_format(out: str | os.PathLike) -> str:
     return fmt
 
 
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, fsync, then os.replace: a reader sees
+    the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create files 0600
+        os.replace(tmp, path)
+    except OSError as exc:      # a read-only --out, a full disk: one line, not a traceback
+        raise VGGFastError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save_image(im, out: str | os.PathLike) -> None:
     """Save the PIL image `im` to `out` in the format its suffix names (`image_format`),
-    converted to RGB first when that format cannot hold its mode (JPEG has no alpha)."""
+    converted to RGB first when that format cannot hold its mode (JPEG has no alpha). Written
+    atomically (`atomic_write`): a crash or a full disk leaves the old file or none, not a
+    truncated image."""
     from PIL import Image
     fmt = image_format(out)
     if im.mode != "RGB":
@@ -509,7 +531,4 @@ def save_image(im, out: str | os.PathLike) -> None:
             Image.new(im.mode, (1, 1)).save(io.BytesIO(), format=fmt)
         except (OSError, ValueError, KeyError):
             im = im.convert("RGB")
-    try:
-        im.save(out, format=fmt)
-    except OSError as exc:
-        raise VGGFastError(f"cannot write {out}: {exc.strerror or exc}") from None
+    atomic_write(Path(os.fspath(out)), lambda p: im.save(p, format=fmt))

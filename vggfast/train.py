@@ -70,7 +70,7 @@ from tqdm import tqdm
 from .configs import make_spec
 from .errors import ArgumentError, ImageError, VGGFastError
 from .nn import VGG, build_model
-from .preprocess import IMAGE_SUFFIXES
+from .preprocess import IMAGE_SUFFIXES, atomic_write
 
 PREPROCESS = "torchvision"
 
@@ -557,25 +557,6 @@ def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.SGD:
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then os.replace: a reader sees
-    the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create files 0600
-        os.replace(tmp, path)
-    except OSError as exc:      # a read-only --out, a full disk: one line, not a traceback
-        raise VGGFastError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def model_meta(model: VGG, class_names: Sequence[str]) -> dict[str, Any]:
     s = model.spec
     return {"config": s.config, "batch_norm": s.batch_norm, "width": s.width,
@@ -591,7 +572,7 @@ def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are:
-    safetensors reports them as its own SafetensorError, which `_atomic_write` would let through
+    safetensors reports them as its own SafetensorError, which `atomic_write` would let through
     as a traceback."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -617,8 +598,8 @@ def save_model(model: nn.Module, meta: dict[str, Any], out: str | os.PathLike) -
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta)
     state = export_state(model)
-    _atomic_write(out / MODEL_FILE, lambda p: _save_safetensors(state, p, {"vggfast": text}))
-    _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / MODEL_FILE, lambda p: _save_safetensors(state, p, {"vggfast": text}))
+    atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return out / MODEL_FILE
 
 
@@ -629,14 +610,14 @@ def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
             w.writeheader()
             for row in history:
                 w.writerow({k: row[k] for k in LOG_FIELDS})
-    _atomic_write(out / LOG_FILE, write)
+    atomic_write(out / LOG_FILE, write)
 
 
 def _write_skipped(out: Path, skipped: list[tuple[str, str]]) -> None:
     text = "".join(f"{p}\t{why}\n" for p, why in skipped)
     # the names as the system spells them: one that is not UTF-8 (Linux allows any bytes) has
     # lone surrogates in Python, which write_text refused, ending the run
-    _atomic_write(out / SKIPPED_FILE, lambda p: Path(p).write_bytes(os.fsencode(text)))
+    atomic_write(out / SKIPPED_FILE, lambda p: Path(p).write_bytes(os.fsencode(text)))
 
 
 def load_checkpoint(out: str | os.PathLike) -> dict[str, Any]:
@@ -986,7 +967,7 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
                     "options": {**{k: (list(v) if isinstance(v, tuple) else v)
                                    for k, v in asdict(opts).items()}, **in_effect}}
             save_model(model, meta, out)
-            _atomic_write(out / CKPT_FILE, lambda p: _save_torch(ckpt, p))
+            atomic_write(out / CKPT_FILE, lambda p: _save_torch(ckpt, p))
             _write_log(out, history)
             if new:
                 _write_skipped(out, skipped)
