@@ -46,7 +46,7 @@ def _load(out):
 
 def test_extract_skips_bad_files_and_matches_engine_features(weights, folder, tmp_path, capsys):
     out = tmp_path / "feats.npy"
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
     cap = capsys.readouterr()
     assert "b_broken.jpg" in cap.err and "4 x" in cap.out
     feats, meta = _load(out)
@@ -70,7 +70,7 @@ def test_extract_skips_bad_files_and_matches_engine_features(weights, folder, tm
 def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, monkeypatch, capsys):
     clean = tmp_path / "clean.npy"
     assert main(["extract", str(folder), "--weights", weights, "--out", str(clean), *ARGS,
-                 "--batch-size", "2"]) == 1     # b_broken.jpg skipped
+                 "--batch-size", "2"]) == 2     # b_broken.jpg skipped
     real = vf.features
     calls = []
 
@@ -95,7 +95,7 @@ def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, mon
     assert "other settings (weights)" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(vf, "features", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    assert main(cmd + ["--batch-size", "2"]) == 1
+    assert main(cmd + ["--batch-size", "2"]) == 2
     assert len(calls) == 1 and len(calls[0]) == 1  # one chunk, with only the fifth file left
     got, meta = _load(out)
     want, want_meta = _load(clean)
@@ -113,7 +113,7 @@ def _free_port():
 def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
     one = tmp_path / "one.npy"
     assert main(["extract", str(folder), "--weights", weights, "--out", str(one), *ARGS,
-                 "--batch-size", "1"]) == 1
+                 "--batch-size", "1"]) == 2
     two = tmp_path / "two.npy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -124,7 +124,7 @@ def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
                         str(folder), "--weights", weights, "--out", str(two), *ARGS,
                         "--batch-size", "1", "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=240)
-    assert p.returncode == 1, p.stderr[-3000:]     # rank 0's: b_broken.jpg was skipped
+    assert p.returncode == 1, p.stderr[-3000:]  # torchrun: 1, as rank 0 exited 2
     assert "b_broken.jpg" in p.stderr and p.stdout.count("4 x") == 1  # rank 0 reports once
     got, meta = _load(two)
     want, want_meta = _load(one)
@@ -138,7 +138,7 @@ def test_an_image_over_the_budget_is_skipped_and_ranks_need_torchrun(weights, fo
     Image.new("RGB", (3000, 16)).save(folder / "f_banner.png")
     out = tmp_path / "f.npy"
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "8MiB")
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
     feats, meta = _load(out)
     assert feats.shape[0] == 4 and [os.path.basename(f["file"]) for f in meta["failed"]] == [
         "b_broken.jpg", "f_banner.png"]
@@ -167,7 +167,7 @@ def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends(weights
     finally:
         other.kill()
         other.wait()
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
     assert np.load(out).shape[0] == 4 and not parts.exists()
 
 
@@ -252,13 +252,13 @@ def test_bad_settings_are_refused_before_the_checkpoint_folder_exists(weights, s
     assert rec["files"] == files and not (tmp_path / "feats.npy.parts").exists()
 
 
-def test_skipped_images_make_the_exit_status_1_and_the_help_says_so(weights, folder, tmp_path,
+def test_skipped_images_make_the_exit_status_2_and_the_help_says_so(weights, folder, tmp_path,
                                                                     capsys):
     """extract exited 0 when it had skipped unreadable files: a script could not tell a partial
-    run from a whole one. It now exits 1 (the good rows are still written), 0 when nothing was
-    skipped, and 2 stays the usage / nothing-written status; `extract --help` says so."""
+    run from a whole one. It now exits 2 as classify does (the good rows are still written), 0
+    when nothing was skipped; `extract --help` says so."""
     out = tmp_path / "f.npy"
-    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 1
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
     cap = capsys.readouterr()
     assert "vggfast: skipped" in cap.err and "b_broken.jpg" in cap.err and "4 x" in cap.out
     assert np.load(out).shape[0] == 4 and len(_load(out)[1]["failed"]) == 1
@@ -270,8 +270,8 @@ def test_skipped_images_make_the_exit_status_1_and_the_help_says_so(weights, fol
         main(["extract", "--help"])
     assert exc.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "exit status: 0 every image written; 1 some images skipped" in help_text
-    assert "2 a usage error, or nothing written" in help_text
+    assert "exit status: 0 every image written; 2 a usage error, nothing written, or some " \
+        "images skipped" in help_text
 
 
 @pytest.mark.parametrize("batch_size", [2.5, "8", True, 0, -1, None])

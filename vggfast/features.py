@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 
 POOLS = ("avg", "max")
 AGGREGATES = ("mean", "stack")
-# `vggfast extract`'s exit status when some images were skipped and the others written (2 is a
-# usage error or nothing written, as everywhere in the CLI)
-PARTIAL = 1
+# `vggfast extract`'s exit status when some images were skipped and the others written: bad
+# input, 2, as `vggfast classify` gives when it skipped files (and as a usage error gives)
+PARTIAL = 2
 
 
 # -- descriptors ----------------------------------------------------------------------------------
@@ -678,10 +678,10 @@ def add_cli(sub) -> None:
     from .cli import _engine_args, _weights_arg
     p = sub.add_parser("extract", help="Appendix B features of a folder or list of images "
                                        "(resumable; shards across ranks under torchrun)",
-                       epilog=f"exit status: 0 every image written; {PARTIAL} some images "
-                              "skipped (unreadable, or over the memory budget: named on stderr "
-                              "and under \"failed\" in the .json), the others written; 2 a usage "
-                              "error, or nothing written")
+                       epilog=f"exit status: 0 every image written; {PARTIAL} a usage error, "
+                              "nothing written, or some images skipped (unreadable, or over the "
+                              "memory budget: named on stderr and under \"failed\" in the "
+                              ".json) and the others written")
     p.add_argument("source", metavar="DIR_OR_LIST",
                    help="a folder of images (recursive) or a text file with one path per line")
     _weights_arg(p)
