@@ -434,8 +434,9 @@ def test_ensemble_weights_not_a_list_and_huge_weights(eng):
 
 
 def test_localize_flip_must_be_yes_or_no(sd):
+    from vggfast.localize import localize  # the submodule is not imported by `import vggfast`
     with pytest.raises(ArgumentError, match="flip"):
-        vggfast.localize.localize(vggfast.Engine(sd), IMG, (32,), 5, "no", 0.5)
+        localize(vggfast.Engine(sd), IMG, (32,), 5, "no", 0.5)
 
 
 @pytest.mark.parametrize("argv", [
