@@ -355,6 +355,30 @@ def test_a_state_dict_pickled_with_a_newer_protocol_is_named(tmp_path, tiny, pro
         load(path)
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3])
+def test_a_state_dict_pickled_with_an_early_protocol_is_named(tmp_path, tiny, protocol, legacy):
+    """torch.save(..., pickle_protocol=0 or 1) has no PROTO opcode: its legacy file was called
+    "neither a zip archive nor a pickle", its zip "protocol 0 or later". Protocols 2 and 3 load
+    through weights_only; 0 and 1 are named, with how to save them again, on one line."""
+    path = tmp_path / "w.pth"
+    torch.save(tiny.state_dict(), path, pickle_protocol=protocol,
+               _use_new_zipfile_serialization=not legacy)
+    if protocol >= 2:
+        _same(load(path).state_dict, load(tiny.state_dict()).state_dict)
+        return
+    with pytest.raises(WeightsError) as err:
+        load(path)
+    msg = str(err.value)
+    fmt = "legacy (non-zip) " if legacy else ""
+    assert msg.startswith(f"{path}: a {fmt}PyTorch checkpoint pickled with protocol {protocol} "
+                          f"(torch.save(..., pickle_protocol={protocol}))")
+    assert "or as safetensors" in msg and "\n" not in msg and len(msg) - len(str(path)) < 300
+    assert "neither" not in msg and "or later" not in msg and "damaged" not in msg
+    # protocol 0's tensors cannot be read back even unsafely: no weights_only=False advice
+    assert ("weights_only=False" in msg) == (protocol == 1)
+
+
 def test_a_folder_of_checkpoints_names_them(tmp_path):
     """timm's train output: model_best.pth.tar, last.pth.tar, args.yaml; which one is meant is
     the user's choice, so the error lists them."""
