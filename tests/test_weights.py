@@ -761,6 +761,34 @@ def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
     assert Engine(sd, device="cpu", preprocess="torchvision").preprocess == "torchvision"
 
 
+def test_caffe_conversions_with_torchvision_names_say_where_their_preprocessing_comes_from(
+        tmp_path):
+    """A Caffe model converted to torchvision's names (VGG-Face: 2622 classes; caffemodel2pytorch
+    renamed) carries no sign of Caffe in its tensors, and VGG-Face also comes converted from
+    MatConvNet (RGB input), so vggfast does not guess: it keeps torchvision's preprocessing, and
+    `info` says it is the default, not read off the weights. The file's metadata (a sidecar JSON)
+    or the argument set "caffe", and `info` names which."""
+    m = small_model("D", num_classes=2622)
+    path = tmp_path / "vgg_face.pth"
+    torch.save(m.state_dict(), path)
+    assert load(path).preprocess is None
+    eng = Engine(str(path), device="cpu")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("torchvision", "default")
+    assert "preprocess=torchvision" in repr(eng)
+    eng = Engine(str(path), device="cpu", preprocess="caffe")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "argument")
+    assert "preprocess=caffe" in repr(eng)
+    (tmp_path / "vgg_face.json").write_text(json.dumps({"preprocess": "caffe"}))
+    eng = Engine(str(path), device="cpu")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "weights")
+    # jcjohnson's layout (Linear layers at classifier.1, .4, .6) is the one read off the tensors
+    moved = {"classifier.0": "classifier.1", "classifier.3": "classifier.4"}
+    sd = {f"{moved.get(k.rsplit('.', 1)[0], k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v
+          for k, v in small_model("D", image_size=224).state_dict().items()}
+    eng = Engine(sd, device="cpu")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "weights")
+
+
 class _CifarVGG(torch.nn.Module):
     """chengyangfu/pytorch-vgg-cifar10's VGG (1/16 width here): torchvision's features, then
     Dropout, Linear(512, 512), ReLU, Dropout, Linear(512, 512), ReLU, Linear(512, 10) on the 1x1
