@@ -129,6 +129,18 @@ def test_info_and_demo_in_process(weights, monkeypatch, capsys):
     assert "cat.jpg" in out and "ms)" in out and "UNTRAINED" not in out
 
 
+def test_info_says_which_preprocessing_is_in_effect_and_why(weights, capsys):
+    """Weights that do not say their input convention (a Caffe conversion with torchvision's
+    names among them) run with torchvision's: `info` shows it as the default, so a user whose
+    Caffe weights classify badly sees that --preprocess caffe is theirs to give."""
+    assert main(["info", weights, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["preprocess"], info["preprocess_from"]) == ("torchvision", "default")
+    assert main(["info", weights, "--preprocess", "caffe"]) == 0
+    out = capsys.readouterr().out
+    assert "preprocess: caffe" in out and "preprocess_from: argument" in out
+
+
 def test_info_refuses_two_weights_but_not_the_environments(weights, tmp_path, monkeypatch,
                                                              capsys):
     """`info W --weights X` described W without a word about X; now refused. $VGGFAST_WEIGHTS is

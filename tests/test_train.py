@@ -115,6 +115,43 @@ def test_default_jitter_range():
             T.scale_range(T.TrainOptions(data="x", image_size=32, **bad))
 
 
+def test_training_scales_are_capped_by_the_pixel_limit(tmp_path, monkeypatch, capsys):
+    """--scale-jitter 256 1000000000 (or --scale) passed every check: each image was rescaled to
+    a giant size in the data workers, out of memory deep inside. An image at scale S has at
+    least S x S pixels, so S is capped where that passes the pixel limit images have (twice
+    PIL.Image.MAX_IMAGE_PIXELS): a one-line error naming the largest S. The localisation
+    trainer's scales meet the same cap."""
+    from PIL import Image
+
+    from vggfast import localize as L
+    from vggfast.cli import main
+    top = math.isqrt(2 * Image.MAX_IMAGE_PIXELS)
+    assert T.scale_range(T.TrainOptions(data="x", image_size=32, scale_jitter=(32, top))) == \
+        (32, top)
+    for bad in (dict(scale_jitter=(256, 10**9)), dict(scale=10**9), dict(scale=top + 1),
+                dict(scale_jitter=(32, top + 1))):
+        with pytest.raises(ArgumentError, match=rf"training scale \d+ is too large: .* "
+                                                rf"use at most {top}$"):
+            T.scale_range(T.TrainOptions(data="x", image_size=32, **bad))
+    loc = dict(boxes="b", init="i")
+    for bad in (dict(scale=10**9), dict(scale_jitter=(32, 10**9)), dict(scales=(32, 10**9))):
+        with pytest.raises(ArgumentError, match="too large"):
+            L.train_scales(L.LocTrainOptions(**loc, **bad), 32)
+    # the cap follows the limit a user sets
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    assert T.scale_range(T.TrainOptions(data="x", image_size=32, scale=100)) == (100, 100)
+    with pytest.raises(ArgumentError, match="use at most 100$"):
+        T.scale_range(T.TrainOptions(data="x", image_size=32, scale=101))
+    monkeypatch.undo()
+    data = make_folder(tmp_path / "data", n=2)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--image-size",
+                 "32", "--scale-jitter", "32", str(10**9), "--workers", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vggfast: error: training scale 1000000000 is too large") and \
+        err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_scale_draws_cover_the_range():
     g = torch.Generator().manual_seed(0)
     draws = [T.random_scale(5, 9, g) for _ in range(2000)]

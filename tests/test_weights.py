@@ -355,6 +355,30 @@ def test_a_state_dict_pickled_with_a_newer_protocol_is_named(tmp_path, tiny, pro
         load(path)
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3])
+def test_a_state_dict_pickled_with_an_early_protocol_is_named(tmp_path, tiny, protocol, legacy):
+    """torch.save(..., pickle_protocol=0 or 1) has no PROTO opcode: its legacy file was called
+    "neither a zip archive nor a pickle", its zip "protocol 0 or later". Protocols 2 and 3 load
+    through weights_only; 0 and 1 are named, with how to save them again, on one line."""
+    path = tmp_path / "w.pth"
+    torch.save(tiny.state_dict(), path, pickle_protocol=protocol,
+               _use_new_zipfile_serialization=not legacy)
+    if protocol >= 2:
+        _same(load(path).state_dict, load(tiny.state_dict()).state_dict)
+        return
+    with pytest.raises(WeightsError) as err:
+        load(path)
+    msg = str(err.value)
+    fmt = "legacy (non-zip) " if legacy else ""
+    assert msg.startswith(f"{path}: a {fmt}PyTorch checkpoint pickled with protocol {protocol} "
+                          f"(torch.save(..., pickle_protocol={protocol}))")
+    assert "or as safetensors" in msg and "\n" not in msg and len(msg) - len(str(path)) < 300
+    assert "neither" not in msg and "or later" not in msg and "damaged" not in msg
+    # protocol 0's tensors cannot be read back even unsafely: no weights_only=False advice
+    assert ("weights_only=False" in msg) == (protocol == 1)
+
+
 def test_a_folder_of_checkpoints_names_them(tmp_path):
     """timm's train output: model_best.pth.tar, last.pth.tar, args.yaml; which one is meant is
     the user's choice, so the error lists them."""
@@ -735,6 +759,34 @@ def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
     got = eng.classify(x, scales=[224]).probs
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert Engine(sd, device="cpu", preprocess="torchvision").preprocess == "torchvision"
+
+
+def test_caffe_conversions_with_torchvision_names_say_where_their_preprocessing_comes_from(
+        tmp_path):
+    """A Caffe model converted to torchvision's names (VGG-Face: 2622 classes; caffemodel2pytorch
+    renamed) carries no sign of Caffe in its tensors, and VGG-Face also comes converted from
+    MatConvNet (RGB input), so vggfast does not guess: it keeps torchvision's preprocessing, and
+    `info` says it is the default, not read off the weights. The file's metadata (a sidecar JSON)
+    or the argument set "caffe", and `info` names which."""
+    m = small_model("D", num_classes=2622)
+    path = tmp_path / "vgg_face.pth"
+    torch.save(m.state_dict(), path)
+    assert load(path).preprocess is None
+    eng = Engine(str(path), device="cpu")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("torchvision", "default")
+    assert "preprocess=torchvision" in repr(eng)
+    eng = Engine(str(path), device="cpu", preprocess="caffe")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "argument")
+    assert "preprocess=caffe" in repr(eng)
+    (tmp_path / "vgg_face.json").write_text(json.dumps({"preprocess": "caffe"}))
+    eng = Engine(str(path), device="cpu")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "weights")
+    # jcjohnson's layout (Linear layers at classifier.1, .4, .6) is the one read off the tensors
+    moved = {"classifier.0": "classifier.1", "classifier.3": "classifier.4"}
+    sd = {f"{moved.get(k.rsplit('.', 1)[0], k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}": v
+          for k, v in small_model("D", image_size=224).state_dict().items()}
+    eng = Engine(sd, device="cpu")
+    assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "weights")
 
 
 class _CifarVGG(torch.nn.Module):

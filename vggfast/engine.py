@@ -340,8 +340,12 @@ class Engine:
     config: "A" "A-LRN" "B" "C" "D" "E" or "vgg11".."vgg19_bn"; None = detected from the weights.
     device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
     backend: "auto" (triton on cuda, torch otherwise) | "triton" | "torch".
-    preprocess: "torchvision" | "caffe" | "caffe-rgb"; None = from the weights' metadata, else
-    "torchvision".
+    preprocess: "torchvision" | "caffe" | "caffe-rgb"; None = from the weights (their metadata's
+    "preprocess", torchvision's vgg16_features, jcjohnson's Caffe conversions by their
+    classifier layout), else "torchvision". Pass "caffe" for any other weights converted from
+    Caffe (caffemodel2pytorch's output, VGG-Face, ...), whatever their names: nothing in the
+    tensors tells a Caffe conversion (VGG-Face's 2622 classes come converted from Caffe, BGR, and
+    from MatConvNet, RGB). `info()["preprocess_from"]` says which decided.
     memory_budget: bytes of activations one batch may use (default: 80% of the GPU, 8 GiB on
     CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
     loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
@@ -377,6 +381,10 @@ class Engine:
                                "predicts boxes): pass it as Engine(classifier, loc_weights=...)")
         self.spec = self.weights.spec
         self.preprocess = preprocess or self.weights.preprocess or "torchvision"
+        # what `info` names as the source of the convention in effect: the weights only say
+        # so through metadata, a hub name or jcjohnson's layout, so a "default" may be wrong
+        self.preprocess_from = ("argument" if preprocess else "weights"
+                                if self.weights.preprocess else "default")
         pp.convention(self.preprocess)
         self.memory_budget = int(memory_budget or _default_budget(self.device))
         n = self.spec.num_classes
@@ -629,6 +637,7 @@ class Engine:
             **w.describe(), "torchvision_name": s.torchvision_name,
             "num_classes": s.num_classes if has_fc8 else None, "parameters": present,
             "usable_up_to": w.usable_up_to(), "preprocess": self.preprocess,
+            "preprocess_from": self.preprocess_from,
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "backend": self.backend_name, "cuda_graphs": self.cuda_graphs,
             "class_names": "none (no classifier)" if not has_fc8 else "from weights"

@@ -69,7 +69,7 @@ from . import preprocess as pp
 from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .protocols import _naming_file
-from .train import RunOptions, run_fields
+from .train import RunOptions, check_scale_limit, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
 MODES = ("scr", "pcr")
@@ -786,6 +786,7 @@ def train_scales(opts: LocTrainOptions, image_size: int) -> tuple[int, ...] | tu
         if isinstance(s, bool) or not isinstance(s, int) or s < image_size:
             raise ArgumentError(f"training scale {s!r} must be a whole number >= the crop size "
                                 f"{image_size}")
+        check_scale_limit(s)
     return out
 
 

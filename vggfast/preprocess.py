@@ -331,14 +331,21 @@ def _gray_float(a: np.ndarray) -> torch.Tensor:
     return t[None].expand(3, -1, -1).contiguous()
 
 
-def _check_pixels(h: int, w: int) -> None:
-    """Arrays and tensors meet the limit PIL sets files (twice MAX_IMAGE_PIXELS, where it refuses
-    a decompression bomb) before they are copied: a broadcast array or an expanded tensor of a
-    huge shape costs nothing to make and all of host memory to convert."""
+def pixel_limit() -> int | None:
+    """The most pixels an image may have: twice PIL.Image.MAX_IMAGE_PIXELS, where PIL refuses a
+    decompression bomb (read at each call: a user may raise it); None when PIL's is off."""
     from PIL import Image
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and h * w > 2 * limit:
-        raise ImageError(f"refused, too many pixels ({w}x{h} = {h * w} > {2 * limit}, twice "
+    return None if limit is None else 2 * limit
+
+
+def _check_pixels(h: int, w: int) -> None:
+    """Arrays and tensors meet the limit PIL sets files (pixel_limit) before they are copied: a
+    broadcast array or an expanded tensor of a huge shape costs nothing to make and all of host
+    memory to convert."""
+    limit = pixel_limit()
+    if limit is not None and h * w > limit:
+        raise ImageError(f"refused, too many pixels ({w}x{h} = {h * w} > {limit}, twice "
                          "PIL.Image.MAX_IMAGE_PIXELS, the limit for image files); raise "
                          "PIL.Image.MAX_IMAGE_PIXELS if the image is meant")
 

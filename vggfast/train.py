@@ -9,6 +9,7 @@ image, in order:
 1. isotropic rescale so the smallest side is S (antialiased bilinear, `preprocess.resize_short`);
    S is fixed (`scale`) or drawn uniformly from the integers [Smin, Smax] per image (scale
    jittering; default [256, 512] for a 224 crop, i.e. 256/224 and 512/224 of `image_size`);
+   S is at least image_size and at most isqrt(preprocess.pixel_limit()) (13377 by default);
 2. a random image_size x image_size crop;
 3. a horizontal flip with probability 1/2;
 4. an RGB colour shift (Krizhevsky et al., 2012): x += V @ (alpha * lambda) with alpha ~ N(0, 0.1^2)
@@ -70,7 +71,7 @@ from tqdm import tqdm
 from .configs import make_spec
 from .errors import ArgumentError, ImageError, VGGFastError
 from .nn import VGG, build_model
-from .preprocess import IMAGE_SUFFIXES, atomic_write
+from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit
 
 PREPROCESS = "torchvision"
 
@@ -190,7 +191,20 @@ def scale_range(opts: TrainOptions) -> tuple[int, int]:
     if lo < opts.image_size:
         raise ArgumentError(f"training scale {lo} is below the crop size {opts.image_size}: the "
                             "smallest side must be at least --image-size")
+    check_scale_limit(hi)
     return lo, hi
+
+
+def check_scale_limit(s: int) -> None:
+    """Refuse a training scale S whose rescaled images cannot be made: each has at least S x S
+    pixels, and past the limit an image may have (preprocess.pixel_limit, twice PIL's
+    MAX_IMAGE_PIXELS) the rescale in the data workers ran out of memory instead."""
+    limit = pixel_limit()
+    if limit is not None and s * s > limit:
+        raise ArgumentError(f"training scale {s} is too large: an image rescaled so its smallest "
+                            f"side is {s} has at least {s}x{s} pixels, over the {limit} an image "
+                            f"may have (twice PIL.Image.MAX_IMAGE_PIXELS); use at most "
+                            f"{math.isqrt(limit)}")
 
 
 def eval_scale(opts: TrainOptions) -> int:

@@ -24,7 +24,9 @@ copy, `state_dict_ema` / `model_ema`, when there is nothing else). Training chec
 argparse.Namespace arguments (timm's do) and numpy numbers; on torch >= 2.6, classes of
 metadata modules (omegaconf's DictConfig in a Lightning + Hydra checkpoint's hyper_parameters,
 pathlib paths, numpy arrays) load as inert stand-ins, still through torch's weights_only
-unpickler. Any other class is refused, never unpickled.
+unpickler. Any other class is refused, never unpickled. torch.save's files written with
+pickle_protocol 0 or 1 (zip or legacy format; weights_only reads neither) or 4 and later are
+named as such, with how to save them again.
 Other tools' files (Keras .h5/.keras, TensorFlow checkpoints and SavedModel folders, ONNX, Caffe,
 MatConvNet, NumPy) are refused by name. Weights stored reparametrised (pruning's `weight_orig`
 / `weight_mask`, weight norm's `weight_g`, spectral norm, `parametrizations.weight.*`) are
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -339,6 +342,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
             try:
                 raw = _torch_load(path)
             except pickle.UnpicklingError as exc:
+                _refuse_early_protocol(path)
                 if not _looks_like_checkpoint(path):
                     _refuse_foreign(path)
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
@@ -363,6 +367,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
                         f"({reason})")
             except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
                     AttributeError, TypeError, KeyError, IndexError) as exc:
+                _refuse_early_protocol(path)
                 _refuse_foreign(path)
                 if not _looks_like_checkpoint(path):     # a text file, an image, ...
                     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a zip archive "
@@ -461,6 +466,62 @@ def _looks_like_checkpoint(path: Path) -> bool:
     except OSError:
         return False
     return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
+# torch.save's legacy (non-zip) format opens with its magic number pickled: protocols 0 and 1
+# write it as text (LONG), 2 and later as PROTO and LONG1 (0x80 first).
+_LEGACY_MAGIC_TEXT = b"L119547037146038801333356L\n."
+
+
+def _early_protocol(path: Path) -> tuple[int, bool] | None:
+    """(protocol, legacy) of a torch.save file pickled with protocol 0 or 1 (no PROTO opcode:
+    torch.save(..., pickle_protocol=0 or 1)), in the zip archive or the legacy format; None for
+    any other file. Read off the opcodes (pickletools.genops), nothing unpickled: a zip's
+    data.pkl, or a legacy file's first three pickles (magic number, version, system info)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC_TEXT))
+            if head == _LEGACY_MAGIC_TEXT:
+                f.seek(0)
+                return _protocol_below_2(f, 3, True)
+        if not head.startswith(b"PK"):
+            return None
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            if name is None:
+                return None
+            return _protocol_below_2(io.BytesIO(z.read(name)), 1, False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _protocol_below_2(stream: Any, pickles: int, legacy: bool) -> tuple[int, bool] | None:
+    proto = 0
+    for _ in range(pickles):
+        for op, _, _ in pickletools.genops(stream):
+            proto = max(proto, op.proto)
+    return (proto, legacy) if proto < 2 else None
+
+
+def _refuse_early_protocol(path: Path) -> None:
+    """A WeightsError for a checkpoint pickled with protocol 0 or 1: which file it is and how to
+    save it again (torch's weights_only loader refuses their opcodes, so it was named a damaged
+    file or, in the legacy format, no pickle at all)."""
+    early = _early_protocol(path)
+    if early is None:
+        return
+    proto, legacy = early
+    what = (f"{path}: a {'legacy (non-zip) ' if legacy else ''}PyTorch checkpoint pickled "
+            f"with protocol {proto} (torch.save(..., pickle_protocol={proto}))")
+    if proto == 0:
+        # protocol 0 writes each storage's persistent id as text, its repr: torch.load cannot
+        # read it back (weights_only or not), so re-saving it from the file is no way out
+        raise WeightsError(f"{what}, whose tensors torch.load cannot read back (protocol 0 "
+                           "writes their storage ids as text); save them again from the model "
+                           "with torch.save's default protocol or as safetensors")
+    raise WeightsError(f"{what}, which torch's weights_only loader does not read; where you "
+                       "trust the file, save it again: torch.save(torch.load(path, "
+                       "weights_only=False), 'weights.pt'), or as safetensors")
 
 
 # Other tools' weight files, by their first bytes, their zip members, or else (a file that is
