@@ -2,6 +2,7 @@
 sharding (gloo, CPU) equal to one rank."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,7 +125,10 @@ def test_two_rank_torchrun_equals_one_rank(weights, folder, tmp_path):
                         str(folder), "--weights", weights, "--out", str(two), *ARGS,
                         "--batch-size", "1", "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=240)
-    assert p.returncode == 1, p.stderr[-3000:]  # torchrun: 1, as rank 0 exited 2
+    # torchrun exits 1 when a rank did not exit 0: rank 0's 2 (b_broken.jpg skipped), no signal
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", p.stderr), p.stderr[-3000:]
+    assert not re.search(r"exitcode\s*:\s*-", p.stderr), p.stderr[-3000:]
     assert "b_broken.jpg" in p.stderr and p.stdout.count("4 x") == 1  # rank 0 reports once
     got, meta = _load(two)
     want, want_meta = _load(one)
