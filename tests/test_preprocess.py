@@ -349,3 +349,59 @@ def test_a_float_grey_image_outside_its_range_is_refused_not_clipped(tmp_path):
         with pytest.raises(ImageError, match=f"f.tiff: .*'F'.*found {shown}") as err:
             load_image(path)
         assert "\n" not in str(err.value)
+
+
+def _interpolate_spy(monkeypatch):
+    """(calls, real): every float tensor F.interpolate is given from now on, as (shape, dtype)."""
+    import torch.nn.functional as F
+    calls, real = [], F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, *a, **k: calls.append((x.shape, x.dtype))
+                        or real(x, *a, **k))
+    return calls, real
+
+
+def test_an_8bit_image_is_rescaled_without_a_float_copy_of_it_whole(monkeypatch):
+    """resize_short converted a uint8 image to float32 whole before resampling it: 1.3 GB for a
+    12000x9000 photo, 4x the decoded image. Rows are converted a chunk at a time now: no float
+    array the resampler is given has more than RESIZE_CHUNK_BYTES of rows or the [3, H, W_q]
+    width-resampled image, and the result equals one F.interpolate call on the float image bit
+    for bit (CPU), at every scale, from one pass (resize_scales) or one scale at a time."""
+    from vggfast import preprocess as pp
+    h, w, scales = 1500, 2000, (256, 384, 512, 1500)      # 1500: the smallest side, no resample
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 30, 40), size=(h, w),
+                                             mode="bicubic", align_corners=False)[0]
+    x = (smooth * 200 + torch.rand(3, h, w) * 55).clamp(0, 255).to(torch.uint8)  # photo-like
+    xf = x.float() / 255
+    want = [xf if q == h else torch.nn.functional.interpolate(
+        xf[None], size=rescaled_size(h, w, q), mode="bilinear", antialias=True,
+        align_corners=False)[0] for q in scales]
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 4 << 20, raising=False)
+    calls, _ = _interpolate_spy(monkeypatch)
+    bound = max((4 << 20) // 4, 3 * h * rescaled_size(h, w, 512)[1])   # a chunk, the widest mid
+    for q, t in zip(scales, want):
+        assert torch.equal(resize_short(x, q), t)
+    assert calls and all(dtype == torch.float32 for _, dtype in calls)
+    assert max(s.numel() for s, _ in calls) <= bound < 3 * h * w // 2
+    calls.clear()
+    got = pp.resize_scales(x, scales)
+    assert [tuple(g.shape) for g in got] == [tuple(t.shape) for t in want]
+    for g, t in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, t)
+    assert calls and max(s.numel() for s, _ in calls) <= bound
+
+
+def test_the_executor_rescales_8bit_images_without_a_float_copy_of_them_whole(monkeypatch):
+    """The executor converted each image to float whole, once for all its scales, before
+    resize_short: the largest array of a request on a large photo. It hands the uint8 image to
+    resize_scales now, with the same scores as for the float image (bit-equal views)."""
+    from conftest import small_model
+    from vggfast import Engine
+    from vggfast import preprocess as pp
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 16, raising=False)   # many chunks
+    eng = Engine(small_model().state_dict(), backend="torch", dtype="float32")
+    x = torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8)
+    want = eng.classify(pp.to_float(x), scales=(32, 40), flip=True)
+    calls, _ = _interpolate_spy(monkeypatch)
+    got = eng.classify(x, scales=(32, 40), flip=True)
+    torch.testing.assert_close(got.probs, want.probs, rtol=0, atol=0)
+    assert calls and max(s.numel() for s, _ in calls) <= 3 * 200 * 60 < 3 * 200 * 300

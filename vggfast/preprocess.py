@@ -27,7 +27,8 @@ files (PostScript, whatever their name), which PIL decodes by running them in Gh
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
-values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`).
+values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`). An 8-bit image is
+converted to float a chunk of rows at a time, never whole (`resize_scales`), with the same result.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refu
 # How far float RGB may stray outside [0, 1] and still be read as [0, 1] (clamped): rounding in
 # the arithmetic that made it (a colour conversion's 1.0000001), not a different scale.
 FLOAT_SLACK = 1e-3
+# Float32 bytes of an 8-bit image's rows converted at a time by `resize_scales` (116 rows of a
+# 12000-pixel-wide photo), so that no float copy of the whole image is made.
+RESIZE_CHUNK_BYTES = 16 << 20
 # Files a folder of images is listed by (classify/extract/evaluate/train): torchvision's
 # ImageFolder extensions plus the other photo formats Pillow decodes (AVIF, JPEG 2000, ICO, ...).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".tif",
@@ -394,15 +399,52 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def resize_short(x: torch.Tensor, q: int) -> torch.Tensor:
-    """Isotropic antialiased bilinear rescale so the smallest side is q -> float32 [3, H', W'].
+    """Isotropic antialiased bilinear rescale so the smallest side is q: [3, H, W] uint8 or float
+    -> float32 [3, H', W'] in [0, 1].
 
-    An image whose smallest side already equals q is not resampled.
+    An image whose smallest side already equals q is not resampled. A uint8 image is never
+    converted to float whole: see `resize_scales`.
+    """
+    return resize_scales(x, (q,))[0]
+
+
+def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
+    """`resize_short(x, q)` for each q of qs, from one pass over x: [3, H, W] uint8 or float ->
+    a float32 [3, H_q, W_q] per q.
+
+    A uint8 image is converted to float RESIZE_CHUNK_BYTES of rows at a time, not whole (a
+    12000x9000 photo's float copy is 1.3 GB): each chunk is resampled along its width to every
+    scale's width W_q, then each [3, H, W_q] along its height. The antialiased bilinear resample
+    is separable and PyTorch's CPU kernel runs it width first, then height, in float32, so this
+    gives the numbers of one F.interpolate call on the whole float image bit for bit (on CUDA,
+    whose kernel is another, up to float rounding). Resampling the uint8 image itself (PyTorch's
+    uint8 kernel, PIL's resize) rounds to 1/255 steps, up to 4e-3 off on photos, and JPEG draft
+    decoding 4e-2, where torchvision's float resize is matched to 1e-5.
     """
     h, w = x.shape[-2:]
-    x = to_float(x)
-    if min(h, w) == q:
-        return x
-    size = rescaled_size(h, w, q)
+    sizes = [rescaled_size(h, w, q) for q in qs]
+    out = [to_float(x) if min(h, w) == q else None for q in qs]
+    todo = [k for k, r in enumerate(out) if r is None]
+    if x.dtype != torch.uint8:
+        x = x.to(torch.float32)
+        for k in todo:
+            out[k] = _resample(x, sizes[k])
+        return out
+    c = x.shape[0]
+    mids = {k: torch.empty((c, h, sizes[k][1]), dtype=torch.float32, device=x.device)
+            for k in todo}
+    rows = max(1, RESIZE_CHUNK_BYTES // (4 * c * w))
+    for top in range(0, h, rows) if mids else ():
+        part = to_float(x[:, top:top + rows])
+        for k, mid in mids.items():
+            mid[:, top:top + rows] = _resample(part, (part.shape[1], sizes[k][1]))
+    for k in todo:
+        out[k] = _resample(mids.pop(k), sizes[k])
+    return out
+
+
+def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear [C, H, W] float32 -> [C, *size] (torchvision's Resize, antialias)."""
     return F.interpolate(x[None], size=size, mode="bilinear", antialias=True,
                          align_corners=False)[0]
 
