@@ -279,7 +279,8 @@ def test_image_size_is_the_decoded_size_without_decoding(samples, tmp_path, monk
     # PIL decodes an ICO to open it (its sizes are only known then); its largest image is used
     assert pp.image_size(tmp_path / "icon.ico") == tuple(load_image(tmp_path / "icon.ico")
                                                          .shape[-2:]) == (48, 64)
-    sources = [samples["cat"], str(tmp_path / "turned.jpg"), tmp_path / "anim.gif", (tmp_path / "turned.jpg").read_bytes(), stream,
+    sources = [samples["cat"], str(tmp_path / "turned.jpg"), tmp_path / "anim.gif",
+               (tmp_path / "turned.jpg").read_bytes(), stream,
                Image.open(samples["rocket"]), np.zeros((20, 30), np.uint8),
                torch.zeros(1, 20, 30), torch.zeros(20, 30)]
     want = [tuple(load_image(s).shape[-2:]) for s in sources[:-5]]
@@ -296,3 +297,150 @@ def test_image_size_is_the_decoded_size_without_decoding(samples, tmp_path, monk
         with pytest.raises(ImageError, match=re.escape(words)):
             pp.image_size(bad)
     assert pp.image_size(type("Pipe", (), {"read": lambda self: b""})()) is None
+
+
+def _gray_tiff(path, a, bits, signed, big_endian=False):
+    """A one-strip uncompressed grey TIFF of `a` written by hand: PIL writes no signed 16-bit or
+    unsigned 32-bit TIFFs, and no 12-bit ones (those are packed here, two samples in 3 bytes)."""
+    import struct
+    e = ">" if big_endian else "<"
+    h, w = a.shape
+    if bits == 12:
+        v = a.astype(np.uint32).reshape(-1, 2)
+        data = np.stack([v[:, 0] >> 4, (v[:, 0] & 15) << 4 | v[:, 1] >> 8, v[:, 1] & 255],
+                        1).astype(np.uint8).tobytes()
+    else:
+        data = a.astype(f"{e}{'i' if signed else 'u'}{bits // 8}").tobytes()
+    tags = [(256, 4, w), (257, 4, h), (258, 3, bits), (259, 3, 1), (262, 3, 1),
+            (273, 4, 8 + 2 + 12 * 10 + 4), (277, 3, 1), (278, 4, h), (279, 4, len(data)),
+            (339, 3, 2 if signed else 1)]
+    out = (b"MM\0*" if big_endian else b"II*\0") + struct.pack(e + "IH", 8, len(tags))
+    for tag, kind, value in tags:
+        out += struct.pack(e + "HHI", tag, kind, 1) + struct.pack(e + ("HH" if kind == 3 else "I"),
+                                                                 *((value, 0) if kind == 3 else
+                                                                   (value,)))
+    path.write_bytes(out + struct.pack(e + "I", 0) + data)
+    return path
+
+
+@pytest.mark.parametrize("case", ["uint16", "uint16 big-endian", "int16 (I;16S)",
+                                  "int16 big-endian (I;16BS)", "uint32 (I;32N)", "int32 (I;32S)",
+                                  "uint12"])
+def test_integer_grey_tiffs_map_the_range_of_their_type(tmp_path, case):
+    """Each TIFF's samples map their type's whole range onto [0, 1] (unsigned v / (2^b - 1),
+    signed (v + 2^(b-1)) / (2^b - 1)). Signed 16-bit TIFFs (PIL's "I") were read as 0-65535:
+    every negative value clipped to black, the rest squeezed into [0, 0.5]; uint32 ones clipped
+    at 65535 (and PIL's int32 holding wrapped the top half to negative, black); 12-bit ones,
+    0-4095, came out at most 0.0625."""
+    bits, signed, pil_mode = {"uint16": (16, False, "I;16"),
+                              "uint16 big-endian": (16, False, "I;16B"),
+                              "int16 (I;16S)": (16, True, "I"),
+                              "int16 big-endian (I;16BS)": (16, True, "I"),
+                              "uint32 (I;32N)": (32, False, "I"), "int32 (I;32S)": (32, True, "I"),
+                              "uint12": (12, False, "I;16")}[case]
+    lo = -(1 << (bits - 1)) if signed else 0
+    hi = lo + (1 << bits) - 1
+    row = [lo, lo + 1, lo + (1 << (bits - 1)), hi - 1, hi, lo + 1000, lo + 2 ** (bits - 2)]
+    a = np.array([row + row[::-1]] * 9, np.int64)    # 9 x 14: 12-bit rows fill whole bytes
+    path = _gray_tiff(tmp_path / "g.tif", a, bits, signed, big_endian="big" in case)
+    with Image.open(path) as im:
+        assert im.mode == pil_mode
+    got = load_image(path)
+    want = torch.from_numpy((a - lo) / float(hi - lo)).float()
+    assert got.dtype == torch.float32 and got.shape == (3, *a.shape)
+    torch.testing.assert_close(got, want[None].expand(3, -1, -1), rtol=0, atol=1e-7)
+    assert float(got.min()) == 0.0 and float(got.max()) == 1.0
+    if signed:
+        assert a[0, 2] == 0 and abs(float(got[0, 0, 2]) - 0.5) < 1e-4    # 0 is mid-grey
+
+
+def test_an_integer_image_that_tells_no_bit_depth_is_16_bit_or_refused(tmp_path):
+    """An "I" image with no file to tell its bit depth (made in memory, FITS) is read as 16-bit
+    0-65535, and one holding values outside that range is a one-line ImageError naming them (it
+    was clipped: negative values black, all over 65535 white). PIL scales a PGM's maxval to
+    0-65535 itself."""
+    a = np.array([[0, 1, 257, 32768, 65535] * 3] * 9, np.int32)
+    got = load_image(Image.fromarray(a))
+    assert torch.equal(got, torch.from_numpy(a / 65535).float()[None].expand(3, -1, -1))
+    for bad, shown in ((a - 5, "-5..65530"), (a * 2, "0..131070")):
+        with pytest.raises(ImageError, match=f"holds {shown}, outside 16-bit 0-65535") as err:
+            load_image(Image.fromarray(bad))
+        assert "\n" not in str(err.value)
+    pgm = tmp_path / "g.pgm"
+    pgm.write_bytes(b"P5 15 9 1023\n" + np.tile(np.array([0, 1, 512, 1023, 7], ">u2"),
+                                                 (9, 3)).tobytes())
+    with Image.open(pgm) as im:
+        assert im.mode == "I"
+    got = load_image(pgm)
+    assert float(got.max()) == 1.0 and abs(float(got[0, 0, 2]) - 512 / 1023) < 1e-4
+
+
+def test_a_float_grey_image_outside_its_range_is_refused_not_clipped(tmp_path):
+    """An "F" image is read as [0, 1] or as 0-255 (by its maximum); values outside the range it
+    is read in (negative ones, 0-65535 data) were clipped to black or white, silently."""
+    ok = np.full((9, 9), 0.5, np.float32)
+    ok[0, 0] = -1e-4                   # rounding below 0 is clamped, as for arrays
+    assert float(load_image(Image.fromarray(ok, "F")).min()) == 0.0
+    for values, shown in (([-0.5, 0.25, 1.0], "-0.5..1"), ([0.0, 255.0, 65535.0], "0..65535"),
+                          ([-3.0, 100.0, 200.0], "-3..200")):
+        a = np.resize(np.array(values, np.float32), (9, 9))
+        path = _png(tmp_path, Image.fromarray(a, "F"), "f.tiff")
+        with pytest.raises(ImageError, match=f"f.tiff: .*'F'.*found {shown}") as err:
+            load_image(path)
+        assert "\n" not in str(err.value)
+
+
+def _interpolate_spy(monkeypatch):
+    """(calls, real): every float tensor F.interpolate is given from now on, as (shape, dtype)."""
+    import torch.nn.functional as F
+    calls, real = [], F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, *a, **k: calls.append((x.shape, x.dtype))
+                        or real(x, *a, **k))
+    return calls, real
+
+
+def test_an_8bit_image_is_rescaled_without_a_float_copy_of_it_whole(monkeypatch):
+    """resize_short converted a uint8 image to float32 whole before resampling it: 1.3 GB for a
+    12000x9000 photo, 4x the decoded image. Rows are converted a chunk at a time now: no float
+    array the resampler is given has more than RESIZE_CHUNK_BYTES of rows or the [3, H, W_q]
+    width-resampled image, and the result equals one F.interpolate call on the float image bit
+    for bit (CPU), at every scale, from one pass (resize_scales) or one scale at a time."""
+    from vggfast import preprocess as pp
+    h, w, scales = 1500, 2000, (256, 384, 512, 1500)      # 1500: the smallest side, no resample
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 30, 40), size=(h, w),
+                                             mode="bicubic", align_corners=False)[0]
+    x = (smooth * 200 + torch.rand(3, h, w) * 55).clamp(0, 255).to(torch.uint8)  # photo-like
+    xf = x.float() / 255
+    want = [xf if q == h else torch.nn.functional.interpolate(
+        xf[None], size=rescaled_size(h, w, q), mode="bilinear", antialias=True,
+        align_corners=False)[0] for q in scales]
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 4 << 20, raising=False)
+    calls, _ = _interpolate_spy(monkeypatch)
+    bound = max((4 << 20) // 4, 3 * h * rescaled_size(h, w, 512)[1])   # a chunk, the widest mid
+    for q, t in zip(scales, want):
+        assert torch.equal(resize_short(x, q), t)
+    assert calls and all(dtype == torch.float32 for _, dtype in calls)
+    assert max(s.numel() for s, _ in calls) <= bound < 3 * h * w // 2
+    calls.clear()
+    got = pp.resize_scales(x, scales)
+    assert [tuple(g.shape) for g in got] == [tuple(t.shape) for t in want]
+    for g, t in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, t)
+    assert calls and max(s.numel() for s, _ in calls) <= bound
+
+
+def test_the_executor_rescales_8bit_images_without_a_float_copy_of_them_whole(monkeypatch):
+    """The executor converted each image to float whole, once for all its scales, before
+    resize_short: the largest array of a request on a large photo. It hands the uint8 image to
+    resize_scales now, with the same scores as for the float image (bit-equal views)."""
+    from conftest import small_model
+    from vggfast import Engine
+    from vggfast import preprocess as pp
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 16, raising=False)   # many chunks
+    eng = Engine(small_model().state_dict(), backend="torch", dtype="float32")
+    x = torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8)
+    want = eng.classify(pp.to_float(x), scales=(32, 40), flip=True)
+    calls, _ = _interpolate_spy(monkeypatch)
+    got = eng.classify(x, scales=(32, 40), flip=True)
+    torch.testing.assert_close(got.probs, want.probs, rtol=0, atol=0)
+    assert calls and max(s.numel() for s, _ in calls) <= 3 * 200 * 60 < 3 * 200 * 300

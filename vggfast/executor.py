@@ -274,12 +274,13 @@ class Executor:
                 v = plan.views[vi]
                 key = (v.image, v.scale)
                 if key not in rescaled:
-                    # Every scale of the image now, from one conversion to float (a 48-MP
-                    # photo's is 0.6 GB, and a second of CPU time).
-                    x = pp.to_float(on_device.get(v.image, images[v.image]))
-                    for q in scales_of[v.image]:
-                        rescaled[(v.image, q)] = pp.resize_short(x, q)
-                    del x
+                    # Every scale of the image now, from one pass over it (resize_scales: a
+                    # uint8 image converted to float a chunk of rows at a time; a whole 48-MP
+                    # photo's float copy is 0.6 GB).
+                    qs = scales_of[v.image]
+                    x = on_device.get(v.image, images[v.image])
+                    for q, r in zip(qs, pp.resize_scales(x, qs)):
+                        rescaled[(v.image, q)] = r
                 r = rescaled[key]
                 if v.crop is not None:
                     x0, y0, x1, y1 = v.crop

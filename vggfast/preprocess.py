@@ -10,9 +10,15 @@ itself reads 48-bit RGB PNG and TIFF files as 8-bit RGB, their high bytes).
 Conversions (PIL modes): EXIF orientation is applied first. "1", "L", "P", "CMYK", "YCbCr", "LAB",
 "HSV" go through PIL's RGB conversion. Alpha ("RGBA", "LA", "PA", palette transparency) is
 dropped, as torchvision's and timm's loaders do (`img.convert("RGB")`): the colour under a
-transparent pixel is used as it is. "I;16*" and "I" are read as 16-bit (0-65535) and "F" as
-[0, 1] when its maximum is at most 1 (+ FLOAT_SLACK, rounding), else as 0-255; values outside
-the range are clipped.
+transparent pixel is used as it is. Integer grey images ("I;16*", "I") map the whole range of
+their samples' type onto [0, 1] (`_integer_gray`): unsigned 16-bit (PNG, TIFF "I;16", "I;16B",
+"I;16L", a PGM, which PIL scales to 0-65535) v / 65535; a TIFF's own bit depth where it is
+another: 12-bit v / 4095, uint32 v / (2^32 - 1); signed TIFF samples (PIL's "I" from "I;16S",
+"I;16BS", "I;32S") shifted by half their range first, (v + 32768) / 65535 for 16 bits, so 0 is
+mid-grey. An "I" image that tells no bit depth (made in memory, FITS) is read as 16-bit, and
+refused with an ImageError when it holds values outside 0-65535. "F" is read as [0, 1] when its
+maximum is at most 1 (+ FLOAT_SLACK, rounding), else as 0-255; values outside the range it is
+read in (negative, or over 255) are refused, not clipped.
 Multi-frame files (animated GIF, WebP and PNG, multi-page TIFF, MPO) use their first frame, an
 ICO its largest image. PIL's decompression-bomb guard stays on: an image over twice
 `PIL.Image.MAX_IMAGE_PIXELS` (179 MP by default) is refused with an ImageError; below that PIL's
@@ -21,7 +27,8 @@ files (PostScript, whatever their name), which PIL decodes by running them in Gh
 
 Rescaling (Sec. 3.2 of the paper): isotropic, so the smallest side becomes Q; the other side is
 (Q * long) // short (integer floor, as torchvision's Resize(int)); antialiased bilinear on float
-values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`).
+values in [0, 1]. The C++ planner uses the same rule (`rescaled_size`). An 8-bit image is
+converted to float a chunk of rows at a time, never whole (`resize_scales`), with the same result.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +53,9 @@ MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refu
 # How far float RGB may stray outside [0, 1] and still be read as [0, 1] (clamped): rounding in
 # the arithmetic that made it (a colour conversion's 1.0000001), not a different scale.
 FLOAT_SLACK = 1e-3
+# Float32 bytes of an 8-bit image's rows converted at a time by `resize_scales` (116 rows of a
+# 12000-pixel-wide photo), so that no float copy of the whole image is made.
+RESIZE_CHUNK_BYTES = 16 << 20
 # Files a folder of images is listed by (classify/extract/evaluate/train): torchvision's
 # ImageFolder extensions plus the other photo formats Pillow decodes (AVIF, JPEG 2000, ICO, ...).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".tif",
@@ -300,6 +310,7 @@ def _from_pil(im) -> torch.Tensor:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
         raise _decode_failure(exc)
+    depth = _sample_depth(im)   # before exif_transpose: its copy keeps no TIFF tags
     try:
         with _quiet_pil():
             im = ImageOps.exif_transpose(im)
@@ -307,15 +318,17 @@ def _from_pil(im) -> torch.Tensor:
         pass
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im, dtype=np.float32) / 65535.0
-        return _gray_float(a)
+        return _gray_float(_integer_gray(np.asarray(im), depth))
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
         if not np.isfinite(a).all():
             raise ImageError("float image contains NaN or infinite values")
-        if a.size and a.max() > 1.0 + FLOAT_SLACK:   # 0-255; a 1.0000001 is [0, 1] rounded
-            a = a / 255.0
-        return _gray_float(a)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        top = 255.0 if hi > 1.0 + FLOAT_SLACK else 1.0   # 0-255; a 1.0000001 is [0, 1] rounded
+        if lo < -FLOAT_SLACK * top or hi > (1.0 + FLOAT_SLACK) * top:
+            raise ImageError(f"float (PIL mode 'F') image values must lie in [0, 1] or 0-255 "
+                             f"(found {lo:.6g}..{hi:.6g}); rescale it to one of them first")
+        return _gray_float(a / 255.0 if top == 255.0 else a)
     if mode != "RGB":
         try:
             im = im.convert("RGB")
@@ -324,6 +337,46 @@ def _from_pil(im) -> torch.Tensor:
                              "first")
     # one copy, HWC -> CHW (np.asarray of a PIL image is read-only, torch wants writable memory)
     return torch.from_numpy(np.array(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), order="C"))
+
+
+def _sample_depth(im) -> tuple[int, bool] | None:
+    """(bits, signed) of the integer grey samples of a TIFF ("I;16*" or "I" in PIL), from its
+    BitsPerSample and SampleFormat tags; None where the file tells none (PNG, PGM, FITS, an
+    image made in memory) or they do not fit the mode."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None or not (im.mode == "I" or im.mode.startswith("I;16")):
+        return None
+    bits, fmt = tags.get(258), tags.get(339, 1)
+    bits = bits[0] if isinstance(bits, tuple) and len(bits) == 1 else bits
+    fmt = fmt[0] if isinstance(fmt, tuple) and len(fmt) == 1 else fmt
+    if fmt not in (1, 2) or not isinstance(bits, int):
+        return None
+    if im.mode == "I":      # PIL's 32-bit integers: signed 16-bit and 32-bit TIFF samples
+        return (bits, fmt == 2) if bits == 32 or (bits == 16 and fmt == 2) else None
+    return (bits, False) if fmt == 1 and 8 < bits <= 16 else None   # 12-bit TIFFs: 0-4095
+
+
+def _integer_gray(a: np.ndarray, depth: tuple[int, bool] | None) -> np.ndarray:
+    """Integer grey samples -> float32 in [0, 1]: the whole range of their type onto [0, 1], as
+    uint8 0-255 is (unsigned b bits: v / (2^b - 1), so 16 bits is v / 65535, 8-bit v / 257;
+    signed b bits: (v + 2^(b-1)) / (2^b - 1), so 0 is mid-grey: linear, order kept, as
+    offset binary stores it). `depth` is (bits, signed) where the file tells it; without it
+    the samples are 16-bit unsigned, and values outside 0-65535 (a 32-bit "I" image, negative
+    values) an ImageError: there is no range to map them from, and clipping would hide it."""
+    if depth is None:
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"32-bit integer (PIL mode 'I') image holds {lo}..{hi}, outside "
+                             f"16-bit 0-65535, and tells no bit depth to scale by; convert it to "
+                             f"uint16 or to float in [0, 1] first")
+        depth = (16, False)
+    bits, signed = depth
+    if bits == 32 and not signed:   # PIL holds uint32 TIFF samples in int32: the same bits
+        a = a.view(np.uint32)
+    offset = 1 << (bits - 1) if signed else 0
+    if bits <= 16:     # exact in float32
+        return (a.astype(np.float32) + offset) / ((1 << bits) - 1)
+    return ((a.astype(np.float64) + offset) / ((1 << bits) - 1)).astype(np.float32)
 
 
 def _gray_float(a: np.ndarray) -> torch.Tensor:
@@ -428,15 +481,53 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def resize_short(x: torch.Tensor, q: int) -> torch.Tensor:
-    """Isotropic antialiased bilinear rescale so the smallest side is q -> float32 [3, H', W'].
+    """Isotropic antialiased bilinear rescale so the smallest side is q: [3, H, W] uint8 or float
+    -> float32 [3, H', W'] in [0, 1].
 
-    An image whose smallest side already equals q is not resampled.
+    An image whose smallest side already equals q is not resampled. A uint8 image is never
+    converted to float whole: see `resize_scales`.
+    """
+    return resize_scales(x, (q,))[0]
+
+
+def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
+    """`resize_short(x, q)` for each q of qs, from one pass over x: [3, H, W] uint8 or float ->
+    a float32 [3, H_q, W_q] per q.
+
+    A uint8 image is converted to float RESIZE_CHUNK_BYTES of rows at a time, not whole (a
+    12000x9000 photo's float copy is 1.3 GB): each chunk is resampled along its width to every
+    scale's width W_q, then each [3, H, W_q] along its height. The antialiased bilinear resample
+    is separable and PyTorch's CPU kernel runs it width first, then height, in float32, so this
+    gives the numbers of one F.interpolate call on the whole float image bit for bit (on CUDA,
+    whose kernel is another, up to float rounding). Resampling the uint8 image itself (PyTorch's
+    uint8 kernel, PIL's resize) rounds to 1/255 steps, up to 4e-3 off on photos, and JPEG draft
+    decoding 4e-2, where torchvision's float resize is matched to 1e-5.
     """
     h, w = x.shape[-2:]
-    x = to_float(x)
-    if min(h, w) == q:
-        return x
-    size = rescaled_size(h, w, q)
+    sizes = [rescaled_size(h, w, q) for q in qs]
+    out = [to_float(x) if min(h, w) == q else None for q in qs]
+    todo = [k for k, r in enumerate(out) if r is None]
+    c = x.shape[0]
+    if x.dtype != torch.uint8 or 4 * c * h * w <= RESIZE_CHUNK_BYTES:
+        # a float image, or one whose float copy is small: resampled whole, in one call a scale
+        x = to_float(x)
+        for k in todo:
+            out[k] = _resample(x, sizes[k])
+        return out
+    mids = {k: torch.empty((c, h, sizes[k][1]), dtype=torch.float32, device=x.device)
+            for k in todo}
+    rows = max(1, RESIZE_CHUNK_BYTES // (4 * c * w))
+    for top in range(0, h, rows) if mids else ():
+        part = to_float(x[:, top:top + rows])
+        for k, mid in mids.items():
+            mid[:, top:top + rows] = _resample(part, (part.shape[1], sizes[k][1]))
+    for k in todo:
+        out[k] = _resample(mids.pop(k), sizes[k])
+    return out
+
+
+def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear [C, H, W] float32 -> [C, *size] (torchvision's Resize, antialias)."""
     return F.interpolate(x[None], size=size, mode="bilinear", antialias=True,
                          align_corners=False)[0]
 
