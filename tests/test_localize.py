@@ -630,6 +630,37 @@ def test_a_localisation_over_the_memory_budget_names_the_image_file(tmp_path):
     assert str(err.value).startswith(want)
 
 
+def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monkeypatch):
+    """center_crop_box resized the whole image to the scale with no memory check: a huge scale
+    (or panorama) allocated the float32 rescale on the host, GBs, for one small crop. It is now
+    refused first, by the planner's check of multi-crop's rescaled images, with the one-line
+    MemoryBudgetError the other paths give, naming the file."""
+    from PIL import Image
+
+    from vggfast.errors import MemoryBudgetError
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    resized = []
+    real = pp.resize_short
+    monkeypatch.setattr(pp, "resize_short", lambda x, q: resized.append(q) or real(x, q))
+    want = (f"{pano} (40x2000) at scale 64 is rescaled to 64x3200 to cut its crops: 2.3 MiB of "
+            "float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise the "
+            "budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
+    with pytest.raises(MemoryBudgetError) as err:
+        L.center_crop_box(eng, str(pano), 0, scale=64)
+    assert str(err.value).startswith(want) and "\n" not in str(err.value)
+    assert err.value.image == 0 and str(err.value) == f"{pano} {err.value.reason}"
+    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x2000\) at scale 64 is rescaled"):
+        L.center_crop_box(eng, torch.rand(3, 40, 2000), 0, scale=64)    # no file to name
+    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x48\) at scale 4096 is rescaled"):
+        L.center_crop_box(eng, torch.rand(3, 40, 48), 0, scale=4096)    # a huge scale
+    assert resized == []                                # refused before anything was resized
+    L.center_crop_box(eng, str(pano), 0, scale=40)      # within the budget: as before
+    assert resized == [40]
+
+
 def _failing_pil_save(monkeypatch, exc):
     """PIL's save to a file name writes a partial file and fails with `exc` (a full disk, a
     crash); saves to in-memory buffers (the format probes) work."""
