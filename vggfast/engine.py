@@ -137,13 +137,15 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
 
     Returns (outputs, kept, over): the outputs of the calls made, the positions in `images` they
     cover in order, and (position, why) for each image skipped, why being "(HxW) at scale ...".
+    A request of one image over the budget is not run again.
     """
     if not images:
         return [], [], []
     try:
         return [run(images)], list(range(len(images))), []
-    except MemoryBudgetError:
-        pass
+    except MemoryBudgetError as exc:
+        if len(images) == 1:    # already alone: running it again would be refused again
+            return [], [], [(0, exc.reason)]
     outs, kept, over = [], [], []
     for i, img in enumerate(images):
         try:
