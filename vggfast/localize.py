@@ -69,7 +69,7 @@ from . import preprocess as pp
 from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .protocols import _naming_file
-from .train import RunOptions, run_fields
+from .train import RunOptions, load_init, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
 MODES = ("scr", "pcr")
@@ -931,8 +931,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     init = os.path.expanduser(opts.init)
     if not os.path.exists(init):
         raise ArgumentError(f"--init {opts.init!r}: no such classification model (file or folder)")
-    from .weights import load
-    cls_w = load(init)
+    cls_w = load_init(init)
     classes = cls_w.class_names or [str(i) for i in range(cls_w.spec.num_classes)]
     model, _ = build_localizer(cls_w, opts.mode, len(classes))
     set_trainable(model, opts.trainable)
