@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,6 +301,63 @@ def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
     plan = eng.plan(imgs, scales=(32, 40))
     assert max(most) == 1 and plan.num_images == 6
     assert eng._executor.plan(imgs, (32, 40), True, "dense") is plan   # classify's cached plan
+
+
+def _png_with_a_chunk_after_its_pixels(path, im, chunk_type, body):
+    """Save `im` as PNG with one more chunk just before IEND (after the pixels, IDAT)."""
+    import struct
+    import zlib
+    im.save(path)
+    data = path.read_bytes()
+    crc = struct.pack(">I", zlib.crc32(chunk_type + body) & 0xFFFFFFFF)
+    path.write_bytes(data[:-12] + struct.pack(">I", len(body)) + chunk_type + body + crc
+                     + data[-12:])
+
+
+def test_plan_of_files_reads_headers_where_they_give_the_decoded_size(tiny, tmp_path,
+                                                                      monkeypatch):
+    """Engine.plan decoded every file just to learn its size. A file whose header gives the
+    decoded size exactly (a JPEG, EXIF rotation and all; a WebP) is now sized from it, not
+    decoded, and the plan is the decoded images' plan, summary and all. Where the header may
+    give H and W the wrong way round, and a swapped H x W is another plan, the file is still
+    decoded: a PNG (its EXIF may follow its pixels: image_size's known limit) and a TIFF (PIL
+    reports its size oriented already)."""
+    import vggfast.engine as E
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # stored 60x40, shown 40x60
+    photo = Image.new("RGB", (60, 40), (200, 30, 30))
+    header = {"turned.jpg": True, "gray.jpg": True, "photo.webp": True, "photo.png": False,
+              "gray.png": False, "turned.png": False, "turned.tiff": False}
+    photo.save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    photo.convert("L").resize((50, 40)).save(tmp_path / "gray.jpg")
+    photo.resize((70, 40)).save(tmp_path / "photo.webp")
+    photo.resize((40, 90)).save(tmp_path / "photo.png")
+    photo.convert("L").resize((45, 40)).save(tmp_path / "gray.png")
+    _png_with_a_chunk_after_its_pixels(tmp_path / "turned.png", photo, b"eXIf", exif.tobytes())
+    photo.save(tmp_path / "turned.tiff", exif=exif.tobytes())
+    paths = [tmp_path / name for name in header]
+    decoded = [E.pp.load_image(p) for p in paths]
+    # the PNG's trailing EXIF and the TIFF are where the header and the pixels disagree
+    assert E.pp.image_size(paths[5]) == (40, 60) != tuple(decoded[5].shape[-2:]) == (60, 40)
+    assert E.pp.image_size(paths[6]) == (40, 60) != tuple(decoded[6].shape[-2:]) == (60, 40)
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    methods = ("dense", "dense+multicrop")
+    want = {m: str(eng.plan(decoded, scales=(32, 40), method=m)) for m in methods}
+    eng._executor.scheduler.clear()      # planned anew from the files' sizes, not a cache hit
+    read = []
+    real = E.pp.load_image
+
+    def load(item):
+        read.append(os.path.basename(item))
+        return real(item)
+    monkeypatch.setattr(E.pp, "load_image", load)
+    for m in methods:
+        read.clear()
+        assert str(eng.plan(paths, scales=(32, 40), method=m)) == want[m]
+        assert read == [name for name, exact in header.items() if not exact]
+    read.clear()
+    plan = eng.plan(str(paths[0]), scales=32)                    # one path, given as a str
+    assert [(v.height, v.width) for v in plan.views] == [(48, 32), (48, 32)] and read == []
 
 
 def test_plan_of_an_empty_list_is_empty(tiny):

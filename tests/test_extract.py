@@ -200,6 +200,37 @@ def test_a_write_error_is_one_line_and_leaves_no_temporary_file(weights, folder,
     assert not (tmp_path / "f.npy.parts" / "r0.lock").exists()
 
 
+def test_every_file_extract_writes_is_fsynced_under_a_hidden_temporary_name(
+        weights, folder, tmp_path, monkeypatch, capsys):
+    """features had an atomic-write helper of its own beside preprocess.atomic_write: it renamed
+    without an fsync (a power cut after the rename could leave an empty features file or chunk,
+    the interrupted run's resume then reading it) and its temporaries, "f.npy.tmpPID", were
+    visible files beside the output. Every file now goes through atomic_write: written to
+    ".NAME.tmp-PID", fsynced, then renamed."""
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        renamed.append((os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "f.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(out), *ARGS]) == 2
+    capsys.readouterr()
+    targets = {os.path.basename(dst) for _, dst in renamed}
+    assert {"f.npy", "f.json", "settings.json", "r0-00000000.npy", "r0-00000000.json"} <= targets
+    for src, dst in renamed:
+        assert os.path.dirname(src) == os.path.dirname(dst)
+        assert os.path.basename(src) == f".{os.path.basename(dst)}.tmp-{os.getpid()}"
+        assert src in synced, f"{dst} was renamed into place without an fsync"
+    assert vf.np.load(out).shape[0] == 4
+
+
 def test_file_names_that_are_not_utf8_and_list_files_with_a_bom(weights, tmp_path, samples,
                                                                capsys):
     """A photo whose name is not UTF-8 (Linux allows any bytes) ended `extract FOLDER` with a

@@ -625,9 +625,102 @@ def test_a_localisation_over_the_memory_budget_names_the_image_file(tmp_path):
         eng.localize(torch.rand(3, 40, 2000), scales=(64,))     # no file to name
     samples = [L.LocSample(str(tmp_path / "small.png"), 0, [(0, 0, 8, 8)]),
                L.LocSample(str(pano), 1, [(0, 0, 10, 10)])]
-    with pytest.raises(MemoryBudgetError) as err:   # evaluate decodes the image itself
-        L.evaluate_localization(eng, samples, scales=(64,))
-    assert str(err.value).startswith(want)
+    r = L.evaluate_localization(eng, samples, scales=(64,))   # it decodes the image itself
+    assert [f["error"] for f in r["failed"]] == [str(err.value)]
+
+
+def test_evaluate_localization_skips_an_image_over_the_memory_budget_and_lists_it(tmp_path):
+    """`vggfast evaluate --task localize` stopped at the first photo over the memory budget (a
+    panorama) and lost the evaluation; classification's `evaluate` skips it by name. Now both
+    protocols skip it, list it under "failed" as "FILE (HxW) at scale Q ...", and score the
+    rest; the command prints it as a "skipped" line."""
+    from PIL import Image
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    small = [tmp_path / "a.png", tmp_path / "b.png"]
+    for f in small:
+        _img(f, 48, 40)
+    samples = [L.LocSample(str(small[0]), 0, [(0, 0, 8, 8)]),
+               L.LocSample(str(pano), 1, [(0, 0, 10, 10)]),
+               L.LocSample(str(small[1]), 2, [(4, 4, 20, 20)])]
+    alone = [samples[0], samples[2]]
+    for protocol, kw, why in [
+            ("dense", dict(scales=(64,)), "(40x2000) at scale 64: a 3200x64 input (batch 1) "),
+            ("center", dict(center_scale=64), "(40x2000) at scale 64 is rescaled to 64x3200 to "
+                                              "cut its crops: ")]:
+        r = L.evaluate_localization(eng, samples, protocol=protocol, **kw)
+        assert r["images"] == 2 and len(r["failed"]) == 1
+        assert r["failed"][0]["file"] == str(pano)
+        assert r["failed"][0]["error"].startswith(f"{pano} {why}")
+        assert "memory budget" in r["failed"][0]["error"]
+        # the others are scored as if the panorama were not there
+        want = L.evaluate_localization(eng, alone, protocol=protocol, **kw)
+        assert {**r, "failed": []} == want and want["failed"] == []
+    with pytest.raises(VGGFastError, match="none of the 1 annotated images"):
+        L.evaluate_localization(eng, [samples[1]], scales=(64,))
+
+
+def test_cli_evaluate_localize_skips_a_photo_over_the_memory_budget(tiny_set, tmp_path, capsys,
+                                                                    monkeypatch):
+    """The command's end of the skip above: one "vggfast: skipped FILE ..." line on stderr, as
+    classification's `evaluate` prints, the report of the other images, exit 0."""
+    from PIL import Image
+
+    from vggfast.cli import main
+    from vggfast.train import save_model
+    loc, _ = L.build_localizer(str(tiny_set / "cls"), "scr")
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    folder = tmp_path / "set"
+    folder.mkdir()
+    lines = (tiny_set / "boxes.jsonl").read_text().splitlines()[:2]
+    for n in range(2):
+        (folder / f"{n}.png").write_bytes((tiny_set / f"{n}.png").read_bytes())
+    Image.new("RGB", (4000, 8)).save(folder / "pano.png")
+    lines.insert(1, json.dumps({"file": "pano.png", "label": 1, "boxes": [[0, 0, 8, 8]]}))
+    (folder / "boxes.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "8MiB")     # 13.6 MiB for the panorama
+    rc = main(["evaluate", str(folder), "--task", "localize", "--boxes",
+               str(folder / "boxes.jsonl"), "--weights", str(tiny_set / "cls"), "--loc-weights",
+               str(tmp_path / "loc"), "--scales", "32", "--json", "--quiet", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["images"] == 2 and [f["file"] for f in r["failed"]] == [str(folder / "pano.png")]
+    assert err.count("\n") == 1
+    assert err.startswith(f"vggfast: skipped {folder / 'pano.png'} (8x4000) at scale 32: "), err
+
+
+def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monkeypatch):
+    """center_crop_box resized the whole image to the scale with no memory check: a huge scale
+    (or panorama) allocated the float32 rescale on the host, GBs, for one small crop. It is now
+    refused first, by the planner's check of multi-crop's rescaled images, with the one-line
+    MemoryBudgetError the other paths give, naming the file."""
+    from PIL import Image
+
+    from vggfast.errors import MemoryBudgetError
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    resized = []
+    real = pp.resize_short
+    monkeypatch.setattr(pp, "resize_short", lambda x, q: resized.append(q) or real(x, q))
+    want = (f"{pano} (40x2000) at scale 64 is rescaled to 64x3200 to cut its crops: 2.3 MiB of "
+            "float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise the "
+            "budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
+    with pytest.raises(MemoryBudgetError) as err:
+        L.center_crop_box(eng, str(pano), 0, scale=64)
+    assert str(err.value).startswith(want) and "\n" not in str(err.value)
+    assert err.value.image == 0 and str(err.value) == f"{pano} {err.value.reason}"
+    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x2000\) at scale 64 is rescaled"):
+        L.center_crop_box(eng, torch.rand(3, 40, 2000), 0, scale=64)    # no file to name
+    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x48\) at scale 4096 is rescaled"):
+        L.center_crop_box(eng, torch.rand(3, 40, 48), 0, scale=4096)    # a huge scale
+    assert resized == []                                # refused before anything was resized
+    L.center_crop_box(eng, str(pano), 0, scale=40)      # within the budget: as before
+    assert resized == [40]
 
 
 def _failing_pil_save(monkeypatch, exc):

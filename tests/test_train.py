@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import skip_unless_triton_backend
 import vggfast
 from vggfast import train as T
-from vggfast.errors import ArgumentError, VGGFastError
+from vggfast.errors import ArgumentError, VGGFastError, WeightsError
 from vggfast.nn import build_model
 from vggfast.preprocess import atomic_write, load_image, normalize
 
@@ -291,6 +291,31 @@ def test_init_from_net_a_copies_the_named_layers(tmp_path):
         T.initialise(build_model("D", 5, width=1 / 16, image_size=32), str(tmp_path / "d"))
     with pytest.raises(ArgumentError, match="glorot"):
         T.initialise(d, str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("task", [[], ["--task", "localize", "--boxes", "b.jsonl"]])
+def test_an_init_that_holds_no_model_says_init(tmp_path, capsys, task):
+    """`vggfast train --init DIR` with DIR a folder without a model, or --init FILE that is not
+    a checkpoint, said only "DIR is a folder without model.safetensors ..." / "FILE: not a
+    PyTorch checkpoint": which argument named it went unsaid. It now says "--init X: ...", one
+    line, exit 2, as the other --init errors do; for --task localize too."""
+    from vggfast.cli import main
+    data = make_folder(tmp_path / "data", n=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for init, why in [(tmp_path / "empty", "is a folder without model.safetensors"),
+                      (tmp_path / "notes.pt", "not a PyTorch checkpoint")]:
+        rc = main(["train", "--config", "A", "--width", "0.0625", "--image-size", "32",
+                   "--scale", "32", "--data", str(data), "--init", str(init), "--epochs", "1",
+                   "--batch-size", "2", "--workers", "0", "--out", str(tmp_path / "run"),
+                   "--quiet", *task])
+        cap = capsys.readouterr()
+        assert rc == 2 and cap.err.count("\n") == 1, cap.err
+        assert cap.err.startswith(f"vggfast: error: --init {init}: "), cap.err
+        assert why in cap.err
+        assert not (tmp_path / "run" / "model.safetensors").exists()
+    with pytest.raises(WeightsError, match=f"^--init {re.escape(str(tmp_path))}/empty: "):
+        T.initialise(build_model("D", 5, width=1 / 16, image_size=32), str(tmp_path / "empty"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,13 +114,24 @@ def load_item(items: Sequence[Any], k: int) -> torch.Tensor:
         raise _of_image(exc, k, len(items)) from None
 
 
-def item_size(items: Sequence[Any], k: int) -> tuple[int, int] | None:
+def item_size(items: Sequence[Any], k: int, exact: bool = False) -> tuple[int, int] | None:
     """(H, W) of items[k] without decoding it (preprocess.image_size: a file's header), None for
-    a stream that cannot be read twice; an ImageError names the image as load_item's does."""
+    a stream that cannot be read twice, and with `exact` for a format whose header may give H
+    and W the wrong way round; an ImageError names the image as load_item's does."""
     try:
-        return pp.image_size(items[k])
+        return pp.image_size(items[k], exact=exact)
     except ImageError as exc:
         raise _of_image(exc, k, len(items)) from None
+
+
+def decoded_size(items: Sequence[Any], k: int) -> tuple[int, int]:
+    """(H, W) of items[k] as load_item decodes it: a path's header where that is exact
+    (item_size with `exact`: a swapped H x W would be another plan), else decoded."""
+    if isinstance(items[k], (str, os.PathLike)):
+        size = item_size(items, k, exact=True)
+        if size is not None:
+            return size
+    return tuple(load_item(items, k).shape[-2:])
 
 
 def _of_image(exc: ImageError, k: int, n: int) -> ImageError:
@@ -137,13 +148,15 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
 
     Returns (outputs, kept, over): the outputs of the calls made, the positions in `images` they
     cover in order, and (position, why) for each image skipped, why being "(HxW) at scale ...".
+    A request of one image over the budget is not run again.
     """
     if not images:
         return [], [], []
     try:
         return [run(images)], list(range(len(images))), []
-    except MemoryBudgetError:
-        pass
+    except MemoryBudgetError as exc:
+        if len(images) == 1:    # already alone: running it again would be refused again
+            return [], [], [(0, exc.reason)]
     outs, kept, over = [], [], []
     for i, img in enumerate(images):
         try:
@@ -555,14 +568,18 @@ class Engine:
         CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
         the plan of the whole list, as one request. An empty list has an empty plan (no views,
         batches or memory), as classify([]) gives [].
+        A file path is sized from its header, not decoded, where that is the decoded size
+        (preprocess.image_size with exact=True: a JPEG, WebP, ...); a PNG, a TIFF and any image
+        that is not a path are decoded. What only decoding finds (corrupt pixels) is then left
+        to classify, as for its long lists.
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
         if not items:
             return self._executor.scheduler.empty_plan(scales, flip, method)
-        # Only the sizes: each image is dropped once decoded (holding every decoded photo of a
-        # long list at once is what classify's chunks avoid).
-        sizes = [tuple(load_item(items, k).shape[-2:]) for k in range(len(items))]
+        # Only the sizes: each decoded image is dropped at once (holding every decoded photo of
+        # a long list at once is what classify's chunks avoid).
+        sizes = [decoded_size(items, k) for k in range(len(items))]
         with naming_images(items, 0):     # a refusal names the file, as classify's does
             return self._executor.scheduler.plan(sizes, scales, flip, method)
 

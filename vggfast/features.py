@@ -389,19 +389,7 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
-def _atomic_save(path: Path, write) -> None:
-    """write(tmp), then rename tmp to path; an OS error (disk full, no permission) is a one-line
-    VGGFastError and leaves no temporary file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise VGGFastError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _save_npy(path: Path, a: np.ndarray) -> None:
+def _save_npy(path: str, a: np.ndarray) -> None:
     with open(path, "wb") as f:   # np.save(name) would append ".npy" to a temporary name
         np.save(f, a)
 
@@ -434,7 +422,7 @@ class _Parts:
         self._take_lock(out)
         meta = self.dir / "settings.json"
         if rank == 0 and not meta.exists():
-            _atomic_save(meta, lambda p: p.write_text(json.dumps(settings, indent=1)))
+            pp.atomic_write(meta, lambda p: Path(p).write_text(json.dumps(settings, indent=1)))
         self.settings = settings
 
     def _take_lock(self, out: Path) -> None:
@@ -485,9 +473,9 @@ class _Parts:
 
     def save(self, chunk: int, indices: list[int], feats: np.ndarray, failed: list[dict]) -> None:
         stem = self.dir / f"r{self.rank}-{chunk:08d}"
-        _atomic_save(stem.with_suffix(".npy"), lambda p: _save_npy(p, feats))
-        _atomic_save(stem.with_suffix(".json"),
-                     lambda p: p.write_text(json.dumps({"indices": indices, "failed": failed})))
+        pp.atomic_write(stem.with_suffix(".npy"), lambda p: _save_npy(p, feats))
+        pp.atomic_write(stem.with_suffix(".json"), lambda p: Path(p).write_text(
+            json.dumps({"indices": indices, "failed": failed})))
 
     def remove_own(self) -> None:
         """This rank's chunks and lock (the run is over)."""
@@ -596,9 +584,9 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
                       "failed": [{"file": f["file"], "error": f["error"]} for f in failed],
                       "dim": int(feats.shape[1]), **{k: v for k, v in settings.items()
                                                      if k not in ("files", "world", "batch_size")}}
-            _atomic_save(out, lambda p: _save_npy(p, feats))
-            _atomic_save(output_paths(out)[1],
-                         lambda p: p.write_text(json.dumps(record, indent=1)))
+            pp.atomic_write(out, lambda p: _save_npy(p, feats))
+            pp.atomic_write(output_paths(out)[1],
+                            lambda p: Path(p).write_text(json.dumps(record, indent=1)))
     if gather is not None:
         gather(None)  # the output exists before anyone removes its parts
     parts.remove_own()

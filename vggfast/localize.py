@@ -69,7 +69,7 @@ from . import preprocess as pp
 from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .protocols import _naming_file
-from .train import RunOptions, check_scale_limit, run_fields
+from .train import RunOptions, check_scale_limit, load_init, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
 MODES = ("scr", "pcr")
@@ -348,8 +348,7 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     x = pp.load_image(img)
     H, W = x.shape[-2:]
     size = engine.spec.image_size
-    all_boxes, all_probs, image_probs = [], [], []
-    for q in scales:
+    for q in scales:    # every scale before the first runs: a refusal wastes no forward
         h, w = pp.rescaled_size(H, W, q)
         with _naming_file(img):     # "FILE (HxW) at scale Q: why", as classify and heatmap say
             try:
@@ -359,6 +358,9 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
                 err = MemoryBudgetError(f"image 0 {reason}")
                 err.image, err.reason = 0, reason
                 raise err from None
+    all_boxes, all_probs, image_probs = [], [], []
+    for q in scales:
+        h, w = pp.rescaled_size(H, W, q)
         v = pp.resize_short(x, q)
         v = torch.stack([v, v.flip(-1)]) if flip else v[None]
         scores = engine._backend.run(pp.normalize(v, engine.preprocess), ("fc8",))["fc8"].cpu()
@@ -429,6 +431,11 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
         raise ArgumentError(f"label must be a class index in 0..{n - 1}, not {label!r}")
     x = pp.load_image(img)
     H, W = x.shape[-2:]
+    # The crop is cut from the whole rescaled image (float32): a huge image or scale is refused
+    # before it is resized, by the planner's check of multi-crop's rescaled images (its one
+    # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to ...".
+    with _naming_file(img):
+        engine._executor.scheduler.plan([(H, W)], (q,), False, "multicrop", crop=size, grid=1)
     h, w = pp.rescaled_size(H, W, q)
     top, left = (h - size) // 2, (w - size) // 2
     v = pp.center_crop(pp.resize_short(x, q), size)[None]
@@ -674,9 +681,12 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     top5_error (any of the top 5 guesses; top_k must be >= 5 for it), plus the classifier's
     top-1/top-5 classification errors. protocol "center": the central-crop, ground-truth-class
     protocol; error. Ground-truth boxes are clipped to their image, as predictions are.
-    Unreadable images are skipped and listed under "failed".
+    Unreadable images, and images over the memory budget, are skipped and listed under "failed"
+    ("FILE why"), as classification's `evaluate` lists them.
     """
     from tqdm import tqdm
+
+    from .engine import skipping_oversized
     _require_loc(engine)
     if protocol not in PROTOCOLS:
         raise ArgumentError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -699,22 +709,32 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
         try:
             img = pp.load_image(s.file)     # decoded once; its size clips the ground truth
             gt = _clipped_boxes(s, img.shape[-1], img.shape[-2])
-            if protocol == "center":
-                box = center_crop_box(engine, img, s.label, center_scale)
-                best = float(iou([box], gt).max())
-                ious.append(best)
-                counts["center"] += best <= iou_threshold
-            else:
-                with _naming_file(s.file):      # the decoded image has no name of its own
-                    preds = localize(engine, img, scales, top_k, flip)
-                classes = [g[0] for g in preds]
-                counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
-                counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)
-                counts["cls1"] += classes[0] != s.label
-                counts["cls5"] += s.label not in classes[:5]
         except ImageError as exc:
             failed.append({"file": s.file, "error": str(exc)})
             continue
+
+        def run(images, s=s):
+            with _naming_file(s.file):      # the decoded image has no name of its own
+                if protocol == "center":
+                    return center_crop_box(engine, images[0], s.label, center_scale)
+                return localize(engine, images[0], scales, top_k, flip)
+        # an image over the memory budget is skipped and listed, not the evaluation, as
+        # classification's `evaluate` skips it
+        outs, _, over = skipping_oversized(run, [img])
+        failed += [{"file": s.file, "error": f"{s.file} {why}"} for _, why in over]
+        if not outs:
+            continue
+        if protocol == "center":
+            best = float(iou([outs[0]], gt).max())
+            ious.append(best)
+            counts["center"] += best <= iou_threshold
+        else:
+            preds = outs[0]
+            classes = [g[0] for g in preds]
+            counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
+            counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)
+            counts["cls1"] += classes[0] != s.label
+            counts["cls5"] += s.label not in classes[:5]
         done += 1
     if not done:
         raise VGGFastError(f"none of the {len(samples)} annotated images could be read")
@@ -912,8 +932,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     init = os.path.expanduser(opts.init)
     if not os.path.exists(init):
         raise ArgumentError(f"--init {opts.init!r}: no such classification model (file or folder)")
-    from .weights import load
-    cls_w = load(init)
+    cls_w = load_init(init)
     classes = cls_w.class_names or [str(i) for i in range(cls_w.spec.num_classes)]
     model, _ = build_localizer(cls_w, opts.mode, len(classes))
     set_trainable(model, opts.trainable)

@@ -120,7 +120,14 @@ def load_image(src) -> torch.Tensor:
     return x
 
 
-def image_size(src) -> tuple[int, int] | None:
+# PIL formats whose header gives exactly the size load_image decodes, EXIF orientation included
+# (read with the header): `image_size(..., exact=True)` sizes only these. A PNG's orientation may
+# follow its pixels or sit in XMP or text chunks, where the header read does not look, and PIL
+# reports a TIFF's size already oriented (which _pil_size turns once more).
+EXACT_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "GIF", "BMP", "ICO")
+
+
+def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
     """(H, W) of the image load_image(src) gives, read without decoding it: a file's header (a
     path, bytes, a binary file that can seek back), a PIL image's size, an array's or tensor's
     shape. For checks made before a long list is decoded; what decoding alone finds (corrupt
@@ -128,8 +135,11 @@ def image_size(src) -> tuple[int, int] | None:
     be read twice (a pipe, a socket). Raises the ImageError load_image would for what it sees: a
     missing, empty or unreadable file, EPS, too many pixels, the wrong shape, a side under
     MIN_SIDE. H and W may be each other's where EXIF orientation is stored after a PNG's
-    pixels, which no sizing rule depends on."""
+    pixels or in its XMP or text chunks, or in a TIFF, which no sizing rule depends on.
+    exact=True: None also for an image (a file or a PIL image) not in EXACT_HEADER_FORMATS,
+    whose decoded H and W the header cannot promise (for what a swap changes: a plan)."""
     from PIL import Image
+    fmt = None      # an array's or tensor's shape is the decoded size
     if isinstance(src, torch.Tensor):
         h, w = _tensor_size(src)
     elif isinstance(src, np.ndarray):
@@ -137,6 +147,7 @@ def image_size(src) -> tuple[int, int] | None:
     elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         with _open_file(src) as (im, _):
             h, w = _pil_size(im)
+            fmt = str(im.format)
     elif callable(getattr(src, "read", None)):
         seekable = getattr(src, "seekable", None)
         if not (callable(seekable) and seekable()):
@@ -146,11 +157,15 @@ def image_size(src) -> tuple[int, int] | None:
         src.seek(pos)
         with _open_file(data, _stream_name(src)) as (im, _):
             h, w = _pil_size(im)
+            fmt = str(im.format)
     elif isinstance(src, Image.Image):
         h, w = _pil_size(src)
+        fmt = str(src.format)
     else:   # no image: load_image raises the ImageError that says so
         return tuple(load_image(src).shape[-2:])
     _check_sides(src, h, w)
+    if exact and fmt is not None and fmt not in EXACT_HEADER_FORMATS:
+        return None
     return h, w
 
 

@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .configs import make_spec
-from .errors import ArgumentError, ImageError, VGGFastError
+from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit
 
@@ -513,6 +513,18 @@ def _module_of(model: VGG, layer) -> nn.Module:
     return model.features[layer.index] if layer.kind == "conv" else model.classifier[layer.index]
 
 
+def load_init(src: Any):
+    """weights.load(src) for the model --init names: a WeightsError (a folder without a model,
+    a file that is not a checkpoint) says "--init SRC: why", as the other --init errors do; the
+    loader's "PATH: why" did not say which flag gave PATH."""
+    from .weights import load
+    try:
+        return load(src)
+    except WeightsError as exc:
+        who = os.fsdecode(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>"
+        raise WeightsError(f"--init {who}: {exc}") from None
+
+
 @torch.no_grad()
 def init_from_net_a(model: VGG, src: Any) -> list[str]:
     """Copy conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of a net-A checkpoint into `model`.
@@ -522,8 +534,7 @@ def init_from_net_a(model: VGG, src: Any) -> list[str]:
     is folded into its convs; the target's BatchNorm layers keep their initialisation. Other
     layers keep theirs (Glorot in the paper). Returns the copied layer names.
     """
-    from .weights import load
-    w = load(src)
+    w = load_init(src)
     if w.spec.config not in ("A", "A-LRN"):
         raise ArgumentError(f"--init {w.source}: expected a checkpoint of net A, found "
                             f"configuration {w.spec.config}")
