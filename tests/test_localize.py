@@ -759,3 +759,30 @@ def test_the_localize_image_is_written_atomically(tmp_path, monkeypatch, exc):
     if isinstance(exc, OSError):
         assert str(err.value) == f"cannot write {out}: No space left on device"
     assert out.read_bytes() == old and os.listdir(tmp_path) == ["boxes.png"]
+
+
+def test_draw_boxes_makes_no_whole_float_copy_of_the_image(monkeypatch):
+    """draw_boxes converted the whole image to float32 and back to uint8 (to_float, * 255,
+    round: 12 bytes a pixel twice over, 2.8 GB at the peak for a 12000x9000 photo) just to make
+    the PIL image it draws on. It is made a chunk of rows at a time now: no array (tracemalloc)
+    holds more than a few chunks, and the pixels are those of the old conversion, for uint8 and
+    float images."""
+    import tracemalloc
+    h, w = 480, 640
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 15, raising=False)   # 4 rows of 640
+    preds = [(0, "a", 0.9, (20.0, 30.0, 500.0, 400.0)), (1, "b", 0.5, (5.0, 5.0, 630.0, 470.0))]
+    for x in (torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+              torch.rand(3, h, w, generator=g)):
+        want = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(np.asarray(L.draw_boxes(x, [])), want)
+        tracemalloc.start()
+        try:
+            im = L.draw_boxes(x, preds)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert im.size == (w, h) and peak < 3 * h * w // 4, peak   # the uint8 image: 3 * h * w
+        drawn = np.asarray(im)
+        assert np.array_equal(drawn[100:150, 100:150], want[100:150, 100:150])   # inside both
+        assert not np.array_equal(drawn, want)

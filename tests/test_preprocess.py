@@ -444,3 +444,37 @@ def test_the_executor_rescales_8bit_images_without_a_float_copy_of_them_whole(mo
     got = eng.classify(x, scales=(32, 40), flip=True)
     torch.testing.assert_close(got.probs, want.probs, rtol=0, atol=0)
     assert calls and max(s.numel() for s, _ in calls) <= 3 * 200 * 60 < 3 * 200 * 300
+
+
+def test_a_decoded_photo_is_copied_out_of_pil_a_chunk_of_rows_at_a_time(monkeypatch, tmp_path):
+    """load_image held three whole copies of a decoded photo beside PIL's own (4 bytes a pixel):
+    exif_transpose's copy of an image it does not turn, np.asarray's bytes (tobytes' pieces, then
+    their join) and the CHW copy, 1.4 GB for a 12000x9000 JPEG. Now PIL copies no image it does
+    not turn, no array or bytes object it makes (tracemalloc) holds more than a chunk of rows, and
+    the result is the same contiguous [3, H, W] uint8 tensor, from a file, a PIL image (left as it
+    was) or a turned file."""
+    import tracemalloc
+    from vggfast import preprocess as pp
+    h, w = 600, 800
+    a = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = _png(tmp_path, Image.fromarray(a))
+    exif = Image.Exif()
+    exif[0x0112] = 6    # turned a quarter: stored W x H, shown H x W
+    turned = _png(tmp_path, Image.fromarray(np.ascontiguousarray(a.transpose(1, 0, 2)[::-1])),
+                  "turned.png", exif=exif.tobytes())
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 16, raising=False)   # 6 rows of 800
+    copies, real_copy = [], Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda im: copies.append(im.size) or real_copy(im))
+    want = torch.from_numpy(a).permute(2, 0, 1)
+    for src in (path, Image.open(path), turned):
+        tracemalloc.start()
+        try:
+            got = load_image(src)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, want)
+        assert peak < 3 * h * w // 8, (src, peak)       # the whole image's bytes: 3 * h * w
+    assert copies == []
+    im = Image.open(path)
+    assert torch.equal(load_image(im), want) and np.array_equal(np.asarray(im), a)

@@ -491,3 +491,35 @@ def test_evaluate_says_when_it_maps_folders_by_sorted_order(samples, tmp_path, c
     assert main(["evaluate", str(root), "--weights", str(path), "--scales", "32",
                  "--quiet"]) == 0
     assert "cats = 0" in capsys.readouterr().err
+
+
+def test_heatmap_blends_the_image_a_chunk_of_rows_at_a_time(tiny, tmp_path, monkeypatch):
+    """heatmap made float32 copies of the whole image and of its colour map to blend them (7.4 GB
+    at the peak for a 12000x9000 photo). It blends a chunk of rows at a time now: no array
+    (tracemalloc) holds more than a few chunks, and the pixels written are those of the blend of
+    the whole image, bit for bit, for a uint8 and a float image and alpha 0, 0.3, 1."""
+    import tracemalloc
+    from vggfast import preprocess as pp
+    from vggfast.protocols import _colormap, heatmap
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    h, w = 480, 640
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 15, raising=False)   # 4 rows of 640
+    for x in (torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+              torch.rand(3, h, w, generator=g)):
+        v = class_map_image(eng, x, scale=64)[0].numpy()
+        v = (v - v.min()) / (v.max() - v.min())
+        base = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.float32)
+        for alpha in (0.0, 0.3, 1.0):
+            want = ((1 - alpha) * base + alpha * _colormap(v).astype(np.float32)).clip(0, 255)
+            out = tmp_path / f"h{alpha}.png"
+            heatmap(eng, x, out, scale=64, alpha=alpha)     # warm: nothing first-call counted
+            tracemalloc.start()
+            try:
+                heatmap(eng, x, out, scale=64, alpha=alpha)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak < 3 * h * w // 2, peak   # the whole image in float32: 12 * h * w
+            with Image.open(out) as im:
+                assert np.array_equal(np.asarray(im), want.astype(np.uint8))

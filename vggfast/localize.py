@@ -1029,10 +1029,8 @@ def draw_boxes(img: Any, preds: Sequence[Sequence[Any]], out: str | os.PathLike 
     """Draw `localize`'s boxes with "name score" labels on `img`; returns the PIL image and saves
     it to `out` when given (format from the suffix, a missing folder made:
     `preprocess.save_image`)."""
-    from PIL import Image, ImageDraw
-    x = pp.load_image(img)
-    a = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    im = Image.fromarray(a, "RGB")
+    from PIL import ImageDraw
+    im = pp.to_pil(pp.load_image(img))   # a chunk of rows at a time, no whole float copy
     d = ImageDraw.Draw(im)
     lw = width or max(1, round(min(im.size) / 150))
     for n, (c, name, score, box) in reversed(list(enumerate(preds))):

@@ -53,8 +53,10 @@ MIN_SIDE = 8  # smaller images carry too little to classify; a 1x1 image is refu
 # How far float RGB may stray outside [0, 1] and still be read as [0, 1] (clamped): rounding in
 # the arithmetic that made it (a colour conversion's 1.0000001), not a different scale.
 FLOAT_SLACK = 1e-3
-# Float32 bytes of an 8-bit image's rows converted at a time by `resize_scales` (116 rows of a
-# 12000-pixel-wide photo), so that no float copy of the whole image is made.
+# Float32 bytes of an image's rows worked on at a time (`row_chunks`: 116 rows of a 12000-pixel-
+# wide photo) where a copy of the whole image would be large: `resize_scales` converting an 8-bit
+# image to float, `load_image` copying a decoded one out of PIL, heatmap's and draw_boxes'
+# images made back from the tensor.
 RESIZE_CHUNK_BYTES = 16 << 20
 # Files a folder of images is listed by (classify/extract/evaluate/train): torchvision's
 # ImageFolder extensions plus the other photo formats Pillow decodes (AVIF, JPEG 2000, ICO, ...).
@@ -237,7 +239,7 @@ def _read_stream(f) -> bytes:
 def _from_file(src, name: str = "<bytes>") -> torch.Tensor:
     with _open_file(src, name) as (im, name):
         try:
-            return _from_pil(im)
+            return _from_pil(im, own=True)
         except ImageError as exc:
             raise ImageError(f"{name}: {exc}")
 
@@ -317,7 +319,9 @@ def _decode_failure(exc: Exception) -> ImageError:
     return ImageError(f"corrupt or truncated image ({first})")
 
 
-def _from_pil(im) -> torch.Tensor:
+def _from_pil(im, own: bool = False) -> torch.Tensor:
+    """A PIL image -> load_image's tensor. own: the image is load_image's (opened from a file),
+    not the caller's, and may be changed and its pixels freed on the way."""
     from PIL import ImageOps
     try:
         im.load()
@@ -328,7 +332,13 @@ def _from_pil(im) -> torch.Tensor:
     depth = _sample_depth(im)   # before exif_transpose: its copy keeps no TIFF tags
     try:
         with _quiet_pil():
-            im = ImageOps.exif_transpose(im)
+            # exif_transpose copies an image it does not turn (4 bytes a pixel, for nothing): it
+            # is called only for the orientations it turns (ExifTags.Base.Orientation)
+            if im.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8):
+                turned = ImageOps.exif_transpose(im)
+                if own:     # a file's image is done with: its pixels freed before the copy out
+                    im.close()
+                im = turned
     except Exception:  # broken EXIF data: keep the stored orientation rather than fail
         pass
     mode = im.mode
@@ -346,12 +356,27 @@ def _from_pil(im) -> torch.Tensor:
         return _gray_float(a / 255.0 if top == 255.0 else a)
     if mode != "RGB":
         try:
-            im = im.convert("RGB")
+            rgb = im.convert("RGB")
         except ValueError as exc:  # modes PIL cannot convert ("La", ...): not a corrupt file
             raise ImageError(f"cannot convert a PIL {mode!r} image to RGB ({exc}); convert it "
                              "first")
-    # one copy, HWC -> CHW (np.asarray of a PIL image is read-only, torch wants writable memory)
-    return torch.from_numpy(np.array(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), order="C"))
+        if own:     # a file's image is done with: its pixels freed before the copy out
+            im.close()
+        im = rgb
+    return _pil_to_chw(im)
+
+
+def _pil_to_chw(im) -> torch.Tensor:
+    """An RGB PIL image -> [3, H, W] uint8, contiguous, copied out of PIL a chunk of rows at a
+    time (`row_chunks`). np.asarray of the whole image would make its bytes twice (tobytes'
+    pieces, then their join) and the CHW copy a third time: 9 bytes a pixel beside PIL's 4, 1 GB
+    for a 12000x9000 photo; a chunk's are 116 rows of it."""
+    w, h = im.size
+    out = torch.empty((3, h, w), dtype=torch.uint8)
+    o = out.numpy()     # the same memory, written by numpy: np.asarray's arrays are read-only
+    for top, bottom in row_chunks(h, w):
+        o[:, top:bottom] = np.asarray(im.crop((0, top, w, bottom))).transpose(2, 0, 1)
+    return out
 
 
 def _sample_depth(im) -> tuple[int, bool] | None:
@@ -531,14 +556,20 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
         return out
     mids = {k: torch.empty((c, h, sizes[k][1]), dtype=torch.float32, device=x.device)
             for k in todo}
-    rows = max(1, RESIZE_CHUNK_BYTES // (4 * c * w))
-    for top in range(0, h, rows) if mids else ():
-        part = to_float(x[:, top:top + rows])
+    for top, bottom in row_chunks(h, w, c) if mids else ():
+        part = to_float(x[:, top:bottom])
         for k, mid in mids.items():
-            mid[:, top:top + rows] = _resample(part, (part.shape[1], sizes[k][1]))
+            mid[:, top:bottom] = _resample(part, (part.shape[1], sizes[k][1]))
     for k in todo:
         out[k] = _resample(mids.pop(k), sizes[k])
     return out
+
+
+def row_chunks(h: int, w: int, c: int = 3) -> list[tuple[int, int]]:
+    """(top, bottom) of the chunks of rows a [c, h, w] image is worked on in where a whole copy
+    of it would be large: RESIZE_CHUNK_BYTES of its rows in float32 (at least one row)."""
+    rows = max(1, RESIZE_CHUNK_BYTES // (4 * c * w))
+    return [(top, min(top + rows, h)) for top in range(0, h, rows)]
 
 
 def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -573,6 +604,25 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # -- writing images -------------------------------------------------------------------------------
+
+def to_pil(x: torch.Tensor, overlay: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
+    """[3, H, W] uint8, or float in [0, 1] -> an RGB PIL image of its pixels (a float image's
+    rounded from x * 255), made a chunk of rows at a time (`row_chunks`): no whole float or
+    HxWx3 copy of x is made beside PIL's (4 bytes a pixel). overlay(rgb, top, bottom), where
+    given, turns each chunk, the HxWx3 uint8 rows top..bottom, into the uint8 rows drawn there
+    (heatmap's blend); rgb may be a view of x, not to be written."""
+    from PIL import Image
+    h, w = x.shape[-2:]
+    im = Image.new("RGB", (w, h))
+    for top, bottom in row_chunks(h, w):
+        part = x[:, top:bottom]
+        rgb = (part.permute(1, 2, 0).numpy() if part.dtype == torch.uint8 else
+               (to_float(part).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        if overlay is not None:
+            rgb = overlay(rgb, top, bottom)
+        im.paste(Image.fromarray(np.ascontiguousarray(rgb), "RGB"), (0, top))
+    return im
+
 
 def image_format(out: str | os.PathLike) -> str:
     """The PIL format an RGB image written to `out` takes from its suffix, as PIL's own save infers

@@ -484,7 +484,6 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
     `out` is made.
     """
     import numpy as np
-    from PIL import Image
     if not 0 <= alpha <= 1:
         raise ArgumentError(f"alpha must lie in [0, 1], not {alpha}")
     pp.image_format(out)    # a bad --out is refused before the work
@@ -492,10 +491,18 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
     with _naming_file(img):     # x is decoded once, for the map and the overlay
         m, k = class_map_image(engine, x, cls, scale, raw)
     v = m.numpy()
-    v = (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)
-    base = (pp.to_float(x).permute(1, 2, 0).numpy() * 255).round().astype(np.float32)
-    blend = (1 - alpha) * base + alpha * _colormap(v).astype(np.float32)
-    pp.save_image(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), out)
+    lo, hi = v.min(), v.max()
+
+    def blend(rgb, top, bottom):
+        # a chunk of rows at a time (preprocess.to_pil): the float copies of a whole 12000x9000
+        # photo and its colour map took 7 GB
+        part = (v[top:bottom] - lo) / (hi - lo) if hi > lo else np.zeros_like(v[top:bottom])
+        mixed = (1 - alpha) * rgb.astype(np.float32) + alpha * _colormap(part).astype(np.float32)
+        return mixed.clip(0, 255).astype(np.uint8)
+
+    im = pp.to_pil(x, blend)
+    del x, m, v     # the PIL image alone while it is written
+    pp.save_image(im, out)
     return k
 
 
