@@ -428,7 +428,7 @@ def test_a_long_list_of_features_is_checked_before_its_first_chunk_runs(model, t
     monkeypatch.setattr(eng, "_run", lambda *a, **k: runs.append(1) or real_one(*a, **k))
     head = [torch.rand(3, 40, 40), tmp_path / "small.png", torch.rand(3, 40, 48),
             io.BytesIO((tmp_path / "small.png").read_bytes())]
-    pano = f"(40x4000) at scale {q}"
+    pano = f"(40x4000, HxW) at scale {q}"
     for last, exc, words in [
             (tmp_path / "pano.png", MemoryBudgetError, f"{tmp_path / 'pano.png'} (image 4) {pano}"),
             (io.BytesIO((tmp_path / "pano.png").read_bytes()), MemoryBudgetError,
@@ -447,7 +447,7 @@ def test_a_long_list_of_features_is_checked_before_its_first_chunk_runs(model, t
     # one chunk: refused before any of its images runs, named
     monkeypatch.setattr(E, "CHUNK_IMAGES", 64)
     runs.clear()
-    with pytest.raises(MemoryBudgetError, match=rf"^image 4 \(40x4000\) at scale {q}"):
+    with pytest.raises(MemoryBudgetError, match=rf"^image 4 \(40x4000, HxW\) at scale {q}"):
         eng.features(head[:3] + [tmp_path / "small.png", torch.rand(3, 40, 4000)], layer=layer,
                      scales=q)
     assert runs == []

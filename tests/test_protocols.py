@@ -437,7 +437,7 @@ def test_heatmap_over_the_memory_budget_names_the_file(weights, samples, tmp_pat
     assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
                  "--scale", "64"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"vggfast: error: {samples['cat']} (300x451) at scale 64 gives")
+    assert err.startswith(f"vggfast: error: {samples['cat']} (300x451, HxW) at scale 64 gives")
     assert "image 0" not in err and err.count("\n") == 1 and not out.exists()
 
 

@@ -83,8 +83,9 @@ def check_memory(spec, dtype: torch.dtype, budget: int, batch: int, h: int, w: i
     need = activation_bytes(spec, dtype, batch, h, w)
     if need > budget:
         raise MemoryBudgetError(
-            f"a {w}x{h} input (batch {batch}) needs {_fmt_bytes(need)} of activations, over the "
-            f"memory budget of {_fmt_bytes(budget)}; {advice} or VGGFAST_MEMORY_BUDGET=16GiB")
+            f"a {h}x{w} (HxW) input (batch {batch}) needs {_fmt_bytes(need)} of activations, "
+            f"over the memory budget of {_fmt_bytes(budget)}; {advice} or "
+            "VGGFAST_MEMORY_BUDGET=16GiB")
 
 
 # Images of a list request decoded, planned and run together. A long list goes in chunks of
@@ -136,7 +137,8 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
     skipping those still over it: a long job loses the one huge photo, not its chunk.
 
     Returns (outputs, kept, over): the outputs of the calls made, the positions in `images` they
-    cover in order, and (position, why) for each image skipped, why being "(HxW) at scale ...".
+    cover in order, and (position, why) for each image skipped, why being
+    "(40x2000, HxW) at scale ...".
     """
     if not images:
         return [], [], []
@@ -508,14 +510,15 @@ class Engine:
         """MemoryBudgetError, before anything is allocated, when an image of `sizes` ((H, W)
         each) gives at a scale of `scales` dense views (with their flips) over the budget, run as
         the paths the planner does not batch run them, one image at a time (features below the
-        native size, localize). It names image K of `sizes` as the planner's refusals do, "image
-        K (HxW) at scale Q: why", so `naming_images` can say which image of a list it is."""
+        native size, localize). It names image K of `sizes` as the planner's refusals do ("image
+        K (40x2000, HxW) at scale Q: why"), so `naming_images` can say which image of a list it
+        is."""
         for k, (h, w) in enumerate(sizes):
             for q in scales:
                 try:
                     self._check_memory(2 if flip else 1, *pp.rescaled_size(h, w, q))
                 except MemoryBudgetError as exc:
-                    reason = f"({h}x{w}) at scale {q}: {exc}"
+                    reason = f"({h}x{w}, HxW) at scale {q}: {exc}"
                     err = MemoryBudgetError(f"image {k} {reason}")
                     err.image, err.reason = k, reason
                     raise err from None

@@ -348,7 +348,7 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     x = pp.load_image(img)
     H, W = x.shape[-2:]
     size = engine.spec.image_size
-    with _naming_file(img):     # "FILE (HxW) at scale Q: why", as classify and heatmap say
+    with _naming_file(img):     # "FILE (40x2000, HxW) at scale Q: why", as classify says
         engine._check_views([(H, W)], scales, flip)     # every scale, before the first runs
     all_boxes, all_probs, image_probs = [], [], []
     for q in scales:

@@ -421,8 +421,9 @@ def _colormap(v: "Any") -> "Any":
 
 @contextlib.contextmanager
 def _naming_file(img: Any):
-    """A refusal about the request's one image (the planner's "image 0 (HxW) at scale ...", of
-    the decoded tensor it was given) names the file instead, as `vggfast classify` does."""
+    """A refusal about the request's one image (the planner's "image 0 (40x2000, HxW) at scale
+    ...", of the decoded tensor it was given) names the file instead, as `vggfast classify`
+    does."""
     try:
         yield
     except VGGFastError as exc:
