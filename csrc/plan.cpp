@@ -538,7 +538,7 @@ Plan make_plan(const std::vector<LayerDesc>& layers, const Request& req, const O
                     mul_sat(mul_sat(mul_sat(rh, rw), layers[0].cin), kRescaleElemSize);
                 if (pixels == kMax || pixels > opt.budget)  // saturated: past int64
                     throw BudgetError(
-                        int64_t(i), "(" + size_str(h, w) + ") at scale " + std::to_string(q) +
+                        int64_t(i), "(" + size_str(h, w) + ", HxW) at scale " + std::to_string(q) +
                         " is rescaled to " + size_str(rh, rw) + " to cut its crops: " +
                         (pixels == kMax ? "more than 8 EiB" : fmt_bytes(pixels)) +
                         " of float32 pixels, over the memory budget of " + fmt_bytes(opt.budget) +
@@ -598,7 +598,7 @@ Plan make_plan(const std::vector<LayerDesc>& layers, const Request& req, const O
             const View& v = plan.views[size_t(vs[0])];
             auto [ih, iw] = req.images[size_t(v.image)];
             throw BudgetError(
-                v.image, "(" + size_str(ih, iw) + ") at scale " +
+                v.image, "(" + size_str(ih, iw) + ", HxW) at scale " +
                 std::to_string(v.scale) + " gives a " + size_str(h, w) + " view that needs " +
                 (one.total_bytes == kMax ? "more than 8 EiB" : fmt_bytes(one.total_bytes)) +
                 " of activations (batch 1, " +

@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from conftest import random_bn_statistics, skip_unless_triton_backend, small_model
-from vggfast import Engine, VGGFastError
+from vggfast import Engine, FeatureExtractor, VGGFastError
 from vggfast.errors import ArgumentError, MemoryBudgetError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -163,6 +163,25 @@ def test_memory_budget_names_the_limit_and_the_way_to_raise_it(tiny, monkeypatch
     assert err.value.image == 0 and str(err.value) == f"image 0 {err.value.reason}"
 
 
+def test_memory_budget_refusals_give_every_size_as_hxw(tiny):
+    """The planner's refusals gave sizes as HxW, the checks of the paths it does not plan (logits,
+    features below the native size, FeatureExtractor, localize) as WxH: a 40x2000 panorama's
+    64x3200 view read "a 3200x64 input". Every refusal now says HxW, and says it."""
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
+    pano = torch.rand(3, 40, 2000)
+    for call, words in [
+            (lambda: eng.classify(pano, scales=64),
+             "image 0 (40x2000, HxW) at scale 64 gives a 64x3200 view that needs "),
+            (lambda: eng.features([pano], layer="relu3_3", scales=16),
+             "image 0 (40x2000, HxW) at scale 16: a 16x800 (HxW) input (batch 2) needs "),
+            (lambda: eng.logits(torch.rand(1, 3, 64, 3200)), "a 64x3200 (HxW) input (batch 1) "),
+            (lambda: FeatureExtractor(tiny.state_dict(), memory_budget=1 << 20)(
+                torch.rand(1, 3, 64, 3200)), "a 64x3200 (HxW) input (batch 1) ")]:
+        with pytest.raises(MemoryBudgetError) as err:
+            call()
+        assert str(err.value).startswith(words), str(err.value)
+
+
 def test_a_callers_autocast_region_does_not_change_the_engines_dtype(tiny):
     """Engine computes in its own dtype (the Triton kernels ignore autocast; so must the
     reference): inside torch.autocast the answers are the same, not bf16 ones."""
@@ -191,9 +210,10 @@ def test_an_image_over_the_budget_is_named_by_its_list_index_and_file(tiny, tmp_
              tmp_path / "pano.png"]
     with pytest.raises(MemoryBudgetError) as err:
         eng.classify(items, scales=64)
-    assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image 3) (40x2000) at scale 64 ")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'pano.png'} (image 3) (40x2000, HxW) at scale 64 ")
     assert err.value.image == 3 and "memory_budget" in err.value.reason
-    with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000\) at scale 64 "):
+    with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000, HxW\) at scale 64 "):
         eng.classify([torch.rand(3, 40, 40), torch.rand(3, 40, 2000)], scales=64)
     # plan and score_map name the file as classify does
     for call in (lambda: eng.plan(items, scales=64),
@@ -223,10 +243,10 @@ def test_a_long_list_is_checked_before_its_first_chunk_runs(tiny, tmp_path, monk
             io.BytesIO((tmp_path / "small.png").read_bytes())]
     for last, exc, words in [
             (tmp_path / "pano.png", MemoryBudgetError, f"{tmp_path / 'pano.png'} (image 4) "
-                                                       "(40x2000) at scale 64 "),
+                                                       "(40x2000, HxW) at scale 64 "),
             (io.BytesIO((tmp_path / "pano.png").read_bytes()), MemoryBudgetError,
-             "image 4 (40x2000) at scale 64 "),
-            (torch.rand(3, 40, 2000), MemoryBudgetError, "image 4 (40x2000) at scale 64 "),
+             "image 4 (40x2000, HxW) at scale 64 "),
+            (torch.rand(3, 40, 2000), MemoryBudgetError, "image 4 (40x2000, HxW) at scale 64 "),
             (tmp_path / "thin.png", VGGFastError, "image 4: "),
             (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
         decoded.clear()
@@ -254,7 +274,7 @@ def test_a_long_list_is_checked_before_its_first_chunk_runs(tiny, tmp_path, monk
     with pytest.raises(VGGFastError, match="^image 4: .*notes.jpg: not an image file"):
         eng.classify(head[:3] + [pipe(), tmp_path / "notes.jpg"], scales=64)
     assert reads == [] and runs == []
-    with pytest.raises(MemoryBudgetError, match=r"^image 3 \(40x2000\) at scale 64 "):
+    with pytest.raises(MemoryBudgetError, match=r"^image 3 \(40x2000, HxW\) at scale 64 "):
         eng.classify(head[:3] + [pipe(), head[0]], scales=64)
     assert len(runs) == 1 and reads == [1]   # the first chunk ran before its chunk was read
 
@@ -266,7 +286,7 @@ def test_multicrop_at_a_huge_scale_is_refused_before_the_rescale(tiny):
     imgs = [torch.rand(3, 40, 48), torch.rand(3, 40, 40)]
     for call in (lambda: eng.classify(imgs, scales=(32, 6000), method="multicrop"),
                  lambda: eng.plan(imgs, scales=6000, method="multicrop")):
-        with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x48\) at scale 6000 is "
+        with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x48, HxW\) at scale 6000 is "
                                                     r"rescaled to 6000x7200 .*memory_budget"):
             call()
     eng.classify(imgs, scales=(32, 96), method="multicrop")   # 96x115 float32 fits 8 MiB

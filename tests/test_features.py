@@ -402,3 +402,58 @@ def test_data_parallel_replicas_reuse_the_engines_and_follow_the_weights(tv16, m
     assert len(built) == 1 and not torch.allclose(changed, want)
     with torch.no_grad():
         torch.testing.assert_close(changed, fx(x)["relu2_2"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer, q", [("pool5", 64), ("relu3_3", 16)])
+def test_a_long_list_of_features_is_checked_before_its_first_chunk_runs(model, tmp_path,
+                                                                        monkeypatch, layer, q):
+    """features of a list of several chunks refused an image late in it (over the budget, too
+    small, not an image) only when its chunk came, after the chunks before it had run; below the
+    native size (relu3_3 at 16, one image at a time) also after the images before it in its
+    chunk, and an image over the budget was not named. Now, as classify does, every image's size
+    is read (a file's header, nothing decoded) and checked before anything runs."""
+    import io
+    import vggfast.engine as E
+    from vggfast.errors import MemoryBudgetError
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    Image.new("RGB", (4000, 40)).save(tmp_path / "pano.png")
+    Image.new("RGB", (40, 5)).save(tmp_path / "thin.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    eng = Engine(model.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
+    decoded, runs = [], []
+    real_load, real_run, real_one = E.pp.load_image, eng._executor.run, eng._run
+    monkeypatch.setattr(E.pp, "load_image", lambda i: decoded.append(i) or real_load(i))
+    monkeypatch.setattr(eng._executor, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    monkeypatch.setattr(eng, "_run", lambda *a, **k: runs.append(1) or real_one(*a, **k))
+    head = [torch.rand(3, 40, 40), tmp_path / "small.png", torch.rand(3, 40, 48),
+            io.BytesIO((tmp_path / "small.png").read_bytes())]
+    pano = f"(40x4000, HxW) at scale {q}"
+    for last, exc, words in [
+            (tmp_path / "pano.png", MemoryBudgetError, f"{tmp_path / 'pano.png'} (image 4) {pano}"),
+            (io.BytesIO((tmp_path / "pano.png").read_bytes()), MemoryBudgetError,
+             f"image 4 {pano}"),
+            (torch.rand(3, 40, 4000), MemoryBudgetError, f"image 4 {pano}"),
+            (tmp_path / "thin.png", VGGFastError, "image 4: "),
+            (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
+        decoded.clear()
+        runs.clear()
+        with pytest.raises(exc) as err:
+            eng.features(head + [last], layer=layer, scales=q)
+        assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
+        assert runs == [] and decoded == []
+        if exc is MemoryBudgetError:   # what extract writes for a skipped image
+            assert err.value.reason.startswith(pano) and "memory_budget" in err.value.reason
+    # one chunk: refused before any of its images runs, named
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 64)
+    runs.clear()
+    with pytest.raises(MemoryBudgetError, match=rf"^image 4 \(40x4000, HxW\) at scale {q}"):
+        eng.features(head[:3] + [tmp_path / "small.png", torch.rand(3, 40, 4000)], layer=layer,
+                     scales=q)
+    assert runs == []
+    # what passes the checks runs as before: file objects read from where they stood
+    want = eng.features(head[:3] + [tmp_path / "small.png"] * 3, layer=layer, scales=q)
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    streams = [io.BytesIO((tmp_path / "small.png").read_bytes()) for _ in range(3)]
+    got = eng.features(head[:3] + streams, layer=layer, scales=q)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -574,7 +574,7 @@ def test_cli_classify_skips_a_photo_over_the_memory_budget_by_name(tmp_path, wei
                  weights_file, "--scales", "32", "--json"]) == 2
     out, err = capsys.readouterr()
     assert [r["image"] for r in json.loads(out)["results"]] == [str(tmp_path / "a.png")]
-    assert err.count("\n") == 1 and "pano.png (8x4000) at scale 32 gives" in err, err
+    assert err.count("\n") == 1 and "pano.png (8x4000, HxW) at scale 32 gives" in err, err
 
 
 def test_an_unreadable_image_of_a_list_is_named_by_its_index(eng, tmp_path, monkeypatch):

@@ -616,12 +616,13 @@ def test_a_localisation_over_the_memory_budget_names_the_image_file(tmp_path):
     pano = tmp_path / "pano.png"
     Image.new("RGB", (2000, 40)).save(pano)
     _img(tmp_path / "small.png", 48, 40)
-    want = f"{pano} (40x2000) at scale 64: a 3200x64 input (batch 1) needs "
+    want = f"{pano} (40x2000, HxW) at scale 64: a 64x3200 (HxW) input (batch 1) needs "
     with pytest.raises(MemoryBudgetError) as err:
         eng.localize(str(pano), scales=(64,))
     assert str(err.value).startswith(want) and "memory_budget=BYTES" in str(err.value)
     assert err.value.image == 0 and str(err.value) == f"{pano} {err.value.reason}"
-    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x2000\) at scale 64: a 3200x64 "):
+    with pytest.raises(MemoryBudgetError,
+                       match=r"^image 0 \(40x2000, HxW\) at scale 64: a 64x3200 \(HxW\) "):
         eng.localize(torch.rand(3, 40, 2000), scales=(64,))     # no file to name
     samples = [L.LocSample(str(tmp_path / "small.png"), 0, [(0, 0, 8, 8)]),
                L.LocSample(str(pano), 1, [(0, 0, 10, 10)])]

@@ -160,6 +160,71 @@ def test_ensemble_scales_given_as_an_iterator_reach_every_engine(samples):
         Ensemble([d, e]).classify([img, "missing.png"], scales=iter([16]))
 
 
+@pytest.mark.parametrize("method", ["dense", "dense+multicrop"])
+def test_an_ensemble_runs_each_engine_once_per_chunk_of_a_list(samples, tmp_path, monkeypatch,
+                                                               method):
+    """Ensemble.classify of a list classified one image at a time, each engine planning every
+    image alone: no batching of equal-size views across images. Each engine now classifies a
+    chunk of CHUNK_IMAGES decoded images as one request, each image still decoded once for all
+    engines; the results are the per-image ones exactly (float32 on the CPU torch backend,
+    whose convolutions compute each image of a batch alone: a view's scores do not depend on
+    the batch it runs in; cuDNN may pick another algorithm per batch size), and a refusal names
+    the list's image."""
+    import vggfast.engine as E
+    from vggfast.errors import MemoryBudgetError
+    d = Engine(small_model("D", num_classes=10, seed=1).state_dict(), device="cpu",
+               backend="torch", dtype="float32")
+    e = Engine(small_model("E", num_classes=10, seed=2).state_dict(), device="cpu",
+               backend="torch", dtype="float32")
+    arr = np.array(Image.open(samples["rocket"]).convert("RGB"))
+    # chunks of 3 holding images of equal size (cat, rocket), batched together
+    items = [samples["cat"], samples["coffee"], samples["cat"],
+             torch.from_numpy(arr).permute(2, 0, 1).clone(), Image.open(samples["astronaut"]),
+             arr, samples["rocket"]]
+    fusion = Ensemble([d, e], weights=[3, 1])
+    # the old per-image path: each image decoded, then classified by each engine alone
+    want = []
+    for img in items:
+        x = E.pp.load_image(img)
+        rs = [m.classify(x, scales=(32, 48), method=method) for m in (d, e)]
+        want.append((0.75 * rs[0].probs + 0.25 * rs[1].probs, rs))
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 3)
+    decoded, runs = [], []
+    real_load = E.pp.load_image
+    monkeypatch.setattr(E.pp, "load_image", lambda i: decoded.append(i) or real_load(i))
+    for m in (d, e):
+        real_run = m._executor.run
+        monkeypatch.setattr(m._executor, "run", lambda *a, r=real_run, m=m, **k:
+                            runs.append((m, len(a[1]), a[0])) or r(*a, **k))
+    got = fusion.classify(items, scales=(32, 48), method=method)
+    assert [r[:2] for r in runs] == [(d, 3), (e, 3), (d, 3), (e, 3), (d, 1), (e, 1)]
+    for _, _, plan in runs[:4]:     # equal-size views of several images run in one batch
+        assert any(len({plan.views[v].image for v in b.views}) > 1 for b in plan.batches)
+    # each image decoded once; the engines are handed the decoded tensors
+    assert [i for i in decoded if not isinstance(i, torch.Tensor)] == \
+        [i for i in items if not isinstance(i, torch.Tensor)]
+    assert len(got) == len(items)
+    for r, (probs, rs) in zip(got, want):
+        torch.testing.assert_close(r.probs, probs, rtol=0, atol=0)
+        assert len(r.per_model) == 2 and set(r.per_scale) == {32, 48}
+        for mine, theirs in zip(r.per_model, rs):
+            torch.testing.assert_close(mine.probs, theirs.probs, rtol=0, atol=0)
+            for q in (32, 48):
+                torch.testing.assert_close(mine.per_scale[q], theirs.per_scale[q], rtol=0,
+                                           atol=0)
+            assert mine.per_method.keys() == theirs.per_method.keys()
+    monkeypatch.setattr(E.pp, "load_image", real_load)
+    # an image over an engine's budget is named by its index in the list and its file (the
+    # per-image path said "image 0" of every image)
+    Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
+    small = Ensemble([d, Engine(small_model("E", num_classes=10, seed=2).state_dict(),
+                                memory_budget=1 << 20)])
+    with pytest.raises(MemoryBudgetError) as err:
+        small.classify(items[:4] + [tmp_path / "pano.png"], scales=64, method=method)
+    assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image 4) (40x2000, HxW) at "
+                                     "scale 64 ") and err.value.image == 4, str(err.value)
+
+
 def _named(config, names, seed=0):
     sd = small_model(config, num_classes=len(names), seed=seed).state_dict()
     return Engine({"state_dict": sd, "meta": {"class_names": names}})
@@ -437,7 +502,7 @@ def test_heatmap_over_the_memory_budget_names_the_file(weights, samples, tmp_pat
     assert main(["heatmap", str(samples["cat"]), "--weights", weights, "--out", str(out),
                  "--scale", "64"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"vggfast: error: {samples['cat']} (300x451) at scale 64 gives")
+    assert err.startswith(f"vggfast: error: {samples['cat']} (300x451, HxW) at scale 64 gives")
     assert "image 0" not in err and err.count("\n") == 1 and not out.exists()
 
 

@@ -576,7 +576,7 @@ def test_summary_names_views_batches_memory():
     (dict(sizes=[(10 ** 30, 5)]), ArgumentError, "out of range"),
     (dict(scales=(4096,), memory_budget=1 << 30), MemoryBudgetError, "memory_budget"),
     (dict(sizes=[(10, 100000)], scales=(224,), memory_budget=4 << 30), MemoryBudgetError,
-     "image 0 (10x100000)"),
+     "image 0 (10x100000, HxW)"),
     (dict(scales=(1 << 40,)), ArgumentError, "out of range"),
     (dict(scales=(1 << 30,), memory_budget=(1 << 63) - 1), MemoryBudgetError, "more than 8 EiB"),
 ])
@@ -613,7 +613,7 @@ def test_multicrop_refuses_a_rescaled_image_over_the_budget():
         with pytest.raises(MemoryBudgetError) as info:
             S.make_plan(spec, sizes, scales=(256, q), method=method, memory_budget=need - 1)
         msg = str(info.value)
-        assert info.value.image == 1 and msg.startswith("image 1 (480x640) at scale 3000")
+        assert info.value.image == 1 and msg.startswith("image 1 (480x640, HxW) at scale 3000")
         assert f"at least {need} bytes" in msg and "\n" not in msg
     with pytest.raises(MemoryBudgetError, match="more than 8 EiB"):   # saturated, not wrapped
         S.make_plan(spec, [(1, (1 << 31) - 1)], scales=(1 << 30,), method="multicrop",

@@ -15,7 +15,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -83,8 +83,9 @@ def check_memory(spec, dtype: torch.dtype, budget: int, batch: int, h: int, w: i
     need = activation_bytes(spec, dtype, batch, h, w)
     if need > budget:
         raise MemoryBudgetError(
-            f"a {w}x{h} input (batch {batch}) needs {_fmt_bytes(need)} of activations, over the "
-            f"memory budget of {_fmt_bytes(budget)}; {advice} or VGGFAST_MEMORY_BUDGET=16GiB")
+            f"a {h}x{w} (HxW) input (batch {batch}) needs {_fmt_bytes(need)} of activations, "
+            f"over the memory budget of {_fmt_bytes(budget)}; {advice} or "
+            "VGGFAST_MEMORY_BUDGET=16GiB")
 
 
 # Images of a list request decoded, planned and run together. A long list goes in chunks of
@@ -147,8 +148,8 @@ def skipping_oversized(run, images: list) -> tuple[list, list[int], list[tuple[i
     skipping those still over it: a long job loses the one huge photo, not its chunk.
 
     Returns (outputs, kept, over): the outputs of the calls made, the positions in `images` they
-    cover in order, and (position, why) for each image skipped, why being "(HxW) at scale ...".
-    A request of one image over the budget is not run again.
+    cover in order, and (position, why) for each image skipped, why being
+    "(40x2000, HxW) at scale ...". A request of one image over the budget is not run again.
     """
     if not images:
         return [], [], []
@@ -497,14 +498,16 @@ class Engine:
         many = isinstance(imgs, (list, tuple))
         return scales, method, list(imgs) if many else [imgs], many
 
-    def _check_chunks(self, items: list, scales: tuple[int, ...], flip: bool, method: str) -> None:
-        """A list of several chunks (see `decoded_chunks`) planned chunk by chunk from its images'
+    def _check_chunks(self, items: list, check: Callable[[list[tuple[int, int]]], Any]) -> None:
+        """A list of several chunks (see `decoded_chunks`) checked chunk by chunk from its images'
         sizes (`item_size`: a file's header, one image at a time, nothing decoded) before the
-        first chunk runs: an image too small, over the memory budget or unreadable late in a
-        long list is refused before the chunks before it are computed, as in a list of one
-        chunk. The plans stay in the scheduler's cache for the chunks' runs. What only decoding
-        finds (corrupt pixels, a stream that cannot be read twice) is found in its chunk."""
-        if len(items) <= CHUNK_IMAGES:   # decoded and planned before anything runs
+        first chunk runs: check(sizes) refuses what the chunk's run would (classify and features
+        plan it; the plans stay in the scheduler's cache for the chunks' runs), its errors about
+        "image K" of `sizes` named as the list's image. An image too small, over the memory
+        budget or unreadable late in a long list is thus refused before the chunks before it
+        are computed, as in a list of one chunk. What only decoding finds (corrupt pixels, a
+        stream that cannot be read twice) is found in its chunk."""
+        if len(items) <= CHUNK_IMAGES:   # decoded and checked before anything runs
             return
         for start in range(0, len(items), CHUNK_IMAGES):
             chunk = range(start, min(start + CHUNK_IMAGES, len(items)))
@@ -512,8 +515,25 @@ class Engine:
             known = [k for k in chunk if sizes[k] is not None]
             if known:
                 with naming_images(items, known):
-                    self._executor.scheduler.plan([sizes[k] for k in known], scales, flip,
-                                                  method)
+                    check([sizes[k] for k in known])
+
+    def _check_views(self, sizes: Sequence[tuple[int, int]], scales: Sequence[int],
+                     flip: bool) -> None:
+        """MemoryBudgetError, before anything is allocated, when an image of `sizes` ((H, W)
+        each) gives at a scale of `scales` dense views (with their flips) over the budget, run as
+        the paths the planner does not batch run them, one image at a time (features below the
+        native size, localize). It names image K of `sizes` as the planner's refusals do ("image
+        K (40x2000, HxW) at scale Q: why"), so `naming_images` can say which image of a list it
+        is."""
+        for k, (h, w) in enumerate(sizes):
+            for q in scales:
+                try:
+                    self._check_memory(2 if flip else 1, *pp.rescaled_size(h, w, q))
+                except MemoryBudgetError as exc:
+                    reason = f"({h}x{w}, HxW) at scale {q}: {exc}"
+                    err = MemoryBudgetError(f"image {k} {reason}")
+                    err.image, err.reason = k, reason
+                    raise err from None
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -550,7 +570,8 @@ class Engine:
         check_average(average)
         flip = check_flag("flip", flip)
         scales, method, items, many = self._request(img, scales, method)
-        self._check_chunks(items, scales, flip, method)
+        self._check_chunks(items, lambda sizes: self._executor.scheduler.plan(sizes, scales, flip,
+                                                                              method))
         results = []
         for start, images in decoded_chunks(items):
             with naming_images(items, start):
@@ -610,7 +631,8 @@ class Engine:
 
         `layer` applied densely at each scale, pooled over space ("avg" | "max"), averaged with
         the flip, aggregated over scales ("mean": D = C, "stack": D = C * len(scales)), then
-        L2-normalised. See vggfast/features.py.
+        L2-normalised. See vggfast/features.py. A long list is checked before any of it runs,
+        as in `classify`.
         """
         from .features import features
         return features(self, imgs, layer, scales, flip, pool, normalize, aggregate)

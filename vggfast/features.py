@@ -111,7 +111,10 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     """Appendix B descriptors of one image or a list of images -> [N, D] float32 on cpu.
 
     See the module docstring for the computation and D. normalize: L2-normalise each row (the
-    paper's); a zero vector stays zero.
+    paper's); a zero vector stays zero. A list longer than CHUNK_IMAGES is decoded and run that
+    many images at a time; every image's size is read (a file's header) and checked first, as
+    Engine.classify does, so an image too small, over the memory budget or unreadable is refused
+    before any chunk runs.
     """
     from .engine import decoded_chunks, naming_images
     layer, scales, flip, normalize = _check_settings(engine, layer, scales, flip, pool,
@@ -120,21 +123,33 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     if not items:   # as classify([]) gives []: no rows, of the width the settings give
         d = engine.spec.tap_layer(layer).cout * (len(scales) if aggregate == "stack" else 1)
         return torch.zeros(0, d, dtype=torch.float32)
+    # the planner's equal-size batches, across images, when it can plan the request (it
+    # refuses views below native size); else one image at a time
+    planned = min(scales) >= engine.spec.image_size
+    ex = engine._executor
+
+    def check(sizes):
+        """A chunk's refusals before any of it runs: its plan, or each image's views."""
+        if planned:
+            ex.scheduler.plan(sizes, scales, flip, "dense")
+        else:
+            engine._check_views(sizes, scales, flip)
+
+    engine._check_chunks(items, check)
     per_image = []
     for start, images in decoded_chunks(items):
-        if min(scales) >= engine.spec.image_size:
-            # the planner's equal-size batches, across images (it refuses views below native
-            # size)
-            ex = engine._executor
+        if planned:
             with naming_images(items, start):
-                plan = ex.plan(images, scales, bool(flip), "dense")
+                plan = ex.plan(images, scales, flip, "dense")
             pooled = ex.run(plan, images, tap=layer, reduce=lambda m: _pool(m, pool))
             for i in range(len(images)):
                 views = [plan.views[v] for v in plan.image_views(i)]
                 per_image.append([torch.stack([pooled[v.index] for v in views
                                                if v.scale == q]).mean(0) for q in scales])
         else:
-            per_image += [[_pool(engine._run(engine._views(x, q, bool(flip)), (layer,))[layer],
+            with naming_images(items, start):
+                check([tuple(x.shape[-2:]) for x in images])
+            per_image += [[_pool(engine._run(engine._views(x, q, flip), (layer,))[layer],
                                  pool).mean(0).cpu() for q in scales] for x in images]
     rows = [torch.stack(p).mean(0) if aggregate == "mean" else torch.cat(p) for p in per_image]
     out = torch.stack(rows).float()

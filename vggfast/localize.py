@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .protocols import _naming_file
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
@@ -348,16 +348,8 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     x = pp.load_image(img)
     H, W = x.shape[-2:]
     size = engine.spec.image_size
-    for q in scales:    # every scale before the first runs: a refusal wastes no forward
-        h, w = pp.rescaled_size(H, W, q)
-        with _naming_file(img):     # "FILE (HxW) at scale Q: why", as classify and heatmap say
-            try:
-                engine._check_memory(2 if flip else 1, h, w)
-            except MemoryBudgetError as exc:
-                reason = f"({H}x{W}) at scale {q}: {exc}"
-                err = MemoryBudgetError(f"image 0 {reason}")
-                err.image, err.reason = 0, reason
-                raise err from None
+    with _naming_file(img):     # "FILE (40x2000, HxW) at scale Q: why", as classify says
+        engine._check_views([(H, W)], scales, flip)     # every scale, before the first runs
     all_boxes, all_probs, image_probs = [], [], []
     for q in scales:
         h, w = pp.rescaled_size(H, W, q)

@@ -132,8 +132,9 @@ class Ensemble:
     and the same names in the same order where their weights name them.
     weights: one non-negative number per engine (normalised to sum 1); None = equal weights.
     classify(img, scales, flip, method, top_k, average) takes Engine.classify's arguments; each
-    image is decoded once and every engine applies its own preprocessing. Result.per_model lists
-    each engine's Result.
+    image is decoded once and every engine applies its own preprocessing (a list is classified
+    by each engine a chunk of CHUNK_IMAGES images at a time, batched by its planner).
+    Result.per_model lists each engine's Result.
     """
 
     def __init__(self, engines: Sequence["Engine"], weights: Sequence[float] | None = None):
@@ -169,24 +170,37 @@ class Ensemble:
     def classify(self, img: Any, scales: Any = (256, 384, 512), flip: bool = True,
                  method: str = "dense", top_k: int = 5,
                  average: str = "probs") -> "Result | list[Result]":
-        """Fused classification of one image (-> Result) or a list (-> list of Result)."""
-        from .engine import Result, _check_top_k, load_item
+        """Fused classification of one image (-> Result) or a list (-> list of Result).
+
+        A list goes CHUNK_IMAGES images at a time: the chunk's images are decoded once, and each
+        engine classifies the decoded chunk as one request (its planner batches equal-size views
+        across the images), then each image's Results are fused. An image that cannot be read
+        is an ImageError naming its index in the list, as Engine.classify's.
+        """
+        from .engine import _check_top_k, decoded_chunks, naming_images
         top_k = _check_top_k(top_k)
         # once, before the engines (and a list's images) share them: an iterator of scales
         # would be used up by the first; each engine checks them against its own native size
         for e in self.engines:
             scales = e.check_scales(scales, method=method)
-        if isinstance(img, (list, tuple)):  # an unreadable one is named by its index
-            items = list(img)
-            return [self.classify(load_item(items, k), scales, flip, method, top_k, average)
-                    for k in range(len(items))]
-        x = pp.load_image(img)
-        rs = [e.classify(x, scales=scales, flip=flip, method=method, top_k=top_k, average=average)
-              for e in self.engines]
+        many = isinstance(img, (list, tuple))
+        items = list(img) if many else [img]
+        fused = []
+        for start, images in decoded_chunks(items):
+            # a refusal about "image K" of the chunk names the list's image, and its file
+            with naming_images(items, start):
+                per_model = [e.classify(images, scales=scales, flip=flip, method=method,
+                                        top_k=top_k, average=average) for e in self.engines]
+            fused += [self._fuse([rs[i] for rs in per_model], top_k) for i in range(len(images))]
+        return fused if many else fused[0]
+
+    def _fuse(self, rs: Sequence["Result"], top_k: int) -> "Result":
+        """One image's Result from each engine's: the weighted mean of their posteriors."""
+        from .engine import Result
         probs = sum(w * r.probs for w, r in zip(self.weights, rs))
         per_scale = {q: sum(w * r.per_scale[q] for w, r in zip(self.weights, rs))
                      for q in rs[0].per_scale}
-        return Result(probs, self.class_names, per_scale, top_k, per_model=rs)
+        return Result(probs, self.class_names, per_scale, top_k, per_model=list(rs))
 
 
 # -- evaluate: top-1 / top-5 error on a labelled folder -------------------------------------------
@@ -421,8 +435,9 @@ def _colormap(v: "Any") -> "Any":
 
 @contextlib.contextmanager
 def _naming_file(img: Any):
-    """A refusal about the request's one image (the planner's "image 0 (HxW) at scale ...", of
-    the decoded tensor it was given) names the file instead, as `vggfast classify` does."""
+    """A refusal about the request's one image (the planner's "image 0 (40x2000, HxW) at scale
+    ...", of the decoded tensor it was given) names the file instead, as `vggfast classify`
+    does."""
     try:
         yield
     except VGGFastError as exc:
