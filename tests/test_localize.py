@@ -648,9 +648,11 @@ def test_evaluate_localization_skips_an_image_over_the_memory_budget_and_lists_i
                L.LocSample(str(small[1]), 2, [(4, 4, 20, 20)])]
     alone = [samples[0], samples[2]]
     for protocol, kw, why in [
-            ("dense", dict(scales=(64,)), "(40x2000) at scale 64: a 3200x64 input (batch 1) "),
-            ("center", dict(center_scale=64), "(40x2000) at scale 64 is rescaled to 64x3200 to "
-                                              "cut its crops: ")]:
+            ("dense", dict(scales=(64,)),
+             "(40x2000, HxW) at scale 64: a 64x3200 (HxW) input (batch 1) "),
+            ("center", dict(center_scale=64),
+             "(40x2000, HxW) at scale 64 is rescaled to 64x3200 to "
+             "cut its crops: ")]:
         r = L.evaluate_localization(eng, samples, protocol=protocol, **kw)
         assert r["images"] == 2 and len(r["failed"]) == 1
         assert r["failed"][0]["file"] == str(pano)
@@ -690,7 +692,8 @@ def test_cli_evaluate_localize_skips_a_photo_over_the_memory_budget(tiny_set, tm
     r = json.loads(out)
     assert r["images"] == 2 and [f["file"] for f in r["failed"]] == [str(folder / "pano.png")]
     assert err.count("\n") == 1
-    assert err.startswith(f"vggfast: skipped {folder / 'pano.png'} (8x4000) at scale 32: "), err
+    want = f"vggfast: skipped {folder / 'pano.png'} (8x4000, HxW) at scale 32: "
+    assert err.startswith(want), err
 
 
 def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monkeypatch):
@@ -708,16 +711,18 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
     resized = []
     real = pp.resize_short
     monkeypatch.setattr(pp, "resize_short", lambda x, q: resized.append(q) or real(x, q))
-    want = (f"{pano} (40x2000) at scale 64 is rescaled to 64x3200 to cut its crops: 2.3 MiB of "
-            "float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise the "
+    want = (f"{pano} (40x2000, HxW) at scale 64 is rescaled to 64x3200 to cut its crops: "
+            "2.3 MiB of float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise the "
             "budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
     with pytest.raises(MemoryBudgetError) as err:
         L.center_crop_box(eng, str(pano), 0, scale=64)
     assert str(err.value).startswith(want) and "\n" not in str(err.value)
     assert err.value.image == 0 and str(err.value) == f"{pano} {err.value.reason}"
-    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x2000\) at scale 64 is rescaled"):
+    with pytest.raises(MemoryBudgetError,
+                       match=r"^image 0 \(40x2000, HxW\) at scale 64 is rescaled"):
         L.center_crop_box(eng, torch.rand(3, 40, 2000), 0, scale=64)    # no file to name
-    with pytest.raises(MemoryBudgetError, match=r"^image 0 \(40x48\) at scale 4096 is rescaled"):
+    with pytest.raises(MemoryBudgetError,
+                       match=r"^image 0 \(40x48, HxW\) at scale 4096 is rescaled"):
         L.center_crop_box(eng, torch.rand(3, 40, 48), 0, scale=4096)    # a huge scale
     assert resized == []                                # refused before anything was resized
     L.center_crop_box(eng, str(pano), 0, scale=40)      # within the budget: as before
