@@ -4,6 +4,7 @@ criterion, annotation readers, training, CLI and errors. Tiny random nets; CPU o
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -418,6 +419,34 @@ def test_train_errors(tiny_set, tmp_path):
                       "--last-fc-only"])
     o = L.options_from_args(a)
     assert (o.mode, o.trainable, o.lr) == ("pcr", "last-fc", 1e-3)
+
+
+def test_train_localize_init_errors_say_init(tiny_set, tmp_path, capsys):
+    """`vggfast train --task localize --init X` with X a localisation net, or a classifier
+    without its fc layers, said "X is a localisation net ..." / "X: layers fc6, fc7 are missing
+    ...", not which flag gave X; they now say "--init X: ...", one line, exit 2, as the other
+    --init errors do. build_localizer itself still names the source."""
+    from vggfast.cli import main
+    from vggfast.train import save_model
+    loc, _ = L.build_localizer(str(tiny_set / "cls"), "scr")
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    cls = small_model(num_classes=3, seed=1)
+    torch.save({k: v for k, v in cls.state_dict().items() if k.startswith("features.")},
+               tmp_path / "convs.pt")
+    for init, why in [(tmp_path / "loc", "holds a localisation net; start from a "
+                                         "classification model"),
+                      (tmp_path / "convs.pt", "layers fc6, fc7 are missing or not finite; a "
+                                              "localisation net starts from a complete "
+                                              "classifier")]:
+        rc = main(["train", "--task", "localize", "--data", str(tiny_set), "--boxes",
+                   str(tiny_set / "boxes.jsonl"), "--init", str(init), "--out",
+                   str(tmp_path / "o"), "--epochs", "1", "--batch-size", "2", "--workers", "0",
+                   "--device", "cpu", "--quiet"])
+        cap = capsys.readouterr()
+        assert rc == 2 and cap.err == f"vggfast: error: --init {init}: {why}\n", cap.err
+        with pytest.raises(WeightsError, match=f"^{re.escape(str(init))}"):
+            L.build_localizer(str(init), "scr")
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):

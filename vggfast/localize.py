@@ -252,23 +252,27 @@ def loc_meta(cls_meta: dict[str, Any], spec, mode: str, class_names: Sequence[st
             "preprocess": cls_meta.get("preprocess") or "torchvision", **extra}
 
 
-def build_localizer(cls_weights: Any, mode: str = "scr", num_classes: int | None = None):
+def build_localizer(cls_weights: Any, mode: str = "scr", num_classes: int | None = None,
+                    who: str | None = None):
     """A trainable localisation VGG initialised from a classification model.
 
     cls_weights: anything `weights.load` reads. Convs (BatchNorm folded into them), fc6 and fc7
     are copied; fc8 gets head_outputs(mode, C) rows, weights N(0, 0.001^2) and biases
-    (0.5, 0.5, 0.5, 0.5) (a centred half-size box). Returns (model, Weights of the classifier).
+    (0.5, 0.5, 0.5, 0.5) (a centred half-size box). who: how a WeightsError names the
+    classifier, "WHO: why" (default its source; `vggfast train` passes "--init PATH"). Returns
+    (model, Weights of the classifier).
     """
     from .configs import make_spec
     from .nn import VGG
     from .weights import load
     w = load(cls_weights)
+    who = w.source if who is None else who
     bad = w.unusable("fc7")
     if bad:
-        raise WeightsError(f"{w.source}: layers {', '.join(bad)} are missing or not finite; a "
+        raise WeightsError(f"{who}: layers {', '.join(bad)} are missing or not finite; a "
                            "localisation net starts from a complete classifier")
     if (w.meta or {}).get("task") == "localize":
-        raise WeightsError(f"{w.source} is a localisation net; start from a classification model")
+        raise WeightsError(f"{who}: holds a localisation net; start from a classification model")
     s = w.spec
     c = num_classes or s.num_classes
     firsts = sorted({l.block: l.cout for l in s.convs}.items())
@@ -934,7 +938,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
         raise ArgumentError(f"--init {opts.init!r}: no such classification model (file or folder)")
     cls_w = load_init(init)
     classes = cls_w.class_names or [str(i) for i in range(cls_w.spec.num_classes)]
-    model, _ = build_localizer(cls_w, opts.mode, len(classes))
+    model, _ = build_localizer(cls_w, opts.mode, len(classes), who=f"--init {init}")
     set_trainable(model, opts.trainable)
     if opts.dropout != 0.5:
         for m in model.classifier:
