@@ -691,6 +691,51 @@ def test_evaluate_localization_skips_an_image_over_the_memory_budget_and_lists_i
         L.evaluate_localization(eng, [samples[1]], scales=(64,))
 
 
+def test_evaluate_localization_says_why_no_image_was_evaluated(tmp_path, tiny_set, capsys,
+                                                                monkeypatch):
+    """When every annotated image was skipped, some (or all) for the memory budget, the
+    localisation `evaluate` said "none of the N annotated images could be read", though they
+    were read. It now says how many were unreadable and how many over the budget, with the first
+    reason of each: one line, exit 2 from the command."""
+    from PIL import Image
+
+    from vggfast.cli import main
+    from vggfast.train import save_model
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    gone = tmp_path / "gone.png"
+    samples = [L.LocSample(str(pano), 1, [(0, 0, 10, 10)]),
+               L.LocSample(str(gone), 0, [(0, 0, 8, 8)])]
+    for protocol, kw in [("dense", dict(scales=(64,))), ("center", dict(center_scale=64))]:
+        with pytest.raises(VGGFastError) as err:
+            L.evaluate_localization(eng, samples, protocol=protocol, **kw)
+        msg = str(err.value)
+        assert msg.startswith("none of the 2 annotated images could be evaluated: 1 unreadable, 1 "
+                              "over the memory budget; the first unreadable: image not found: "
+                              f"{gone}; "), msg
+        assert f"; the first over the memory budget: {pano} (40x2000) at scale 64" in msg
+        assert "\n" not in msg
+        with pytest.raises(VGGFastError, match=r"^none of the 1 annotated images could be "
+                                               r"evaluated: 1 over the memory budget; the first "
+                                               f"over the memory budget: {re.escape(str(pano))} "):
+            L.evaluate_localization(eng, samples[:1], protocol=protocol, **kw)
+    loc, _ = L.build_localizer(str(tiny_set / "cls"), "scr")
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    (tmp_path / "boxes.jsonl").write_text(json.dumps({"file": "pano.png", "label": 1,
+                                                      "boxes": [[0, 0, 8, 8]]}) + "\n")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
+    rc = main(["evaluate", str(tmp_path), "--task", "localize", "--boxes",
+               str(tmp_path / "boxes.jsonl"), "--weights", str(tiny_set / "cls"), "--loc-weights",
+               str(tmp_path / "loc"), "--scales", "64", "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("vggfast: error: none of the 1 annotated images could be evaluated: 1 "
+                          "over the memory budget; the first over the memory budget: "
+                          f"{pano} (40x2000) at scale 64"), err
+
+
 def test_cli_evaluate_localize_skips_a_photo_over_the_memory_budget(tiny_set, tmp_path, capsys,
                                                                     monkeypatch):
     """The command's end of the skip above: one "vggfast: skipped FILE ..." line on stderr, as

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from . import preprocess as pp
 from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
-from .protocols import _naming_file
+from .protocols import _naming_file, none_evaluated
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
@@ -707,7 +707,7 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     if bad:
         raise AnnotationError(f"{bad[0].file}: class {bad[0].label} outside the model's 0..{n - 1}")
     counts = dict(loc1=0, loc5=0, cls1=0, cls5=0, center=0)
-    done, failed, ious = 0, [], []
+    done, failed, over_budget, ious = 0, [], [], []
     bar = tqdm(samples, desc="localize", unit="img", disable=not progress, file=sys.stderr)
     for s in bar:
         try:
@@ -725,7 +725,9 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
         # an image over the memory budget is skipped and listed, not the evaluation, as
         # classification's `evaluate` skips it
         outs, _, over = skipping_oversized(run, [img])
-        failed += [{"file": s.file, "error": f"{s.file} {why}"} for _, why in over]
+        big = [{"file": s.file, "error": f"{s.file} {why}"} for _, why in over]
+        failed += big
+        over_budget += big
         if not outs:
             continue
         if protocol == "center":
@@ -741,7 +743,7 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
             counts["cls5"] += s.label not in classes[:5]
         done += 1
     if not done:
-        raise VGGFastError(f"none of the {len(samples)} annotated images could be read")
+        raise none_evaluated(len(samples), "annotated images", failed, over_budget)
     pct = lambda k: 100.0 * counts[k] / done  # noqa: E731
     out: dict[str, Any] = {"task": "localize", "protocol": protocol, "images": done,
                            "iou_threshold": iou_threshold, "mode": engine.loc_mode,
