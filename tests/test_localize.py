@@ -678,7 +678,7 @@ def test_evaluate_localization_skips_an_image_over_the_memory_budget_and_lists_i
     for protocol, kw, why in [
             ("dense", dict(scales=(64,)), "(40x2000) at scale 64: a 3200x64 input (batch 1) "),
             ("center", dict(center_scale=64), "(40x2000) at scale 64 is rescaled to 64x3200 to "
-                                              "cut its crops: ")]:
+                                              "cut its central crop: ")]:
         r = L.evaluate_localization(eng, samples, protocol=protocol, **kw)
         assert r["images"] == 2 and len(r["failed"]) == 1
         assert r["failed"][0]["file"] == str(pano)
@@ -781,9 +781,10 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
     resized = []
     real = pp.resize_short
     monkeypatch.setattr(pp, "resize_short", lambda x, q: resized.append(q) or real(x, q))
-    want = (f"{pano} (40x2000) at scale 64 is rescaled to 64x3200 to cut its crops: 2.3 MiB of "
-            "float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise the "
-            "budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
+    # one crop, worded for it (it said "to cut its crops", multi-crop's words)
+    want = (f"{pano} (40x2000) at scale 64 is rescaled to 64x3200 to cut its central crop: 2.3 MiB "
+            "of float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise "
+            "the budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
     with pytest.raises(MemoryBudgetError) as err:
         L.center_crop_box(eng, str(pano), 0, scale=64)
     assert str(err.value).startswith(want) and "\n" not in str(err.value)

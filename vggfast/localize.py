@@ -437,7 +437,8 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
     H, W = x.shape[-2:]
     # The crop is cut from the whole rescaled image (float32): a huge image or scale is refused
     # before it is resized, by the planner's check of multi-crop's rescaled images (its one
-    # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to ...".
+    # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to HxW to cut its
+    # central crop: ...".
     with _naming_file(img):
         engine._executor.scheduler.plan([(H, W)], (q,), False, "multicrop", crop=size, grid=1)
     h, w = pp.rescaled_size(H, W, q)
