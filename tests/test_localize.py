@@ -4,6 +4,7 @@ criterion, annotation readers, training, CLI and errors. Tiny random nets; CPU o
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -420,6 +421,34 @@ def test_train_errors(tiny_set, tmp_path):
     assert (o.mode, o.trainable, o.lr) == ("pcr", "last-fc", 1e-3)
 
 
+def test_train_localize_init_errors_say_init(tiny_set, tmp_path, capsys):
+    """`vggfast train --task localize --init X` with X a localisation net, or a classifier
+    without its fc layers, said "X is a localisation net ..." / "X: layers fc6, fc7 are missing
+    ...", not which flag gave X; they now say "--init X: ...", one line, exit 2, as the other
+    --init errors do. build_localizer itself still names the source."""
+    from vggfast.cli import main
+    from vggfast.train import save_model
+    loc, _ = L.build_localizer(str(tiny_set / "cls"), "scr")
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    cls = small_model(num_classes=3, seed=1)
+    torch.save({k: v for k, v in cls.state_dict().items() if k.startswith("features.")},
+               tmp_path / "convs.pt")
+    for init, why in [(tmp_path / "loc", "holds a localisation net; start from a "
+                                         "classification model"),
+                      (tmp_path / "convs.pt", "layers fc6, fc7 are missing or not finite; a "
+                                              "localisation net starts from a complete "
+                                              "classifier")]:
+        rc = main(["train", "--task", "localize", "--data", str(tiny_set), "--boxes",
+                   str(tiny_set / "boxes.jsonl"), "--init", str(init), "--out",
+                   str(tmp_path / "o"), "--epochs", "1", "--batch-size", "2", "--workers", "0",
+                   "--device", "cpu", "--quiet"])
+        cap = capsys.readouterr()
+        assert rc == 2 and cap.err == f"vggfast: error: --init {init}: {why}\n", cap.err
+        with pytest.raises(WeightsError, match=f"^{re.escape(str(init))}"):
+            L.build_localizer(str(init), "scr")
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
     from PIL import Image
 
@@ -652,7 +681,7 @@ def test_evaluate_localization_skips_an_image_over_the_memory_budget_and_lists_i
              "(40x2000, HxW) at scale 64: a 64x3200 (HxW) input (batch 1) "),
             ("center", dict(center_scale=64),
              "(40x2000, HxW) at scale 64 is rescaled to 64x3200 to "
-             "cut its crops: ")]:
+             "cut its central crop: ")]:
         r = L.evaluate_localization(eng, samples, protocol=protocol, **kw)
         assert r["images"] == 2 and len(r["failed"]) == 1
         assert r["failed"][0]["file"] == str(pano)
@@ -663,6 +692,51 @@ def test_evaluate_localization_skips_an_image_over_the_memory_budget_and_lists_i
         assert {**r, "failed": []} == want and want["failed"] == []
     with pytest.raises(VGGFastError, match="none of the 1 annotated images"):
         L.evaluate_localization(eng, [samples[1]], scales=(64,))
+
+
+def test_evaluate_localization_says_why_no_image_was_evaluated(tmp_path, tiny_set, capsys,
+                                                                monkeypatch):
+    """When every annotated image was skipped, some (or all) for the memory budget, the
+    localisation `evaluate` said "none of the N annotated images could be read", though they
+    were read. It now says how many were unreadable and how many over the budget, with the first
+    reason of each: one line, exit 2 from the command."""
+    from PIL import Image
+
+    from vggfast.cli import main
+    from vggfast.train import save_model
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr", memory_budget=1 << 20)
+    pano = tmp_path / "pano.png"
+    Image.new("RGB", (2000, 40)).save(pano)
+    gone = tmp_path / "gone.png"
+    samples = [L.LocSample(str(pano), 1, [(0, 0, 10, 10)]),
+               L.LocSample(str(gone), 0, [(0, 0, 8, 8)])]
+    for protocol, kw in [("dense", dict(scales=(64,))), ("center", dict(center_scale=64))]:
+        with pytest.raises(VGGFastError) as err:
+            L.evaluate_localization(eng, samples, protocol=protocol, **kw)
+        msg = str(err.value)
+        assert msg.startswith("none of the 2 annotated images could be evaluated: 1 unreadable, 1 "
+                              "over the memory budget; the first unreadable: image not found: "
+                              f"{gone}; "), msg
+        assert f"; the first over the memory budget: {pano} (40x2000, HxW) at scale 64" in msg
+        assert "\n" not in msg
+        with pytest.raises(VGGFastError, match=r"^none of the 1 annotated images could be "
+                                               r"evaluated: 1 over the memory budget; the first "
+                                               f"over the memory budget: {re.escape(str(pano))} "):
+            L.evaluate_localization(eng, samples[:1], protocol=protocol, **kw)
+    loc, _ = L.build_localizer(str(tiny_set / "cls"), "scr")
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", ["a", "b", "c"]), tmp_path / "loc")
+    (tmp_path / "boxes.jsonl").write_text(json.dumps({"file": "pano.png", "label": 1,
+                                                      "boxes": [[0, 0, 8, 8]]}) + "\n")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
+    rc = main(["evaluate", str(tmp_path), "--task", "localize", "--boxes",
+               str(tmp_path / "boxes.jsonl"), "--weights", str(tiny_set / "cls"), "--loc-weights",
+               str(tmp_path / "loc"), "--scales", "64", "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("vggfast: error: none of the 1 annotated images could be evaluated: 1 "
+                          "over the memory budget; the first over the memory budget: "
+                          f"{pano} (40x2000, HxW) at scale 64"), err
 
 
 def test_cli_evaluate_localize_skips_a_photo_over_the_memory_budget(tiny_set, tmp_path, capsys,
@@ -711,9 +785,10 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
     resized = []
     real = pp.resize_short
     monkeypatch.setattr(pp, "resize_short", lambda x, q: resized.append(q) or real(x, q))
-    want = (f"{pano} (40x2000, HxW) at scale 64 is rescaled to 64x3200 to cut its crops: "
-            "2.3 MiB of float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or raise the "
-            "budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
+    # one crop, worded for it (it said "to cut its crops", multi-crop's words)
+    want = (f"{pano} (40x2000, HxW) at scale 64 is rescaled to 64x3200 to cut its central crop: "
+            "2.3 MiB of float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or "
+            "raise the budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
     with pytest.raises(MemoryBudgetError) as err:
         L.center_crop_box(eng, str(pano), 0, scale=64)
     assert str(err.value).startswith(want) and "\n" not in str(err.value)

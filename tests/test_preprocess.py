@@ -478,3 +478,39 @@ def test_a_decoded_photo_is_copied_out_of_pil_a_chunk_of_rows_at_a_time(monkeypa
     assert copies == []
     im = Image.open(path)
     assert torch.equal(load_image(im), want) and np.array_equal(np.asarray(im), a)
+
+
+def test_a_uint8_array_is_copied_once_and_never_shared(monkeypatch):
+    """load_image copied an HxWx3 uint8 array twice: np.array(copy=True), then .contiguous() of
+    its CHW permute. It is now copied once, straight into CHW order: the numpy buffers it makes
+    (tracemalloc) hold one image, and no torch copy is made. The result is the same and never
+    shares the caller's memory, also for an array that is a CHW buffer underneath (which
+    np.ascontiguousarray of its transpose would have returned as it is) or a strided view."""
+    import tracemalloc
+    h, w = 300, 400
+    a = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    torch_copies, real = [], torch.Tensor.contiguous
+
+    def contiguous(t, *args, **kw):
+        out = real(t, *args, **kw)
+        if out.data_ptr() != t.data_ptr():
+            torch_copies.append(tuple(t.shape))
+        return out
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    chw = np.ascontiguousarray(a.transpose(2, 0, 1)).transpose(1, 2, 0)
+    for src in (a, chw, a[::-1, ::2]):
+        want = torch.from_numpy(np.array(src)).permute(2, 0, 1)
+        before = src.copy()
+        load_image(src)                                 # warm: no first-call allocations below
+        tracemalloc.start()
+        try:
+            got = load_image(src)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, want)
+        assert src.nbytes <= peak < 2 * src.nbytes, (src.shape, peak)
+        assert not np.shares_memory(got.numpy(), src)
+        got.fill_(7)
+        assert np.array_equal(src, before)
+    assert torch_copies == []

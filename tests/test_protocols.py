@@ -534,6 +534,35 @@ def test_evaluate_skips_hidden_folders_and_images_over_the_budget(weights, sampl
     assert "memory budget" in cap.err
 
 
+def test_evaluate_says_why_no_image_was_evaluated(weights, samples, tmp_path, capsys,
+                                                  monkeypatch):
+    """When every image was skipped, some (or all) for the memory budget, evaluate said "none of
+    the N images could be read", though they were read. It now says how many were unreadable and
+    how many over the budget, with the first reason of each: one line, exit 2."""
+    from vggfast.protocols import evaluate
+    root = tmp_path / "val"
+    for name in ("1", "3"):
+        (root / name).mkdir(parents=True)
+    (root / "1" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (6000, 8)).save(root / "1" / "banner.png")
+    Image.new("RGB", (8, 6000)).save(root / "3" / "tower.png")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vggfast: error: none of the 3 images could be evaluated: 1 unreadable, "
+                          f"2 over the memory budget; the first unreadable: "
+                          f"{root / '1' / 'broken.jpg'}: not an image file PIL can read; the "
+                          f"first over the memory budget: {root / '1' / 'banner.png'} (8x6000) "
+                          "at scale 32"), err
+    assert err.count("\n") == 1 and "could be read" not in err
+    eng = Engine(weights, memory_budget=1 << 20)
+    with pytest.raises(VGGFastError) as exc:    # all over the budget: no "0 unreadable"
+        evaluate(eng, [(str(root / "3" / "tower.png"), 3)], 32, progress=False)
+    assert str(exc.value).startswith(
+        "none of the 1 images could be evaluated: 1 over the memory budget; the first over the "
+        f"memory budget: {root / '3' / 'tower.png'} (6000x8) at scale 32")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--method", "dense", "multicrop", "dense"], "--method dense is given twice"),
     (["--scales", "32", "48", "32"], "scale 32 is given twice")])

@@ -318,6 +318,37 @@ def test_an_init_that_holds_no_model_says_init(tmp_path, capsys, task):
         T.initialise(build_model("D", 5, width=1 / 16, image_size=32), str(tmp_path / "empty"))
 
 
+@pytest.mark.parametrize("task", [[], ["--task", "localize", "--boxes", "b.jsonl"]])
+def test_a_bad_init_is_reported_before_the_data_is_read(tmp_path, capsys, monkeypatch, task):
+    """`vggfast train --init X` loaded X only after scanning --data (minutes on a large dataset):
+    a file that is no checkpoint, or a checkpoint of a net other than A, was reported that late.
+    X is now read and checked before the data scan; --task localize reads its classifier before
+    the boxes too."""
+    from vggfast import localize as L
+    from vggfast.cli import main
+    data = make_folder(tmp_path / "data", n=2)
+    read = []
+    scan, boxes = T.scan_folder, L.read_boxes
+    monkeypatch.setattr(T, "scan_folder", lambda *a, **k: read.append(a[0]) or scan(*a, **k))
+    monkeypatch.setattr(L, "read_boxes", lambda *a, **k: read.append(a[0]) or boxes(*a, **k))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    d = build_model("D", 2, width=1 / 16, image_size=32)
+    T.save_model(d, T.model_meta(d, ["cat", "dog"]), tmp_path / "d")
+    cases = [(tmp_path / "notes.pt", "not a PyTorch checkpoint")]
+    if not task:    # a localisation net starts from any classifier
+        cases.append((tmp_path / "d", "expected a checkpoint of net A, found configuration D"))
+    for init, why in cases:
+        rc = main(["train", "--config", "A", "--width", "0.0625", "--image-size", "32",
+                   "--scale", "32", "--data", str(data), "--init", str(init), "--epochs", "1",
+                   "--batch-size", "2", "--workers", "0", "--out", str(tmp_path / "run"),
+                   "--quiet", *task])
+        cap = capsys.readouterr()
+        assert rc == 2 and cap.err.count("\n") == 1, cap.err
+        # net A's errors name the file it read, DIR/model.safetensors for a folder
+        assert cap.err.startswith(f"vggfast: error: --init {init}") and why in cap.err, cap.err
+        assert read == []
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints and resume
 

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from . import preprocess as pp
 from .engine import imagenet_synsets
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
-from .protocols import _naming_file
+from .protocols import _naming_file, none_evaluated
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
@@ -252,23 +252,27 @@ def loc_meta(cls_meta: dict[str, Any], spec, mode: str, class_names: Sequence[st
             "preprocess": cls_meta.get("preprocess") or "torchvision", **extra}
 
 
-def build_localizer(cls_weights: Any, mode: str = "scr", num_classes: int | None = None):
+def build_localizer(cls_weights: Any, mode: str = "scr", num_classes: int | None = None,
+                    who: str | None = None):
     """A trainable localisation VGG initialised from a classification model.
 
     cls_weights: anything `weights.load` reads. Convs (BatchNorm folded into them), fc6 and fc7
     are copied; fc8 gets head_outputs(mode, C) rows, weights N(0, 0.001^2) and biases
-    (0.5, 0.5, 0.5, 0.5) (a centred half-size box). Returns (model, Weights of the classifier).
+    (0.5, 0.5, 0.5, 0.5) (a centred half-size box). who: how a WeightsError names the
+    classifier, "WHO: why" (default its source; `vggfast train` passes "--init PATH"). Returns
+    (model, Weights of the classifier).
     """
     from .configs import make_spec
     from .nn import VGG
     from .weights import load
     w = load(cls_weights)
+    who = w.source if who is None else who
     bad = w.unusable("fc7")
     if bad:
-        raise WeightsError(f"{w.source}: layers {', '.join(bad)} are missing or not finite; a "
+        raise WeightsError(f"{who}: layers {', '.join(bad)} are missing or not finite; a "
                            "localisation net starts from a complete classifier")
     if (w.meta or {}).get("task") == "localize":
-        raise WeightsError(f"{w.source} is a localisation net; start from a classification model")
+        raise WeightsError(f"{who}: holds a localisation net; start from a classification model")
     s = w.spec
     c = num_classes or s.num_classes
     firsts = sorted({l.block: l.cout for l in s.convs}.items())
@@ -425,7 +429,8 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
     H, W = x.shape[-2:]
     # The crop is cut from the whole rescaled image (float32): a huge image or scale is refused
     # before it is resized, by the planner's check of multi-crop's rescaled images (its one
-    # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to ...".
+    # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to HxW to cut its
+    # central crop: ...".
     with _naming_file(img):
         engine._executor.scheduler.plan([(H, W)], (q,), False, "multicrop", crop=size, grid=1)
     h, w = pp.rescaled_size(H, W, q)
@@ -695,7 +700,7 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     if bad:
         raise AnnotationError(f"{bad[0].file}: class {bad[0].label} outside the model's 0..{n - 1}")
     counts = dict(loc1=0, loc5=0, cls1=0, cls5=0, center=0)
-    done, failed, ious = 0, [], []
+    done, failed, over_budget, ious = 0, [], [], []
     bar = tqdm(samples, desc="localize", unit="img", disable=not progress, file=sys.stderr)
     for s in bar:
         try:
@@ -713,7 +718,9 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
         # an image over the memory budget is skipped and listed, not the evaluation, as
         # classification's `evaluate` skips it
         outs, _, over = skipping_oversized(run, [img])
-        failed += [{"file": s.file, "error": f"{s.file} {why}"} for _, why in over]
+        big = [{"file": s.file, "error": f"{s.file} {why}"} for _, why in over]
+        failed += big
+        over_budget += big
         if not outs:
             continue
         if protocol == "center":
@@ -729,7 +736,7 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
             counts["cls5"] += s.label not in classes[:5]
         done += 1
     if not done:
-        raise VGGFastError(f"none of the {len(samples)} annotated images could be read")
+        raise none_evaluated(len(samples), "annotated images", failed, over_budget)
     pct = lambda k: 100.0 * counts[k] / done  # noqa: E731
     out: dict[str, Any] = {"task": "localize", "protocol": protocol, "images": done,
                            "iou_threshold": iou_threshold, "mode": engine.loc_mode,
@@ -926,7 +933,7 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
         raise ArgumentError(f"--init {opts.init!r}: no such classification model (file or folder)")
     cls_w = load_init(init)
     classes = cls_w.class_names or [str(i) for i in range(cls_w.spec.num_classes)]
-    model, _ = build_localizer(cls_w, opts.mode, len(classes))
+    model, _ = build_localizer(cls_w, opts.mode, len(classes), who=f"--init {init}")
     set_trainable(model, opts.trainable)
     if opts.dropout != 0.5:
         for m in model.classifier:

@@ -464,7 +464,10 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     if a.dtype == np.uint8:
-        return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).contiguous()
+        # one copy, straight into CHW order (a copy, then a CHW one, held the image twice);
+        # copy=True always copies, so the result never shares the caller's memory, as
+        # np.ascontiguousarray would for an array that is a CHW buffer underneath
+        return torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C", copy=True))
     if a.dtype == np.uint16:
         return torch.from_numpy(a.astype(np.float32) / 65535.0).permute(2, 0, 1).contiguous()
     if a.dtype == np.bool_:

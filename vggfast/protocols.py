@@ -322,6 +322,22 @@ def check_pairs(pairs: Any, num_classes: int) -> list[tuple[Any, int]]:
     return out
 
 
+def none_evaluated(n: int, images: str, failed: Sequence[dict[str, str]],
+                   over: Sequence[dict[str, str]]) -> VGGFastError:
+    """The error of an evaluation that scored none of its `n` `images`: how many were unreadable
+    and how many over the memory budget, with the first reason of each (one line). failed: the
+    {"file", "error"} of every image skipped; over: those of them skipped for the budget. The
+    reasons are in the message because nothing was printed before it: the failed list would have
+    gone out with the result."""
+    budget = {id(f) for f in over}
+    kinds = [([f for f in failed if id(f) not in budget], "unreadable"),
+             (over, "over the memory budget")]
+    counts = ", ".join(f"{len(fs)} {kind}" for fs, kind in kinds if fs)
+    firsts = "".join(f"; the first {kind}: {fs[0]['error']}" for fs, kind in kinds if fs)
+    return VGGFastError(f"none of the {n} {images} could be evaluated"
+                        + (f": {counts}{firsts}" if failed else ""))
+
+
 def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequence[int],
              flip: bool = True, method: str = "dense", average: str = "probs",
              progress: bool = True) -> dict[str, Any]:
@@ -337,7 +353,7 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     flip = check_flag("flip", flip)
     pairs = check_pairs(pairs, engine.spec.num_classes)
     top1 = top5 = done = 0
-    failed = []
+    failed, over_budget = [], []
     bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
                file=sys.stderr)
     for start in range(0, len(pairs), CHUNK_IMAGES):
@@ -355,7 +371,9 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
         outs, kept, over = skipping_oversized(
             lambda ims: engine.classify(ims, scales=scales, flip=flip, method=method, top_k=5,
                                         average=average), images)
-        failed += [{"file": str(names[j]), "error": f"{names[j]} {why}"} for j, why in over]
+        big = [{"file": str(names[j]), "error": f"{names[j]} {why}"} for j, why in over]
+        failed += big
+        over_budget += big
         results = [r for out in outs for r in out]
         for r, label in zip(results, [labels[j] for j in kept]):
             best = [i for i, _, _ in r.top(5)]
@@ -367,7 +385,7 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
             bar.set_postfix(top1=f"{100 * top1 / done:.1f}%", top5=f"{100 * top5 / done:.1f}%")
     bar.close()
     if not done:
-        raise VGGFastError(f"none of the {len(pairs)} images could be read")
+        raise none_evaluated(len(pairs), "images", failed, over_budget)
     return {"method": method, "scales": list(scales), "flip": flip, "average": average,
             "images": done, "top1_error": 100.0 * top1 / done, "top5_error": 100.0 * top5 / done,
             "failed": failed}

@@ -525,6 +525,19 @@ def load_init(src: Any):
         raise WeightsError(f"--init {who}: {exc}") from None
 
 
+def _net_a(src: Any):
+    """load_init(src), checked to be net A with the layers init_from_net_a copies (what the
+    network being trained does not decide)."""
+    w = load_init(src)
+    if w.spec.config not in ("A", "A-LRN"):
+        raise ArgumentError(f"--init {w.source}: expected a checkpoint of net A, found "
+                            f"configuration {w.spec.config}")
+    bad = [n for n in NET_A_LAYERS if n in w.missing or n in w.nonfinite]
+    if bad:
+        raise ArgumentError(f"--init {w.source}: layers {', '.join(bad)} are missing or not finite")
+    return w
+
+
 @torch.no_grad()
 def init_from_net_a(model: VGG, src: Any) -> list[str]:
     """Copy conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8 of a net-A checkpoint into `model`.
@@ -534,13 +547,7 @@ def init_from_net_a(model: VGG, src: Any) -> list[str]:
     is folded into its convs; the target's BatchNorm layers keep their initialisation. Other
     layers keep theirs (Glorot in the paper). Returns the copied layer names.
     """
-    w = load_init(src)
-    if w.spec.config not in ("A", "A-LRN"):
-        raise ArgumentError(f"--init {w.source}: expected a checkpoint of net A, found "
-                            f"configuration {w.spec.config}")
-    bad = [n for n in NET_A_LAYERS if n in w.missing or n in w.nonfinite]
-    if bad:
-        raise ArgumentError(f"--init {w.source}: layers {', '.join(bad)} are missing or not finite")
+    w = _net_a(src)
     for name in NET_A_LAYERS:
         mod = _module_of(model, model.spec.layer(name))
         t = w.state_dict[f"{name}.weight"]
@@ -558,19 +565,31 @@ def init_from_net_a(model: VGG, src: Any) -> list[str]:
     return list(NET_A_LAYERS)
 
 
-def initialise(model: VGG, init: str) -> list[str]:
-    """Apply `init` ("glorot" | "kaiming" | a net-A checkpoint). Returns copied layer names."""
+def read_init(init: str):
+    """The net-A `Weights` the --init value `init` names, None for "glorot" and "kaiming": it
+    exists, loads, and is net A with the layers to copy. `fit` reads it before the data scan,
+    which on a large dataset took minutes before a bad --init was reported; what depends on
+    the classes found (fc8's shape) is checked when it is applied."""
+    if init in ("glorot", "kaiming"):
+        return None
+    if not os.path.exists(os.path.expanduser(init)):
+        raise ArgumentError(f"--init {init!r}: not 'glorot', 'kaiming' or an existing net-A "
+                            "checkpoint (file or `vggfast train` folder)")
+    return _net_a(os.path.expanduser(init))
+
+
+def initialise(model: VGG, init: Any) -> list[str]:
+    """Apply `init` ("glorot" | "kaiming" | a net-A checkpoint | the `Weights` read_init gave).
+    Returns copied layer names."""
     if init == "glorot":
         init_glorot(model)
         return []
     if init == "kaiming":
         model.reset_parameters()  # torchvision's: Kaiming normal (fan_out) convs, N(0, 0.01) FCs
         return []
-    if not os.path.exists(os.path.expanduser(init)):
-        raise ArgumentError(f"--init {init!r}: not 'glorot', 'kaiming' or an existing net-A "
-                            "checkpoint (file or `vggfast train` folder)")
+    w = read_init(init) if isinstance(init, str) else init
     init_glorot(model)
-    return init_from_net_a(model, os.path.expanduser(init))
+    return init_from_net_a(model, w)
 
 
 def make_optimizer(model: nn.Module, opts: TrainOptions) -> torch.optim.SGD:
@@ -818,6 +837,8 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         raise VGGFastError(f"--out {out} already holds a model ({MODEL_FILE}) that is not a run "
                            "to resume; choose another folder")
 
+    # before the scan, which takes minutes on a large dataset; not kept past initialise
+    net_a = None if opts.resume else read_init(opts.init)
     train_scan = scan_folder(opts.data, what="data")
     val_scan = scan_folder(opts.val, train_scan.classes, what="val") if opts.val else None
     skipped = list(train_scan.skipped) + (list(val_scan.skipped) if val_scan else [])
@@ -837,7 +858,9 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
     model = build_model(opts.config, num_classes=len(classes), width=opts.width,
                         image_size=opts.image_size, batch_norm=opts.batch_norm,
                         dropout=opts.dropout)
-    copied = [] if opts.resume else initialise(model, opts.init)  # resume: weights from the file
+    # resume: weights from the file
+    copied = [] if opts.resume else initialise(model, opts.init if net_a is None else net_a)
+    net_a = None
     meta = model_meta(model, classes)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
