@@ -560,7 +560,7 @@ def test_evaluate_says_why_no_image_was_evaluated(weights, samples, tmp_path, ca
         evaluate(eng, [(str(root / "3" / "tower.png"), 3)], 32, progress=False)
     assert str(exc.value).startswith(
         "none of the 1 images could be evaluated: 1 over the memory budget; the first over the "
-        f"memory budget: {root / '3' / 'tower.png'} (6000x8) at scale 32")
+        f"memory budget: {root / '3' / 'tower.png'} (6000x8, HxW) at scale 32")
 
 
 @pytest.mark.parametrize("extra, message", [
