@@ -552,8 +552,8 @@ def test_evaluate_says_why_no_image_was_evaluated(weights, samples, tmp_path, ca
     assert err.startswith("vggfast: error: none of the 3 images could be evaluated: 1 unreadable, "
                           f"2 over the memory budget; the first unreadable: "
                           f"{root / '1' / 'broken.jpg'}: not an image file PIL can read; the "
-                          f"first over the memory budget: {root / '1' / 'banner.png'} (8x6000, HxW) "
-                          "at scale 32"), err
+                          f"first over the memory budget: {root / '1' / 'banner.png'} "
+                          "(8x6000, HxW) at scale 32"), err
     assert err.count("\n") == 1 and "could be read" not in err
     eng = Engine(weights, memory_budget=1 << 20)
     with pytest.raises(VGGFastError) as exc:    # all over the budget: no "0 unreadable"
