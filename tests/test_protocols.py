@@ -1,6 +1,7 @@
 """Multi-crop, dense+multi-crop, Ensemble, and the evaluate / heatmap commands, each checked against
 a computation written out here on the torchvision-layout module."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -347,29 +348,121 @@ def test_evaluate_takes_any_int_label_and_scales_as_classify_does(weights, sampl
         evaluate(eng, [img], 32, progress=False)
 
 
+METHODS = ["dense", "multicrop", "dense+multicrop"]
+
+
+def _counting(load, calls):
+    """preprocess.load_image, listing the files it decodes (classify passes it tensors too)."""
+    def counted(img):
+        if isinstance(img, (str, os.PathLike)):
+            calls.append(img)
+        return load(img)
+    return counted
+
+
 def test_evaluate_reports_the_files_every_method_skipped_once_each(weights, samples, tmp_path,
                                                                     capsys, monkeypatch):
     """With several --method values only the first method's skipped files were printed: a file
     the later ones could not read went unreported. Each is printed once, the methods named when
-    not all skipped it."""
+    not all skipped it: a banner whose dense view is over the memory budget while its crops are
+    not. Every file is decoded once, whatever the number of methods (each method read every file
+    again, and one could go unreadable meanwhile)."""
     from vggfast import protocols
     root = _folder(tmp_path, samples, ["3", "1"])
     (root / "1" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (400, 8)).save(root / "1" / "banner.png")   # 1600x32 at scale 32
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
     load, calls = protocols.pp.load_image, []
-
-    def gone_after_the_first_method(img):   # coffee.png removed while dense ran
-        calls.append(img)
-        if img.name == "coffee.png" and calls.count(img) > 1:
-            raise ImageError(f"{img}: no such file")
-        return load(img)
-
-    monkeypatch.setattr(protocols.pp, "load_image", gone_after_the_first_method)
+    monkeypatch.setattr(protocols.pp, "load_image", _counting(load, calls))
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
                  "--method", "dense", "multicrop", "dense+multicrop"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"vggfast: skipped {root / '1' / 'broken.jpg'}: not an image file PIL can read",
-                   f"vggfast: skipped {root / '1' / 'coffee.png'}: no such file "
-                   "(--method multicrop dense+multicrop only)"]
+    assert len(calls) == 6 and len(set(calls)) == 6
+    assert len(err) == 2, err
+    assert err[0] == f"vggfast: skipped {root / '1' / 'broken.jpg'}: not an image file PIL can read"
+    assert err[1].startswith(f"vggfast: skipped {root / '1' / 'banner.png'} (8x400, HxW) "
+                             "at scale 32 ")
+    assert "memory budget" in err[1] and err[1].endswith("(--method dense dense+multicrop only)")
+
+
+
+
+@pytest.fixture
+def sharp_engine():
+    return Engine(_sharp(small_model("D", num_classes=10)).state_dict(), backend="torch",
+                  dtype=torch.float32)
+
+
+def test_evaluate_serves_every_method_in_one_pass(sharp_engine, samples, monkeypatch):
+    """`vggfast evaluate --method dense multicrop dense+multicrop` ran evaluate once per method,
+    decoding every image each time. One call with a list of methods decodes each image once and
+    gives each method's row of one call per method, number for number. dense+multicrop is the
+    mean of the dense and multi-crop Results in chunks that batch their views alike (it ran
+    neither again) and runs on its own in the chunk of the square astronaut, whose dense view at
+    Q = 32 is a 32x32 crop's size."""
+    from vggfast import protocols
+    import vggfast.engine
+    monkeypatch.setattr(vggfast.engine, "CHUNK_IMAGES", 2)
+    eng = sharp_engine
+    order = ["cat", "coffee", "rocket", "astronaut", "cat"]
+    # labels at these ranks of the dense answer: top-1 and top-5 errors neither 0 nor 100
+    pairs = [(str(samples[n]), eng.classify(str(samples[n]), scales=(32, 40)).top(10)[k][0])
+             for k, n in zip([0, 2, 6, 0, 8], order)]
+    want = [protocols.evaluate(eng, pairs, (32, 40), method=m, progress=False) for m in METHODS]
+    assert 0 < want[0]["top1_error"] < 100 and 0 < want[0]["top5_error"] < 100
+    load, calls = protocols.pp.load_image, []
+    monkeypatch.setattr(protocols.pp, "load_image", _counting(load, calls))
+    classify, ran = eng.classify, []
+    monkeypatch.setattr(eng, "classify", lambda imgs, **kw: (ran.append((len(imgs),
+                                                                          kw["method"])),
+                                                              classify(imgs, **kw))[1])
+    got = protocols.evaluate(eng, pairs, (32, 40), method=METHODS, progress=False)
+    assert got == want and [r["method"] for r in got] == METHODS
+    assert calls == [p for p, _ in pairs]
+    assert ran == [(2, "dense"), (2, "multicrop"),                        # cat, coffee: fused
+                   (2, "dense"), (2, "multicrop"), (2, "dense+multicrop"),  # rocket, astronaut
+                   (1, "dense"), (1, "multicrop")]                        # cat: fused
+    assert protocols.evaluate(eng, pairs, (32, 40), method=("multicrop",),
+                              progress=False) == want[1:2]
+
+
+@pytest.mark.parametrize("names", [["cat", "coffee", "rocket"], ["rocket", "astronaut"]])
+def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, names):
+    """The per-image Results of a chunk classified by every method at once (dense+multicrop
+    fused from the other two for cat, coffee, rocket; run on its own with the astronaut) are
+    those of engine.classify by each method: probabilities, per scale and per method, equal."""
+    from vggfast import preprocess as pp
+    from vggfast.protocols import _classify_chunk
+    eng = sharp_engine
+    images = [pp.load_image(samples[n]) for n in names]
+    chunk = _classify_chunk(eng, images, (32, 40), True, METHODS, "probs")
+    for m in METHODS:
+        results, kept, over = chunk[m]
+        assert kept == list(range(len(names))) and over == []
+        for r, w in zip(results, eng.classify(images, scales=(32, 40), method=m),
+                        strict=True):
+            assert torch.equal(r.probs, w.probs) and r.top(5) == w.top(5)
+            assert r.per_scale.keys() == w.per_scale.keys() == {32, 40}
+            assert all(torch.equal(r.per_scale[q], w.per_scale[q]) for q in (32, 40))
+            assert r.per_method.keys() == w.per_method.keys()
+            assert all(torch.equal(r.per_method[k].probs, w.per_method[k].probs)
+                       for k in w.per_method)
+
+
+@pytest.mark.parametrize("method, message", [
+    ([], "method is an empty list"),
+    (["dense", "multicrop", "dense"], "method 'dense' is given twice; list each method once"),
+    (["dense", "crops"], "unknown method 'crops'"),
+    ({"dense"}, "unknown method {'dense'}")])
+def test_evaluate_checks_its_methods_before_reading_an_image(weights, samples, monkeypatch,
+                                                             method, message):
+    from vggfast import protocols
+    read = []
+    monkeypatch.setattr(protocols.pp, "load_image", lambda x: read.append(x))
+    with pytest.raises(VGGFastError) as err:
+        protocols.evaluate(Engine(weights), [(str(samples["cat"]), 1)], 32, method=method,
+                           progress=False)
+    assert str(err.value).startswith(message) and read == []
 
 
 def test_evaluate_needs_a_class_map_when_folders_are_ambiguous(weights, samples, tmp_path, capsys):

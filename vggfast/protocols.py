@@ -30,6 +30,7 @@ import numbers
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
@@ -90,9 +91,17 @@ def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch
     if len(methods) == 1:
         r = per_method[method]
         return Result(r.probs, engine.class_names, r.per_scale, top_k, per_method=per_method)
+    return fuse_methods(engine, per_method, plan.scales, top_k)
+
+
+def fuse_methods(engine: "Engine", per_method: dict[str, "Result"], scales: Sequence[int],
+                 top_k: int) -> "Result":
+    """"dense+multicrop": the mean of the methods' posteriors [classes], overall and per scale,
+    with `per_method` as Result.per_method."""
+    from .engine import Result
     probs = torch.stack([r.probs for r in per_method.values()]).mean(0)
     per_scale = {q: torch.stack([r.per_scale[q] for r in per_method.values()]).mean(0)
-                 for q in plan.scales}
+                 for q in scales}
     return Result(probs, engine.class_names, per_scale, top_k, per_method=per_method)
 
 
@@ -148,7 +157,8 @@ class Ensemble:
         try:
             weights = list(weights)
         except TypeError:
-            raise ArgumentError(f"weights must be a list of {len(engines)} numbers, not {weights!r}")
+            raise ArgumentError(f"weights must be a list of {len(engines)} numbers, "
+                                f"not {weights!r}")
         if len(weights) != len(engines) or any(
                 isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
                 or w < 0 for w in weights) or sum(weights) <= 0:
@@ -338,57 +348,149 @@ def none_evaluated(n: int, images: str, failed: Sequence[dict[str, str]],
                         + (f": {counts}{firsts}" if failed else ""))
 
 
+def _check_methods(method: Any) -> list[str]:
+    """`evaluate`'s method: one method, or a list or tuple of them, each given once."""
+    from .engine import check_method
+    if not isinstance(method, (list, tuple)):
+        return [check_method(method)]
+    methods = [check_method(m) for m in method]
+    if not methods:
+        raise ArgumentError("method is an empty list; give at least one, e.g. ['dense']")
+    twice = next((m for i, m in enumerate(methods) if m in methods[:i]), None)
+    if twice is not None:   # as a repeated scale is refused: it would be a second, equal row
+        raise ArgumentError(f"method {twice!r} is given twice; list each method once")
+    return methods
+
+
+def _forwards(engine: "Engine", images: list, scales: tuple[int, ...], flip: bool,
+              method: str) -> Counter:
+    """The forwards engine.classify(images, method=method) runs: its plan's waves
+    (Executor.waves), each as the views (image, scale, crop, flip) of its batches, slot by
+    slot."""
+    ex = engine._executor
+    plan = ex.plan(images, scales, flip, method)
+    return Counter(tuple(tuple((v.image, v.scale, v.crop, v.flip)
+                               for v in (plan.views[i] for i in b.views)) for b in wave)
+                   for wave in ex.waves(plan, "fc8"))
+
+
+def _batched_alike(engine: "Engine", images: list, scales: tuple[int, ...], flip: bool) -> bool:
+    """Whether classifying `images` by "dense+multicrop" runs exactly the forwards of "dense" and
+    of "multicrop": the same waves of the same batches, each view in the same slot. The backend
+    computes a wave from its inputs alone (the same inputs, the same numbers), so its view scores
+    are then theirs bit for bit, and its Results `fuse_methods` of theirs. Not so where a dense
+    view has the crop size (it joins the crops' batches, which are then of other sizes) nor
+    where the backend groups batches into waves up to the memory budget (triton): other batches
+    are other sums, which may round otherwise. False too where a plan is refused (over the
+    budget)."""
+    try:
+        return _forwards(engine, images, scales, flip, "dense+multicrop") == \
+            _forwards(engine, images, scales, flip, "dense") + \
+            _forwards(engine, images, scales, flip, "multicrop")
+    except VGGFastError:
+        return False
+
+
+def _classify_chunk(engine: "Engine", images: list, scales: tuple[int, ...], flip: bool,
+                    methods: Sequence[str], average: str) -> dict[str, tuple[list, list, list]]:
+    """{method: (results, kept, over)} for one chunk of decoded images, each method's as
+    `skipping_oversized` runs engine.classify(images, method=method): the Results (top 5) of the
+    images at positions `kept`, in order, and (position, why) of each image over the memory
+    budget. "dense+multicrop" asked for with "dense" and "multicrop" is `fuse_methods` of their
+    Results where both ran the whole chunk and `_batched_alike` holds (equal to its own run bit
+    for bit, with none of its forwards run again), else run on its own."""
+    from .engine import skipping_oversized
+
+    def run(m: str) -> tuple[list, list, list]:
+        outs, kept, over = skipping_oversized(
+            lambda ims: engine.classify(ims, scales=scales, flip=flip, method=m, top_k=5,
+                                        average=average), images)
+        return [r for out in outs for r in out], kept, over
+
+    both = "dense+multicrop"
+    done = {m: run(m) for m in methods if m != both}
+    if both in methods:
+        d, c = done.get("dense"), done.get("multicrop")
+        if d is not None and c is not None and images and not d[2] and not c[2] \
+                and _batched_alike(engine, images, scales, flip):
+            done[both] = ([fuse_methods(engine, {"dense": a.per_method["dense"],
+                                                 "multicrop": b.per_method["multicrop"]},
+                                        scales, 5) for a, b in zip(d[0], c[0])], d[1], [])
+        else:
+            done[both] = run(both)
+    return {m: done[m] for m in methods}
+
+
 def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequence[int],
-             flip: bool = True, method: str = "dense", average: str = "probs",
-             progress: bool = True) -> dict[str, Any]:
-    """Top-1 / top-5 error (%) of `engine` on (image, label) pairs; unreadable images are skipped
-    and listed under "failed". Labels are class indices 0..num_classes-1; the arguments are
-    checked before any image is read."""
+             flip: bool = True, method: str | Sequence[str] = "dense", average: str = "probs",
+             progress: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
+    """Top-1 / top-5 error (%) of `engine` on (image, label) pairs: {"method", "scales", "flip",
+    "average", "images", "top1_error", "top5_error", "failed"}. Unreadable images and images
+    over the memory budget are skipped and listed under "failed" ({"file", "error"}). Labels are
+    class indices 0..num_classes-1; the arguments are checked before any image is read.
+
+    method: one method (-> its dict), or a list or tuple of methods, each once (-> their dicts,
+    in that order), as `vggfast evaluate --method dense multicrop dense+multicrop` asks. One pass
+    serves every method: each image is decoded once (CHUNK_IMAGES at a time) and classified by
+    each, with the numbers of one call per method. An unreadable file is listed by every
+    method's dict, one over the budget by those of the methods whose views do not fit.
+    "dense+multicrop" with both "dense" and "multicrop" averages their posteriors where that is
+    its own result bit for bit (see `_classify_chunk`), instead of running their forwards again.
+    """
     from tqdm import tqdm
 
-    from .engine import CHUNK_IMAGES, check_flag, check_method, skipping_oversized
-    method = check_method(method)
-    scales = engine.check_scales(scales, method=method)
+    from .engine import CHUNK_IMAGES, check_flag
+    methods = _check_methods(method)
+    for m in methods:     # each method's own refusal (multi-crop's names the crop size)
+        scales = engine.check_scales(scales, method=m)
     check_average(average)
     flip = check_flag("flip", flip)
     pairs = check_pairs(pairs, engine.spec.num_classes)
-    top1 = top5 = done = 0
-    failed, over_budget = [], []
+    wrong1, wrong5, done = ({m: 0 for m in methods} for _ in range(3))
+    failed: dict[str, list[dict[str, str]]] = {m: [] for m in methods}
+    over_budget: dict[str, list[dict[str, str]]] = {m: [] for m in methods}
     bar = tqdm(total=len(pairs), desc="evaluate", unit="img", disable=not progress,
                file=sys.stderr)
     for start in range(0, len(pairs), CHUNK_IMAGES):
-        # Decoded one by one (an unreadable image is skipped), classified as one request: the
-        # planner batches equal-size views across the chunk's images.
-        images, labels, names = [], [], []
+        # Decoded once, one by one (an unreadable image is skipped), then classified by each
+        # method as one request: the planner batches equal-size views across the chunk's images.
+        images, labels, names, unreadable = [], [], [], []
         for img, label in pairs[start:start + CHUNK_IMAGES]:
             try:
                 images.append(pp.load_image(img))
                 labels.append(label)
                 names.append(img)
             except ImageError as exc:
-                failed.append({"file": str(img), "error": str(exc)})
+                unreadable.append((str(img), str(exc)))
         # an image over the memory budget is skipped, not the evaluation
-        outs, kept, over = skipping_oversized(
-            lambda ims: engine.classify(ims, scales=scales, flip=flip, method=method, top_k=5,
-                                        average=average), images)
-        big = [{"file": str(names[j]), "error": f"{names[j]} {why}"} for j, why in over]
-        failed += big
-        over_budget += big
-        results = [r for out in outs for r in out]
-        for r, label in zip(results, [labels[j] for j in kept]):
-            best = [i for i, _, _ in r.top(5)]
-            done += 1
-            top1 += best[0] != label
-            top5 += label not in best
+        chunk = _classify_chunk(engine, images, scales, flip, methods, average)
+        for m, (results, kept, over) in chunk.items():
+            failed[m] += [{"file": f, "error": why} for f, why in unreadable]
+            big = [{"file": str(names[j]), "error": f"{names[j]} {why}"} for j, why in over]
+            failed[m] += big
+            over_budget[m] += big
+            for r, j in zip(results, kept):
+                best = [i for i, _, _ in r.top(5)]
+                done[m] += 1
+                wrong1[m] += best[0] != labels[j]
+                wrong5[m] += labels[j] not in best
         bar.update(min(CHUNK_IMAGES, len(pairs) - start))
-        if done:
-            bar.set_postfix(top1=f"{100 * top1 / done:.1f}%", top5=f"{100 * top5 / done:.1f}%")
+        rate = {m: (f"{100 * wrong1[m] / done[m]:.1f}%", f"{100 * wrong5[m] / done[m]:.1f}%")
+                for m in methods if done[m]}
+        if len(methods) == 1 and rate:
+            bar.set_postfix(top1=rate[methods[0]][0], top5=rate[methods[0]][1])
+        elif rate:
+            bar.set_postfix({m: "/".join(r) for m, r in rate.items()})
     bar.close()
-    if not done:
-        raise none_evaluated(len(pairs), "images", failed, over_budget)
-    return {"method": method, "scales": list(scales), "flip": flip, "average": average,
-            "images": done, "top1_error": 100.0 * top1 / done, "top5_error": 100.0 * top5 / done,
-            "failed": failed}
+    none = [m for m in methods if not done[m]]
+    if none:    # for some methods only where the memory budget skips an image for them alone
+        m = none[0]
+        what = "images" if len(none) == len(methods) else f"images with method {m}"
+        raise none_evaluated(len(pairs), what, failed[m], over_budget[m])
+    rows = [{"method": m, "scales": list(scales), "flip": flip, "average": average,
+             "images": done[m], "top1_error": 100.0 * wrong1[m] / done[m],
+             "top5_error": 100.0 * wrong5[m] / done[m], "failed": failed[m]} for m in methods]
+    return rows if isinstance(method, (list, tuple)) else rows[0]
 
 
 def format_table(rows: Sequence[dict[str, Any]], config: str) -> str:
@@ -420,12 +522,11 @@ def cmd_evaluate(args) -> int:
         raise ArgumentError(f"--limit must be 0 (all) or a positive number, not {args.limit}")
     if args.limit:
         pairs = pairs[:args.limit]
-    rows = []
-    for method in args.method:
-        rows.append(evaluate(eng, pairs, scales, not args.no_flip, method, args.average,
-                             progress=not args.quiet))
-    # every method's, once per file in the order met; one that only some methods skipped (each
-    # method reads the files anew: one can go unreadable meanwhile) says which
+    # one pass over the images for every method (each image decoded once)
+    rows = evaluate(eng, pairs, scales, not args.no_flip, list(args.method), args.average,
+                    progress=not args.quiet)
+    # every method's, once per file in the order met; one that only some methods skipped (over
+    # the memory budget for their views only) says which
     skipped: dict[str, tuple[str, list[str]]] = {}
     for row in rows:
         for f in row["failed"]:

@@ -1,0 +1,127 @@
+"""evaluate with several methods: one pass over the images vs one evaluate per method, on the CPU
+(a benchmark, not a test).
+
+`vggfast evaluate DIR --method dense multicrop dense+multicrop` ran protocols.evaluate once per
+method, decoding every image each time; it now makes one call with the list of methods (each image
+decoded once, dense+multicrop fused from the other two where that is bit for bit its own result).
+Both run here, in the same process, on --images JPEGs made from the bundled photos (each side
+times --photo-scale), with a random-init VGG (vggfast.nn.build_model, --config, --width,
+--image-size, 10 classes, seeded), backend "torch", float32, --threads CPU threads:
+  per-method   [evaluate(eng, pairs, scales, method=m) for m in METHODS]   (the anchor: the old CLI)
+  one-pass     evaluate(eng, pairs, scales, method=METHODS)
+The rows are checked equal (top-1 / top-5 error, images, skipped files) before anything is timed;
+then the two alternate --repeat times after a warm-up, and the medians are printed with the
+decodes (preprocess.load_image of a file) and classify calls each variant made. JSON (torch
+version, CPU, threads, git commit) goes to --out when given.
+
+    python bench/evaluate_methods.py [--scales 40 48 64] [--photo-scale 1] [--out /tmp/eval.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vggfast import Engine, protocols
+from vggfast.cli import sample_images
+from vggfast.nn import build_model
+
+METHODS = ["dense", "multicrop", "dense+multicrop"]
+
+
+def _folder(root: Path, n: int, scale: float) -> list[tuple[str, int]]:
+    photos = sorted(sample_images())
+    pairs = []
+    for k in range(n):
+        img = Image.open(photos[k % len(photos)]).convert("RGB")
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+        path = root / f"{k}.jpg"
+        img.save(path, quality=90)
+        pairs.append((str(path), k % 3))
+    return pairs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--photo-scale", type=float, default=1.0)
+    ap.add_argument("--scales", type=int, nargs="+", default=[40, 48, 64])
+    ap.add_argument("--config", default="D")
+    ap.add_argument("--width", type=float, default=1 / 16)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(args.config, num_classes=10, width=args.width,
+                        image_size=args.image_size).eval()
+    eng = Engine(model.state_dict(), backend="torch", device="cpu", dtype=torch.float32)
+    load, classify, counts = protocols.pp.load_image, eng.classify, Counter()
+
+    def counted_load(img):
+        counts["decodes"] += isinstance(img, (str, Path))
+        return load(img)
+
+    def counted_classify(imgs, **kw):
+        counts[kw["method"]] += 1
+        return classify(imgs, **kw)
+
+    protocols.pp.load_image, eng.classify = counted_load, counted_classify
+    variants = {
+        "per-method": lambda: [protocols.evaluate(eng, pairs, args.scales, method=m,
+                                                  progress=False) for m in METHODS],
+        "one-pass": lambda: protocols.evaluate(eng, pairs, args.scales, method=METHODS,
+                                               progress=False)}
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = _folder(Path(tmp), args.images, args.photo_scale)
+        calls = {}
+        rows = {}
+        for name, run in variants.items():     # the check, and the warm-up
+            counts.clear()
+            rows[name] = run()
+            calls[name] = dict(counts)
+        if rows["one-pass"] != rows["per-method"]:
+            print("FAIL: the one-pass rows differ from one evaluate per method", file=sys.stderr)
+            return 1
+        times = {name: [] for name in variants}
+        for _ in range(args.repeat):
+            for name, run in variants.items():
+                t = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(f"{args.images} JPEGs (bundled photos x{args.photo_scale}), {args.config} width "
+          f"{args.width:g}, scales {args.scales}, torch fp32 cpu, {args.threads} thread(s), "
+          f"median of {args.repeat}")
+    print(f"{'variant':<12} {'seconds':>8} {'decodes':>8}  classify calls")
+    for name in variants:
+        c = calls[name]
+        print(f"{name:<12} {med[name]:>8.3f} {c.get('decodes', 0):>8}  "
+              + ", ".join(f"{m} {c.get(m, 0)}" for m in METHODS))
+    print(f"speed-up one-pass vs per-method: {med['per-method'] / med['one-pass']:.2f}x; rows "
+          "equal")
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+        Path(args.out).write_text(json.dumps({
+            "args": vars(args), "median_s": med, "times_s": times, "calls": calls,
+            "rows": rows["one-pass"], "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "commit": commit}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
