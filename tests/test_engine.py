@@ -182,6 +182,23 @@ def test_memory_budget_refusals_give_every_size_as_hxw(tiny):
         assert str(err.value).startswith(words), str(err.value)
 
 
+def test_memory_budget_refusals_below_a_mib_give_bytes_as_the_planner_does(tiny):
+    """The engine's own checks (logits, FeatureExtractor, the paths the planner does not plan)
+    wrote sizes below 1 MiB as "0.0 MiB": a 100 kB budget and the input over it read the same.
+    They now write whole bytes there, as the planner's refusals (csrc fmt_bytes) do."""
+    need = Engine(tiny.state_dict(), backend="torch", dtype="float32").activation_bytes(1, 40, 40)
+    assert need < 1 << 20
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=need - 1)
+    with pytest.raises(MemoryBudgetError) as err:
+        eng.logits(torch.rand(1, 3, 40, 40))
+    msg = str(err.value)
+    assert f"needs {need} bytes of activations, over the memory budget of {need - 1} bytes" \
+        in msg and "MiB" not in msg, msg
+    # the planner's refusal of the same budget writes it the same way
+    with pytest.raises(MemoryBudgetError, match=f"over the memory budget of {need - 1} bytes"):
+        eng.classify(torch.rand(3, 40, 2000), scales=64)
+
+
 def test_a_callers_autocast_region_does_not_change_the_engines_dtype(tiny):
     """Engine computes in its own dtype (the Triton kernels ignore autocast; so must the
     reference): inside torch.autocast the answers are the same, not bf16 ones."""

@@ -25,7 +25,7 @@ from . import preprocess as pp
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
-from .scheduler import check_flag
+from .scheduler import _fmt_bytes, check_flag
 from .weights import Weights, all_finite, load
 
 METHODS = ("dense", "multicrop", "dense+multicrop")  # see protocols.py
@@ -340,10 +340,6 @@ def _default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * 0.8)
     return DEFAULT_CPU_BUDGET
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 class Engine:

@@ -270,7 +270,11 @@ class Plan:
 
 
 def _fmt_bytes(n: float) -> str:
-    # as the planner's messages write sizes: a small net's arenas all read "0.0 MiB" otherwise
+    """A size as the planner's messages write it (csrc/plan.cpp fmt_bytes): EiB, GiB, MiB, else
+    whole bytes (a small net's arenas, and the engine's refusals of small budgets, all read
+    "0.0 MiB" otherwise). The engine's own memory checks write their sizes with it too."""
+    if n >= 1 << 60:
+        return f"{n / (1 << 60):.2f} EiB"
     if n >= 1 << 30:
         return f"{n / (1 << 30):.2f} GiB"
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{int(n)} bytes"
