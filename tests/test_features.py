@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import random_bn_statistics, skip_unless_triton_backend, small_model
 from vggfast import Engine, FeatureExtractor, VGGFastError
+from vggfast.errors import MemoryBudgetError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # torchvision `features` indices (config D, no BN): the module after which each tap is read
@@ -95,6 +96,26 @@ def test_feature_maps_are_the_unpooled_dense_activation(eng, model, samples):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     both = eng.feature_maps(samples["astronaut"], layer="fc7", scale=64, flip=True)
     assert both.shape == (2, model.spec.fc_width, 2, 2)
+
+
+def test_feature_maps_over_the_memory_budget_names_the_image(model, tmp_path):
+    """feature_maps' refusal named no image ("a 64x3200 (HxW) input (batch 1) needs ..."), nor
+    the file; it now reads as localize's and features': "FILE (40x2000, HxW) at scale Q: why",
+    "image 0 (...)" for an image that is not a path, with the image's index and the reason."""
+    eng = Engine(model.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
+    pano = torch.randint(0, 256, (3, 40, 2000), dtype=torch.uint8)
+    path = tmp_path / "pano.png"
+    Image.fromarray(pano.permute(1, 2, 0).numpy()).save(path)
+    for img, who in ((str(path), str(path)), (path, str(path)), (pano, "image 0")):
+        for flip, batch in ((False, 1), (True, 2)):
+            with pytest.raises(MemoryBudgetError) as err:
+                eng.feature_maps(img, layer="relu3_3", scale=64, flip=flip)
+            reason = f"(40x2000, HxW) at scale 64: a 64x3200 (HxW) input (batch {batch}) needs "
+            assert str(err.value).startswith(f"{who} {reason}"), str(err.value)
+            assert err.value.image == 0 and err.value.reason.startswith(reason)
+    # within the budget it runs
+    assert eng.feature_maps(pano[:, :, :48], layer="relu3_3", scale=64).shape[0] == \
+        model.spec.tap_layer("relu3_3").cout
 
 
 def test_nan_classifier_allows_conv_features_and_refuses_fc7(model, samples):
