@@ -226,6 +226,47 @@ def test_an_ensemble_runs_each_engine_once_per_chunk_of_a_list(samples, tmp_path
                                      "scale 64 ") and err.value.image == 4, str(err.value)
 
 
+def test_an_ensembles_long_list_is_checked_before_its_first_chunk_runs(tmp_path, monkeypatch):
+    """Ensemble.classify hands each engine one decoded chunk at a time, too few images for the
+    engine's own check of a long list: an image over a member's budget, or unreadable, late in
+    the list was refused only when its chunk came, after every engine had run the chunks before
+    it. Each engine now checks the whole list (Engine._check_chunks) before the first chunk."""
+    import vggfast.engine as E
+    from vggfast.errors import MemoryBudgetError
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    d = Engine(small_model("D", num_classes=10, seed=1).state_dict(), backend="torch",
+               dtype="float32")
+    e = Engine(small_model("E", num_classes=10, seed=2).state_dict(), backend="torch",
+               dtype="float32", memory_budget=1 << 20)
+    decoded, runs = [], []
+    real_load = E.pp.load_image
+    monkeypatch.setattr(E.pp, "load_image", lambda i: decoded.append(i) or real_load(i))
+    for m in (d, e):
+        real_run = m._executor.run
+        monkeypatch.setattr(m._executor, "run", lambda *a, r=real_run, **k: runs.append(1)
+                            or r(*a, **k))
+    head = [torch.rand(3, 40, 40), tmp_path / "small.png", torch.rand(3, 40, 48),
+            tmp_path / "small.png"]
+    fusion = Ensemble([d, e])
+    for last, exc, words in [
+            (tmp_path / "pano.png", MemoryBudgetError, f"{tmp_path / 'pano.png'} (image 4) "
+                                                       "(40x2000, HxW) at scale 64 "),
+            (torch.rand(3, 40, 2000), MemoryBudgetError, "image 4 (40x2000, HxW) at scale 64 "),
+            (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
+        decoded.clear()
+        runs.clear()
+        with pytest.raises(exc) as err:
+            fusion.classify(head + [last], scales=64)
+        assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
+        assert runs == [] and decoded == []
+    # what passes the checks runs as before, chunk by chunk
+    got = fusion.classify(head + [tmp_path / "small.png"], scales=64)
+    assert len(got) == 5 and len(runs) == 6
+
+
 def _named(config, names, seed=0):
     sd = small_model(config, num_classes=len(names), seed=seed).state_dict()
     return Engine({"state_dict": sd, "meta": {"class_names": names}})

@@ -185,16 +185,26 @@ class Ensemble:
         A list goes CHUNK_IMAGES images at a time: the chunk's images are decoded once, and each
         engine classifies the decoded chunk as one request (its planner batches equal-size views
         across the images), then each image's Results are fused. An image that cannot be read
-        is an ImageError naming its index in the list, as Engine.classify's.
+        is an ImageError naming its index in the list, as Engine.classify's. A list of several
+        chunks is checked by every engine's planner first (Engine._check_chunks, as
+        Engine.classify checks its own), so an image too small, over an engine's memory budget
+        or unreadable late in the list is refused before any chunk runs.
         """
-        from .engine import _check_top_k, decoded_chunks, naming_images
+        from .engine import _check_top_k, check_flag, check_method, decoded_chunks, naming_images
         top_k = _check_top_k(top_k)
+        method = check_method(method)
+        flip = check_flag("flip", flip)
+        check_average(average)
         # once, before the engines (and a list's images) share them: an iterator of scales
         # would be used up by the first; each engine checks them against its own native size
         for e in self.engines:
             scales = e.check_scales(scales, method=method)
         many = isinstance(img, (list, tuple))
         items = list(img) if many else [img]
+        # each engine sees a chunk at a time, too few images for its own check of the list
+        for e in self.engines:
+            e._check_chunks(items, lambda sizes, e=e: e._executor.scheduler.plan(
+                sizes, scales, flip, method))
         fused = []
         for start, images in decoded_chunks(items):
             # a refusal about "image K" of the chunk names the list's image, and its file
