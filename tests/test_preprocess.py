@@ -514,3 +514,61 @@ def test_a_uint8_array_is_copied_once_and_never_shared(monkeypatch):
         got.fill_(7)
         assert np.array_equal(src, before)
     assert torch_copies == []
+
+
+@pytest.mark.parametrize("dtype", ["uint8", ">u2", "uint16", "bool", "float64", "float32"])
+@pytest.mark.parametrize("gray", [True, False], ids=["HxW", "HxWx3"])
+def test_gray_uint16_bool_and_float_arrays_are_copied_once_and_never_shared(monkeypatch, dtype,
+                                                                            gray):
+    """A grayscale array was np.repeat-ed to HxWx3 and then copied into CHW order; a uint16,
+    bool or float one converted (astype, then / 65535 or * 255: two numpy images) and copied
+    again by .contiguous() of its CHW permute, a float one once more by its clamp. Each is now
+    one copy, converting, repeating the channel and reordering at once: the numpy buffers made
+    (tracemalloc) hold one result image, no torch copy is made, the values are those of the
+    steps apart, and the result never shares the caller's memory (nor where the array is a CHW
+    buffer underneath)."""
+    import tracemalloc
+    h, w = 200, 300
+    rng = np.random.default_rng(1)
+    if dtype == "bool":
+        a = rng.random((h, w, 3)) < 0.5
+    elif "u" in dtype:
+        a = rng.integers(0, 256 if dtype == "uint8" else 65536, (h, w, 3)).astype(dtype)
+    else:   # a little rounding either side of [0, 1], which is clamped away
+        a = rng.uniform(-5e-4, 1 + 5e-4, (h, w, 3)).astype(dtype)
+    a = a[..., 0] if gray else a
+    # the values of the steps apart (the old code)
+    rgb = np.repeat(a[:, :, None], 3, axis=2) if gray else a
+    rgb = rgb.astype(rgb.dtype.newbyteorder("="))
+    if rgb.dtype == np.uint16:
+        rgb = rgb.astype(np.float32) / 65535.0
+    elif rgb.dtype == np.bool_:
+        rgb = rgb.astype(np.uint8) * 255
+    elif rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.float32).clip(0, 1)
+    want = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    torch_copies, real = [], torch.Tensor.contiguous
+
+    def contiguous(t, *args, **kw):
+        out = real(t, *args, **kw)
+        if out.data_ptr() != t.data_ptr():
+            torch_copies.append(tuple(t.shape))
+        return out
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    srcs = [a] if gray else [a, np.ascontiguousarray(a.transpose(2, 0, 1)).transpose(1, 2, 0)]
+    for src in srcs:
+        before = src.copy()
+        load_image(src)                                 # warm: no first-call allocations below
+        tracemalloc.start()
+        try:
+            got = load_image(src)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got.dtype == want.dtype and got.is_contiguous() and torch.equal(got, want)
+        out = got.numel() * got.element_size()
+        assert out <= peak < 1.5 * out, (src.shape, peak, out)
+        assert not np.shares_memory(got.numpy(), src)
+        got.fill_(0)
+        assert np.array_equal(src, before)
+    assert torch_copies == []

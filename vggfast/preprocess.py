@@ -459,22 +459,44 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
     if a.ndim == 2:
         a = a[:, :, None]
     a = a[:, :, :3] if a.shape[2] == 4 else a
-    if not a.dtype.isnative:  # big-endian samples (np.asarray of an I;16B image): same values
-        a = a.astype(a.dtype.newbyteorder("="))
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    if a.dtype == np.uint8:
-        # one copy, straight into CHW order (a copy, then a CHW one, held the image twice);
-        # copy=True always copies, so the result never shares the caller's memory, as
-        # np.ascontiguousarray would for an array that is a CHW buffer underneath
-        return torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C", copy=True))
-    if a.dtype == np.uint16:
-        return torch.from_numpy(a.astype(np.float32) / 65535.0).permute(2, 0, 1).contiguous()
-    if a.dtype == np.bool_:
-        return torch.from_numpy(a.astype(np.uint8) * 255).permute(2, 0, 1).contiguous()
-    if np.issubdtype(a.dtype, np.floating):
-        return _from_tensor(torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1))
-    raise ImageError(f"numpy images must be uint8, uint16 or float in [0, 1], not {a.dtype}")
+    # big-endian samples (np.asarray of an I;16B image) read as the native type: the one copy
+    # below swaps their bytes
+    kind = a.dtype.newbyteorder("=")
+    if kind == np.uint8:
+        return torch.from_numpy(_chw_copy(a, np.uint8))
+    if kind == np.uint16:
+        out = _chw_copy(a, np.float32)
+        out /= 65535.0
+        return torch.from_numpy(out)
+    if kind == np.bool_:
+        out = _chw_copy(a, np.uint8)
+        out *= 255
+        return torch.from_numpy(out)
+    if np.issubdtype(kind, np.floating):
+        t = torch.from_numpy(_chw_copy(a, np.float32))
+        _check_float(t)
+        return t.clamp_(0, 1)
+    raise ImageError(f"numpy images must be uint8, uint16 or float in [0, 1], not {kind}")
+
+
+def _chw_copy(a: np.ndarray, dtype) -> np.ndarray:
+    """a [H, W, C] (C 1 or 3) as a new C-order [3, H, W] array of `dtype`: one copy, which also
+    converts the samples (as astype does) and repeats a single channel. Each step apart (repeat,
+    astype, a CHW copy) held the image again; a copy is made even where a CHW buffer underneath
+    could be returned as it is, so the result never shares the caller's memory."""
+    out = np.empty((3, *a.shape[:2]), dtype)
+    np.copyto(out, a.transpose(2, 0, 1), casting="unsafe")
+    return out
+
+
+def _check_float(t: torch.Tensor) -> None:
+    """ImageError unless the float32 image t is finite with values in [0, 1] (FLOAT_SLACK of
+    rounding either side, which the caller clamps away)."""
+    if not torch.isfinite(t).all():
+        raise ImageError("float image contains NaN or infinite values")  # numpy's too
+    if t.numel() and (t.min() < -FLOAT_SLACK or t.max() > 1 + FLOAT_SLACK):
+        raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
+                         f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
 
 
 def _tensor_size(t: torch.Tensor) -> tuple[int, int]:
@@ -508,11 +530,7 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32).div_(65535.0).contiguous()
     if t.is_floating_point():
         t = t.to(torch.float32)
-        if not torch.isfinite(t).all():
-            raise ImageError("float image contains NaN or infinite values")  # numpy's too
-        if t.numel() and (t.min() < -FLOAT_SLACK or t.max() > 1 + FLOAT_SLACK):
-            raise ImageError(f"float image values must lie in [0, 1] (found {t.min():.3g}.."
-                             f"{t.max():.3g}); pass uint8 0-255 or un-normalised RGB in [0, 1]")
+        _check_float(t)
         return t.clamp(0, 1).contiguous()
     raise ImageError(f"tensor images must be uint8, uint16, bool or float in [0, 1], not "
                      f"{t.dtype}")
