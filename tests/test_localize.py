@@ -580,6 +580,45 @@ def test_training_samples_are_checked_before_training(tiny_set, tmp_path, capsys
                            "for training")
 
 
+def test_a_training_image_whose_rescale_passes_the_pixel_limit_is_skipped(tiny_set, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The localisation trainer rescaled each whole image to S before cutting its crop, with no
+    check of the rescale's size: a thin strip (40x20000 at S = 512: 512x256000 pixels, 1.5 GB of
+    float32) allocated GBs in a data worker. Such an image is now skipped by its header and
+    reported before training, as the classification trainer skips an image it cannot read
+    (and caps S where a square image's rescale passes the same pixel limit); validation
+    images at the central-crop scale too."""
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    strip = rng.integers(0, 256, (10, 480, 3)).astype(np.uint8)
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    lines = [json.loads(line) for line in (tiny_set / "boxes.jsonl").read_text().splitlines()]
+    for rec in lines:
+        rec["file"] = str(tiny_set / rec["file"])
+    lines.append({"file": str(tmp_path / "strip.png"), "label": 1, "boxes": [[10, 2, 30, 8]]})
+    boxes = tmp_path / "boxes.jsonl"
+    boxes.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)      # the limit: 10000 pixels
+    rescaled, real = [], L.pp.resize_short
+    monkeypatch.setattr(L.pp, "resize_short", lambda x, q: rescaled.append(
+        (tuple(x.shape[-2:]), q)) or real(x, q))
+    r = L.train_localizer(L.LocTrainOptions(
+        boxes=str(boxes), init=str(tiny_set / "cls"), out=str(tmp_path / "loc"), epochs=1,
+        batch_size=4, workers=0, val_boxes=str(boxes), scales=(32, 48), quiet=True))
+    assert len(r.history) == 1 and math.isfinite(r.history[0]["loss"])
+    err = capsys.readouterr().err
+    strip = str(tmp_path / "strip.png")
+    assert f"skipped 1 unreadable files for training: {strip} (10x480 (HxW) is rescaled to " \
+        "48x2304 at scale 48: 110592 pixels, over the 10000 an image may have" in err, err
+    assert f"for validation: {strip} (10x480 (HxW) is rescaled to 37x1776 at scale 37" in err
+    # each of the other images rescaled every pass (6 training, 6 validation), never the strip
+    assert len(rescaled) == 12 and all(size == (40, 48) for size, _ in rescaled)
+    kept = L.readable_samples(L.read_boxes(boxes, ["a", "b", "c"]), "for training", 48)
+    assert [s.file for s in kept] == [rec["file"] for rec in lines[:-1]]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)      # the limit off: the caller's word
+    assert len(L.readable_samples(L.read_boxes(boxes, ["a", "b", "c"]), "for training", 48)) == 7
+
+
 def test_an_image_whose_exif_cannot_be_read_is_kept_the_way_it_is_stored(tmp_path, monkeypatch):
     """load_image keeps the stored orientation when the EXIF block is broken; the training scan
     agrees (it read the EXIF outside its guard and skipped such a photo), while a PNG whose

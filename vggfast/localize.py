@@ -467,14 +467,27 @@ def _clipped_boxes(s: LocSample, w: int, h: int) -> list[tuple[float, ...]]:
     return boxes
 
 
-def readable_samples(samples: Sequence[LocSample], where: str) -> list[LocSample]:
+def readable_samples(samples: Sequence[LocSample], where: str,
+                     scale: int | None = None) -> list[LocSample]:
     """The samples whose image PIL can open (read from the header only; the others are skipped
     with a warning, as the classification trainer skips them), each box clipped to its image. A
-    box wholly outside its image is an AnnotationError naming the file."""
+    box wholly outside its image is an AnnotationError naming the file.
+
+    scale: the largest S the images are rescaled to (whole, before the crop). An image whose
+    rescale would have more pixels than an image may have (preprocess.pixel_limit, the cap the
+    training scales meet for a square image) is skipped the same way, by its header: a 40x20000
+    strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a data worker."""
     from .train import _header, _report_skipped
     out, skipped = [], []
+    limit = pp.pixel_limit() if scale is not None else None
     for s in samples:
         size = _header(s.file, oriented=True)
+        if not isinstance(size, str) and limit is not None:
+            h, w = pp.rescaled_size(size[1], size[0], scale)
+            if h * w > limit:
+                size = (f"{size[1]}x{size[0]} (HxW) is rescaled to {h}x{w} at scale {scale}: "
+                        f"{h * w} pixels, over the {limit} an image may have (twice "
+                        "PIL.Image.MAX_IMAGE_PIXELS)")
         if isinstance(size, str):
             skipped.append((s.file, size))
             continue
@@ -942,9 +955,13 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     size = model.spec.image_size
     scales = train_scales(opts, size)
     pre = cls_w.preprocess or "torchvision"
-    samples = readable_samples(read_boxes(opts.boxes, classes, opts.data), "for training")
-    val = (readable_samples(read_boxes(opts.val_boxes, classes, opts.val), "for validation")
-           if opts.val_boxes else None)
+    # an image is rescaled whole before its crop is cut: one whose rescale at the largest
+    # scale would pass the pixel limit is skipped, as an unreadable one is
+    smax = scales[1] if scales[-1] == "range" else max(scales)
+    cscale = default_center_scale(size)
+    samples = readable_samples(read_boxes(opts.boxes, classes, opts.data), "for training", smax)
+    val = (readable_samples(read_boxes(opts.val_boxes, classes, opts.val), "for validation",
+                            cscale) if opts.val_boxes else None)
     meta = loc_meta(cls_w.meta or {}, model.spec, opts.mode, classes, trainable=opts.trainable,
                     init=str(init))
     meta["preprocess"] = pre
@@ -955,7 +972,6 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
                                                            patience=opts.patience)
     ds = LocDataset(samples, size, scales, True, opts.flip, opts.color_shift, opts.min_visible, pre)
-    cscale = default_center_scale(size)
     vds = LocDataset(val, size, (cscale,), False, preprocess=pre) if val else None
     say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, flush=True))
     say(f"localisation net {opts.mode.upper()} from {init}: {len(samples)} training images, "
