@@ -507,6 +507,53 @@ def test_unreadable_files_are_skipped_and_reported(tmp_path, capsys):
         T.scan_folder(data)
 
 
+def test_an_image_whose_rescale_passes_the_pixel_limit_is_skipped(tmp_path, monkeypatch, capsys):
+    """The classification trainer rescaled each whole image to S in a data worker before
+    cutting its crop, with no check of the rescale's size: a thin strip (40x20000 at S = 512:
+    512x256000 pixels, 1.5 GB of float32) allocated GBs. Such an image is now skipped by its
+    header at the scan and reported with the unreadable ones, as the localisation trainer skips
+    it: a training image at Smax, a validation image at Q, named by its loaded size (EXIF
+    rotation applied); training goes on with the rest."""
+    data = make_folder(tmp_path / "data", n=3)                  # 40x48 (HxW)
+    val = make_folder(tmp_path / "val", n=1, seed=1)
+    strip = np.random.default_rng(3).integers(0, 256, (10, 480, 3)).astype(np.uint8)
+    Image.fromarray(strip).save(data / "cat" / "strip.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # stored turned: loaded 10x480
+    Image.fromarray(np.ascontiguousarray(strip.transpose(1, 0, 2))).save(
+        val / "dog" / "strip.png", exif=exif)
+    assert load_image(val / "dog" / "strip.png").shape == (3, 10, 480)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)        # the limit: 10000 pixels
+    rescaled, real = [], vggfast.preprocess.resize_short
+    monkeypatch.setattr(vggfast.preprocess, "resize_short", lambda x, q: rescaled.append(
+        (tuple(x.shape[-2:]), q)) or real(x, q))
+    r = T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "run"), epochs=1,
+                             batch_size=3, scale_jitter=(32, 48), **TINY))
+    assert len(r.history) == 1 and math.isfinite(r.history[0]["loss"])
+    assert r.history[0]["err_on"] == "val"
+    train_strip, val_strip = str(data / "cat" / "strip.png"), str(val / "dog" / "strip.png")
+    why = {p: w for p, w in r.skipped}
+    assert sorted(why) == sorted([train_strip, val_strip])
+    assert why[train_strip] == ("10x480 (HxW) is rescaled to 48x2304 at scale 48: 110592 "
+                                "pixels, over the 10000 an image may have (twice "
+                                "PIL.Image.MAX_IMAGE_PIXELS)")
+    assert why[val_strip].startswith("10x480 (HxW) is rescaled to 40x1920 at scale 40: ")
+    err = capsys.readouterr().err
+    assert f"skipped 1 unreadable files in {data}: {train_strip} ({why[train_strip]})" in err, err
+    assert f"skipped 1 unreadable files in {val}: {val_strip} ({why[val_strip]})" in err, err
+    listed = (tmp_path / "run" / "skipped.txt").read_text()
+    assert train_strip in listed and val_strip in listed
+    # each of the other images rescaled once (6 training, 2 validation), never a strip
+    assert len(rescaled) == 8 and all(size == (40, 48) for size, _ in rescaled), rescaled
+    # at a scale whose rescale fits, without a scale (the caller's word) or with the limit off,
+    # the strip is kept
+    assert len(T.scan_folder(data, scale=48).samples) == 6
+    assert len(T.scan_folder(data, scale=14).samples) == 7      # 14x672: 9408 pixels
+    assert len(T.scan_folder(data).samples) == 7
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert len(T.scan_folder(data, scale=48).samples) == 7
+
+
 def test_folder_lists_avif_and_jpeg2000_and_skips_a_broken_avif_by_name(tmp_path):
     """AVIF and JPEG 2000 photos were not listed at all, and a broken AVIF (libavif raises
     RuntimeError, not OSError) was a traceback once they were."""

@@ -475,19 +475,13 @@ def readable_samples(samples: Sequence[LocSample], where: str,
 
     scale: the largest S the images are rescaled to (whole, before the crop). An image whose
     rescale would have more pixels than an image may have (preprocess.pixel_limit, the cap the
-    training scales meet for a square image) is skipped the same way, by its header: a 40x20000
-    strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a data worker."""
+    training scales meet for a square image) is skipped the same way, by its header (the rule
+    of train._header, which the classification trainer's scan applies too): a 40x20000 strip at
+    S = 512 is 512x256000, a 1.5 GB float32 rescale in a data worker."""
     from .train import _header, _report_skipped
     out, skipped = [], []
-    limit = pp.pixel_limit() if scale is not None else None
     for s in samples:
-        size = _header(s.file, oriented=True)
-        if not isinstance(size, str) and limit is not None:
-            h, w = pp.rescaled_size(size[1], size[0], scale)
-            if h * w > limit:
-                size = (f"{size[1]}x{size[0]} (HxW) is rescaled to {h}x{w} at scale {scale}: "
-                        f"{h * w} pixels, over the {limit} an image may have (twice "
-                        "PIL.Image.MAX_IMAGE_PIXELS)")
+        size = _header(s.file, oriented=True, scale=scale)
         if isinstance(size, str):
             skipped.append((s.file, size))
             continue

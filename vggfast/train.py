@@ -19,7 +19,9 @@ image, in order:
 
 Validation images are rescaled to Q (= S, or (Smin + Smax) // 2 under jittering, as the paper's
 single-scale test) and centre-cropped. Without `val`, the plateau scheduler watches the training
-top-1 accuracy instead.
+top-1 accuracy instead. An image is rescaled whole before its crop is cut: one whose rescale at
+Smax (a validation image: at Q) would pass preprocess.pixel_limit (a thin strip: 40x20000 at
+S = 512 is 512x256000) is skipped at the scan, by its header, with the unreadable files.
 
 Every random choice of the data pipeline comes from a generator seeded by (seed, epoch, image
 index), and the shuffling from (seed, epoch), so the samples do not depend on the number of data
@@ -71,7 +73,7 @@ from tqdm import tqdm
 from .configs import make_spec
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
-from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit
+from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit, rescaled_size
 
 PREPROCESS = "torchvision"
 
@@ -244,15 +246,23 @@ def _check_options(opts: TrainOptions) -> None:
 # ---------------------------------------------------------------------------------------------
 # data
 
-def _header_problem(path: str) -> str | None:
-    """Why PIL cannot open `path` (reading the header only), or None. Cheap for large folders."""
-    size = _header(path)
+def _header_problem(path: str, scale: int | None = None) -> str | None:
+    """Why `path` is skipped (reading the header only; see `_header`), or None. Cheap for large
+    folders."""
+    size = _header(path, scale=scale)
     return size if isinstance(size, str) else None
 
 
-def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
+def _header(path: str, oriented: bool = False,
+            scale: int | None = None) -> tuple[int, int] | str:
     """(width, height) of the image read from its header, or why PIL cannot open it. oriented:
-    as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes)."""
+    as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes).
+
+    scale: the largest S the image is rescaled to, whole, before its crop is cut (None: no
+    check). An image whose rescale would have more pixels than an image may have
+    (preprocess.pixel_limit, the cap the training scales meet for a square image) is skipped
+    the same way: a 40x20000 strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a
+    data worker."""
     from PIL import Image
 
     from .preprocess import MIN_SIDE, _decode_failure
@@ -276,6 +286,17 @@ def _header(path: str, oriented: bool = False) -> tuple[int, int] | str:
         return str(_decode_failure(exc))
     if min(w, h) < MIN_SIDE:
         return f"{w}x{h} pixels, both sides must be at least {MIN_SIDE}"
+    limit = pixel_limit() if scale is not None else None
+    if limit is not None:
+        rh, rw = rescaled_size(h, w, scale)
+        if rh * rw > limit:
+            if not oriented:
+                # the same pixels either way up; read again (rarely) to name the loaded size,
+                # not every folder's PNGs decoded for their EXIF
+                return _header(path, True, scale)
+            return (f"{h}x{w} (HxW) is rescaled to {rh}x{rw} at scale {scale}: {rh * rw} "
+                    f"pixels, over the {limit} an image may have (twice "
+                    "PIL.Image.MAX_IMAGE_PIXELS)")
     return w, h
 
 
@@ -293,11 +314,13 @@ class FolderScan:
 
 
 def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
-                what: str = "data") -> FolderScan:
+                what: str = "data", scale: int | None = None) -> FolderScan:
     """Read the ImageFolder layout ROOT/CLASS/IMAGE (image extensions only, hidden names ignored).
 
     classes: the label order to use (a validation folder takes the training folder's); its class
     folders must be among them. Files PIL cannot open are skipped and listed in `skipped`.
+    scale: the largest S the images are rescaled to (training: Smax; validation: Q); an image
+    whose whole rescale to it would pass preprocess.pixel_limit is skipped too, by its header.
     Raises VGGFastError for a missing or empty folder, fewer than two classes (training data), or
     a class without readable images.
     """
@@ -344,7 +367,7 @@ def scan_folder(root: str | os.PathLike, classes: Sequence[str] | None = None,
                                f"not a class)")
     index = {c: i for i, c in enumerate(classes)}
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads are I/O bound
-        problems = list(pool.map(_header_problem, [p for p, _ in files]))
+        problems = list(pool.map(lambda p: _header_problem(p, scale), [p for p, _ in files]))
     samples, skipped = [], []
     for (path, c), problem in zip(files, problems):
         if problem is None:
@@ -839,8 +862,13 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
 
     # before the scan, which takes minutes on a large dataset; not kept past initialise
     net_a = None if opts.resume else read_init(opts.init)
-    train_scan = scan_folder(opts.data, what="data")
-    val_scan = scan_folder(opts.val, train_scan.classes, what="val") if opts.val else None
+    # an image is rescaled whole before its crop is cut: one whose rescale at the largest
+    # training scale (validation: at Q) would pass the pixel limit is skipped, as an unreadable
+    # one is
+    smin, smax = scale_range(opts)
+    train_scan = scan_folder(opts.data, what="data", scale=smax)
+    val_scan = (scan_folder(opts.val, train_scan.classes, what="val", scale=eval_scale(opts))
+                if opts.val else None)
     skipped = list(train_scan.skipped) + (list(val_scan.skipped) if val_scan else [])
     if main:
         _report_skipped(train_scan.skipped, f"in {train_scan.root}")
@@ -852,7 +880,6 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
         if val_scan:
             _report_skipped(val_scan.skipped, f"in {val_scan.root}")
     classes = train_scan.classes
-    smin, smax = scale_range(opts)
 
     torch.manual_seed(opts.seed)  # the same initial weights in every process
     model = build_model(opts.config, num_classes=len(classes), width=opts.width,
