@@ -63,6 +63,15 @@ def test_pil_mode_without_rgb_conversion_is_image_error():
         pp.load_image(Image.new("La", (16, 16)))
 
 
+@pytest.mark.parametrize("size", [(0, 0), (0, 20), (20, 0)], ids=["0x0", "0x20", "20x0"])
+def test_a_pil_image_without_pixels_is_refused_by_its_size(eng, size):
+    # Image.new makes 0-pixel images; copying one out of PIL divided by its width of 0
+    with pytest.raises(ImageError, match=f"^image is {size[0]}x{size[1]} pixels; both sides"):
+        pp.load_image(Image.new("RGB", size))
+    with pytest.raises(ImageError, match=f"^image is {size[0]}x{size[1]} pixels"):
+        eng.classify(Image.new("L", size), scales=[32])
+
+
 @pytest.mark.parametrize("make", [lambda: torch.empty(3, 16, 16, device="meta"),
                                   lambda: torch.rand(3, 16, 16).to_sparse()],
                          ids=["meta", "sparse"])
