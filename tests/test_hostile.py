@@ -113,6 +113,19 @@ def test_text_file_named_pt_is_not_a_checkpoint(tmp_path):
         load(str(path))
 
 
+@pytest.mark.parametrize("cut", [8192, 20_000, 60_000])
+def test_a_checkpoint_cut_to_under_64_kib_is_damaged_not_unreadable(tmp_path, sd, cut):
+    # torch's zip reader seeks 64 KiB back from the end, before byte 0 of so short a file: the
+    # EINVAL it got read as the system refusing the file ("cannot read (Invalid argument)")
+    whole = tmp_path / "whole.pt"
+    torch.save(sd, whole)
+    path = tmp_path / "cut.pt"
+    path.write_bytes(whole.read_bytes()[:cut])
+    with pytest.raises(WeightsError, match=r"cut\.pt: not a readable PyTorch checkpoint \(.*\); "
+                                           r"if it was cut short or damaged"):
+        load(str(path))
+
+
 def test_empty_weights_path_is_not_the_current_folder():
     with pytest.raises(WeightsError, match="weights path is empty"):
         load("")

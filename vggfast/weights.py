@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import math
@@ -657,7 +658,16 @@ def _torch_load(path: Path, extra: list | None = None) -> Any:
         # an open file, not the path: torch 2.14 hands a path ending in .safetensors to
         # safetensors, whatever the bytes say
         with _allow_safe_globals(extra), open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except OSError as exc:
+                # torch's zip reader seeks back from the end for the archive's directory: in a
+                # zip cut to under 64 KiB that seek lands before byte 0 and the file object
+                # refuses it (EINVAL), which is damage, not a read the system refused
+                if exc.errno != errno.EINVAL:
+                    raise
+                raise zipfile.BadZipFile("the zip archive ends before its central directory") \
+                    from None
 
 
 class _StandIn:
