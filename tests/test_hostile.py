@@ -142,6 +142,17 @@ def test_non_integer_metadata_is_weights_error(sd):
         load({"state_dict": convs, "meta": {"num_classes": "ten"}})
 
 
+@pytest.mark.parametrize("meta, match", [
+    ({"num_classes": 10**12}, "describe a network of more than"),   # was a hang (class names)
+    ({"image_size": 1e300}, "describe a network of more than"),     # was the scheduler's TypeError
+    ({"num_classes": 2.5}, "must be integers, not num_classes=2.5"),   # was 2 classes
+    ({"image_size": True}, "must be integers, not image_size=True")])
+def test_metadata_that_sizes_the_missing_classifier_is_checked(sd, meta, match):
+    convs = {k: v for k, v in sd.items() if k.startswith("features")}
+    with pytest.raises(WeightsError, match=match):
+        vggfast.Engine({"state_dict": convs, "meta": meta})
+
+
 def test_two_tensors_with_one_name_after_prefix_strip_are_refused(sd):
     both = {**sd, **{"module." + k: torch.zeros_like(v) for k, v in sd.items()}}
     with pytest.raises(WeightsError, match="two tensors are named"):

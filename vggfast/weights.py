@@ -1242,16 +1242,12 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if fc["fc8"] is not None:
             num_classes = int(fc["fc8"][0].shape[0])
         else:  # timm with num_classes=0: fc6/fc7 only, usable for features up to relu7
-            num_classes = int(meta.get("num_classes") or 1000)
+            num_classes = _meta_int(meta, "num_classes", 1000)
         image_size = 32 * grid
     else:
         fc_width = None
-        try:
-            num_classes = int(meta.get("num_classes") or 1000)
-            image_size = int(meta.get("image_size") or 224)
-        except (TypeError, ValueError):
-            raise WeightsError(f"metadata num_classes / image_size must be integers, not "
-                               f"{meta.get('num_classes')!r} / {meta.get('image_size')!r}")
+        num_classes = _meta_int(meta, "num_classes", 1000)
+        image_size = _meta_int(meta, "image_size", 224)
     block_channels, i = [], 0
     for b, kernels in enumerate(TABLE1[detected]):      # a truncated stack: width-scaled defaults
         block_channels.append(int(conv_w[i].shape[0]) if i < len(conv_w)
@@ -1262,6 +1258,15 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
                          channels=tuple(block_channels))
     except ArgumentError as exc:
         raise WeightsError(f"weights describe an impossible network: {exc}")
+    if fc["fc8"] is None:
+        # the layers no tensor gave are sized by metadata alone: one of 1e12 classes made a
+        # list of 1e12 class names (a hang), an image size of 1e300 overflowed the scheduler
+        from .nn import MAX_PARAMS
+        n = sum(layer.params for layer in spec.layers)
+        if n > MAX_PARAMS:
+            raise WeightsError(f"metadata num_classes / image_size {num_classes:.6g} / "
+                               f"{image_size:.6g} describe a network of more than "
+                               f"{MAX_PARAMS:,} parameters, the most vggfast builds")
 
     if indices is not None:
         _check_no_extra(sd, spec, bn)
@@ -1322,6 +1327,21 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if not (all_finite(w) and all_finite(b)):
             nonfinite.append(layer.name)
     return spec, params, tuple(missing), tuple(nonfinite)
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, default: int) -> int:
+    """meta[key] as an integer (a JSON number, or its text), `default` where it is unset or 0
+    (timm's num_classes=0: no head); WeightsError for a fraction, a bool or anything else."""
+    value = meta.get(key) or default
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WeightsError(f"metadata num_classes / image_size must be integers, not "
+                           f"{key}={meta.get(key)!r}")
+    return value
 
 
 def _check_no_extra(sd: dict[str, torch.Tensor], spec: NetSpec, bn: bool) -> None:
