@@ -252,6 +252,21 @@ def test_feature_extractor_layers_none(sd):
         vggfast.FeatureExtractor(sd, layers=None)
 
 
+@pytest.mark.parametrize("deepest", ["fc6", "relu7"])
+def test_a_feature_extractor_tapping_fc6_or_fc7_is_weights_as_its_docstring_says(sd, deepest):
+    # it keeps the weights up to its deepest layer, so holds fc6 (and fc7) without fc8: read as
+    # weights that was "incomplete classifier: fc8 missing"
+    fx = vggfast.FeatureExtractor(sd, layers=[deepest])
+    x = torch.rand(1, 3, 32, 32)
+    again = vggfast.FeatureExtractor(fx, layers=["relu1_1", deepest])(x)
+    direct = vggfast.FeatureExtractor(sd, layers=["relu1_1", deepest])(x)
+    for name in ("relu1_1", deepest):
+        torch.testing.assert_close(again[name], direct[name], rtol=0, atol=0)
+    with pytest.raises(WeightsError, match="fc8 of these weights are missing; they can be used "
+                                           f"for features up to relu{deepest[-1]} "):
+        vggfast.Engine(fx).classify(IMG, scales=[32])
+
+
 def test_feature_extractor_too_small_and_too_large_inputs(sd):
     fx = vggfast.FeatureExtractor(sd, layers=["relu1_1", "relu2_1"])
     with pytest.raises(ArgumentError, match="needs at least 2x2"):

@@ -1220,7 +1220,10 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
                            "classifier is not VGG's (Linear layers at classifier.0, .3, .6); a "
                            "modified head is not supported (drop the classifier.* tensors to use "
                            "the convolutions for features)")
-    if present and present != (["fc6", "fc7"] if headless else list(fc)):
+    # vggfast's own names: a FeatureExtractor keeps its weights up to its deepest layer only, so
+    # one tapping fc6 or fc7 holds a classifier without fc8 (and fc7), and is accepted as weights
+    cut = "fc6.weight" in sd and present in (["fc6"], ["fc6", "fc7"])
+    if present and not cut and present != (["fc6", "fc7"] if headless else list(fc)):
         missing = [n for n in fc if fc[n] is None]
         raise WeightsError(f"incomplete classifier: {', '.join(missing)} missing")
     channels = conv_w[-1].shape[0]
