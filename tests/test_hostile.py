@@ -267,6 +267,22 @@ def test_a_feature_extractor_tapping_fc6_or_fc7_is_weights_as_its_docstring_says
         vggfast.Engine(fx).classify(IMG, scales=[32])
 
 
+@pytest.mark.parametrize("x, got", [
+    (torch.full((1, 3, 8, 8), 255, dtype=torch.uint8), r"uint8 \[1, 3, 8, 8\]; divide a uint8"),
+    (torch.rand(8, 8, 3), r"float32 \[8, 8, 3\]"),       # was a broadcasting RuntimeError
+    (torch.rand(1, 1, 8, 8), r"float32 \[1, 1, 8, 8\]"),  # was broadcast to 3 channels
+    (torch.rand(1, 3, 8, 8).to_sparse(), "a sparse_coo tensor"),
+    (np.zeros((1, 3, 8, 8), np.float32), "ndarray")],
+    ids=["uint8", "hwc", "grey", "sparse", "numpy"])
+def test_feature_extractor_normalize_takes_float_rgb_only(sd, x, got):
+    # a uint8 image came back all inf: the mean and std were cast to uint8, the std to 0
+    fx = vggfast.FeatureExtractor(sd, layers=["relu1_1"])
+    with pytest.raises(ArgumentError, match=r"^normalize expects float RGB in \[0, 1\], "
+                                            rf"\[N, 3, H, W\], not {got}"):
+        fx.normalize(x)
+    assert torch.isfinite(fx.normalize(torch.rand(2, 3, 8, 8))).all()
+
+
 def test_feature_extractor_too_small_and_too_large_inputs(sd):
     fx = vggfast.FeatureExtractor(sd, layers=["relu1_1", "relu2_1"])
     with pytest.raises(ArgumentError, match="needs at least 2x2"):
