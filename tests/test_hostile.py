@@ -63,6 +63,15 @@ def test_pil_mode_without_rgb_conversion_is_image_error():
         pp.load_image(Image.new("La", (16, 16)))
 
 
+@pytest.mark.parametrize("size", [(0, 0), (0, 20), (20, 0)], ids=["0x0", "0x20", "20x0"])
+def test_a_pil_image_without_pixels_is_refused_by_its_size(eng, size):
+    # Image.new makes 0-pixel images; copying one out of PIL divided by its width of 0
+    with pytest.raises(ImageError, match=f"^image is {size[0]}x{size[1]} pixels; both sides"):
+        pp.load_image(Image.new("RGB", size))
+    with pytest.raises(ImageError, match=f"^image is {size[0]}x{size[1]} pixels"):
+        eng.classify(Image.new("L", size), scales=[32])
+
+
 @pytest.mark.parametrize("make", [lambda: torch.empty(3, 16, 16, device="meta"),
                                   lambda: torch.rand(3, 16, 16).to_sparse()],
                          ids=["meta", "sparse"])
@@ -104,6 +113,19 @@ def test_text_file_named_pt_is_not_a_checkpoint(tmp_path):
         load(str(path))
 
 
+@pytest.mark.parametrize("cut", [8192, 20_000, 60_000])
+def test_a_checkpoint_cut_to_under_64_kib_is_damaged_not_unreadable(tmp_path, sd, cut):
+    # torch's zip reader seeks 64 KiB back from the end, before byte 0 of so short a file: the
+    # EINVAL it got read as the system refusing the file ("cannot read (Invalid argument)")
+    whole = tmp_path / "whole.pt"
+    torch.save(sd, whole)
+    path = tmp_path / "cut.pt"
+    path.write_bytes(whole.read_bytes()[:cut])
+    with pytest.raises(WeightsError, match=r"cut\.pt: not a readable PyTorch checkpoint \(.*\); "
+                                           r"if it was cut short or damaged"):
+        load(str(path))
+
+
 def test_empty_weights_path_is_not_the_current_folder():
     with pytest.raises(WeightsError, match="weights path is empty"):
         load("")
@@ -118,6 +140,17 @@ def test_non_integer_metadata_is_weights_error(sd):
     convs = {k: v for k, v in sd.items() if k.startswith("features")}
     with pytest.raises(WeightsError, match="must be integers"):
         load({"state_dict": convs, "meta": {"num_classes": "ten"}})
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"num_classes": 10**12}, "describe a network of more than"),   # was a hang (class names)
+    ({"image_size": 1e300}, "describe a network of more than"),     # was the scheduler's TypeError
+    ({"num_classes": 2.5}, "must be integers, not num_classes=2.5"),   # was 2 classes
+    ({"image_size": True}, "must be integers, not image_size=True")])
+def test_metadata_that_sizes_the_missing_classifier_is_checked(sd, meta, match):
+    convs = {k: v for k, v in sd.items() if k.startswith("features")}
+    with pytest.raises(WeightsError, match=match):
+        vggfast.Engine({"state_dict": convs, "meta": meta})
 
 
 def test_two_tensors_with_one_name_after_prefix_strip_are_refused(sd):
@@ -217,6 +250,37 @@ def test_pool_layers_count_their_own_pool(eng):
 def test_feature_extractor_layers_none(sd):
     with pytest.raises(ArgumentError, match="layers must be a list"):
         vggfast.FeatureExtractor(sd, layers=None)
+
+
+@pytest.mark.parametrize("deepest", ["fc6", "relu7"])
+def test_a_feature_extractor_tapping_fc6_or_fc7_is_weights_as_its_docstring_says(sd, deepest):
+    # it keeps the weights up to its deepest layer, so holds fc6 (and fc7) without fc8: read as
+    # weights that was "incomplete classifier: fc8 missing"
+    fx = vggfast.FeatureExtractor(sd, layers=[deepest])
+    x = torch.rand(1, 3, 32, 32)
+    again = vggfast.FeatureExtractor(fx, layers=["relu1_1", deepest])(x)
+    direct = vggfast.FeatureExtractor(sd, layers=["relu1_1", deepest])(x)
+    for name in ("relu1_1", deepest):
+        torch.testing.assert_close(again[name], direct[name], rtol=0, atol=0)
+    with pytest.raises(WeightsError, match="fc8 of these weights are missing; they can be used "
+                                           f"for features up to relu{deepest[-1]} "):
+        vggfast.Engine(fx).classify(IMG, scales=[32])
+
+
+@pytest.mark.parametrize("x, got", [
+    (torch.full((1, 3, 8, 8), 255, dtype=torch.uint8), r"uint8 \[1, 3, 8, 8\]; divide a uint8"),
+    (torch.rand(8, 8, 3), r"float32 \[8, 8, 3\]"),       # was a broadcasting RuntimeError
+    (torch.rand(1, 1, 8, 8), r"float32 \[1, 1, 8, 8\]"),  # was broadcast to 3 channels
+    (torch.rand(1, 3, 8, 8).to_sparse(), "a sparse_coo tensor"),
+    (np.zeros((1, 3, 8, 8), np.float32), "ndarray")],
+    ids=["uint8", "hwc", "grey", "sparse", "numpy"])
+def test_feature_extractor_normalize_takes_float_rgb_only(sd, x, got):
+    # a uint8 image came back all inf: the mean and std were cast to uint8, the std to 0
+    fx = vggfast.FeatureExtractor(sd, layers=["relu1_1"])
+    with pytest.raises(ArgumentError, match=r"^normalize expects float RGB in \[0, 1\], "
+                                            rf"\[N, 3, H, W\], not {got}"):
+        fx.normalize(x)
+    assert torch.isfinite(fx.normalize(torch.rand(2, 3, 8, 8))).all()
 
 
 def test_feature_extractor_too_small_and_too_large_inputs(sd):

@@ -588,8 +588,9 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
 
 def row_chunks(h: int, w: int, c: int = 3) -> list[tuple[int, int]]:
     """(top, bottom) of the chunks of rows a [c, h, w] image is worked on in where a whole copy
-    of it would be large: RESIZE_CHUNK_BYTES of its rows in float32 (at least one row)."""
-    rows = max(1, RESIZE_CHUNK_BYTES // (4 * c * w))
+    of it would be large: RESIZE_CHUNK_BYTES of its rows in float32 (at least one row). A width
+    of 0 (a PIL image made 0x0) gives one empty chunk: load_image refuses its size after."""
+    rows = max(1, RESIZE_CHUNK_BYTES // (4 * c * max(w, 1)))
     return [(top, min(top + rows, h)) for top in range(0, h, rows)]
 
 

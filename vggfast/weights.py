@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import math
@@ -657,7 +658,16 @@ def _torch_load(path: Path, extra: list | None = None) -> Any:
         # an open file, not the path: torch 2.14 hands a path ending in .safetensors to
         # safetensors, whatever the bytes say
         with _allow_safe_globals(extra), open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except OSError as exc:
+                # torch's zip reader seeks back from the end for the archive's directory: in a
+                # zip cut to under 64 KiB that seek lands before byte 0 and the file object
+                # refuses it (EINVAL), which is damage, not a read the system refused
+                if exc.errno != errno.EINVAL:
+                    raise
+                raise zipfile.BadZipFile("the zip archive ends before its central directory") \
+                    from None
 
 
 class _StandIn:
@@ -1210,7 +1220,10 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
                            "classifier is not VGG's (Linear layers at classifier.0, .3, .6); a "
                            "modified head is not supported (drop the classifier.* tensors to use "
                            "the convolutions for features)")
-    if present and present != (["fc6", "fc7"] if headless else list(fc)):
+    # vggfast's own names: a FeatureExtractor keeps its weights up to its deepest layer only, so
+    # one tapping fc6 or fc7 holds a classifier without fc8 (and fc7), and is accepted as weights
+    cut = "fc6.weight" in sd and present in (["fc6"], ["fc6", "fc7"])
+    if present and not cut and present != (["fc6", "fc7"] if headless else list(fc)):
         missing = [n for n in fc if fc[n] is None]
         raise WeightsError(f"incomplete classifier: {', '.join(missing)} missing")
     channels = conv_w[-1].shape[0]
@@ -1232,16 +1245,12 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if fc["fc8"] is not None:
             num_classes = int(fc["fc8"][0].shape[0])
         else:  # timm with num_classes=0: fc6/fc7 only, usable for features up to relu7
-            num_classes = int(meta.get("num_classes") or 1000)
+            num_classes = _meta_int(meta, "num_classes", 1000)
         image_size = 32 * grid
     else:
         fc_width = None
-        try:
-            num_classes = int(meta.get("num_classes") or 1000)
-            image_size = int(meta.get("image_size") or 224)
-        except (TypeError, ValueError):
-            raise WeightsError(f"metadata num_classes / image_size must be integers, not "
-                               f"{meta.get('num_classes')!r} / {meta.get('image_size')!r}")
+        num_classes = _meta_int(meta, "num_classes", 1000)
+        image_size = _meta_int(meta, "image_size", 224)
     block_channels, i = [], 0
     for b, kernels in enumerate(TABLE1[detected]):      # a truncated stack: width-scaled defaults
         block_channels.append(int(conv_w[i].shape[0]) if i < len(conv_w)
@@ -1252,6 +1261,15 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
                          channels=tuple(block_channels))
     except ArgumentError as exc:
         raise WeightsError(f"weights describe an impossible network: {exc}")
+    if fc["fc8"] is None:
+        # the layers no tensor gave are sized by metadata alone: one of 1e12 classes made a
+        # list of 1e12 class names (a hang), an image size of 1e300 overflowed the scheduler
+        from .nn import MAX_PARAMS
+        n = sum(layer.params for layer in spec.layers)
+        if n > MAX_PARAMS:
+            raise WeightsError(f"metadata num_classes / image_size {num_classes:.6g} / "
+                               f"{image_size:.6g} describe a network of more than "
+                               f"{MAX_PARAMS:,} parameters, the most vggfast builds")
 
     if indices is not None:
         _check_no_extra(sd, spec, bn)
@@ -1312,6 +1330,21 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
         if not (all_finite(w) and all_finite(b)):
             nonfinite.append(layer.name)
     return spec, params, tuple(missing), tuple(nonfinite)
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, default: int) -> int:
+    """meta[key] as an integer (a JSON number, or its text), `default` where it is unset or 0
+    (timm's num_classes=0: no head); WeightsError for a fraction, a bool or anything else."""
+    value = meta.get(key) or default
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WeightsError(f"metadata num_classes / image_size must be integers, not "
+                           f"{key}={meta.get(key)!r}")
+    return value
 
 
 def _check_no_extra(sd: dict[str, torch.Tensor], spec: NetSpec, bn: bool) -> None:
