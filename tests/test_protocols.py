@@ -324,7 +324,7 @@ def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys, mo
     code = main(["evaluate", str(root), "--weights", weights, "--scales", "32", "40",
                  "--method", "dense", "multicrop", "--class-map", str(cmap), "--json", "--quiet"])
     cap = capsys.readouterr()
-    assert code == 0 and "broken.jpg" in cap.err
+    assert code == 2 and "broken.jpg" in cap.err    # results, and 2: a file was skipped
     rows = json.loads(cap.out)["results"]
     eng = Engine(weights)
     for row in rows:
@@ -339,9 +339,12 @@ def test_evaluate_reports_top1_top5_error(weights, samples, tmp_path, capsys, mo
         assert row["top1_error"] == pytest.approx(100 * wrong1 / 4)
         assert row["top5_error"] == pytest.approx(100 * wrong5 / 4)
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32",
-                 "--class-map", str(cmap), "--quiet"]) == 0
+                 "--class-map", str(cmap), "--quiet"]) == 2
     table = capsys.readouterr().out
     assert "top-1 val. error (%)" in table and "dense" in table.splitlines()[2]
+    (root / "n0001" / "broken.jpg").unlink()            # nothing skipped: 0
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32",
+                 "--class-map", str(cmap), "--quiet"]) == 0
 
 
 @pytest.mark.parametrize("scales, label, message", [
@@ -416,7 +419,7 @@ def test_evaluate_reports_the_files_every_method_skipped_once_each(weights, samp
     load, calls = protocols.pp.load_image, []
     monkeypatch.setattr(protocols.pp, "load_image", _counting(load, calls))
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
-                 "--method", "dense", "multicrop", "dense+multicrop"]) == 0
+                 "--method", "dense", "multicrop", "dense+multicrop"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(calls) == 6 and len(set(calls)) == 6
     assert len(err) == 2, err
@@ -660,7 +663,7 @@ def test_evaluate_skips_hidden_folders_and_images_over_the_budget(weights, sampl
     Image.new("RGB", (6000, 8)).save(root / "1" / "banner.png")
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--json",
-                 "--quiet"]) == 0
+                 "--quiet"]) == 2
     cap = capsys.readouterr()
     row = json.loads(cap.out)["results"][0]
     assert row["images"] == 4 and [f["file"] for f in row["failed"]] == [
