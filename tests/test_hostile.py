@@ -862,3 +862,18 @@ def test_cli_error_for_a_damaged_tiff_is_one_line_at_the_file_descriptor(tmp_pat
     assert err.startswith(f"vggfast: error: {tmp_path / 'bad.tiff'}: corrupt or truncated"), err
     with pytest.raises(ImageError):      # outside the command line, libtiff is left as it was
         pp.load_image(tmp_path / "bad.tiff")
+
+
+def test_a_symbolic_link_to_nothing_is_named_as_one(tmp_path):
+    """A dangling link or a link loop said only "image not found", though `ls` lists the file."""
+    dangling, loop = tmp_path / "gone.jpg", tmp_path / "loop.jpg"
+    dangling.symlink_to(tmp_path / "deleted.jpg")
+    loop.symlink_to(loop)
+    with pytest.raises(ImageError, match=r"^image not found: .*gone\.jpg is a symbolic link to "
+                                         r".*deleted\.jpg, which does not exist$"):
+        pp.load_image(dangling)
+    with pytest.raises(ImageError, match=r"^image not found: .*loop\.jpg is a loop of symbolic "
+                                         r"links$"):
+        pp.load_image(str(loop))
+    with pytest.raises(ImageError, match=r"^image not found: .*absent\.jpg$"):
+        pp.load_image(tmp_path / "absent.jpg")

@@ -33,6 +33,7 @@ converted to float a chunk of rows at a time, never whole (`resize_scales`), wit
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
@@ -292,9 +293,19 @@ def _names_a_file(data) -> bool:
 
 
 def not_found(path: str | os.PathLike) -> ImageError:
-    """The ImageError for a path to nothing (a path of "" would quote nothing)."""
+    """The ImageError for a path to nothing (a path of "" would quote nothing); a symbolic link
+    that leads nowhere (`ls` lists it) is named as one."""
     path = os.fsdecode(path)
-    return ImageError(f"image not found: {path}" if path else "an empty path is not an image file")
+    if not path:
+        return ImageError("an empty path is not an image file")
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            why = "a loop of symbolic links" if exc.errno == errno.ELOOP else \
+                f"a symbolic link to {os.readlink(path)}, which does not exist"
+            return ImageError(f"image not found: {path} is {why}")
+    return ImageError(f"image not found: {path}")
 
 
 def _file_size(path: str) -> int | None:
