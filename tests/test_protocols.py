@@ -562,6 +562,23 @@ def test_heatmap_writes_a_png_of_the_image_size(weights, samples, tmp_path, caps
     assert "outside" in capsys.readouterr().err
 
 
+def test_heatmap_reads_an_image_from_standard_input(weights, samples, tmp_path, capsys,
+                                                   monkeypatch):
+    """`heatmap -` said "image not found: -"; it reads stdin's bytes as `classify -` does."""
+    import io
+    import sys
+    want, got = tmp_path / "want.png", tmp_path / "got.png"
+    args = ["--weights", weights, "--scale", "64", "--class", "3"]
+    assert main(["heatmap", str(samples["cat"]), *args, "--out", str(want)]) == 0
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(samples["cat"].read_bytes())))
+    assert main(["heatmap", "-", *args, "--out", str(got)]) == 0
+    assert np.array_equal(np.asarray(Image.open(got)), np.asarray(Image.open(want)))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    capsys.readouterr()
+    assert main(["heatmap", "-", *args, "--out", str(got)]) == 2
+    assert "standard input is empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, fmt", [("heat.jpg", "JPEG"), ("heat.JPEG", "JPEG"),
                                        ("heat.webp", "WEBP"), ("heat.bmp", "BMP"),
                                        ("heat.tif", "TIFF"), ("new/sub/heat.png", "PNG")])

@@ -90,7 +90,7 @@ def _stdin_image():
     data = sys.stdin.buffer.read()
     if not data:
         raise ImageError("standard input is empty; pipe an image file into `-`, e.g. "
-                         "cat photo.jpg | vggfast classify -")
+                         "cat photo.jpg | vggfast classify - (or heatmap -)")
     try:
         return load_image(data)
     except ImageError as exc:

@@ -651,10 +651,11 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
 
 
 def cmd_heatmap(args) -> int:
-    from .cli import _engine, _need_weights
+    from .cli import _engine, _need_weights, _stdin_image
     pp.image_format(args.out)   # before the weights are loaded
     eng = _engine(args, _need_weights(args))
-    k = heatmap(eng, args.image, args.out, args.cls, args.scale, args.alpha, args.raw)
+    img = _stdin_image() if args.image == "-" else args.image   # `-`: as classify reads it
+    k = heatmap(eng, img, args.out, args.cls, args.scale, args.alpha, args.raw)
     print(f"{args.out}: class {k} ({eng.class_names[k]})")
     return 0
 
@@ -688,7 +689,7 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("heatmap", help="overlay a class's dense score map on an image")
-    p.add_argument("image", help="an image file")
+    p.add_argument("image", help="an image file, or - for one on standard input")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--out", "-o", required=True,
