@@ -16,7 +16,7 @@ import vggfast
 from conftest import small_model
 from vggfast import preprocess as pp
 from vggfast.cli import main
-from vggfast.errors import ArgumentError, ImageError, MemoryBudgetError, WeightsError
+from vggfast.errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from vggfast.features import extract, min_scale
 from vggfast.weights import load
 
@@ -877,3 +877,14 @@ def test_a_symbolic_link_to_nothing_is_named_as_one(tmp_path):
         pp.load_image(str(loop))
     with pytest.raises(ImageError, match=r"^image not found: .*absent\.jpg$"):
         pp.load_image(tmp_path / "absent.jpg")
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1.5"])
+def test_a_local_rank_that_is_no_rank_is_one_line(tmp_path, monkeypatch, capsys, value):
+    """int(os.environ["LOCAL_RANK"]) was a ValueError traceback (train; extract on nccl)."""
+    from vggfast.train import _resolve_device
+    monkeypatch.setenv("LOCAL_RANK", value)
+    with pytest.raises(VGGFastError, match=r"^LOCAL_RANK='.*' in the environment is not a rank"):
+        _resolve_device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _resolve_device("cpu").type == "cpu"

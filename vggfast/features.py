@@ -423,6 +423,18 @@ def _dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def local_rank() -> int:
+    """torchrun's LOCAL_RANK (this process's GPU on its node); 0 when not launched by it."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        local = int(value)
+    except ValueError:
+        local = -1
+    if local < 0:
+        raise VGGFastError(f"LOCAL_RANK={value!r} in the environment is not a rank (0, 1, ...)")
+    return local
+
+
 def _save_npy(path: str, a: np.ndarray) -> None:
     with open(path, "wb") as f:   # np.save(name) would append ".npy" to a temporary name
         np.save(f, a)
@@ -665,9 +677,9 @@ def cmd_extract(args) -> int:
                                f"--nproc-per-node {world} -m vggfast extract ...`")
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local_rank())
             if args.device is None:
-                args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                args.device = f"cuda:{local_rank()}"
         dist.init_process_group(backend)
 
         def gather(obj):

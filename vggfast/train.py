@@ -712,7 +712,8 @@ class _Dist:
 
 
 def _resolve_device(name: str | None) -> torch.device:
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    from .features import local_rank
+    local = local_rank()
     if name is None:
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     try:
