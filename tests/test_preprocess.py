@@ -453,7 +453,6 @@ def test_a_decoded_photo_is_copied_out_of_pil_a_chunk_of_rows_at_a_time(monkeypa
     not turn, no array or bytes object it makes (tracemalloc) holds more than a chunk of rows, and
     the result is the same contiguous [3, H, W] uint8 tensor, from a file, a PIL image (left as it
     was) or a turned file."""
-    import tracemalloc
     from vggfast import preprocess as pp
     h, w = 600, 800
     a = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -467,17 +466,38 @@ def test_a_decoded_photo_is_copied_out_of_pil_a_chunk_of_rows_at_a_time(monkeypa
     monkeypatch.setattr(Image.Image, "copy", lambda im: copies.append(im.size) or real_copy(im))
     want = torch.from_numpy(a).permute(2, 0, 1)
     for src in (path, Image.open(path), turned):
-        tracemalloc.start()
-        try:
-            got = load_image(src)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        got, peak = _load_traced(src)
         assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, want)
         assert peak < 3 * h * w // 8, (src, peak)       # the whole image's bytes: 3 * h * w
     assert copies == []
     im = Image.open(path)
     assert torch.equal(load_image(im), want) and np.array_equal(np.asarray(im), a)
+
+
+def _torch_copies(monkeypatch) -> list:
+    """The shapes of the tensors .contiguous() copies from now on (a list that fills)."""
+    copies, real = [], torch.Tensor.contiguous
+
+    def contiguous(t, *args, **kw):
+        out = real(t, *args, **kw)
+        if out.data_ptr() != t.data_ptr():
+            copies.append(tuple(t.shape))
+        return out
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    return copies
+
+
+def _load_traced(src):
+    """(load_image(src), the peak bytes numpy allocated meanwhile (tracemalloc)), after a warm
+    call (no first-call allocations counted)."""
+    import tracemalloc
+    load_image(src)
+    tracemalloc.start()
+    try:
+        got = load_image(src)
+        return got, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def test_a_uint8_array_is_copied_once_and_never_shared(monkeypatch):
@@ -486,28 +506,14 @@ def test_a_uint8_array_is_copied_once_and_never_shared(monkeypatch):
     (tracemalloc) hold one image, and no torch copy is made. The result is the same and never
     shares the caller's memory, also for an array that is a CHW buffer underneath (which
     np.ascontiguousarray of its transpose would have returned as it is) or a strided view."""
-    import tracemalloc
     h, w = 300, 400
     a = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    torch_copies, real = [], torch.Tensor.contiguous
-
-    def contiguous(t, *args, **kw):
-        out = real(t, *args, **kw)
-        if out.data_ptr() != t.data_ptr():
-            torch_copies.append(tuple(t.shape))
-        return out
-    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    torch_copies = _torch_copies(monkeypatch)
     chw = np.ascontiguousarray(a.transpose(2, 0, 1)).transpose(1, 2, 0)
     for src in (a, chw, a[::-1, ::2]):
         want = torch.from_numpy(np.array(src)).permute(2, 0, 1)
         before = src.copy()
-        load_image(src)                                 # warm: no first-call allocations below
-        tracemalloc.start()
-        try:
-            got = load_image(src)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        got, peak = _load_traced(src)
         assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, want)
         assert src.nbytes <= peak < 2 * src.nbytes, (src.shape, peak)
         assert not np.shares_memory(got.numpy(), src)
@@ -527,7 +533,6 @@ def test_gray_uint16_bool_and_float_arrays_are_copied_once_and_never_shared(monk
     (tracemalloc) hold one result image, no torch copy is made, the values are those of the
     steps apart, and the result never shares the caller's memory (nor where the array is a CHW
     buffer underneath)."""
-    import tracemalloc
     h, w = 200, 300
     rng = np.random.default_rng(1)
     if dtype == "bool":
@@ -547,24 +552,11 @@ def test_gray_uint16_bool_and_float_arrays_are_copied_once_and_never_shared(monk
     elif rgb.dtype != np.uint8:
         rgb = rgb.astype(np.float32).clip(0, 1)
     want = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-    torch_copies, real = [], torch.Tensor.contiguous
-
-    def contiguous(t, *args, **kw):
-        out = real(t, *args, **kw)
-        if out.data_ptr() != t.data_ptr():
-            torch_copies.append(tuple(t.shape))
-        return out
-    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    torch_copies = _torch_copies(monkeypatch)
     srcs = [a] if gray else [a, np.ascontiguousarray(a.transpose(2, 0, 1)).transpose(1, 2, 0)]
     for src in srcs:
         before = src.copy()
-        load_image(src)                                 # warm: no first-call allocations below
-        tracemalloc.start()
-        try:
-            got = load_image(src)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        got, peak = _load_traced(src)
         assert got.dtype == want.dtype and got.is_contiguous() and torch.equal(got, want)
         out = got.numel() * got.element_size()
         assert out <= peak < 1.5 * out, (src.shape, peak, out)
