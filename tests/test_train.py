@@ -293,24 +293,30 @@ def test_init_from_net_a_copies_the_named_layers(tmp_path):
         T.initialise(d, str(tmp_path / "missing.pt"))
 
 
+def _train_init(tmp_path, data, init, task, capsys):
+    """`vggfast train` of a tiny net A from `init` (refused: exit 2, one line); capsys' output."""
+    from vggfast.cli import main
+    rc = main(["train", "--config", "A", "--width", "0.0625", "--image-size", "32",
+               "--scale", "32", "--data", str(data), "--init", str(init), "--epochs", "1",
+               "--batch-size", "2", "--workers", "0", "--out", str(tmp_path / "run"), "--quiet",
+               *task])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.err.count("\n") == 1, cap.err
+    return cap
+
+
 @pytest.mark.parametrize("task", [[], ["--task", "localize", "--boxes", "b.jsonl"]])
 def test_an_init_that_holds_no_model_says_init(tmp_path, capsys, task):
     """`vggfast train --init DIR` with DIR a folder without a model, or --init FILE that is not
     a checkpoint, said only "DIR is a folder without model.safetensors ..." / "FILE: not a
     PyTorch checkpoint": which argument named it went unsaid. It now says "--init X: ...", one
     line, exit 2, as the other --init errors do; for --task localize too."""
-    from vggfast.cli import main
     data = make_folder(tmp_path / "data", n=2)
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     for init, why in [(tmp_path / "empty", "is a folder without model.safetensors"),
                       (tmp_path / "notes.pt", "not a PyTorch checkpoint")]:
-        rc = main(["train", "--config", "A", "--width", "0.0625", "--image-size", "32",
-                   "--scale", "32", "--data", str(data), "--init", str(init), "--epochs", "1",
-                   "--batch-size", "2", "--workers", "0", "--out", str(tmp_path / "run"),
-                   "--quiet", *task])
-        cap = capsys.readouterr()
-        assert rc == 2 and cap.err.count("\n") == 1, cap.err
+        cap = _train_init(tmp_path, data, init, task, capsys)
         assert cap.err.startswith(f"vggfast: error: --init {init}: "), cap.err
         assert why in cap.err
         assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -325,7 +331,6 @@ def test_a_bad_init_is_reported_before_the_data_is_read(tmp_path, capsys, monkey
     X is now read and checked before the data scan; --task localize reads its classifier before
     the boxes too."""
     from vggfast import localize as L
-    from vggfast.cli import main
     data = make_folder(tmp_path / "data", n=2)
     read = []
     scan, boxes = T.scan_folder, L.read_boxes
@@ -338,12 +343,7 @@ def test_a_bad_init_is_reported_before_the_data_is_read(tmp_path, capsys, monkey
     if not task:    # a localisation net starts from any classifier
         cases.append((tmp_path / "d", "expected a checkpoint of net A, found configuration D"))
     for init, why in cases:
-        rc = main(["train", "--config", "A", "--width", "0.0625", "--image-size", "32",
-                   "--scale", "32", "--data", str(data), "--init", str(init), "--epochs", "1",
-                   "--batch-size", "2", "--workers", "0", "--out", str(tmp_path / "run"),
-                   "--quiet", *task])
-        cap = capsys.readouterr()
-        assert rc == 2 and cap.err.count("\n") == 1, cap.err
+        cap = _train_init(tmp_path, data, init, task, capsys)
         # net A's errors name the file it read, DIR/model.safetensors for a folder
         assert cap.err.startswith(f"vggfast: error: --init {init}") and why in cap.err, cap.err
         assert read == []
