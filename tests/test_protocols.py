@@ -732,6 +732,21 @@ def test_evaluate_refuses_a_method_or_scale_given_twice(weights, samples, tmp_pa
     assert cap.err.startswith(f"vggfast: error: {message}; list each")
 
 
+@pytest.mark.parametrize("extra", [["--boxes", "b.jsonl"], ["--loc-weights", "loc"],
+                                   ["--protocol", "center"], ["--iou", "0.7"]],
+                         ids=["boxes", "loc-weights", "protocol", "iou"])
+def test_evaluate_refuses_localisation_options_when_it_classifies(weights, samples, tmp_path,
+                                                                  capsys, extra):
+    """--iou 0.7 (or --boxes, --loc-weights, --protocol) without --task localize was read by
+    nothing: the classification ran as if it had not been given."""
+    root = _folder(tmp_path, samples, ["3", "1"])
+    assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
+                 *extra]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert cap.err.startswith(f"vggfast: error: {extra[0]} is for --task localize")
+
+
 def test_evaluate_says_when_it_maps_folders_by_sorted_order(samples, tmp_path, capsys):
     path = tmp_path / "two.pth"
     torch.save(small_model("D", num_classes=2).state_dict(), path)

@@ -1189,4 +1189,4 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for f in r["failed"]:
         print(f"vggfast: skipped {f['error']}", file=sys.stderr)
     print(json.dumps(r, indent=2) if getattr(args, "json", False) else format_report(r))
-    return 0
+    return 2 if r["failed"] else 0  # as classification's evaluate: fewer images than given

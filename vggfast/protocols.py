@@ -520,6 +520,13 @@ def cmd_evaluate(args) -> int:
     if getattr(args, "task", "classify") == "localize":
         from .localize import run_evaluate
         return run_evaluate(args)
+    from .localize import IOU_THRESHOLD
+    given = [flag for flag, on in (("--boxes", args.boxes is not None),
+                                   ("--loc-weights", args.loc_weights is not None),
+                                   ("--protocol", args.protocol != "dense"),
+                                   ("--iou", args.iou != IOU_THRESHOLD)) if on]
+    if given:   # read by localisation only: a classification run would ignore them unsaid
+        raise ArgumentError(f"{given[0]} is for --task localize; this evaluation classifies")
     twice = next((m for i, m in enumerate(args.method) if m in args.method[:i]), None)
     if twice is not None:   # as a repeated scale is refused: it would be a second, equal row
         raise ArgumentError(f"--method {twice} is given twice; list each method once")
