@@ -146,11 +146,19 @@ def test_non_integer_metadata_is_weights_error(sd):
     ({"num_classes": 10**12}, "describe a network of more than"),   # was a hang (class names)
     ({"image_size": 1e300}, "describe a network of more than"),     # was the scheduler's TypeError
     ({"num_classes": 2.5}, "must be integers, not num_classes=2.5"),   # was 2 classes
-    ({"image_size": True}, "must be integers, not image_size=True")])
+    ({"image_size": True}, "must be integers, not image_size=True"),
+    ({"num_classes": -3}, "must be integers, not num_classes=-3")])
 def test_metadata_that_sizes_the_missing_classifier_is_checked(sd, meta, match):
     convs = {k: v for k, v in sd.items() if k.startswith("features")}
     with pytest.raises(WeightsError, match=match):
         vggfast.Engine({"state_dict": convs, "meta": meta})
+
+
+def test_metadata_num_classes_0_as_text_is_unset_as_the_number_is(sd):
+    """timm's num_classes=0 (no head) means the default; "0" (a JSON sidecar's text) read 0."""
+    convs = {k: v for k, v in sd.items() if k.startswith("features")}
+    for zero in (0, "0"):
+        assert load({"state_dict": convs, "meta": {"num_classes": zero}}).spec.num_classes == 1000
 
 
 def test_two_tensors_with_one_name_after_prefix_strip_are_refused(sd):

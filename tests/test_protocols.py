@@ -733,8 +733,10 @@ def test_evaluate_refuses_a_method_or_scale_given_twice(weights, samples, tmp_pa
 
 
 @pytest.mark.parametrize("extra", [["--boxes", "b.jsonl"], ["--loc-weights", "loc"],
-                                   ["--protocol", "center"], ["--iou", "0.7"]],
-                         ids=["boxes", "loc-weights", "protocol", "iou"])
+                                   ["--protocol", "center"], ["--iou", "0.7"],
+                                   ["--protocol", "dense"], ["--iou", "0.5"]],
+                         ids=["boxes", "loc-weights", "protocol", "iou", "protocol-default",
+                              "iou-default"])
 def test_evaluate_refuses_localisation_options_when_it_classifies(weights, samples, tmp_path,
                                                                   capsys, extra):
     """--iou 0.7 (or --boxes, --loc-weights, --protocol) without --task localize was read by

@@ -25,10 +25,9 @@ from . import preprocess as pp
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
-from .scheduler import _fmt_bytes, check_flag
+from .scheduler import _fmt_bytes, check_flag, check_method
 from .weights import Weights, all_finite, load
 
-METHODS = ("dense", "multicrop", "dense+multicrop")  # see protocols.py
 BACKENDS = ("auto", "triton", "torch")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -253,13 +252,6 @@ def _check_top_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ArgumentError(f"top_k must be a positive integer, not {k!r}")
     return int(k)
-
-
-def check_method(method: Any) -> str:
-    """An evaluation method of METHODS (see protocols.py)."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    return method
 
 
 def _resolve_device(device: Any) -> torch.device:
@@ -498,7 +490,8 @@ class Engine:
         """A list of several chunks (see `decoded_chunks`) checked chunk by chunk from its images'
         sizes (`item_size`: a file's header, one image at a time, nothing decoded) before the
         first chunk runs: check(sizes) refuses what the chunk's run would (classify and features
-        plan it; the plans stay in the scheduler's cache for the chunks' runs), its errors about
+        plan it; the scheduler's cache keeps the last 32 plans, so a list of up to 32 chunks
+        whose headers give the decoded sizes is not planned again when it runs), its errors about
         "image K" of `sizes` named as the list's image. An image too small, over the memory
         budget or unreadable late in a long list is thus refused before the chunks before it
         are computed, as in a list of one chunk. What only decoding finds (corrupt pixels, a

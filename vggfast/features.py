@@ -170,7 +170,7 @@ def feature_maps(engine: "Engine", img: Any, layer: str = "conv5_3", scale: int 
     x = pp.load_image(img)
     with _naming_file(img):
         engine._check_views([tuple(x.shape[-2:])], (q,), flip)
-    m = engine._run(engine._views(x, q, bool(flip)), (layer,))[layer].cpu()
+    m = engine._run(engine._views(x, q, flip), (layer,))[layer].cpu()
     return m if flip else m[0]
 
 

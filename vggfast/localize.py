@@ -1166,10 +1166,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="localize: box annotations (JSON lines or Pascal-VOC XML); images "
                              "relative to the folder argument")
     parser.add_argument("--loc-weights", default=None, help="localize: the localisation net")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="dense",
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="localize: dense (top-k classes, greedy merging; default) or center "
                              "(central crop, ground-truth class)")
-    parser.add_argument("--iou", type=float, default=IOU_THRESHOLD,
+    parser.add_argument("--iou", type=float, default=None,
                         help="localize: IoU a correct box must exceed (default 0.5)")
 
 
@@ -1181,9 +1181,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     eng = _loc_engine(args)
     cmap = read_class_map(args.class_map) if getattr(args, "class_map", None) else None
     scales = getattr(args, "scales", None) or [256, 384]
-    r = evaluate_localization(eng, args.boxes, scales=scales, protocol=args.protocol,
+    # None where not given: `vggfast evaluate` refuses them, given, with --task classify
+    protocol = args.protocol or "dense"
+    iou = IOU_THRESHOLD if args.iou is None else args.iou
+    r = evaluate_localization(eng, args.boxes, scales=scales, protocol=protocol,
                               flip=not getattr(args, "no_flip", True),
-                              iou_threshold=args.iou, image_root=getattr(args, "folder", None),
+                              iou_threshold=iou, image_root=getattr(args, "folder", None),
                               class_map=cmap, limit=getattr(args, "limit", 0) or 0,
                               progress=not getattr(args, "quiet", False))
     for f in r["failed"]:

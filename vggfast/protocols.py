@@ -201,10 +201,10 @@ class Ensemble:
             scales = e.check_scales(scales, method=method)
         many = isinstance(img, (list, tuple))
         items = list(img) if many else [img]
-        # each engine sees a chunk at a time, too few images for its own check of the list
-        for e in self.engines:
-            e._check_chunks(items, lambda sizes, e=e: e._executor.scheduler.plan(
-                sizes, scales, flip, method))
+        # each engine sees a chunk at a time, too few images for its own check of the list:
+        # every engine plans each chunk here, from one read of its images' sizes
+        self.engines[0]._check_chunks(items, lambda sizes: [
+            e._executor.scheduler.plan(sizes, scales, flip, method) for e in self.engines])
         fused = []
         for start, images in decoded_chunks(items):
             # a refusal about "image K" of the chunk names the list's image, and its file
@@ -520,11 +520,9 @@ def cmd_evaluate(args) -> int:
     if getattr(args, "task", "classify") == "localize":
         from .localize import run_evaluate
         return run_evaluate(args)
-    from .localize import IOU_THRESHOLD
-    given = [flag for flag, on in (("--boxes", args.boxes is not None),
-                                   ("--loc-weights", args.loc_weights is not None),
-                                   ("--protocol", args.protocol != "dense"),
-                                   ("--iou", args.iou != IOU_THRESHOLD)) if on]
+    given = [flag for flag, value in (("--boxes", args.boxes), ("--loc-weights", args.loc_weights),
+                                      ("--protocol", args.protocol), ("--iou", args.iou))
+             if value is not None]
     if given:   # read by localisation only: a classification run would ignore them unsaid
         raise ArgumentError(f"{given[0]} is for --task localize; this evaluation classifies")
     twice = next((m for i, m in enumerate(args.method) if m in args.method[:i]), None)
@@ -544,11 +542,11 @@ def cmd_evaluate(args) -> int:
                     progress=not args.quiet)
     # every method's, once per file in the order met; one that only some methods skipped (over
     # the memory budget for their views only) says which
-    skipped: dict[str, tuple[str, list[str]]] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}    # (file, why): the methods that skipped it
     for row in rows:
         for f in row["failed"]:
-            skipped.setdefault(f["file"], (f["error"], []))[1].append(row["method"])
-    for error, methods in skipped.values():
+            skipped.setdefault((f["file"], f["error"]), []).append(row["method"])
+    for (_, error), methods in skipped.items():
         only = f" (--method {' '.join(methods)} only)" if len(methods) < len(rows) else ""
         print(f"vggfast: skipped {error}{only}", file=sys.stderr)
     if args.json:

@@ -319,6 +319,13 @@ def _int(x: Any, what: str) -> int:
     return v
 
 
+def check_method(method: Any) -> str:
+    """An evaluation method of METHODS (see protocols.py)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    return method
+
+
 def check_flag(name: str, value: Any) -> bool:
     """A yes/no argument: True or False (a numpy bool, or the integers 1 and 0, too). Anything
     else is refused: bool() reads "no", "false", 2 and None each as an answer, so a typo gave a
@@ -343,8 +350,7 @@ def _request(sizes: Iterable[Sequence[int]], scales: Any, flip: bool, method: st
         scales = (scales,)
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
         raise ArgumentError(f"scales must be an integer or a list of integers, not {scales!r}")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    method = check_method(method)
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise ArgumentError(f"sizes must be a list of (height, width) pairs, not {sizes!r}")
     images = []

@@ -1335,13 +1335,15 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
 def _meta_int(meta: Mapping[str, Any], key: str, default: int) -> int:
     """meta[key] as an integer (a JSON number, or its text), `default` where it is unset or 0
     (timm's num_classes=0: no head); WeightsError for a fraction, a bool or anything else."""
-    value = meta.get(key) or default
+    value = meta.get(key)
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = int(value.strip())
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not value:   # unset, 0 (also "0", read as a number first), or empty
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise WeightsError(f"metadata num_classes / image_size must be integers, not "
                            f"{key}={meta.get(key)!r}")
     return value
