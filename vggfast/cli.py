@@ -1,6 +1,6 @@
 """Command line: `vggfast SUBCOMMAND ...` (also `python -m vggfast`).
 
-User errors print one line on stderr and exit with code 2; no traceback.
+User errors print one line on stderr and exit with code 2 (errors.PARTIAL); no traceback.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from .errors import ArgumentError, VGGFastError
+from .errors import PARTIAL, ArgumentError, VGGFastError
 
 # Modules that add their own subcommands through `add_cli(subparsers)`.
 _COMMAND_MODULES: tuple[str, ...] = ("vggfast.train", "vggfast.features", "vggfast.protocols",
@@ -51,11 +51,11 @@ def _engine(args, weights):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with the CLI's error format: a usage error is one line on stderr (naming
-    `--help`) and exit code 2, not argparse's usage block."""
+    `--help`) and exit code PARTIAL (2), not argparse's usage block."""
 
     def error(self, message: str):
         message = message.replace("\r", "\\r").replace("\n", "\\n")
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(PARTIAL, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def error_line(exc: BaseException) -> str:
@@ -144,7 +144,7 @@ def cmd_classify(args) -> int:
             print(f"{plan}\n  runs {how}", file=sys.stderr if args.json else sys.stdout)
     if results:
         _print_results(names, results, args.top, args.json)
-    return 2 if failed else 0
+    return PARTIAL if failed else 0
 
 
 def _loc_info(w) -> dict:
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except VGGFastError as exc:
         print(error_line(exc), file=sys.stderr)
-        return 2
+        return PARTIAL
     except KeyboardInterrupt:
         print("vggfast: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,10 @@
 """Errors a user can cause. Every one is a `VGGFastError`, so callers catch one type."""
 
+# The command line's exit status for bad input: a usage error or a VGGFastError (nothing done),
+# and a run that skipped some images and did the others (classify, extract, evaluate). One
+# status for both, so a script tests `!= 0` and reads stderr for which.
+PARTIAL = 2
+
 
 class VGGFastError(Exception):
     """Base of every error caused by user input (weights, images, arguments).

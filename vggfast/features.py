@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
-from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
 
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 
 POOLS = ("avg", "max")
 AGGREGATES = ("mean", "stack")
-# `vggfast extract`'s exit status when some images were skipped and the others written: bad
-# input, 2, as `vggfast classify` gives when it skipped files (and as a usage error gives)
-PARTIAL = 2
 
 
 # -- descriptors ----------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
+from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .protocols import _naming_file, none_evaluated
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
@@ -1192,4 +1192,4 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for f in r["failed"]:
         print(f"vggfast: skipped {f['error']}", file=sys.stderr)
     print(json.dumps(r, indent=2) if getattr(args, "json", False) else format_report(r))
-    return 2 if r["failed"] else 0  # as classification's evaluate: fewer images than given
+    return PARTIAL if r["failed"] else 0  # as classification's evaluate: fewer images than given

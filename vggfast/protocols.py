@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import ArgumentError, ImageError, VGGFastError
+from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError
 
 # A class index written as text: ASCII digits only (str.isdigit() also takes "²", which int()
 # refuses).
@@ -553,7 +553,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({"config": eng.spec.config, "results": rows}, indent=2))
     else:
         print(format_table(rows, eng.spec.config + ("-BN" if eng.spec.batch_norm else "")))
-    return 2 if skipped else 0  # as classify and extract: the table covers fewer images
+    return PARTIAL if skipped else 0  # as classify and extract: the table covers fewer images
 
 
 # -- heatmap --------------------------------------------------------------------------------------
