@@ -286,7 +286,7 @@ def test_feature_extractor_normalize_takes_float_rgb_only(sd, x, got):
     # a uint8 image came back all inf: the mean and std were cast to uint8, the std to 0
     fx = vggfast.FeatureExtractor(sd, layers=["relu1_1"])
     with pytest.raises(ArgumentError, match=r"^normalize expects float RGB in \[0, 1\], "
-                                            rf"\[N, 3, H, W\], not {got}"):
+                                            rf"\[\.\.\., 3, H, W\], not {got}"):
         fx.normalize(x)
     assert torch.isfinite(fx.normalize(torch.rand(2, 3, 8, 8))).all()
 

@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from vggfast.errors import ImageError
+from vggfast.errors import ArgumentError, ImageError
 from vggfast.preprocess import (load_image, normalize, rescaled_size, resize_short)
 
 
@@ -188,6 +188,26 @@ def test_normalisation_conventions():
     torch.testing.assert_close(caffe[:, 0, 0], torch.tensor([-103.939, -116.779, 255 - 123.68]))
     with pytest.raises(Exception, match="unknown preprocessing"):
         normalize(x, "imagenet")
+
+
+@pytest.mark.parametrize("x, got", [
+    (torch.full((3, 4, 4), 255, dtype=torch.uint8), r"uint8 \[3, 4, 4\]; divide a uint8 image"),
+    (torch.ones(2, 3, 4, 4, dtype=torch.int64), r"int64 \[2, 3, 4, 4\]$"),
+    (torch.ones(3, 4, 4, dtype=torch.bool), r"bool \[3, 4, 4\]$"),
+    (torch.rand(4, 4, 3), r"float32 \[4, 4, 3\]$"),      # channels last
+    (torch.rand(1, 4, 4), r"float32 \[1, 4, 4\]$"),      # grey: was broadcast to 3 channels
+    (torch.rand(4, 4), r"float32 \[4, 4\]$"),
+    (np.zeros((3, 4, 4), np.float32), "ndarray$")],
+    ids=["uint8", "int64", "bool", "hwc", "grey", "2d", "numpy"])
+def test_normalize_refuses_what_is_not_float_rgb(x, got):
+    # every caller (engine views, executor batches, train transforms, FeatureExtractor) goes
+    # through preprocess.normalize: a uint8 image there came back inf, the std cast to 0
+    with pytest.raises(ArgumentError, match=r"^normalize expects float RGB in \[0, 1\], "
+                                            rf"\[\.\.\., 3, H, W\], not {got}"):
+        normalize(x, "caffe")
+    for ok in (torch.rand(3, 4, 4), torch.rand(2, 3, 4, 4, dtype=torch.float64)):
+        y = normalize(ok, "caffe")
+        assert y.dtype == ok.dtype and torch.isfinite(y).all()
 
 
 def test_normalize_constants_cached_in_inference_mode_still_work_with_autograd():

@@ -302,21 +302,8 @@ class FeatureExtractor(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1], [N, 3, H, W] float -> this network's input (its preprocessing
-        convention). ArgumentError for anything else: a uint8 image made inf (its mean and std
-        were cast to uint8, the std to 0), a channels-last one a broadcasting RuntimeError."""
-        if isinstance(x, torch.Tensor) and not x.is_nested and x.layout == torch.strided \
-                and x.is_floating_point() and x.dim() in (3, 4) and x.shape[-3] == 3:
-            return pp.normalize(x, self.preprocess)
-        if not isinstance(x, torch.Tensor):
-            got = type(x).__name__
-        elif x.is_nested or x.layout != torch.strided:
-            got = "a nested tensor" if x.is_nested else \
-                f"a {str(x.layout).replace('torch.', '')} tensor"
-        else:
-            got = f"{str(x.dtype).replace('torch.', '')} {list(x.shape)}"
-        hint = "; divide a uint8 image by 255 first" if getattr(x, "dtype", None) == torch.uint8 \
-            else ""
-        raise ArgumentError(f"normalize expects float RGB in [0, 1], [N, 3, H, W], not {got}{hint}")
+        convention). ArgumentError for anything else (preprocess.normalize's check)."""
+        return pp.normalize(x, self.preprocess)
 
     def _fast_engine(self, device: torch.device, dtype: torch.dtype):
         from .engine import Engine

@@ -42,7 +42,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -612,12 +612,30 @@ def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, conv: str | Convention = "torchvision") -> torch.Tensor:
-    """RGB float in [0, 1], [..., 3, H, W] -> the network's input under `conv`."""
+    """RGB float in [0, 1], [..., 3, H, W] -> the network's input under `conv`, in x's dtype.
+    ArgumentError for anything else: a uint8 image came back inf (its mean and std were cast to
+    uint8, the std to 0), a channels-last one raised a broadcasting RuntimeError, a grey
+    [..., 1, H, W] one was broadcast to 3 channels unsaid."""
+    if not (isinstance(x, torch.Tensor) and not x.is_nested and x.layout == torch.strided
+            and x.is_floating_point() and x.dim() >= 3 and x.shape[-3] == 3):
+        raise ArgumentError(f"normalize expects float RGB in [0, 1], [..., 3, H, W], "
+                            f"not {_describe(x)}")
     c = convention(conv) if isinstance(conv, str) else conv
     if c.bgr:
         x = x.flip(-3)  # mean and std are listed in the input's channel order already
     mean_t, std_t = _mean_std(c, x.device, x.dtype)
     return (x * c.scale - mean_t) / std_t
+
+
+def _describe(x: Any) -> str:
+    """What normalize was given instead, for its error: dtype and shape, or the kind."""
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    if x.is_nested or x.layout != torch.strided:
+        return "a nested tensor" if x.is_nested else \
+            f"a {str(x.layout).replace('torch.', '')} tensor"
+    got = f"{str(x.dtype).replace('torch.', '')} {list(x.shape)}"
+    return got + ("; divide a uint8 image by 255 first" if x.dtype == torch.uint8 else "")
 
 
 @functools.lru_cache(maxsize=64)
