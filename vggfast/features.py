@@ -160,12 +160,11 @@ def feature_maps(engine: "Engine", img: Any, layer: str = "conv5_3", scale: int 
     request over the memory budget is refused naming the image, its file for a path ("FILE
     (40x2000, HxW) at scale Q: why"), as localize's and classify's refusals do."""
     from .engine import check_flag
-    from .protocols import _naming_file
     layer = _check_layer(engine, layer)
     (q,) = _check_scales(engine, (scale,), layer)
     flip = check_flag("flip", flip)
     x = pp.load_image(img)
-    with _naming_file(img):
+    with pp.naming_file(img):
         engine._check_views([tuple(x.shape[-2:])], (q,), flip)
     m = engine._run(engine._views(x, q, flip), (layer,))[layer].cpu()
     return m if flip else m[0]

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from . import preprocess as pp
 from .engine import imagenet_synsets
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
-from .protocols import _naming_file, none_evaluated
+from .protocols import none_evaluated
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
 STRIDE = 32  # five 2x2 pools: one output position per 32 input pixels
@@ -352,7 +352,7 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     x = pp.load_image(img)
     H, W = x.shape[-2:]
     size = engine.spec.image_size
-    with _naming_file(img):     # "FILE (40x2000, HxW) at scale Q: why", as classify says
+    with pp.naming_file(img):    # "FILE (40x2000, HxW) at scale Q: why", as classify says
         engine._check_views([(H, W)], scales, flip)     # every scale, before the first runs
     all_boxes, all_probs, image_probs = [], [], []
     for q in scales:
@@ -431,7 +431,7 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
     # before it is resized, by the planner's check of multi-crop's rescaled images (its one
     # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to HxW to cut its
     # central crop: ...".
-    with _naming_file(img):
+    with pp.naming_file(img):
         engine._executor.scheduler.plan([(H, W)], (q,), False, "multicrop", crop=size, grid=1)
     h, w = pp.rescaled_size(H, W, q)
     top, left = (h - size) // 2, (w - size) // 2
@@ -718,7 +718,7 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
             continue
 
         def run(images, s=s):
-            with _naming_file(s.file):      # the decoded image has no name of its own
+            with pp.naming_file(s.file):     # the decoded image has no name of its own
                 if protocol == "center":
                     return center_crop_box(engine, images[0], s.label, center_scale)
                 return localize(engine, images[0], scales, top_k, flip)

@@ -308,6 +308,22 @@ def not_found(path: str | os.PathLike) -> ImageError:
     return ImageError(f"image not found: {path}")
 
 
+@contextlib.contextmanager
+def naming_file(img: Any):
+    """Within it, a VGGFastError about the request's one image (the planner's "image 0
+    (40x2000, HxW) at scale ...", of the decoded tensor it was given) names the file `img`
+    instead, as `vggfast classify` does; for an `img` that is no path it passes unchanged.
+    Used by the one-image paths (heatmap, feature_maps, localize) that decode first."""
+    try:
+        yield
+    except VGGFastError as exc:
+        if exc.image is None or not isinstance(img, (str, os.PathLike)):
+            raise
+        err = type(exc)(f"{os.fsdecode(img)} {exc.reason}")
+        err.image, err.reason = exc.image, exc.reason
+        raise err from None
+
+
 def _file_size(path: str) -> int | None:
     try:
         return os.path.getsize(path)

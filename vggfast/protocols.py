@@ -23,7 +23,6 @@ multi-model fusion (`Ensemble`, Table 6) averages the models' posteriors.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
@@ -567,21 +566,6 @@ def _colormap(v: "Any") -> "Any":
     return (np.stack([r, g, b], -1) * 255).round().astype(np.uint8)
 
 
-@contextlib.contextmanager
-def _naming_file(img: Any):
-    """A refusal about the request's one image (the planner's "image 0 (40x2000, HxW) at scale
-    ...", of the decoded tensor it was given) names the file instead, as `vggfast classify`
-    does."""
-    try:
-        yield
-    except VGGFastError as exc:
-        if exc.image is None or not isinstance(img, (str, os.PathLike)):
-            raise
-        err = type(exc)(f"{os.fsdecode(img)} {exc.reason}")
-        err.image, err.reason = exc.image, exc.reason
-        raise err from None
-
-
 def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
                     scale: int | None = None, raw: bool = False) -> tuple[torch.Tensor, int]:
     """The dense score map of one class, resampled onto the image: ([H, W] fp32, class index).
@@ -594,7 +578,7 @@ def class_map_image(engine: "Engine", img: Any, cls: int | str | None = None,
     """
     x = pp.load_image(img)
     q = scale if scale is not None else max(384, engine.spec.image_size)
-    with _naming_file(img):
+    with pp.naming_file(img):
         scores = engine.score_map(x, scale=q)  # [classes, h, w]
     if cls is None:
         k = int(scores.mean(dim=(1, 2)).argmax())
@@ -637,7 +621,7 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
         raise ArgumentError(f"alpha must lie in [0, 1], not {alpha}")
     pp.image_format(out)    # a bad --out is refused before the work
     x = pp.load_image(img)
-    with _naming_file(img):     # x is decoded once, for the map and the overlay
+    with pp.naming_file(img):    # x is decoded once, for the map and the overlay
         m, k = class_map_image(engine, x, cls, scale, raw)
     v = m.numpy()
     lo, hi = v.min(), v.max()
