@@ -617,6 +617,32 @@ def test_an_empty_init_is_the_usual_one_line_error(tmp_path, capsys):
         assert cap.err.startswith(f"vggfast: error: {why}"), cap.err
 
 
+def test_a_missing_init_is_checked_once_with_one_message(tmp_path, capsys, monkeypatch):
+    """_check_options and read_init both checked that --init exists, with the message written
+    twice; read_init alone does now, for `vggfast train` and `initialise` alike."""
+    from vggfast.cli import main
+    missing = str(tmp_path / "missing.pt")
+    raised = []
+    read_init = T.read_init
+
+    def spy(init):      # the refusal comes from read_init, no check before it
+        try:
+            return read_init(init)
+        except ArgumentError as exc:
+            raised.append(str(exc))
+            raise
+    monkeypatch.setattr(T, "read_init", spy)
+    assert main(["train", "--data", str(tmp_path / "none"), "--init", missing,
+                 "--out", str(tmp_path / "run")]) == 2
+    cap = capsys.readouterr()
+    why = (f"--init {missing!r}: not 'glorot', 'kaiming' or an existing net-A checkpoint (file "
+           "or `vggfast train` folder)")
+    assert cap.out == "" and cap.err == f"vggfast: error: {why}\n"
+    assert raised == [why]
+    with pytest.raises(ArgumentError, match=f"^{re.escape(why)}$"):
+        T.initialise(build_model("A", 5, width=1 / 16, image_size=32), missing)
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP on CPU
 

@@ -237,10 +237,8 @@ def _check_options(opts: TrainOptions) -> None:
         raise ArgumentError(f"seed must be a non-negative integer, not {opts.seed!r}")
     make_spec(opts.config, 2, opts.width, opts.image_size, opts.batch_norm)  # validates those
     scale_range(opts)
-    init_path = os.path.expanduser(opts.init)
-    if opts.init not in ("glorot", "kaiming") and not opts.resume and not os.path.exists(init_path):
-        raise ArgumentError(f"--init {opts.init!r}: not 'glorot', 'kaiming' or an existing net-A "
-                            "checkpoint (file or `vggfast train` folder)")
+    # --init is read_init's to check (that it exists, loads and is net A), in _fit before the
+    # data scan: one check and one message for `fit` and `initialise` alike
 
 
 # ---------------------------------------------------------------------------------------------
