@@ -579,6 +579,24 @@ def test_heatmap_reads_an_image_from_standard_input(weights, samples, tmp_path, 
     assert "standard input is empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["heatmap", "-", "--scale", "64", "--out", "heat.png"],
+                                     ["classify", "-", "--scales", "64"]])
+def test_a_refusal_of_the_image_on_standard_input_names_it(weights, samples, tmp_path, capsys,
+                                                           monkeypatch, command):
+    """The image `-` reads over the memory budget: heatmap said "image 0 (300x451, HxW) ...",
+    classify "- (300x451, HxW) ..."; both say "standard input", as its decode errors do."""
+    import io
+    import sys
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1KiB")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(samples["cat"].read_bytes())))
+    capsys.readouterr()
+    assert main([*command, "--weights", weights]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.startswith("vggfast: error: standard input (300x451, HxW) at scale 64 gives")
+    assert cap.err.count("\n") == 1 and cap.out == "" and not (tmp_path / "heat.png").exists()
+
+
 @pytest.mark.parametrize("name, fmt", [("heat.jpg", "JPEG"), ("heat.JPEG", "JPEG"),
                                        ("heat.webp", "WEBP"), ("heat.bmp", "BMP"),
                                        ("heat.tif", "TIFF"), ("new/sub/heat.png", "PNG")])

@@ -82,6 +82,11 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
             print(f"  {p:7.4f}  {i:4d}  {name}")
 
 
+# What errors call the image `-` reads: its decode errors, and a refusal of the decoded
+# image (over the memory budget), which would say "-" or "image 0"
+STDIN_NAME = "standard input"
+
+
 def _stdin_image():
     """`-`: an image file's bytes on standard input, named as such in its errors (not
     "<bytes>")."""
@@ -89,12 +94,12 @@ def _stdin_image():
     from .preprocess import load_image
     data = sys.stdin.buffer.read()
     if not data:
-        raise ImageError("standard input is empty; pipe an image file into `-`, e.g. "
+        raise ImageError(f"{STDIN_NAME} is empty; pipe an image file into `-`, e.g. "
                          "cat photo.jpg | vggfast classify - (or heatmap -)")
     try:
         return load_image(data)
     except ImageError as exc:
-        raise ImageError(f"standard input: {str(exc).removeprefix('<bytes>: ')}") from None
+        raise ImageError(f"{STDIN_NAME}: {str(exc).removeprefix('<bytes>: ')}") from None
 
 
 def cmd_classify(args) -> int:
@@ -127,7 +132,8 @@ def cmd_classify(args) -> int:
             lambda ims: eng.classify(ims, scales=scales, flip=flip, method=args.method,
                                      top_k=args.top), images)
         for j, why in over:
-            print(error_line(VGGFastError(f"{decoded[j]} {why}")), file=sys.stderr)
+            shown = STDIN_NAME if decoded[j] == "-" else decoded[j]
+            print(error_line(VGGFastError(f"{shown} {why}")), file=sys.stderr)
             failed += 1
         images = [images[j] for j in kept]
         names += [decoded[j] for j in kept]

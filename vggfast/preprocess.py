@@ -309,17 +309,20 @@ def not_found(path: str | os.PathLike) -> ImageError:
 
 
 @contextlib.contextmanager
-def naming_file(img: Any):
+def naming_file(img: Any, name: str | None = None):
     """Within it, a VGGFastError about the request's one image (the planner's "image 0
     (40x2000, HxW) at scale ...", of the decoded tensor it was given) names the file `img`
-    instead, as `vggfast classify` does; for an `img` that is no path it passes unchanged.
-    Used by the one-image paths (heatmap, feature_maps, localize) that decode first."""
+    instead, as `vggfast classify` does, or `name` where given (the CLI's "standard input");
+    for an `img` that is no path and no `name` it passes unchanged. Used by the one-image paths
+    (heatmap, feature_maps, localize) that decode first."""
     try:
         yield
     except VGGFastError as exc:
-        if exc.image is None or not isinstance(img, (str, os.PathLike)):
+        if name is None and isinstance(img, (str, os.PathLike)):
+            name = os.fsdecode(img)
+        if exc.image is None or name is None:
             raise
-        err = type(exc)(f"{os.fsdecode(img)} {exc.reason}")
+        err = type(exc)(f"{name} {exc.reason}")
         err.image, err.reason = exc.image, exc.reason
         raise err from None
 

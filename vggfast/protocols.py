@@ -640,11 +640,14 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
 
 
 def cmd_heatmap(args) -> int:
-    from .cli import _engine, _need_weights, _stdin_image
+    from .cli import STDIN_NAME, _engine, _need_weights, _stdin_image
     pp.image_format(args.out)   # before the weights are loaded
     eng = _engine(args, _need_weights(args))
-    img = _stdin_image() if args.image == "-" else args.image   # `-`: as classify reads it
-    k = heatmap(eng, img, args.out, args.cls, args.scale, args.alpha, args.raw)
+    stdin = args.image == "-"
+    img = _stdin_image() if stdin else args.image   # `-`: as classify reads it
+    # the image read from `-` is a tensor, which a refusal called "image 0"
+    with pp.naming_file(img, STDIN_NAME if stdin else None):
+        k = heatmap(eng, img, args.out, args.cls, args.scale, args.alpha, args.raw)
     print(f"{args.out}: class {k} ({eng.class_names[k]})")
     return 0
 
