@@ -105,6 +105,53 @@ def test_interrupted_run_resumes_to_the_same_file(weights, folder, tmp_path, mon
     assert not (tmp_path / "run.npy.parts").exists()
 
 
+def test_a_run_interrupted_under_the_old_parts_name_resumes(weights, folder, tmp_path,
+                                                            monkeypatch, capsys):
+    """Before `--out x` meant x.npy, its checkpoints went to x.parts/; x.npy.parts/ now, so a
+    run interrupted under the old name started over. x.parts/ of the same settings is resumed
+    (and removed at the end); one of other settings is left alone and the run starts afresh."""
+    clean = tmp_path / "clean.npy"
+    assert main(["extract", str(folder), "--weights", weights, "--out", str(clean), *ARGS,
+                 "--batch-size", "2"]) == 2
+    real = vf.features
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(a[1])
+        if len(calls) == 3:     # [a, b] and [c, e] done; die in [sub/d]
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(vf, "features", dying)
+    cmd = ["extract", str(folder), "--weights", weights, "--out", str(tmp_path / "run"), *ARGS,
+           "--batch-size", "2"]
+    assert main(cmd) == 130
+    # the folder an older vggfast left for `--out run`
+    (tmp_path / "run.npy.parts").rename(tmp_path / "run.parts")
+    calls.clear()
+    monkeypatch.setattr(vf, "features", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert main(cmd) == 2
+    assert len(calls) == 1 and len(calls[0]) == 1   # only the fifth file was left
+    got, meta = _load(tmp_path / "run.npy")
+    want, want_meta = _load(clean)
+    np.testing.assert_array_equal(got, want)
+    assert meta == want_meta
+    assert not (tmp_path / "run.parts").exists() and not (tmp_path / "run.npy.parts").exists()
+
+    # an old folder of other settings (--pool max) is not this run's: left, the run starts over
+    monkeypatch.setattr(vf, "features", dying)
+    calls.clear()
+    assert main(cmd + ["--pool", "max"]) == 130
+    (tmp_path / "run.npy.parts").rename(tmp_path / "run.parts")
+    calls.clear()
+    monkeypatch.setattr(vf, "features", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    capsys.readouterr()
+    assert main(cmd) == 2 and "other settings" not in capsys.readouterr().err
+    assert len(calls) == 3                          # every chunk again
+    np.testing.assert_array_equal(_load(tmp_path / "run.npy")[0], want)
+    assert len(list((tmp_path / "run.parts").glob("r0-*.json"))) == 2
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -433,15 +433,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _holds_run(folder: Path, settings: dict[str, Any]) -> bool:
+    """Whether `folder` is an extract checkpoint folder of exactly these settings."""
+    try:
+        return json.loads((folder / "settings.json").read_text()) == settings
+    except (OSError, ValueError):   # no folder, no settings.json, or one that is no JSON
+        return False
+
+
 class _Parts:
     """A run's checkpoint folder OUT.parts/: settings.json, and per rank and chunk
     r{rank}-{chunk}.npy (features, in shard order) + r{rank}-{chunk}.json (file indices, failures).
     A chunk is written only once complete (atomic rename), so an interrupted run loses at most the
     chunk in flight. r{rank}.lock (host and pid) keeps a second run from writing the same output
-    at the same time; a lock left by a process that died is taken over."""
+    at the same time; a lock left by a process that died is taken over.
+
+    A run interrupted before `--out x` meant x.npy (output_paths) kept its chunks in x.parts/;
+    where OUT.parts/ is not there and that folder holds a run of these very settings, it is
+    resumed there (and removed at the end) rather than started over. One of other settings is
+    left alone: it was never this output's (`--out x.npy` wrote x.npy.parts/ then too)."""
 
     def __init__(self, out: Path, settings: dict[str, Any], rank: int):
         self.dir = out.with_name(out.name + ".parts")
+        legacy = out.with_name(out.stem + ".parts")
+        if not self.dir.exists() and _holds_run(legacy, settings):
+            # every rank decides alike: nobody creates OUT.parts/ nor writes the legacy
+            # settings.json when it is resumed
+            self.dir = legacy
         self.rank = rank
         self.lock = self.dir / f"r{rank}.lock"
         try:
