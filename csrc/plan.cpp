@@ -100,7 +100,7 @@ void check_request(const Request& req, const Options& opt) {
     for (size_t i = 0; i < req.images.size(); ++i) {
         auto [h, w] = req.images[i];
         if (h < 1 || w < 1 || h > kMaxSide || w > kMaxSide)
-            throw ArgumentError(int64_t(i), "(" + size_str(h, w) + ") is out of range: both "
+            throw ArgumentError(int64_t(i), "(" + size_str(h, w) + ", HxW) is out of range: both "
                                 "sides must be 1.." + std::to_string(kMaxSide));
     }
     for (int64_t q : req.scales) {
@@ -329,8 +329,8 @@ ShapeInfo infer_shapes(const std::vector<LayerDesc>& layers, int64_t h, int64_t 
     // h + 2 * pad - k + 1 below must not overflow (signed overflow is undefined behaviour).
     check_layers(layers);
     if (h < 1 || w < 1 || h > kMaxInferSide || w > kMaxInferSide)
-        throw ArgumentError("input size " + size_str(h, w) + " is out of range: both sides must "
-                            "be 1.." + std::to_string(kMaxInferSide));
+        throw ArgumentError("input size " + size_str(h, w) + " (HxW) is out of range: both sides "
+                            "must be 1.." + std::to_string(kMaxInferSide));
     ShapeInfo s;
     s.height = h;
     s.width = w;
@@ -344,9 +344,9 @@ ShapeInfo infer_shapes(const std::vector<LayerDesc>& layers, int64_t h, int64_t 
         ls.out_h = l.pool ? ls.conv_h / 2 : ls.conv_h;
         ls.out_w = l.pool ? ls.conv_w / 2 : ls.conv_w;
         if (ls.out_h < 1 || ls.out_w < 1)
-            throw ArgumentError("a " + size_str(s.height, s.width) + " input is too small for " +
-                                l.name + " (its output would be " + size_str(ls.out_h, ls.out_w) +
-                                "); use a larger scale");
+            throw ArgumentError("a " + size_str(s.height, s.width) + " (HxW) input is too small "
+                                "for " + l.name + " (its output would be " +
+                                size_str(ls.out_h, ls.out_w) + "); use a larger scale");
         h = ls.out_h;
         w = ls.out_w;
         s.layers.push_back(std::move(ls));

@@ -575,7 +575,7 @@ def test_training_samples_are_checked_before_training(tiny_set, tmp_path, capsys
     assert kept[0].boxes == [(0.0, 0.0, 30.0, 40.0)] and kept[1].boxes == [(0.0, 0.0, 30.0, 48.0)]
     err = capsys.readouterr().err
     assert "bad.png" in err and "cut.png" in err
-    with pytest.raises(VGGFastError, match=r"ok\.png: box .* outside the 48x40 image"):
+    with pytest.raises(VGGFastError, match=r"ok\.png: box .* outside the 40x48 \(HxW\) image"):
         L.readable_samples([L.LocSample(str(tmp_path / "ok.png"), 1, [(100, 100, 140, 140)])],
                            "for training")
 
@@ -653,7 +653,7 @@ def test_evaluation_clips_ground_truth_to_the_image(tmp_path):
     clipped = float(L.iou([box], [(box[0], box[1], 48.0, 40.0)]).max())
     assert r["mean_iou"] == pytest.approx(clipped)
     assert clipped > 10 * float(L.iou([box], [gt]).max())
-    with pytest.raises(VGGFastError, match=r"a\.png: box .* outside the 48x40 image"):
+    with pytest.raises(VGGFastError, match=r"a\.png: box .* outside the 40x48 \(HxW\) image"):
         L.evaluate_localization(eng, [L.LocSample(f, 1, [(60, 50, 90, 80)])], protocol="center")
 
 

@@ -565,7 +565,7 @@ def test_summary_names_views_batches_memory():
     (dict(method="multicrop", scales=(256,), crop=300), ArgumentError, "scales >= 300"),
     (dict(method="multicrop", grid=0), ArgumentError, "grid"),
     (dict(sizes=[]), ArgumentError, "no images"),
-    (dict(sizes=[(0, 10)]), ArgumentError, "image 0"),
+    (dict(sizes=[(0, 10)]), ArgumentError, "image 0 (0x10, HxW) is out of range"),
     (dict(sizes=[(10,)]), ArgumentError, "(height, width)"),
     (dict(keep=["conv9_9"]), ArgumentError, "cannot keep"),
     (dict(max_batch=-1), ArgumentError, "max_batch"),
@@ -589,6 +589,15 @@ def test_errors_are_vggfast_errors(kwargs, exc, words):
     assert isinstance(info.value, VGGFastError)
     msg = str(info.value)
     assert words in msg and "\n" not in msg
+
+
+def test_shape_errors_give_the_input_size_as_hxw():
+    """Every message that gives an image's size gives it H x W and says so, as the budget's do."""
+    spec = make_spec("D")
+    with pytest.raises(ArgumentError, match=r"^a 40x1 \(HxW\) input is too small for "):
+        S.infer_shapes(spec, 40, 1)
+    with pytest.raises(ArgumentError, match=r"^input size 0x40 \(HxW\) is out of range"):
+        S.infer_shapes(spec, 0, 40)
 
 
 def test_budget_error_names_the_limit_and_is_exact():

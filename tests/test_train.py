@@ -507,6 +507,15 @@ def test_unreadable_files_are_skipped_and_reported(tmp_path, capsys):
         T.scan_folder(data)
 
 
+def test_a_too_small_image_is_skipped_by_its_size_as_hxw(tmp_path):
+    """The scan's skip reason gave a thin image's size as WxH ("7x300 pixels") while the
+    loader's and the planner's messages give H x W: now "300x7 (HxW)" as they do."""
+    from vggfast.preprocess import MIN_SIDE
+    Image.new("RGB", (MIN_SIDE - 1, 300)).save(tmp_path / "banner.png")     # PIL: (W, H)
+    assert T._header_problem(str(tmp_path / "banner.png")) == (
+        f"300x{MIN_SIDE - 1} (HxW) pixels, both sides must be at least {MIN_SIDE}")
+
+
 def test_an_image_whose_rescale_passes_the_pixel_limit_is_skipped(tmp_path, monkeypatch, capsys):
     """The classification trainer rescaled each whole image to S in a data worker before
     cutting its crop, with no check of the rescale's size: a thin strip (40x20000 at S = 512:

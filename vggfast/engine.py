@@ -641,7 +641,8 @@ class Engine:
         check_nchw(x, "logits")
         h, w = x.shape[-2:]
         if min(h, w) < 32:
-            raise ArgumentError(f"input {h}x{w} is too small; the five pools need at least 32x32")
+            raise ArgumentError(f"input {h}x{w} (HxW) is too small; the five pools need at least "
+                                "32x32")
         self._require("fc8")
         if x.shape[0] == 0:                 # as a module would: no kernel takes an empty launch
             return torch.zeros(0, self.spec.num_classes)

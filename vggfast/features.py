@@ -317,7 +317,7 @@ class FeatureExtractor(nn.Module):
         check_nchw(x, "FeatureExtractor")   # sparse, meta, nested: PyTorch's RuntimeErrors before
         lo = self._min_side
         if min(x.shape[-2:]) < lo:
-            raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for "
+            raise ArgumentError(f"input {x.shape[-2]}x{x.shape[-1]} (HxW) is too small for "
                                 f"{self.deepest}; it needs at least {lo}x{lo}")
         params = {k: getattr(self, a) for k, a in self._keys.items()}
         compiling = torch.compiler.is_compiling()

@@ -462,7 +462,7 @@ def _clipped_boxes(s: LocSample, w: int, h: int) -> list[tuple[float, ...]]:
     for b in s.boxes:
         c = clip_box(b, w, h)
         if not (c[2] > c[0] and c[3] > c[1]):
-            raise AnnotationError(f"{s.file}: box {list(b)} lies outside the {w}x{h} image")
+            raise AnnotationError(f"{s.file}: box {list(b)} lies outside the {h}x{w} (HxW) image")
         boxes.append(c)
     return boxes
 

@@ -379,7 +379,7 @@ def conv2d(x: torch.Tensor, packed: PackedConv, pad: int, relu: bool = True, poo
     oh, ow = h + 2 * pad - packed.k + 1, w + 2 * pad - packed.k + 1
     gh, gw = (oh // 2, ow // 2) if pool else (oh, ow)
     if gh < 1 or gw < 1:   # an empty batch is refused by _check_act
-        raise ArgumentError(f"input {h}x{w} is too small for a {packed.k}x{packed.k} conv "
+        raise ArgumentError(f"input {h}x{w} (HxW) is too small for a {packed.k}x{packed.k} conv "
                             f"(pad {pad}){' and a 2x2 pool' if pool else ''}")
     shape = (nb, gh, gw, packed.cout)
     if out is None:
@@ -497,7 +497,7 @@ def group_layer(inputs: Sequence[tuple[int, int, int, int]], cin: int, cout: int
         oh, ow = h + 2 * pad - k + 1, w + 2 * pad - k + 1
         gh, gw = (oh // 2, ow // 2) if pool else (oh, ow)
         if n < 1 or gh < 1 or gw < 1:
-            raise ArgumentError(f"input {h}x{w} is too small for a {k}x{k} conv (pad {pad})"
+            raise ArgumentError(f"input {h}x{w} (HxW) is too small for a {k}x{k} conv (pad {pad})"
                                 f"{' and a 2x2 pool' if pool else ''}")
         st = (h * w * cin, w * cin, cin, 1) if strides is None else tuple(strides[p])
         if len(st) != 4:
@@ -653,7 +653,7 @@ def max_pool2x2(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         raise ArgumentError("max_pool2x2 needs an NHWC tensor with unit channel stride")
     nb, h, w, c = x.shape
     if h < 2 or w < 2:
-        raise ArgumentError(f"input {h}x{w} is too small for a 2x2 max-pool")
+        raise ArgumentError(f"input {h}x{w} (HxW) is too small for a 2x2 max-pool")
     shape = (nb, h // 2, w // 2, c)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)

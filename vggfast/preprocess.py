@@ -175,7 +175,7 @@ def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
 def _check_sides(src, h: int, w: int) -> None:
     if min(h, w) < MIN_SIDE:
         where = f"{os.fsdecode(src)}: " if isinstance(src, (str, os.PathLike)) else ""
-        raise ImageError(f"{where}image is {w}x{h} pixels; both sides must be at least "
+        raise ImageError(f"{where}image is {h}x{w} (HxW) pixels; both sides must be at least "
                          f"{MIN_SIDE}")
 
 
@@ -468,7 +468,7 @@ def _check_pixels(h: int, w: int) -> None:
     memory to convert."""
     limit = pixel_limit()
     if limit is not None and h * w > limit:
-        raise ImageError(f"refused, too many pixels ({w}x{h} = {h * w} > {limit}, twice "
+        raise ImageError(f"refused, too many pixels ({h}x{w}, HxW: {h * w} > {limit}, twice "
                          "PIL.Image.MAX_IMAGE_PIXELS, the limit for image files); raise "
                          "PIL.Image.MAX_IMAGE_PIXELS if the image is meant")
 

@@ -283,7 +283,7 @@ def _header(path: str, oriented: bool = False,
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (libavif, struct, zlib)
         return str(_decode_failure(exc))
     if min(w, h) < MIN_SIDE:
-        return f"{w}x{h} pixels, both sides must be at least {MIN_SIDE}"
+        return f"{h}x{w} (HxW) pixels, both sides must be at least {MIN_SIDE}"
     limit = pixel_limit() if scale is not None else None
     if limit is not None:
         rh, rw = rescaled_size(h, w, scale)

@@ -184,7 +184,7 @@ class TritonBackend:
         last = max(pos[t] for t in want)
         x = self._check_input(x)
         if last >= self._fc6 and min(spec.output_size(*x.shape[2:])) < 1:
-            raise ArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: fc6 needs a "
+            raise ArgumentError(f"input {x.shape[2]}x{x.shape[3]} (HxW) is too small: fc6 needs a "
                                 f"{spec.grid}x{spec.grid} map after pool5, i.e. inputs of at "
                                 f"least {spec.image_size} pixels a side")
         out: dict[str, torch.Tensor] = {}
@@ -250,7 +250,7 @@ class TritonBackend:
         inputs, strides, off = [], [], 0
         for n, c, h, w in key[0]:
             if self._pos[tap] >= self._fc6 and min(spec.output_size(h, w)) < 1:
-                raise ArgumentError(f"input {h}x{w} is too small: fc6 needs a {spec.grid}x"
+                raise ArgumentError(f"input {h}x{w} (HxW) is too small: fc6 needs a {spec.grid}x"
                                     f"{spec.grid} map after pool5, i.e. inputs of at least "
                                     f"{spec.image_size} pixels a side")
             inputs.append((off, n, h, w))
