@@ -368,6 +368,38 @@ def test_feature_extractor_fast_path_follows_changed_weights(sd):
         torch.testing.assert_close(fx(x)["pool5"].float(), want.float(), rtol=2e-2, atol=0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_feature_extractor_refuses_nonfinite_weights_from_load_state_dict(sd, bad):
+    """The constructor refused NaN/Inf weights, load_state_dict took them (every output NaN
+    after): it is refused too, one line, the module's weights and outputs as they were; for a
+    FeatureExtractor inside a loss module (the parent's load_state_dict) as well."""
+    fx = vggfast.FeatureExtractor(sd, layers=["relu1_1", "relu2_1"])
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        want = fx(x)
+    before = {k: v.clone() for k, v in fx.state_dict().items()}
+    poisoned = dict(before)
+    poisoned["conv2_1_bias"] = poisoned["conv2_1_bias"].clone()
+    poisoned["conv2_1_bias"][3] = bad
+    for module, state in [(fx, poisoned),
+                          (torch.nn.Sequential(fx), {f"0.{k}": v for k, v in poisoned.items()})]:
+        with pytest.raises(WeightsError, match=r"^load_state_dict: layers conv2_1 of these "
+                                               r"weights contain NaN/Inf; the FeatureExtractor "
+                                               r"keeps the weights it had$"):
+            module.load_state_dict(state)
+        for k, v in fx.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        with torch.no_grad():
+            got = fx(x)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    # finite weights still load, and the fast path runs them
+    fx.load_state_dict({k: v * 0.5 for k, v in before.items()})
+    assert torch.equal(fx.conv2_1_bias, before["conv2_1_bias"] * 0.5)
+    with torch.no_grad():
+        assert not torch.equal(fx(x)["relu2_1"], want["relu2_1"])
+
+
 def test_pickled_module_refusal_gives_no_advice_to_unpickle(tmp_path):
     """torch's refusal text advises retrying with weights_only=False (which would run the
     file's code); the one-line error names the offending global instead."""

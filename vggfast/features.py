@@ -196,7 +196,9 @@ class FeatureExtractor(nn.Module):
     they live elsewhere; keep the two together with `.to()` for speed). The fast path follows
     the parameters (an optimiser step, load_state_dict, .to(), in-place
     ops); writes through `.data` bypass PyTorch's version counters, so call `refresh()` after
-    them. Copies (deepcopy, torch.save of the module, pickling) drop the fast engines, which are
+    them. load_state_dict of weights with NaN/Inf is refused (WeightsError), as the constructor
+    refuses them, before any of this module's parameters change (inside a parent module, the
+    parent's own and earlier submodules' parameters may already have been loaded). Copies (deepcopy, torch.save of the module, pickling) drop the fast engines, which are
     rebuilt on the next call. memory_budget: as Engine's (a forward over it is refused).
     """
 
@@ -276,6 +278,25 @@ class FeatureExtractor(nn.Module):
         """What identifies the parameters' current values: storage, in-place version, dtype."""
         return tuple((a, p.data_ptr(), p._version, p.dtype, p.device)
                      for a, p in ((a, getattr(self, a)) for a in self._keys.values()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # load_state_dict of NaN/Inf weights: the constructor refuses them, so a loaded model
+        # must not be the one way in (the fast path would run them, every output NaN). Checked
+        # here, before this module's parameters are copied, rather than in load_state_dict, so a
+        # FeatureExtractor inside a loss module (the parent's load_state_dict) is checked too.
+        bad = []
+        for key, attr in self._keys.items():
+            t = state_dict.get(prefix + attr)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta \
+                    and not bool(torch.isfinite(t).all()):
+                bad.append(key.split(".")[0])
+        if bad:
+            raise WeightsError(
+                f"load_state_dict: layers {', '.join(dict.fromkeys(bad))} of these weights "
+                f"contain NaN/Inf; the FeatureExtractor keeps the weights it had")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def refresh(self) -> None:
         """Make the fast path re-read the parameters on its next call (needed only after writes
