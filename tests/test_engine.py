@@ -182,6 +182,34 @@ def test_memory_budget_refusals_give_every_size_as_hxw(tiny):
         assert str(err.value).startswith(words), str(err.value)
 
 
+def test_unplanned_views_are_checked_once_each(tiny, monkeypatch):
+    """Engine._check_views (which names the image) checked each dense view of the paths the
+    planner does not plan, and Engine._views then checked it again, for nothing: now one check
+    a view (an image at a scale, with its flip), the refusals worded as before."""
+    import vggfast.engine as E
+    checked = []
+    real = E.check_memory
+
+    def count(spec, dtype, budget, batch, h, w, advice):
+        checked.append((batch, h, w))
+        return real(spec, dtype, budget, batch, h, w, advice)
+    monkeypatch.setattr(E, "check_memory", count)
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    imgs = [torch.rand(3, 40, 48), torch.rand(3, 36, 60)]
+    eng.features(imgs, layer="relu3_3", scales=(16, 24))     # below native: not planned
+    want = [(2, *E.pp.rescaled_size(*x.shape[-2:], q)) for x in imgs for q in (16, 24)]
+    assert checked == want
+    checked.clear()
+    eng.feature_maps(imgs[1], layer="relu3_3", scale=24, flip=False)
+    assert checked == [(1, *E.pp.rescaled_size(36, 60, 24))]
+    # refused as before, naming the image, before anything runs
+    small = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
+    monkeypatch.setattr(small, "_run", lambda *a: pytest.fail("ran"))
+    with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000, HxW\) at scale 16: a "
+                                                r"16x800 \(HxW\) input \(batch 2\) needs "):
+        small.features([imgs[0], torch.rand(3, 40, 2000)], layer="relu3_3", scales=16)
+
+
 def test_memory_budget_refusals_below_a_mib_give_bytes_as_the_planner_does(tiny):
     """The engine's own checks (logits, FeatureExtractor, the paths the planner does not plan)
     wrote sizes below 1 MiB as "0.0 MiB": a 100 kB budget and the input over it read the same.
