@@ -128,13 +128,11 @@ def item_size(items: Sequence[Any], k: int, exact: bool = False) -> tuple[int, i
 
 
 def decoded_size(items: Sequence[Any], k: int) -> tuple[int, int]:
-    """(H, W) of items[k] as load_item decodes it: a path's header where that is exact
-    (item_size with `exact`: a swapped H x W would be another plan), else decoded."""
-    if isinstance(items[k], (str, os.PathLike)):
-        size = item_size(items, k, exact=True)
-        if size is not None:
-            return size
-    return tuple(load_item(items, k).shape[-2:])
+    """(H, W) of items[k] as load_item decodes it, read without decoding where that is exact
+    (item_size with `exact`: a swapped H x W would be another plan): a file's header, an
+    array's or tensor's shape, a PIL image's size; else decoded."""
+    size = item_size(items, k, exact=True)
+    return size if size is not None else tuple(load_item(items, k).shape[-2:])
 
 
 def _refusal(k: int, reason: str) -> MemoryBudgetError:
@@ -611,10 +609,13 @@ class Engine:
         CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
         the plan of the whole list, as one request. An empty list has an empty plan (no views,
         batches or memory), as classify([]) gives [].
-        A file path is sized from its header, not decoded, where that is the decoded size
-        (preprocess.image_size with exact=True: a JPEG, WebP, ...); a PNG, a TIFF and any image
-        that is not a path are decoded. What only decoding finds (corrupt pixels) is then left
-        to classify, as for its long lists.
+        An image is sized without decoding where that gives the decoded size
+        (preprocess.image_size with exact=True): a file's header (a path, bytes, a seekable
+        file object: JPEG, WebP, PNG, TIFF, ..., EXIF orientation applied), an array's or
+        tensor's shape, a PIL image's size (made in memory, or a JPEG, ...); the others (an
+        animated PNG, a PPM, a PNG PIL image the caller opened, a pipe) are decoded. What only
+        decoding finds (corrupt pixels, a float tensor's values) is then left to classify, as
+        for its long lists.
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)
