@@ -534,14 +534,12 @@ Plan make_plan(const std::vector<LayerDesc>& layers, const Request& req, const O
                 // as preprocess.resize_short makes it) while the crops are small: a huge Q passed
                 // every arena check and then allocated tens of GB on the host. It must fit the
                 // budget as a dense view's input must (a dense view's arena check covers more).
-                // Grid 1 is one central crop (center_crop_box's check): worded for it.
                 const int64_t pixels =
                     mul_sat(mul_sat(mul_sat(rh, rw), layers[0].cin), kRescaleElemSize);
                 if (pixels == kMax || pixels > opt.budget)  // saturated: past int64
                     throw BudgetError(
                         int64_t(i), "(" + size_str(h, w) + ", HxW) at scale " + std::to_string(q) +
-                        " is rescaled to " + size_str(rh, rw) +
-                        (req.grid == 1 ? " to cut its central crop: " : " to cut its crops: ") +
+                        " is rescaled to " + size_str(rh, rw) + " to cut its crops: " +
                         (pixels == kMax ? "more than 8 EiB" : fmt_bytes(pixels)) +
                         " of float32 pixels, over the memory budget of " + fmt_bytes(opt.budget) +
                         "; use smaller scales" +

@@ -182,6 +182,34 @@ def test_memory_budget_refusals_give_every_size_as_hxw(tiny):
         assert str(err.value).startswith(words), str(err.value)
 
 
+def test_unplanned_views_are_checked_once_each(tiny, monkeypatch):
+    """Engine._check_views (which names the image) checked each dense view of the paths the
+    planner does not plan, and Engine._views then checked it again, for nothing: now one check
+    a view (an image at a scale, with its flip), the refusals worded as before."""
+    import vggfast.engine as E
+    checked = []
+    real = E.check_memory
+
+    def count(spec, dtype, budget, batch, h, w, advice):
+        checked.append((batch, h, w))
+        return real(spec, dtype, budget, batch, h, w, advice)
+    monkeypatch.setattr(E, "check_memory", count)
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    imgs = [torch.rand(3, 40, 48), torch.rand(3, 36, 60)]
+    eng.features(imgs, layer="relu3_3", scales=(16, 24))     # below native: not planned
+    want = [(2, *E.pp.rescaled_size(*x.shape[-2:], q)) for x in imgs for q in (16, 24)]
+    assert checked == want
+    checked.clear()
+    eng.feature_maps(imgs[1], layer="relu3_3", scale=24, flip=False)
+    assert checked == [(1, *E.pp.rescaled_size(36, 60, 24))]
+    # refused as before, naming the image, before anything runs
+    small = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
+    monkeypatch.setattr(small, "_run", lambda *a: pytest.fail("ran"))
+    with pytest.raises(MemoryBudgetError, match=r"^image 1 \(40x2000, HxW\) at scale 16: a "
+                                                r"16x800 \(HxW\) input \(batch 2\) needs "):
+        small.features([imgs[0], torch.rand(3, 40, 2000)], layer="relu3_3", scales=16)
+
+
 def test_memory_budget_refusals_below_a_mib_give_bytes_as_the_planner_does(tiny):
     """The engine's own checks (logits, FeatureExtractor, the paths the planner does not plan)
     wrote sizes below 1 MiB as "0.0 MiB": a 100 kB budget and the input over it read the same.
@@ -320,7 +348,10 @@ def test_a_memory_budget_past_int64_is_no_limit(tiny, monkeypatch):
 
 
 def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
-    """Engine.plan needs only the sizes: it held every decoded image of the list at once."""
+    """Engine.plan needs only the sizes: it held every decoded image of the list at once (the
+    images here are PNGs opened by the caller, which plan decodes to size: their chunks after
+    the pixels are not read again)."""
+    import io
     import weakref
     import vggfast.engine as E
     alive, most = weakref.WeakSet(), []
@@ -334,10 +365,15 @@ def test_plan_of_a_list_holds_one_decoded_image_at_a_time(tiny, monkeypatch):
 
     monkeypatch.setattr(E.pp, "load_image", load)
     eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
-    imgs = [torch.rand(3, 40 + k, 48) for k in range(6)]
+    imgs = []
+    for k in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 40 + k)).save(buf, "PNG")
+        imgs.append(Image.open(buf))
     plan = eng.plan(imgs, scales=(32, 40))
-    assert max(most) == 1 and plan.num_images == 6
-    assert eng._executor.plan(imgs, (32, 40), True, "dense") is plan   # classify's cached plan
+    assert len(most) == 6 and max(most) == 1 and plan.num_images == 6
+    decoded = [real(i) for i in imgs]
+    assert eng._executor.plan(decoded, (32, 40), True, "dense") is plan  # classify's cached plan
 
 
 def _png_with_a_chunk_after_its_pixels(path, im, chunk_type, body):
@@ -354,29 +390,34 @@ def _png_with_a_chunk_after_its_pixels(path, im, chunk_type, body):
 def test_plan_of_files_reads_headers_where_they_give_the_decoded_size(tiny, tmp_path,
                                                                       monkeypatch):
     """Engine.plan decoded every file just to learn its size. A file whose header gives the
-    decoded size exactly (a JPEG, EXIF rotation and all; a WebP) is now sized from it, not
-    decoded, and the plan is the decoded images' plan, summary and all. Where the header may
-    give H and W the wrong way round, and a swapped H x W is another plan, the file is still
-    decoded: a PNG (its EXIF may follow its pixels: image_size's known limit) and a TIFF (PIL
-    reports its size oriented already)."""
+    decoded size exactly (a JPEG, EXIF rotation and all; a WebP; a PNG, its EXIF before or
+    after its pixels; a TIFF) is now sized from it, not decoded, and the plan is the decoded
+    images' plan, summary and all. Where the header cannot promise H and W the right way round,
+    and a swapped H x W is another plan, the file is still decoded: an animated PNG (decoding
+    its first frame stops before EXIF at the end)."""
     import vggfast.engine as E
     exif = Image.Exif()
     exif[0x0112] = 6                                     # stored 60x40, shown 40x60
+    left = Image.Exif()
+    left[0x0112] = 8
     photo = Image.new("RGB", (60, 40), (200, 30, 30))
-    header = {"turned.jpg": True, "gray.jpg": True, "photo.webp": True, "photo.png": False,
-              "gray.png": False, "turned.png": False, "turned.tiff": False}
+    header = {"turned.jpg": True, "gray.jpg": True, "photo.webp": True, "photo.png": True,
+              "gray.png": True, "turned.png": True, "left.png": True, "turned.tiff": True,
+              "anim.png": False}
     photo.save(tmp_path / "turned.jpg", exif=exif.tobytes())
     photo.convert("L").resize((50, 40)).save(tmp_path / "gray.jpg")
     photo.resize((70, 40)).save(tmp_path / "photo.webp")
     photo.resize((40, 90)).save(tmp_path / "photo.png")
     photo.convert("L").resize((45, 40)).save(tmp_path / "gray.png")
     _png_with_a_chunk_after_its_pixels(tmp_path / "turned.png", photo, b"eXIf", exif.tobytes())
+    photo.resize((50, 40)).save(tmp_path / "left.png", exif=left.tobytes())    # before IDAT
     photo.save(tmp_path / "turned.tiff", exif=exif.tobytes())
+    photo.save(tmp_path / "anim.png", save_all=True, append_images=[photo.resize((60, 40))],
+               exif=exif.tobytes())
     paths = [tmp_path / name for name in header]
     decoded = [E.pp.load_image(p) for p in paths]
-    # the PNG's trailing EXIF and the TIFF are where the header and the pixels disagree
-    assert E.pp.image_size(paths[5]) == (40, 60) != tuple(decoded[5].shape[-2:]) == (60, 40)
-    assert E.pp.image_size(paths[6]) == (40, 60) != tuple(decoded[6].shape[-2:]) == (60, 40)
+    assert [tuple(x.shape[-2:]) for x in decoded[5:8]] == [(60, 40), (50, 40), (60, 40)]
+    assert [E.pp.image_size(p) for p in paths] == [tuple(x.shape[-2:]) for x in decoded]
     eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
     methods = ("dense", "dense+multicrop")
     want = {m: str(eng.plan(decoded, scales=(32, 40), method=m)) for m in methods}
@@ -395,6 +436,47 @@ def test_plan_of_files_reads_headers_where_they_give_the_decoded_size(tiny, tmp_
     read.clear()
     plan = eng.plan(str(paths[0]), scales=32)                    # one path, given as a str
     assert [(v.height, v.width) for v in plan.views] == [(48, 32), (48, 32)] and read == []
+
+
+def test_plan_sizes_arrays_tensors_and_pil_images_without_decoding(tiny, monkeypatch):
+    """Engine.plan decoded (load_image: a copy, a float check) every image that was not a path
+    to learn its size, though an array's or tensor's shape is that size, and so is a PIL
+    image's where its header tells it exactly (made in memory, a JPEG; EXIF orientation
+    applied). Those are now sized without load_image and planned as the decoded images are;
+    a PNG PIL image the caller opened is still decoded (its chunks are not re-read)."""
+    import io
+
+    import numpy as np
+
+    import vggfast.engine as E
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 40)).save(buf, "JPEG", exif=exif.tobytes())
+    png = io.BytesIO()
+    Image.new("RGB", (44, 40)).save(png, "PNG")
+    made = Image.new("RGB", (52, 40))
+    made.info["exif"] = exif.tobytes()                   # orientation 6, on an in-memory image
+    items = [torch.rand(3, 40, 48), torch.zeros(3, 41, 50, dtype=torch.uint8),
+             np.zeros((42, 56, 3), np.uint8), np.zeros((43, 40), np.float32),
+             Image.new("L", (40, 45)), made, Image.open(buf), buf.getvalue(),
+             Image.open(png)]
+    decoded = [E.pp.load_image(i) for i in items]
+    assert [tuple(x.shape[-2:]) for x in decoded][5:7] == [(52, 40), (60, 40)]
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    want = str(eng.plan(decoded, scales=(32, 40)))
+    eng._executor.scheduler.clear()
+    read = []
+    real = E.pp.load_image
+    monkeypatch.setattr(E.pp, "load_image", lambda item: read.append(item) or real(item))
+    assert str(eng.plan(items, scales=(32, 40))) == want
+    assert [id(i) for i in read] == [id(items[-1])]      # (PIL images' == compares pixels)
+    # a dtype load_image refuses is refused by the plan too, naming the image, not when it runs
+    from vggfast.errors import ImageError
+    for bad, words in [(torch.zeros(3, 40, 40, dtype=torch.int64), "tensor images must be"),
+                       (np.zeros((40, 40, 3), np.int32), "numpy images must be")]:
+        with pytest.raises(ImageError, match=f"^image 1: {words}"):
+            eng.plan([items[0], bad], scales=32)
 
 
 def test_plan_of_an_empty_list_is_empty(tiny):

@@ -812,8 +812,9 @@ def test_cli_evaluate_localize_skips_a_photo_over_the_memory_budget(tiny_set, tm
 def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monkeypatch):
     """center_crop_box resized the whole image to the scale with no memory check: a huge scale
     (or panorama) allocated the float32 rescale on the host, GBs, for one small crop. It is now
-    refused first, by the planner's check of multi-crop's rescaled images, with the one-line
-    MemoryBudgetError the other paths give, naming the file."""
+    refused first, by a check of that one rescale (Engine._check_center_crop; it planned a whole
+    multi-crop request for it), with the one-line MemoryBudgetError the other paths give,
+    naming the file."""
     from PIL import Image
 
     from vggfast.errors import MemoryBudgetError
@@ -839,8 +840,57 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
                        match=r"^image 0 \(40x48, HxW\) at scale 4096 is rescaled"):
         L.center_crop_box(eng, torch.rand(3, 40, 48), 0, scale=4096)    # a huge scale
     assert resized == []                                # refused before anything was resized
+    # the check is of the one rescale: the planner is not asked
+    monkeypatch.setattr(eng._executor.scheduler, "plan",
+                        lambda *a, **k: pytest.fail("center_crop_box planned a request"))
     L.center_crop_box(eng, str(pano), 0, scale=40)      # within the budget: as before
     assert resized == [40]
+
+
+def test_center_crop_check_refuses_what_the_planner_refused(monkeypatch):
+    """Engine._check_center_crop (center_crop_box's check, in Python) against the planner's
+    check of multi-crop's rescaled images, which center_crop_box used to ask with a one-crop
+    grid: the same refusals at the same budgets, the same bytes and limit in the words; and
+    the crop's own forward through the localisation net, which the plan's arenas covered, is
+    still checked."""
+    from vggfast import scheduler as S
+    from vggfast.engine import activation_bytes
+    from vggfast.errors import MemoryBudgetError
+    cls, loc = _pair("scr")
+    spec = _engine(cls, loc, "scr").spec
+    for (h, w), q in [((40, 2000), 64), ((2000, 40), 64), ((40, 48), 4096), ((33, 47), 700)]:
+        rh, rw = pp.rescaled_size(h, w, q)
+        need = 3 * 4 * rh * rw                           # [3, rh, rw] float32
+        for budget in (need - 1, need):
+            eng = _engine(cls, loc, "scr", memory_budget=budget)
+            try:
+                S.make_plan(spec, [(h, w)], scales=(q,), method="multicrop", grid=1,
+                            elem_size=4, memory_budget=budget)
+                planned = None
+            except MemoryBudgetError as exc:
+                planned = exc
+            try:
+                eng._check_center_crop((h, w), q)
+                checked = None
+            except MemoryBudgetError as exc:
+                checked = exc
+            assert (checked is None) == (planned is None) == (budget == need), (h, w, q, budget)
+            if checked is not None:
+                assert checked.image == 0 and str(checked) == f"image 0 {checked.reason}"
+                assert checked.reason == planned.reason.replace("to cut its crops: ",
+                                                                "to cut its central crop: ")
+                assert f"at least {need} bytes" in checked.reason
+    # a budget the rescale fits and the crop's forward does not
+    n = spec.image_size
+    forward = activation_bytes(_engine(cls, loc, "scr").loc_weights.spec, torch.float32, 1, n, n)
+    rescale = 3 * 4 * math.prod(pp.rescaled_size(40, 48, n))
+    assert rescale < forward - 1
+    eng = _engine(cls, loc, "scr", memory_budget=forward - 1)
+    with pytest.raises(MemoryBudgetError,
+                       match=rf"^image 0 \(40x48, HxW\) at scale {n}: its central crop: a "
+                             rf"{n}x{n} \(HxW\) input \(batch 1\) needs "):
+        L.center_crop_box(eng, torch.rand(3, 40, 48), 0, scale=n)
+    _engine(cls, loc, "scr", memory_budget=forward)._check_center_crop((40, 48), n)
 
 
 def _failing_pil_save(monkeypatch, exc):

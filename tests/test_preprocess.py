@@ -308,6 +308,7 @@ def test_image_size_is_the_decoded_size_without_decoding(samples, tmp_path, monk
     want += [tuple(load_image(s).shape[-2:]) for s in sources[-5:]]
     stream.seek(4)
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    _no_decoding(monkeypatch)       # a file's load is ImageFile's, not Image.Image's
     assert [pp.image_size(s) for s in sources] == want and want[1] == (60, 40)
     assert stream.tell() == 4
     monkeypatch.undo()
@@ -317,6 +318,115 @@ def test_image_size_is_the_decoded_size_without_decoding(samples, tmp_path, monk
         with pytest.raises(ImageError, match=re.escape(words)):
             pp.image_size(bad)
     assert pp.image_size(type("Pipe", (), {"read": lambda self: b""})()) is None
+
+
+def _png_chunk(kind, body):
+    import struct
+    import zlib
+    return (struct.pack(">I", len(body)) + kind + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+
+def _png_bytes(im, after=(), **kw):
+    """`im` saved as PNG (save options kw: exif=, pnginfo=, ...), with the chunks `after`
+    ((type, data) each) added just before IEND, after the pixels (IDAT)."""
+    import io
+    b = io.BytesIO()
+    im.save(b, "PNG", **kw)
+    data = b.getvalue()
+    assert data[-12:-4] == b"\0\0\0\0IEND"
+    return data[:-12] + b"".join(_png_chunk(k, v) for k, v in after) + data[-12:]
+
+
+def _exif(orientation, prefix=False):
+    e = Image.Exif()
+    e[0x0112] = orientation
+    raw = e.tobytes()       # "Exif\0\0" + a TIFF header and IFD
+    return raw if prefix else raw[6:]
+
+
+def _no_decoding(monkeypatch):
+    """Every PIL decoder (PNG's zlib, TIFF's raw and libtiff ones, ...) fails the test."""
+    from PIL import Image as I
+    monkeypatch.setattr(I, "_getdecoder", lambda *a, **k: pytest.fail("decoded"))
+
+
+def test_png_and_tiff_sizes_are_the_oriented_decoded_sizes_without_decoding(tmp_path,
+                                                                             monkeypatch):
+    """A PNG's EXIF orientation may follow its pixels (PIL reads the chunks after IDAT only as
+    it decodes), so image_size gave H and W swapped for a PNG with eXIf there, and exact=True
+    sized no PNG; a TIFF was swapped twice (PIL reports an oriented TIFF's size turned). Both
+    are now sized exactly from their chunks and tags, nothing decoded, for orientations 6 and 8
+    (and 1, 3, which keep H and W) before and after the pixels, in eXIf, XMP, ImageMagick's
+    zTXt and a tEXt "exif", the last chunk winning, as decoding reads them."""
+    import io
+    import zlib
+
+    from PIL import PngImagePlugin
+    from vggfast import preprocess as pp
+    im = Image.new("RGB", (60, 40), (200, 30, 30))          # stored 60x40 (WxH)
+    xmp = b'<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    raw = _exif(6, prefix=True)
+    profile = f"\nexif\n{len(raw)}\n{raw.hex()}\n".encode()
+    xmp_info = PngImagePlugin.PngInfo()
+    xmp_info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    files = {}
+    for o in (1, 3, 6, 8):
+        files[f"before{o}.png"] = _png_bytes(im, exif=_exif(o, prefix=True))
+        files[f"after{o}.png"] = _png_bytes(im, [(b"eXIf", _exif(o))])
+        b = io.BytesIO()
+        im.save(b, "TIFF", exif=_exif(o, prefix=True))
+        files[f"turned{o}.tiff"] = b.getvalue()
+    b = io.BytesIO()
+    im.save(b, "TIFF", exif=_exif(6, prefix=True), compression="tiff_lzw")   # libtiff's
+    files["lzw6.tiff"] = b.getvalue()
+    files.update({
+        "xmp_before.png": _png_bytes(im, pnginfo=xmp_info),
+        "xmp_after.png": _png_bytes(im, [(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)]),
+        "zxmp_after.png": _png_bytes(im, [(b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0"
+                                             + zlib.compress(xmp))]),
+        "profile_after.png": _png_bytes(im, [(b"zTXt", b"Raw profile type exif\0\0"
+                                                + zlib.compress(profile))]),
+        "text_after.png": _png_bytes(im, [(b"tEXt", b"exif\0" + raw)]),
+        "6then1.png": _png_bytes(im, [(b"eXIf", _exif(1))], exif=_exif(6, prefix=True)),
+        "1then8.png": _png_bytes(im, [(b"eXIf", _exif(8))], exif=_exif(1, prefix=True)),
+        "plain.png": _png_bytes(im.convert("L")),
+    })
+    want = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        want[name] = tuple(load_image(data).shape[-2:])
+    kept = {"before1.png", "after1.png", "turned1.tiff", "before3.png", "after3.png",
+            "turned3.tiff", "6then1.png", "plain.png"}
+    # the files decode as meant: 60x40 (HxW) where turned, else 40x60
+    assert want == {n: (40, 60) if n in kept else (60, 40) for n in files}
+    _no_decoding(monkeypatch)
+    for name, data in files.items():
+        for src in (tmp_path / name, str(tmp_path / name), data, io.BytesIO(data)):
+            assert pp.image_size(src, exact=True) == pp.image_size(src) == want[name], name
+
+
+def test_png_sizes_that_cannot_be_promised_are_decoded(tmp_path, monkeypatch):
+    """Where the chunks after a PNG's pixels cannot be read as decoding reads them, exact=True
+    gives None (Engine.plan then decodes): an APNG (decoding its first frame stops at the next
+    frame), a metadata chunk with a broken CRC (decoding does not check it; PIL's header read
+    does), a file with no IEND, a PNG PIL image the caller opened (not re-read here)."""
+    from vggfast import preprocess as pp
+    im = Image.new("RGB", (60, 40))
+    frames = [im, Image.new("RGB", (60, 40), (9, 9, 9))]
+    apng = tmp_path / "anim.png"
+    frames[0].save(apng, save_all=True, append_images=frames[1:], exif=_exif(6, prefix=True))
+    bad = bytearray(_png_bytes(im, [(b"eXIf", _exif(6))]))
+    bad[-13] ^= 1                                   # the eXIf chunk's CRC
+    cut = _png_bytes(im, [(b"eXIf", _exif(6))])[:-12]
+    opened = tmp_path / "after.png"
+    opened.write_bytes(_png_bytes(im, [(b"eXIf", _exif(6))]))
+    cases = [apng, bytes(bad), cut, Image.open(opened)]
+    want = [tuple(load_image(c).shape[-2:]) for c in cases[:3]] + [(60, 40)]
+    assert want == [(60, 40)] * 4                   # every one decodes turned
+    cases[3] = Image.open(opened)                   # not loaded yet
+    _no_decoding(monkeypatch)
+    assert [pp.image_size(c, exact=True) for c in cases] == [None] * 4
 
 
 def _gray_tiff(path, a, bits, signed, big_endian=False):

@@ -33,6 +33,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEFAULT_CPU_BUDGET = 8 << 30
+# The rescaled image a crop is cut from: [3, H, W] float32, as pp.resize_short makes it (the
+# planner's multi-crop check counts it the same way: csrc/plan.cpp, kRescaleElemSize).
+RESCALE_CHANNELS, RESCALE_ELEM_BYTES = 3, 4
 
 
 def imagenet_classes() -> list[str]:
@@ -125,13 +128,20 @@ def item_size(items: Sequence[Any], k: int, exact: bool = False) -> tuple[int, i
 
 
 def decoded_size(items: Sequence[Any], k: int) -> tuple[int, int]:
-    """(H, W) of items[k] as load_item decodes it: a path's header where that is exact
-    (item_size with `exact`: a swapped H x W would be another plan), else decoded."""
-    if isinstance(items[k], (str, os.PathLike)):
-        size = item_size(items, k, exact=True)
-        if size is not None:
-            return size
-    return tuple(load_item(items, k).shape[-2:])
+    """(H, W) of items[k] as load_item decodes it, read without decoding where that is exact
+    (item_size with `exact`: a swapped H x W would be another plan): a file's header, an
+    array's or tensor's shape, a PIL image's size; else decoded."""
+    size = item_size(items, k, exact=True)
+    return size if size is not None else tuple(load_item(items, k).shape[-2:])
+
+
+def _refusal(k: int, reason: str) -> MemoryBudgetError:
+    """The MemoryBudgetError about image K of a request, as the planner words it: "image K
+    reason" (reason "(40x2000, HxW) at scale Q ..."), with .image and .reason for
+    `naming_images` and `preprocess.naming_file` to name it in a list or by its file."""
+    err = MemoryBudgetError(f"image {k} {reason}")
+    err.image, err.reason = k, reason
+    return err
 
 
 def _of_image(exc: ImageError, k: int, n: int) -> ImageError:
@@ -513,23 +523,44 @@ class Engine:
         the paths the planner does not batch run them, one image at a time (features below the
         native size, localize). It names image K of `sizes` as the planner's refusals do ("image
         K (40x2000, HxW) at scale Q: why"), so `naming_images` can say which image of a list it
-        is."""
+        is. The one check of those views: `_views` makes them without checking again."""
         for k, (h, w) in enumerate(sizes):
             for q in scales:
                 try:
                     self._check_memory(2 if flip else 1, *pp.rescaled_size(h, w, q))
                 except MemoryBudgetError as exc:
-                    reason = f"({h}x{w}, HxW) at scale {q}: {exc}"
-                    err = MemoryBudgetError(f"image {k} {reason}")
-                    err.image, err.reason = k, reason
-                    raise err from None
+                    raise _refusal(k, f"({h}x{w}, HxW) at scale {q}: {exc}") from None
+
+    def _check_center_crop(self, size: tuple[int, int], q: int) -> None:
+        """MemoryBudgetError, before anything is allocated, when the central native-size crop
+        of an image of `size` (H, W) at scale q (localize.center_crop_box) would pass the
+        budget: the crop is cut from the whole rescaled image, float32 (pp.resize_short), which
+        a huge scale or a panorama makes GBs for one small crop; then the localisation net's
+        forward of the crop. Worded as the planner's refusals, "image 0 (40x2000, HxW) at scale
+        Q is rescaled to HxW to cut its central crop: why", so `preprocess.naming_file` names the file."""
+        h, w = size
+        rh, rw = pp.rescaled_size(h, w, q)
+        need = RESCALE_CHANNELS * RESCALE_ELEM_BYTES * rh * rw
+        budget = self.memory_budget
+        if need > budget:
+            raise _refusal(0, (
+                f"({h}x{w}, HxW) at scale {q} is rescaled to {rh}x{rw} to cut its central crop: "
+                f"{_fmt_bytes(need)} of float32 pixels, over the memory budget of "
+                f"{_fmt_bytes(budget)}; use smaller scales, or raise the budget to at least "
+                f"{need} bytes with Engine(..., memory_budget=BYTES) or VGGFAST_MEMORY_BUDGET"))
+        n = self.spec.image_size
+        try:
+            check_memory(self.loc_weights.spec, self.dtype, budget, 1, n, n,
+                         "raise the limit with Engine(..., memory_budget=BYTES)")
+        except MemoryBudgetError as exc:
+            raise _refusal(0, f"({h}x{w}, HxW) at scale {q}: its central crop: {exc}") from None
 
     # -- views ----------------------------------------------------------------------------------
 
     def _views(self, x: torch.Tensor, q: int, flip: bool) -> torch.Tensor:
-        """Rescaled (and flipped) normalised views of one image at scale q: [V, 3, H, W]."""
-        h, w = pp.rescaled_size(*x.shape[-2:], q)
-        self._check_memory(2 if flip else 1, h, w)
+        """Rescaled (and flipped) normalised views of one image at scale q: [V, 3, H, W]. Its
+        callers have checked them against the memory budget first, with `_check_views` (which
+        names the image), so they are not checked again here."""
         v = pp.resize_short(x, q)
         v = torch.stack([v, v.flip(-1)]) if flip else v[None]
         return pp.normalize(v, self.preprocess)
@@ -578,10 +609,13 @@ class Engine:
         CHUNK_IMAGES (64) is classified in chunks of that many, each planned on its own; this is
         the plan of the whole list, as one request. An empty list has an empty plan (no views,
         batches or memory), as classify([]) gives [].
-        A file path is sized from its header, not decoded, where that is the decoded size
-        (preprocess.image_size with exact=True: a JPEG, WebP, ...); a PNG, a TIFF and any image
-        that is not a path are decoded. What only decoding finds (corrupt pixels) is then left
-        to classify, as for its long lists.
+        An image is sized without decoding where that gives the decoded size
+        (preprocess.image_size with exact=True): a file's header (a path, bytes, a seekable
+        file object: JPEG, WebP, PNG, TIFF, ..., EXIF orientation applied), an array's or
+        tensor's shape, a PIL image's size (made in memory, or a JPEG, ...); the others (an
+        animated PNG, a PPM, a PNG PIL image the caller opened, a pipe) are decoded. What only
+        decoding finds (corrupt pixels, a float tensor's values) is then left to classify, as
+        for its long lists.
         """
         flip = check_flag("flip", flip)
         scales, method, items, _ = self._request(imgs, scales, method)

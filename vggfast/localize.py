@@ -428,11 +428,9 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
     x = pp.load_image(img)
     H, W = x.shape[-2:]
     # The crop is cut from the whole rescaled image (float32): a huge image or scale is refused
-    # before it is resized, by the planner's check of multi-crop's rescaled images (its one
-    # central crop, grid 1, is this crop), "FILE (HxW) at scale Q is rescaled to HxW to cut its
-    # central crop: ...".
+    # before it is resized, "FILE (HxW) at scale Q is rescaled to HxW to cut its central crop".
     with pp.naming_file(img):
-        engine._executor.scheduler.plan([(H, W)], (q,), False, "multicrop", crop=size, grid=1)
+        engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
     top, left = (h - size) // 2, (w - size) // 2
     v = pp.center_crop(pp.resize_short(x, q), size)[None]

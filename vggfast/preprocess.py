@@ -37,9 +37,11 @@ import errno
 import functools
 import io
 import os
+import struct
 import tempfile
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -124,9 +126,7 @@ def load_image(src) -> torch.Tensor:
 
 
 # PIL formats whose header gives exactly the size load_image decodes, EXIF orientation included
-# (read with the header): `image_size(..., exact=True)` sizes only these. A PNG's orientation may
-# follow its pixels or sit in XMP or text chunks, where the header read does not look, and PIL
-# reports a TIFF's size already oriented (which _pil_size turns once more).
+# (read with the header). A PNG and a TIFF are sized exactly too, in their own ways (`_pil_size`).
 EXACT_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "GIF", "BMP", "ICO")
 
 
@@ -137,20 +137,23 @@ def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
     pixels, a float array's values) is left to load_image. None for a file object that cannot
     be read twice (a pipe, a socket). Raises the ImageError load_image would for what it sees: a
     missing, empty or unreadable file, EPS, too many pixels, the wrong shape, a side under
-    MIN_SIDE. H and W may be each other's where EXIF orientation is stored after a PNG's
-    pixels or in its XMP or text chunks, or in a TIFF, which no sizing rule depends on.
-    exact=True: None also for an image (a file or a PIL image) not in EXACT_HEADER_FORMATS,
-    whose decoded H and W the header cannot promise (for what a swap changes: a plan)."""
+    MIN_SIDE. H and W may be each other's where the header cannot tell the EXIF orientation
+    decoding applies: an animated or malformed PNG's, a PNG that is a PIL image opened by the
+    caller, a format outside EXACT_HEADER_FORMATS (PPM, AVIF, ...), which no sizing rule
+    depends on.
+    exact=True: None also for those, whose decoded H and W the header cannot promise (for what
+    a swap changes: a plan)."""
     from PIL import Image
-    fmt = None      # an array's or tensor's shape is the decoded size
+    sure = True     # an array's or tensor's shape is the decoded size
     if isinstance(src, torch.Tensor):
         h, w = _tensor_size(src)
+        _check_tensor_dtype(src)
     elif isinstance(src, np.ndarray):
         h, w = _array_size(np.asarray(src))
+        _check_array_dtype(np.asarray(src))
     elif isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview)):
         with _open_file(src) as (im, _):
-            h, w = _pil_size(im)
-            fmt = str(im.format)
+            (h, w), sure = _pil_size(im, src)
     elif callable(getattr(src, "read", None)):
         seekable = getattr(src, "seekable", None)
         if not (callable(seekable) and seekable()):
@@ -159,15 +162,13 @@ def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
         data = _read_stream(src)
         src.seek(pos)
         with _open_file(data, _stream_name(src)) as (im, _):
-            h, w = _pil_size(im)
-            fmt = str(im.format)
+            (h, w), sure = _pil_size(im, data)
     elif isinstance(src, Image.Image):
-        h, w = _pil_size(src)
-        fmt = str(src.format)
+        (h, w), sure = _pil_size(src)
     else:   # no image: load_image raises the ImageError that says so
         return tuple(load_image(src).shape[-2:])
     _check_sides(src, h, w)
-    if exact and fmt is not None and fmt not in EXACT_HEADER_FORMATS:
+    if exact and not sure:
         return None
     return h, w
 
@@ -179,19 +180,132 @@ def _check_sides(src, h: int, w: int) -> None:
                          f"{MIN_SIDE}")
 
 
-def _pil_size(im) -> tuple[int, int]:
-    """(H, W) of a PIL image once decoded with its EXIF orientation applied, from its header: a
-    PNG's EXIF may follow its pixels, and PIL decodes the whole file to look for it there."""
+_ORIENTATION = 0x0112   # ExifTags.Base.Orientation
+_TURNS = (5, 6, 7, 8)   # the orientations that transpose or quarter-turn: H and W swap
+
+
+def _pil_size(im, encoded=None) -> tuple[tuple[int, int], bool]:
+    """((H, W), sure) of a PIL image once load_image has decoded it, EXIF orientation applied,
+    from its header; sure: that is the decoded size (else H and W may be each other's).
+    encoded: the path or bytes `im` was opened from (a PNG's chunks are read from it).
+
+    - A TIFF: newer PIL reports the size of an oriented TIFF already turned and turns
+      its pixels as it loads them (then drops the tag), older PIL neither (load_image turns
+      them): both decode the stored ImageWidth x ImageLength turned by the Orientation tag.
+    - A PNG: PIL reads the chunks before the pixels (IDAT) at open, those after them only as it
+      decodes, and EXIF (eXIf), XMP or ImageMagick's EXIF text may sit after them (`_png_size`).
+    - Any other format: the orientation PIL reads with the header; sure for
+      EXACT_HEADER_FORMATS and an image made in memory (no format: nothing is left to read).
+    """
     w, h = im.size
-    if im.format != "PNG" or "exif" in im.info:
+    if im.format == "TIFF":
+        tags = getattr(im, "tag_v2", None)
+        if tags is None or _ORIENTATION not in tags:   # none, or turned and dropped by load
+            return (h, w), True
         try:
-            with _quiet_pil():
-                orientation = im.getexif().get(0x0112)   # ExifTags.Base.Orientation
-        except Exception:  # noqa: BLE001 - broken EXIF data: the stored orientation is kept
-            orientation = None
-        if orientation in (5, 6, 7, 8):   # the transposes and quarter turns
-            h, w = w, h
-    return h, w
+            stored = int(tags[257]), int(tags[256])     # ImageLength, ImageWidth
+        except (KeyError, TypeError, ValueError):
+            return (h, w), False
+        return _turned(*stored, lambda: tags), True
+    if im.format == "PNG":
+        size = _png_size(im, encoded) if encoded is not None else None
+        if size is not None:
+            return size, True
+        # PIL's PNG getexif decodes the whole file to look past its pixels: only the EXIF read
+        # with the header is applied
+        return (_turned(h, w, im.getexif) if "exif" in im.info else (h, w)), False
+    return _turned(h, w, im.getexif), im.format is None or im.format in EXACT_HEADER_FORMATS
+
+
+def _turned(h: int, w: int, exif) -> tuple[int, int]:
+    """(H, W) turned as load_image turns them for the orientation exif() holds (a mapping):
+    swapped for _TURNS. Broken EXIF data keeps the stored orientation, as load_image does."""
+    try:
+        with _quiet_pil():
+            orientation = exif().get(_ORIENTATION)
+    except Exception:  # noqa: BLE001 - broken EXIF data: the stored orientation is kept
+        orientation = None
+    return (w, h) if orientation in _TURNS else (h, w)
+
+
+# The PNG chunks Image.getexif finds an orientation in: EXIF (eXIf; a tEXt "exif" or ImageMagick's
+# "Raw profile type exif") and XMP (iTXt "XML:com.adobe.xmp").
+_PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(im, encoded) -> tuple[int, int] | None:
+    """(H, W) of the PNG `im` (opened from the path or bytes `encoded`) as load_image decodes
+    it, EXIF orientation applied, nothing decompressed; None where that cannot be promised.
+
+    PIL reads at open the chunks before the first IDAT and, as it decodes, those after it up to
+    IEND; getexif reads the orientation from what both gave. The chunks after the pixels that
+    can hold one (_PNG_METADATA) are found by walking the chunk headers, seeking past the rest
+    (`_png_chunks_after_pixels`), and PIL reads them with the header: the file's chunks up to
+    its first IDAT, then those, in the file's order, then an empty IDAT, opened as a PNG of its
+    own (PIL's parsers, none of ours). None for an APNG (decoding its first frame stops at the
+    next frame's chunks), for a chunk layout decoding could read otherwise (no IEND, a chunk
+    past the end), and where PIL refuses the chunks so joined (a broken CRC, which decoding
+    does not check): those are decoded."""
+    from PIL import Image
+    try:
+        if isinstance(encoded, (bytes, bytearray, memoryview)):
+            f = io.BytesIO(encoded)
+        else:
+            f = open(os.fsdecode(encoded), "rb")
+        with f:
+            walked = _png_chunks_after_pixels(f)
+            if walked is None:
+                return None
+            start, tail = walked
+            f.seek(0)
+            head = f.read(start) if tail else b""
+    except (OSError, TypeError, ValueError):   # gone since it was opened; a strided memoryview
+        return None
+    w, h = im.size
+    if not tail:    # every chunk with metadata came before the pixels: PIL has read them all
+        # (Image.getexif: the PNG plugin's own would decode the image to look after them)
+        return _turned(h, w, lambda: Image.Image.getexif(im))
+    idat = struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", zlib.crc32(b"IDAT"))
+    iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    try:
+        with _quiet_pil():
+            meta = Image.open(io.BytesIO(head + tail + idat + iend), formats=["PNG"])
+    except Exception:  # noqa: BLE001 - chunks PIL refuses this way: decoded instead
+        return None
+    with meta:
+        if meta.size != im.size:
+            return None
+        return _turned(h, w, lambda: Image.Image.getexif(meta))
+
+
+def _png_chunks_after_pixels(f) -> tuple[int, bytes] | None:
+    """(offset of the first IDAT chunk, the _PNG_METADATA chunks after it, whole and in order)
+    of the PNG file object `f`, from its chunk headers: an IDAT is skipped by seeking, not
+    read. None for an APNG (an acTL chunk) and where the chunks do not run to an IEND."""
+    f.seek(0)
+    if f.read(8) != _PNG_SIGNATURE:
+        return None
+    start, found = None, []
+    while True:
+        at = f.tell()
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            return (start, b"".join(found)) if start is not None else None
+        if kind == b"acTL" or length >= 1 << 31:
+            return None
+        if kind == b"IDAT" and start is None:
+            start = at
+        if start is not None and kind in _PNG_METADATA:
+            chunk = f.read(length + 4)      # its data and CRC
+            if len(chunk) < length + 4:
+                return None
+            found.append(head + chunk)
+        else:
+            f.seek(length + 4, io.SEEK_CUR)
 
 
 # warnings.catch_warnings changes process-wide state and is not thread-safe: threads decoding at
@@ -502,11 +616,18 @@ def _from_array(a: np.ndarray) -> torch.Tensor:
         out = _chw_copy(a, np.uint8)
         out *= 255
         return torch.from_numpy(out)
-    if np.issubdtype(kind, np.floating):
-        t = torch.from_numpy(_chw_copy(a, np.float32))
-        _check_float(t)
-        return t.clamp_(0, 1)
-    raise ImageError(f"numpy images must be uint8, uint16 or float in [0, 1], not {kind}")
+    _check_array_dtype(a)
+    t = torch.from_numpy(_chw_copy(a, np.float32))
+    _check_float(t)
+    return t.clamp_(0, 1)
+
+
+def _check_array_dtype(a: np.ndarray) -> None:
+    """ImageError unless a numpy image's dtype is one load_image reads (checked by image_size
+    too, as _check_tensor_dtype)."""
+    kind = a.dtype.newbyteorder("=")
+    if kind not in (np.uint8, np.uint16, np.bool_) and not np.issubdtype(kind, np.floating):
+        raise ImageError(f"numpy images must be uint8, uint16 or float in [0, 1], not {kind}")
 
 
 def _chw_copy(a: np.ndarray, dtype) -> np.ndarray:
@@ -558,12 +679,19 @@ def _from_tensor(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.uint8).mul_(255).contiguous()
     if t.dtype == getattr(torch, "uint16", None):   # torchvision.io's 16-bit PNG decode
         return t.to(torch.float32).div_(65535.0).contiguous()
-    if t.is_floating_point():
-        t = t.to(torch.float32)
-        _check_float(t)
-        return t.clamp(0, 1).contiguous()
-    raise ImageError(f"tensor images must be uint8, uint16, bool or float in [0, 1], not "
-                     f"{t.dtype}")
+    _check_tensor_dtype(t)
+    t = t.to(torch.float32)
+    _check_float(t)
+    return t.clamp(0, 1).contiguous()
+
+
+def _check_tensor_dtype(t: torch.Tensor) -> None:
+    """ImageError unless a tensor image's dtype is one load_image reads (checked by image_size
+    too: a plan of an int64 tensor would be refused only when it ran)."""
+    if t.dtype not in (torch.uint8, torch.bool, getattr(torch, "uint16", torch.uint8)) \
+            and not t.is_floating_point():
+        raise ImageError(f"tensor images must be uint8, uint16, bool or float in [0, 1], not "
+                         f"{t.dtype}")
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
