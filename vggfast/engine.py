@@ -537,7 +537,8 @@ class Engine:
         budget: the crop is cut from the whole rescaled image, float32 (pp.resize_short), which
         a huge scale or a panorama makes GBs for one small crop; then the localisation net's
         forward of the crop. Worded as the planner's refusals, "image 0 (40x2000, HxW) at scale
-        Q is rescaled to HxW to cut its central crop: why", so `preprocess.naming_file` names the file."""
+        Q is rescaled to HxW to cut its central crop: why", so `preprocess.naming_file` names
+        the file."""
         h, w = size
         rh, rw = pp.rescaled_size(h, w, q)
         need = RESCALE_CHANNELS * RESCALE_ELEM_BYTES * rh * rw
