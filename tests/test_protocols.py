@@ -2,6 +2,7 @@
 a computation written out here on the torchvision-layout module."""
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -456,10 +457,9 @@ def test_evaluate_serves_every_method_in_one_pass(sharp_engine, samples, monkeyp
     assert 0 < want[0]["top1_error"] < 100 and 0 < want[0]["top5_error"] < 100
     load, calls = protocols.pp.load_image, []
     monkeypatch.setattr(protocols.pp, "load_image", _counting(load, calls))
-    classify, ran = eng.classify, []
-    monkeypatch.setattr(eng, "classify", lambda imgs, **kw: (ran.append((len(imgs),
-                                                                          kw["method"])),
-                                                              classify(imgs, **kw))[1])
+    classify, ran = eng._classify_decoded, []
+    monkeypatch.setattr(eng, "_classify_decoded", lambda imgs, scales, flip, method, *a: (
+        ran.append((len(imgs), method)), classify(imgs, scales, flip, method, *a))[1])
     got = protocols.evaluate(eng, pairs, (32, 40), method=METHODS, progress=False)
     assert got == want and [r["method"] for r in got] == METHODS
     assert calls == [p for p, _ in pairs]
@@ -471,15 +471,35 @@ def test_evaluate_serves_every_method_in_one_pass(sharp_engine, samples, monkeyp
 
 
 @pytest.mark.parametrize("names", [["cat", "coffee", "rocket"], ["rocket", "astronaut"]])
-def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, names):
+@pytest.mark.parametrize("shared_bytes", [None, 0])
+def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, names,
+                                                         shared_bytes, monkeypatch):
     """The per-image Results of a chunk classified by every method at once (dense+multicrop
     fused from the other two for cat, coffee, rocket; run on its own with the astronaut) are
-    those of engine.classify by each method: probabilities, per scale and per method, equal."""
-    from vggfast import preprocess as pp
+    those of engine.classify by each method: probabilities, per scale and per method, equal.
+    The methods share the rescaled images: each image is rescaled once per scale (each method
+    rescaled it again), and with no room to keep them (shared_bytes 0) once per method run,
+    with the same numbers."""
+    from vggfast import executor, preprocess as pp
     from vggfast.protocols import _classify_chunk
     eng = sharp_engine
     images = [pp.load_image(samples[n]) for n in names]
+    resize, rescaled = pp.resize_scales, []
+
+    def counted(x, qs):
+        rescaled.extend((next(i for i, y in enumerate(images) if y is x), q) for q in qs)
+        return resize(x, qs)
+    monkeypatch.setattr(pp, "resize_scales", counted)
+    if shared_bytes is not None:
+        init = executor.SharedRescales.__init__
+        monkeypatch.setattr(executor.SharedRescales, "__init__",
+                            lambda self, max_bytes: init(self, shared_bytes))
     chunk = _classify_chunk(eng, images, (32, 40), True, METHODS, "probs")
+    runs = 2 if "astronaut" not in names else 3     # dense+multicrop fused, or run alone
+    each = Counter((i, q) for i in range(len(names)) for q in (32, 40))
+    assert Counter(rescaled) == (each if shared_bytes is None else
+                                 Counter({k: runs for k in each}))
+    monkeypatch.setattr(pp, "resize_scales", resize)
     for m in METHODS:
         results, kept, over = chunk[m]
         assert kept == list(range(len(names))) and over == []

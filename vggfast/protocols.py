@@ -408,13 +408,20 @@ def _classify_chunk(engine: "Engine", images: list, scales: tuple[int, ...], fli
     images at positions `kept`, in order, and (position, why) of each image over the memory
     budget. "dense+multicrop" asked for with "dense" and "multicrop" is `fuse_methods` of their
     Results where both ran the whole chunk and `_batched_alike` holds (equal to its own run bit
-    for bit, with none of its forwards run again), else run on its own."""
+    for bit, with none of its forwards run again), else run on its own.
+
+    The methods' runs share the chunk's rescaled images (`executor.SharedRescales`, up to an
+    eighth of the memory budget): an image is rescaled once per scale, not once per method."""
     from .engine import skipping_oversized
+    from .executor import SharedRescales
+    # a lone method runs once: nothing to keep its rescales for (they would only be held
+    # past their last batch)
+    shared = SharedRescales(engine.memory_budget // 8) if len(methods) > 1 else None
 
     def run(m: str) -> tuple[list, list, list]:
         outs, kept, over = skipping_oversized(
-            lambda ims: engine.classify(ims, scales=scales, flip=flip, method=m, top_k=5,
-                                        average=average), images)
+            lambda ims: engine._classify_decoded(ims, scales, flip, m, 5, average, shared),
+            images)
         return [r for out in outs for r in out], kept, over
 
     both = "dense+multicrop"
@@ -450,6 +457,7 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     from tqdm import tqdm
 
     from .engine import CHUNK_IMAGES, check_flag
+    engine._require("fc8")     # classify's first check: the chunks call past it
     methods = _check_methods(method)
     for m in methods:     # each method's own refusal (multi-crop's names the crop size)
         scales = engine.check_scales(scales, method=m)
