@@ -135,6 +135,39 @@ def test_ensemble_averages_the_posteriors_of_different_configs(samples):
     torch.testing.assert_close(mc.probs, want, rtol=1e-5, atol=1e-7)
 
 
+def test_method_and_model_fusion_keep_their_arithmetic(tiny):
+    """fuse_methods and Ensemble._fuse build their Results with one helper; each keeps its own
+    sums bit for bit: the methods' stacked mean, and the models' weighted sum in engine order
+    (fp32 rounding tells them apart: 0.75 * a + 0.25 * b is not a mean), overall and per scale,
+    the parts linked."""
+    from vggfast.engine import Result
+    from vggfast.protocols import fuse_methods
+    eng = Engine(tiny.state_dict())
+    names = eng.class_names
+    torch.manual_seed(0)
+
+    def result():
+        return Result(F.softmax(torch.randn(10), 0), names,
+                      {q: F.softmax(torch.randn(10), 0) for q in (32, 48)})
+    d, c = result(), result()
+    r = fuse_methods(eng, {"dense": d, "multicrop": c}, (32, 48), 3)
+    assert torch.equal(r.probs, torch.stack([d.probs, c.probs]).mean(0))
+    assert r.per_scale.keys() == {32, 48} and all(
+        torch.equal(r.per_scale[q], torch.stack([d.per_scale[q], c.per_scale[q]]).mean(0))
+        for q in (32, 48))
+    assert r.per_method == {"dense": d, "multicrop": c} and r.top_k == 3 and not r.per_model
+    ens = Ensemble([eng, eng, eng], weights=[3, 1, 2])
+    rs = [result(), result(), result()]
+    f = ens._fuse(rs, 4)
+    w = ens.weights
+    assert torch.equal(f.probs, 0 + w[0] * rs[0].probs + w[1] * rs[1].probs + w[2] * rs[2].probs)
+    assert f.per_scale.keys() == {32, 48} and all(
+        torch.equal(f.per_scale[q], 0 + w[0] * rs[0].per_scale[q] + w[1] * rs[1].per_scale[q]
+                    + w[2] * rs[2].per_scale[q]) for q in (32, 48))
+    assert f.per_model == rs and f.top_k == 4 and not f.per_method
+    assert f.class_names is ens.class_names
+
+
 def test_ensemble_and_method_refusals(tiny):
     eng = Engine(tiny.state_dict())
     other = Engine(small_model("A", num_classes=7).state_dict())

@@ -58,13 +58,18 @@ def check_average(average: Any) -> str:
     return average
 
 
+def _mean(ts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean of equal-shape tensors (one stacked reduction)."""
+    return torch.stack(list(ts)).mean(0)
+
+
 def _fuse(scores: dict[int, torch.Tensor],
           average: str) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Per-scale view scores -> (posterior over everything, {scale: posterior of that scale})."""
     if average == "probs":
         per_scale = {q: F.softmax(s, dim=1).mean(0) for q, s in scores.items()}
         # every scale has the same number of views, so the mean of means is the mean over views
-        return torch.stack(list(per_scale.values())).mean(0), per_scale
+        return _mean(per_scale.values()), per_scale
     per_scale = {q: F.softmax(s.mean(0), dim=0) for q, s in scores.items()}
     return F.softmax(torch.cat(list(scores.values())).mean(0), dim=0), per_scale
 
@@ -94,15 +99,24 @@ def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch
     return fuse_methods(engine, per_method, plan.scales, top_k)
 
 
+def _fused_result(rs: Sequence["Result"], combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                  class_names: Sequence[str], scales: Iterable[int], top_k: int,
+                  **parts: Any) -> "Result":
+    """One image's Result from several of it (methods, models): combine() of their posteriors
+    [classes], overall and at each of `scales`; `parts` are the Result's per_method or
+    per_model."""
+    from .engine import Result
+    probs = combine([r.probs for r in rs])
+    per_scale = {q: combine([r.per_scale[q] for r in rs]) for q in scales}
+    return Result(probs, class_names, per_scale, top_k, **parts)
+
+
 def fuse_methods(engine: "Engine", per_method: dict[str, "Result"], scales: Sequence[int],
                  top_k: int) -> "Result":
     """"dense+multicrop": the mean of the methods' posteriors [classes], overall and per scale,
     with `per_method` as Result.per_method."""
-    from .engine import Result
-    probs = torch.stack([r.probs for r in per_method.values()]).mean(0)
-    per_scale = {q: torch.stack([r.per_scale[q] for r in per_method.values()]).mean(0)
-                 for q in scales}
-    return Result(probs, engine.class_names, per_scale, top_k, per_method=per_method)
+    return _fused_result(list(per_method.values()), _mean, engine.class_names, scales, top_k,
+                         per_method=per_method)
 
 
 # -- model fusion ---------------------------------------------------------------------------------
@@ -216,11 +230,8 @@ class Ensemble:
 
     def _fuse(self, rs: Sequence["Result"], top_k: int) -> "Result":
         """One image's Result from each engine's: the weighted mean of their posteriors."""
-        from .engine import Result
-        probs = sum(w * r.probs for w, r in zip(self.weights, rs))
-        per_scale = {q: sum(w * r.per_scale[q] for w, r in zip(self.weights, rs))
-                     for q in rs[0].per_scale}
-        return Result(probs, self.class_names, per_scale, top_k, per_model=list(rs))
+        return _fused_result(rs, lambda ts: sum(w * t for w, t in zip(self.weights, ts)),
+                             self.class_names, rs[0].per_scale, top_k, per_model=list(rs))
 
 
 # -- evaluate: top-1 / top-5 error on a labelled folder -------------------------------------------
