@@ -401,9 +401,13 @@ def _batched_alike(engine: "Engine", images: list, scales: tuple[int, ...], flip
     computes a wave from its inputs alone (the same inputs, the same numbers), so its view scores
     are then theirs bit for bit, and its Results `fuse_methods` of theirs. Not so where a dense
     view has the crop size (it joins the crops' batches, which are then of other sizes) nor
-    where the backend groups batches into waves up to the memory budget (triton): other batches
-    are other sums, which may round otherwise. False too where a plan is refused (over the
-    budget)."""
+    where the backend groups batches into waves up to the memory budget (triton): a grouped
+    launch takes its kernel from the whole wave (the autotune key's M_CLASS, i.e. the tile and
+    BLOCK_K, and SPLIT_K, from the wave's rows) and a wave of one batch takes the ungrouped
+    kernel, so a view in another wave is another sum, which may round otherwise. On triton the
+    crops (one bucket) run in waves of their own as multicrop's and beside the dense views as
+    dense+multicrop's: alike only where the budget leaves every wave one batch. False too where
+    a plan is refused (over the budget)."""
     try:
         return _forwards(engine, images, scales, flip, "dense+multicrop") == \
             _forwards(engine, images, scales, flip, "dense") + \
