@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import small_model
+from conftest import skip_unless_triton_backend, small_model
 from vggfast import Engine, Ensemble, VGGFastError
 from vggfast.cli import main
 from vggfast.engine import imagenet_classes
@@ -544,6 +544,37 @@ def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, 
             assert r.per_method.keys() == w.per_method.keys()
             assert all(torch.equal(r.per_method[k].probs, w.per_method[k].probs)
                        for k in w.per_method)
+
+
+def test_the_triton_backends_methods_share_the_rescales_and_keep_their_results(samples,
+                                                                              monkeypatch):
+    """On the triton backend dense+multicrop runs on its own beside dense and multicrop (its
+    grouped wave of crops and dense views is not theirs: see _batched_alike), three runs of the
+    chunk: each still rescales the rocket once (a scale), the three methods' Results those of
+    engine.classify by each, bit for bit (interpreter on the CPU)."""
+    skip_unless_triton_backend()
+    from vggfast import preprocess as pp
+    from vggfast.protocols import _batched_alike, _classify_chunk
+    eng = Engine(_sharp(small_model("D", num_classes=10)).state_dict(), backend="triton",
+                 dtype=torch.float32)
+    images = [pp.load_image(samples["rocket"])]
+    assert not _batched_alike(eng, images, (32,), False)
+    resize, rescaled = pp.resize_scales, []
+    monkeypatch.setattr(pp, "resize_scales",
+                        lambda x, qs: (rescaled.extend(qs), resize(x, qs))[1])
+    classify, ran = eng._classify_decoded, []
+    monkeypatch.setattr(eng, "_classify_decoded", lambda imgs, scales, flip, method, *a: (
+        ran.append(method), classify(imgs, scales, flip, method, *a))[1])
+    chunk = _classify_chunk(eng, images, (32,), False, METHODS, "probs")
+    assert ran == METHODS and rescaled == [32]
+    monkeypatch.setattr(pp, "resize_scales", resize)
+    for m in METHODS:
+        (r,), kept, over = chunk[m]
+        (w,) = eng.classify(images, scales=(32,), flip=False, method=m)
+        assert kept == [0] and over == []
+        assert torch.equal(r.probs, w.probs) and torch.equal(r.per_scale[32], w.per_scale[32])
+        assert all(torch.equal(r.per_method[k].probs, w.per_method[k].probs)
+                   for k in w.per_method) and r.per_method.keys() == w.per_method.keys()
 
 
 @pytest.mark.parametrize("method, message", [
