@@ -3,16 +3,20 @@
 
 `vggfast evaluate DIR --method dense multicrop dense+multicrop` ran protocols.evaluate once per
 method, decoding every image each time; it now makes one call with the list of methods (each image
-decoded once, dense+multicrop fused from the other two where that is bit for bit its own result).
-Both run here, in the same process, on --images JPEGs made from the bundled photos (each side
+decoded once and rescaled once per scale for all methods, dense+multicrop fused from the other two
+where that is bit for bit its own result).
+All three run here, in the same process, on --images JPEGs made from the bundled photos (each side
 times --photo-scale), with a random-init VGG (vggfast.nn.build_model, --config, --width,
 --image-size, 10 classes, seeded), backend "torch", float32, --threads CPU threads:
   per-method   [evaluate(eng, pairs, scales, method=m) for m in METHODS]   (the anchor: the old CLI)
+  unshared     evaluate(eng, pairs, scales, method=METHODS), each method rescaling the images again
+               (executor.SharedRescales holding nothing: the one pass as it was before it shared)
   one-pass     evaluate(eng, pairs, scales, method=METHODS)
 The rows are checked equal (top-1 / top-5 error, images, skipped files) before anything is timed;
-then the two alternate --repeat times after a warm-up, and the medians are printed with the
-decodes (preprocess.load_image of a file) and classify calls each variant made. JSON (torch
-version, CPU, threads, git commit) goes to --out when given.
+then they alternate --repeat times after a warm-up, and the medians are printed with the decodes
+(preprocess.load_image of a file), rescales (an image to one scale, preprocess.resize_scales) and
+classify calls each variant made. JSON (torch version, CPU, threads, git commit) goes to --out
+when given.
 
     python bench/evaluate_methods.py [--scales 40 48 64] [--photo-scale 1] [--out /tmp/eval.json]
 """
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vggfast import Engine, protocols
+from vggfast import Engine, executor, protocols
 from vggfast.cli import sample_images
 from vggfast.nn import build_model
 
@@ -69,20 +73,40 @@ def main() -> int:
     model = build_model(args.config, num_classes=10, width=args.width,
                         image_size=args.image_size).eval()
     eng = Engine(model.state_dict(), backend="torch", device="cpu", dtype=torch.float32)
-    load, classify, counts = protocols.pp.load_image, eng.classify, Counter()
+    load, resize, counts = protocols.pp.load_image, protocols.pp.resize_scales, Counter()
+    classify, classify_decoded = eng.classify, eng._classify_decoded
 
     def counted_load(img):
         counts["decodes"] += isinstance(img, (str, Path))
         return load(img)
 
-    def counted_classify(imgs, **kw):
+    def counted_resize(x, qs):
+        counts["rescales"] += len(qs)
+        return resize(x, qs)
+
+    def counted_classify(imgs, **kw):    # what evaluate ran before it called _classify_decoded
         counts[kw["method"]] += 1
         return classify(imgs, **kw)
 
-    protocols.pp.load_image, eng.classify = counted_load, counted_classify
+    def counted_classify_decoded(imgs, scales, flip, method, *rest):
+        counts[method] += 1
+        return classify_decoded(imgs, scales, flip, method, *rest)
+
+    protocols.pp.load_image, protocols.pp.resize_scales = counted_load, counted_resize
+    eng.classify, eng._classify_decoded = counted_classify, counted_classify_decoded
+    shared_init = executor.SharedRescales.__init__
+
+    def unshared():     # one pass, but every method's run rescales the images again
+        executor.SharedRescales.__init__ = lambda self, max_bytes: shared_init(self, 0)
+        try:
+            return protocols.evaluate(eng, pairs, args.scales, method=METHODS, progress=False)
+        finally:
+            executor.SharedRescales.__init__ = shared_init
+
     variants = {
         "per-method": lambda: [protocols.evaluate(eng, pairs, args.scales, method=m,
                                                   progress=False) for m in METHODS],
+        "unshared": unshared,
         "one-pass": lambda: protocols.evaluate(eng, pairs, args.scales, method=METHODS,
                                                progress=False)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +117,7 @@ def main() -> int:
             counts.clear()
             rows[name] = run()
             calls[name] = dict(counts)
-        if rows["one-pass"] != rows["per-method"]:
+        if not rows["one-pass"] == rows["unshared"] == rows["per-method"]:
             print("FAIL: the one-pass rows differ from one evaluate per method", file=sys.stderr)
             return 1
         times = {name: [] for name in variants}
@@ -106,13 +130,13 @@ def main() -> int:
     print(f"{args.images} JPEGs (bundled photos x{args.photo_scale}), {args.config} width "
           f"{args.width:g}, scales {args.scales}, torch fp32 cpu, {args.threads} thread(s), "
           f"median of {args.repeat}")
-    print(f"{'variant':<12} {'seconds':>8} {'decodes':>8}  classify calls")
+    print(f"{'variant':<12} {'seconds':>8} {'decodes':>8} {'rescales':>9}  classify calls")
     for name in variants:
         c = calls[name]
-        print(f"{name:<12} {med[name]:>8.3f} {c.get('decodes', 0):>8}  "
+        print(f"{name:<12} {med[name]:>8.3f} {c.get('decodes', 0):>8} {c.get('rescales', 0):>9}  "
               + ", ".join(f"{m} {c.get(m, 0)}" for m in METHODS))
-    print(f"speed-up one-pass vs per-method: {med['per-method'] / med['one-pass']:.2f}x; rows "
-          "equal")
+    print(f"speed-up one-pass vs per-method: {med['per-method'] / med['one-pass']:.2f}x, vs "
+          f"unshared rescales: {med['unshared'] / med['one-pass']:.2f}x; rows equal")
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()

@@ -2,6 +2,7 @@
 a computation written out here on the torchvision-layout module."""
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import small_model
+from conftest import skip_unless_triton_backend, small_model
 from vggfast import Engine, Ensemble, VGGFastError
 from vggfast.cli import main
 from vggfast.engine import imagenet_classes
@@ -132,6 +133,39 @@ def test_ensemble_averages_the_posteriors_of_different_configs(samples):
     want = (d.classify(img, scales=32, method="dense+multicrop").probs
             + e.classify(img, scales=32, method="dense+multicrop").probs) / 2
     torch.testing.assert_close(mc.probs, want, rtol=1e-5, atol=1e-7)
+
+
+def test_method_and_model_fusion_keep_their_arithmetic(tiny):
+    """fuse_methods and Ensemble._fuse build their Results with one helper; each keeps its own
+    sums bit for bit: the methods' stacked mean, and the models' weighted sum in engine order
+    (fp32 rounding tells them apart: 0.75 * a + 0.25 * b is not a mean), overall and per scale,
+    the parts linked."""
+    from vggfast.engine import Result
+    from vggfast.protocols import fuse_methods
+    eng = Engine(tiny.state_dict())
+    names = eng.class_names
+    torch.manual_seed(0)
+
+    def result():
+        return Result(F.softmax(torch.randn(10), 0), names,
+                      {q: F.softmax(torch.randn(10), 0) for q in (32, 48)})
+    d, c = result(), result()
+    r = fuse_methods(eng, {"dense": d, "multicrop": c}, (32, 48), 3)
+    assert torch.equal(r.probs, torch.stack([d.probs, c.probs]).mean(0))
+    assert r.per_scale.keys() == {32, 48} and all(
+        torch.equal(r.per_scale[q], torch.stack([d.per_scale[q], c.per_scale[q]]).mean(0))
+        for q in (32, 48))
+    assert r.per_method == {"dense": d, "multicrop": c} and r.top_k == 3 and not r.per_model
+    ens = Ensemble([eng, eng, eng], weights=[3, 1, 2])
+    rs = [result(), result(), result()]
+    f = ens._fuse(rs, 4)
+    w = ens.weights
+    assert torch.equal(f.probs, 0 + w[0] * rs[0].probs + w[1] * rs[1].probs + w[2] * rs[2].probs)
+    assert f.per_scale.keys() == {32, 48} and all(
+        torch.equal(f.per_scale[q], 0 + w[0] * rs[0].per_scale[q] + w[1] * rs[1].per_scale[q]
+                    + w[2] * rs[2].per_scale[q]) for q in (32, 48))
+    assert f.per_model == rs and f.top_k == 4 and not f.per_method
+    assert f.class_names is ens.class_names
 
 
 def test_ensemble_and_method_refusals(tiny):
@@ -456,10 +490,9 @@ def test_evaluate_serves_every_method_in_one_pass(sharp_engine, samples, monkeyp
     assert 0 < want[0]["top1_error"] < 100 and 0 < want[0]["top5_error"] < 100
     load, calls = protocols.pp.load_image, []
     monkeypatch.setattr(protocols.pp, "load_image", _counting(load, calls))
-    classify, ran = eng.classify, []
-    monkeypatch.setattr(eng, "classify", lambda imgs, **kw: (ran.append((len(imgs),
-                                                                          kw["method"])),
-                                                              classify(imgs, **kw))[1])
+    classify, ran = eng._classify_decoded, []
+    monkeypatch.setattr(eng, "_classify_decoded", lambda imgs, scales, flip, method, *a: (
+        ran.append((len(imgs), method)), classify(imgs, scales, flip, method, *a))[1])
     got = protocols.evaluate(eng, pairs, (32, 40), method=METHODS, progress=False)
     assert got == want and [r["method"] for r in got] == METHODS
     assert calls == [p for p, _ in pairs]
@@ -471,15 +504,35 @@ def test_evaluate_serves_every_method_in_one_pass(sharp_engine, samples, monkeyp
 
 
 @pytest.mark.parametrize("names", [["cat", "coffee", "rocket"], ["rocket", "astronaut"]])
-def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, names):
+@pytest.mark.parametrize("shared_bytes", [None, 0])
+def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, names,
+                                                         shared_bytes, monkeypatch):
     """The per-image Results of a chunk classified by every method at once (dense+multicrop
     fused from the other two for cat, coffee, rocket; run on its own with the astronaut) are
-    those of engine.classify by each method: probabilities, per scale and per method, equal."""
-    from vggfast import preprocess as pp
+    those of engine.classify by each method: probabilities, per scale and per method, equal.
+    The methods share the rescaled images: each image is rescaled once per scale (each method
+    rescaled it again), and with no room to keep them (shared_bytes 0) once per method run,
+    with the same numbers."""
+    from vggfast import executor, preprocess as pp
     from vggfast.protocols import _classify_chunk
     eng = sharp_engine
     images = [pp.load_image(samples[n]) for n in names]
+    resize, rescaled = pp.resize_scales, []
+
+    def counted(x, qs):
+        rescaled.extend((next(i for i, y in enumerate(images) if y is x), q) for q in qs)
+        return resize(x, qs)
+    monkeypatch.setattr(pp, "resize_scales", counted)
+    if shared_bytes is not None:
+        init = executor.SharedRescales.__init__
+        monkeypatch.setattr(executor.SharedRescales, "__init__",
+                            lambda self, max_bytes: init(self, shared_bytes))
     chunk = _classify_chunk(eng, images, (32, 40), True, METHODS, "probs")
+    runs = 2 if "astronaut" not in names else 3     # dense+multicrop fused, or run alone
+    each = Counter((i, q) for i in range(len(names)) for q in (32, 40))
+    assert Counter(rescaled) == (each if shared_bytes is None else
+                                 Counter({k: runs for k in each}))
+    monkeypatch.setattr(pp, "resize_scales", resize)
     for m in METHODS:
         results, kept, over = chunk[m]
         assert kept == list(range(len(names))) and over == []
@@ -491,6 +544,37 @@ def test_one_pass_gives_each_methods_results_bit_for_bit(sharp_engine, samples, 
             assert r.per_method.keys() == w.per_method.keys()
             assert all(torch.equal(r.per_method[k].probs, w.per_method[k].probs)
                        for k in w.per_method)
+
+
+def test_the_triton_backends_methods_share_the_rescales_and_keep_their_results(samples,
+                                                                              monkeypatch):
+    """On the triton backend dense+multicrop runs on its own beside dense and multicrop (its
+    grouped wave of crops and dense views is not theirs: see _batched_alike), three runs of the
+    chunk: each still rescales the rocket once (a scale), the three methods' Results those of
+    engine.classify by each, bit for bit (interpreter on the CPU)."""
+    skip_unless_triton_backend()
+    from vggfast import preprocess as pp
+    from vggfast.protocols import _batched_alike, _classify_chunk
+    eng = Engine(_sharp(small_model("D", num_classes=10)).state_dict(), backend="triton",
+                 dtype=torch.float32)
+    images = [pp.load_image(samples["rocket"])]
+    assert not _batched_alike(eng, images, (32,), False)
+    resize, rescaled = pp.resize_scales, []
+    monkeypatch.setattr(pp, "resize_scales",
+                        lambda x, qs: (rescaled.extend(qs), resize(x, qs))[1])
+    classify, ran = eng._classify_decoded, []
+    monkeypatch.setattr(eng, "_classify_decoded", lambda imgs, scales, flip, method, *a: (
+        ran.append(method), classify(imgs, scales, flip, method, *a))[1])
+    chunk = _classify_chunk(eng, images, (32,), False, METHODS, "probs")
+    assert ran == METHODS and rescaled == [32]
+    monkeypatch.setattr(pp, "resize_scales", resize)
+    for m in METHODS:
+        (r,), kept, over = chunk[m]
+        (w,) = eng.classify(images, scales=(32,), flip=False, method=m)
+        assert kept == [0] and over == []
+        assert torch.equal(r.probs, w.probs) and torch.equal(r.per_scale[32], w.per_scale[32])
+        assert all(torch.equal(r.per_method[k].probs, w.per_method[k].probs)
+                   for k in w.per_method) and r.per_method.keys() == w.per_method.keys()
 
 
 @pytest.mark.parametrize("method, message", [

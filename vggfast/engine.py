@@ -586,7 +586,7 @@ class Engine:
         the memory budget or unreadable is refused before any chunk runs.
         """
         self._require("fc8")
-        from .protocols import check_average, result_from_views
+        from .protocols import check_average
         top_k = _check_top_k(top_k)
         check_average(average)
         flip = check_flag("flip", flip)
@@ -596,11 +596,21 @@ class Engine:
         results = []
         for start, images in decoded_chunks(items):
             with naming_images(items, start):
-                plan = self._executor.plan(images, scales, flip, method)
-            scores = self._executor.run(plan, images)
-            results += [result_from_views(self, plan, i, scores, method, average, top_k)
-                        for i in range(len(images))]
+                results += self._classify_decoded(images, scales, flip, method, top_k, average)
         return results if many else results[0]
+
+    def _classify_decoded(self, images: list[torch.Tensor], scales: tuple[int, ...], flip: bool,
+                          method: str, top_k: int, average: str,
+                          shared=None) -> list[Result]:
+        """`classify` of load_image's tensors, the arguments already checked, planned and run
+        as one request. shared: an executor.SharedRescales that keeps the rescaled images for
+        other requests on the same tensors (evaluate's methods); the planner's errors name
+        "image K" of `images`."""
+        from .protocols import result_from_views
+        plan = self._executor.plan(images, scales, flip, method)
+        scores = self._executor.run(plan, images, shared=shared)
+        return [result_from_views(self, plan, i, scores, method, average, top_k)
+                for i in range(len(images))]
 
     def plan(self, imgs: Any, scales: Any = (256, 384, 512), flip: bool = True,
              method: str = "dense"):

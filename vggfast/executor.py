@@ -170,6 +170,34 @@ def _fresh(y: torch.Tensor, raw) -> torch.Tensor:
     return y
 
 
+class SharedRescales:
+    """Rescaled images (`preprocess.resize_scales`' float32 [3, H_q, W_q]) kept across several
+    `Executor.run` calls on the same decoded images: `evaluate` runs one plan per method on a
+    chunk, and dense and multi-crop views at scale Q both cut from the image rescaled to Q.
+
+    Keyed by the image tensor itself (the object `run` is given, held here so its id stays
+    its own), so a request of some of the images (one run alone past the memory budget) finds
+    them too. At most `max_bytes` are held: past it an image's rescales are not kept and a
+    later run makes them again, the same numbers (resize_scales gives each scale's image from
+    the image alone, whichever other scales it makes with it), so sharing changes no result.
+    On CUDA they stay on the device, beside the activations, hence the bound."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, image: torch.Tensor, q: int) -> torch.Tensor | None:
+        entry = self._views.get((id(image), q))
+        return entry[1] if entry is not None and entry[0] is image else None
+
+    def put(self, image: torch.Tensor, q: int, r: torch.Tensor) -> None:
+        size = r.numel() * r.element_size()
+        if self.held_bytes + size <= self.max_bytes and (id(image), q) not in self._views:
+            self._views[(id(image), q)] = (image, r)
+            self.held_bytes += size
+
+
 class Executor:
     """Plans and runs requests for one engine.
 
@@ -239,13 +267,16 @@ class Executor:
         return waves
 
     def run(self, plan: Plan, images: Sequence[torch.Tensor], tap: str = "fc8",
-            reduce: Callable[[torch.Tensor], torch.Tensor] = spatial_mean) -> list[torch.Tensor]:
+            reduce: Callable[[torch.Tensor], torch.Tensor] = spatial_mean,
+            shared: SharedRescales | None = None) -> list[torch.Tensor]:
         """Run every batch of `plan`; returns reduce(output of `tap`) per view (on the host), in
-        view order. Thread-safe: concurrent calls run one after the other."""
+        view order. shared: rescaled images to take from and keep for later runs on the same
+        images (see `SharedRescales`); None: each is dropped after its last batch. Thread-safe:
+        concurrent calls run one after the other."""
         with self._lock, on_device(self.engine.device):
-            return self._run(plan, images, tap, reduce)
+            return self._run(plan, images, tap, reduce, shared)
 
-    def _run(self, plan, images, tap, reduce) -> list[torch.Tensor]:
+    def _run(self, plan, images, tap, reduce, shared=None) -> list[torch.Tensor]:
         last_use: dict[tuple[int, int], int] = {}
         for b in plan.batches:
             for vi in b.views:
@@ -261,11 +292,14 @@ class Executor:
         backend = self.engine._backend
         device = self.engine.device
         on_device: dict[int, torch.Tensor] = {}
+        kept = {} if shared is None else {
+            key: r for key in last_use if (r := shared.get(images[key[0]], key[1])) is not None}
         if device.type == "cuda":
             # Rescale on the GPU. Every image goes up before the first kernel is queued: a copy
             # from pageable memory waits for the work already queued, so uploads between batches
-            # would stall the pipeline.
-            on_device = {i: images[i].to(device) for i in sorted(last_image_use)}
+            # would stall the pipeline. One whose every rescale is shared stays on the host.
+            on_device = {i: images[i].to(device) for i in sorted(last_image_use)
+                         if any((i, q) not in kept for q in scales_of[i])}
         pending: list[tuple] = []
 
         def batch_input(b) -> torch.Tensor:
@@ -277,10 +311,15 @@ class Executor:
                     # Every scale of the image now, from one pass over it (resize_scales: a
                     # uint8 image converted to float a chunk of rows at a time; a whole 48-MP
                     # photo's float copy is 0.6 GB).
-                    qs = scales_of[v.image]
+                    qs = [q for q in scales_of[v.image] if (v.image, q) not in kept]
                     x = on_device.get(v.image, images[v.image])
-                    for q, r in zip(qs, pp.resize_scales(x, qs)):
+                    for q, r in zip(qs, pp.resize_scales(x, qs) if qs else ()):
                         rescaled[(v.image, q)] = r
+                        if shared is not None:
+                            shared.put(images[v.image], q, r)
+                    for q in scales_of[v.image]:
+                        if (v.image, q) in kept:
+                            rescaled[(v.image, q)] = kept.pop((v.image, q))
                 r = rescaled[key]
                 if v.crop is not None:
                     x0, y0, x1, y1 = v.crop

@@ -67,7 +67,8 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
+from .errors import PARTIAL, ArgumentError, ImageError, MemoryBudgetError, VGGFastError, \
+    WeightsError
 from .protocols import none_evaluated
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
@@ -688,7 +689,6 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     """
     from tqdm import tqdm
 
-    from .engine import skipping_oversized
     _require_loc(engine)
     if protocol not in PROTOCOLS:
         raise ArgumentError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -714,26 +714,27 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
         except ImageError as exc:
             failed.append({"file": s.file, "error": str(exc)})
             continue
-
-        def run(images, s=s):
-            with pp.naming_file(s.file):     # the decoded image has no name of its own
+        # An image over the memory budget is skipped and listed, not the evaluation, as
+        # classification's `evaluate` skips it. Each image runs alone here (the dense
+        # localisation is one image's), so the refusal is caught directly: both protocols check
+        # the budget before they compute anything (skipping_oversized's retry of a list's images
+        # one by one has nothing to retry).
+        try:
+            with pp.naming_file(s.file):      # the decoded image has no name of its own
                 if protocol == "center":
-                    return center_crop_box(engine, images[0], s.label, center_scale)
-                return localize(engine, images[0], scales, top_k, flip)
-        # an image over the memory budget is skipped and listed, not the evaluation, as
-        # classification's `evaluate` skips it
-        outs, _, over = skipping_oversized(run, [img])
-        big = [{"file": s.file, "error": f"{s.file} {why}"} for _, why in over]
-        failed += big
-        over_budget += big
-        if not outs:
+                    box = center_crop_box(engine, img, s.label, center_scale)
+                else:
+                    preds = localize(engine, img, scales, top_k, flip)
+        except MemoryBudgetError as exc:
+            big = {"file": s.file, "error": f"{s.file} {exc.reason}"}
+            failed.append(big)
+            over_budget.append(big)
             continue
         if protocol == "center":
-            best = float(iou([outs[0]], gt).max())
+            best = float(iou([box], gt).max())
             ious.append(best)
             counts["center"] += best <= iou_threshold
         else:
-            preds = outs[0]
             classes = [g[0] for g in preds]
             counts["loc1"] += not ilsvrc_correct(preds, s.label, gt, 1, iou_threshold)
             counts["loc5"] += not ilsvrc_correct(preds, s.label, gt, 5, iou_threshold)

@@ -57,13 +57,18 @@ def check_average(average: Any) -> str:
     return average
 
 
+def _mean(ts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean of equal-shape tensors (one stacked reduction)."""
+    return torch.stack(list(ts)).mean(0)
+
+
 def _fuse(scores: dict[int, torch.Tensor],
           average: str) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Per-scale view scores -> (posterior over everything, {scale: posterior of that scale})."""
     if average == "probs":
         per_scale = {q: F.softmax(s, dim=1).mean(0) for q, s in scores.items()}
         # every scale has the same number of views, so the mean of means is the mean over views
-        return torch.stack(list(per_scale.values())).mean(0), per_scale
+        return _mean(per_scale.values()), per_scale
     per_scale = {q: F.softmax(s.mean(0), dim=0) for q, s in scores.items()}
     return F.softmax(torch.cat(list(scores.values())).mean(0), dim=0), per_scale
 
@@ -93,15 +98,24 @@ def result_from_views(engine: "Engine", plan, image: int, scores: Sequence[torch
     return fuse_methods(engine, per_method, plan.scales, top_k)
 
 
+def _fused_result(rs: Sequence["Result"], combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                  class_names: Sequence[str], scales: Iterable[int], top_k: int,
+                  **parts: Any) -> "Result":
+    """One image's Result from several of it (methods, models): combine() of their posteriors
+    [classes], overall and at each of `scales`; `parts` are the Result's per_method or
+    per_model."""
+    from .engine import Result
+    probs = combine([r.probs for r in rs])
+    per_scale = {q: combine([r.per_scale[q] for r in rs]) for q in scales}
+    return Result(probs, class_names, per_scale, top_k, **parts)
+
+
 def fuse_methods(engine: "Engine", per_method: dict[str, "Result"], scales: Sequence[int],
                  top_k: int) -> "Result":
     """"dense+multicrop": the mean of the methods' posteriors [classes], overall and per scale,
     with `per_method` as Result.per_method."""
-    from .engine import Result
-    probs = torch.stack([r.probs for r in per_method.values()]).mean(0)
-    per_scale = {q: torch.stack([r.per_scale[q] for r in per_method.values()]).mean(0)
-                 for q in scales}
-    return Result(probs, engine.class_names, per_scale, top_k, per_method=per_method)
+    return _fused_result(list(per_method.values()), _mean, engine.class_names, scales, top_k,
+                         per_method=per_method)
 
 
 # -- model fusion ---------------------------------------------------------------------------------
@@ -215,11 +229,8 @@ class Ensemble:
 
     def _fuse(self, rs: Sequence["Result"], top_k: int) -> "Result":
         """One image's Result from each engine's: the weighted mean of their posteriors."""
-        from .engine import Result
-        probs = sum(w * r.probs for w, r in zip(self.weights, rs))
-        per_scale = {q: sum(w * r.per_scale[q] for w, r in zip(self.weights, rs))
-                     for q in rs[0].per_scale}
-        return Result(probs, self.class_names, per_scale, top_k, per_model=list(rs))
+        return _fused_result(rs, lambda ts: sum(w * t for w, t in zip(self.weights, ts)),
+                             self.class_names, rs[0].per_scale, top_k, per_model=list(rs))
 
 
 # -- evaluate: top-1 / top-5 error on a labelled folder -------------------------------------------
@@ -389,9 +400,13 @@ def _batched_alike(engine: "Engine", images: list, scales: tuple[int, ...], flip
     computes a wave from its inputs alone (the same inputs, the same numbers), so its view scores
     are then theirs bit for bit, and its Results `fuse_methods` of theirs. Not so where a dense
     view has the crop size (it joins the crops' batches, which are then of other sizes) nor
-    where the backend groups batches into waves up to the memory budget (triton): other batches
-    are other sums, which may round otherwise. False too where a plan is refused (over the
-    budget)."""
+    where the backend groups batches into waves up to the memory budget (triton): a grouped
+    launch takes its kernel from the whole wave (the autotune key's M_CLASS, i.e. the tile and
+    BLOCK_K, and SPLIT_K, from the wave's rows) and a wave of one batch takes the ungrouped
+    kernel, so a view in another wave is another sum, which may round otherwise. On triton the
+    crops (one bucket) run in waves of their own as multicrop's and beside the dense views as
+    dense+multicrop's: alike only where the budget leaves every wave one batch. False too where
+    a plan is refused (over the budget)."""
     try:
         return _forwards(engine, images, scales, flip, "dense+multicrop") == \
             _forwards(engine, images, scales, flip, "dense") + \
@@ -407,13 +422,20 @@ def _classify_chunk(engine: "Engine", images: list, scales: tuple[int, ...], fli
     images at positions `kept`, in order, and (position, why) of each image over the memory
     budget. "dense+multicrop" asked for with "dense" and "multicrop" is `fuse_methods` of their
     Results where both ran the whole chunk and `_batched_alike` holds (equal to its own run bit
-    for bit, with none of its forwards run again), else run on its own."""
+    for bit, with none of its forwards run again), else run on its own.
+
+    The methods' runs share the chunk's rescaled images (`executor.SharedRescales`, up to an
+    eighth of the memory budget): an image is rescaled once per scale, not once per method."""
     from .engine import skipping_oversized
+    from .executor import SharedRescales
+    # a lone method runs once: nothing to keep its rescales for (they would only be held
+    # past their last batch)
+    shared = SharedRescales(engine.memory_budget // 8) if len(methods) > 1 else None
 
     def run(m: str) -> tuple[list, list, list]:
         outs, kept, over = skipping_oversized(
-            lambda ims: engine.classify(ims, scales=scales, flip=flip, method=m, top_k=5,
-                                        average=average), images)
+            lambda ims: engine._classify_decoded(ims, scales, flip, m, 5, average, shared),
+            images)
         return [r for out in outs for r in out], kept, over
 
     both = "dense+multicrop"
@@ -449,6 +471,7 @@ def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequenc
     from tqdm import tqdm
 
     from .engine import CHUNK_IMAGES, check_flag
+    engine._require("fc8")     # classify's first check: the chunks call past it
     methods = _check_methods(method)
     for m in methods:     # each method's own refusal (multi-crop's names the crop size)
         scales = engine.check_scales(scales, method=m)
