@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
+from .distributed import dist_info, leave_process_group, local_rank
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -411,28 +412,7 @@ def weights_id(w) -> str:
     return h.hexdigest()[:16]
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise VGGFastError("RANK / WORLD_SIZE in the environment are not integers")
-    if world < 1 or not 0 <= rank < world:
-        raise VGGFastError(f"RANK={rank} / WORLD_SIZE={world}: need WORLD_SIZE >= 1 and "
-                           "0 <= RANK < WORLD_SIZE")
-    return rank, world
-
-
-def local_rank() -> int:
-    """torchrun's LOCAL_RANK (this process's GPU on its node); 0 when not launched by it."""
-    value = os.environ.get("LOCAL_RANK", "0")
-    try:
-        local = int(value)
-    except ValueError:
-        local = -1
-    if local < 0:
-        raise VGGFastError(f"LOCAL_RANK={value!r} in the environment is not a rank (0, 1, ...)")
-    return local
+_dist_info = dist_info  # the helpers moved to distributed.py; the old names still import
 
 
 def _save_npy(path: str, a: np.ndarray) -> None:
@@ -667,7 +647,7 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def cmd_extract(args) -> int:
     from .cli import _engine, _need_weights
-    rank, world = _dist_info()
+    rank, world = dist_info()
     gather = None
     if world > 1:
         import torch.distributed as dist
@@ -686,17 +666,17 @@ def cmd_extract(args) -> int:
             got = [None] * world if rank == 0 else None
             dist.gather_object(obj, got, dst=0)
             return got
+    ok = False
     try:
         eng = _engine(args, _need_weights(args))
         files = list_inputs(args.source)
         rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip, args.pool,
                       not args.no_normalize, args.aggregate, args.batch_size,
                       progress=not args.quiet, rank=rank, world=world, gather=gather)
+        ok = True
     finally:
         if world > 1:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_process_group(ok)
     if rank != 0:
         return 0
     for f in rec["failed"]:
