@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
+from .devices import check_device
 from .distributed import dist_info, leave_process_group, local_rank
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
@@ -655,11 +656,13 @@ def cmd_extract(args) -> int:
             raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks "
                                "of a sharded extract run together, e.g. `torchrun "
                                f"--nproc-per-node {world} -m vggfast extract ...`")
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        # the device settles the backend, so it is checked before the group is joined: "cpu:0"
+        # was taken for a GPU (nccl), and every rank refuses a bad one alike, none left waiting
+        device = check_device(args.device, cuda_index=local_rank())
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank())
-            if args.device is None:
-                args.device = f"cuda:{local_rank()}"
+            torch.cuda.set_device(device)
+        args.device = str(device)
         dist.init_process_group(backend)
 
         def gather(obj):

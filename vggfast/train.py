@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .configs import make_spec
+from .devices import check_device
 from .distributed import leave_process_group, local_rank
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
@@ -713,21 +714,9 @@ class _Dist:
 
 
 def _resolve_device(name: str | None) -> torch.device:
-    local = local_rank()
-    if name is None:
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ArgumentError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ArgumentError("--device cuda: CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", local)
-    elif dev.type != "cpu":
-        raise ArgumentError(f"unsupported device {name!r}; use cpu or cuda")
-    return dev
+    """--device checked to exist; a bare "cuda" (or the default on a CUDA machine) is this
+    process's GPU, torchrun's LOCAL_RANK."""
+    return check_device(name, cuda_index=local_rank())
 
 
 def _setup_distributed(device: torch.device) -> _Dist:
