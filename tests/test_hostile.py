@@ -245,7 +245,8 @@ def test_logits_refuse_nan_input(eng):
 def test_unknown_device_is_one_short_line(sd):
     with pytest.raises(ArgumentError) as exc:
         vggfast.Engine(sd, device="gpu")
-    assert str(exc.value) == "unknown device 'gpu'; use 'cpu', 'cuda' or 'cuda:N'"
+    assert re.fullmatch(r"unknown device 'gpu'; use 'cpu', 'cuda' or 'cuda:N' \(this machine "
+                        r"has (cpu(, cuda:\d+)+|cpu and no CUDA device)\)", str(exc.value))
 
 
 # -- features -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from . import distributed
 from .errors import PARTIAL, ArgumentError, VGGFastError
 
 # Modules that add their own subcommands through `add_cli(subparsers)`.
@@ -370,6 +371,7 @@ def _printable_stdout():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser takes every option (argparse.REMAINDER cannot)
         args = argparse.Namespace(func=cmd_bench, args=argv[1:])
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if extra:   # a typo'd option: point at the subcommand's --help, which lists its options
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv_given is None:
+        distributed.command_ends_process()
     try:
         with _pil_quiet(), _printable_stdout():
             code = int(args.func(args) or 0)
@@ -392,3 +396,5 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:            # `vggfast classify ... | head`: the reader left; no trace
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        distributed.finished()         # under torchrun: the status above is this rank's own

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
+from .devices import check_device
 from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
 from .executor import Executor
 from .nn import TorchBackend
@@ -265,25 +266,9 @@ def _check_top_k(k: Any) -> int:
 
 
 def _resolve_device(device: Any) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ArgumentError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cuda", "cpu"):
-        raise ArgumentError(f"device must be cpu or cuda, not {device!r}")
-    if dev.type == "cuda":
-        # cuda:N as the engine's tensors report it ("cuda" is the current device), so device
-        # comparisons with them hold
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise ArgumentError(f"device {device!r} does not exist: this machine has "
-                                f"{torch.cuda.device_count()} CUDA device(s)")
-        dev = torch.device("cuda", index)
-    return dev
+    # cuda:N as the engine's tensors report it ("cuda" is the current device), so device
+    # comparisons with them hold; devices.check_device is the one check every entry point uses
+    return check_device(device)
 
 
 def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:

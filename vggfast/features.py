@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
+from .devices import check_device
+from .distributed import dist_info, leave_process_group, local_rank
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -415,28 +417,7 @@ def weights_id(w) -> str:
     return h.hexdigest()[:16]
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise VGGFastError("RANK / WORLD_SIZE in the environment are not integers")
-    if world < 1 or not 0 <= rank < world:
-        raise VGGFastError(f"RANK={rank} / WORLD_SIZE={world}: need WORLD_SIZE >= 1 and "
-                           "0 <= RANK < WORLD_SIZE")
-    return rank, world
-
-
-def local_rank() -> int:
-    """torchrun's LOCAL_RANK (this process's GPU on its node); 0 when not launched by it."""
-    value = os.environ.get("LOCAL_RANK", "0")
-    try:
-        local = int(value)
-    except ValueError:
-        local = -1
-    if local < 0:
-        raise VGGFastError(f"LOCAL_RANK={value!r} in the environment is not a rank (0, 1, ...)")
-    return local
+_dist_info = dist_info  # the helpers moved to distributed.py; the old names still import
 
 
 def _save_npy(path: str, a: np.ndarray) -> None:
@@ -689,7 +670,7 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def cmd_extract(args) -> int:
     from .cli import _engine, _need_weights
-    rank, world = _dist_info()
+    rank, world = dist_info()
     gather = None
     if world > 1:
         import torch.distributed as dist
@@ -697,28 +678,30 @@ def cmd_extract(args) -> int:
             raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks "
                                "of a sharded extract run together, e.g. `torchrun "
                                f"--nproc-per-node {world} -m vggfast extract ...`")
-        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        # the device settles the backend, so it is checked before the group is joined: "cpu:0"
+        # was taken for a GPU (nccl), and every rank refuses a bad one alike, none left waiting
+        device = check_device(args.device, cuda_index=local_rank())
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank())
-            if args.device is None:
-                args.device = f"cuda:{local_rank()}"
+            torch.cuda.set_device(device)
+        args.device = str(device)
         dist.init_process_group(backend)
 
         def gather(obj):
             got = [None] * world if rank == 0 else None
             dist.gather_object(obj, got, dst=0)
             return got
+    ok = False
     try:
         eng = _engine(args, _need_weights(args))
         files = list_inputs(args.source)
         rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip, args.pool,
                       not args.no_normalize, args.aggregate, args.batch_size,
                       progress=not args.quiet, rank=rank, world=world, gather=gather)
+        ok = True
     finally:
         if world > 1:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            leave_process_group(ok)
     if rank != 0:
         return 0
     for f in rec["failed"]:

@@ -71,6 +71,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .configs import make_spec
+from .devices import check_device
+from .distributed import leave_process_group, local_rank
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit, rescaled_size
@@ -710,22 +712,9 @@ class _Dist:
 
 
 def _resolve_device(name: str | None) -> torch.device:
-    from .features import local_rank
-    local = local_rank()
-    if name is None:
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ArgumentError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ArgumentError("--device cuda: CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", local)
-    elif dev.type != "cpu":
-        raise ArgumentError(f"unsupported device {name!r}; use cpu or cuda")
-    return dev
+    """--device checked to exist; a bare "cuda" (or the default on a CUDA machine) is this
+    process's GPU, torchrun's LOCAL_RANK."""
+    return check_device(name, cuda_index=local_rank())
 
 
 def _setup_distributed(device: torch.device) -> _Dist:
@@ -835,11 +824,14 @@ def fit(opts: TrainOptions) -> TrainResult:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed crop size: one algorithm search
     d = _setup_distributed(device)
+    ok = False
     try:
-        return _fit(opts, device, d)
+        result = _fit(opts, device, d)
+        ok = True
+        return result
     finally:
-        if d.created:
-            dist.destroy_process_group()
+        if d.created:   # a group the caller made is the caller's to leave
+            leave_process_group(ok)
 
 
 def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:

@@ -1,0 +1,196 @@
+"""vggfast.distributed: how train and extract leave the process group they joined under torchrun.
+A successful rank meets the others at a barrier and destroys the group; a failing one leaves at
+once and its exit status (2 for a user error) survives a teardown that fails too. A real
+one-process gloo group stands in for torchrun's (init_process_group is redirected to it)."""
+import pytest
+import torch
+import torch.distributed as dist
+
+import vggfast.distributed as vd
+import vggfast.features as vf
+from conftest import small_model
+from test_train import TINY, make_folder
+from vggfast.cli import main
+from vggfast.errors import VGGFastError
+
+
+@pytest.fixture
+def group(tmp_path, monkeypatch):
+    """torchrun's environment for 2 ranks, with init_process_group joining a real 1-process gloo
+    group instead; records the barrier and destroy calls, in order."""
+    calls = []
+    real_init, real_barrier, real_destroy = (dist.init_process_group, dist.barrier,
+                                             dist.destroy_process_group)
+
+    def init(backend=None, *a, **k):
+        calls.append(f"init {backend}")
+        real_init("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    def barrier(*a, **k):
+        calls.append("barrier")
+        return real_barrier(*a, **k)
+
+    def destroy(*a, **k):
+        calls.append("destroy")
+        return real_destroy(*a, **k)
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    yield calls
+    if dist.is_initialized():   # a test that failed midway leaves no group to the next
+        real_destroy()
+
+
+def test_a_successful_rank_meets_the_others_then_destroys_the_group(group):
+    dist.init_process_group("gloo")
+    vd.leave_process_group(True)
+    assert group == ["init gloo", "barrier", "destroy"] and not dist.is_initialized()
+    vd.leave_process_group(True)  # no group: nothing to leave
+    assert group == ["init gloo", "barrier", "destroy"]
+
+
+def test_a_failing_rank_does_not_wait_and_a_failed_teardown_is_swallowed(group, monkeypatch):
+    dist.init_process_group("gloo")
+    real_destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda: (real_destroy(), (_ for _ in ()).throw(RuntimeError("gloo"))))
+    vd.leave_process_group(False)   # the error on its way out is the one the process reports
+    assert group == ["init gloo", "destroy"] and not dist.is_initialized()
+
+
+def test_a_barrier_the_others_never_reach_is_a_one_line_failure(group, monkeypatch):
+    dist.init_process_group("gloo")
+
+    def broken(*a, **k):
+        group.append("barrier")
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:5678\nmore")
+
+    monkeypatch.setattr(dist, "barrier", broken)
+    with pytest.raises(VGGFastError, match=r"^rank 0 finished, but another rank of the run left "
+                                           r"before the end \(see its error\): .*Connection "
+                                           r"closed by peer \[127.0.0.1\]:5678$"):
+        vd.leave_process_group(True)
+    assert group == ["init gloo", "barrier", "destroy"] and not dist.is_initialized()
+
+
+def _tiny_folder(tmp_path):
+    return make_folder(tmp_path / "data", n=2)
+
+
+def test_train_under_torchrun_leaves_through_the_barrier(group, tmp_path):
+    data = _tiny_folder(tmp_path)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--config", "A",
+                 "--width", str(TINY["width"]), "--image-size", "32", "--workers", "0",
+                 "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--quiet"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert group[0] == "init gloo" and group[-2:] == ["barrier", "destroy"], group
+    assert not dist.is_initialized()
+
+
+def _failing_teardown(monkeypatch, group):
+    """destroy_process_group raising, as a torn gloo connection can make it."""
+    real_destroy = dist.destroy_process_group
+
+    def destroy():
+        real_destroy()
+        raise RuntimeError("gloo teardown failed")
+
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+
+
+def test_a_user_error_under_torchrun_still_exits_2(group, tmp_path, monkeypatch, capsys):
+    """The error path's teardown failing (or succeeding) does not replace the user error: a
+    RuntimeError from destroy_process_group in the `finally` was a traceback, exit 1."""
+    _failing_teardown(monkeypatch, group)
+    data = _tiny_folder(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"a run")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--workers", "0",
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a training run" in err, err
+    assert group == ["init gloo", "destroy"] and not dist.is_initialized()  # no barrier
+    group.clear()
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    assert main(["extract", str(tmp_path / "none"), "--weights", str(tmp_path / "tiny.pth"),
+                 "--out", str(tmp_path / "f.npy"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none" in err, err
+    assert group == ["init gloo", "destroy"] and not dist.is_initialized()
+
+
+def test_the_helpers_keep_their_old_names():
+    assert vf._dist_info is vd.dist_info and vf.local_rank is vd.local_rank
+
+
+# -- exit status under torchrun ------------------------------------------------------------------
+
+RANK_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from vggfast import distributed as vd
+vd.command_ends_process()            # as the CLI's entry point does under torchrun
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+vd.leave_process_group(True)
+if rank == 1:
+    time.sleep(3)                    # still on its way out when rank 0 has exited
+sys.exit(2 if rank == 0 else 0)      # extract's rank 0: done, with images skipped
+"""
+
+
+def test_a_finished_rank_keeps_its_status_when_another_exits_2_first(tmp_path):
+    """torchrun SIGTERMs every rank once one exits non-zero; a rank that had left the group and
+    was exiting (0) was reported killed (exitcode -15). With the closing barrier the ranks leave
+    together, so test_extract's 2-rank run (rank 0 exits 2: a skipped image) failed so in 2 of 7
+    runs on a loaded 2-core machine; here rank 1 is made the slow one, every time."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                        str(port), str(script)], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", p.stderr), p.stderr[-3000:]
+    assert not re.search(r"exitcode\s*:\s*-", p.stderr), p.stderr[-3000:]   # no rank killed
+
+
+def test_only_the_cli_entry_point_under_torchrun_ignores_sigterm_when_done(tmp_path, monkeypatch,
+                                                                             capsys):
+    """main() as the process's entry (argv None) under torchrun ignores SIGTERM once its command
+    is over; main(argv) called in a caller's process (tests, scripts), or without torchrun,
+    leaves the caller's handler alone."""
+    import signal
+    import sys
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    info = ["vggfast", "info", str(tmp_path / "tiny.pth")]
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(vd, "_process_ends_with_command", False)
+    try:
+        monkeypatch.setattr(sys, "argv", info)
+        assert main() == 0                                 # no torchrun
+        assert signal.getsignal(signal.SIGTERM) is before
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(info[1:]) == 0                         # a caller's process
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert main() == 0                                 # torchrun's rank process
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    capsys.readouterr()

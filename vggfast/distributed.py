@@ -1,0 +1,95 @@
+"""torchrun's environment and the process group, for the two commands that run under it
+(`vggfast train`, `vggfast extract`): which rank this process is, and how it leaves the group."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+from .errors import VGGFastError
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise VGGFastError("RANK / WORLD_SIZE in the environment are not integers")
+    if world < 1 or not 0 <= rank < world:
+        raise VGGFastError(f"RANK={rank} / WORLD_SIZE={world}: need WORLD_SIZE >= 1 and "
+                           "0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def local_rank() -> int:
+    """torchrun's LOCAL_RANK (this process's GPU on its node); 0 when not launched by it."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        local = int(value)
+    except ValueError:
+        local = -1
+    if local < 0:
+        raise VGGFastError(f"LOCAL_RANK={value!r} in the environment is not a rank (0, 1, ...)")
+    return local
+
+
+# Set by the CLI when its command is this process's whole life (`python -m vggfast` under
+# torchrun), never by a library caller or a test calling cli.main(argv) in its own process.
+_process_ends_with_command = False
+
+
+def command_ends_process() -> None:
+    """The CLI entry point's note that the process exits when the command returns (torchrun)."""
+    global _process_ends_with_command
+    try:
+        _process_ends_with_command = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        pass   # dist_info reports it
+
+
+def finished() -> None:
+    """This rank's work is over (its output written, or its error decided) and the process exits
+    next: from here torchrun's SIGTERM is ignored, so the status is this rank's own. torchrun
+    terminates every rank the moment one exits non-zero, and by design one does: extract's rank
+    0 exits 2 when it skipped images, just as the others leave the closing barrier with it; a
+    rank caught in its own exit was reported killed (exitcode -15) though it had finished, and
+    a user error's 2 on a second rank became -15 likewise. A teardown that hangs still ends:
+    torchrun follows with SIGKILL (30 s)."""
+    if _process_ends_with_command and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def leave_process_group(ok: bool) -> None:
+    """Leave the process group this process joined; a no-op when none is joined.
+
+    ok: the run succeeded here. Then every rank first meets the others at a barrier, so none
+    tears its connections down while another still works or waits on it, and the group is
+    destroyed here rather than in the interpreter's exit (gloo ranks left to it were seen aborted
+    there, "terminate called without an active exception", SIGABRT, after their work was done).
+    A barrier that fails means another rank left without reaching the end: raised as a one-line
+    VGGFastError, never a success.
+
+    Not ok (an exception is on its way out): no barrier, since the others may never come, and a
+    failure of the teardown itself is swallowed so the first error and its exit status (2 for a
+    user error, 130 for ^C) are what the process reports.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not ok:
+        finished()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        return
+    try:
+        dist.barrier()
+    except Exception as exc:    # gloo: "Connection closed by peer"; nccl: a timeout
+        finished()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VGGFastError(f"rank {dist_info()[0]} finished, but another rank of the run left "
+                           f"before the end (see its error): {first}") from None
+    finished()
+    dist.destroy_process_group()
