@@ -42,7 +42,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -640,21 +640,30 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def to_pil(x: torch.Tensor, overlay: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
     """[3, H, W] uint8, or float in [0, 1] -> an RGB PIL image of its pixels (a float image's
-    rounded from x * 255), made a chunk of rows at a time (`row_chunks`): no whole float or
+    rounded from x * 255), made a chunk of rows at a time (`rgb_rows`): no whole float or
     HxWx3 copy of x is made beside PIL's (4 bytes a pixel). overlay(rgb, top, bottom), where
-    given, turns each chunk, the HxWx3 uint8 rows top..bottom, into the uint8 rows drawn there
-    (heatmap's blend); rgb may be a view of x, not to be written."""
+    given, turns each chunk, the HxWx3 uint8 rows top..bottom, into the uint8 rows drawn there;
+    rgb may be a view of x, not to be written."""
     from PIL import Image
     h, w = x.shape[-2:]
     im = Image.new("RGB", (w, h))
-    for top, bottom in row_chunks(h, w):
-        part = x[:, top:bottom]
-        rgb = (part.permute(1, 2, 0).numpy() if part.dtype == torch.uint8 else
-               (to_float(part).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    for top, bottom, rgb in rgb_rows(x):
         if overlay is not None:
             rgb = overlay(rgb, top, bottom)
         im.paste(Image.fromarray(np.ascontiguousarray(rgb), "RGB"), (0, top))
     return im
+
+
+def rgb_rows(x: torch.Tensor) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(top, bottom, rgb) for each chunk of rows (`row_chunks`) of a [3, H, W] uint8 or float
+    image: rgb the HxWx3 uint8 pixels of rows top..bottom, a float image's rounded from x * 255
+    (the pixels `to_pil` writes), a view of x where x is uint8."""
+    h, w = x.shape[-2:]
+    for top, bottom in row_chunks(h, w):
+        part = x[:, top:bottom]
+        yield top, bottom, (part.permute(1, 2, 0).numpy() if part.dtype == torch.uint8 else
+                            (to_float(part).permute(1, 2, 0).numpy() * 255).round()
+                            .astype(np.uint8))
 
 
 def image_format(out: str | os.PathLike) -> str:
