@@ -19,9 +19,11 @@ image, in order:
 
 Validation images are rescaled to Q (= S, or (Smin + Smax) // 2 under jittering, as the paper's
 single-scale test) and centre-cropped. Without `val`, the plateau scheduler watches the training
-top-1 accuracy instead. An image is rescaled whole before its crop is cut: one whose rescale at
-Smax (a validation image: at Q) would pass preprocess.pixel_limit (a thin strip: 40x20000 at
-S = 512 is 512x256000) is skipped at the scan, by its header, with the unreadable files.
+top-1 accuracy instead. Only the crop's pixels are resampled (`preprocess.resize_crop`, the
+numbers of the whole rescale's crop). An image whose rescale at Smax (a validation image: at Q)
+would pass preprocess.pixel_limit (a thin strip: 40x20000 at S = 512 is 512x256000) is skipped
+at the scan, by its header, with the unreadable files (the rule localisation training, which
+rescales whole, shares).
 
 Every random choice of the data pipeline comes from a generator seeded by (seed, epoch, image
 index), and the shuffling from (seed, epoch), so the samples do not depend on the number of data
@@ -258,7 +260,7 @@ def _header(path: str, oriented: bool = False,
     """(width, height) of the image read from its header, or why PIL cannot open it. oriented:
     as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes).
 
-    scale: the largest S the image is rescaled to, whole, before its crop is cut (None: no
+    scale: the largest S the image is rescaled to before its crop is cut (None: no
     check). An image whose rescale would have more pixels than an image may have
     (preprocess.pixel_limit, the cap the training scales meet for a square image) is skipped
     the same way: a 40x20000 strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a
@@ -390,10 +392,15 @@ def random_scale(smin: int, smax: int, gen: torch.Generator) -> int:
 
 def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """A size x size crop of [C, H, W] at a uniformly drawn position."""
-    h, w = x.shape[-2:]
+    top, left = crop_origin(*x.shape[-2:], size, gen)
+    return x[..., top:top + size, left:left + size]
+
+
+def crop_origin(h: int, w: int, size: int, gen: torch.Generator) -> tuple[int, int]:
+    """(top, left) of random_crop's size x size crop of an h x w image, uniformly drawn."""
     top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
     left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
-    return x[..., top:top + size, left:left + size]
+    return top, left
 
 
 def color_shift(x: torch.Tensor, gen: torch.Generator,
@@ -417,9 +424,13 @@ class TrainTransform:
         self.flip, self.color, self.preprocess = flip, color, preprocess
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        from .preprocess import normalize, resize_short
+        from .preprocess import normalize, resize_crop
         s = random_scale(self.smin, self.smax, gen)
-        x = random_crop(resize_short(img, s), self.size, gen)
+        # the crop is drawn from the rescale's size and only its pixels are resampled
+        # (resize_crop, equal to the crop of the whole rescale): a thin strip's whole rescale at
+        # S = 512 took 1.5 GB in the data worker where scan_folder(scale=...) had not skipped it
+        top, left = crop_origin(*rescaled_size(*img.shape[-2:], s), self.size, gen)
+        x = resize_crop(img, s, top, left, self.size, self.size)
         if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
             x = x.flip(-1)
         if self.color:
@@ -434,8 +445,11 @@ class EvalTransform:
         self.size, self.q, self.preprocess = size, q, preprocess
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        from .preprocess import center_crop, normalize, resize_short
-        return normalize(center_crop(resize_short(img, self.q), self.size).contiguous(),
+        from .preprocess import normalize, resize_crop
+        rh, rw = rescaled_size(*img.shape[-2:], self.q)
+        # preprocess.center_crop's origin; only the crop is resampled (see TrainTransform)
+        top, left = (rh - self.size) // 2, (rw - self.size) // 2
+        return normalize(resize_crop(img, self.q, top, left, self.size, self.size),
                          self.preprocess)
 
 
@@ -863,9 +877,8 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
 
     # before the scan, which takes minutes on a large dataset; not kept past initialise
     net_a = None if opts.resume else read_init(opts.init)
-    # an image is rescaled whole before its crop is cut: one whose rescale at the largest
-    # training scale (validation: at Q) would pass the pixel limit is skipped, as an unreadable
-    # one is
+    # an image whose rescale at the largest training scale (validation: at Q) would pass the
+    # pixel limit is skipped, as an unreadable one is
     smin, smax = scale_range(opts)
     train_scan = scan_folder(opts.data, what="data", scale=smax)
     val_scan = (scan_folder(opts.val, train_scan.classes, what="val", scale=eval_scale(opts))
