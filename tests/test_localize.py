@@ -956,3 +956,46 @@ def test_draw_boxes_makes_no_whole_float_copy_of_the_image(monkeypatch):
         drawn = np.asarray(im)
         assert np.array_equal(drawn[100:150, 100:150], want[100:150, 100:150])   # inside both
         assert not np.array_equal(drawn, want)
+
+
+def test_the_training_scan_reads_png_orientation_without_decoding(tmp_path, monkeypatch):
+    """readable_samples read each image's EXIF rotation through PIL's getexif, which decodes a
+    whole PNG to look for EXIF after its pixels: every PNG of a training set was decoded at the
+    scan. The chunk list is read instead (heads only), and a PNG is decoded only where a chunk
+    after its pixels may hold EXIF or the list is cut short. The boxes are clipped to the
+    loaded size (load_image's, EXIF rotation applied) as before, and a PNG whose pixels are cut
+    short is still skipped."""
+    import zlib
+
+    from PIL import Image, ImageFile
+    from vggfast.preprocess import load_image
+    turn = Image.Exif()
+    turn[0x0112] = 6                                          # loaded turned: 40 wide, 48 high
+    Image.new("RGB", (48, 40), "red").save(tmp_path / "plain.jpg")
+    Image.new("RGB", (48, 40), "red").save(tmp_path / "plain.png")
+    Image.new("RGB", (48, 40), "red").save(tmp_path / "turned.jpg", exif=turn)
+    Image.new("RGB", (48, 40), "red").save(tmp_path / "head.png", exif=turn)  # eXIf before IDAT
+    data = (tmp_path / "plain.png").read_bytes()
+    body = turn.tobytes()
+    chunk = (len(body).to_bytes(4, "big") + b"eXIf" + body
+             + zlib.crc32(b"eXIf" + body).to_bytes(4, "big"))
+    (tmp_path / "tail.png").write_bytes(data[:-12] + chunk + data[-12:])   # before IEND
+    (tmp_path / "cut.png").write_bytes(data[:60])
+    names = ["plain.jpg", "plain.png", "turned.jpg", "head.png", "tail.png", "cut.png"]
+    loaded = {n: tuple(load_image(tmp_path / n).shape[1:]) for n in names[:-1]}
+    assert loaded["tail.png"] == loaded["head.png"] == loaded["turned.jpg"] == (48, 40)
+    assert loaded["plain.png"] == loaded["plain.jpg"] == (40, 48)
+    decoded = []
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(os.path.basename(getattr(self, "filename", "") or ""))
+        return real(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    samples = [L.LocSample(str(tmp_path / n), 1, [(-20.0, -5.0, 30.0, 60.0)]) for n in names]
+    kept = L.readable_samples(samples, "for training")
+    assert [os.path.basename(s.file) for s in kept] == names[:-1]
+    for s in kept:
+        h, w = loaded[os.path.basename(s.file)]
+        assert s.boxes == [(0.0, 0.0, min(30.0, w), min(60.0, h))], s.file
+    assert sorted(set(decoded)) == ["cut.png", "tail.png"], decoded

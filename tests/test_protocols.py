@@ -890,3 +890,46 @@ def test_heatmap_blends_the_image_a_chunk_of_rows_at_a_time(tiny, tmp_path, monk
             assert peak < 3 * h * w // 2, peak   # the whole image in float32: 12 * h * w
             with Image.open(out) as im:
                 assert np.array_equal(np.asarray(im), want.astype(np.uint8))
+
+
+def test_heatmap_drops_the_class_map_before_the_pil_image_is_made(tiny, tmp_path, monkeypatch):
+    """heatmap held the full-size float32 class map, the decoded photo and PIL's image at once
+    (1.1 GB over the baseline for a 12000x9000 JPEG). The blended rows are now written into a
+    uint8 image first, the photo's own where heatmap decoded it, and the map is freed before
+    PIL's image is made. The pixels written are the blend of the whole map for a file, an array
+    and a tensor, whose memory (load_image may hand it back as it is) is left as it was."""
+    import weakref
+    from vggfast import preprocess as pp
+    from vggfast import protocols
+    eng = Engine(tiny.state_dict(), backend="torch", dtype="float32")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=g)
+    before = x.clone()
+    path = tmp_path / "photo.png"
+    Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 13, raising=False)   # 4 rows of 160
+    v = class_map_image(eng, x, scale=64)[0].numpy()
+    v = (v - v.min()) / (v.max() - v.min())
+    want = ((1 - 0.4) * x.permute(1, 2, 0).numpy().astype(np.float32)
+            + 0.4 * protocols._colormap(v).astype(np.float32)).clip(0, 255).astype(np.uint8)
+    maps, alive = [], []
+    real_map, real_pil = protocols.class_map_image, pp.to_pil
+
+    def class_map(*args, **kwargs):
+        m, k = real_map(*args, **kwargs)
+        maps.append(weakref.ref(m))
+        return m, k
+
+    def to_pil(pixels, *args, **kwargs):
+        alive.append(maps[-1]() is not None)
+        return real_pil(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(protocols, "class_map_image", class_map)
+    monkeypatch.setattr(pp, "to_pil", to_pil)
+    for src in (x, x.permute(1, 2, 0).numpy(), path):
+        out = tmp_path / "h.png"
+        protocols.heatmap(eng, src, out, scale=64, alpha=0.4)
+        with Image.open(out) as im:
+            assert np.array_equal(np.asarray(im), want)
+    assert alive == [False, False, False]
+    assert torch.equal(x, before)

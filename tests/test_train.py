@@ -230,6 +230,65 @@ def test_eval_transform_centre_crop():
     torch.testing.assert_close(out, want)
 
 
+def _old_train_transform(tf, img, gen):
+    """TrainTransform as it was: the whole rescale to S, then the crop cut from it."""
+    from vggfast.preprocess import resize_short
+    s = T.random_scale(tf.smin, tf.smax, gen)
+    x = T.random_crop(resize_short(img, s), tf.size, gen)
+    if tf.flip and bool(torch.rand(1, generator=gen) < 0.5):
+        x = x.flip(-1)
+    if tf.color:
+        x = T.color_shift(x, gen)
+    return normalize(x.contiguous(), tf.preprocess)
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 300), (3, 300, 10), (3, 50, 70), (1, 20, 24)],
+                         ids=["wide-strip", "tall-strip", "photo", "grey"])
+def test_transforms_resample_only_the_crop(tmp_path, monkeypatch, shape):
+    """TrainTransform and EvalTransform rescaled the whole image before cutting the crop: a thin
+    strip that no scan_folder(scale=...) had skipped (a FolderDataset built by hand) took 1.5 GB
+    at S = 512 in a data worker. They now resample only the crop's columns (preprocess.
+    resize_crop), a chunk of rows and columns at a time: no resample is as large as the whole
+    rescale, and the samples are those of the whole rescale's crop bit for bit, uint8 and float,
+    through a FolderDataset too."""
+    from vggfast import preprocess as pp
+    monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", 1 << 12, raising=False)
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).expand(3, -1, -1)
+    img = img.contiguous()
+    sizes, real = [], pp._resample
+
+    def resample(x, size):
+        out = real(x, size)
+        sizes.append(out.numel())
+        return out
+    monkeypatch.setattr(pp, "_resample", resample)
+    smin = min(shape[1:])
+    q = smin + 6
+    train, val = T.TrainTransform(8, smin, smin + 24), T.EvalTransform(8, q)
+    for x in (img, img.float() / 255):
+        for seed in range(12):
+            sizes.clear()
+            got = train(x, torch.Generator().manual_seed(seed))
+            s = T.random_scale(smin, smin + 24, torch.Generator().manual_seed(seed))
+            whole = 3 * math.prod(pp.rescaled_size(*shape[1:], s))
+            assert s == smin or (sizes and max(sizes) < whole), (sizes, whole)
+            want = _old_train_transform(train, x, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, want), seed
+        sizes.clear()
+        got = val(x)
+        assert sizes and max(sizes) < 3 * math.prod(pp.rescaled_size(*shape[1:], q))
+        want = normalize(pp.center_crop(pp.resize_short(x, q), 8).contiguous(), "torchvision")
+        assert torch.equal(got, want)
+    path = tmp_path / "strip.png"
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+    ds = T.FolderDataset([(str(path), 1)], train, seed=5)
+    got, label, failed = ds[0, 2]
+    gen = torch.Generator().manual_seed(T.sample_seed(5, 2, 0))
+    assert (label, failed) == (1, -1)
+    assert torch.equal(got, _old_train_transform(train, img, gen))
+
+
 def test_epoch_order_splits_global_batches():
     """Process r's k-th local batch of a 2-process run holds its share of the k-th global batch."""
     n, gb = 11, 4
@@ -533,9 +592,9 @@ def test_an_image_whose_rescale_passes_the_pixel_limit_is_skipped(tmp_path, monk
         val / "dog" / "strip.png", exif=exif)
     assert load_image(val / "dog" / "strip.png").shape == (3, 10, 480)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)        # the limit: 10000 pixels
-    rescaled, real = [], vggfast.preprocess.resize_short
-    monkeypatch.setattr(vggfast.preprocess, "resize_short", lambda x, q: rescaled.append(
-        (tuple(x.shape[-2:]), q)) or real(x, q))
+    rescaled, real = [], vggfast.preprocess.resize_crop
+    monkeypatch.setattr(vggfast.preprocess, "resize_crop", lambda x, q, *crop: rescaled.append(
+        (tuple(x.shape[-2:]), q)) or real(x, q, *crop))
     r = T.fit(T.TrainOptions(data=str(data), val=str(val), out=str(tmp_path / "run"), epochs=1,
                              batch_size=3, scale_jitter=(32, 48), **TINY))
     assert len(r.history) == 1 and math.isfinite(r.history[0]["loss"])

@@ -44,7 +44,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -744,6 +744,48 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
+                width: int) -> torch.Tensor:
+    """`resize_short(x, q)[:, top:top + height, left:left + width]`, the same numbers bit for bit,
+    without the whole rescale: [3, H, W] uint8 or float -> a new contiguous float32
+    [3, height, width].
+
+    A thin strip's whole rescale is large (40x20000 at q = 512 is 512x256000, 1.5 GB in float32)
+    for a 224x224 crop. The resample runs width first, then height (see `resize_scales`), and the
+    height pass makes each output column from that column alone: so the width pass is made for
+    every row, RESIZE_CHUNK_BYTES of them at a time (an [3, H, W_q] float32 image, W_q the
+    rescaled width), and the height pass for the crop's columns only, a chunk of them at a time.
+    The crop must lie inside the rescaled image (`rescaled_size`)."""
+    h, w = x.shape[-2:]
+    rh, rw = rescaled_size(h, w, q)
+    if not (0 <= top and top + height <= rh and 0 <= left and left + width <= rw):
+        raise ValueError(f"crop {height}x{width} at ({top}, {left}) is outside the {rh}x{rw} "
+                         f"rescale")
+    if min(h, w) == q:  # not resampled (resize_short): the crop of the image itself
+        return to_float(x[:, top:top + height, left:left + width]).contiguous()
+    c = x.shape[0]
+    chunks = row_chunks(h, w, c)
+    if len(chunks) == 1:    # no whole copy beside the width pass: it is made in one call
+        mid = _resample(to_float(x), (h, rw))
+    else:
+        mid = torch.empty((c, h, rw), dtype=torch.float32, device=x.device)
+        for r0, r1 in chunks:
+            mid[:, r0:r1] = _resample(to_float(x[:, r0:r1]), (r1 - r0, rw))
+    # The height pass a few columns at a time, RESIZE_CHUNK_BYTES of its rh rows (a tall
+    # strip's are 256000 rows long), each keeping the crop's rows; two columns at least:
+    # PyTorch's antialiased resample of a one-column image is not the height pass of that
+    # column (0.4 off).
+    out = torch.empty((c, height, width), dtype=torch.float32, device=x.device)
+    step = max(2, RESIZE_CHUNK_BYTES // (4 * c * rh))
+    for c0 in range(left, left + width, step):
+        c1 = min(c0 + step, left + width)
+        a = min(c0, max(rw - 2, 0))
+        b = max(c1, a + 2)
+        part = _resample(mid[:, :, a:b].contiguous(), (rh, b - a))
+        out[:, :, c0 - left:c1 - left] = part[:, top:top + height, c0 - a:c1 - a]
+    return out
+
+
 def row_chunks(h: int, w: int, c: int = 3) -> list[tuple[int, int]]:
     """(top, bottom) of the chunks of rows a [c, h, w] image is worked on in where a whole copy
     of it would be large: RESIZE_CHUNK_BYTES of its rows in float32 (at least one row). A width
@@ -805,21 +847,30 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def to_pil(x: torch.Tensor, overlay: Callable[[np.ndarray, int, int], np.ndarray] | None = None):
     """[3, H, W] uint8, or float in [0, 1] -> an RGB PIL image of its pixels (a float image's
-    rounded from x * 255), made a chunk of rows at a time (`row_chunks`): no whole float or
+    rounded from x * 255), made a chunk of rows at a time (`rgb_rows`): no whole float or
     HxWx3 copy of x is made beside PIL's (4 bytes a pixel). overlay(rgb, top, bottom), where
-    given, turns each chunk, the HxWx3 uint8 rows top..bottom, into the uint8 rows drawn there
-    (heatmap's blend); rgb may be a view of x, not to be written."""
+    given, turns each chunk, the HxWx3 uint8 rows top..bottom, into the uint8 rows drawn there;
+    rgb may be a view of x, not to be written."""
     from PIL import Image
     h, w = x.shape[-2:]
     im = Image.new("RGB", (w, h))
-    for top, bottom in row_chunks(h, w):
-        part = x[:, top:bottom]
-        rgb = (part.permute(1, 2, 0).numpy() if part.dtype == torch.uint8 else
-               (to_float(part).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    for top, bottom, rgb in rgb_rows(x):
         if overlay is not None:
             rgb = overlay(rgb, top, bottom)
         im.paste(Image.fromarray(np.ascontiguousarray(rgb), "RGB"), (0, top))
     return im
+
+
+def rgb_rows(x: torch.Tensor) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(top, bottom, rgb) for each chunk of rows (`row_chunks`) of a [3, H, W] uint8 or float
+    image: rgb the HxWx3 uint8 pixels of rows top..bottom, a float image's rounded from x * 255
+    (the pixels `to_pil` writes), a view of x where x is uint8."""
+    h, w = x.shape[-2:]
+    for top, bottom in row_chunks(h, w):
+        part = x[:, top:bottom]
+        yield top, bottom, (part.permute(1, 2, 0).numpy() if part.dtype == torch.uint8 else
+                            (to_float(part).permute(1, 2, 0).numpy() * 255).round()
+                            .astype(np.uint8))
 
 
 def image_format(out: str | os.PathLike) -> str:

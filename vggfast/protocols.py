@@ -650,14 +650,24 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
     lo, hi = v.min(), v.max()
 
     def blend(rgb, top, bottom):
-        # a chunk of rows at a time (preprocess.to_pil): the float copies of a whole 12000x9000
+        # a chunk of rows at a time (preprocess.rgb_rows): the float copies of a whole 12000x9000
         # photo and its colour map took 7 GB
         part = (v[top:bottom] - lo) / (hi - lo) if hi > lo else np.zeros_like(v[top:bottom])
         mixed = (1 - alpha) * rgb.astype(np.float32) + alpha * _colormap(part).astype(np.float32)
         return mixed.clip(0, 255).astype(np.uint8)
 
-    im = pp.to_pil(x, blend)
-    del x, m, v     # the PIL image alone while it is written
+    # The blended rows are written back into a uint8 image, so that the class map (4 bytes a
+    # pixel) is gone before PIL's image (4 bytes a pixel) is made: the map and PIL's image were
+    # held together beside the decoded photo. The photo's own rows are the ones written where
+    # heatmap decoded it itself (each chunk is read before it is written); a caller's tensor,
+    # which load_image may hand back as it is, and a float image get a uint8 image of their own.
+    own = x.dtype == torch.uint8 and not isinstance(img, torch.Tensor)
+    pixels = x if own else torch.empty(x.shape, dtype=torch.uint8)
+    for top, bottom, rgb in pp.rgb_rows(x):
+        pixels[:, top:bottom] = torch.from_numpy(blend(rgb, top, bottom)).permute(2, 0, 1)
+    del x, m, v     # the blended pixels alone while PIL's copy of them is made
+    im = pp.to_pil(pixels)
+    del pixels      # the PIL image alone while it is written
     pp.save_image(im, out)
     return k
 

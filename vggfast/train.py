@@ -19,9 +19,11 @@ image, in order:
 
 Validation images are rescaled to Q (= S, or (Smin + Smax) // 2 under jittering, as the paper's
 single-scale test) and centre-cropped. Without `val`, the plateau scheduler watches the training
-top-1 accuracy instead. An image is rescaled whole before its crop is cut: one whose rescale at
-Smax (a validation image: at Q) would pass preprocess.pixel_limit (a thin strip: 40x20000 at
-S = 512 is 512x256000) is skipped at the scan, by its header, with the unreadable files.
+top-1 accuracy instead. Only the crop's pixels are resampled (`preprocess.resize_crop`, the
+numbers of the whole rescale's crop). An image whose rescale at Smax (a validation image: at Q)
+would pass preprocess.pixel_limit (a thin strip: 40x20000 at S = 512 is 512x256000) is skipped
+at the scan, by its header, with the unreadable files (the rule localisation training, which
+rescales whole, shares).
 
 Every random choice of the data pipeline comes from a generator seeded by (seed, epoch, image
 index), and the shuffling from (seed, epoch), so the samples do not depend on the number of data
@@ -256,9 +258,10 @@ def _header_problem(path: str, scale: int | None = None) -> str | None:
 def _header(path: str, oriented: bool = False,
             scale: int | None = None) -> tuple[int, int] | str:
     """(width, height) of the image read from its header, or why PIL cannot open it. oriented:
-    as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes).
+    as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes; see
+    `_exif`).
 
-    scale: the largest S the image is rescaled to, whole, before its crop is cut (None: no
+    scale: the largest S the image is rescaled to before its crop is cut (None: no
     check). An image whose rescale would have more pixels than an image may have
     (preprocess.pixel_limit, the cap the training scales meet for a square image) is skipped
     the same way: a 40x20000 strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a
@@ -271,7 +274,7 @@ def _header(path: str, oriented: bool = False,
             w, h = im.size
             if oriented:
                 try:
-                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
+                    turned = _exif(im, path).get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
                 except Exception:  # noqa: BLE001 - broken EXIF: load_image keeps the stored way
                     # up, unless the pixels do not decode either (a PNG's getexif decodes them:
                     # one cut short fails here), which the outer guard reports as load_image would
@@ -298,6 +301,51 @@ def _header(path: str, oriented: bool = False,
                     f"pixels, over the {limit} an image may have (twice "
                     "PIL.Image.MAX_IMAGE_PIXELS)")
     return w, h
+
+
+# PNG chunks that may hold the EXIF orientation (eXIf, or EXIF or XMP in a text chunk) which PIL
+# reads into Image.info only when they come before the pixels, or once the pixels are decoded
+_PNG_EXIF_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def _exif(im, path: str):
+    """im.getexif() of the image PIL opened from `path`, decoding none of its pixels where the
+    header says all: PIL's PNG getexif decodes the whole image to look for EXIF after the pixels
+    (each PNG of a training set, every scan), yet where the chunk list (`_png_tail_is_plain`)
+    has none there the header's Image.info is all it would read. Other formats read theirs with
+    the header already."""
+    from PIL import Image
+    if im.format == "PNG" and "exif" not in im.info and _png_tail_is_plain(path):
+        return Image.Image.getexif(im)
+    return im.getexif()
+
+
+def _png_tail_is_plain(path: str) -> bool:
+    """Whether the PNG at `path` is a whole chunk list (signature, chunks within the file, IEND
+    after the image data) with no chunk after its first IDAT that may hold EXIF or XMP: read
+    from the chunks' 8-byte heads, seeking past their data. False for anything else (a file cut
+    short, odd bytes), which is then decoded as before, so a PNG whose pixels are cut short is
+    still found at the scan."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            pixels = False
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return False
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"IEND":
+                    return pixels
+                pixels = pixels or kind == b"IDAT"
+                if pixels and kind in _PNG_EXIF_CHUNKS:
+                    return False
+                if f.seek(length + 4, os.SEEK_CUR) > size:     # the data and its CRC
+                    return False
+    except OSError:
+        return False
 
 
 @dataclass
@@ -390,10 +438,15 @@ def random_scale(smin: int, smax: int, gen: torch.Generator) -> int:
 
 def random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """A size x size crop of [C, H, W] at a uniformly drawn position."""
-    h, w = x.shape[-2:]
+    top, left = crop_origin(*x.shape[-2:], size, gen)
+    return x[..., top:top + size, left:left + size]
+
+
+def crop_origin(h: int, w: int, size: int, gen: torch.Generator) -> tuple[int, int]:
+    """(top, left) of random_crop's size x size crop of an h x w image, uniformly drawn."""
     top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
     left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
-    return x[..., top:top + size, left:left + size]
+    return top, left
 
 
 def color_shift(x: torch.Tensor, gen: torch.Generator,
@@ -417,9 +470,13 @@ class TrainTransform:
         self.flip, self.color, self.preprocess = flip, color, preprocess
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        from .preprocess import normalize, resize_short
+        from .preprocess import normalize, resize_crop
         s = random_scale(self.smin, self.smax, gen)
-        x = random_crop(resize_short(img, s), self.size, gen)
+        # the crop is drawn from the rescale's size and only its pixels are resampled
+        # (resize_crop, equal to the crop of the whole rescale): a thin strip's whole rescale at
+        # S = 512 took 1.5 GB in the data worker where scan_folder(scale=...) had not skipped it
+        top, left = crop_origin(*rescaled_size(*img.shape[-2:], s), self.size, gen)
+        x = resize_crop(img, s, top, left, self.size, self.size)
         if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
             x = x.flip(-1)
         if self.color:
@@ -434,8 +491,11 @@ class EvalTransform:
         self.size, self.q, self.preprocess = size, q, preprocess
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        from .preprocess import center_crop, normalize, resize_short
-        return normalize(center_crop(resize_short(img, self.q), self.size).contiguous(),
+        from .preprocess import normalize, resize_crop
+        rh, rw = rescaled_size(*img.shape[-2:], self.q)
+        # preprocess.center_crop's origin; only the crop is resampled (see TrainTransform)
+        top, left = (rh - self.size) // 2, (rw - self.size) // 2
+        return normalize(resize_crop(img, self.q, top, left, self.size, self.size),
                          self.preprocess)
 
 
@@ -853,9 +913,8 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
 
     # before the scan, which takes minutes on a large dataset; not kept past initialise
     net_a = None if opts.resume else read_init(opts.init)
-    # an image is rescaled whole before its crop is cut: one whose rescale at the largest
-    # training scale (validation: at Q) would pass the pixel limit is skipped, as an unreadable
-    # one is
+    # an image whose rescale at the largest training scale (validation: at Q) would pass the
+    # pixel limit is skipped, as an unreadable one is
     smin, smax = scale_range(opts)
     train_scan = scan_folder(opts.data, what="data", scale=smax)
     val_scan = (scan_folder(opts.val, train_scan.classes, what="val", scale=eval_scale(opts))
