@@ -429,6 +429,69 @@ def test_png_sizes_that_cannot_be_promised_are_decoded(tmp_path, monkeypatch):
     assert [pp.image_size(c, exact=True) for c in cases] == [None] * 4
 
 
+def test_the_training_scan_sizes_images_as_image_size_does_and_decodes_the_rest(tmp_path,
+                                                                               monkeypatch):
+    """train._header (the localisation scan's sizes, a classification scan's over the pixel
+    limit) walked the PNG chunk heads a second way, of its own, and decoded a PNG with EXIF
+    after its pixels. It sizes images with preprocess.decoded_size now: image_size's header
+    rules where they promise load_image's size (no decoding), else a decode, which gives
+    load_image's turned size (an APNG, a broken CRC, no IEND) or finds the pixels cut short."""
+    import io
+
+    from vggfast import preprocess as pp
+    from vggfast import train as T
+    im = Image.new("RGB", (60, 40), (200, 30, 30))          # stored 60x40 (WxH)
+    b = io.BytesIO()
+    im.save(b, "TIFF", exif=_exif(6, prefix=True))
+    j = io.BytesIO()
+    im.save(j, "JPEG", exif=_exif(8, prefix=True))
+    sure = {"before6.png": _png_bytes(im, exif=_exif(6, prefix=True)),
+            "after8.png": _png_bytes(im, [(b"eXIf", _exif(8))]),
+            "after3.png": _png_bytes(im, [(b"eXIf", _exif(3))]),
+            "plain.png": _png_bytes(im), "turned6.tiff": b.getvalue(), "turned8.jpg": j.getvalue()}
+    apng = io.BytesIO()
+    im.save(apng, "PNG", save_all=True, append_images=[Image.new("RGB", (60, 40))],
+            exif=_exif(6, prefix=True))
+    bad = bytearray(_png_bytes(im, [(b"eXIf", _exif(6))]))
+    bad[-13] ^= 1                                   # the eXIf chunk's CRC
+    unsure = {"anim.png": apng.getvalue(), "bad_crc.png": bytes(bad),
+              "no_iend.png": _png_bytes(im, [(b"eXIf", _exif(6))])[:-12]}
+    want = {}
+    for name, data in {**sure, **unsure}.items():
+        (tmp_path / name).write_bytes(data)
+        want[name] = tuple(load_image(data).shape[-2:])
+    # the files decode as meant: 60x40 (HxW) where turned
+    assert want == {n: (40, 60) if n in ("after3.png", "plain.png") else (60, 40)
+                    for n in {**sure, **unsure}}
+    assert all(pp.image_size(tmp_path / n, exact=True) is None for n in unsure)
+    decoded = []
+    real = pp._pil_size
+
+    def spy(im, encoded=None):
+        size, ok = real(im, encoded)
+        decoded.append(not ok)
+        return size, ok
+    monkeypatch.setattr(pp, "_pil_size", spy)
+    for name in unsure:     # (width, height), as the scan gives them
+        assert T._header(str(tmp_path / name), oriented=True) == want[name][::-1], name
+    assert decoded == [True] * len(unsure)
+    # pixels cut short: the decode fails with load_image's reason, the file is skipped
+    cut = tmp_path / "cut.png"
+    noise = np.random.default_rng(0).integers(0, 256, (40, 60, 3)).astype(np.uint8)
+    whole = _png_bytes(Image.fromarray(noise), [(b"eXIf", _exif(8))])
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ImageError) as err:
+        load_image(cut)
+    assert T._header(str(cut), oriented=True) == str(err.value).removeprefix(f"{cut}: ")
+    assert T._header(str(cut)) == (60, 40)          # unturned: its header alone is read
+    _no_decoding(monkeypatch)
+    for name in sure:
+        assert T._header(str(tmp_path / name), oriented=True) == want[name][::-1], name
+        with Image.open(tmp_path / name) as opened:
+            assert pp.decoded_size(opened, tmp_path / name) == pp.image_size(tmp_path / name,
+                                                                             exact=True)
+
+
 def _gray_tiff(path, a, bits, signed, big_endian=False):
     """A one-strip uncompressed grey TIFF of `a` written by hand: PIL writes no signed 16-bit or
     unsigned 32-bit TIFFs, and no 12-bit ones (those are packed here, two samples in 3 bytes)."""

@@ -228,6 +228,22 @@ def _turned(h: int, w: int, exif) -> tuple[int, int]:
     return (w, h) if orientation in _TURNS else (h, w)
 
 
+def decoded_size(im, encoded) -> tuple[int, int]:
+    """(H, W) of the PIL image `im`, opened from the path or bytes `encoded`, as load_image
+    decodes it (EXIF orientation applied): from the header where it promises that (`_pil_size`:
+    a JPEG, a whole PNG, a TIFF, ...), else by decoding the pixels, which raises what PIL raises
+    for them as load_image's decode would (a PNG cut short, whose chunk list has no IEND), and
+    reading the orientation they bring (an APNG's, a PPM's). For a scan of many files that must
+    find the ones load_image refuses without decoding every one (train's); image_size, which
+    never decodes, says None instead (exact=True)."""
+    size, sure = _pil_size(im, encoded)
+    if sure:
+        return size
+    im.load()
+    w, h = im.size     # a TIFF that PIL turns as it loads has its turned size now
+    return _turned(h, w, im.getexif)
+
+
 # The PNG chunks Image.getexif finds an orientation in: EXIF (eXIf; a tEXt "exif" or ImageMagick's
 # "Raw profile type exif") and XMP (iTXt "XML:com.adobe.xmp").
 _PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")

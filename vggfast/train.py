@@ -258,8 +258,9 @@ def _header_problem(path: str, scale: int | None = None) -> str | None:
 def _header(path: str, oriented: bool = False,
             scale: int | None = None) -> tuple[int, int] | str:
     """(width, height) of the image read from its header, or why PIL cannot open it. oriented:
-    as loaded, EXIF rotation applied (a PNG's EXIF may follow its pixels: then it decodes; see
-    `_exif`).
+    as loaded, EXIF rotation applied (preprocess.decoded_size: from the header where it
+    promises load_image's size, a PNG's EXIF after its pixels included; else decoded, so a PNG
+    cut short is found here).
 
     scale: the largest S the image is rescaled to before its crop is cut (None: no
     check). An image whose rescale would have more pixels than an image may have
@@ -268,21 +269,13 @@ def _header(path: str, oriented: bool = False,
     data worker."""
     from PIL import Image
 
-    from .preprocess import MIN_SIDE, _decode_failure
+    from .preprocess import MIN_SIDE, _decode_failure, decoded_size
     try:
         with Image.open(path) as im:
-            w, h = im.size
             if oriented:
-                try:
-                    turned = _exif(im, path).get(0x0112, 1) in (5, 6, 7, 8)   # turned 90 degrees
-                except Exception:  # noqa: BLE001 - broken EXIF: load_image keeps the stored way
-                    # up, unless the pixels do not decode either (a PNG's getexif decodes them:
-                    # one cut short fails here), which the outer guard reports as load_image would
-                    with Image.open(path) as again:
-                        again.load()
-                    turned = False
-                if turned:
-                    w, h = h, w
+                h, w = decoded_size(im, path)
+            else:
+                w, h = im.size
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (libavif, struct, zlib)
@@ -294,58 +287,14 @@ def _header(path: str, oriented: bool = False,
         rh, rw = rescaled_size(h, w, scale)
         if rh * rw > limit:
             if not oriented:
-                # the same pixels either way up; read again (rarely) to name the loaded size,
-                # not every folder's PNGs decoded for their EXIF
+                # the same pixels either way up; read again (rarely) to name the loaded size:
+                # the classification scan needs no orientation else, and sizing it would walk
+                # each PNG's chunks and decode what its header cannot size (a PNG cut short)
                 return _header(path, True, scale)
             return (f"{h}x{w} (HxW) is rescaled to {rh}x{rw} at scale {scale}: {rh * rw} "
                     f"pixels, over the {limit} an image may have (twice "
                     "PIL.Image.MAX_IMAGE_PIXELS)")
     return w, h
-
-
-# PNG chunks that may hold the EXIF orientation (eXIf, or EXIF or XMP in a text chunk) which PIL
-# reads into Image.info only when they come before the pixels, or once the pixels are decoded
-_PNG_EXIF_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
-
-
-def _exif(im, path: str):
-    """im.getexif() of the image PIL opened from `path`, decoding none of its pixels where the
-    header says all: PIL's PNG getexif decodes the whole image to look for EXIF after the pixels
-    (each PNG of a training set, every scan), yet where the chunk list (`_png_tail_is_plain`)
-    has none there the header's Image.info is all it would read. Other formats read theirs with
-    the header already."""
-    from PIL import Image
-    if im.format == "PNG" and "exif" not in im.info and _png_tail_is_plain(path):
-        return Image.Image.getexif(im)
-    return im.getexif()
-
-
-def _png_tail_is_plain(path: str) -> bool:
-    """Whether the PNG at `path` is a whole chunk list (signature, chunks within the file, IEND
-    after the image data) with no chunk after its first IDAT that may hold EXIF or XMP: read
-    from the chunks' 8-byte heads, seeking past their data. False for anything else (a file cut
-    short, odd bytes), which is then decoded as before, so a PNG whose pixels are cut short is
-    still found at the scan."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
-                return False
-            pixels = False
-            while True:
-                head = f.read(8)
-                if len(head) < 8:
-                    return False
-                length, kind = int.from_bytes(head[:4], "big"), head[4:]
-                if kind == b"IEND":
-                    return pixels
-                pixels = pixels or kind == b"IDAT"
-                if pixels and kind in _PNG_EXIF_CHUNKS:
-                    return False
-                if f.seek(length + 4, os.SEEK_CUR) > size:     # the data and its CRC
-                    return False
-    except OSError:
-        return False
 
 
 @dataclass
