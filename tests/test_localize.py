@@ -599,9 +599,9 @@ def test_a_training_image_whose_rescale_passes_the_pixel_limit_is_skipped(tiny_s
     boxes = tmp_path / "boxes.jsonl"
     boxes.write_text("".join(json.dumps(r) + "\n" for r in lines))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)      # the limit: 10000 pixels
-    rescaled, real = [], L.pp.resize_short
-    monkeypatch.setattr(L.pp, "resize_short", lambda x, q: rescaled.append(
-        (tuple(x.shape[-2:]), q)) or real(x, q))
+    rescaled, real = [], L.pp.resize_crop
+    monkeypatch.setattr(L.pp, "resize_crop", lambda x, q, *crop: rescaled.append(
+        (tuple(x.shape[-2:]), q)) or real(x, q, *crop))
     r = L.train_localizer(L.LocTrainOptions(
         boxes=str(boxes), init=str(tiny_set / "cls"), out=str(tmp_path / "loc"), epochs=1,
         batch_size=4, workers=0, val_boxes=str(boxes), scales=(32, 48), quiet=True))
@@ -823,8 +823,9 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
     pano = tmp_path / "pano.png"
     Image.new("RGB", (2000, 40)).save(pano)
     resized = []
-    real = pp.resize_short
-    monkeypatch.setattr(pp, "resize_short", lambda x, q: resized.append(q) or real(x, q))
+    real = pp.resize_crop
+    monkeypatch.setattr(pp, "resize_crop", lambda x, q, *crop: resized.append(q) or real(x, q,
+                                                                                     *crop))
     # one crop, worded for it (it said "to cut its crops", multi-crop's words)
     want = (f"{pano} (40x2000, HxW) at scale 64 is rescaled to 64x3200 to cut its central crop: "
             "2.3 MiB of float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or "
@@ -845,6 +846,66 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
                         lambda *a, **k: pytest.fail("center_crop_box planned a request"))
     L.center_crop_box(eng, str(pano), 0, scale=40)      # within the budget: as before
     assert resized == [40]
+
+
+def _whole_rescale_crop(x, q, top, left, height, width):
+    """LocDataset's crop as it was cut before: from the whole rescale."""
+    return pp.resize_short(x, q)[:, top:top + height, left:left + width]
+
+
+def test_localisation_crops_resample_only_the_crop_bit_for_bit(tmp_path, monkeypatch):
+    """center_crop_box and LocDataset rescaled the whole image to the scale to cut one crop
+    (pp.resize_short: 1.5 GB of float32 for a 40x20000 strip at S = 512). They resample only
+    the crop now (pp.resize_crop), and their crops equal the old whole rescale's bit for bit
+    (torch.equal), with the same targets and boxes: on a small image, wide and tall strips and
+    odd sizes, uint8 files and float tensors, at training's random scales, crops, flips and
+    colour shifts and at the central crop, also with the resample made in small chunks."""
+    from PIL import Image
+    rng = np.random.default_rng(5)
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr")
+    size = eng.spec.image_size
+    shapes = [(40, 48), (37, 301), (16, 2000), (2000, 24), (97, 61)]
+    samples, floats = [], []
+    for k, (h, w) in enumerate(shapes):
+        a = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        Image.fromarray(a).save(tmp_path / f"{k}.png")
+        samples.append(L.LocSample(str(tmp_path / f"{k}.png"), k % C,
+                                   [(2.0, 3.0, 0.6 * w, 0.7 * h), (0.3 * w, 0.2 * h, w, h)]))
+        floats.append(torch.from_numpy(rng.random((3, h, w), dtype=np.float32)))
+    images = [s.file for s in samples] + floats
+    scales = (L.default_center_scale(size), size, 64)    # 37: (37, 301) is not resampled
+    # center_crop_box's net input as it was: the central crop of the whole rescale
+    old_inputs = [pp.normalize(pp.center_crop(pp.resize_short(pp.load_image(img), q), size)[None],
+                               eng.loc_preprocess) for img in images for q in scales]
+    sets = [L.LocDataset(samples, size, (size, 48, "range")),
+            L.LocDataset(samples, size, (size, 40, 64), color=False),
+            L.LocDataset(samples, size, (37,), train=False)]
+    keys = [(i, seed) for i in range(len(samples)) for seed in range(4)]
+    with monkeypatch.context() as m:     # LocDataset's crop as it was
+        m.setattr(pp, "resize_crop", _whole_rescale_crop)
+        old_items = [d[key] for d in sets for key in keys]
+        old_boxes = [L.center_crop_box(eng, img, 3, scale=q) for img in images for q in scales]
+    seen, real_run = [], eng._loc_backend.run
+    monkeypatch.setattr(eng._loc_backend, "run", lambda x, *a, **k: seen.append(x.clone())
+                        or real_run(x, *a, **k))
+    crops, real_crop = [], pp.resize_crop
+    monkeypatch.setattr(pp, "resize_crop", lambda x, q, *crop: crops.append(q)
+                        or real_crop(x, q, *crop))
+    for chunk in (pp.RESIZE_CHUNK_BYTES, 1 << 12):      # 1 << 12: chunks of rows and columns
+        monkeypatch.setattr(pp, "RESIZE_CHUNK_BYTES", chunk)
+        seen.clear(), crops.clear()
+        items = [d[key] for d in sets for key in keys]
+        boxes = [L.center_crop_box(eng, img, 3, scale=q) for img in images for q in scales]
+        assert len(crops) == len(items) + len(boxes)        # each crop is resize_crop's
+        for (xa, ta, la), (xb, tb, lb) in zip(items, old_items, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ta, tb) and la == lb
+        assert len(seen) == len(old_inputs)
+        assert all(torch.equal(a, b) for a, b in zip(seen, old_inputs))
+        assert boxes == old_boxes
+    # the whole rescale is not made: a strip's training crop resamples a few columns of it
+    monkeypatch.setattr(pp, "resize_short", lambda *a: pytest.fail("a whole rescale"))
+    assert sets[0][(2, 0)][0].shape == (3, size, size)
 
 
 def test_center_crop_check_refuses_what_the_planner_refused(monkeypatch):

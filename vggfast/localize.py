@@ -428,13 +428,15 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
         raise ArgumentError(f"label must be a class index in 0..{n - 1}, not {label!r}")
     x = pp.load_image(img)
     H, W = x.shape[-2:]
-    # The crop is cut from the whole rescaled image (float32): a huge image or scale is refused
-    # before it is resized, "FILE (HxW) at scale Q is rescaled to HxW to cut its central crop".
+    # A huge image or scale is refused before it is resized, "FILE (HxW) at scale Q is rescaled
+    # to HxW to cut its central crop" (the budget of the whole float32 rescale, though only the
+    # crop is resampled now).
     with pp.naming_file(img):
         engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
     top, left = (h - size) // 2, (w - size) // 2
-    v = pp.center_crop(pp.resize_short(x, q), size)[None]
+    # pp.center_crop's crop of resize_short(x, q), bit for bit, without the whole rescale
+    v = pp.resize_crop(x, q, top, left, size, size)[None]
     out = engine._loc_backend.run(pp.normalize(v, engine.loc_preprocess), ("fc8",))["fc8"].cpu()
     params = out.view(-1, 4)
     params = params[label if engine.loc_mode == "pcr" else 0]
@@ -829,6 +831,7 @@ class LocDataset(torch.utils.data.Dataset):
     to 10 positions are drawn until the chosen box is at least `min_visible` inside; the best is
     kept), a flip with probability 1/2 (the box mirrored), the PCA colour shift. The box is the
     ground-truth box most visible in the crop. Evaluation: rescale to scales[0], central crop.
+    Only the crop's pixels are resampled (`preprocess.resize_crop`).
     """
 
     def __init__(self, samples: Sequence[LocSample], size: int, scales, train: bool = True,
@@ -873,7 +876,9 @@ class LocDataset(torch.utils.data.Dataset):
             top, left = (h - size) // 2, (w - size) // 2
             shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
             box = shifted[int(np.argmax([_visible(b.tolist(), size) for b in shifted]))]
-        v = pp.resize_short(x, q)[:, top:top + size, left:left + size]
+        # only the crop is resampled (the whole rescale's crop, bit for bit): a thin strip's
+        # whole rescale (40x20000 at S = 512: 1.5 GB of float32) for one crop in a data worker
+        v = pp.resize_crop(x, q, top, left, size, size)
         if self.train and self.flip and bool(torch.rand(1, generator=gen) < 0.5):
             v = v.flip(-1)
             box = flip_boxes(box, size)

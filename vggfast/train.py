@@ -22,8 +22,7 @@ single-scale test) and centre-cropped. Without `val`, the plateau scheduler watc
 top-1 accuracy instead. Only the crop's pixels are resampled (`preprocess.resize_crop`, the
 numbers of the whole rescale's crop). An image whose rescale at Smax (a validation image: at Q)
 would pass preprocess.pixel_limit (a thin strip: 40x20000 at S = 512 is 512x256000) is skipped
-at the scan, by its header, with the unreadable files (the rule localisation training, which
-rescales whole, shares).
+at the scan, by its header, with the unreadable files (the rule localisation training shares).
 
 Every random choice of the data pipeline comes from a generator seeded by (seed, epoch, image
 index), and the shuffling from (seed, epoch), so the samples do not depend on the number of data
