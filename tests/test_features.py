@@ -478,3 +478,45 @@ def test_a_long_list_of_features_is_checked_before_its_first_chunk_runs(model, t
     streams = [io.BytesIO((tmp_path / "small.png").read_bytes()) for _ in range(3)]
     got = eng.features(head[:3] + streams, layer=layer, scales=q)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_features_below_the_native_size_check_each_image_once(model, tmp_path, monkeypatch):
+    """Below the native size a long list was checked twice: every image's header size
+    (Engine._check_chunks), then each chunk's decoded sizes again. An image decoded at the size
+    it was checked at (always so for an exact header: a PNG, a JPEG, a tensor's shape) is now
+    checked once; one the header could not size (a stream read once) or sized otherwise (H and
+    W swapped: an orientation a header cannot tell, made here by one that says so) is checked
+    once decoded, before its chunk runs, as is every image of a list of one chunk. The
+    features are those of each image alone."""
+    import io
+    import vggfast.engine as E
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
+    Image.new("RGB", (50, 40), (200, 10, 30)).save(tmp_path / "small.png")
+    Image.new("RGB", (40, 56), (20, 90, 130)).save(tmp_path / "tall.jpg")
+    Image.new("RGB", (48, 40), (70, 70, 250)).save(tmp_path / "swapped.png")
+    swapped = tmp_path / "swapped.png"
+
+    class Pipe(io.BytesIO):     # a stream that cannot seek back: no header size
+        def seekable(self):
+            return False
+    torch.manual_seed(0)
+    t = torch.rand(3, 40, 40)
+
+    def items():
+        return [t, tmp_path / "small.png", tmp_path / "tall.jpg",
+                Pipe((tmp_path / "small.png").read_bytes()), swapped]
+    eng = Engine(model.state_dict(), backend="torch", dtype="float32")
+    want = torch.cat([eng.features(i, layer="relu3_3", scales=16) for i in items()])
+    real_size, real_check, calls = E.pp.image_size, eng._check_views, []
+    monkeypatch.setattr(E.pp, "image_size", lambda src, exact=False: (
+        None if exact else real_size(src)[::-1]) if src == swapped else real_size(src, exact=exact))
+    monkeypatch.setattr(eng, "_check_views", lambda sizes, *a: (
+        calls.append([tuple(s) for s in sizes]), real_check(sizes, *a))[1])
+    got = eng.features(items(), layer="relu3_3", scales=16)
+    assert torch.equal(got, want)
+    assert calls == [[(40, 40), (40, 50)], [(56, 40)], [(48, 40)],     # the headers
+                     [(40, 50)], [(40, 48)]]     # decoded: the stream, the swapped one
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 64)
+    calls.clear()
+    assert torch.equal(eng.features(items(), layer="relu3_3", scales=16), want)
+    assert calls == [[(40, 40), (40, 50), (56, 40), (40, 50), (40, 48)]]

@@ -1060,3 +1060,60 @@ def test_the_training_scan_reads_png_orientation_without_decoding(tmp_path, monk
         h, w = loaded[os.path.basename(s.file)]
         assert s.boxes == [(0.0, 0.0, min(30.0, w), min(60.0, h))], s.file
     assert decoded == ["cut.png"], decoded
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scales=(16,)), "^scale 16 is below the network's native size"),
+    (dict(scales=()), "scales"), (dict(top_k=0), "^top_k must be a positive integer"),
+    (dict(flip="yes"), "flip"),
+    (dict(protocol="center", center_scale=16), "^scale 16 is below the network's native size")])
+def test_evaluate_localization_checks_its_arguments_before_reading_an_image(tmp_path, kwargs,
+                                                                            match, monkeypatch):
+    """Bad scales (top_k, flip, the center protocol's scale) were refused by the first image's
+    localize, after that image was decoded; now before any image is read, as classification's
+    evaluate refuses them."""
+    cls, loc = _pair("scr")
+    eng = _engine(cls, loc, "scr")
+    _img(tmp_path / "a.png")
+    decoded = []
+    monkeypatch.setattr(L.pp, "load_image", lambda i: decoded.append(i))
+    with pytest.raises(VGGFastError, match=match):
+        L.evaluate_localization(eng, [L.LocSample(str(tmp_path / "a.png"), 0, [(0, 0, 8, 8)])],
+                                **kwargs)
+    assert decoded == []
+    with pytest.raises(VGGFastError, match=r"a\.png: label 1\.0 is not a class index"):
+        L.evaluate_localization(eng, [L.LocSample(str(tmp_path / "a.png"), 1.0, [(0, 0, 8, 8)])],
+                                protocol="center")
+
+
+@pytest.mark.parametrize("mode", ["scr", "pcr"])
+def test_evaluate_localization_decodes_and_checks_once_with_localizes_numbers(tiny_set, mode,
+                                                                              monkeypatch):
+    """Each image's localize (center_crop_box) checked the scales again and re-ran load_image
+    on the decoded tensor. Now each image is decoded once and the scales checked once for the
+    whole evaluation; the figures are those of localize (center_crop_box) on each file."""
+    cls, loc = _pair(mode, seed=1)
+    eng = _engine(cls, loc, mode)
+    samples = L.read_boxes(tiny_set / "boxes.jsonl", None, tiny_set)
+    for protocol, kw in [("dense", dict(scales=(32, 40), top_k=5, flip=True)),
+                         ("center", dict(center_scale=40))]:
+        if protocol == "dense":
+            preds = [L.localize(eng, s.file, (32, 40), 5, True) for s in samples]
+            loc1 = [not L.ilsvrc_correct(p, s.label, s.boxes, 1) for p, s in zip(preds, samples)]
+            loc5 = [not L.ilsvrc_correct(p, s.label, s.boxes, 5) for p, s in zip(preds, samples)]
+            want = dict(top1_error=100 * np.mean(loc1), top5_error=100 * np.mean(loc5))
+        else:
+            ious = [float(L.iou([L.center_crop_box(eng, s.file, s.label, 40)], s.boxes).max())
+                    for s in samples]
+            want = dict(mean_iou=float(np.mean(ious)),
+                        error=100 * np.mean([i <= L.IOU_THRESHOLD for i in ious]))
+        decoded, checked = [], []
+        load, check = L.pp.load_image, eng.check_scales
+        monkeypatch.setattr(L.pp, "load_image", lambda i: decoded.append(i) or load(i))
+        monkeypatch.setattr(eng, "check_scales", lambda *a, **k: checked.append(a) or
+                            check(*a, **k))
+        r = L.evaluate_localization(eng, samples, protocol=protocol, **kw)
+        monkeypatch.undo()
+        assert decoded == [s.file for s in samples] and len(checked) == 1
+        assert r["images"] == len(samples) and r["failed"] == []
+        assert {k: r[k] for k in want} == pytest.approx(want, rel=0, abs=1e-9)

@@ -301,6 +301,77 @@ def test_an_ensembles_long_list_is_checked_before_its_first_chunk_runs(tmp_path,
     assert len(got) == 5 and len(runs) == 6
 
 
+@pytest.mark.parametrize("method", ["dense", "dense+multicrop"])
+@pytest.mark.parametrize("shared_bytes", [None, 0])
+def test_an_ensembles_engines_share_each_images_rescales(samples, monkeypatch, method,
+                                                         shared_bytes):
+    """Each engine of an Ensemble rescaled every image of a chunk again (one resize_scales per
+    engine). The engines on one device now share the chunk's rescales: each image is rescaled
+    once per scale for all of them, whatever their configurations, native sizes (32 and 64:
+    crops of other sizes cut from the same rescale) and preprocessing (normalised after the
+    rescale); with no room to keep them (shared_bytes 0) once per engine, as before. Each
+    engine's Results are its own classify's, and the fused ones those the ensemble computed
+    from them before (its _fuse of each engine's classify), bit for bit."""
+    import vggfast.engine as E
+    from vggfast import executor
+    monkeypatch.setattr(E, "CHUNK_IMAGES", 2)   # two chunks: sharing stays within a chunk
+    engines = [Engine(small_model("D", num_classes=10, seed=1).state_dict(), backend="torch",
+                      dtype="float32"),
+               Engine(small_model("E", num_classes=10, seed=2).state_dict(), backend="torch",
+                      dtype="float32", preprocess="caffe"),
+               Engine(small_model("A", num_classes=10, image_size=64, seed=3).state_dict(),
+                      backend="torch", dtype="float32", preprocess="caffe-rgb")]
+    assert {e.spec.image_size for e in engines} == {32, 64}
+    torch.manual_seed(0)
+    # a float image whose smallest side is a scale is used as it is at that scale
+    items = [samples["cat"], samples["rocket"], torch.rand(3, 64, 90)]
+    scales = (64, 80)
+    fusion = Ensemble(engines, weights=[3, 1, 2])
+    before = [fusion._fuse([e.classify(img, scales=scales, method=method, top_k=3)
+                            for e in engines], 3) for img in items]
+    resize, rescaled = E.pp.resize_scales, []
+    # the tensors are held here, so one's id is not another's
+    monkeypatch.setattr(E.pp, "resize_scales",
+                        lambda x, qs: (rescaled.extend((x, q) for q in qs), resize(x, qs))[1])
+    if shared_bytes is not None:
+        init = executor.SharedRescales.__init__
+        monkeypatch.setattr(executor.SharedRescales, "__init__",
+                            lambda self, max_bytes: init(self, shared_bytes))
+    got = fusion.classify(items, scales=scales, method=method, top_k=3)
+    per_image = Counter(id(x) for x, _ in rescaled)
+    assert len(per_image) == len(items)     # each image decoded once, for every engine
+    assert Counter((id(x), q) for x, q in rescaled) == Counter(
+        {(i, q): 1 if shared_bytes is None else len(engines) for i in per_image for q in scales})
+    monkeypatch.setattr(E.pp, "resize_scales", resize)
+    for r, b, img in zip(got, before, items, strict=True):
+        assert torch.equal(r.probs, b.probs) and r.top(3) == b.top(3)
+        assert r.per_scale.keys() == b.per_scale.keys() == set(scales)
+        assert all(torch.equal(r.per_scale[q], b.per_scale[q]) for q in scales)
+        for mine, e in zip(r.per_model, engines, strict=True):
+            w = e.classify(img, scales=scales, method=method, top_k=3)
+            assert torch.equal(mine.probs, w.probs)
+            assert all(torch.equal(mine.per_scale[q], w.per_scale[q]) for q in scales)
+            assert mine.per_method.keys() == w.per_method.keys()
+            assert all(torch.equal(mine.per_method[k].probs, w.per_method[k].probs)
+                       for k in w.per_method)
+
+
+def test_an_ensemble_checks_every_engines_weights_before_reading_an_image(samples, monkeypatch):
+    """A member whose classifier cannot run (fc8 holds a NaN) was refused by its classify,
+    after the chunk was decoded and the engines before it had run; now before any image is
+    read."""
+    import vggfast.engine as E
+    sd = small_model("E", num_classes=10, seed=2).state_dict()
+    sd["classifier.6.weight"][0, 0] = float("nan")
+    fusion = Ensemble([Engine(small_model("D", num_classes=10, seed=1).state_dict()),
+                       Engine(sd)])
+    decoded = []
+    monkeypatch.setattr(E.pp, "load_image", lambda i: decoded.append(i))
+    with pytest.raises(VGGFastError, match="^layers fc8 of these weights contain NaN"):
+        fusion.classify([samples["cat"]], scales=32)
+    assert decoded == []
+
+
 def _named(config, names, seed=0):
     sd = small_model(config, num_classes=len(names), seed=seed).state_dict()
     return Engine({"state_dict": sd, "meta": {"class_names": names}})

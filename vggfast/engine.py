@@ -481,7 +481,8 @@ class Engine:
         many = isinstance(imgs, (list, tuple))
         return scales, method, list(imgs) if many else [imgs], many
 
-    def _check_chunks(self, items: list, check: Callable[[list[tuple[int, int]]], Any]) -> None:
+    def _check_chunks(self, items: list, check: Callable[[list[tuple[int, int]]], Any]
+                      ) -> dict[int, tuple[int, int]]:
         """A list of several chunks (see `decoded_chunks`) checked chunk by chunk from its images'
         sizes (`item_size`: a file's header, one image at a time, nothing decoded) before the
         first chunk runs: check(sizes) refuses what the chunk's run would (classify and features
@@ -490,9 +491,13 @@ class Engine:
         "image K" of `sizes` named as the list's image. An image too small, over the memory
         budget or unreadable late in a long list is thus refused before the chunks before it
         are computed, as in a list of one chunk. What only decoding finds (corrupt pixels, a
-        stream that cannot be read twice) is found in its chunk."""
+        stream that cannot be read twice) is found in its chunk.
+        Returns {K: (H, W)} of the images checked, the size each was checked at (none for a list
+        of one chunk): a caller whose check is a function of the sizes alone need not check an
+        image again once decoded at that size (`features` below the native size)."""
+        checked: dict[int, tuple[int, int]] = {}
         if len(items) <= CHUNK_IMAGES:   # decoded and checked before anything runs
-            return
+            return checked
         for start in range(0, len(items), CHUNK_IMAGES):
             chunk = range(start, min(start + CHUNK_IMAGES, len(items)))
             sizes = {k: item_size(items, k) for k in chunk}
@@ -500,6 +505,8 @@ class Engine:
             if known:
                 with naming_images(items, known):
                     check([sizes[k] for k in known])
+                checked.update((k, tuple(sizes[k])) for k in known)
+        return checked
 
     def _check_views(self, sizes: Sequence[tuple[int, int]], scales: Sequence[int],
                      flip: bool) -> None:

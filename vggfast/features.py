@@ -134,7 +134,7 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
         else:
             engine._check_views(sizes, scales, flip)
 
-    engine._check_chunks(items, check)
+    checked = engine._check_chunks(items, check)
     per_image = []
     for start, images in decoded_chunks(items):
         if planned:
@@ -146,8 +146,16 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
                 per_image.append([torch.stack([pooled[v.index] for v in views
                                                if v.scale == q]).mean(0) for q in scales])
         else:
-            with naming_images(items, start):
-                check([tuple(x.shape[-2:]) for x in images])
+            # The views' check is a function of the sizes alone: an image decoded at the size
+            # its header was checked at (always so where the header is exact, image_size's
+            # exact=True) is not checked again; one without a header size (a stream read once, a
+            # list of one chunk) or decoded at another (an orientation the header could not
+            # tell: H and W swapped) is checked now, before any of the chunk runs.
+            todo = [start + j for j, x in enumerate(images)
+                    if checked.get(start + j) != tuple(x.shape[-2:])]
+            if todo:
+                with naming_images(items, todo):
+                    check([tuple(images[k - start].shape[-2:]) for k in todo])
             per_image += [[_pool(engine._run(engine._views(x, q, flip), (layer,))[layer],
                                  pool).mean(0).cpu() for q in scales] for x in images]
     rows = [torch.stack(p).mean(0) if aggregate == "mean" else torch.cat(p) for p in per_image]

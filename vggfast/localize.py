@@ -351,10 +351,18 @@ def dense_predictions(engine, img: Any, scales: Any = (256, 384), flip: bool = F
     engine._require("fc8")
     scales = engine.check_scales(scales)
     x = pp.load_image(img)
+    with pp.naming_file(img):    # "FILE (40x2000, HxW) at scale Q: why", as classify says
+        return _dense_predictions(engine, x, scales, flip)
+
+
+def _dense_predictions(engine, x: torch.Tensor, scales: tuple[int, ...], flip: bool
+                       ) -> DensePredictions:
+    """`dense_predictions` of load_image's tensor `x`, the engine and the arguments already
+    checked (evaluate_localization checks them once for every image, and hands the image it
+    decoded, which load_image would copy again if it is float). A refusal names "image 0"."""
     H, W = x.shape[-2:]
     size = engine.spec.image_size
-    with pp.naming_file(img):    # "FILE (40x2000, HxW) at scale Q: why", as classify says
-        engine._check_views([(H, W)], scales, flip)     # every scale, before the first runs
+    engine._check_views([(H, W)], scales, flip)     # every scale, before the first runs
     all_boxes, all_probs, image_probs = [], [], []
     for q in scales:
         h, w = pp.rescaled_size(H, W, q)
@@ -389,8 +397,13 @@ def localize(engine, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: b
     from .engine import _check_top_k, check_flag
     top_k = _check_top_k(top_k)
     flip = check_flag("flip", flip)
-    _check_merge_iou(merge_iou)
-    d = dense_predictions(engine, img, scales, flip)
+    merge_iou = _check_merge_iou(merge_iou)
+    return _merged_boxes(engine, dense_predictions(engine, img, scales, flip), top_k, merge_iou)
+
+
+def _merged_boxes(engine, d: DensePredictions, top_k: int, merge_iou: float
+                  ) -> list[tuple[int, str, float, tuple[float, ...]]]:
+    """`localize`'s boxes from the dense predictions `d`, the arguments already checked."""
     H, W = d.size
     p, idx = torch.topk(d.image_probs, min(top_k, d.image_probs.numel()))
     out = []
@@ -420,19 +433,31 @@ def center_crop_box(engine, img: Any, label: int, scale: int | None = None) -> t
     image_size crop of `img` rescaled to `scale` (default 256/224 * image_size), in original
     pixels (clipped to the image)."""
     _require_loc(engine)
-    size = engine.spec.image_size
-    q = default_center_scale(size) if scale is None else scale
-    (q,) = engine.check_scales((q,))
+    q = _check_center_scale(engine, scale)
     n = engine.spec.num_classes
     if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label < n:
         raise ArgumentError(f"label must be a class index in 0..{n - 1}, not {label!r}")
     x = pp.load_image(img)
+    with pp.naming_file(img):
+        return _center_crop_box(engine, x, int(label), q)
+
+
+def _check_center_scale(engine, scale: int | None) -> int:
+    """center_crop_box's scale: the default for the native size, or `scale` checked."""
+    q = default_center_scale(engine.spec.image_size) if scale is None else scale
+    (q,) = engine.check_scales((q,))
+    return q
+
+
+def _center_crop_box(engine, x: torch.Tensor, label: int, q: int) -> tuple[float, ...]:
+    """`center_crop_box` of load_image's tensor `x`, the arguments already checked (see
+    `_dense_predictions`). A refusal names "image 0"."""
+    size = engine.spec.image_size
     H, W = x.shape[-2:]
     # A huge image or scale is refused before it is resized, "FILE (HxW) at scale Q is rescaled
     # to HxW to cut its central crop" (the budget of the whole float32 rescale, though only the
-    # crop is resampled now).
-    with pp.naming_file(img):
-        engine._check_center_crop((H, W), q)
+    # crop is resampled now); the caller names the file.
+    engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
     top, left = (h - size) // 2, (w - size) // 2
     # pp.center_crop's crop of resize_short(x, q), bit for bit, without the whole rescale
@@ -687,13 +712,24 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     top-1/top-5 classification errors. protocol "center": the central-crop, ground-truth-class
     protocol; error. Ground-truth boxes are clipped to their image, as predictions are.
     Unreadable images, and images over the memory budget, are skipped and listed under "failed"
-    ("FILE why"), as classification's `evaluate` lists them.
+    ("FILE why"), as classification's `evaluate` lists them. The arguments are checked once,
+    before the annotations or any image is read; each image is decoded once.
     """
     from tqdm import tqdm
 
+    from .engine import _check_top_k, check_flag
     _require_loc(engine)
     if protocol not in PROTOCOLS:
         raise ArgumentError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+    # Each protocol's own arguments, once, before the annotations or any image is read (each
+    # image's localize or center_crop_box checked them again, and only after decoding it).
+    if protocol == "center":
+        q = _check_center_scale(engine, center_scale)
+    else:
+        engine._require("fc8")
+        scales = engine.check_scales(scales)
+        top_k = _check_top_k(top_k)
+        flip = check_flag("flip", flip)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ArgumentError(f"limit must be 0 (all) or a positive number, not {limit!r}")
     if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real) \
@@ -703,6 +739,11 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
     if limit:
         samples = samples[:limit]
     n = engine.spec.num_classes
+    # an index the boxes are read at (a PCR head's class), as center_crop_box refuses others
+    odd = next((s for s in samples if isinstance(s.label, bool)
+                or not isinstance(s.label, numbers.Integral)), None)
+    if odd is not None:
+        raise AnnotationError(f"{odd.file}: label {odd.label!r} is not a class index")
     bad = [s for s in samples if not 0 <= s.label < n]
     if bad:
         raise AnnotationError(f"{bad[0].file}: class {bad[0].label} outside the model's 0..{n - 1}")
@@ -724,9 +765,10 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
         try:
             with pp.naming_file(s.file):      # the decoded image has no name of its own
                 if protocol == "center":
-                    box = center_crop_box(engine, img, s.label, center_scale)
+                    box = _center_crop_box(engine, img, int(s.label), q)
                 else:
-                    preds = localize(engine, img, scales, top_k, flip)
+                    preds = _merged_boxes(engine, _dense_predictions(engine, img, scales, flip),
+                                          top_k, MERGE_IOU)
         except MemoryBudgetError as exc:
             big = {"file": s.file, "error": f"{s.file} {exc.reason}"}
             failed.append(big)
@@ -750,10 +792,9 @@ def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k:
                            "iou_threshold": iou_threshold, "mode": engine.loc_mode,
                            "failed": failed}
     if protocol == "center":
-        out.update(scale=center_scale or default_center_scale(engine.spec.image_size),
-                   error=pct("center"), mean_iou=float(np.mean(ious)))
+        out.update(scale=q, error=pct("center"), mean_iou=float(np.mean(ious)))
     else:
-        out.update(scales=list(engine.check_scales(scales)), flip=flip, top_k=top_k,
+        out.update(scales=list(scales), flip=flip, top_k=top_k,
                    top1_error=pct("loc1"), top5_error=pct("loc5") if top_k >= 5 else None,
                    cls_top1_error=pct("cls1"), cls_top5_error=pct("cls5") if top_k >= 5 else None)
     return out

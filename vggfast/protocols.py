@@ -154,8 +154,9 @@ class Ensemble:
     and the same names in the same order where their weights name them.
     weights: one non-negative number per engine (normalised to sum 1); None = equal weights.
     classify(img, scales, flip, method, top_k, average) takes Engine.classify's arguments; each
-    image is decoded once and every engine applies its own preprocessing (a list is classified
-    by each engine a chunk of CHUNK_IMAGES images at a time, batched by its planner).
+    image is decoded once, rescaled once per scale for the engines on one device, and every
+    engine applies its own preprocessing (a list is classified by each engine a chunk of
+    CHUNK_IMAGES images at a time, batched by its planner).
     Result.per_model lists each engine's Result.
     """
 
@@ -197,7 +198,8 @@ class Ensemble:
 
         A list goes CHUNK_IMAGES images at a time: the chunk's images are decoded once, and each
         engine classifies the decoded chunk as one request (its planner batches equal-size views
-        across the images), then each image's Results are fused. An image that cannot be read
+        across the images; the engines on one device share the rescaled images, see
+        `_shared_rescales`), then each image's Results are fused. An image that cannot be read
         is an ImageError naming its index in the list, as Engine.classify's. A list of several
         chunks is checked by every engine's planner first (Engine._check_chunks, as
         Engine.classify checks its own), so an image too small, over an engine's memory budget
@@ -211,6 +213,7 @@ class Ensemble:
         # once, before the engines (and a list's images) share them: an iterator of scales
         # would be used up by the first; each engine checks them against its own native size
         for e in self.engines:
+            e._require("fc8")     # classify's first check: the chunks call past it
             scales = e.check_scales(scales, method=method)
         many = isinstance(img, (list, tuple))
         items = list(img) if many else [img]
@@ -220,12 +223,36 @@ class Ensemble:
             e._executor.scheduler.plan(sizes, scales, flip, method) for e in self.engines])
         fused = []
         for start, images in decoded_chunks(items):
+            shared = self._shared_rescales()
             # a refusal about "image K" of the chunk names the list's image, and its file
             with naming_images(items, start):
-                per_model = [e.classify(images, scales=scales, flip=flip, method=method,
-                                        top_k=top_k, average=average) for e in self.engines]
+                per_model = [e._classify_decoded(images, scales, flip, method, top_k, average,
+                                                 shared[k]) for k, e in enumerate(self.engines)]
+            del shared      # the chunk's rescales go before the next chunk is decoded
             fused += [self._fuse([rs[i] for rs in per_model], top_k) for i in range(len(images))]
         return fused if many else fused[0]
+
+    def _shared_rescales(self) -> list:
+        """One executor.SharedRescales per engine for a chunk (None: nothing to share), the
+        same one for the engines on the same device: each of them rescales the chunk's images
+        to the same scales (resize_scales of the decoded image, on the engine's device: CUDA's
+        kernel rounds otherwise than the CPU's) and normalises the rescaled image by its own
+        preprocessing afterwards, so a rescale is any of them's bit for bit, whatever their
+        configurations, native sizes or conventions. Bounded by an eighth of the smallest of
+        their memory budgets, as evaluate's (on CUDA they sit beside the activations). An
+        engine alone on its device shares nothing (its rescales would be held past their last
+        batch)."""
+        from .executor import SharedRescales
+        on: dict[torch.device, list[int]] = {}
+        for k, e in enumerate(self.engines):
+            on.setdefault(e.device, []).append(k)
+        shared: list = [None] * len(self.engines)
+        for ks in on.values():
+            if len(ks) > 1:
+                s = SharedRescales(min(self.engines[k].memory_budget for k in ks) // 8)
+                for k in ks:
+                    shared[k] = s
+        return shared
 
     def _fuse(self, rs: Sequence["Result"], top_k: int) -> "Result":
         """One image's Result from each engine's: the weighted mean of their posteriors."""
