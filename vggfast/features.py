@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
-from .devices import check_device
-from .distributed import dist_info, leave_process_group, local_rank
+from .devices import rank_device
+from .distributed import local_rank  # noqa: F401  (features.local_rank, its old home)
+from .distributed import dist_info, leave_process_group
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -680,7 +681,7 @@ def cmd_extract(args) -> int:
                                f"--nproc-per-node {world} -m vggfast extract ...`")
         # the device settles the backend, so it is checked before the group is joined: "cpu:0"
         # was taken for a GPU (nccl), and every rank refuses a bad one alike, none left waiting
-        device = check_device(args.device, cuda_index=local_rank())
+        device = rank_device(args.device, same_on_every_rank=True)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device)
