@@ -19,6 +19,7 @@ reads once their in-place ReLU has run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +39,7 @@ from torch import nn
 from . import preprocess as pp
 from .devices import rank_device
 from .distributed import local_rank  # noqa: F401  (features.local_rank, its old home)
-from .distributed import dist_info, leave_process_group
+from .distributed import dist_info, leave_process_group, peers_reported
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -696,9 +697,10 @@ def cmd_extract(args) -> int:
     try:
         eng = _engine(args, _need_weights(args))
         files = list_inputs(args.source)
-        rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip, args.pool,
-                      not args.no_normalize, args.aggregate, args.batch_size,
-                      progress=not args.quiet, rank=rank, world=world, gather=gather)
+        with peers_reported() if world > 1 else contextlib.nullcontext():
+            rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip,
+                          args.pool, not args.no_normalize, args.aggregate, args.batch_size,
+                          progress=not args.quiet, rank=rank, world=world, gather=gather)
         ok = True
     finally:
         if world > 1:

@@ -44,9 +44,11 @@ weight decay and patience from the checkpoint (a warning names flags that differ
 Multi-GPU and multi-node: run under torchrun (`torchrun --nproc-per-node 8 -m vggfast train ...`);
 DistributedDataParallel on nccl (CUDA) or gloo (CPU), bf16 autocast on CUDA. Each rank trains on
 cuda:LOCAL_RANK (`--device cuda`, the default); `--device cuda:N` with several ranks on a machine
-is refused (it put them all on GPU N): choose the GPUs with CUDA_VISIBLE_DEVICES. BatchNorm uses
-each process's batch statistics, as plain DDP does. Resuming on several nodes needs `out` on a
-shared filesystem.
+is refused (it put them all on GPU N): choose the GPUs with CUDA_VISIBLE_DEVICES. A rank that
+fails exits with its own status (2 and one line for a user error); a rank whose collective fails
+because another rank failed or left (gloo) says so in one line and exits 2. BatchNorm uses each
+process's batch statistics, as plain DDP does. Resuming on several nodes needs `out` on a shared
+filesystem.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ from tqdm import tqdm
 
 from .configs import make_spec
 from .devices import rank_device
-from .distributed import dist_info, leave_process_group
+from .distributed import dist_info, leave_process_group, peers_reported
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit, rescaled_size
@@ -828,7 +830,8 @@ def fit(opts: TrainOptions) -> TrainResult:
     d = _setup_distributed(device)
     ok = False
     try:
-        result = _fit(opts, device, d)
+        with peers_reported() if d.on else contextlib.nullcontext():
+            result = _fit(opts, device, d)
         ok = True
         return result
     finally:
