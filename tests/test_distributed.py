@@ -1,9 +1,9 @@
 """vggfast.distributed: how train and extract leave the process group they joined under torchrun.
 A successful rank meets the others at a barrier and destroys the group; a failing one leaves at
 once and its exit status (2 for a user error) survives a teardown that fails too. A real
-one-process gloo group stands in for torchrun's (init_process_group is redirected to it). A real
-2-rank torchrun run (gloo, CPU): a rank whose peer fails while it waits in a collective says so
-in one line."""
+one-process gloo group stands in for torchrun's (init_process_group is redirected to it). Real
+2-rank torchrun runs (gloo, CPU): a rank whose peer fails while it waits in a collective says so
+in one line, and extract's ranks report skipped / unusable images as its --help says."""
 import re
 
 import pytest
@@ -297,3 +297,32 @@ def test_extract_a_rank_whose_peer_failed_mid_collective_says_so_in_one_line(tmp
     _one_line(err[1], PEER_GONE)
     assert len(list((tmp_path / "f.npy.parts").glob("r1-*.npy"))) == 1  # rank 1 had done its share
 
+
+def test_extract_under_torchrun_rank_0_reports_skipped_and_none_usable_the_others_exit_0(
+        tmp_path):
+    """What each rank says and returns when images are skipped: rank 0 reports the run (2 and
+    the skipped files, or 2 and "none of the images could be used"), rank 1 exits 0 silently,
+    its share done. In the "none" case rank 1 exited 2, "another rank ... left before the end":
+    rank 0 had skipped the closing barrier as if it failed mid-run."""
+    from PIL import Image
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    some, none = tmp_path / "some", tmp_path / "none"
+    for d in (some, none):
+        d.mkdir()
+        (d / "0_broken.png").write_bytes(b"not a png")
+        (d / "1_broken.png").write_bytes(b"not a png either")
+    Image.new("RGB", (40, 36), (10, 90, 200)).save(some / "2_ok.png")
+    for src, rank0 in ((some, r"vggfast: skipped \S+0_broken.png: .*\nvggfast: skipped \S+"
+                              r"1_broken.png: .*\n$"),
+                       (none, r"vggfast: error: none of the 2 images could be used; the first: "
+                              r"\S+0_broken.png: .*\n$")):
+        run = tmp_path / f"run-{src.name}"
+        run.mkdir()
+        p, err, codes = _torchrun(run, "-m", "vggfast", "extract", str(src), "--weights",
+                                  str(tmp_path / "tiny.pth"), "--out", str(run / "f.npy"),
+                                  "--scales", "32", "--no-flip", "--device", "cpu", "--quiet")
+        assert p.returncode == 1 and codes == {0: 2}, (src.name, codes, p.stderr[-3000:])
+        assert re.fullmatch(rank0, err[0]), err[0]
+        assert err[1] == "", err[1]
+        assert (run / "f.npy").exists() == (src is some)
+        assert not (run / "f.npy.parts").exists()
