@@ -159,3 +159,109 @@ def test_extract_under_torchrun_checks_the_device_before_joining(weights_file, t
     with pytest.raises(Joined):
         main(argv + ["--device", "cpu:0"])
     assert joined == ["gloo"]
+
+
+# -- torchrun: each rank its own GPU -------------------------------------------------------------
+
+def torchrun_env(monkeypatch, rank, world=2, local_world=None):
+    for k, v in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world,
+                     LOCAL_WORLD_SIZE=world if local_world is None else local_world,
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port()).items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_under_torchrun_a_command_line_gpu_index_is_refused_by_every_rank(monkeypatch):
+    """One argv for every rank: `--device cuda:1` put both ranks of the node on GPU 1."""
+    from vggfast.devices import rank_device
+    fake_gpus(monkeypatch, 2)
+    for rank in (0, 1):
+        torchrun_env(monkeypatch, rank)
+        for d in ("cuda:1", "cuda:0", torch.device("cuda", rank), rank):
+            with pytest.raises(ArgumentError, match=r"^--device .* under torchrun puts all 2 "
+                                                    r"ranks of this machine on one GPU; pass "
+                                                    r"--device cuda \(each rank takes "
+                                                    r"cuda:LOCAL_RANK\)"):
+                rank_device(d, same_on_every_rank=True)
+        for d in ("cuda", None, torch.device("cuda")):
+            assert rank_device(d, same_on_every_rank=True) == torch.device("cuda", rank)
+        assert rank_device("cpu", same_on_every_rank=True) == torch.device("cpu")
+
+
+def test_a_library_caller_names_each_rank_its_own_gpu(monkeypatch):
+    """fit(device=f"cuda:{local_rank}") is torch's own idiom: that index is this rank's GPU."""
+    from vggfast.devices import rank_device
+    fake_gpus(monkeypatch, 2)
+    torchrun_env(monkeypatch, 1)
+    assert rank_device("cuda:1", same_on_every_rank=False) == torch.device("cuda", 1)
+    with pytest.raises(ArgumentError, match=r"^device 'cuda:0' is not this rank's GPU: 2 ranks "
+                                            r"share this machine and LOCAL_RANK is 1; pass "
+                                            r"'cuda' .* or 'cuda:1'$"):
+        rank_device("cuda:0", same_on_every_rank=False)
+
+
+def test_one_rank_per_machine_or_no_torchrun_keeps_any_gpu(monkeypatch):
+    from vggfast.devices import rank_device
+    fake_gpus(monkeypatch, 2)
+    for same in (True, False):
+        assert rank_device("cuda:1", same_on_every_rank=same) == torch.device("cuda", 1)
+    torchrun_env(monkeypatch, 0, world=2, local_world=1)   # two machines, one rank each
+    for same in (True, False):
+        assert rank_device("cuda:1", same_on_every_rank=same) == torch.device("cuda", 1)
+
+
+class _Calls(list):
+    Joined: type
+
+
+@pytest.fixture
+def joins(monkeypatch):
+    """init_process_group and set_device recorded, and the run stopped at the join."""
+    import torch.distributed as dist
+    calls = _Calls()
+
+    class Joined(Exception):
+        pass
+
+    def join(backend, *a, **k):
+        calls.append(backend)
+        raise Joined
+
+    monkeypatch.setattr(dist, "init_process_group", join)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(f"set {d}"))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # train sets it on "CUDA"
+    calls.Joined = Joined
+    return calls
+
+
+def test_extract_and_train_under_torchrun_refuse_a_gpu_index_before_joining(
+        weights_file, tmp_path, monkeypatch, capsys, joins):
+    fake_gpus(monkeypatch, 2)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    extract = ["extract", str(tmp_path), "--weights", weights_file, "--out",
+               str(tmp_path / "f.npy")]
+    train = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    for rank in (0, 1):
+        torchrun_env(monkeypatch, rank)
+        for argv in (extract, train):
+            _one_line_exit_2(argv + ["--device", "cuda:1"], capsys,
+                             "--device cuda:1 under torchrun puts all 2 ranks of this machine "
+                             "on one GPU")
+    assert joins == []
+    with pytest.raises(joins.Joined):     # rank 1 of "--device cuda": its own GPU, nccl
+        main(extract + ["--device", "cuda"])
+    assert joins == ["set cuda:1", "nccl"]
+
+
+def test_fit_under_torchrun_takes_cuda_local_rank_and_refuses_another_index(
+        tmp_path, monkeypatch, joins):
+    from vggfast.train import TrainOptions, fit
+    fake_gpus(monkeypatch, 2)
+    torchrun_env(monkeypatch, 1)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    opts = dict(data=str(tmp_path / "data"), out=str(tmp_path / "run"), quiet=True, workers=0)
+    with pytest.raises(ArgumentError, match=r"^device 'cuda:0' is not this rank's GPU"):
+        fit(TrainOptions(**opts, device="cuda:0"))
+    assert joins == []
+    with pytest.raises(joins.Joined):
+        fit(TrainOptions(**opts, device="cuda:1"))
+    assert joins == ["set cuda:1", "nccl"]

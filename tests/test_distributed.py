@@ -1,7 +1,11 @@
 """vggfast.distributed: how train and extract leave the process group they joined under torchrun.
 A successful rank meets the others at a barrier and destroys the group; a failing one leaves at
 once and its exit status (2 for a user error) survives a teardown that fails too. A real
-one-process gloo group stands in for torchrun's (init_process_group is redirected to it)."""
+one-process gloo group stands in for torchrun's (init_process_group is redirected to it). Real
+2-rank torchrun runs (gloo, CPU): a rank whose peer fails while it waits in a collective says so
+in one line, and extract's ranks report skipped / unusable images as its --help says."""
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -194,3 +198,131 @@ def test_only_the_cli_entry_point_under_torchrun_ignores_sigterm_when_done(tmp_p
     finally:
         signal.signal(signal.SIGTERM, before)
     capsys.readouterr()
+
+
+# -- a rank whose peer fails in the middle of a collective ----------------------------------------
+
+def _torchrun(tmp_path, *cmd, monitor=None):
+    """torchrun --nproc_per_node 2 on gloo/CPU; (process, {rank: its stderr}, torchrun's
+    summary of failed ranks {rank: exitcode}). monitor: torchrun's --monitor-interval (s)."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+        env.pop(k, None)
+    logs = tmp_path / "logs"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                        str(port), "--log-dir", str(logs), "--redirects", "2",
+                        *(["--monitor-interval", str(monitor)] if monitor else []), *cmd],
+                       capture_output=True, text=True, env=env, timeout=240)
+    err = {int(f.parent.name): f.read_text() for f in logs.glob("**/attempt_0/*/stderr.log")}
+    codes = {int(r): int(c) for r, c in re.findall(
+        r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", p.stderr)}
+    return p, err, codes
+
+
+def _one_line(text, start):
+    ok = start.fullmatch(text) if isinstance(start, re.Pattern) else text.startswith(start)
+    assert text.count("\n") == 1 and ok, text[-3000:]
+
+
+PEER_GONE = re.compile(r"vggfast: error: rank 1 stopped: another rank of the run failed or left "
+                       r"in the middle of it \(see its error\): [^\n]*"
+                       r"(Connection closed by peer|Connection reset by peer)[^\n]*\.\n")
+# torchrun polls its ranks every 0.1 s and SIGTERMs the others once one has exited non-zero; a
+# rank it stops before the closed connection reaches it exits -15 without a word, as torchrun
+# means it to. 1 s between polls keeps that race out of what these tests look at: what a rank
+# says when its collective fails.
+MONITOR_S = 1
+
+
+def test_train_a_rank_whose_peer_failed_mid_collective_says_so_in_one_line(tmp_path):
+    """Rank 0 alone creates --out; it cannot (a file is in the way), exits 2 and closes its
+    connections while rank 1 waits in DDP's first broadcast: rank 1 reported gloo's "Connection
+    closed by peer" as a traceback, exit 1. Each rank now exits 2 with its own one line."""
+    data = _tiny_folder(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    p, err, codes = _torchrun(tmp_path, "-m", "vggfast", "train", "--data", str(data), "--out",
+                              str(tmp_path / "file" / "run"), "--config", "A", "--width",
+                              str(TINY["width"]), "--image-size", "32", "--workers", "0",
+                              "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--quiet",
+                              monitor=MONITOR_S)
+    assert p.returncode == 1 and codes == {0: 2, 1: 2}, (codes, p.stderr[-3000:])
+    _one_line(err[0], "vggfast: error: cannot create --out")
+    _one_line(err[1], PEER_GONE)                    # without gloo's source location and advice
+    assert "pair.cc" not in err[1] and "typically" not in err[1], err[1]
+
+
+EXTRACT_RANK0_FAILS = """
+import sys
+import vggfast.preprocess as pp
+from vggfast import distributed as vd
+from vggfast.cli import main
+from vggfast.errors import VGGFastError
+real = pp.atomic_write
+def write(path, how):                # rank 0 cannot write the output, after the work of both
+    if path.name == "f.npy":         # ranks; rank 1 waits in the gather that follows
+        raise VGGFastError(f"cannot write {path}: No space left on device")
+    real(path, how)
+if vd.dist_info()[0] == 0:
+    pp.atomic_write = write
+sys.argv[0] = "vggfast"
+sys.exit(main())                     # the CLI's entry point, as `-m vggfast` runs it
+"""
+
+
+def test_extract_a_rank_whose_peer_failed_mid_collective_says_so_in_one_line(tmp_path):
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 36), (40 * i, 90, 200)).save(imgs / f"{i}.png")
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(EXTRACT_RANK0_FAILS)
+    p, err, codes = _torchrun(tmp_path, str(script), "extract", str(imgs), "--weights",
+                              str(tmp_path / "tiny.pth"), "--out", str(tmp_path / "f.npy"),
+                              "--scales", "32", "--no-flip", "--device", "cpu", "--quiet",
+                              monitor=MONITOR_S)
+    assert p.returncode == 1 and codes == {0: 2, 1: 2}, (codes, p.stderr[-3000:])
+    _one_line(err[0], f"vggfast: error: cannot write {tmp_path / 'f.npy'}: No space left")
+    _one_line(err[1], PEER_GONE)
+    assert len(list((tmp_path / "f.npy.parts").glob("r1-*.npy"))) == 1  # rank 1 had done its share
+
+
+def test_extract_under_torchrun_rank_0_reports_skipped_and_none_usable_the_others_exit_0(
+        tmp_path):
+    """What each rank says and returns when images are skipped: rank 0 reports the run (2 and
+    the skipped files, or 2 and "none of the images could be used"), rank 1 exits 0 silently,
+    its share done. In the "none" case rank 1 exited 2, "another rank ... left before the end":
+    rank 0 had skipped the closing barrier as if it failed mid-run."""
+    from PIL import Image
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    some, none = tmp_path / "some", tmp_path / "none"
+    for d in (some, none):
+        d.mkdir()
+        (d / "0_broken.png").write_bytes(b"not a png")
+        (d / "1_broken.png").write_bytes(b"not a png either")
+    Image.new("RGB", (40, 36), (10, 90, 200)).save(some / "2_ok.png")
+    for src, rank0 in ((some, r"vggfast: skipped \S+0_broken.png: .*\nvggfast: skipped \S+"
+                              r"1_broken.png: .*\n$"),
+                       (none, r"vggfast: error: none of the 2 images could be used; the first: "
+                              r"\S+0_broken.png: .*\n$")):
+        run = tmp_path / f"run-{src.name}"
+        run.mkdir()
+        p, err, codes = _torchrun(run, "-m", "vggfast", "extract", str(src), "--weights",
+                                  str(tmp_path / "tiny.pth"), "--out", str(run / "f.npy"),
+                                  "--scales", "32", "--no-flip", "--device", "cpu", "--quiet")
+        assert p.returncode == 1 and codes == {0: 2}, (src.name, codes, p.stderr[-3000:])
+        assert re.fullmatch(rank0, err[0]), err[0]
+        assert err[1] == "", err[1]
+        assert (run / "f.npy").exists() == (src is some)
+        assert not (run / "f.npy.parts").exists()

@@ -354,6 +354,11 @@ def test_skipped_images_make_the_exit_status_2_and_the_help_says_so(weights, fol
     help_text = " ".join(capsys.readouterr().out.split())
     assert "exit status: 0 every image written; 2 a usage error, nothing written, or some " \
         "images skipped" in help_text
+    # under torchrun (tests/test_distributed.py runs these cases): who reports, who exits what
+    assert "rank 0 writes the output and reports the run with the status above (also for images " \
+        "other ranks skipped, and when none could be used); the other ranks exit 0 once their " \
+        "share is done, or 2 with one line when they fail themselves or another rank failed in " \
+        "the middle of the run" in help_text
 
 
 @pytest.mark.parametrize("batch_size", [2.5, "8", True, 0, -1, None])

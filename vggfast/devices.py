@@ -6,6 +6,7 @@ all ("cpu:1" ran on the CPU as if it were a second one)."""
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 import torch
@@ -63,3 +64,43 @@ def check_device(device: Any, cuda_index: int | None = None) -> torch.device:
         what = repr(device) if dev.index is not None else f"cuda:{index} (LOCAL_RANK {index})"
         raise ArgumentError(f"device {what} does not exist; {_present()}")
     return torch.device("cuda", index)
+
+
+def _ranks_on_this_node() -> int:
+    """How many torchrun ranks share this machine's GPUs: LOCAL_WORLD_SIZE (torchrun sets it),
+    else WORLD_SIZE (a hand-made launch: assume one node); 1 when not launched by either."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        try:
+            return max(int(os.environ[name]), 1)
+        except (KeyError, ValueError):
+            continue
+    return 1
+
+
+def rank_device(device: Any, *, same_on_every_rank: bool) -> torch.device:
+    """The checked device of this process when it is one of torchrun's ranks: a bare "cuda" (or
+    the default on a CUDA machine) is cuda:LOCAL_RANK, as torch's DDP recipes use.
+
+    An explicit "cuda:N" with several ranks on this node put all of them on GPU N (nccl then
+    fails in its first collective, "Duplicate GPU detected", or the GPU's memory runs out):
+    same_on_every_rank (a command line, the same argv for every rank): any index is refused, by
+    every rank alike, before a group is joined; otherwise (a library caller naming each rank's
+    device): an index other than LOCAL_RANK is refused. One rank per node keeps any index.
+    """
+    from .distributed import local_rank
+    lr = local_rank()
+    dev = check_device(device, cuda_index=lr)
+    n = _ranks_on_this_node()
+    if dev.type != "cuda" or n < 2:
+        return dev
+    explicit = (isinstance(device, numbers.Integral)
+                or torch.device(device).index is not None) if device is not None else False
+    if not explicit or (not same_on_every_rank and dev.index == lr):
+        return dev
+    if same_on_every_rank:
+        raise ArgumentError(f"--device {device} under torchrun puts all {n} ranks of this machine "
+                            f"on one GPU; pass --device cuda (each rank takes cuda:LOCAL_RANK), "
+                            f"and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    raise ArgumentError(f"device {device!r} is not this rank's GPU: {n} ranks share this machine "
+                        f"and LOCAL_RANK is {lr}; pass 'cuda' (each rank takes cuda:LOCAL_RANK) "
+                        f"or 'cuda:{lr}'")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
+from typing import Iterator
 
 from .errors import VGGFastError
 
@@ -60,6 +62,43 @@ def finished() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The backend's message in brief: the first sentence of its first line, without gloo's
+    source location ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] ")
+    or its advice ("This is typically caused by a remote worker crashing. Check the logs...")."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", line, maxsplit=1)[0][:200]
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """exc is the backend's report that another rank is gone: gloo's transport errors ("Connection
+    closed by peer", "Connection reset by peer", a recv timed out) are plain RuntimeErrors whose
+    message names the gloo transport; a store or socket failure is a DistNetworkError. Any other
+    RuntimeError (a kernel, a shape) is this rank's own and keeps its traceback. nccl is not
+    recognised: its ranks wait out the collective's timeout, or torchrun stops them first."""
+    import torch.distributed as dist
+    return isinstance(exc, RuntimeError) and (
+        "gloo/transport" in str(exc) or isinstance(exc, getattr(dist, "DistNetworkError", ())))
+
+
+@contextlib.contextmanager
+def peers_reported() -> Iterator[None]:
+    """Around a rank's work in a group: a collective that fails because another rank failed or
+    left mid-run (its error is its own to report) is one VGGFastError line here, exit 2, not
+    gloo's traceback (exit 1). SIGTERM is ignored from that moment (`finished`), so torchrun's
+    stop of the surviving ranks does not replace the line with a kill (-15)."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, VGGFastError) or not _peer_gone(exc):
+            raise
+        finished()
+        raise VGGFastError(f"rank {dist_info()[0]} stopped: another rank of the run failed or "
+                           f"left in the middle of it (see its error): {_first_line(exc)}"
+                           ) from None
+
+
 def leave_process_group(ok: bool) -> None:
     """Leave the process group this process joined; a no-op when none is joined.
 
@@ -88,8 +127,7 @@ def leave_process_group(ok: bool) -> None:
         finished()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise VGGFastError(f"rank {dist_info()[0]} finished, but another rank of the run left "
-                           f"before the end (see its error): {first}") from None
+                           f"before the end (see its error): {_first_line(exc)}") from None
     finished()
     dist.destroy_process_group()

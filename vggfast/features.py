@@ -19,6 +19,7 @@ reads once their in-place ReLU has run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import preprocess as pp
-from .devices import check_device
-from .distributed import dist_info, leave_process_group, local_rank
+from .devices import rank_device
+from .distributed import local_rank  # noqa: F401  (features.local_rank, its old home)
+from .distributed import dist_info, leave_process_group, peers_reported
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -541,6 +543,11 @@ class _Parts:
         self.release()
 
 
+class NothingUsable(VGGFastError):
+    """extract's run reached its end on every rank and none of the images could be used: only
+    rank 0 learns it (from the gathered parts), and the ranks still leave the group together."""
+
+
 def extract(engine: "Engine", files: Sequence[str], out: str | os.PathLike, layer: str = "fc7",
             scales: Any = (256, 384, 512), flip: bool = True, pool: str = "avg",
             normalize: bool = True, aggregate: str = "mean", batch_size: int = 16,
@@ -656,7 +663,7 @@ def _extract_parts(engine, files, out, parts, settings, layer, scales, flip, poo
         except OSError:  # a rank on another node keeps its own (unshared) parts folder
             pass
     if error:
-        raise VGGFastError(error)
+        raise NothingUsable(error)
     return record
 
 
@@ -688,7 +695,7 @@ def cmd_extract(args) -> int:
                                f"--nproc-per-node {world} -m vggfast extract ...`")
         # the device settles the backend, so it is checked before the group is joined: "cpu:0"
         # was taken for a GPU (nccl), and every rank refuses a bad one alike, none left waiting
-        device = check_device(args.device, cuda_index=local_rank())
+        device = rank_device(args.device, same_on_every_rank=True)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device)
@@ -703,10 +710,17 @@ def cmd_extract(args) -> int:
     try:
         eng = _engine(args, _need_weights(args))
         files = list_inputs(args.source)
-        rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip, args.pool,
-                      not args.no_normalize, args.aggregate, args.batch_size,
-                      progress=not args.quiet, rank=rank, world=world, gather=gather)
+        with peers_reported() if world > 1 else contextlib.nullcontext():
+            rec = extract(eng, files, args.out, args.layer, args.scales, not args.no_flip,
+                          args.pool, not args.no_normalize, args.aggregate, args.batch_size,
+                          progress=not args.quiet, rank=rank, world=world, gather=gather)
         ok = True
+    except NothingUsable:
+        # not a rank failing mid-run: every rank took part to the end, so they leave through the
+        # closing barrier; rank 1, once waiting there for a rank 0 that skipped it, exited 2
+        # ("another rank ... left before the end") for a run whose one report is rank 0's
+        ok = True
+        raise
     finally:
         if world > 1:
             leave_process_group(ok)
@@ -728,7 +742,15 @@ def add_cli(sub) -> None:
                        epilog=f"exit status: 0 every image written; {PARTIAL} a usage error, "
                               "nothing written, or some images skipped (unreadable, or over the "
                               "memory budget: named on stderr and under \"failed\" in the "
-                              ".json) and the others written")
+                              ".json) and the others written. Under torchrun (each rank on "
+                              "cuda:LOCAL_RANK with --device cuda; --device cuda:N with several "
+                              "ranks on a machine is refused) rank 0 writes the output and "
+                              "reports the run with the status above (also for images other "
+                              "ranks skipped, and when none could be used); the other ranks "
+                              "exit 0 once their share is done, or "
+                              f"{PARTIAL} with one line when they fail themselves or another "
+                              "rank failed in the middle of the run; torchrun exits 1 if any "
+                              "rank did not exit 0 and names the first as the root cause")
     p.add_argument("source", metavar="DIR_OR_LIST",
                    help="a folder of images (recursive) or a text file with one path per line")
     _weights_arg(p)

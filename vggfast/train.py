@@ -43,7 +43,11 @@ VGGFastError before it is saved, so `out` keeps the last good epoch. `resume` ta
 weight decay and patience from the checkpoint (a warning names flags that differ).
 
 Multi-GPU and multi-node: run under torchrun (`torchrun --nproc-per-node 8 -m vggfast train ...`);
-DistributedDataParallel on nccl (CUDA) or gloo (CPU), bf16 autocast on CUDA. BatchNorm uses each
+DistributedDataParallel on nccl (CUDA) or gloo (CPU), bf16 autocast on CUDA. Each rank trains on
+cuda:LOCAL_RANK (`--device cuda`, the default); `--device cuda:N` with several ranks on a machine
+is refused (it put them all on GPU N): choose the GPUs with CUDA_VISIBLE_DEVICES. A rank that
+fails exits with its own status (2 and one line for a user error); a rank whose collective fails
+because another rank failed or left (gloo) says so in one line and exits 2. BatchNorm uses each
 process's batch statistics, as plain DDP does. Resuming on several nodes needs `out` on a shared
 filesystem.
 """
@@ -72,8 +76,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .configs import make_spec
-from .devices import check_device
-from .distributed import leave_process_group, local_rank
+from .devices import rank_device
+from .distributed import dist_info, leave_process_group, peers_reported
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit, rescaled_size
@@ -721,8 +725,8 @@ class _Dist:
 
 def _resolve_device(name: str | None) -> torch.device:
     """--device checked to exist; a bare "cuda" (or the default on a CUDA machine) is this
-    process's GPU, torchrun's LOCAL_RANK."""
-    return check_device(name, cuda_index=local_rank())
+    process's GPU, torchrun's LOCAL_RANK, and a named one must be it when ranks share the GPUs."""
+    return rank_device(name, same_on_every_rank=False)
 
 
 def _setup_distributed(device: torch.device) -> _Dist:
@@ -834,7 +838,8 @@ def fit(opts: TrainOptions) -> TrainResult:
     d = _setup_distributed(device)
     ok = False
     try:
-        result = _fit(opts, device, d)
+        with peers_reported() if d.on else contextlib.nullcontext():
+            result = _fit(opts, device, d)
         ok = True
         return result
     finally:
@@ -1126,5 +1131,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if getattr(args, "task", "classify") == "localize":
         from .localize import run_train
         return run_train(args)
+    if dist_info()[1] > 1:  # one argv for every rank: `--device cuda:1` is GPU 1 for them all
+        rank_device(args.device, same_on_every_rank=True)
     fit(options_from_args(args))
     return 0
