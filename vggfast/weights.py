@@ -448,10 +448,21 @@ def _json_object(value: Any, what: str) -> dict[str, Any]:
 def _is_safetensors(path: Path) -> bool:
     """By content, whatever the suffix (a download saved as vgg16.pth): a safetensors file opens
     with its header's length (8 bytes) and the header's JSON; torch.save's archive with "PK", its
-    legacy pickle with PROTO. The suffix decides only what neither format's opening shows."""
+    legacy pickle with PROTO. The suffix decides only what neither format's opening shows.
+    The header's length is checked first: it is any number, and one of 128 + 256k bytes opens
+    with 0x80 (PROTO) and one of 0x4b50 + 65536k with "PK" (timm's vgg11 with 10 classes
+    saved by save_file has a 1920-byte header, 0x780). Its JSON closing where that length says
+    ('}', then safetensors' space padding) tells it from a pickle or zip that has '{' at byte 8."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
+            if head[8:9] == b"{":
+                n = int.from_bytes(head[:8], "little")
+                size = os.fstat(f.fileno()).st_size
+                if 2 <= n <= size - 8:
+                    f.seek(8 + n - min(n, 64))
+                    if f.read(min(n, 64)).rstrip(b" ").endswith(b"}"):
+                        return True
     except OSError:
         return path.suffix == ".safetensors"
     if head.startswith(b"PK") or head[:1] == b"\x80":
