@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 import vggfast
-from conftest import small_model
+from conftest import random_bn_statistics, small_model
 
 
 def _header_length(path) -> int:
@@ -50,3 +50,47 @@ def test_safetensors_whose_header_length_opens_like_a_pickle_or_zip(tmp_path, na
         ref = m(x)
         out = vggfast.Engine(str(path), device="cpu", backend="torch").logits(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _timm_features_only_keys(sd):
+    """The state dict of timm.create_model(name, features_only=True): a FeatureListNet that
+    flattens vgg.features into its own modules, their names joined with "_" (features_0.weight),
+    and drops the classifier (pre_logits, head)."""
+    return {k.replace("features.", "features_", 1): v for k, v in sd.items()
+            if k.startswith("features.")}
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_timm_features_only_state_dict_loads(batch_norm):
+    """timm's features_only VGG (a backbone, a perceptual loss) was refused as 'unknown layout: no
+    VGG convolution tensors found'; its conv stack is vgg.features under flattened names."""
+    m = small_model("D", num_classes=10, batch_norm=batch_norm)
+    if batch_norm:
+        random_bn_statistics(m)
+    sd = _timm_features_only_keys(m.state_dict())
+    assert "features_0.weight" in sd and not any(k.startswith("features.") for k in sd)
+    fx = vggfast.FeatureExtractor(sd, layers=["relu2_2", "relu4_3", "pool5"], device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = fx(x)
+        ends = {"relu2_2": 8, "relu4_3": 22, "pool5": 30} if not batch_norm else \
+            {"relu2_2": 12, "relu4_3": 32, "pool5": 43}
+        for name, end in ends.items():
+            torch.testing.assert_close(got[name], m.features[:end + 1](x), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_features_only_model_matches_timm():
+    """The same with timm itself (skipped where timm is not installed): every stage
+    timm's FeatureListNet returns equals vggfast's layer of that name."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fo = timm.create_model("vgg11", pretrained=False, features_only=True).eval()
+    layers = ["relu1_1", "relu2_1", "relu3_2", "relu4_2", "relu5_2", "pool5"]
+    assert fo.feature_info.module_name() == ["features.1", "features.4", "features.9",
+                                             "features.14", "features.19", "features.20"]
+    fx = vggfast.FeatureExtractor(fo.state_dict(), layers=layers, device="cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = fo(x), fx(x)
+    for name, w in zip(layers, want):
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5)

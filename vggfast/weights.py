@@ -8,7 +8,8 @@ found in the Hugging Face cache by huggingface_hub ("timm/vgg16.tv_in1k", "hf-hu
 "vgg16.tv_in1k"), a state dict or checkpoint dict, or a `torch.nn.Module`. The file's first
 bytes, not its suffix, tell safetensors from torch.save.
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
-timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
+timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0;
+features_only=True's flattened `features_N.*`),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
 into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
@@ -856,6 +857,22 @@ def _unslice(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in sd.items()}
 
 
+# timm's features_only=True model (FeatureListNet, for backbones and perceptual losses) flattens
+# vgg.features into its own modules and joins their names with "_": features_0.weight ...
+# features_18.weight (vgg11; a cut short one, out_indices=(1, 2), ends at its deepest layer).
+_TIMM_FLAT_KEY = re.compile(r"^(.*?)features_(\d+)\.(weight|bias|running_mean|running_var|"
+                            r"num_batches_tracked)$")
+
+
+def _from_timm_features(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.features_I.x` -> torchvision's `P.features.I.x` (the indices are vgg.features' own)."""
+    if any(_VGG_KEY.search(k) for k in sd):
+        return sd
+    hits = {k: m for k in sd for m in [_TIMM_FLAT_KEY.match(k)] if m}
+    return {(f"{m.group(1)}features.{m.group(2)}.{m.group(3)}" if (m := hits.get(k)) else k): v
+            for k, v in sd.items()}
+
+
 # mmpretrain / mmcv's VGG: each conv is a ConvModule (`features.I.conv.weight`, `.bn.*` with
 # norm_cfg), one index per conv module, one per max-pool; the classifier is torchvision's.
 _CONVMODULE_KEY = re.compile(r"^(.*?)features\.(\d+)\.(conv|bn)\.(weight|bias|running_mean|"
@@ -994,7 +1011,8 @@ def _refuse_reparametrised(sd: dict[str, torch.Tensor]) -> None:
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     sd = _from_layer_names(_from_cadene(_strip_prefixes(sd)))
-    for k, v in _strip_owner(_from_convmodules(_unslice(sd))).items():
+    sd = _from_convmodules(_unslice(_from_timm_features(sd)))
+    for k, v in _strip_owner(sd).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
