@@ -1,15 +1,20 @@
 """Real-photo variety and weights from other tools, found by a new user's QA pass: every odd file
 a camera, an editor or another library writes gives the answer its RGB conversion gives, or a
 one-line `VGGFastError`; weights saved by timm's and torchvision's code load by their bytes."""
-import json
+import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from PIL import Image, ImageCms, ImageOps, features
 
 import vggfast
 from conftest import random_bn_statistics, small_model
+from vggfast import preprocess as pp
+from vggfast.errors import ImageError
 
 
 def _header_length(path) -> int:
@@ -94,3 +99,141 @@ def test_timm_features_only_model_matches_timm():
         want, got = fo(x), fx(x)
     for name, w in zip(layers, want):
         torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5)
+
+
+# -- photos ---------------------------------------------------------------------------------------
+
+def _photo(w=48, h=40):
+    """A smooth, colourful test photo (JPEG's chroma subsampling and palettes change it little)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], -1)
+    return Image.fromarray(a.astype(np.uint8))
+
+
+def _encode(im, fmt, **kw):
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def _exif(orientation):
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    return ex.tobytes()
+
+
+def _interlaced_png(im):
+    """An Adam7-interlaced 8-bit RGB PNG (PIL writes none)."""
+    a = np.asarray(im.convert("RGB"))
+    h, w, _ = a.shape
+    raw = b"".join(b"\0" + row.tobytes()
+                   for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4),
+                                          (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+                   for row in a[y0::dy, x0::dx] if row.size)
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 1))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _ycck_jpeg(im):
+    """A JPEG whose Adobe marker says YCCK (transform 2): libjpeg turns its samples to CMYK."""
+    data = bytearray(_encode(im.convert("CMYK"), "JPEG"))
+    at = data.find(b"Adobe")
+    assert at > 0
+    data[at + 11] = 2
+    return bytes(data)
+
+
+def _photos():
+    base = _photo()
+    other = Image.fromarray(255 - np.asarray(base))
+    p = base.convert("P")
+    yield "progressive.jpg", _encode(base, "JPEG", progressive=True)
+    yield "420.jpg", _encode(base, "JPEG", subsampling=2)
+    yield "444.jpg", _encode(base, "JPEG", subsampling=0)
+    yield "cmyk.jpg", _encode(base.convert("CMYK"), "JPEG")
+    yield "ycck.jpg", _ycck_jpeg(base)
+    yield "icc.jpg", _encode(base, "JPEG", icc_profile=ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("sRGB")).tobytes())
+    for o in range(2, 9):
+        yield f"exif{o}.jpg", _encode(base, "JPEG", exif=_exif(o))
+        yield f"exif{o}.png", _encode(base, "PNG", exif=_exif(o))
+        yield f"exif{o}.webp", _encode(base, "WEBP", exif=_exif(o), lossless=True)
+    yield "la.png", _encode(base.convert("LA"), "PNG")
+    yield "p-transparency.png", _encode(p, "PNG", transparency=0)
+    yield "1-bit.png", _encode(base.convert("1"), "PNG")
+    yield "interlaced.png", _interlaced_png(base)
+    yield "rgba.bmp", _encode(base.convert("RGBA"), "BMP")
+    yield "rgba.tga", _encode(base.convert("RGBA"), "TGA")
+    yield "rgb.ppm", _encode(base, "PPM")
+    yield "cmyk.tif", _encode(base.convert("CMYK"), "TIFF")
+    yield "icon.ico", _encode(base.resize((32, 32)), "ICO", sizes=[(16, 16), (32, 32)])
+    for fmt, kw in (("GIF", {}), ("WEBP", {"lossless": True}), ("PNG", {}), ("TIFF", {})):
+        yield f"two-frames.{fmt.lower()}", _encode(base, fmt, save_all=True,
+                                                   append_images=[other], **kw)
+    if features.check("avif"):
+        yield "rgb.avif", _encode(base, "AVIF", quality=90)
+
+
+@pytest.mark.parametrize("name,data", list(_photos()), ids=[n for n, _ in _photos()])
+def test_photo_modes_and_formats_decode_as_their_rgb_conversion(tmp_path, name, data):
+    """Every 8-bit photo decodes to what torchvision's loader gives (PIL's convert("RGB")) after
+    EXIF orientation: multi-frame files their first frame, an ICO its largest image; and its
+    size read from the header is the decoded one (what the planner and MIN_SIDE check see)."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with Image.open(path) as im:
+        want = torch.from_numpy(np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy())
+    got = pp.load_image(str(path))
+    assert got.dtype == torch.uint8
+    assert torch.equal(got, want.permute(2, 0, 1))
+    assert pp.image_size(str(path)) == tuple(want.shape[:2])
+
+
+@pytest.fixture(scope="module")
+def tiny_eng():
+    return vggfast.Engine(small_model("A", num_classes=10).state_dict(), device="cpu",
+                          backend="torch")
+
+
+@pytest.mark.parametrize("name", ["cmyk.jpg", "exif6.jpg", "exif5.png", "two-frames.gif"])
+def test_engine_results_of_odd_photos_equal_those_of_their_rgb_conversion(tmp_path, tiny_eng,
+                                                                          name):
+    data = dict(_photos())[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with Image.open(path) as im:
+        rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
+    torch.testing.assert_close(tiny_eng.classify(str(path), scales=(32, 40)).probs,
+                               tiny_eng.classify(rgb, scales=(32, 40)).probs, rtol=0, atol=0)
+    torch.testing.assert_close(tiny_eng.score_map(data, scale=48), tiny_eng.score_map(rgb, scale=48),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(tiny_eng.features([path], scales=(32,)),
+                               tiny_eng.features([rgb], scales=(32,)), rtol=0, atol=0)
+
+
+def test_a_closed_pil_image_is_named_closed_not_corrupt(tmp_path, tiny_eng):
+    """`with Image.open(p) as im: ...` then classify(im) outside the block (or after im.close())
+    was 'corrupt or truncated image (AssertionError)', sending the user to check a good file."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_encode(_photo(), "JPEG"))
+    with Image.open(path) as unread:
+        pass
+    closed = Image.open(path)
+    closed.close()
+    for im in (unread, closed):
+        with pytest.raises(ImageError, match=r"^the PIL image is closed \(") as err:
+            tiny_eng.classify(im, scales=(32,))
+        assert "corrupt" not in str(err.value) and "\n" not in str(err.value)
+    with Image.open(path) as read:
+        read.load()
+    assert tiny_eng.classify(read, scales=(32,)).probs.shape == (10,)
+    # a caller's image of a truncated file is still named so
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(noise), "JPEG")
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        tiny_eng.classify(Image.open(path), scales=(32,))

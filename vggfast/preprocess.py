@@ -339,6 +339,11 @@ def _from_pil(im, own: bool = False) -> torch.Tensor:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        if not own and _closed(im, exc):
+            raise ImageError("the PIL image is closed (im.close(), or used after its `with "
+                             "Image.open(...)` block before its pixels were read); pass it "
+                             "before closing it, call im.load() inside the block, or pass the "
+                             "path") from None
         raise _decode_failure(exc)
     depth = _sample_depth(im)   # before exif_transpose: its copy keeps no TIFF tags
     try:
@@ -375,6 +380,16 @@ def _from_pil(im, own: bool = False) -> torch.Tensor:
             im.close()
         im = rgb
     return _pil_to_chw(im)
+
+
+def _closed(im, exc: Exception) -> bool:
+    """Whether load() failed because the caller closed the PIL image, not because its bytes are
+    bad ("corrupt or truncated" would send them to check a good file): Image.close() leaves an
+    image whose every use raises ValueError("Operation on closed image"); leaving `with
+    Image.open(p) as im:` unloaded drops its file, and load() then fails an assert (Pillow 13)."""
+    if isinstance(exc, ValueError) and "closed image" in str(exc):
+        return True
+    return isinstance(exc, AssertionError) and getattr(im, "fp", None) is None
 
 
 def _pil_to_chw(im) -> torch.Tensor:
