@@ -14,6 +14,7 @@ from PIL import Image, ImageCms, ImageOps, features
 import vggfast
 from conftest import random_bn_statistics, small_model
 from vggfast import preprocess as pp
+from vggfast.cli import main
 from vggfast.errors import ImageError
 
 
@@ -237,3 +238,19 @@ def test_a_closed_pil_image_is_named_closed_not_corrupt(tmp_path, tiny_eng):
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(ImageError, match="corrupt or truncated"):
         tiny_eng.classify(Image.open(path), scales=(32,))
+
+
+@pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "HTTP://example.com/a.png",
+                                 "s3://bucket/photo.jpg"])
+def test_an_image_url_is_named_a_url(tiny_eng, url, capsys, tmp_path):
+    """A URL (timm's and torchvision's examples open one with urlopen) was 'image not found:
+    https://...', as if the user had mistyped a file name; vggfast downloads nothing."""
+    with pytest.raises(ImageError, match=r"is a URL; vggfast reads local files only") as err:
+        tiny_eng.classify(url, scales=(32,))
+    assert "\n" not in str(err.value)
+    weights = tmp_path / "tiny.pt"
+    torch.save(small_model("A", num_classes=10).state_dict(), weights)
+    assert main(["classify", url, "--weights", str(weights), "--scales", "32"]) == 2
+    assert "is a URL" in capsys.readouterr().err
+    with pytest.raises(ImageError, match=r"^image not found: no/such/photo\.jpg$"):
+        pp.load_image("no/such/photo.jpg")

@@ -37,6 +37,7 @@ import errno
 import functools
 import io
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -305,6 +306,9 @@ def not_found(path: str | os.PathLike) -> ImageError:
             why = "a loop of symbolic links" if exc.errno == errno.ELOOP else \
                 f"a symbolic link to {os.readlink(path)}, which does not exist"
             return ImageError(f"image not found: {path} is {why}")
+    if re.match(r"(?i)(https?|ftp|s3|gs)://", path):   # a URL a user pasted as timm's demos do
+        return ImageError(f"image not found: {path} is a URL; vggfast reads local files only "
+                          "(it never downloads): fetch the image first and pass its path or bytes")
     return ImageError(f"image not found: {path}")
 
 
