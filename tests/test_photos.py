@@ -2,6 +2,7 @@
 a camera, an editor or another library writes gives the answer its RGB conversion gives, or a
 one-line `VGGFastError`; weights saved by timm's and torchvision's code load by their bytes."""
 import io
+import re
 import struct
 import zlib
 
@@ -254,3 +255,35 @@ def test_an_image_url_is_named_a_url(tiny_eng, url, capsys, tmp_path):
     assert "is a URL" in capsys.readouterr().err
     with pytest.raises(ImageError, match=r"^image not found: no/such/photo\.jpg$"):
         pp.load_image("no/such/photo.jpg")
+
+
+def _heic_opening():
+    """The opening of an iPhone's HEIC file: an ISO-BMFF ftyp box, brand heic (no decodable
+    image follows: what counts is that this Pillow cannot identify it)."""
+    return struct.pack(">I", 24) + b"ftypheic" + b"\0\0\0\0" + b"mif1heic" + b"\0" * 64
+
+
+@pytest.mark.parametrize("name,data,match", [
+    ("page.pdf", _encode(_photo(), "PDF"), r"a PDF document, not an image; render"),
+    ("logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+     r"an SVG drawing \(vector graphics\), not a raster image"),
+    ("logo2.svg", b'\xef\xbb\xbf<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+     r"an SVG drawing"),
+    ("IMG_0001.HEIC", _heic_opening(), r"a HEIC/HEIF image, which this Pillow cannot decode; "
+                                       r"install pillow-heif"),
+    ("notes.jpg", b"hello, not a photo\n", r"not an image file PIL can read$"),
+], ids=["pdf", "svg", "svg-xml-bom", "heic", "text"])
+def test_documents_and_heic_are_named_by_format(tmp_path, tiny_eng, capsys, name, data, match):
+    """A PDF, an SVG and an iPhone's HEIC were all 'not an image file PIL can read'; their first
+    bytes say what they are and what to do (API, bytes and CLI, exit 2)."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    for src in (str(path), data):
+        with pytest.raises(ImageError, match=match) as err:
+            tiny_eng.classify(src, scales=(32,))
+        assert "\n" not in str(err.value)
+    weights = tmp_path / "tiny.pt"
+    torch.save(small_model("A", num_classes=10).state_dict(), weights)
+    assert main(["classify", str(path), "--weights", str(weights), "--scales", "32"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match.rstrip("$"), err) and err.count("\n") == 1 and "Traceback" not in err

@@ -276,7 +276,9 @@ def _open_file(src, name: str = "<bytes>"):
             raise ImageError(f"{name}: these bytes are no image but a file's path; bytes are "
                              f"read as an encoded image, so pass the path itself (a str): "
                              f"{os.fsdecode(bytes(src))}")
-        raise ImageError(f"{name}: {_decode_failure(exc)}")
+        from PIL import UnidentifiedImageError
+        what = _unread_format(src, encoded) if isinstance(exc, UnidentifiedImageError) else None
+        raise ImageError(f"{name}: {what or _decode_failure(exc)}")
     with im:
         # PIL knows a file by its bytes, not its name: a "photo.jpg" holding PostScript opens as
         # EPS, and decoding it hands the file's program to Ghostscript (a full interpreter, with
@@ -285,6 +287,36 @@ def _open_file(src, name: str = "<bytes>"):
             raise ImageError(f"{name}: EPS (PostScript) is not decoded, that would run the "
                              "file's code in Ghostscript; convert it to PNG first")
         yield im, name
+
+
+# ISO-BMFF brands of HEIF images (iPhone photos since iOS 11) that Pillow reads only through a
+# plugin (pillow-heif); AVIF's brands are Pillow's own.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
+                b"msf1")
+
+
+def _unread_format(src, encoded: bool) -> str | None:
+    """What a file PIL cannot identify is, where its first bytes tell a format people take for
+    an image (a PDF, an SVG drawing, an iPhone's HEIC), with what to do; None otherwise."""
+    try:
+        if encoded:
+            head = bytes(memoryview(src)[:1024])
+        else:
+            with open(src, "rb") as f:
+                head = f.read(1024)
+    except OSError:
+        return None
+    if head.startswith(b"%PDF-"):
+        return "a PDF document, not an image; render its page to PNG or JPEG first"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<svg", b"<?xml", b"<!doctype svg")) and b"<svg" in text:
+        return ("an SVG drawing (vector graphics), not a raster image; render it to PNG first "
+                "(e.g. with cairosvg or a browser)")
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return ("a HEIC/HEIF image, which this Pillow cannot decode; install pillow-heif and call "
+                "pillow_heif.register_heif_opener() before vggfast reads it, or convert it to "
+                "JPEG")
+    return None
 
 
 def _names_a_file(data) -> bool:
