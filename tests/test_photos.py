@@ -287,3 +287,21 @@ def test_documents_and_heic_are_named_by_format(tmp_path, tiny_eng, capsys, name
     assert main(["classify", str(path), "--weights", str(weights), "--scales", "32"]) == 2
     err = capsys.readouterr().err
     assert re.search(match.rstrip("$"), err) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_folder_of_heic_photos_says_what_it_holds(tmp_path, capsys):
+    """A folder of iPhone photos (.HEIC, which folders are not listed by) was 'a folder without
+    image files' / 'no images found', as if it were empty; now its files' suffixes are named."""
+    (tmp_path / "phone").mkdir()
+    for n in ("IMG_0001.HEIC", "IMG_0002.heic"):
+        (tmp_path / "phone" / n).write_bytes(_heic_opening())
+    (tmp_path / "empty").mkdir()
+    weights = tmp_path / "tiny.pt"
+    torch.save(small_model("A", num_classes=10).state_dict(), weights)
+    for cmd in (["classify"], ["extract", "--out", str(tmp_path / "f.npy")]):
+        assert main(cmd[:1] + [str(tmp_path / "phone"), "--weights", str(weights)] + cmd[1:]) == 2
+        err = capsys.readouterr().err
+        assert "files end in .heic;" in err and "pillow-heif" in err and err.count("\n") == 1
+        assert main(cmd[:1] + [str(tmp_path / "empty"), "--weights", str(weights)] + cmd[1:]) == 2
+        err = capsys.readouterr().err
+        assert "files end in" not in err and err.count("\n") == 1
