@@ -305,3 +305,17 @@ def test_a_folder_of_heic_photos_says_what_it_holds(tmp_path, capsys):
         assert main(cmd[:1] + [str(tmp_path / "empty"), "--weights", str(weights)] + cmd[1:]) == 2
         err = capsys.readouterr().err
         assert "files end in" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("headless", ["features", "fc8"])
+def test_an_engine_without_a_classifier_does_not_show_1000_classes(headless):
+    """vgg.features alone, timm's num_classes=0 (no head.fc) and its features_only models showed
+    'classes=1000' in Engine's repr, an ImageNet head they do not have (info() says None)."""
+    sd = small_model("A", num_classes=10).state_dict()
+    if headless == "features":
+        cut = {k: v for k, v in sd.items() if k.startswith("features.")}
+    else:   # the canonical tensors up to fc7, as timm's head-less model maps to
+        cut = {k: v for k, v in vggfast.load_weights(sd)[1].items() if not k.startswith("fc8.")}
+    eng = vggfast.Engine(cut, device="cpu")
+    assert "classes=none," in repr(eng) and eng.info()["num_classes"] is None
+    assert "classes=10," in repr(vggfast.Engine(sd, device="cpu"))

@@ -418,8 +418,11 @@ class Engine:
 
     def __repr__(self) -> str:
         s = self.spec
+        # weights without fc8 (vgg.features, timm's num_classes=0 or features_only) classify
+        # nothing: the spec's default 1000 would read as an ImageNet head (info() says None)
+        classes = s.num_classes if "fc8" not in self.weights.missing else "none"
         return (f"Engine(config={s.config}{' +BN folded' if s.batch_norm else ''}, width={s.width:g}, "
-                f"classes={s.num_classes}, image_size={s.image_size}, device={self.device}, "
+                f"classes={classes}, image_size={s.image_size}, device={self.device}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, backend={self.backend_name}, "
                 f"preprocess={self.preprocess})")
 
