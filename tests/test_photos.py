@@ -319,3 +319,26 @@ def test_an_engine_without_a_classifier_does_not_show_1000_classes(headless):
     eng = vggfast.Engine(cut, device="cpu")
     assert "classes=none," in repr(eng) and eng.info()["num_classes"] is None
     assert "classes=10," in repr(vggfast.Engine(sd, device="cpu"))
+
+
+def test_train_makes_no_more_data_workers_than_cpus(tmp_path, monkeypatch):
+    """--workers 4 (the default) on a 2-core machine, the README's own training example there,
+    printed torch's 'excessive worker creation' warning for every loader; the workers are now
+    capped at the CPUs the process may use (the samples do not depend on their number)."""
+    from vggfast import train as T
+    made = []
+    real = T.DataLoader
+
+    def spy(*args, **kw):
+        made.append(kw["num_workers"])
+        return real(*args, **{**kw, "num_workers": 0})
+    monkeypatch.setattr(T, "DataLoader", spy)
+    monkeypatch.setattr(T, "usable_cpus", lambda: 2)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            _photo(40, 36).save(tmp_path / "data" / c / f"{i}.png")
+    T.fit(T.TrainOptions(data=str(tmp_path / "data"), out=str(tmp_path / "run"), epochs=1,
+                         batch_size=4, config="A", width=1 / 16, image_size=32, quiet=True))
+    assert made and set(made) == {2}
+    assert T.usable_cpus() >= 1
