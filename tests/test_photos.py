@@ -211,8 +211,8 @@ def test_engine_results_of_odd_photos_equal_those_of_their_rgb_conversion(tmp_pa
         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
     torch.testing.assert_close(tiny_eng.classify(str(path), scales=(32, 40)).probs,
                                tiny_eng.classify(rgb, scales=(32, 40)).probs, rtol=0, atol=0)
-    torch.testing.assert_close(tiny_eng.score_map(data, scale=48), tiny_eng.score_map(rgb, scale=48),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(tiny_eng.score_map(data, scale=48),
+                               tiny_eng.score_map(rgb, scale=48), rtol=0, atol=0)
     torch.testing.assert_close(tiny_eng.features([path], scales=(32,)),
                                tiny_eng.features([rgb], scales=(32,)), rtol=0, atol=0)
 
