@@ -2,6 +2,7 @@
 a camera, an editor or another library writes gives the answer its RGB conversion gives, or a
 one-line `VGGFastError`; weights saved by timm's and torchvision's code load by their bytes."""
 import io
+import json
 import re
 import struct
 import zlib
@@ -16,7 +17,7 @@ import vggfast
 from conftest import random_bn_statistics, small_model
 from vggfast import preprocess as pp
 from vggfast.cli import main
-from vggfast.errors import ImageError
+from vggfast.errors import ImageError, WeightsError
 
 
 def _header_length(path) -> int:
@@ -342,3 +343,35 @@ def test_train_makes_no_more_data_workers_than_cpus(tmp_path, monkeypatch):
                          batch_size=4, config="A", width=1 / 16, image_size=32, quiet=True))
     assert made and set(made) == {2}
     assert T.usable_cpus() >= 1
+
+
+def _hf_folder(path, mean, std):
+    """A timm model pushed to the Hugging Face hub: model.safetensors and config.json whose
+    pretrained_cfg names the input normalisation it was trained with."""
+    path.mkdir()
+    safetensors.torch.save_file(small_model("A", num_classes=10).state_dict(),
+                                str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architecture": "vgg11", "num_classes": 10,
+        "pretrained_cfg": {"mean": mean, "std": std, "input_size": [3, 32, 32]}}))
+    return path
+
+
+def test_a_timm_folder_trained_on_other_normalisation_is_not_run_on_imagenets(tmp_path, capsys):
+    """A timm fine-tune whose config.json says mean = std = 0.5 was normalised with ImageNet's
+    mean and std without a word (every probability wrong); it is refused, naming both, unless
+    preprocess= says what to do. ImageNet's own values (timm's VGGs) load as before."""
+    odd = _hf_folder(tmp_path / "odd", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    with pytest.raises(WeightsError, match=r"mean \(0\.5, 0\.5, 0\.5\) and std \(0\.5, 0\.5, "
+                                           r"0\.5\).*pass preprocess='torchvision'") as err:
+        vggfast.Engine(str(odd), device="cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(WeightsError, match="no vggfast preprocessing matches"):
+        vggfast.FeatureExtractor(str(odd), layers=["relu2_1"], device="cpu")
+    assert vggfast.Engine(str(odd), device="cpu", preprocess="torchvision").preprocess == \
+        "torchvision"
+    assert main(["classify", str(tmp_path / "x.jpg"), "--weights", str(odd)]) == 2
+    assert "no vggfast preprocessing matches" in capsys.readouterr().err
+    imagenet = _hf_folder(tmp_path / "imagenet", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    eng = vggfast.Engine(str(imagenet), device="cpu")
+    assert eng.preprocess == "torchvision" and eng.info()["preprocess_from"] == "default"

@@ -430,14 +430,26 @@ def _hf_label_names(config: Path) -> dict[str, Any]:
     {"0": name, ...} map, when the model was pushed with them) as another tool's list; {} when
     there are none or the file is not readable: it is another tool's file."""
     try:
-        names = json.loads(config.read_text()).get("label_names")
+        cfg = json.loads(config.read_text())
+        names = cfg.get("label_names")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return {}
+    out: dict[str, Any] = {}
+    # timm's pretrained_cfg names the input normalisation the model was trained with; one that
+    # is not ImageNet's (a fine-tune with mean = std = 0.5) matches no vggfast convention, and
+    # the Engine refuses it rather than normalise with ImageNet's values unsaid
+    pcfg = cfg.get("pretrained_cfg")
+    if isinstance(pcfg, dict):
+        mean, std = pcfg.get("mean"), pcfg.get("std")
+        if all(isinstance(v, list) and len(v) == 3
+               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+               for v in (mean, std)):
+            out["tool_mean_std"] = [[float(x) for x in mean], [float(x) for x in std]]
     if isinstance(names, dict) and set(names) == {str(i) for i in range(len(names))}:
         names = [names[str(i)] for i in range(len(names))]
     if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-        return {"tool_class_names": names}
-    return {}
+        out["tool_class_names"] = names
+    return out
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:
