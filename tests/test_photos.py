@@ -272,11 +272,13 @@ def _heic_opening():
      r"an SVG drawing"),
     ("IMG_0001.HEIC", _heic_opening(), r"a HEIC/HEIF image, which this Pillow cannot decode; "
                                        r"install pillow-heif"),
+    ("cat.jpg", b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head></html>",
+     r"an HTML page, not an image \(a download that saved the web page"),
     ("notes.jpg", b"hello, not a photo\n", r"not an image file PIL can read$"),
-], ids=["pdf", "svg", "svg-xml-bom", "heic", "text"])
+], ids=["pdf", "svg", "svg-xml-bom", "heic", "html", "text"])
 def test_documents_and_heic_are_named_by_format(tmp_path, tiny_eng, capsys, name, data, match):
-    """A PDF, an SVG and an iPhone's HEIC were all 'not an image file PIL can read'; their first
-    bytes say what they are and what to do (API, bytes and CLI, exit 2)."""
+    """A PDF, an SVG, a saved web page and an iPhone's HEIC were all 'not an image file PIL can
+    read'; their first bytes say what they are and what to do (API, bytes and CLI, exit 2)."""
     path = tmp_path / name
     path.write_bytes(data)
     for src in (str(path), data):

@@ -297,7 +297,8 @@ _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b
 
 def _unread_format(src, encoded: bool) -> str | None:
     """What a file PIL cannot identify is, where its first bytes tell a format people take for
-    an image (a PDF, an SVG drawing, an iPhone's HEIC), with what to do; None otherwise."""
+    an image (a PDF, an SVG drawing, a web page saved as photo.jpg, an iPhone's HEIC), with what
+    to do; None otherwise."""
     try:
         if encoded:
             head = bytes(memoryview(src)[:1024])
@@ -312,6 +313,9 @@ def _unread_format(src, encoded: bool) -> str | None:
     if text.startswith((b"<svg", b"<?xml", b"<!doctype svg")) and b"<svg" in text:
         return ("an SVG drawing (vector graphics), not a raster image; render it to PNG first "
                 "(e.g. with cairosvg or a browser)")
+    if text.startswith((b"<!doctype html", b"<html")):
+        return ("an HTML page, not an image (a download that saved the web page around the "
+                "image, or an error page?); fetch the image file itself")
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
         return ("a HEIC/HEIF image, which this Pillow cannot decode; install pillow-heif and call "
                 "pillow_heif.register_heif_opener() before vggfast reads it, or convert it to "
