@@ -377,3 +377,16 @@ def test_a_timm_folder_trained_on_other_normalisation_is_not_run_on_imagenets(tm
     imagenet = _hf_folder(tmp_path / "imagenet", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     eng = vggfast.Engine(str(imagenet), device="cpu")
     assert eng.preprocess == "torchvision" and eng.info()["preprocess_from"] == "default"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "vgg16.pth"])
+def test_a_web_page_saved_as_weights_is_named(tmp_path, name):
+    """wget of a Hugging Face '/blob/main/model.safetensors' link saves the HTML page that shows
+    the file: it was 'not a readable safetensors file (... header too large); fetch it again'
+    (which fetches the page again) or 'neither a zip archive nor a pickle'."""
+    path = tmp_path / name
+    path.write_bytes(b"\n<!DOCTYPE html>\n<html class=''><head><title>model.safetensors</title>"
+                     b"</head><body>" + b"x" * 4000 + b"</body></html>\n")
+    with pytest.raises(WeightsError, match=r"an HTML page, not weights .*/resolve/main/") as err:
+        vggfast.Engine(str(path), device="cpu")
+    assert "\n" not in str(err.value)

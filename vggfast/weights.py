@@ -326,6 +326,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     try:
         if path.stat().st_size == 0:
             raise WeightsError(f"{path}: the file is empty (0 bytes); {_DAMAGED}")
+        _refuse_web_page(path)
         if _is_safetensors(path):
             from safetensors import SafetensorError, safe_open
             from safetensors.torch import load_file
@@ -456,6 +457,19 @@ def _json_object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise WeightsError(f"{what} must be a JSON object, found {type(value).__name__}")
     return value
+
+
+def _refuse_web_page(path: Path) -> None:
+    """A WeightsError for an HTML page saved under a weights name: wget of a Hugging Face
+    ".../blob/main/model.safetensors" link (the page that shows the file, not /resolve/), a
+    login or error page. It read as a damaged safetensors file ("header too large") or as
+    "neither a zip archive nor a pickle"."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise WeightsError(f"{path}: an HTML page, not weights (a download that saved the web "
+                           "page: on the Hugging Face hub the file's link is .../resolve/main/..., "
+                           "not .../blob/main/...); fetch the file itself")
 
 
 def _is_safetensors(path: Path) -> bool:
