@@ -107,12 +107,13 @@ def cmd_classify(args) -> int:
     from .errors import ImageError
     from .preprocess import load_image
     from .engine import CHUNK_IMAGES, skipping_oversized
-    from .protocols import list_images
+    from .protocols import list_images, no_images_note
     paths = []
     for path in args.images:     # a folder stands for its image files (recursive, sorted)
         inside = list_images(Path(path)) if path != "-" and os.path.isdir(path) else [path]
         if not inside:
-            raise ArgumentError(f"{path} is a folder without image files")
+            raise ArgumentError(f"{path} is a folder without image files"
+                                f"{no_images_note(Path(path))}")
         paths += [str(p) for p in inside]
     eng = _engine(args, _need_weights(args))
     scales = eng.check_scales(args.scales, method=args.method)

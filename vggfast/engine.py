@@ -329,6 +329,25 @@ def _default_budget(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET
 
 
+def _check_tool_normalisation(w) -> None:
+    """WeightsError when another tool's config (timm's pretrained_cfg in a Hugging Face folder)
+    says the model was trained on input normalised with a mean and std that are not ImageNet's,
+    which the default "torchvision" convention would apply unsaid (a silently wrong answer)."""
+    ms = w.meta.get("tool_mean_std")
+    if ms is None:
+        return
+    tv = pp.convention("torchvision")
+    if all(abs(a - b) <= 1e-3 for a, b in zip([*ms[0], *ms[1]], [*tv.mean, *tv.std])):
+        return
+    def fmt(v):
+        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+    raise WeightsError(f"{w.source}: its config.json says the model takes input normalised with "
+                       f"mean {fmt(ms[0])} and std {fmt(ms[1])}, which no vggfast preprocessing "
+                       f"matches (torchvision's is mean {fmt(tv.mean)}, std {fmt(tv.std)}); pass "
+                       f"preprocess='torchvision' (--preprocess torchvision) to run it with "
+                       f"ImageNet's anyway")
+
+
 class Engine:
     """A VGG network ready for dense evaluation.
 
@@ -377,6 +396,8 @@ class Engine:
             raise WeightsError(f"{self.weights.source} is a localisation net (its last layer "
                                "predicts boxes): pass it as Engine(classifier, loc_weights=...)")
         self.spec = self.weights.spec
+        if not (preprocess or self.weights.preprocess):
+            _check_tool_normalisation(self.weights)
         self.preprocess = preprocess or self.weights.preprocess or "torchvision"
         # what `info` names as the source of the convention in effect: the weights only say
         # so through metadata, a hub name or jcjohnson's layout, so a "default" may be wrong
@@ -413,8 +434,11 @@ class Engine:
 
     def __repr__(self) -> str:
         s = self.spec
+        # weights without fc8 (vgg.features, timm's num_classes=0 or features_only) classify
+        # nothing: the spec's default 1000 would read as an ImageNet head (info() says None)
+        classes = s.num_classes if "fc8" not in self.weights.missing else "none"
         return (f"Engine(config={s.config}{' +BN folded' if s.batch_norm else ''}, width={s.width:g}, "
-                f"classes={s.num_classes}, image_size={s.image_size}, device={self.device}, "
+                f"classes={classes}, image_size={s.image_size}, device={self.device}, "
                 f"dtype={str(self.dtype).replace('torch.', '')}, backend={self.backend_name}, "
                 f"preprocess={self.preprocess})")
 

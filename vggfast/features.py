@@ -412,7 +412,9 @@ def list_inputs(src: str | os.PathLike) -> list[str]:
     else:
         raise ArgumentError(f"{src} is neither a folder nor a file list")
     if not files:
-        raise ArgumentError(f"no images found in {src}")
+        from .protocols import no_images_note
+        raise ArgumentError(f"no images found in {src}"
+                            f"{no_images_note(p) if p.is_dir() else ''}")
     return files
 
 

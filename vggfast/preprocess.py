@@ -37,6 +37,7 @@ import errno
 import functools
 import io
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -405,7 +406,9 @@ def _open_file(src, name: str = "<bytes>"):
             raise ImageError(f"{name}: these bytes are no image but a file's path; bytes are "
                              f"read as an encoded image, so pass the path itself (a str): "
                              f"{os.fsdecode(bytes(src))}")
-        raise ImageError(f"{name}: {_decode_failure(exc)}")
+        from PIL import UnidentifiedImageError
+        what = _unread_format(src, encoded) if isinstance(exc, UnidentifiedImageError) else None
+        raise ImageError(f"{name}: {what or _decode_failure(exc)}")
     with im:
         # PIL knows a file by its bytes, not its name: a "photo.jpg" holding PostScript opens as
         # EPS, and decoding it hands the file's program to Ghostscript (a full interpreter, with
@@ -414,6 +417,40 @@ def _open_file(src, name: str = "<bytes>"):
             raise ImageError(f"{name}: EPS (PostScript) is not decoded, that would run the "
                              "file's code in Ghostscript; convert it to PNG first")
         yield im, name
+
+
+# ISO-BMFF brands of HEIF images (iPhone photos since iOS 11) that Pillow reads only through a
+# plugin (pillow-heif); AVIF's brands are Pillow's own.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
+                b"msf1")
+
+
+def _unread_format(src, encoded: bool) -> str | None:
+    """What a file PIL cannot identify is, where its first bytes tell a format people take for
+    an image (a PDF, an SVG drawing, a web page saved as photo.jpg, an iPhone's HEIC), with what
+    to do; None otherwise."""
+    try:
+        if encoded:
+            head = bytes(memoryview(src)[:1024])
+        else:
+            with open(src, "rb") as f:
+                head = f.read(1024)
+    except OSError:
+        return None
+    if head.startswith(b"%PDF-"):
+        return "a PDF document, not an image; render its page to PNG or JPEG first"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<svg", b"<?xml", b"<!doctype svg")) and b"<svg" in text:
+        return ("an SVG drawing (vector graphics), not a raster image; render it to PNG first "
+                "(e.g. with cairosvg or a browser)")
+    if text.startswith((b"<!doctype html", b"<html")):
+        return ("an HTML page, not an image (a download that saved the web page around the "
+                "image, or an error page?); fetch the image file itself")
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return ("a HEIC/HEIF image, which this Pillow cannot decode; install pillow-heif and call "
+                "pillow_heif.register_heif_opener() before vggfast reads it, or convert it to "
+                "JPEG")
+    return None
 
 
 def _names_a_file(data) -> bool:
@@ -435,6 +472,9 @@ def not_found(path: str | os.PathLike) -> ImageError:
             why = "a loop of symbolic links" if exc.errno == errno.ELOOP else \
                 f"a symbolic link to {os.readlink(path)}, which does not exist"
             return ImageError(f"image not found: {path} is {why}")
+    if re.match(r"(?i)(https?|ftp|s3|gs)://", path):   # a URL a user pasted as timm's demos do
+        return ImageError(f"image not found: {path} is a URL; vggfast reads local files only "
+                          "(it never downloads): fetch the image first and pass its path or bytes")
     return ImageError(f"image not found: {path}")
 
 
@@ -488,6 +528,11 @@ def _from_pil(im, own: bool = False) -> torch.Tensor:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a plugin raises (see _decode_failure)
+        if not own and _closed(im, exc):
+            raise ImageError("the PIL image is closed (im.close(), or used after its `with "
+                             "Image.open(...)` block before its pixels were read); pass it "
+                             "before closing it, call im.load() inside the block, or pass the "
+                             "path") from None
         raise _decode_failure(exc)
     depth = _sample_depth(im)   # before exif_transpose: its copy keeps no TIFF tags
     try:
@@ -524,6 +569,16 @@ def _from_pil(im, own: bool = False) -> torch.Tensor:
             im.close()
         im = rgb
     return _pil_to_chw(im)
+
+
+def _closed(im, exc: Exception) -> bool:
+    """Whether load() failed because the caller closed the PIL image, not because its bytes are
+    bad ("corrupt or truncated" would send them to check a good file): Image.close() leaves an
+    image whose every use raises ValueError("Operation on closed image"); leaving `with
+    Image.open(p) as im:` unloaded drops its file, and load() then fails an assert (Pillow 13)."""
+    if isinstance(exc, ValueError) and "closed image" in str(exc):
+        return True
+    return isinstance(exc, AssertionError) and getattr(im, "fp", None) is None
 
 
 def _pil_to_chw(im) -> torch.Tensor:

@@ -269,6 +269,20 @@ def list_images(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def no_images_note(folder: Path) -> str:
+    """Why list_images(folder) found nothing, where files are there: their suffixes (a folder of
+    iPhone photos is all .HEIC, which needs a plugin), so "no image files" does not read as an
+    empty folder; "" for a folder without visible files."""
+    suffixes = sorted({p.suffix.lower() or "(none)" for p in folder.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)})
+    if not suffixes:
+        return ""
+    heif = ("; HEIC/HEIF photos need the pillow-heif plugin: convert them to JPEG"
+            if {".heic", ".heif"} & set(suffixes) else "")
+    return (f" (its files end in {', '.join(suffixes[:6])}{', ...' if len(suffixes) > 6 else ''};"
+            f" image files end in {', '.join(pp.IMAGE_SUFFIXES[:5])}, ...{heif})")
+
+
 def read_class_map(path: str | os.PathLike) -> dict[str, int]:
     """Folder name -> class index from a file.
 

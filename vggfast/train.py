@@ -487,6 +487,14 @@ class FolderDataset(torch.utils.data.Dataset):
         raise VGGFastError(f"no image of {os.path.dirname(os.path.dirname(path))} could be decoded")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as torch's DataLoader counts them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):   # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def batches(loader):
     """Iterate `loader`, re-raising a VGGFastError from a worker process with its own message:
     torch's DataLoader rebuilds it with the worker's whole traceback as the message, which the
@@ -955,8 +963,11 @@ def _fit(opts: TrainOptions, device: torch.device, d: _Dist) -> TrainResult:
                                             opts.color_shift), opts.seed)
     val_ds = (FolderDataset(val_scan.samples, EvalTransform(opts.image_size, eval_scale(opts)))
               if val_scan else None)
-    loader_kw = dict(num_workers=opts.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=False)
+    # no more workers than CPUs: more decode no faster, and torch warns of each loader's
+    # "excessive worker creation" (twice an epoch with --val) on the 2-core machines the
+    # README's own example runs on; the samples do not depend on the number of workers
+    loader_kw = dict(num_workers=min(opts.workers, usable_cpus()),
+                     pin_memory=device.type == "cuda", persistent_workers=False)
     if start >= opts.epochs:
         say(f"{out}: already trained for {start} epochs (--epochs {opts.epochs}); nothing to do")
     seen_failed: set[int] = set()
@@ -1105,7 +1116,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--patience", type=int, default=d.patience,
                    help="epochs without improvement before the lr is divided by 10 (default 2)")
     p.add_argument("--workers", type=int, default=d.workers,
-                   help="data-loading processes per training process (default 4)")
+                   help="data-loading processes per training process (default 4, at most the "
+                        "CPUs it may use)")
     p.add_argument("--seed", type=int, default=d.seed, help="default 0")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")

@@ -8,7 +8,8 @@ found in the Hugging Face cache by huggingface_hub ("timm/vgg16.tv_in1k", "hf-hu
 "vgg16.tv_in1k"), a state dict or checkpoint dict, or a `torch.nn.Module`. The file's first
 bytes, not its suffix, tell safetensors from torch.save.
 Accepted layouts: torchvision (`features.N.*`, `classifier.N.*`, with or without BatchNorm),
-timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0),
+timm (`pre_logits.fc1/fc2`, `head.fc`; without `head.fc` when built with num_classes=0;
+features_only=True's flattened `features_N.*`),
 vggfast's canonical names (`conv1_1.weight`, `fc6.weight`), `vgg.features` alone (`0.weight`,
 ...) or cut short (`features[:23]`: the layers present load, the rest are missing) or split
 into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretrain's
@@ -325,6 +326,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
     try:
         if path.stat().st_size == 0:
             raise WeightsError(f"{path}: the file is empty (0 bytes); {_DAMAGED}")
+        _refuse_web_page(path)
         if _is_safetensors(path):
             from safetensors import SafetensorError, safe_open
             from safetensors.torch import load_file
@@ -429,14 +431,26 @@ def _hf_label_names(config: Path) -> dict[str, Any]:
     {"0": name, ...} map, when the model was pushed with them) as another tool's list; {} when
     there are none or the file is not readable: it is another tool's file."""
     try:
-        names = json.loads(config.read_text()).get("label_names")
+        cfg = json.loads(config.read_text())
+        names = cfg.get("label_names")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return {}
+    out: dict[str, Any] = {}
+    # timm's pretrained_cfg names the input normalisation the model was trained with; one that
+    # is not ImageNet's (a fine-tune with mean = std = 0.5) matches no vggfast convention, and
+    # the Engine refuses it rather than normalise with ImageNet's values unsaid
+    pcfg = cfg.get("pretrained_cfg")
+    if isinstance(pcfg, dict):
+        mean, std = pcfg.get("mean"), pcfg.get("std")
+        if all(isinstance(v, list) and len(v) == 3
+               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+               for v in (mean, std)):
+            out["tool_mean_std"] = [[float(x) for x in mean], [float(x) for x in std]]
     if isinstance(names, dict) and set(names) == {str(i) for i in range(len(names))}:
         names = [names[str(i)] for i in range(len(names))]
     if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-        return {"tool_class_names": names}
-    return {}
+        out["tool_class_names"] = names
+    return out
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:
@@ -445,13 +459,37 @@ def _json_object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _refuse_web_page(path: Path) -> None:
+    """A WeightsError for an HTML page saved under a weights name: wget of a Hugging Face
+    ".../blob/main/model.safetensors" link (the page that shows the file, not /resolve/), a
+    login or error page. It read as a damaged safetensors file ("header too large") or as
+    "neither a zip archive nor a pickle"."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise WeightsError(f"{path}: an HTML page, not weights (a download that saved the web "
+                           "page: on the Hugging Face hub the file's link is .../resolve/main/..., "
+                           "not .../blob/main/...); fetch the file itself")
+
+
 def _is_safetensors(path: Path) -> bool:
     """By content, whatever the suffix (a download saved as vgg16.pth): a safetensors file opens
     with its header's length (8 bytes) and the header's JSON; torch.save's archive with "PK", its
-    legacy pickle with PROTO. The suffix decides only what neither format's opening shows."""
+    legacy pickle with PROTO. The suffix decides only what neither format's opening shows.
+    The header's length is checked first: it is any number, and one of 128 + 256k bytes opens
+    with 0x80 (PROTO) and one of 0x4b50 + 65536k with "PK" (timm's vgg11 with 10 classes
+    saved by save_file has a 1920-byte header, 0x780). Its JSON closing where that length says
+    ('}', then safetensors' space padding) tells it from a pickle or zip that has '{' at byte 8."""
     try:
         with open(path, "rb") as f:
             head = f.read(9)
+            if head[8:9] == b"{":
+                n = int.from_bytes(head[:8], "little")
+                size = os.fstat(f.fileno()).st_size
+                if 2 <= n <= size - 8:
+                    f.seek(8 + n - min(n, 64))
+                    if f.read(min(n, 64)).rstrip(b" ").endswith(b"}"):
+                        return True
     except OSError:
         return path.suffix == ".safetensors"
     if head.startswith(b"PK") or head[:1] == b"\x80":
@@ -845,6 +883,22 @@ def _unslice(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in sd.items()}
 
 
+# timm's features_only=True model (FeatureListNet, for backbones and perceptual losses) flattens
+# vgg.features into its own modules and joins their names with "_": features_0.weight ...
+# features_18.weight (vgg11; a cut short one, out_indices=(1, 2), ends at its deepest layer).
+_TIMM_FLAT_KEY = re.compile(r"^(.*?)features_(\d+)\.(weight|bias|running_mean|running_var|"
+                            r"num_batches_tracked)$")
+
+
+def _from_timm_features(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.features_I.x` -> torchvision's `P.features.I.x` (the indices are vgg.features' own)."""
+    if any(_VGG_KEY.search(k) for k in sd):
+        return sd
+    hits = {k: m for k in sd for m in [_TIMM_FLAT_KEY.match(k)] if m}
+    return {(f"{m.group(1)}features.{m.group(2)}.{m.group(3)}" if (m := hits.get(k)) else k): v
+            for k, v in sd.items()}
+
+
 # mmpretrain / mmcv's VGG: each conv is a ConvModule (`features.I.conv.weight`, `.bn.*` with
 # norm_cfg), one index per conv module, one per max-pool; the classifier is torchvision's.
 _CONVMODULE_KEY = re.compile(r"^(.*?)features\.(\d+)\.(conv|bn)\.(weight|bias|running_mean|"
@@ -983,7 +1037,8 @@ def _refuse_reparametrised(sd: dict[str, torch.Tensor]) -> None:
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     sd = _from_layer_names(_from_cadene(_strip_prefixes(sd)))
-    for k, v in _strip_owner(_from_convmodules(_unslice(sd))).items():
+    sd = _from_convmodules(_unslice(_from_timm_features(sd)))
+    for k, v in _strip_owner(sd).items():
         for old, new in _TIMM.items():
             if k.startswith(old):
                 k = new + k[len(old):]
