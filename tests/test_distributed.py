@@ -194,3 +194,33 @@ def test_only_the_cli_entry_point_under_torchrun_ignores_sigterm_when_done(tmp_p
     finally:
         signal.signal(signal.SIGTERM, before)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("env, why", [
+    (dict(WORLD_SIZE="two"), "RANK / WORLD_SIZE in the environment are not integers"),
+    (dict(WORLD_SIZE="2", RANK="0"), "WORLD_SIZE=2 without MASTER_ADDR / MASTER_PORT: the ranks of "
+                                     "{what} run together, e.g. `torchrun --nproc-per-node 2 -m "
+                                     "vggfast {command} ...`")])
+def test_a_torchrun_environment_that_cannot_be_joined_is_one_line(env, why, tmp_path, monkeypatch,
+                                                                  capsys):
+    """train read WORLD_SIZE with int() (a ValueError traceback for "two") and, without
+    MASTER_ADDR, left the env:// rendezvous to raise its ValueError traceback; extract refused
+    both in one line. Both now share distributed.launch_info: one line, exit 2, no group."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **k: pytest.fail("joined a group it was refused"))
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    runs = {"train": ("a distributed training",
+                      ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                       "--device", "cpu", "--quiet"]),
+            "extract": ("a sharded extract",
+                        ["extract", str(tmp_path / "none"), "--weights", str(tmp_path / "tiny.pth"),
+                         "--out", str(tmp_path / "f.npy"), "--device", "cpu"])}
+    for command, (what, argv) in runs.items():
+        assert main(argv) == 2, command
+        err = capsys.readouterr().err
+        assert err == f"vggfast: error: {why.format(what=what, command=command)}\n", err
+    assert not dist.is_initialized()

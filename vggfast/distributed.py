@@ -22,6 +22,20 @@ def dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def launch_info(command: str, what: str) -> tuple[int, int]:
+    """dist_info() for a command that joins torchrun's process group when WORLD_SIZE > 1 (`vggfast
+    train`, `vggfast extract`): a world of several ranks without MASTER_ADDR / MASTER_PORT (a
+    WORLD_SIZE left in the shell, no torchrun) is refused in one line before anything is loaded;
+    init_process_group's env:// rendezvous raised a ValueError traceback for it. what: the run
+    as the message names it ("a sharded extract")."""
+    rank, world = dist_info()
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks of "
+                           f"{what} run together, e.g. `torchrun --nproc-per-node {world} -m "
+                           f"vggfast {command} ...`")
+    return rank, world
+
+
 def local_rank() -> int:
     """torchrun's LOCAL_RANK (this process's GPU on its node); 0 when not launched by it."""
     value = os.environ.get("LOCAL_RANK", "0")

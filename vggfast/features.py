@@ -37,7 +37,7 @@ from torch import nn
 
 from . import preprocess as pp
 from .devices import check_device
-from .distributed import dist_info, leave_process_group, local_rank
+from .distributed import dist_info, launch_info, leave_process_group, local_rank
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -678,14 +678,10 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def cmd_extract(args) -> int:
     from .cli import _engine, _need_weights
-    rank, world = dist_info()
+    rank, world = launch_info("extract", "a sharded extract")
     gather = None
     if world > 1:
         import torch.distributed as dist
-        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-            raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks "
-                               "of a sharded extract run together, e.g. `torchrun "
-                               f"--nproc-per-node {world} -m vggfast extract ...`")
         # the device settles the backend, so it is checked before the group is joined: "cpu:0"
         # was taken for a GPU (nccl), and every rank refuses a bad one alike, none left waiting
         device = check_device(args.device, cuda_index=local_rank())

@@ -73,7 +73,7 @@ from tqdm import tqdm
 
 from .configs import make_spec
 from .devices import check_device
-from .distributed import leave_process_group, local_rank
+from .distributed import launch_info, leave_process_group, local_rank
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit, rescaled_size
@@ -730,7 +730,7 @@ def _setup_distributed(device: torch.device) -> _Dist:
     CPU. A single process needs none."""
     if dist.is_available() and dist.is_initialized():
         return _Dist(dist.get_rank(), dist.get_world_size(), False)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launch_info("train", "a distributed training")[1] > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return _Dist(dist.get_rank(), dist.get_world_size(), True)
     return _Dist()
