@@ -208,8 +208,9 @@ class FeatureExtractor(nn.Module):
     ops); writes through `.data` bypass PyTorch's version counters, so call `refresh()` after
     them. load_state_dict of weights with NaN/Inf is refused (WeightsError), as the constructor
     refuses them, before any of this module's parameters change (inside a parent module, the
-    parent's own and earlier submodules' parameters may already have been loaded). Copies (deepcopy, torch.save of the module, pickling) drop the fast engines, which are
-    rebuilt on the next call. memory_budget: as Engine's (a forward over it is refused).
+    parent's own and earlier submodules' parameters may already have been loaded). Copies
+    (deepcopy, torch.save of the module, pickling) drop the fast engines, which are rebuilt on
+    the next call. memory_budget: as Engine's (a forward over it is refused).
     """
 
     def __init__(self, weights: Any, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3",

@@ -455,8 +455,8 @@ def _center_crop_box(engine, x: torch.Tensor, label: int, q: int) -> tuple[float
     size = engine.spec.image_size
     H, W = x.shape[-2:]
     # A huge image or scale is refused before it is resized, "FILE (HxW) at scale Q is rescaled
-    # to HxW to cut its central crop" (the budget of the whole float32 rescale, though only the
-    # crop is resampled now); the caller names the file.
+    # to HxW to cut its central crop" (the budget of the whole float32 rescale, the planner's
+    # multi-crop rule, though only the crop is resampled); the caller names the file.
     engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
     top, left = (h - size) // 2, (w - size) // 2
@@ -499,11 +499,11 @@ def readable_samples(samples: Sequence[LocSample], where: str,
     with a warning, as the classification trainer skips them), each box clipped to its image. A
     box wholly outside its image is an AnnotationError naming the file.
 
-    scale: the largest S the images are rescaled to (whole, before the crop). An image whose
-    rescale would have more pixels than an image may have (preprocess.pixel_limit, the cap the
-    training scales meet for a square image) is skipped the same way, by its header (the rule
-    of train._header, which the classification trainer's scan applies too): a 40x20000 strip at
-    S = 512 is 512x256000, a 1.5 GB float32 rescale in a data worker."""
+    scale: the largest S the images are rescaled to (LocDataset resamples only the crop of that
+    rescale, pp.resize_crop). An image whose rescale would have more pixels than an image may
+    have (preprocess.pixel_limit, the cap the training scales meet for a square image) is
+    skipped the same way, by its header (the rule of train._header, which the classification
+    trainer's scan applies too): a 40x20000 strip at S = 512 is 512x256000."""
     from .train import _header, _report_skipped
     out, skipped = [], []
     for s in samples:
@@ -994,8 +994,8 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     size = model.spec.image_size
     scales = train_scales(opts, size)
     pre = cls_w.preprocess or "torchvision"
-    # an image is rescaled whole before its crop is cut: one whose rescale at the largest
-    # scale would pass the pixel limit is skipped, as an unreadable one is
+    # an image whose rescale at the largest scale would pass the pixel limit is skipped, as an
+    # unreadable one is (the classification trainer's rule; only the crop is resampled)
     smax = scales[1] if scales[-1] == "range" else max(scales)
     cscale = default_center_scale(size)
     samples = readable_samples(read_boxes(opts.boxes, classes, opts.data), "for training", smax)

@@ -261,11 +261,11 @@ def _header(path: str, oriented: bool = False,
     promises load_image's size, a PNG's EXIF after its pixels included; else decoded, so a PNG
     cut short is found here).
 
-    scale: the largest S the image is rescaled to before its crop is cut (None: no
+    scale: the largest S the image is rescaled to, its crop cut from that rescale (None: no
     check). An image whose rescale would have more pixels than an image may have
     (preprocess.pixel_limit, the cap the training scales meet for a square image) is skipped
-    the same way: a 40x20000 strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a
-    data worker."""
+    the same way: a 40x20000 strip at S = 512 is 512x256000 (only the crop is resampled,
+    preprocess.resize_crop, but its width pass is still [3, 40, 256000] float32, 123 MB)."""
     from PIL import Image
 
     from .preprocess import MIN_SIDE, _decode_failure, decoded_size
