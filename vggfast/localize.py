@@ -459,7 +459,7 @@ def _center_crop_box(engine, x: torch.Tensor, label: int, q: int) -> tuple[float
     # multi-crop rule, though only the crop is resampled); the caller names the file.
     engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = pp.center_origin(h, w, size)
     # pp.center_crop's crop of resize_short(x, q), bit for bit, without the whole rescale
     v = pp.resize_crop(x, q, top, left, size, size)[None]
     out = engine._loc_backend.run(pp.normalize(v, engine.loc_preprocess), ("fc8",))["fc8"].cpu()
@@ -890,7 +890,7 @@ class LocDataset(torch.utils.data.Dataset):
         return int(self.scales[int(torch.randint(0, len(self.scales), (1,), generator=gen))])
 
     def __getitem__(self, key):
-        from .train import color_shift
+        from .train import color_shift, crop_origin
         index, seed = key
         s = self.samples[index]
         gen = torch.Generator().manual_seed(int(seed))
@@ -903,8 +903,7 @@ class LocDataset(torch.utils.data.Dataset):
         if self.train:
             best = None
             for _ in range(10):
-                top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
-                left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+                top, left = crop_origin(h, w, size, gen)
                 shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
                 vis = [_visible(b.tolist(), size) for b in shifted]
                 k = int(np.argmax(vis))
@@ -914,7 +913,7 @@ class LocDataset(torch.utils.data.Dataset):
                     break
             _, top, left, box = best
         else:
-            top, left = (h - size) // 2, (w - size) // 2
+            top, left = pp.center_origin(h, w, size)
             shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
             box = shifted[int(np.argmax([_visible(b.tolist(), size) for b in shifted]))]
         # only the crop is resampled (the whole rescale's crop, bit for bit): a thin strip's

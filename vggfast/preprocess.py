@@ -854,9 +854,14 @@ def _mean_std(c: Convention, device: torch.device, dtype: torch.dtype):
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = center_origin(*x.shape[-2:], size)
     return x[..., top:top + size, left:left + size]
+
+
+def center_origin(h: int, w: int, size: int) -> tuple[int, int]:
+    """(top, left) of center_crop's size x size crop of an h x w image: for the crops that
+    `resize_crop` cuts without the whole rescale, the same crop as center_crop of it."""
+    return (h - size) // 2, (w - size) // 2
 
 
 # -- writing images -------------------------------------------------------------------------------

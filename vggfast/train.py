@@ -439,10 +439,9 @@ class EvalTransform:
         self.size, self.q, self.preprocess = size, q, preprocess
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        from .preprocess import normalize, resize_crop
-        rh, rw = rescaled_size(*img.shape[-2:], self.q)
-        # preprocess.center_crop's origin; only the crop is resampled (see TrainTransform)
-        top, left = (rh - self.size) // 2, (rw - self.size) // 2
+        from .preprocess import center_origin, normalize, resize_crop
+        # preprocess.center_crop's crop; only the crop is resampled (see TrainTransform)
+        top, left = center_origin(*rescaled_size(*img.shape[-2:], self.q), self.size)
         return normalize(resize_crop(img, self.q, top, left, self.size, self.size),
                          self.preprocess)
 
