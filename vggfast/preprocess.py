@@ -778,7 +778,11 @@ def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
         raise ValueError(f"crop {height}x{width} at ({top}, {left}) is outside the {rh}x{rw} "
                          f"rescale")
     if min(h, w) == q:  # not resampled (resize_short): the crop of the image itself
-        return to_float(x[:, top:top + height, left:left + width]).contiguous()
+        crop = to_float(x[:, top:top + height, left:left + width])
+        # a float32 x's crop is a view of it (the whole image: x itself), which a caller's
+        # in-place op on the crop (a colour shift) would write through: a copy, as promised
+        return crop.clone(memory_format=torch.contiguous_format) if crop.dtype == x.dtype \
+            else crop.contiguous()
     c = x.shape[0]
     chunks = row_chunks(h, w, c)
     if len(chunks) == 1:    # no whole copy beside the width pass: it is made in one call
