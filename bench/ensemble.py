@@ -23,20 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from vggfast import Engine, Ensemble, executor, preprocess as pp
+from vggfast import Engine, Ensemble, preprocess as pp
 from vggfast.nn import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate_methods import _folder  # noqa: E402  (the same JPEGs)
+from evaluate_methods import _folder, git_commit, medians, unshared  # noqa: E402  (the same JPEGs)
 
 
 def main() -> int:
@@ -67,19 +64,12 @@ def main() -> int:
         counts["rescales"] += len(qs)
         return resize(x, qs)
     pp.resize_scales = counted_resize
-    shared_init = executor.SharedRescales.__init__
 
     def classify():
         return fusion.classify(items, scales=args.scales, method=args.method)
 
-    def unshared():     # every engine rescales the images again
-        executor.SharedRescales.__init__ = lambda self, max_bytes: shared_init(self, 0)
-        try:
-            return classify()
-        finally:
-            executor.SharedRescales.__init__ = shared_init
-
-    variants = {"unshared": unshared, "shared": classify}
+    # unshared: every engine rescales the images again
+    variants = {"unshared": unshared(classify), "shared": classify}
     with tempfile.TemporaryDirectory() as tmp:
         items = [p for p, _ in _folder(Path(tmp), args.images, args.photo_scale)]
         calls, results = {}, {}
@@ -92,13 +82,7 @@ def main() -> int:
                 for a, b in zip(results["shared"], results["unshared"], strict=True)):
             print("FAIL: the shared rescales changed a Result", file=sys.stderr)
             return 1
-        times = {name: [] for name in variants}
-        for _ in range(args.repeat):
-            for name, run in variants.items():
-                t = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(t) for name, t in times.items()}
+        med, times = medians(variants, args.repeat)
     print(f"{args.images} JPEGs (bundled photos x{args.photo_scale}), ensemble "
           f"{'+'.join(args.configs)} width {args.width:g}, {args.method}, scales {args.scales}, "
           f"torch fp32 cpu, {args.threads} thread(s), median of {args.repeat}")
@@ -107,8 +91,7 @@ def main() -> int:
         print(f"{name:<10} {med[name]:>8.3f} {calls[name]:>9}")
     print(f"speed-up shared vs unshared: {med['unshared'] / med['shared']:.2f}x; Results equal")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = git_commit()
         Path(args.out).write_text(json.dumps({
             "args": vars(args), "median_s": med, "times_s": times, "rescales": calls,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),

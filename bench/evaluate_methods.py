@@ -55,6 +55,37 @@ def _folder(root: Path, n: int, scale: float) -> list[tuple[str, int]]:
     return pairs
 
 
+def unshared(run):
+    """run() with executor.SharedRescales holding nothing: every run rescales the images again,
+    as before the rescales were shared."""
+    init = executor.SharedRescales.__init__
+
+    def variant():
+        executor.SharedRescales.__init__ = lambda self, max_bytes: init(self, 0)
+        try:
+            return run()
+        finally:
+            executor.SharedRescales.__init__ = init
+    return variant
+
+
+def medians(variants: dict, repeat: int) -> tuple[dict, dict]:
+    """({name: median seconds}, {name: [seconds]}): the variants run in turn `repeat` times (the
+    caller has run each once: its check and warm-up)."""
+    times = {name: [] for name in variants}
+    for _ in range(repeat):
+        for name, run in variants.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=12)
@@ -74,7 +105,7 @@ def main() -> int:
                         image_size=args.image_size).eval()
     eng = Engine(model.state_dict(), backend="torch", device="cpu", dtype=torch.float32)
     load, resize, counts = protocols.pp.load_image, protocols.pp.resize_scales, Counter()
-    classify, classify_decoded = eng.classify, eng._classify_decoded
+    classify_decoded = eng._classify_decoded
 
     def counted_load(img):
         counts["decodes"] += isinstance(img, (str, Path))
@@ -84,29 +115,18 @@ def main() -> int:
         counts["rescales"] += len(qs)
         return resize(x, qs)
 
-    def counted_classify(imgs, **kw):    # what evaluate ran before it called _classify_decoded
-        counts[kw["method"]] += 1
-        return classify(imgs, **kw)
-
     def counted_classify_decoded(imgs, scales, flip, method, *rest):
         counts[method] += 1
         return classify_decoded(imgs, scales, flip, method, *rest)
 
     protocols.pp.load_image, protocols.pp.resize_scales = counted_load, counted_resize
-    eng.classify, eng._classify_decoded = counted_classify, counted_classify_decoded
-    shared_init = executor.SharedRescales.__init__
-
-    def unshared():     # one pass, but every method's run rescales the images again
-        executor.SharedRescales.__init__ = lambda self, max_bytes: shared_init(self, 0)
-        try:
-            return protocols.evaluate(eng, pairs, args.scales, method=METHODS, progress=False)
-        finally:
-            executor.SharedRescales.__init__ = shared_init
-
+    eng._classify_decoded = counted_classify_decoded   # evaluate's run of each method
     variants = {
         "per-method": lambda: [protocols.evaluate(eng, pairs, args.scales, method=m,
                                                   progress=False) for m in METHODS],
-        "unshared": unshared,
+        # one pass, but every method's run rescales the images again
+        "unshared": unshared(lambda: protocols.evaluate(eng, pairs, args.scales, method=METHODS,
+                                                        progress=False)),
         "one-pass": lambda: protocols.evaluate(eng, pairs, args.scales, method=METHODS,
                                                progress=False)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,13 +140,7 @@ def main() -> int:
         if not rows["one-pass"] == rows["unshared"] == rows["per-method"]:
             print("FAIL: the one-pass rows differ from one evaluate per method", file=sys.stderr)
             return 1
-        times = {name: [] for name in variants}
-        for _ in range(args.repeat):
-            for name, run in variants.items():
-                t = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(t) for name, t in times.items()}
+        med, times = medians(variants, args.repeat)
     print(f"{args.images} JPEGs (bundled photos x{args.photo_scale}), {args.config} width "
           f"{args.width:g}, scales {args.scales}, torch fp32 cpu, {args.threads} thread(s), "
           f"median of {args.repeat}")
@@ -138,8 +152,7 @@ def main() -> int:
     print(f"speed-up one-pass vs per-method: {med['per-method'] / med['one-pass']:.2f}x, vs "
           f"unshared rescales: {med['unshared'] / med['one-pass']:.2f}x; rows equal")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = git_commit()
         Path(args.out).write_text(json.dumps({
             "args": vars(args), "median_s": med, "times_s": times, "calls": calls,
             "rows": rows["one-pass"], "torch": torch.__version__,

@@ -116,8 +116,8 @@ def _one_line_exit_2(argv, capsys, match):
 
 
 def test_cli_device_flags_refuse_cpu_1(weights_file, tmp_path, samples, capsys):
-    _one_line_exit_2(["classify", str(samples["cat"]), "--weights", weights_file, "--device", "cpu:1"],
-                     capsys, "device 'cpu:1' does not exist")
+    _one_line_exit_2(["classify", str(samples["cat"]), "--weights", weights_file,
+                      "--device", "cpu:1"], capsys, "device 'cpu:1' does not exist")
     (tmp_path / "data" / "a").mkdir(parents=True)
     _one_line_exit_2(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                       "--device", "mps:0"], capsys, "device 'mps:0'")

@@ -128,6 +128,16 @@ def test_a_user_error_under_torchrun_still_exits_2(group, tmp_path, monkeypatch,
     assert group == ["init gloo", "destroy"] and not dist.is_initialized()
 
 
+def test_a_teardown_that_fails_after_the_barrier_leaves_a_success(group, monkeypatch):
+    """Every rank met at the barrier, so the run's work is done: destroy_process_group raising
+    then (a torn gloo connection) was a RuntimeError traceback out of a successful train or
+    extract, exit 1. It is swallowed, and the group is gone."""
+    _failing_teardown(monkeypatch, group)
+    dist.init_process_group("gloo")
+    vd.leave_process_group(True)
+    assert group == ["init gloo", "barrier", "destroy"] and not dist.is_initialized()
+
+
 def test_the_helpers_keep_their_old_names():
     assert vf._dist_info is vd.dist_info and vf.local_rank is vd.local_rank
 
@@ -326,3 +336,33 @@ def test_extract_under_torchrun_rank_0_reports_skipped_and_none_usable_the_other
         assert err[1] == "", err[1]
         assert (run / "f.npy").exists() == (src is some)
         assert not (run / "f.npy.parts").exists()
+
+
+@pytest.mark.parametrize("env, why", [
+    (dict(WORLD_SIZE="two"), "RANK / WORLD_SIZE in the environment are not integers"),
+    (dict(WORLD_SIZE="2", RANK="0"), "WORLD_SIZE=2 without MASTER_ADDR / MASTER_PORT: the ranks of "
+                                     "{what} run together, e.g. `torchrun --nproc-per-node 2 -m "
+                                     "vggfast {command} ...`")])
+def test_a_torchrun_environment_that_cannot_be_joined_is_one_line(env, why, tmp_path, monkeypatch,
+                                                                  capsys):
+    """train read WORLD_SIZE with int() (a ValueError traceback for "two") and, without
+    MASTER_ADDR, left the env:// rendezvous to raise its ValueError traceback; extract refused
+    both in one line. Both now share distributed.launch_info: one line, exit 2, no group."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda *a, **k: pytest.fail("joined a group it was refused"))
+    torch.save(small_model().state_dict(), tmp_path / "tiny.pth")
+    runs = {"train": ("a distributed training",
+                      ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                       "--device", "cpu", "--quiet"]),
+            "extract": ("a sharded extract",
+                        ["extract", str(tmp_path / "none"), "--weights", str(tmp_path / "tiny.pth"),
+                         "--out", str(tmp_path / "f.npy"), "--device", "cpu"])}
+    for command, (what, argv) in runs.items():
+        assert main(argv) == 2, command
+        err = capsys.readouterr().err
+        assert err == f"vggfast: error: {why.format(what=what, command=command)}\n", err
+    assert not dist.is_initialized()

@@ -757,3 +757,26 @@ def test_gray_uint16_bool_and_float_arrays_are_copied_once_and_never_shared(monk
         got.fill_(0)
         assert np.array_equal(src, before)
     assert torch_copies == []
+
+
+@pytest.mark.parametrize("shape, q, crop", [((3, 32, 32), 32, (0, 0, 32, 32)),
+                                            ((3, 32, 40), 32, (0, 3, 32, 32)),
+                                            ((3, 40, 48), 32, (1, 2, 20, 24)),
+                                            ((3, 17, 300), 64, (5, 900, 40, 30))])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+def test_resize_crop_is_a_new_tensor_with_the_whole_rescales_crop(shape, q, crop, dtype):
+    """resize_crop against the crop of resize_short's whole rescale, bit for bit, and always a
+    new contiguous float32 tensor: where the image is not resampled (its smallest side is q) a
+    float32 image's crop was a view of it, the whole image x itself for a full crop, so an
+    in-place op on the crop wrote the caller's image."""
+    from vggfast.preprocess import resize_crop, resize_short
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    x = x if dtype == torch.uint8 else (x / 255).to(dtype)
+    before = x.clone()
+    top, left, h, w = crop
+    got = resize_crop(x, q, top, left, h, w)
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (3, h, w)
+    assert torch.equal(got, resize_short(x, q)[:, top:top + h, left:left + w])
+    got.add_(1)
+    assert torch.equal(x, before)

@@ -24,6 +24,20 @@ def dist_info() -> tuple[int, int]:
     return rank, world
 
 
+def launch_info(command: str, what: str) -> tuple[int, int]:
+    """dist_info() for a command that joins torchrun's process group when WORLD_SIZE > 1 (`vggfast
+    train`, `vggfast extract`): a world of several ranks without MASTER_ADDR / MASTER_PORT (a
+    WORLD_SIZE left in the shell, no torchrun) is refused in one line before anything is loaded;
+    init_process_group's env:// rendezvous raised a ValueError traceback for it. what: the run
+    as the message names it ("a sharded extract")."""
+    rank, world = dist_info()
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks of "
+                           f"{what} run together, e.g. `torchrun --nproc-per-node {world} -m "
+                           f"vggfast {command} ...`")
+    return rank, world
+
+
 def local_rank() -> int:
     """torchrun's LOCAL_RANK (this process's GPU on its node); 0 when not launched by it."""
     value = os.environ.get("LOCAL_RANK", "0")
@@ -107,7 +121,8 @@ def leave_process_group(ok: bool) -> None:
     destroyed here rather than in the interpreter's exit (gloo ranks left to it were seen aborted
     there, "terminate called without an active exception", SIGABRT, after their work was done).
     A barrier that fails means another rank left without reaching the end: raised as a one-line
-    VGGFastError, never a success.
+    VGGFastError, never a success. A teardown that fails after the barrier is swallowed: every
+    rank had finished its work, so the run succeeded (it was a RuntimeError traceback, exit 1).
 
     Not ok (an exception is on its way out): no barrier, since the others may never come, and a
     failure of the teardown itself is swallowed so the first error and its exit status (2 for a
@@ -130,4 +145,5 @@ def leave_process_group(ok: bool) -> None:
         raise VGGFastError(f"rank {dist_info()[0]} finished, but another rank of the run left "
                            f"before the end (see its error): {_first_line(exc)}") from None
     finished()
-    dist.destroy_process_group()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()

@@ -550,11 +550,13 @@ class Engine:
     def _check_center_crop(self, size: tuple[int, int], q: int) -> None:
         """MemoryBudgetError, before anything is allocated, when the central native-size crop
         of an image of `size` (H, W) at scale q (localize.center_crop_box) would pass the
-        budget: the crop is cut from the whole rescaled image, float32 (pp.resize_short), which
-        a huge scale or a panorama makes GBs for one small crop; then the localisation net's
-        forward of the crop. Worded as the planner's refusals, "image 0 (40x2000, HxW) at scale
-        Q is rescaled to HxW to cut its central crop: why", so `preprocess.naming_file` names
-        the file."""
+        budget: the whole rescaled image in float32 must fit it, the rule the planner applies
+        to multi-crop's rescales, though center_crop_box resamples only the crop
+        (pp.resize_crop, whose width pass [3, H, W_q] is at most that rescale when the image is
+        enlarged: a huge scale or a panorama, GBs for one small crop); then the localisation
+        net's forward of the crop. Worded as the planner's refusals, "image 0 (40x2000, HxW) at
+        scale Q is rescaled to HxW to cut its central crop: why", so `preprocess.naming_file`
+        names the file."""
         h, w = size
         rh, rw = pp.rescaled_size(h, w, q)
         need = RESCALE_CHANNELS * RESCALE_ELEM_BYTES * rh * rw

@@ -39,7 +39,7 @@ from torch import nn
 from . import preprocess as pp
 from .devices import rank_device
 from .distributed import local_rank  # noqa: F401  (features.local_rank, its old home)
-from .distributed import dist_info, leave_process_group, peers_reported
+from .distributed import dist_info, launch_info, leave_process_group, peers_reported
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -210,8 +210,9 @@ class FeatureExtractor(nn.Module):
     ops); writes through `.data` bypass PyTorch's version counters, so call `refresh()` after
     them. load_state_dict of weights with NaN/Inf is refused (WeightsError), as the constructor
     refuses them, before any of this module's parameters change (inside a parent module, the
-    parent's own and earlier submodules' parameters may already have been loaded). Copies (deepcopy, torch.save of the module, pickling) drop the fast engines, which are
-    rebuilt on the next call. memory_budget: as Engine's (a forward over it is refused).
+    parent's own and earlier submodules' parameters may already have been loaded). Copies
+    (deepcopy, torch.save of the module, pickling) drop the fast engines, which are rebuilt on
+    the next call. memory_budget: as Engine's (a forward over it is refused).
     """
 
     def __init__(self, weights: Any, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3",
@@ -687,14 +688,10 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 def cmd_extract(args) -> int:
     from .cli import _engine, _need_weights
-    rank, world = dist_info()
+    rank, world = launch_info("extract", "a sharded extract")
     gather = None
     if world > 1:
         import torch.distributed as dist
-        if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-            raise VGGFastError(f"WORLD_SIZE={world} without MASTER_ADDR / MASTER_PORT: the ranks "
-                               "of a sharded extract run together, e.g. `torchrun "
-                               f"--nproc-per-node {world} -m vggfast extract ...`")
         # the device settles the backend, so it is checked before the group is joined: "cpu:0"
         # was taken for a GPU (nccl), and every rank refuses a bad one alike, none left waiting
         device = rank_device(args.device, same_on_every_rank=True)

@@ -455,11 +455,11 @@ def _center_crop_box(engine, x: torch.Tensor, label: int, q: int) -> tuple[float
     size = engine.spec.image_size
     H, W = x.shape[-2:]
     # A huge image or scale is refused before it is resized, "FILE (HxW) at scale Q is rescaled
-    # to HxW to cut its central crop" (the budget of the whole float32 rescale, though only the
-    # crop is resampled now); the caller names the file.
+    # to HxW to cut its central crop" (the budget of the whole float32 rescale, the planner's
+    # multi-crop rule, though only the crop is resampled); the caller names the file.
     engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = pp.center_origin(h, w, size)
     # pp.center_crop's crop of resize_short(x, q), bit for bit, without the whole rescale
     v = pp.resize_crop(x, q, top, left, size, size)[None]
     out = engine._loc_backend.run(pp.normalize(v, engine.loc_preprocess), ("fc8",))["fc8"].cpu()
@@ -499,11 +499,11 @@ def readable_samples(samples: Sequence[LocSample], where: str,
     with a warning, as the classification trainer skips them), each box clipped to its image. A
     box wholly outside its image is an AnnotationError naming the file.
 
-    scale: the largest S the images are rescaled to (whole, before the crop). An image whose
-    rescale would have more pixels than an image may have (preprocess.pixel_limit, the cap the
-    training scales meet for a square image) is skipped the same way, by its header (the rule
-    of train._header, which the classification trainer's scan applies too): a 40x20000 strip at
-    S = 512 is 512x256000, a 1.5 GB float32 rescale in a data worker."""
+    scale: the largest S the images are rescaled to (LocDataset resamples only the crop of that
+    rescale, pp.resize_crop). An image whose rescale would have more pixels than an image may
+    have (preprocess.pixel_limit, the cap the training scales meet for a square image) is
+    skipped the same way, by its header (the rule of train._header, which the classification
+    trainer's scan applies too): a 40x20000 strip at S = 512 is 512x256000."""
     from .train import _header, _report_skipped
     out, skipped = [], []
     for s in samples:
@@ -890,7 +890,7 @@ class LocDataset(torch.utils.data.Dataset):
         return int(self.scales[int(torch.randint(0, len(self.scales), (1,), generator=gen))])
 
     def __getitem__(self, key):
-        from .train import color_shift
+        from .train import color_shift, crop_origin
         index, seed = key
         s = self.samples[index]
         gen = torch.Generator().manual_seed(int(seed))
@@ -903,8 +903,7 @@ class LocDataset(torch.utils.data.Dataset):
         if self.train:
             best = None
             for _ in range(10):
-                top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
-                left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+                top, left = crop_origin(h, w, size, gen)
                 shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
                 vis = [_visible(b.tolist(), size) for b in shifted]
                 k = int(np.argmax(vis))
@@ -914,7 +913,7 @@ class LocDataset(torch.utils.data.Dataset):
                     break
             _, top, left, box = best
         else:
-            top, left = (h - size) // 2, (w - size) // 2
+            top, left = pp.center_origin(h, w, size)
             shifted = boxes - torch.tensor([left, top, left, top], dtype=torch.float32)
             box = shifted[int(np.argmax([_visible(b.tolist(), size) for b in shifted]))]
         # only the crop is resampled (the whole rescale's crop, bit for bit): a thin strip's
@@ -994,8 +993,8 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
     size = model.spec.image_size
     scales = train_scales(opts, size)
     pre = cls_w.preprocess or "torchvision"
-    # an image is rescaled whole before its crop is cut: one whose rescale at the largest
-    # scale would pass the pixel limit is skipped, as an unreadable one is
+    # an image whose rescale at the largest scale would pass the pixel limit is skipped, as an
+    # unreadable one is (the classification trainer's rule; only the crop is resampled)
     smax = scales[1] if scales[-1] == "range" else max(scales)
     cscale = default_center_scale(size)
     samples = readable_samples(read_boxes(opts.boxes, classes, opts.data), "for training", smax)

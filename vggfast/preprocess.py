@@ -833,7 +833,11 @@ def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
         raise ValueError(f"crop {height}x{width} at ({top}, {left}) is outside the {rh}x{rw} "
                          f"rescale")
     if min(h, w) == q:  # not resampled (resize_short): the crop of the image itself
-        return to_float(x[:, top:top + height, left:left + width]).contiguous()
+        crop = to_float(x[:, top:top + height, left:left + width])
+        # a float32 x's crop is a view of it (the whole image: x itself), which a caller's
+        # in-place op on the crop (a colour shift) would write through: a copy, as promised
+        return crop.clone(memory_format=torch.contiguous_format) if crop.dtype == x.dtype \
+            else crop.contiguous()
     c = x.shape[0]
     chunks = row_chunks(h, w, c)
     if len(chunks) == 1:    # no whole copy beside the width pass: it is made in one call
@@ -909,9 +913,14 @@ def _mean_std(c: Convention, device: torch.device, dtype: torch.dtype):
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = center_origin(*x.shape[-2:], size)
     return x[..., top:top + size, left:left + size]
+
+
+def center_origin(h: int, w: int, size: int) -> tuple[int, int]:
+    """(top, left) of center_crop's size x size crop of an h x w image: for the crops that
+    `resize_crop` cuts without the whole rescale, the same crop as center_crop of it."""
+    return (h - size) // 2, (w - size) // 2
 
 
 # -- writing images -------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ from tqdm import tqdm
 
 from .configs import make_spec
 from .devices import rank_device
-from .distributed import dist_info, leave_process_group, peers_reported
+from .distributed import dist_info, launch_info, leave_process_group, peers_reported
 from .errors import ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import VGG, build_model
 from .preprocess import IMAGE_SUFFIXES, atomic_write, pixel_limit, rescaled_size
@@ -265,11 +265,11 @@ def _header(path: str, oriented: bool = False,
     promises load_image's size, a PNG's EXIF after its pixels included; else decoded, so a PNG
     cut short is found here).
 
-    scale: the largest S the image is rescaled to before its crop is cut (None: no
+    scale: the largest S the image is rescaled to, its crop cut from that rescale (None: no
     check). An image whose rescale would have more pixels than an image may have
     (preprocess.pixel_limit, the cap the training scales meet for a square image) is skipped
-    the same way: a 40x20000 strip at S = 512 is 512x256000, a 1.5 GB float32 rescale in a
-    data worker."""
+    the same way: a 40x20000 strip at S = 512 is 512x256000 (only the crop is resampled,
+    preprocess.resize_crop, but its width pass is still [3, 40, 256000] float32, 123 MB)."""
     from PIL import Image
 
     from .preprocess import MIN_SIDE, _decode_failure, decoded_size
@@ -443,10 +443,9 @@ class EvalTransform:
         self.size, self.q, self.preprocess = size, q, preprocess
 
     def __call__(self, img: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        from .preprocess import normalize, resize_crop
-        rh, rw = rescaled_size(*img.shape[-2:], self.q)
-        # preprocess.center_crop's origin; only the crop is resampled (see TrainTransform)
-        top, left = (rh - self.size) // 2, (rw - self.size) // 2
+        from .preprocess import center_origin, normalize, resize_crop
+        # preprocess.center_crop's crop; only the crop is resampled (see TrainTransform)
+        top, left = center_origin(*rescaled_size(*img.shape[-2:], self.q), self.size)
         return normalize(resize_crop(img, self.q, top, left, self.size, self.size),
                          self.preprocess)
 
@@ -742,7 +741,7 @@ def _setup_distributed(device: torch.device) -> _Dist:
     CPU. A single process needs none."""
     if dist.is_available() and dist.is_initialized():
         return _Dist(dist.get_rank(), dist.get_world_size(), False)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launch_info("train", "a distributed training")[1] > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return _Dist(dist.get_rank(), dist.get_world_size(), True)
     return _Dist()
