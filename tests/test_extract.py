@@ -407,3 +407,44 @@ def test_out_without_npy_gets_it_and_two_outputs_never_share_a_file_list(weights
     (tmp_path / "d.npy").mkdir()
     with pytest.raises(vf.ArgumentError, match="is a folder"):
         vf.output_paths(tmp_path / "d")
+
+
+@pytest.mark.parametrize("out", ["x", "x.npy"])
+def test_a_folder_at_the_file_list_name_is_refused_before_any_work(weights, samples, tmp_path,
+                                                                     monkeypatch, capsys, out):
+    """output_paths refused a folder at the features' name only: with one at x.json, rank 0
+    extracted every image, wrote x.npy, and only then failed to write x.json (exit 2, an x.npy
+    without its file list). Both outputs are checked first, before the weights are loaded."""
+    (tmp_path / "x.json").mkdir()
+    with pytest.raises(vf.ArgumentError, match="is a folder"):
+        vf.output_paths(tmp_path / out)
+    (tmp_path / "list.txt").write_text(f"{samples['cat']}\n")
+    loaded = []
+    monkeypatch.setattr("vggfast.cli._engine", lambda *a: loaded.append(a))
+    assert main(["extract", str(tmp_path / "list.txt"), "--weights", weights, "--out",
+                 str(tmp_path / out), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vggfast: error: --out {tmp_path / out}: its file list {tmp_path / 'x.json'} "
+                   "is a folder; move it or choose another --out\n")
+    assert not loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt", "tiny.pth", "x.json"]
+    with pytest.raises(vf.ArgumentError, match="is a folder"):
+        vf.extract(Engine(weights), [str(samples["cat"])], tmp_path / out, layer="relu7",
+                   scales=(32,), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt", "tiny.pth", "x.json"]
+
+
+def test_an_out_under_a_file_is_refused_before_the_weights_load(weights, samples, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A place no file can be written was refused only once the weights were loaded (by the
+    checkpoint folder's mkdir); output_paths now names it first."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    loaded = []
+    monkeypatch.setattr("vggfast.cli._engine", lambda *a: loaded.append(a))
+    assert main(["extract", str(samples["cat"].parent), "--weights", weights, "--out",
+                 str(blocker / "sub" / "x"), *ARGS]) == 2
+    assert capsys.readouterr().err == (f"vggfast: error: cannot write next to "
+                                       f"{blocker / 'sub' / 'x.npy'}: {blocker} is not a "
+                                       "writable folder\n")
+    assert not loaded and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "tiny.pth"]

@@ -674,7 +674,12 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     """(features, file list) that `extract` writes for --out OUT: OUT when it ends in .npy, else
     OUT + ".npy" (np.save's rule), and the features' name with .npy replaced by .json. `--out x`
     and `--out x.npy` are one output; when the features went to x itself, the two were different
-    outputs writing one x.json."""
+    outputs writing one x.json.
+
+    Both are checked here, before any work (`vggfast extract` calls this before it loads the
+    weights): a folder at either name, and a place no file can be written (under a file, or in
+    a folder without write permission). A folder at the .json was found only after every image
+    was extracted and the .npy written (exit 2, features without their list)."""
     if not os.fspath(out).strip() or Path(out).name in ("", ".", ".."):
         raise ArgumentError(f"--out {os.fspath(out)!r} is not a file name")
     given = Path(out)
@@ -683,12 +688,23 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
         if p.is_dir():
             raise ArgumentError(f"--out {p} is a folder; give a file name such as "
                                 f"{p / 'feats.npy'}")
-    return npy, npy.with_suffix(".json")
+    index = npy.with_suffix(".json")
+    if index.is_dir():
+        raise ArgumentError(f"--out {given}: its file list {index} is a folder; move it or "
+                            "choose another --out")
+    folder = npy.parent
+    while not folder.exists() and folder != folder.parent:  # extract creates the missing ones
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ArgumentError(f"cannot write next to {npy}: {folder} is not a writable folder")
+    return npy, index
 
 
 def cmd_extract(args) -> int:
     from .cli import _engine, _need_weights
     rank, world = launch_info("extract", "a sharded extract")
+    # before the weights load and the group forms: every rank refuses a bad --out alike
+    output_paths(args.out)
     gather = None
     if world > 1:
         import torch.distributed as dist
