@@ -449,6 +449,30 @@ def test_train_localize_init_errors_say_init(tiny_set, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_train_localize_under_torchrun_is_refused_as_single_process(tiny_set, tmp_path,
+                                                                      monkeypatch, capsys, rank):
+    """The localisation trainer is single-process, yet nothing refused it under torchrun: every
+    rank trained the whole net and wrote the same --out. Each rank now refuses in one line
+    before it reads anything."""
+    from vggfast.cli import main
+    for k, v in dict(RANK=rank, WORLD_SIZE="2", LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(L, "load_init", lambda *a: pytest.fail("the --init model was read"))
+    rc = main(["train", "--task", "localize", "--data", str(tiny_set), "--boxes",
+               str(tiny_set / "boxes.jsonl"), "--init", str(tiny_set / "cls"), "--out",
+               str(tmp_path / "o"), "--epochs", "1", "--batch-size", "2", "--workers", "0",
+               "--device", "cpu", "--quiet"])
+    assert rc == 2 and capsys.readouterr().err == (
+        f"vggfast: error: --task localize trains in a single process, but this is rank {rank} "
+        "of WORLD_SIZE=2: run `vggfast train --task localize` without torchrun\n")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setenv("RANK", "2")   # dist_info's own check of the environment still holds
+    with pytest.raises(VGGFastError, match="0 <= RANK < WORLD_SIZE"):
+        L.train_localizer(L.LocTrainOptions(boxes="b", init="c", out=str(tmp_path / "o")))
+
+
 def test_cli_localize_and_evaluate(tiny_set, tmp_path, capsys):
     from PIL import Image
 

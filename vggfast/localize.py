@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from . import preprocess as pp
+from .distributed import dist_info
 from .engine import imagenet_synsets
 from .errors import PARTIAL, ArgumentError, ImageError, MemoryBudgetError, VGGFastError, \
     WeightsError
@@ -958,11 +959,18 @@ def train_localizer(opts: LocTrainOptions) -> LocTrainResult:
 
     Writes OUT/model.safetensors (torchvision keys; metadata: task "localize", mode, num_classes,
     loc_class_names, config, width, image_size, preprocess) and OUT/model.json after every
-    epoch, and OUT/log.jsonl (one JSON row per epoch). Single process (no torchrun), no resume."""
+    epoch, and OUT/log.jsonl (one JSON row per epoch). Single process: a world of several ranks
+    (torchrun's WORLD_SIZE > 1) is refused before anything is read. No resume."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from .train import MODEL_FILE, _resolve_device, batches, epoch_order, sample_seed, save_model
+    # under torchrun every rank would train the whole net alone and write the same --out
+    rank, world = dist_info()
+    if world > 1:
+        raise ArgumentError(f"--task localize trains in a single process, but this is rank {rank} "
+                            f"of WORLD_SIZE={world}: run `vggfast train --task localize` without "
+                            "torchrun")
     if opts.mode not in MODES:
         raise ArgumentError(f"unknown --mode {opts.mode!r}; use scr or pcr")
     for name in ("epochs", "batch_size"):
@@ -1161,7 +1169,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags `vggfast train` needs for `--task localize` (the rest are the trainer's own)."""
     parser.add_argument("--task", choices=("classify", "localize"), default="classify",
                         help="classify (default) or localize: fine-tune a box-regression net from "
-                             "the classifier given with --init, on --boxes")
+                             "the classifier given with --init, on --boxes (one process; not "
+                             "under torchrun)")
     parser.add_argument("--boxes", default=None, metavar="FILE",
                         help="localize: box annotations, JSON lines {file, label, boxes} or a "
                              "Pascal-VOC XML folder; images relative to --data")
