@@ -438,6 +438,27 @@ def test_plan_of_files_reads_headers_where_they_give_the_decoded_size(tiny, tmp_
     assert [(v.height, v.width) for v in plan.views] == [(48, 32), (48, 32)] and read == []
 
 
+def test_the_planners_sizing_has_a_name_of_its_own(tmp_path, monkeypatch):
+    """engine.decoded_size(items, k) and preprocess.decoded_size(im, encoded) were two functions
+    of one name and different arguments. The engine's (a request's item: header where exact,
+    else decoded) is item_size_or_decode now; each gives the size load_item decodes to."""
+    import numpy as np
+
+    import vggfast.engine as E
+    assert not hasattr(E, "decoded_size")
+    photo = Image.new("RGB", (60, 40), (200, 30, 30))
+    photo.save(tmp_path / "photo.jpg")
+    photo.save(tmp_path / "anim.png", save_all=True, append_images=[photo])
+    items = [tmp_path / "photo.jpg", tmp_path / "anim.png", np.zeros((20, 30, 3), np.uint8)]
+    read = []
+    real = E.pp.load_image
+    monkeypatch.setattr(E.pp, "load_image", lambda item: read.append(item) or real(item))
+    assert [E.item_size_or_decode(items, k) for k in range(3)] == [(40, 60), (40, 60), (20, 30)]
+    assert read == [tmp_path / "anim.png"]      # the header of an animated PNG is not exact
+    with Image.open(tmp_path / "photo.jpg") as im:
+        assert E.pp.decoded_size(im, tmp_path / "photo.jpg") == (40, 60)
+
+
 def test_plan_sizes_arrays_tensors_and_pil_images_without_decoding(tiny, monkeypatch):
     """Engine.plan decoded (load_image: a copy, a float check) every image that was not a path
     to learn its size, though an array's or tensor's shape is that size, and so is a PIL

@@ -128,10 +128,11 @@ def item_size(items: Sequence[Any], k: int, exact: bool = False) -> tuple[int, i
         raise _of_image(exc, k, len(items)) from None
 
 
-def decoded_size(items: Sequence[Any], k: int) -> tuple[int, int]:
+def item_size_or_decode(items: Sequence[Any], k: int) -> tuple[int, int]:
     """(H, W) of items[k] as load_item decodes it, read without decoding where that is exact
     (item_size with `exact`: a swapped H x W would be another plan): a file's header, an
-    array's or tensor's shape, a PIL image's size; else decoded."""
+    array's or tensor's shape, a PIL image's size; else decoded. Not preprocess.decoded_size
+    (one PIL image already opened, for train's scan), whose name it had too."""
     size = item_size(items, k, exact=True)
     return size if size is not None else tuple(load_item(items, k).shape[-2:])
 
@@ -652,7 +653,7 @@ class Engine:
             return self._executor.scheduler.empty_plan(scales, flip, method)
         # Only the sizes: each decoded image is dropped at once (holding every decoded photo of
         # a long list at once is what classify's chunks avoid).
-        sizes = [decoded_size(items, k) for k in range(len(items))]
+        sizes = [item_size_or_decode(items, k) for k in range(len(items))]
         with naming_images(items, 0):     # a refusal names the file, as classify's does
             return self._executor.scheduler.plan(sizes, scales, flip, method)
 
