@@ -578,6 +578,61 @@ def test_hugging_face_folder_with_pytorch_model_bin(ref64, tmp_path):
     _same(load(str(tmp_path)).state_dict, w.state_dict)
 
 
+def _timm_folder(path, sd, **config):
+    """A folder as timm's save_for_hf writes it (no timm needed): model.safetensors and a
+    config.json of architecture, num_classes, maybe global_pool / model_args, pretrained_cfg."""
+    path.mkdir()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()},
+                                str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architecture": "vgg16", "num_classes": 7, "num_features": 4096, **config,
+        "pretrained_cfg": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("config, pool", [
+    (dict(global_pool="max"), "max"), (dict(model_args={"global_pool": "avgmax"}), "avgmax"),
+    (dict(global_pool="avg", model_args={"global_pool": "fastmax"}), "fastmax"),
+    (dict(global_pool="catavgmax"), "catavgmax")])
+def test_a_timm_head_pooling_other_than_a_mean_is_refused_by_name(ref64, tmp_path, config, pool):
+    """timm's head pools fc7's map before fc8 as global_pool says; vggfast averages fc8's score
+    map, which is that only for a mean. A config.json naming another pooling loaded, and every
+    score was silently not timm's; it is refused naming it. A catavgmax head without a
+    config.json (fc8 reads twice fc7's width) was "fc8 ... do not fit"; one rule names it too."""
+    m, w = ref64
+    sd = _timm_names(m.state_dict())
+    if pool == "catavgmax":
+        sd["head.fc.weight"] = torch.cat([sd["head.fc.weight"]] * 2, 1)
+    folder = _timm_folder(tmp_path / "timm", sd, **config)
+    with pytest.raises(WeightsError) as err:
+        load(folder)
+    assert str(err.value) == (
+        f"{tmp_path / 'timm' / 'model.safetensors'}: its config.json names timm's "
+        f"global_pool={pool!r}, a pooling of fc7's map before fc8 that vggfast cannot reproduce: "
+        "its dense evaluation averages fc8's score map, which equals global_pool='avg' only")
+    if pool == "catavgmax":
+        with pytest.raises(WeightsError, match=r"^fc8 weight \(7, 512\) reads twice fc7's 256 "
+                                               r"features, as a head after timm's "
+                                               r"global_pool='catavgmax', a pooling"):
+            load(sd)
+
+
+@pytest.mark.parametrize("config", [{}, dict(global_pool="avg"), dict(global_pool="fast"),
+                                    dict(model_args={"global_pool": "fastavg"})])
+def test_a_timm_head_that_pools_by_a_mean_loads(ref64, tmp_path, config):
+    m, w = ref64
+    folder = _timm_folder(tmp_path / "timm", _timm_names(m.state_dict()), **config)
+    _same(load(folder).state_dict, w.state_dict)
+
+
+def test_a_headless_timm_model_loads_whatever_its_pooling(ref64, tmp_path):
+    """num_classes=0: no fc8 follows the pooling, and features() pools as it is asked."""
+    m, w = ref64
+    sd = {k: v for k, v in _timm_names(m.state_dict()).items() if not k.startswith("head.")}
+    folder = _timm_folder(tmp_path / "timm", sd, num_classes=0, global_pool="max")
+    assert load(folder).missing == ("fc8",)
+
+
 @pytest.mark.parametrize("fmt", ["model.safetensors", "pytorch_model.bin"])
 def test_sharded_hugging_face_folder(ref64, tmp_path, fmt):
     """save_pretrained(max_shard_size=...) writes shards and an index of which holds what."""

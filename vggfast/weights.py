@@ -176,6 +176,11 @@ def load(src: Any, config: str | None = None) -> Weights:
     # timm's VGG built with num_classes=0 has pre_logits (fc6, fc7) and no head.fc (fc8)
     headless = any(re.search(r"(^|\.)pre_logits\.fc2\.weight$", k) for k in sd) and \
         not any(re.search(r"(^|\.)head\.fc\.weight$", k) for k in sd)
+    pool = meta.get("tool_global_pool")
+    # a headless model (num_classes=0) has no fc8 for the pooling to come before: its features
+    # are pooled as features() is asked to
+    if isinstance(pool, str) and not headless and _pool_error(pool):
+        raise _pool_error(pool, f"{source}: its config.json names ")
     sd = _rename(sd)
     if _caffe_classifier(sd):
         if _imagenet_fc6(sd):
@@ -428,8 +433,10 @@ _META_KEYS = {"config", "batch_norm", "width", "image_size", "num_classes", "cla
 
 def _hf_label_names(config: Path) -> dict[str, Any]:
     """A Hugging Face folder's config.json's class names (timm writes `label_names`, a list or a
-    {"0": name, ...} map, when the model was pushed with them) as another tool's list; {} when
-    there are none or the file is not readable: it is another tool's file."""
+    {"0": name, ...} map, when the model was pushed with them) as another tool's list, and what
+    else of timm's config vggfast must honour (pretrained_cfg's mean / std, the head's
+    global_pool: `load` refuses a pooling `_pool_error` names); {} when there are none or the
+    file is not readable: it is another tool's file."""
     try:
         cfg = json.loads(config.read_text())
         names = cfg.get("label_names")
@@ -446,11 +453,34 @@ def _hf_label_names(config: Path) -> dict[str, Any]:
                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
                for v in (mean, std)):
             out["tool_mean_std"] = [[float(x) for x in mean], [float(x) for x in std]]
+    # timm's head pooling: save_for_hf writes the factory's arguments under model_args (what
+    # builds the model) and, from some versions, the model's global_pool at the top level
+    args = cfg.get("model_args")
+    pools = [p for p in ((args.get("global_pool") if isinstance(args, dict) else None),
+                         cfg.get("global_pool")) if isinstance(p, str)]
+    if pools:
+        out["tool_global_pool"] = next((p for p in pools if _pool_error(p)), pools[0])
     if isinstance(names, dict) and set(names) == {str(i) for i in range(len(names))}:
         names = [names[str(i)] for i in range(len(names))]
     if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
         out["tool_class_names"] = names
     return out
+
+
+def _pool_error(pool: str, why: str = "") -> WeightsError | None:
+    """The one rule for timm's head pooling (global_pool), None where vggfast reproduces it.
+
+    timm's ClassifierHead pools the pre_logits map (fc7's output) before head.fc (fc8); vggfast's
+    dense evaluation averages fc8's score map instead. fc8 is linear, so that equals a mean taken
+    before it, and nothing else: timm's SelectAdaptivePool2d builds a mean for every name that
+    does not end in "max" ("avg", "fast", "fastavg"); "max", "avgmax" (their mean), "catavgmax"
+    (both, concatenated: fc8 reads twice fc7's width) and their "fast" forms are refused.
+    why: what shows the pooling, to start the message."""
+    if not pool.endswith("max"):
+        return None
+    return WeightsError(f"{why}timm's global_pool={pool!r}, a pooling of fc7's map before fc8 "
+                        "that vggfast cannot reproduce: its dense evaluation averages fc8's "
+                        "score map, which equals global_pool='avg' only")
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:
@@ -1371,6 +1401,9 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
             continue
         w, b = pair
         shape = (layer.cout, layer.cin, layer.k, layer.k)
+        if layer.name == "fc8" and tuple(w.shape) == (layer.cout, 2 * layer.cin):
+            raise _pool_error("catavgmax", f"fc8 weight {tuple(w.shape)} reads twice fc7's "
+                                           f"{layer.cin} features, as a head after ")
         if w.numel() != math.prod(shape) or w.dim() not in (2, 4) \
                 or w.shape[0] != layer.cout or tuple(b.shape) != (layer.cout,):
             raise WeightsError(f"{layer.name}: weight {tuple(w.shape)} / bias {tuple(b.shape)} do not "
