@@ -138,8 +138,17 @@ def test_a_teardown_that_fails_after_the_barrier_leaves_a_success(group, monkeyp
     assert group == ["init gloo", "barrier", "destroy"] and not dist.is_initialized()
 
 
-def test_the_helpers_keep_their_old_names():
-    assert vf._dist_info is vd.dist_info and vf.local_rank is vd.local_rank
+@pytest.mark.parametrize("env, got", [({}, (0, 1)), ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2))])
+def test_the_rank_is_read_by_distributed_only(monkeypatch, env, got):
+    """features kept `_dist_info`, an alias of distributed.dist_info that only this test used;
+    it is gone, and dist_info is read where it lives. local_rank, public in features before it
+    moved, still imports from there."""
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert vd.dist_info() == got
+    assert not hasattr(vf, "_dist_info") and vf.local_rank is vd.local_rank
 
 
 # -- exit status under torchrun ------------------------------------------------------------------

@@ -39,7 +39,7 @@ from torch import nn
 from . import preprocess as pp
 from .devices import rank_device
 from .distributed import local_rank  # noqa: F401  (features.local_rank, its old home)
-from .distributed import dist_info, launch_info, leave_process_group, peers_reported
+from .distributed import launch_info, leave_process_group, peers_reported
 from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, WeightsError
 from .nn import dense_forward
 from .weights import load
@@ -428,9 +428,6 @@ def weights_id(w) -> str:
         h.update(f"{k}{tuple(t.shape)}{t.sum(dtype=torch.float64).item():.17g}"
                  f"{t.abs().sum(dtype=torch.float64).item():.17g}".encode())
     return h.hexdigest()[:16]
-
-
-_dist_info = dist_info  # the helpers moved to distributed.py; the old names still import
 
 
 def _save_npy(path: str, a: np.ndarray) -> None:
