@@ -133,32 +133,17 @@ def _free_port():
 
 
 def test_extract_under_torchrun_checks_the_device_before_joining(weights_file, tmp_path,
-                                                                 monkeypatch, capsys):
+                                                                 monkeypatch, capsys, joins):
     """A bad --device is refused by every rank before init_process_group (a rank that joined
     waited there for the refused ones); "cpu:0" is the CPU, so gloo, not nccl, even with CUDA."""
-    import torch.distributed as dist
-    joined = []
-
-    class Joined(Exception):
-        pass
-
-    def join(backend, *a, **k):
-        joined.append(backend)
-        raise Joined
-
-    monkeypatch.setattr(dist, "init_process_group", join)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    torchrun_env(monkeypatch, 1)
     argv = ["extract", str(tmp_path), "--weights", weights_file, "--out", str(tmp_path / "f.npy")]
     _one_line_exit_2(argv + ["--device", "cpu:1"], capsys, "device 'cpu:1' does not exist")
-    assert joined == []
+    assert joins == []
     fake_gpus(monkeypatch, 1)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: joined.append(f"set {d}"))
-    with pytest.raises(Joined):
+    with pytest.raises(joins.Joined):
         main(argv + ["--device", "cpu:0"])
-    assert joined == ["gloo"]
+    assert joins == ["gloo"]
 
 
 # -- torchrun: each rank its own GPU -------------------------------------------------------------
