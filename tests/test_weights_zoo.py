@@ -91,6 +91,18 @@ def test_adain_vgg_normalised_is_refused_for_its_reflection_padding(tmp_path, ca
     torch.testing.assert_close(reflect[..., 1:-1, 1:-1], zero[..., 1:-1, 1:-1])
 
 
+def test_adain_decoder_is_named():
+    """pytorch-AdaIN's decoder.pth (relu4_1's features back to RGB): read as "conv1_1 reads 512
+    channels; VGG takes RGB (3)", which did not say it is no VGG at all."""
+    c = 512 // DIV
+    dec = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c // 2, 3), nn.ReLU(),
+                        nn.Upsample(scale_factor=2), nn.ReflectionPad2d(1),
+                        nn.Conv2d(c // 2, c // 2, 3), nn.ReLU(), nn.ReflectionPad2d(1),
+                        nn.Conv2d(c // 2, 3, 3))
+    _refused(dec.state_dict(), r"an image decoder, not a VGG: its first conv \('1\.weight'\) "
+                               r"reads 32 channels and its last \('8\.weight'\) makes 3")
+
+
 # --- SSD ---------------------------------------------------------------------------------------
 
 def _ssd_vgg():
@@ -276,6 +288,12 @@ def test_vgg_face_dag_uses_its_own_mean_pixel_and_unnamed_vgg_face_is_refused(tm
     got = eng.classify(x, scales=[224]).probs
     torch.testing.assert_close(got, _face_probs(m, x, bgr=True), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(got, _face_probs(m, x, bgr=False), rtol=1e-3, atol=1e-5)
+    # a face perceptual loss (FeatureExtractor) is refused alike, and normalises as told
+    with pytest.raises(WeightsError, match="VGG-Face"):
+        FeatureExtractor(sd, layers=["relu3_3"], device="cpu")
+    fe = FeatureExtractor(sd, layers=["relu3_3"], device="cpu", preprocess="vggface")
+    torch.testing.assert_close(fe.normalize(x[None]),
+                               x[None] * 255 - torch.tensor(m.MEAN).view(1, 3, 1, 1))
     # the name alone is not enough: another network saved as vgg_face_dag.pth keeps the default
     from conftest import small_model
     torch.save(small_model("D", num_classes=10).state_dict(), path)

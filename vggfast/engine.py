@@ -355,8 +355,9 @@ VGGFACE_CLASSES = 2622
 
 
 def _check_face_normalisation(w) -> None:
-    """WeightsError for VGG-Face-sized weights whose input convention no one stated."""
-    if w.spec.num_classes != VGGFACE_CLASSES or "fc8" in w.missing:
+    """WeightsError for VGG-Face-sized weights whose input convention no one stated (also when
+    a FeatureExtractor keeps only their convs: its `normalize` would be as wrong)."""
+    if w.spec.num_classes != VGGFACE_CLASSES:
         return
     raise WeightsError(f"{w.source}: {VGGFACE_CLASSES} classes, VGG-Face's identities, whose "
                        "input is 0-255 minus VGG-Face's mean pixel: RGB in MatConvNet's "

@@ -1111,6 +1111,15 @@ def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
                 "module, behind a padding layer (pytorch-AdaIN's vgg_normalised.pth: "
                 "ReflectionPad2d before every 3x3 conv, ceil-mode pools); vggfast runs VGG with "
                 "zero padding, which differs at every border, so it cannot run these weights")
+        # AdaIN's decoder.pth (and WCT's) mirrors the encoder: relu4_1's 512 channels back to
+        # RGB; it read as "conv1_1 reads 512 channels; VGG takes RGB (3)"
+        lo, hi = convs[min(convs)], convs[max(convs)]
+        if len(convs) > 2 and hi.shape[0] == 3 and lo.shape[1] > 3:
+            raise WeightsError(
+                f"an image decoder, not a VGG: its first conv ('{owner}{min(convs)}.weight') reads "
+                f"{lo.shape[1]} channels and its last ('{owner}{max(convs)}.weight') makes 3, "
+                "an image (pytorch-AdaIN's decoder.pth, a style-transfer decoder); pass the "
+                "encoder's weights, or torchvision's VGG")
         # ssd.pytorch / mmdetection's SSDVGG: torchvision's VGG16 convs (pool3 in ceil mode),
         # pool5 3x3 stride 1, conv6 a 3x3 conv with dilation 6 (fc6 subsampled to 1024 wide)
         # at 31 and conv7 (fc7) a 1x1 conv at 33
