@@ -386,6 +386,19 @@ def test_neural_style_pt_vgg19_caffe_conversion():
     torch.testing.assert_close(eng.logits(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def test_channel_pruned_vgg16_is_named():
+    """neural-style-pt's channel_pruning.pth (a VGG16 pruned per conv: 24, 22 | 41, 51 | 108,
+    89, 111 | ...): read as "conv1_2: weight shape (22, 24, 3, 3) does not fit configuration D at
+    width 0.375", which did not say why."""
+    from torchvision.models.vgg import make_layers
+    cfg = [24, 22, "M", 41, 51, "M", 108, 89, 111, "M", 184, 276, 228, "M", 512, 512, 512, "M"]
+    sd = {"features." + k: v for k, v in make_layers(cfg).state_dict().items()}
+    _refused(sd, r"conv1_2: 22 channels where block 1's convs have 24, 22: a channel-pruned VGG")
+    # a VGG at one width throughout still loads, as before
+    assert load({"features." + k: v for k, v in make_layers(
+        [c if c == "M" else c // DIV for c in VGG16]).state_dict().items()}).spec.width == 1 / DIV
+
+
 # --- CIFAR VGGs, quantized weights ---------------------------------------------------------------
 
 class _KuangliuVGG(nn.Module):

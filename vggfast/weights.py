@@ -1461,8 +1461,19 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
 
     params: dict[str, torch.Tensor] = {}
     nonfinite = []
+    # each conv reading what the one before makes, with widths that change inside a block:
+    # a channel-pruned VGG (neural-style-pt's channel_pruning.pth: 24, 22 | 41, 51 | ...)
+    chained = all(b.shape[1] == a.shape[0] for a, b in zip(conv_w, conv_w[1:]))
     for layer, w in zip(spec.convs, conv_w):
         if tuple(w.shape) != (layer.cout, layer.cin, layer.k, layer.k):
+            widths = [int(v.shape[0]) for l, v in zip(spec.convs, conv_w)
+                      if l.block == layer.block]
+            if chained and w.shape[-1] == layer.k and len(set(widths)) > 1:
+                raise WeightsError(
+                    f"{layer.name}: {w.shape[0]} channels where block {layer.block}'s convs "
+                    f"have {', '.join(map(str, widths))}: a channel-pruned VGG (e.g. neural-style-pt's "
+                    "channel_pruning.pth); vggfast runs one width per block, as the paper's "
+                    "networks have, so it cannot run these weights")
             raise WeightsError(
                 f"{layer.name}: weight shape {tuple(w.shape)} does not fit configuration "
                 f"{spec.config} at width {width:g} (expected {(layer.cout, layer.cin, layer.k, layer.k)})")
