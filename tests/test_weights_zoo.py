@@ -152,6 +152,50 @@ def test_faster_rcnn_vgg16_detector_is_refused_by_name():
     _refused({"model": sd, "pooling_mode": "align"}, r"Faster R-CNN detector.*no pool5 and no fc8")
 
 
+class _FCN32s(nn.Module):
+    """wkentaro/pytorch-fcn's FCN32s: conv1_1 (padding 100) ... conv5_3, fc6 a 7x7 conv, fc7 a
+    1x1 conv, score_fr (21 classes) and upscore, a transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        block, conv, cin = 1, 0, 3
+        for c in VGG16:
+            if c == "M":
+                block, conv = block + 1, 0
+                continue
+            conv += 1
+            pad = 100 if (block, conv) == (1, 1) else 1
+            setattr(self, f"conv{block}_{conv}", nn.Conv2d(cin, c // DIV, 3, padding=pad))
+            cin = c // DIV
+        self.fc6 = nn.Conv2d(cin, 64, 7)
+        self.fc7 = nn.Conv2d(64, 64, 1)
+        self.score_fr = nn.Conv2d(64, 21, 1)
+        self.upscore = nn.ConvTranspose2d(21, 21, 64, stride=32, bias=False)
+
+
+def test_fcn_segmentation_net_is_refused_not_cut_to_its_convs():
+    """It passed for vggfast's names cut after fc7 (score_fr, upscore dropped) and ran on
+    torchvision's input with conv1_1's 100-pixel padding lost."""
+    sd = _FCN32s().state_dict()
+    _refused(sd, r"segmentation net \(FCN: score_fr\.weight, upscore\.weight\).*pads the image "
+                 r"by 100 pixels")
+    # VGG's own tensors of the same names, cut after fc7, still load for features
+    cut = {k: v for k, v in sd.items() if not k.startswith(("score_fr", "upscore"))}
+    assert load(cut).missing == ("fc8",)
+
+
+def test_an_image_decoder_beside_a_vgg_is_another_network():
+    """An autoencoder's checkpoint: torchvision's VGG as encoder, a Sequential decoder back to
+    RGB beside it. The decoder is not the file: the VGG loads."""
+    from conftest import small_model
+    vgg = small_model("D").state_dict()
+    dec = nn.Sequential(nn.Conv2d(32, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.ReLU(),
+                        nn.Conv2d(8, 3, 3))
+    ckpt = {**{"encoder." + k: v for k, v in vgg.items()},
+            **{"decoder." + k: v for k, v in dec.state_dict().items()}}
+    assert load(ckpt).spec.config == "D"
+
+
 # --- LPIPS -------------------------------------------------------------------------------------
 
 class _LPIPS(nn.Module):
@@ -208,6 +252,27 @@ def test_lpips_lin_layers_alone_are_named_and_the_whole_module_computes_its_feat
         got = fe(fe.normalize(x))
     for tap, a in zip(taps, want):
         torch.testing.assert_close(got[tap], a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+def test_lpips_inside_a_vqgan_checkpoint_loads_its_vgg():
+    """taming-transformers / latent-diffusion autoencoder checkpoints hold LPIPS as
+    loss.perceptual_loss (net.slice1-5, lins, scaling layer) beside the encoder, the decoder and
+    a PatchGAN discriminator (a numbered Sequential opening with a 4x4 conv on RGB): the VGG is
+    the one VGG there, and the discriminator is not taken for AdaIN's encoder or a decoder."""
+    m = _LPIPS()
+    disc = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 16, 4, 2, 1),
+                         nn.BatchNorm2d(16), nn.LeakyReLU(0.2), nn.Conv2d(16, 1, 4, 1, 1))
+    sd = {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
+          "decoder.conv_out.weight": torch.zeros(3, 8, 3, 3),
+          **{"loss.perceptual_loss." + k: v for k, v in m.state_dict().items()},
+          **{"loss.discriminator.main." + k: v for k, v in disc.state_dict().items()}}
+    fe = FeatureExtractor({"state_dict": sd, "global_step": 10}, layers=["relu3_3"],
+                          device="cpu", backend="torch", dtype=torch.float32)
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = m.features(x)[2]
+        got = fe(fe.normalize(x))["relu3_3"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 # --- VGG-Face ----------------------------------------------------------------------------------

@@ -1095,6 +1095,7 @@ def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
         m = _SEQ_KEY.match(k)
         if m and isinstance(v, torch.Tensor) and v.dim() == 4:
             groups.setdefault(m.group("owner"), {})[int(m.group("i"))] = v
+    vgg_beside = any(_VGG_KEY.search(k) for k in sd)
     for owner, convs in sorted(groups.items()):
         first, second, third = convs.get(0), convs.get(2), convs.get(5)
         # AdaIN's encoder (from the Lua AdaIN-style's vgg_normalised.t7): Conv2d(3, 3, 1) turns
@@ -1112,9 +1113,10 @@ def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
                 "ReflectionPad2d before every 3x3 conv, ceil-mode pools); vggfast runs VGG with "
                 "zero padding, which differs at every border, so it cannot run these weights")
         # AdaIN's decoder.pth (and WCT's) mirrors the encoder: relu4_1's 512 channels back to
-        # RGB; it read as "conv1_1 reads 512 channels; VGG takes RGB (3)"
+        # RGB; it read as "conv1_1 reads 512 channels; VGG takes RGB (3)". Beside a VGG (an
+        # autoencoder's checkpoint) it is another network, left to _strip_owner.
         lo, hi = convs[min(convs)], convs[max(convs)]
-        if len(convs) > 2 and hi.shape[0] == 3 and lo.shape[1] > 3:
+        if not vgg_beside and len(convs) > 2 and hi.shape[0] == 3 and lo.shape[1] > 3:
             raise WeightsError(
                 f"an image decoder, not a VGG: its first conv ('{owner}{min(convs)}.weight') reads "
                 f"{lo.shape[1]} channels and its last ('{owner}{max(convs)}.weight') makes 3, "
@@ -1133,6 +1135,15 @@ def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
                 f"{w31.shape[0]} wide after a 3x3 stride-1 pool5, and the input is Caffe's; "
                 "vggfast cannot run them; for VGG16 itself pass torchvision's 'vgg16' or "
                 "jcjohnson's vgg16-00b39a1b.pth")
+    fcn = sorted(k for k in sd if re.search(r"(^|\.)(score_fr|upscore\w*)\.weight$", k))
+    if fcn:
+        # wkentaro/pytorch-fcn's FCN32s/16s/8s (conv1_1 ... fc7 as convs, then score_fr and a
+        # transposed conv): it passed for vggfast's names cut after fc7, score_fr dropped
+        raise WeightsError(
+            f"a fully convolutional segmentation net (FCN: {', '.join(fcn[:2])}), not a VGG "
+            "classifier: conv1_1 pads the image by 100 pixels, score_fr and the upsampling "
+            "layers are no layers of VGG, and the input is Caffe's; vggfast cannot run it; "
+            "pass the VGG16 it was trained from")
     if any(k.startswith(("RCNN_base.", "RCNN_top.")) for k in sd):
         # jwyang/faster-rcnn.pytorch: RCNN_base = vgg.features[:-1] (no pool5), RCNN_top =
         # vgg.classifier[:-1] (no fc8), RoI pooling in between: read as "no VGG found"
