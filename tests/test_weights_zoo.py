@@ -72,8 +72,14 @@ def test_adain_vgg_normalised_is_refused_for_its_reflection_padding(tmp_path, ca
     vgg = _adain_vgg()
     sd = (vgg if cut is None else vgg[:cut]).state_dict()
     assert list(sd)[:4] == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    _refused(sd, r"style-transfer encoder.*'0\.weight' is a 1x1 conv.*ReflectionPad2d")
+    _refused(sd, r"style-transfer encoder.*'0\.weight' is a 1x1 conv.*\('2\.weight'\).*"
+                 r"ReflectionPad2d")
     _refused({"encoder." + k: v for k, v in sd.items()}, r"'encoder\.0\.weight' is a 1x1 conv")
+    # pytorch-AdaIN's Net, its encoder cut into enc_1 ... enc_4 (indices from 0 in each)
+    cuts = [(1, 0, 4), (2, 4, 11), (3, 11, 18), (4, 18, 31)]
+    net = {f"enc_{n}.{i - a}.{p}": v for n, a, b in cuts for i in range(a, b)
+           for p, v in vgg[i].state_dict().items()}
+    _refused(net, r"'enc_1\.0\.weight' is a 1x1 conv .* \('enc_1\.2\.weight'\)")
     # another network that merely opens with a 1x1 conv on RGB, beside a VGG, is not AdaIN's
     from conftest import small_model
     vgg16 = small_model("D").state_dict()

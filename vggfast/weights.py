@@ -1089,29 +1089,30 @@ _SEQ_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)(?P<i>\d+)\.weight$")
 
 def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
     """A WeightsError naming a style-transfer encoder with reflection padding (pytorch-AdaIN's
-    vgg_normalised.pth), SSD's reduced-fc VGG16 or a Faster R-CNN detector built on VGG16."""
+    vgg_normalised.pth) or its decoder, SSD's reduced-fc VGG16, an FCN or a Faster R-CNN
+    detector built on VGG16."""
     groups: dict[str, dict[int, torch.Tensor]] = {}
     for k, v in sd.items():
         m = _SEQ_KEY.match(k)
         if m and isinstance(v, torch.Tensor) and v.dim() == 4:
             groups.setdefault(m.group("owner"), {})[int(m.group("i"))] = v
     vgg_beside = any(_VGG_KEY.search(k) for k in sd)
+    # AdaIN's encoder (from the Lua AdaIN-style's vgg_normalised.t7; pytorch-AdaIN's Sequential,
+    # its Net's enc_1 ... enc_4, PytorchWCT's encoders' conv1, conv2, ...): Conv2d(3, 3, 1) turns
+    # RGB in [0, 1] into Caffe's input, then ReflectionPad2d, Conv2d(.., 3) (no padding of its
+    # own), ReLU per conv. Reflection padding gives other values than the paper's zero padding
+    # all along the borders, at every layer, so it cannot be folded away.
+    weights = [(k, v) for k, v in sd.items() if k.split(".")[-1] == "weight" and v.dim() == 4]
+    recolour = next((k for k, v in weights if tuple(v.shape) == (3, 3, 1, 1)), None)
+    conv1_1 = next((k for k, v in weights if v.shape[1] == 3 and v.shape[-1] == 3), None)
+    if not vgg_beside and recolour is not None and conv1_1 is not None:
+        raise WeightsError(
+            f"a style-transfer encoder, not the paper's VGG: '{recolour}' is a 1x1 conv that "
+            f"recolours the input before conv1_1 ('{conv1_1}'), as in pytorch-AdaIN's "
+            "vgg_normalised.pth and the WCT encoders, whose 3x3 convs are padded by a "
+            "ReflectionPad2d before each; vggfast runs VGG with zero padding, which differs at "
+            "every border, so it cannot run these weights")
     for owner, convs in sorted(groups.items()):
-        first, second, third = convs.get(0), convs.get(2), convs.get(5)
-        # AdaIN's encoder (from the Lua AdaIN-style's vgg_normalised.t7): Conv2d(3, 3, 1) turns
-        # RGB in [0, 1] into Caffe's input, then ReflectionPad2d, Conv2d(.., 3) (no padding of
-        # its own), ReLU per conv. Reflection padding gives other values than the paper's zero
-        # padding all along the borders, at every layer, so it cannot be folded away.
-        if first is not None and second is not None and third is not None \
-                and tuple(first.shape[1:]) == (3, 1, 1) and second.shape[1] == first.shape[0] \
-                and second.shape[-1] == third.shape[-1] == 3 and third.shape[1] == second.shape[0]:
-            raise WeightsError(
-                f"a style-transfer encoder, not the paper's VGG: '{owner}0.weight' is a 1x1 conv "
-                f"that recolours the input before conv1_1 ('{owner}2.weight') and the convs sit "
-                "every third "
-                "module, behind a padding layer (pytorch-AdaIN's vgg_normalised.pth: "
-                "ReflectionPad2d before every 3x3 conv, ceil-mode pools); vggfast runs VGG with "
-                "zero padding, which differs at every border, so it cannot run these weights")
         # AdaIN's decoder.pth (and WCT's) mirrors the encoder: relu4_1's 512 channels back to
         # RGB; it read as "conv1_1 reads 512 channels; VGG takes RGB (3)". Beside a VGG (an
         # autoencoder's checkpoint) it is another network, left to _strip_owner.
