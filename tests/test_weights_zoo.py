@@ -36,8 +36,8 @@ def _randomise(m, seed=0):
     return random_bn_statistics(m).eval()
 
 
-def _refused(src, match, tmp_path=None, name="weights.pth"):
-    """load(src) refuses with `match`; a file also gets one line and exit 2 from `vggfast info`."""
+def _refused(src, match):
+    """load(src) refuses with a one-line WeightsError matching `match`."""
     with pytest.raises(WeightsError, match=match) as exc:
         load(src)
     assert "\n" not in str(exc.value)
@@ -281,6 +281,40 @@ def test_lpips_inside_a_vqgan_checkpoint_loads_its_vgg():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def test_basicsr_perceptual_vgg_with_layer_names_computes_its_features():
+    """BasicSR's VGGFeatureExtractor (ESRGAN / Real-ESRGAN perceptual loss): vgg19.features
+    rebuilt as an OrderedDict Sequential named conv1_1, relu1_1, ..., pool5 (vgg_net.conv1_1),
+    torchvision's mean and std as buffers beside it, held as a loss's `vgg.` attribute."""
+    from collections import OrderedDict
+    from torchvision.models.vgg import make_layers
+    feats = _randomise(make_layers([c if c == "M" else c // DIV for c in VGG19]))
+    names, block, conv = [], 1, 0
+    for mod in feats:
+        if isinstance(mod, nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(mod, nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        else:
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    net = nn.Sequential(OrderedDict(zip(names, feats)))
+    sd = {"vgg.mean": mean, "vgg.std": std,
+          **{"vgg.vgg_net." + k: v for k, v in net.state_dict().items()}}
+    assert "vgg.vgg_net.conv5_4.weight" in sd
+    assert load(sd).spec.config == "E"
+    fe = FeatureExtractor(sd, layers=["relu2_2", "relu5_4"], device="cpu", backend="torch",
+                          dtype=torch.float32)
+    x = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = {"relu2_2": feats[:9]((x - mean) / std), "relu5_4": feats[:36]((x - mean) / std)}
+        got = fe(fe.normalize(x))
+    for tap, a in want.items():
+        torch.testing.assert_close(got[tap], a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
 # --- VGG-Face ----------------------------------------------------------------------------------
 
 class _VggFaceDag(nn.Module):
@@ -354,6 +388,8 @@ def test_vgg_face_dag_uses_its_own_mean_pixel_and_unnamed_vgg_face_is_refused(tm
     assert main(["classify", str(tmp_path / "face.png"), "--weights", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "VGG-Face" in err, err
+    assert main(["info", str(other), "--preprocess", "vggface-bgr", "--json"]) == 0
+    assert '"preprocess": "vggface-bgr"' in capsys.readouterr().out
     eng = Engine(str(other), device="cpu", backend="torch", dtype="float32",
                  preprocess="vggface-bgr")
     got = eng.classify(x, scales=[224]).probs
