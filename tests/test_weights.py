@@ -818,13 +818,14 @@ def test_caffe_conversions_with_a_dropout_first_classifier(tmp_path):
 
 def test_caffe_conversions_with_torchvision_names_say_where_their_preprocessing_comes_from(
         tmp_path):
-    """A Caffe model converted to torchvision's names (VGG-Face: 2622 classes; caffemodel2pytorch
-    renamed) carries no sign of Caffe in its tensors, and VGG-Face also comes converted from
-    MatConvNet (RGB input), so vggfast does not guess: it keeps torchvision's preprocessing, and
-    `info` says it is the default, not read off the weights. The file's metadata (a sidecar JSON)
-    or the argument set "caffe", and `info` names which."""
-    m = small_model("D", num_classes=2622)
-    path = tmp_path / "vgg_face.pth"
+    """A Caffe model converted to torchvision's names (Places205's VGG16: 205 classes;
+    caffemodel2pytorch renamed) carries no sign of Caffe in its tensors, and the same nets also
+    come converted from MatConvNet (RGB input), so vggfast does not guess: it keeps torchvision's
+    preprocessing, and `info` says it is the default, not read off the weights. The file's
+    metadata (a sidecar JSON) or the argument set "caffe", and `info` names which. (VGG-Face,
+    2622 classes, has its own mean pixel: test_weights_zoo.)"""
+    m = small_model("D", num_classes=205)
+    path = tmp_path / "vgg_places205.pth"
     torch.save(m.state_dict(), path)
     assert load(path).preprocess is None
     eng = Engine(str(path), device="cpu")
@@ -833,7 +834,7 @@ def test_caffe_conversions_with_torchvision_names_say_where_their_preprocessing_
     eng = Engine(str(path), device="cpu", preprocess="caffe")
     assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "argument")
     assert "preprocess=caffe" in repr(eng)
-    (tmp_path / "vgg_face.json").write_text(json.dumps({"preprocess": "caffe"}))
+    (tmp_path / "vgg_places205.json").write_text(json.dumps({"preprocess": "caffe"}))
     eng = Engine(str(path), device="cpu")
     assert (eng.preprocess, eng.info()["preprocess_from"]) == ("caffe", "weights")
     # jcjohnson's layout (Linear layers at classifier.1, .4, .6) is the one read off the tensors

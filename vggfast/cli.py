@@ -40,7 +40,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                  "on cuda, float32 on cpu)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"),
                    help="auto (default): triton on cuda, torch otherwise")
-    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb"),
+    p.add_argument("--preprocess", default=None, choices=("torchvision", "caffe", "caffe-rgb",
+                                                            "vggface", "vggface-bgr"),
                    help="input convention (default: from the weights, else torchvision)")
 
 

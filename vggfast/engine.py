@@ -349,6 +349,25 @@ def _check_tool_normalisation(w) -> None:
                        f"ImageNet's anyway")
 
 
+# VGG-Face's 2622 identities (Parkhi et al. 2015): its conversions take 0-255 minus VGG-Face's
+# mean pixel, RGB from MatConvNet, BGR from Caffe; the default (torchvision's mean/std on [0, 1])
+# fed it input of another range, and nothing in the tensors says which conversion it is.
+VGGFACE_CLASSES = 2622
+
+
+def _check_face_normalisation(w) -> None:
+    """WeightsError for VGG-Face-sized weights whose input convention no one stated (also when
+    a FeatureExtractor keeps only their convs: its `normalize` would be as wrong)."""
+    if w.spec.num_classes != VGGFACE_CLASSES:
+        return
+    raise WeightsError(f"{w.source}: {VGGFACE_CLASSES} classes, VGG-Face's identities, whose "
+                       "input is 0-255 minus VGG-Face's mean pixel: RGB in MatConvNet's "
+                       "conversion (vgg_face_dag.pth: preprocess='vggface'), BGR in Caffe's "
+                       "(VGG_FACE.caffemodel converted: 'vggface-bgr'); the tensors do not say "
+                       "which, so pass preprocess (--preprocess) or set it in the weights' "
+                       "metadata")
+
+
 class Engine:
     """A VGG network ready for dense evaluation.
 
@@ -357,12 +376,14 @@ class Engine:
     config: "A" "A-LRN" "B" "C" "D" "E" or "vgg11".."vgg19_bn"; None = detected from the weights.
     device: None = cuda if available else cpu. dtype: None = bfloat16 on cuda, float32 on cpu.
     backend: "auto" (triton on cuda, torch otherwise) | "triton" | "torch".
-    preprocess: "torchvision" | "caffe" | "caffe-rgb"; None = from the weights (their metadata's
-    "preprocess", torchvision's vgg16_features, jcjohnson's Caffe conversions by their
-    classifier layout), else "torchvision". Pass "caffe" for any other weights converted from
-    Caffe (caffemodel2pytorch's output, VGG-Face, ...), whatever their names: nothing in the
-    tensors tells a Caffe conversion (VGG-Face's 2622 classes come converted from Caffe, BGR, and
-    from MatConvNet, RGB). `info()["preprocess_from"]` says which decided.
+    preprocess: "torchvision" | "caffe" | "caffe-rgb" | "vggface" | "vggface-bgr"; None = from
+    the weights (their metadata's "preprocess", torchvision's vgg16_features, jcjohnson's Caffe
+    conversions by their classifier layout, a file named vgg_face_dag.pth), else "torchvision".
+    Pass "caffe" for any other weights converted from Caffe (caffemodel2pytorch's output, ...),
+    whatever their names: nothing in the tensors tells a Caffe conversion. VGG-Face (2622
+    classes) has its own mean pixel and comes converted from Caffe (BGR: "vggface-bgr") and from
+    MatConvNet (RGB: "vggface"): without a stated convention it is refused, not guessed.
+    `info()["preprocess_from"]` says which decided.
     memory_budget: bytes of activations one batch may use (default: 80% of the GPU, 8 GiB on
     CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
     loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
@@ -399,6 +420,7 @@ class Engine:
         self.spec = self.weights.spec
         if not (preprocess or self.weights.preprocess):
             _check_tool_normalisation(self.weights)
+            _check_face_normalisation(self.weights)
         self.preprocess = preprocess or self.weights.preprocess or "torchvision"
         # what `info` names as the source of the convention in effect: the weights only say
         # so through metadata, a hub name or jcjohnson's layout, so a "default" may be wrong

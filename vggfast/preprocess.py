@@ -86,6 +86,13 @@ CONVENTIONS = {
     "caffe": Convention(True, 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
     # torchvision's vgg16_features (IMAGENET1K_FEATURES) weights: RGB in 0-255 minus the mean pixel
     "caffe-rgb": Convention(False, 255.0, (122.99925, 116.99966, 103.99950), (1.0, 1.0, 1.0)),
+    # VGG-Face (Parkhi et al. 2015; 2622 identities), 0-255 minus its own mean pixel, not
+    # ImageNet's: RGB in MatConvNet's model and Albanie's vgg_face_dag.pth made from it...
+    "vggface": Convention(False, 255.0, (129.186279296875, 104.76238250732422, 93.59396362304688),
+                          (1.0, 1.0, 1.0)),
+    # ... BGR in the Caffe model (VGG_FACE.caffemodel) and the conversions made from it
+    "vggface-bgr": Convention(True, 255.0, (93.59396362304688, 104.76238250732422,
+                                            129.186279296875), (1.0, 1.0, 1.0)),
 }
 
 

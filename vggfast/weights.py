@@ -16,7 +16,8 @@ into perceptual-loss slices (`slice1.0.weight`, `net.slice4.21.weight`), mmpretr
 ConvModule layout (`backbone.features.3.conv.weight`, `.bn.*`; meta CLASSES as class names),
 Cadene's pretrainedmodels (`_features.N.*`, `linear0`, `linear1`, `last_linear`), Caffe's layer
 names as torchvision's module names (dissect's vgg16_places365: `features.conv1_1.weight`,
-`classifier.fc6` ... `classifier.fc8a`; fc8a, Places365's name for fc8, also bare), with
+`classifier.fc6` ... `classifier.fc8a`; fc8a, Places365's name for fc8, also bare), prlz77's
+VGG-Face names (`conv_1_1.weight`), with
 `module.` / `_orig_mod.` wrappers at any depth (pytorch/examples' `features.module.0.weight`),
 a VGG held under one attribute prefix of a larger module (Lightning's `model.features.0.weight`;
 other tensors and an EMA copy beside it are ignored, two VGGs refused), and checkpoint wrappers
@@ -29,7 +30,12 @@ unpickler. Any other class is refused, never unpickled. torch.save's files writt
 pickle_protocol 0 or 1 (zip or legacy format; weights_only reads neither) or 4 and later are
 named as such, with how to save them again.
 Other tools' files (Keras .h5/.keras, TensorFlow checkpoints and SavedModel folders, ONNX, Caffe,
-MatConvNet, NumPy) are refused by name. Weights stored reparametrised (pruning's `weight_orig`
+MatConvNet, NumPy) are refused by name, and so are networks built from VGG's parts that are not
+the paper's VGG: pytorch-AdaIN's vgg_normalised.pth (a leading 1x1 conv, reflection padding),
+SSD's reduced-fc VGG16 (vgg16_reducedfc.pth, ssd.pytorch and mmdetection detectors: a dilated
+conv6, conv7), Faster R-CNN's RCNN_base / RCNN_top, LPIPS's lin layers alone, kuangliu's CIFAR
+VGG (one Linear head) and quantized weights. Two files known by name take their convention:
+vgg_face_dag.pth ("vggface") and Gatys' vgg_conv.pth ("caffe"). Weights stored reparametrised (pruning's `weight_orig`
 / `weight_mask`, weight norm's `weight_g`, spectral norm, `parametrizations.weight.*`) are
 refused, naming the torch call that makes them plain.
 
@@ -203,6 +209,9 @@ def load(src: Any, config: str | None = None) -> Weights:
             raise WeightsError(f"{source}: metadata 'class_names' must list {spec.num_classes} "
                                "strings, one per class")
     pre = meta.get("preprocess", preprocess)
+    if pre is None and isinstance(src, (str, os.PathLike)):
+        pre = _file_convention(Path(source), spec, canonical=all(
+            not k.startswith(("features.", "classifier.")) for k in sd))
     return Weights(spec, params, source, missing, nonfinite, names, pre, meta)
 
 
@@ -282,6 +291,22 @@ def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
     raise WeightsError(f"{repo!r}{at} is not in the Hugging Face cache{tag} ({cache}; looked for "
                        f"{' and '.join(_HF_FILES[:2])}, sharded or not); vggfast never downloads. "
                        f"Fetch it once with {fetch} or pass a path")
+
+
+# Files known by their name and layer names (conv1_1 ...) whose input convention nothing in
+# their tensors shows; used unless the file's metadata says. Albanie's conversion of
+# MatConvNet's VGG-Face, vgg_face_dag.pth (net D, 2622 identities; its class's meta: RGB 0-255
+# minus VGG-Face's own mean pixel), and Gatys' vgg_conv.pth (PytorchNeuralStyleTransfer: net E's
+# convs from Caffe, fed BGR 0-255 minus the ImageNet mean pixel). Both ran on torchvision's
+# input unsaid. name -> (convention, configuration, classes or None for no fc8)
+_FILE_CONVENTIONS = {"vgg_face_dag": ("vggface", "D", 2622), "vgg_conv": ("caffe", "E", None)}
+
+
+def _file_convention(path: Path, spec: NetSpec, canonical: bool) -> str | None:
+    hit = _FILE_CONVENTIONS.get(path.name.split(".")[0].lower())
+    if hit is None or not canonical or hit[1] != spec.config or spec.batch_norm:
+        return None
+    return hit[0] if hit[2] in (None, spec.num_classes) else None
 
 
 def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]:
@@ -967,6 +992,28 @@ def _from_convmodules(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# prlz77/vgg-face.pytorch's VGG_16 (VGG-Face from the Torch7 VGG_FACE.t7, and the code built on
+# it): conv_1_1 ... conv_5_3, fc6 (a Linear on pool5), fc7, fc8. Read as no VGG at all.
+_UNDERSCORED_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)conv_(?P<b>\d)_(?P<i>\d)\.(?P<p>weight|bias)$")
+
+
+def _from_underscored_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`P.conv_B_I.x` -> vggfast's `P.convB_I.x`, for a stack that has conv_1_1."""
+    hits = {k: m for k in sd for m in [_UNDERSCORED_KEY.match(k)] if m}
+    if not any(m["b"] == m["i"] == "1" for m in hits.values()):
+        return sd
+    out = {}
+    for k, v in sd.items():
+        m = hits.get(k)
+        if m is not None:
+            k = f"{m['owner']}conv{m['b']}_{m['i']}.{m['p']}"
+        if k in out:
+            raise WeightsError(f"two tensors are named {k!r} once conv_B_I is read as convB_I; "
+                               "keep one set")
+        out[k] = v
+    return out
+
+
 # A FeatureExtractor's parameters: the canonical names with "_" for "." (conv1_1_weight).
 _EXTRACTOR_KEY = re.compile(r"^(conv\d_\d|fc[678])_(weight|bias)$")
 
@@ -1064,9 +1111,85 @@ def _refuse_reparametrised(sd: dict[str, torch.Tensor]) -> None:
                        "state dict again")
 
 
+# Networks built from VGG's parts that are not the paper's VGG. Their tensors read as a VGG
+# matching no configuration of Table 1 ("17 convolutions with kernel sizes [1, 3, ...]"), or as
+# no VGG at all, which named neither the file nor why vggfast cannot run it.
+_SEQ_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)(?P<i>\d+)\.weight$")
+
+
+def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
+    """A WeightsError naming a style-transfer encoder with reflection padding (pytorch-AdaIN's
+    vgg_normalised.pth) or its decoder, SSD's reduced-fc VGG16, an FCN or a Faster R-CNN
+    detector built on VGG16."""
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = _SEQ_KEY.match(k)
+        if m and isinstance(v, torch.Tensor) and v.dim() == 4:
+            groups.setdefault(m.group("owner"), {})[int(m.group("i"))] = v
+    vgg_beside = any(_VGG_KEY.search(k) for k in sd)
+    # AdaIN's encoder (from the Lua AdaIN-style's vgg_normalised.t7; pytorch-AdaIN's Sequential,
+    # its Net's enc_1 ... enc_4, PytorchWCT's encoders' conv1, conv2, ...): Conv2d(3, 3, 1) turns
+    # RGB in [0, 1] into Caffe's input, then ReflectionPad2d, Conv2d(.., 3) (no padding of its
+    # own), ReLU per conv. Reflection padding gives other values than the paper's zero padding
+    # all along the borders, at every layer, so it cannot be folded away.
+    weights = [(k, v) for k, v in sd.items() if k.split(".")[-1] == "weight" and v.dim() == 4]
+    recolour = next((k for k, v in weights if tuple(v.shape) == (3, 3, 1, 1)), None)
+    conv1_1 = next((k for k, v in weights if v.shape[1] == 3 and v.shape[-1] == 3), None)
+    if not vgg_beside and recolour is not None and conv1_1 is not None:
+        raise WeightsError(
+            f"a style-transfer encoder, not the paper's VGG: '{recolour}' is a 1x1 conv that "
+            f"recolours the input before conv1_1 ('{conv1_1}'), as in pytorch-AdaIN's "
+            "vgg_normalised.pth and the WCT encoders, whose 3x3 convs are padded by a "
+            "ReflectionPad2d before each; vggfast runs VGG with zero padding, which differs at "
+            "every border, so it cannot run these weights")
+    for owner, convs in sorted(groups.items()):
+        # AdaIN's decoder.pth (and WCT's) mirrors the encoder: relu4_1's 512 channels back to
+        # RGB; it read as "conv1_1 reads 512 channels; VGG takes RGB (3)". Beside a VGG (an
+        # autoencoder's checkpoint) it is another network, left to _strip_owner.
+        lo, hi = convs[min(convs)], convs[max(convs)]
+        if not vgg_beside and len(convs) > 2 and hi.shape[0] == 3 and lo.shape[1] > 3:
+            raise WeightsError(
+                f"an image decoder, not a VGG: its first conv ('{owner}{min(convs)}.weight') reads "
+                f"{lo.shape[1]} channels and its last ('{owner}{max(convs)}.weight') makes 3, "
+                "an image (pytorch-AdaIN's decoder.pth, a style-transfer decoder); pass the "
+                "encoder's weights, or torchvision's VGG")
+        # ssd.pytorch / mmdetection's SSDVGG: torchvision's VGG16 convs (pool3 in ceil mode),
+        # pool5 3x3 stride 1, conv6 a 3x3 conv with dilation 6 (fc6 subsampled to 1024 wide)
+        # at 31 and conv7 (fc7) a 1x1 conv at 33
+        w28, w31, w33 = convs.get(28), convs.get(31), convs.get(33)
+        if w28 is not None and w31 is not None and w33 is not None and w31.shape[-1] == 3 \
+                and w33.shape[-1] == 1 and w31.shape[1] == w28.shape[0]:
+            raise WeightsError(
+                f"SSD's VGG16 backbone, not the paper's VGG ('{owner}31.weight' "
+                f"{tuple(w31.shape)}, '{owner}33.weight' {tuple(w33.shape)}: ssd.pytorch's "
+                "vgg16_reducedfc.pth or an SSD detector): fc6 and fc7 are a dilated 3x3 conv and a 1x1 conv "
+                f"{w31.shape[0]} wide after a 3x3 stride-1 pool5, and the input is Caffe's; "
+                "vggfast cannot run them; for VGG16 itself pass torchvision's 'vgg16' or "
+                "jcjohnson's vgg16-00b39a1b.pth")
+    fcn = sorted(k for k in sd if re.search(r"(^|\.)(score_fr|upscore\w*)\.weight$", k))
+    if fcn:
+        # wkentaro/pytorch-fcn's FCN32s/16s/8s (conv1_1 ... fc7 as convs, then score_fr and a
+        # transposed conv): it passed for vggfast's names cut after fc7, score_fr dropped
+        raise WeightsError(
+            f"a fully convolutional segmentation net (FCN: {', '.join(fcn[:2])}), not a VGG "
+            "classifier: conv1_1 pads the image by 100 pixels, score_fr and the upsampling "
+            "layers are no layers of VGG, and the input is Caffe's; vggfast cannot run it; "
+            "pass the VGG16 it was trained from")
+    if any(k.startswith(("RCNN_base.", "RCNN_top.")) for k in sd):
+        # jwyang/faster-rcnn.pytorch: RCNN_base = vgg.features[:-1] (no pool5), RCNN_top =
+        # vgg.classifier[:-1] (no fc8), RoI pooling in between: read as "no VGG found"
+        raise WeightsError(
+            "a Faster R-CNN detector's weights (RCNN_base, RCNN_top, RCNN_rpn: "
+            "faster-rcnn.pytorch), not a VGG classifier: its VGG16 has no pool5 and no fc8 and "
+            "runs on RoI-pooled boxes, which vggfast does not do; pass the VGG16 it was "
+            "trained from (vgg16_caffe.pth, with preprocess='caffe')")
+
+
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
-    sd = _from_layer_names(_from_cadene(_strip_prefixes(sd)))
+    sd = _strip_prefixes(sd)
+    _refuse_other_networks(sd)
+    sd = _from_layer_names(_from_cadene(_from_underscored_names(sd)))
     sd = _from_convmodules(_unslice(_from_timm_features(sd)))
     for k, v in _strip_owner(sd).items():
         for old, new in _TIMM.items():
@@ -1250,10 +1373,21 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
                                "model in torchvision's layout (features.N) or fold the BatchNorm "
                                "into the convolutions first")
     else:
+        lins = sorted(k for k in sd if re.search(r"(^|\.)lin\d\.model\.1\.weight$", k))
+        if lins:    # LPIPS's weights/v0.1/vgg.pth and taming-transformers' vgg.pth
+            raise WeightsError(
+                f"LPIPS's linear layers alone ({', '.join(lins[:2])}, ...: 1x1 weights on "
+                "the VGG's features), not a VGG: LPIPS runs them on torchvision's vgg16, so "
+                "load that ('vgg16'), or a state dict of the whole LPIPS module (net.slice1 ...)")
         sample = ", ".join(list(sd)[:5])
         raise WeightsError("unknown layout: no VGG convolution tensors found (expected torchvision "
                            f"'features.N.weight', timm, or vggfast names; found {sample}...)")
     for w in conv_w:
+        if w.is_quantized:     # torch.ao.quantization's convert(): int8 values and their scales
+            raise WeightsError(
+                f"quantized convolution weights ({str(w.dtype).replace('torch.', '')}, a model "
+                "after torch.ao.quantization's convert); vggfast computes in floating point: "
+                "save the float model's state dict, from before convert")
         if not w.is_floating_point():
             raise WeightsError(f"convolution weights must be floating point, found {w.dtype}")
         if w.dim() != 4 or w.numel() == 0:
@@ -1299,6 +1433,14 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
     present = [n for n, v in fc.items() if v is not None]
     stray = sorted(k for k in sd if k.startswith("classifier") and not re.fullmatch(
         r"classifier\.[036]\.(weight|bias)", k))
+    if set(stray) == {"classifier.weight", "classifier.bias"} and not present:
+        # kuangliu/pytorch-cifar's VGG: the 1x1 map of a 32x32 image straight into
+        # Linear(512, classes)
+        raise WeightsError(
+            f"classifier.weight {tuple(sd['classifier.weight'].shape)}: one Linear layer on the "
+            "conv features (a CIFAR VGG, as in kuangliu/pytorch-cifar), where the paper's VGG "
+            "has fc6, fc7 and fc8 (classifier.0, .3, .6); vggfast does not run that head (drop "
+            "the classifier.* tensors to use the convolutions for features)")
     if stray:
         shapes = ", ".join(f"{k} {tuple(sd[k].shape)}" for k in stray[:4])
         raise WeightsError(f"unexpected tensors {shapes}{' ...' if len(stray) > 4 else ''}: the "
@@ -1361,8 +1503,19 @@ def _canonicalise(sd: dict[str, torch.Tensor], config: str | None, meta: dict[st
 
     params: dict[str, torch.Tensor] = {}
     nonfinite = []
+    # each conv reading what the one before makes, with widths that change inside a block:
+    # a channel-pruned VGG (neural-style-pt's channel_pruning.pth: 24, 22 | 41, 51 | ...)
+    chained = all(b.shape[1] == a.shape[0] for a, b in zip(conv_w, conv_w[1:]))
     for layer, w in zip(spec.convs, conv_w):
         if tuple(w.shape) != (layer.cout, layer.cin, layer.k, layer.k):
+            widths = [int(v.shape[0]) for l, v in zip(spec.convs, conv_w)
+                      if l.block == layer.block]
+            if chained and w.shape[-1] == layer.k and len(set(widths)) > 1:
+                raise WeightsError(
+                    f"{layer.name}: {w.shape[0]} channels where block {layer.block}'s convs "
+                    f"have {', '.join(map(str, widths))}: a channel-pruned VGG (e.g. neural-style-pt's "
+                    "channel_pruning.pth); vggfast runs one width per block, as the paper's "
+                    "networks have, so it cannot run these weights")
             raise WeightsError(
                 f"{layer.name}: weight shape {tuple(w.shape)} does not fit configuration "
                 f"{spec.config} at width {width:g} (expected {(layer.cout, layer.cin, layer.k, layer.k)})")
