@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -55,8 +56,72 @@ class OneLineParser(argparse.ArgumentParser):
     `--help`) and exit code PARTIAL (2), not argparse's usage block."""
 
     def error(self, message: str):
-        message = message.replace("\r", "\\r").replace("\n", "\\n")
+        message = message.replace("\r", "\\r").replace("\n", "\\n") + _misplaced_hint(message)
         self.exit(PARTIAL, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _misplaced_hint(message: str) -> str:
+    """What to do when an option that takes several numbers (`--scales Q [Q ...]`) swallowed the
+    image or folder that followed it: `vggfast classify -w W --scales 256 photo.jpg` reads
+    photo.jpg as a scale, and argparse's "invalid int value: 'photo.jpg'" alone does not say
+    why."""
+    m = re.match(r"argument (--[\w-]+): invalid int value: '(.*)'$", message)
+    # a path: "-", an existing file, or a name with a folder or a suffix (not 1.5e3)
+    if not m or not (m[2] == "-" or os.path.exists(m[2]) or
+                     re.search(r"[/\\]|\.[A-Za-z]\w*$", m[2])):
+        return ""
+    return (f"; {m[2]} is not a number but a path: put the images before {m[1]}, or end its "
+            f"numbers with -- (e.g. {m[1]} 256 384 -- photo.jpg)")
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """The allocator's own words when `exc` is a failed allocation (a budget raised past what the
+    machine holds, VGGFAST_MEMORY_BUDGET=1TiB on a 16 GB host, lets the request through the
+    check made before anything is allocated); None for any other error."""
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or
+                                          "out of memory" in text.lower()):
+        return text.strip().splitlines()[0] if text.strip() else "out of memory"
+    return None
+
+
+class OutputError(VGGFastError):
+    """Standard output could not be written (a full disk, /dev/full, an I/O error)."""
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs: a failed write or flush of the results is an OutputError
+    (one line, exit 2), told apart from an OSError of any other file, which stays a traceback.
+    BrokenPipeError (the reader left, `| head`) passes through as it is."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write to standard output: {exc.strerror or exc}") from exc
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null so that the interpreter's last flush of what is still
+    buffered does not fail again and print an "Exception ignored" report after the error line."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def error_line(exc: BaseException) -> str:
@@ -108,6 +173,8 @@ def cmd_classify(args) -> int:
     from .preprocess import load_image
     from .engine import CHUNK_IMAGES, skipping_oversized
     from .protocols import list_images, no_images_note
+    if args.images.count("-") > 1:   # the second would read an emptied stdin
+        raise ArgumentError("- is given more than once; standard input holds one image file")
     paths = []
     for path in args.images:     # a folder stands for its image files (recursive, sorted)
         inside = list_images(Path(path)) if path != "-" and os.path.isdir(path) else [path]
@@ -370,6 +437,18 @@ def _printable_stdout():
                 out.reconfigure(errors=errors)
 
 
+@contextlib.contextmanager
+def _guarded_stdout():
+    """sys.stdout as a _GuardedStdout for the command's run (the stream it wraps is put back)."""
+    out = sys.stdout
+    sys.stdout = _GuardedStdout(out)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _GuardedStdout):   # unless the command replaced it itself
+            sys.stdout = out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv_given = argv
@@ -384,10 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv_given is None:
         distributed.command_ends_process()
     try:
-        with _pil_quiet(), _printable_stdout():
+        with _pil_quiet(), _printable_stdout(), _guarded_stdout():
             code = int(args.func(args) or 0)
-        sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
+            sys.stdout.flush()         # a closed pipe shows here, not at interpreter exit
         return code
+    except OutputError as exc:         # `vggfast classify ... > /dev/full`: the results are lost
+        print(error_line(exc), file=sys.stderr)
+        _silence_stdout()
+        return PARTIAL
     except VGGFastError as exc:
         print(error_line(exc), file=sys.stderr)
         return PARTIAL
@@ -397,5 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:            # `vggfast classify ... | head`: the reader left; no trace
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (RuntimeError, MemoryError) as exc:
+        why = _out_of_memory(exc)
+        if why is None:
+            raise
+        print(error_line(VGGFastError(
+            f"{why}; the request needs more memory than this machine has free: use smaller "
+            f"scales or fewer images, or a memory budget (VGGFAST_MEMORY_BUDGET, "
+            f"Engine(..., memory_budget=)) within the memory it has")), file=sys.stderr)
+        return PARTIAL
     finally:
         distributed.finished()         # under torchrun: the status above is this rank's own

@@ -223,12 +223,39 @@ class Result:
     def to_dict(self, k: int | None = None) -> dict[str, Any]:
         return {"top": [{"index": i, "name": n, "prob": p} for i, n, p in self.top(k)]}
 
+    def __eq__(self, other: object) -> bool:
+        # the dataclass's own == compares the tensors with ==, whose truth value raises
+        # ("Boolean value of Tensor with more than one value is ambiguous"): equal is the same
+        # posteriors bit for bit, per scale, method and model, and the same class names
+        if not isinstance(other, Result):
+            return NotImplemented
+        return (_same(self.probs, other.probs) and list(self.class_names) ==
+                list(other.class_names) and self.top_k == other.top_k and
+                _same(self.per_scale, other.per_scale) and
+                _same(self.per_method, other.per_method) and
+                _same(self.per_model, other.per_model))
+
+    __hash__ = None    # mutable, holds tensors: as the dataclass with eq would have it
+
     def __repr__(self) -> str:      # the answer, not a thousand probabilities
         top = ", ".join(f"({i}, {n!r}, {p:.4f})" for i, n, p in self.top())
         scales = f", scales={sorted(self.per_scale)}" if self.per_scale else ""
         methods = f", methods={list(self.per_method)}" if self.per_method else ""
         models = f", models={len(self.per_model)}" if self.per_model else ""
         return f"Result(top=[{top}]{scales}{methods}{models})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of Result fields: tensors by value (dtype, shape and every element), dicts and
+    lists item by item, anything else with ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def check_nchw(x: Any, who: str) -> None:
@@ -421,6 +448,14 @@ class Engine:
             self.loc_preprocess = preprocess or self.loc_weights.preprocess or self.preprocess
             self._loc_backend = self._make_backend(self.loc_weights)
         self._executor = Executor(self)
+
+    def __reduce__(self):
+        # The backends hold what does not pickle (the C++ planner's layer table, packed
+        # kernel weights, arenas, CUDA graphs); a copy (copy.deepcopy, pickle, a worker process
+        # of multiprocessing) is built again from the same canonical weights and settings
+        preprocess = self.preprocess if self.preprocess_from == "argument" else None
+        return (Engine, (self.weights, None, self.device, self.dtype, self.backend_name,
+                         preprocess, self.memory_budget, self.loc_weights, self.cuda_graphs))
 
     def _make_backend(self, weights: Weights):
         if self.backend_name == "torch":

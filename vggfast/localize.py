@@ -1116,6 +1116,9 @@ def _loc_engine(args):
 
 
 def cmd_localize(args) -> int:
+    if args.draw < 0:   # would draw all of them, as 0 does, without a word
+        raise ArgumentError(f"--draw must be 0 (all --top boxes) or a positive number of "
+                            f"boxes, not {args.draw}")
     if args.out:    # refused before the nets are loaded, not after the boxes are printed
         pp.image_format(args.out)
     eng = _loc_engine(args)
