@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "flips per scale) or both averaged")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--explain", action="store_true",
-                   help="print the scheduler's plan (views, batches, memory) first")
+                   help="print the scheduler's plan (views, batches, memory) first (on "
+                        "standard error with --json, which keeps standard output JSON)")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("info", help="describe weights: configuration, parameters, classes")
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weights to describe (or --weights)")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     # $VGGFAST_WEIGHTS is read in cmd_info, so that only a --weights typed beside WEIGHTS clashes
     p.set_defaults(func=cmd_info, weights=None)
 

@@ -1156,7 +1156,7 @@ def add_cli(sub) -> None:
                         "...); a missing folder is made")
     p.add_argument("--draw", type=int, default=0,
                    help="boxes drawn with --out, best first (default 0: all --top boxes)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_localize)
 
 
