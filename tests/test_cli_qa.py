@@ -207,3 +207,23 @@ def test_only_standard_output_failures_are_taken_for_one(weights, capsys, monkey
     assert main(["info", weights]) == 2
     monkeypatch.undo()
     assert "cannot write to standard output" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("url,then", [
+    ("https://download.pytorch.org/models/vgg16-397923af.pth", "then pass 'vgg16'"),
+    ("https://download.pytorch.org/models/vgg19_bn-c79401a0.pth", "then pass 'vgg19_bn'"),
+    ("https://download.pytorch.org/models/vgg16_features-amdegroot-88682ab5.pth",
+     "then pass 'vgg16_features'"),
+    ("https://huggingface.co/timm/vgg16.tv_in1k/resolve/main/model.safetensors?download=true",
+     "download_url_to_file('https://huggingface.co/timm/vgg16.tv_in1k/resolve/main/"
+     "model.safetensors?download=true', 'model.safetensors')\", then pass the path "
+     "model.safetensors"),
+])
+def test_a_url_as_weights_says_how_to_fetch_it(url, then, capsys):
+    """A URL pasted from torchvision's model table said "weights file not found:
+    https:/download.pytorch.org/..." (Path dropped a slash) and nothing of what to do."""
+    with pytest.raises(vggfast.VGGFastError, match="is a URL; vggfast never downloads") as err:
+        vggfast.Engine(url)
+    assert str(err.value).startswith(f"weights {url} ") and str(err.value).endswith(then)
+    assert main(["info", url]) == 2
+    assert then in _one_line(capsys.readouterr().err)
