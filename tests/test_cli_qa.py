@@ -227,3 +227,20 @@ def test_a_url_as_weights_says_how_to_fetch_it(url, then, capsys):
     assert str(err.value).startswith(f"weights {url} ") and str(err.value).endswith(then)
     assert main(["info", url]) == 2
     assert then in _one_line(capsys.readouterr().err)
+
+
+def test_standard_input_from_a_terminal_is_refused_not_waited_on(weights, capsys, monkeypatch):
+    """`vggfast classify -` typed at a prompt, with nothing piped in, waited for input forever
+    (Ctrl-D then said "standard input is empty")."""
+    class Terminal:
+        def isatty(self):
+            return True
+
+        @property
+        def buffer(self):
+            pytest.fail("read a terminal")
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    for command in (["classify", "-"], ["heatmap", "-", "--out", "never.png"]):
+        assert main([*command, "-w", weights, "--scales" if command[0] == "classify" else
+                     "--scale", "32"]) == 2
+        assert "standard input is a terminal" in _one_line(capsys.readouterr().err)

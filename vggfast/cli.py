@@ -158,6 +158,10 @@ def _stdin_image():
     "<bytes>")."""
     from .errors import ImageError
     from .preprocess import load_image
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        if sys.stdin.isatty():   # `vggfast classify -` typed alone would wait for bytes forever
+            raise ImageError(f"{STDIN_NAME} is a terminal, not an image file; pipe one into `-`, "
+                             "e.g. cat photo.jpg | vggfast classify - (or heatmap -)")
     data = sys.stdin.buffer.read()
     if not data:
         raise ImageError(f"{STDIN_NAME} is empty; pipe an image file into `-`, e.g. "
