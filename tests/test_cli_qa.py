@@ -244,3 +244,14 @@ def test_standard_input_from_a_terminal_is_refused_not_waited_on(weights, capsys
         assert main([*command, "-w", weights, "--scales" if command[0] == "classify" else
                      "--scale", "32"]) == 2
         assert "standard input is a terminal" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("size", ["32", "192", "230", "-5"])
+def test_bench_refuses_a_size_below_the_native_size(size, capsys):
+    """`vggfast bench --size 32` passed the multiple-of-32 check and ended in F.conv2d's
+    traceback ("Kernel size can't be greater than actual input size") at fc6."""
+    assert _status(["bench", "--size", size, "--batches", "1", "--no-dense", "--no-engine",
+                    "--out", "never-written"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "--size must be a multiple of 32 and at least 224" in err and size in err
+    assert not os.path.exists("never-written")
