@@ -246,6 +246,14 @@ def test_standard_input_from_a_terminal_is_refused_not_waited_on(weights, capsys
         assert "standard input is a terminal" in _one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("rep", ["0", "-1"])
+def test_bench_refuses_a_repetition_time_that_times_nothing(rep, capsys):
+    assert _status(["bench", "--rep", rep, "--out", "never-written"]) == 2
+    assert f"--rep must be a positive number of milliseconds, not {rep}" in _one_line(
+        capsys.readouterr().err)
+    assert not os.path.exists("never-written")
+
+
 @pytest.mark.parametrize("size", ["32", "192", "230", "-5"])
 def test_bench_refuses_a_size_below_the_native_size(size, capsys):
     """`vggfast bench --size 32` passed the multiple-of-32 check and ended in F.conv2d's

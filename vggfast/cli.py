@@ -490,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         if why is None:
             raise
         print(error_line(VGGFastError(
-            f"{why}; the request needs more memory than this machine has free: use smaller "
-            f"scales or fewer images, or a memory budget (VGGFAST_MEMORY_BUDGET, "
-            f"Engine(..., memory_budget=)) within the memory it has")), file=sys.stderr)
+            f"{why}; the request needs more memory than this machine has free: ask for less "
+            f"(smaller scales or batches, fewer images), or keep the memory budget "
+            f"(VGGFAST_MEMORY_BUDGET, Engine(..., memory_budget=)) within the memory it has")),
+            file=sys.stderr)
         return PARTIAL
     finally:
         distributed.finished()         # under torchrun: the status above is this rank's own
