@@ -263,3 +263,41 @@ def test_bench_refuses_a_size_below_the_native_size(size, capsys):
     err = _one_line(capsys.readouterr().err)
     assert "--size must be a multiple of 32 and at least 224" in err and size in err
     assert not os.path.exists("never-written")
+
+
+def test_threads_mixing_every_kind_of_request_get_the_serial_answers(digits, samples):
+    """test_engine checks threads classifying; a server also mixes protocols, features, score
+    maps and logits on one Engine at once: each answer equals the one computed alone, bit for
+    bit."""
+    import threading
+    cat, rocket, coffee, astro = (str(samples[k]) for k in ("cat", "rocket", "coffee",
+                                                            "astronaut"))
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    jobs = {
+        "dense": lambda: digits.classify(cat, scales=[32, 48]).probs,
+        "multicrop": lambda: digits.classify(rocket, scales=[40], method="multicrop").probs,
+        "fused": lambda: digits.classify(coffee, scales=[32, 40],
+                                         method="dense+multicrop").probs,
+        "list": lambda: torch.stack([r.probs for r in digits.classify(
+            [cat, rocket, coffee, astro], scales=[36])]),
+        "features": lambda: digits.features([cat, rocket], layer="relu5_2", scales=[32, 48]),
+        "score_map": lambda: digits.score_map(astro, scale=64),
+        "logits": lambda: digits.logits(x),
+    }
+    want = {name: job() for name, job in jobs.items()}
+    got, errors = [], []
+
+    def work(name):
+        try:
+            for _ in range(2):
+                got.append((name, jobs[name]()))
+        except Exception as exc:          # noqa: BLE001 -- reported below, with its job
+            errors.append(f"{name}: {exc!r}")
+    threads = [threading.Thread(target=work, args=(name,)) for name in [*jobs, *jobs]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert len(got) == 4 * len(jobs)
+    assert [name for name, out in got if not torch.equal(out, want[name])] == []
