@@ -120,12 +120,22 @@ def test_an_option_that_swallowed_the_image_says_where_images_go(weights, sample
     cat = str(samples["cat"])
     assert _status(["classify", "-w", weights, "--scales", "32", cat]) == 2
     err = _one_line(capsys.readouterr().err)
-    assert f"invalid int value: '{cat}'" in err and "put the images before --scales" in err
+    assert f"invalid int value: '{cat}'" in err
+    assert "put the images or folders before --scales" in err
     assert _status(["classify", "-w", weights, "--scales", "32", "typo.jpg"]) == 2
-    assert "put the images before --scales" in capsys.readouterr().err  # a path, if missing
+    # a name with a suffix is a path even where no such file exists
+    assert "put the images or folders before --scales" in capsys.readouterr().err
     # what the hint says works
     assert _status(["classify", "-w", weights, "--top", "1", "--scales", "32", "--", cat]) == 0
     assert capsys.readouterr().out.startswith(cat)
+    # evaluate's --method list swallows the folder the same way
+    assert _status(["evaluate", "-w", weights, "--method", "dense", "multicrop",
+                    str(samples["cat"].parent)]) == 2
+    assert "before --method, or end its values with -- (e.g. --method dense -- " in _one_line(
+        capsys.readouterr().err)
+    # a one-value option given a path is a wrong value, not a misplaced image
+    assert _status(["classify", "-w", weights, "--backend", cat, cat]) == 2
+    assert "invalid choice" in (err := _one_line(capsys.readouterr().err)) and "put" not in err
     # a mistyped number is not taken for a path
     for value in ("nan", "32.5", "1.5e3"):
         assert _status(["classify", cat, "-w", weights, "--scales", value]) == 2

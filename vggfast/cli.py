@@ -56,22 +56,27 @@ class OneLineParser(argparse.ArgumentParser):
     `--help`) and exit code PARTIAL (2), not argparse's usage block."""
 
     def error(self, message: str):
-        message = message.replace("\r", "\\r").replace("\n", "\\n") + _misplaced_hint(message)
+        message = (message.replace("\r", "\\r").replace("\n", "\\n") +
+                   _misplaced_hint(message, self))
         self.exit(PARTIAL, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _misplaced_hint(message: str) -> str:
-    """What to do when an option that takes several numbers (`--scales Q [Q ...]`) swallowed the
-    image or folder that followed it: `vggfast classify -w W --scales 256 photo.jpg` reads
-    photo.jpg as a scale, and argparse's "invalid int value: 'photo.jpg'" alone does not say
-    why."""
-    m = re.match(r"argument (--[\w-]+): invalid int value: '(.*)'$", message)
+def _misplaced_hint(message: str, parser: argparse.ArgumentParser) -> str:
+    """What to do when an option that takes a list (`--scales Q [Q ...]`, evaluate's
+    `--method M [M ...]`) swallowed the image or folder that followed it: `vggfast classify -w W
+    --scales 256 photo.jpg` reads photo.jpg as a scale, and argparse's "invalid int value:
+    'photo.jpg'" alone does not say why."""
+    m = re.match(r"argument (--[\w-]+)(?:/-\w+)?: invalid (int value|choice): '(.*?)'", message)
+    action = parser._option_string_actions.get(m[1]) if m else None
+    if action is None or action.nargs not in ("+", "*"):
+        return ""        # a one-value option: the value typed is wrong, not misplaced
+    value = m[3]
     # a path: "-", an existing file, or a name with a folder or a suffix (not 1.5e3)
-    if not m or not (m[2] == "-" or os.path.exists(m[2]) or
-                     re.search(r"[/\\]|\.[A-Za-z]\w*$", m[2])):
+    if not (value == "-" or os.path.exists(value) or re.search(r"[/\\]|\.[A-Za-z]\w*$", value)):
         return ""
-    return (f"; {m[2]} is not a number but a path: put the images before {m[1]}, or end its "
-            f"numbers with -- (e.g. {m[1]} 256 384 -- photo.jpg)")
+    example = "256 384" if m[2] == "int value" else next(iter(action.choices or ()), "...")
+    return (f"; {value} is a path, not one of {m[1]}'s values: put the images or folders "
+            f"before {m[1]}, or end its values with -- (e.g. {m[1]} {example} -- {value})")
 
 
 def _out_of_memory(exc: BaseException) -> str | None:
