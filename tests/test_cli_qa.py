@@ -311,3 +311,23 @@ def test_threads_mixing_every_kind_of_request_get_the_serial_answers(digits, sam
     assert not errors and not any(t.is_alive() for t in threads), errors
     assert len(got) == 4 * len(jobs)
     assert [name for name, out in got if not torch.equal(out, want[name])] == []
+
+
+def test_memory_budget_takes_the_sizes_the_environment_variable_takes(monkeypatch):
+    """VGGFAST_MEMORY_BUDGET=16GiB works, Engine(memory_budget="16GiB") was refused as "not a
+    positive number of bytes"; both read one syntax, and a bad one names where it came from."""
+    sd = small_model().state_dict()
+    assert vggfast.Engine(sd, memory_budget="16GiB").memory_budget == 16 << 30
+    assert vggfast.Engine(sd, memory_budget="1.5 GB").memory_budget == 3 << 29
+    assert vggfast.Engine(sd, memory_budget=4096).memory_budget == 4096
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "2GiB")
+    assert vggfast.Engine(sd).memory_budget == 2 << 30
+    assert vggfast.Engine(sd, memory_budget="1MiB").memory_budget == 1 << 20  # the argument wins
+    with pytest.raises(vggfast.VGGFastError, match=r"^memory_budget='lots' is not a size"):
+        vggfast.Engine(sd, memory_budget="lots")
+    for bad in ("0", "-1GiB", "nan", "inf"):
+        with pytest.raises(vggfast.VGGFastError, match="positive finite size"):
+            vggfast.Engine(sd, memory_budget=bad)
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "lots")
+    with pytest.raises(vggfast.VGGFastError, match=r"^VGGFAST_MEMORY_BUDGET='lots' is not"):
+        vggfast.Engine(sd)

@@ -310,7 +310,9 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _parse_bytes(text: str) -> int:
+def _parse_bytes(text: str, what: str = "VGGFAST_MEMORY_BUDGET") -> int:
+    """Bytes of a size such as "16GiB", "1.5GB" or "8000000" (K/M/G/T, binary); `what` names
+    where the text came from in the error."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     mult = units.get(t[-1:], 1)
@@ -318,7 +320,7 @@ def _parse_bytes(text: str) -> int:
     try:
         value = float(num) * mult
     except ValueError:
-        raise ArgumentError(f"VGGFAST_MEMORY_BUDGET={text!r} is not a size such as 8GiB")
+        raise ArgumentError(f"{what}={text!r} is not a size such as 8GiB")
     if not math.isfinite(value) or value < 1:
         raise ArgumentError(f"memory budget must be a positive finite size such as 8GiB, not "
                             f"{text!r}")
@@ -389,8 +391,9 @@ class Engine:
     Caffe (caffemodel2pytorch's output, VGG-Face, ...), whatever their names: nothing in the
     tensors tells a Caffe conversion (VGG-Face's 2622 classes come converted from Caffe, BGR, and
     from MatConvNet, RGB). `info()["preprocess_from"]` says which decided.
-    memory_budget: bytes of activations one batch may use (default: 80% of the GPU, 8 GiB on
-    CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
+    memory_budget: bytes of activations one batch may use, a number or a size such as "16GiB"
+    (default: 80% of the GPU, 8 GiB on CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger
+    requests are refused up front.
     loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
     this classifier for `localize`; run on a second backend of the same kind.
     cuda_graphs: None = on for a CUDA device. A batch shape seen a second time is captured in a
@@ -413,6 +416,8 @@ class Engine:
             raise ArgumentError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if preprocess is not None:
             pp.convention(preprocess)
+        if isinstance(memory_budget, str):   # "16GiB", as VGGFAST_MEMORY_BUDGET takes it
+            memory_budget = _parse_bytes(memory_budget, "memory_budget")
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
                 memory_budget, numbers.Real) or not math.isfinite(memory_budget)
                 or not memory_budget >= 1):
