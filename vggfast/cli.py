@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -56,8 +57,77 @@ class OneLineParser(argparse.ArgumentParser):
     `--help`) and exit code PARTIAL (2), not argparse's usage block."""
 
     def error(self, message: str):
-        message = message.replace("\r", "\\r").replace("\n", "\\n")
+        message = (message.replace("\r", "\\r").replace("\n", "\\n") +
+                   _misplaced_hint(message, self))
         self.exit(PARTIAL, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _misplaced_hint(message: str, parser: argparse.ArgumentParser) -> str:
+    """What to do when an option that takes a list (`--scales Q [Q ...]`, evaluate's
+    `--method M [M ...]`) swallowed the image or folder that followed it: `vggfast classify -w W
+    --scales 256 photo.jpg` reads photo.jpg as a scale, and argparse's "invalid int value:
+    'photo.jpg'" alone does not say why."""
+    m = re.match(r"argument (--[\w-]+)(?:/-\w+)?: invalid (int value|choice): '(.*?)'", message)
+    action = parser._option_string_actions.get(m[1]) if m else None
+    if action is None or action.nargs not in ("+", "*"):
+        return ""        # a one-value option: the value typed is wrong, not misplaced
+    value = m[3]
+    # a path: "-", an existing file, or a name with a folder or a suffix (not 1.5e3)
+    if not (value == "-" or os.path.exists(value) or re.search(r"[/\\]|\.[A-Za-z]\w*$", value)):
+        return ""
+    example = "256 384" if m[2] == "int value" else next(iter(action.choices or ()), "...")
+    return (f"; {value} is a path, not one of {m[1]}'s values: put the images or folders "
+            f"before {m[1]}, or end its values with -- (e.g. {m[1]} {example} -- {value})")
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """The allocator's own words when `exc` is a failed allocation (a budget raised past what the
+    machine holds, VGGFAST_MEMORY_BUDGET=1TiB on a 16 GB host, lets the request through the
+    check made before anything is allocated); None for any other error."""
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or
+                                          "out of memory" in text.lower()):
+        return text.strip().splitlines()[0] if text.strip() else "out of memory"
+    return None
+
+
+class OutputError(VGGFastError):
+    """Standard output could not be written (a full disk, /dev/full, an I/O error)."""
+
+
+class _GuardedStdout:
+    """sys.stdout while a command runs: a failed write or flush of the results is an OutputError
+    (one line, exit 2), told apart from an OSError of any other file, which stays a traceback.
+    BrokenPipeError (the reader left, `| head`) passes through as it is."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write to standard output: {exc.strerror or exc}") from exc
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null so that the interpreter's last flush of what is still
+    buffered does not fail again and print an "Exception ignored" report after the error line."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def error_line(exc: BaseException) -> str:
@@ -94,6 +164,10 @@ def _stdin_image():
     "<bytes>")."""
     from .errors import ImageError
     from .preprocess import load_image
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        if sys.stdin.isatty():   # `vggfast classify -` typed alone would wait for bytes forever
+            raise ImageError(f"{STDIN_NAME} is a terminal, not an image file; pipe one into `-`, "
+                             "e.g. cat photo.jpg | vggfast classify - (or heatmap -)")
     data = sys.stdin.buffer.read()
     if not data:
         raise ImageError(f"{STDIN_NAME} is empty; pipe an image file into `-`, e.g. "
@@ -109,6 +183,8 @@ def cmd_classify(args) -> int:
     from .preprocess import load_image
     from .engine import CHUNK_IMAGES, skipping_oversized
     from .protocols import list_images, no_images_note
+    if args.images.count("-") > 1:   # the second would read an emptied stdin
+        raise ArgumentError("- is given more than once; standard input holds one image file")
     paths = []
     for path in args.images:     # a folder stands for its image files (recursive, sorted)
         inside = list_images(Path(path)) if path != "-" and os.path.isdir(path) else [path]
@@ -264,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "flips per scale) or both averaged")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--explain", action="store_true",
-                   help="print the scheduler's plan (views, batches, memory) first")
+                   help="print the scheduler's plan (views, batches, memory) first (on "
+                        "standard error with --json, which keeps standard output JSON)")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("info", help="describe weights: configuration, parameters, classes")
@@ -272,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weights to describe (or --weights)")
     _weights_arg(p)
     _engine_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     # $VGGFAST_WEIGHTS is read in cmd_info, so that only a --weights typed beside WEIGHTS clashes
     p.set_defaults(func=cmd_info, weights=None)
 
@@ -371,6 +448,18 @@ def _printable_stdout():
                 out.reconfigure(errors=errors)
 
 
+@contextlib.contextmanager
+def _guarded_stdout():
+    """sys.stdout as a _GuardedStdout for the command's run (the stream it wraps is put back)."""
+    out = sys.stdout
+    sys.stdout = _GuardedStdout(out)
+    try:
+        yield
+    finally:
+        if isinstance(sys.stdout, _GuardedStdout):   # unless the command replaced it itself
+            sys.stdout = out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv_given = argv
@@ -385,10 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv_given is None:
         distributed.command_ends_process()
     try:
-        with _pil_quiet(), _printable_stdout():
+        with _pil_quiet(), _printable_stdout(), _guarded_stdout():
             code = int(args.func(args) or 0)
-        sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
+            sys.stdout.flush()         # a closed pipe shows here, not at interpreter exit
         return code
+    except OutputError as exc:         # `vggfast classify ... > /dev/full`: the results are lost
+        print(error_line(exc), file=sys.stderr)
+        _silence_stdout()
+        return PARTIAL
     except VGGFastError as exc:
         print(error_line(exc), file=sys.stderr)
         return PARTIAL
@@ -398,5 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:            # `vggfast classify ... | head`: the reader left; no trace
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (RuntimeError, MemoryError) as exc:
+        why = _out_of_memory(exc)
+        if why is None:
+            raise
+        print(error_line(VGGFastError(
+            f"{why}; the request needs more memory than this machine has free: ask for less "
+            f"(smaller scales or batches, fewer images), or keep the memory budget "
+            f"(VGGFAST_MEMORY_BUDGET, Engine(..., memory_budget=)) within the memory it has")),
+            file=sys.stderr)
+        return PARTIAL
     finally:
         distributed.finished()         # under torchrun: the status above is this rank's own

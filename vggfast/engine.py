@@ -224,12 +224,39 @@ class Result:
     def to_dict(self, k: int | None = None) -> dict[str, Any]:
         return {"top": [{"index": i, "name": n, "prob": p} for i, n, p in self.top(k)]}
 
+    def __eq__(self, other: object) -> bool:
+        # the dataclass's own == compares the tensors with ==, whose truth value raises
+        # ("Boolean value of Tensor with more than one value is ambiguous"): equal is the same
+        # posteriors bit for bit, per scale, method and model, and the same class names
+        if not isinstance(other, Result):
+            return NotImplemented
+        return (_same(self.probs, other.probs) and list(self.class_names) ==
+                list(other.class_names) and self.top_k == other.top_k and
+                _same(self.per_scale, other.per_scale) and
+                _same(self.per_method, other.per_method) and
+                _same(self.per_model, other.per_model))
+
+    __hash__ = None    # mutable, holds tensors: as the dataclass with eq would have it
+
     def __repr__(self) -> str:      # the answer, not a thousand probabilities
         top = ", ".join(f"({i}, {n!r}, {p:.4f})" for i, n, p in self.top())
         scales = f", scales={sorted(self.per_scale)}" if self.per_scale else ""
         methods = f", methods={list(self.per_method)}" if self.per_method else ""
         models = f", models={len(self.per_model)}" if self.per_model else ""
         return f"Result(top=[{top}]{scales}{methods}{models})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of Result fields: tensors by value (dtype, shape and every element), dicts and
+    lists item by item, anything else with ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def check_nchw(x: Any, who: str) -> None:
@@ -284,7 +311,9 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _parse_bytes(text: str) -> int:
+def _parse_bytes(text: str, what: str = "VGGFAST_MEMORY_BUDGET") -> int:
+    """Bytes of a size such as "16GiB", "1.5GB" or "8000000" (K/M/G/T, binary); `what` names
+    where the text came from in the error."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     mult = units.get(t[-1:], 1)
@@ -292,7 +321,7 @@ def _parse_bytes(text: str) -> int:
     try:
         value = float(num) * mult
     except ValueError:
-        raise ArgumentError(f"VGGFAST_MEMORY_BUDGET={text!r} is not a size such as 8GiB")
+        raise ArgumentError(f"{what}={text!r} is not a size such as 8GiB")
     if not math.isfinite(value) or value < 1:
         raise ArgumentError(f"memory budget must be a positive finite size such as 8GiB, not "
                             f"{text!r}")
@@ -384,8 +413,9 @@ class Engine:
     classes) has its own mean pixel and comes converted from Caffe (BGR: "vggface-bgr") and from
     MatConvNet (RGB: "vggface"): without a stated convention it is refused, not guessed.
     `info()["preprocess_from"]` says which decided.
-    memory_budget: bytes of activations one batch may use (default: 80% of the GPU, 8 GiB on
-    CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are refused up front.
+    memory_budget: bytes of activations one batch may use, a number or a size such as "16GiB"
+    (default: 80% of the GPU, 8 GiB on CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger
+    requests are refused up front.
     loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
     this classifier for `localize`; run on a second backend of the same kind.
     cuda_graphs: None = on for a CUDA device. A batch shape seen a second time is captured in a
@@ -408,6 +438,8 @@ class Engine:
             raise ArgumentError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if preprocess is not None:
             pp.convention(preprocess)
+        if isinstance(memory_budget, str):   # "16GiB", as VGGFAST_MEMORY_BUDGET takes it
+            memory_budget = _parse_bytes(memory_budget, "memory_budget")
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
                 memory_budget, numbers.Real) or not math.isfinite(memory_budget)
                 or not memory_budget >= 1):
@@ -444,6 +476,14 @@ class Engine:
             self.loc_preprocess = preprocess or self.loc_weights.preprocess or self.preprocess
             self._loc_backend = self._make_backend(self.loc_weights)
         self._executor = Executor(self)
+
+    def __reduce__(self):
+        # The backends hold what does not pickle (the C++ planner's layer table, packed
+        # kernel weights, arenas, CUDA graphs); a copy (copy.deepcopy, pickle, a worker process
+        # of multiprocessing) is built again from the same canonical weights and settings
+        preprocess = self.preprocess if self.preprocess_from == "argument" else None
+        return (Engine, (self.weights, None, self.device, self.dtype, self.backend_name,
+                         preprocess, self.memory_budget, self.loc_weights, self.cuda_graphs))
 
     def _make_backend(self, weights: Weights):
         if self.backend_name == "torch":

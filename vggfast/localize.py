@@ -1124,6 +1124,9 @@ def _loc_engine(args):
 
 
 def cmd_localize(args) -> int:
+    if args.draw < 0:   # would draw all of them, as 0 does, without a word
+        raise ArgumentError(f"--draw must be 0 (all --top boxes) or a positive number of "
+                            f"boxes, not {args.draw}")
     if args.out:    # refused before the nets are loaded, not after the boxes are printed
         pp.image_format(args.out)
     eng = _loc_engine(args)
@@ -1161,7 +1164,7 @@ def add_cli(sub) -> None:
                         "...); a missing folder is made")
     p.add_argument("--draw", type=int, default=0,
                    help="boxes drawn with --out, best first (default 0: all --top boxes)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_localize)
 
 

@@ -748,7 +748,7 @@ def add_cli(sub) -> None:
                         "order such as ImageNet's LOC_synset_mapping.txt)")
     p.add_argument("--limit", type=int, default=0,
                    help="use only the first N images (default 0: all)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from .localize import add_evaluate_arguments  # --task localize: vggfast/localize.py
     add_evaluate_arguments(p)
@@ -764,7 +764,7 @@ def add_cli(sub) -> None:
     p.add_argument("--class", dest="cls", default=None,
                    help="class index or exact name (default: the top class)")
     p.add_argument("--scale", type=int, default=None, help="smallest side Q (default 384)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the map")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the map (default 0.5)")
     p.add_argument("--raw", action="store_true",
                    help="show raw scores instead of per-position softmax probabilities")
     p.set_defaults(func=cmd_heatmap)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fnmatch
 import io
 import json
 import math
@@ -328,7 +329,10 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
                            f"Hugging Face model folder); pass the weights file itself{held}")
     if path.is_file():
         return path, None, None
-    name = os.fspath(src).strip().lower()
+    url = os.fspath(src).strip()
+    if re.match(r"(?i)(https?|ftp|s3|gs)://", url):   # pasted from a model zoo's table
+        raise _url_refusal(url)
+    name = url.lower()
     if name in ALIASES or name in _HUB_EXTRA:
         hit = hub_checkpoint(name)
         if hit is None:
@@ -346,6 +350,22 @@ def _resolve_path(src: str | os.PathLike) -> tuple[Path, str | None, str | None]
         names = ", ".join(sorted({n for n in ALIASES if n.startswith("vgg")} | set(_HUB_EXTRA)))
         raise WeightsError(f"weights file not found: {path}; torchvision names are {names}")
     raise WeightsError(f"weights file not found: {path}")
+
+
+def _url_refusal(url: str) -> WeightsError:
+    """A URL given as weights ("weights file not found: https:/download..." said Path, with
+    one slash gone): vggfast never downloads. A torchvision checkpoint's URL is fetched into the
+    torch hub cache, where it is then found by name; any other file to a path to pass."""
+    file = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
+    for name in (*ALIASES, *_HUB_EXTRA):
+        if fnmatch.fnmatchcase(file, f"{name}-*.pth" if name in ALIASES else _HUB_EXTRA[name][0]):
+            return WeightsError(
+                f"weights {url} is a URL; vggfast never downloads: fetch it once into the torch "
+                f"hub cache with python -c \"import torch; torch.hub.load_state_dict_from_url("
+                f"'{url}')\", then pass {name!r}")
+    return WeightsError(f"weights {url} is a URL; vggfast never downloads: fetch it once with "
+                        f"python -c \"import torch; torch.hub.download_url_to_file('{url}', "
+                        f"'{file}')\", then pass the path {file}")
 
 
 def _read_file(path: Path) -> tuple[Any, dict[str, Any]]:
