@@ -16,8 +16,15 @@ Rows:
                     1x1), spatial mean, softmax; mean of the 6 posteriors.
 Correctness is checked first (max abs difference of logits / probabilities; the run stops if
 it is past float32 rounding). Timing: time.perf_counter around each call, after one warm-up
-call per row; the two sides alternate call by call (the machine is shared: both see the same
-load), and the table shows the median over --reps calls with min-max beside it.
+call per row; the sides alternate call by call (the machine is shared: all see the same
+load), and the table shows the median over --reps calls with min-max beside it. The speed-up
+is the median of the per-round ratios (each round's calls are adjacent in time, so a burst of
+load from other tenants mostly cancels), beside the ratio of the medians.
+
+--ablate adds, in the same rounds, the same engine with each CPU choice of TorchBackend
+switched off in turn (its private settings, swapped per call; weights re-laid out once):
+"no fused conv+ReLU" (ReLU in place instead), "no fc GEMM" (fc6-fc8 by F.conv2d), "contiguous"
+(NCHW activations and weights), and "before" (all off: the backend as of commit 72db8c4).
 """
 from __future__ import annotations
 
@@ -93,6 +100,31 @@ class TorchvisionDense:
         return torch.cat(posteriors).mean(0)
 
 
+def ablations(eng) -> dict:
+    """{name: call(fn)}: fn() run with some of the CPU choices of eng's TorchBackend switched off
+    (private attributes, restored after the call; the contiguous weights are made once)."""
+    be = eng._backend
+    on = (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu)
+    flat = {k: v.contiguous() for k, v in be.params.items()}
+    settings = {
+        "no fused conv+ReLU": (be.params, be.memory_format, be._fc, True, None),
+        "no fc GEMM": (be.params, be.memory_format, None, True, be._conv_relu),
+        "contiguous": (flat, torch.contiguous_format, be._fc, True, be._conv_relu),
+        "before (72db8c4)": (flat, torch.contiguous_format, None, False, None),
+    }
+
+    def call(setting):
+        def run(fn):
+            (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu) = setting
+            try:
+                return fn()
+            finally:
+                (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu) = on
+        return run
+
+    return {name: call(s) for name, s in settings.items()}
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -118,6 +150,8 @@ def main(argv=None) -> int:
                    "torch's own choice)")
     p.add_argument("--rows", default="logits1,logits8,dense")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--ablate", action="store_true", help="also time the engine with each CPU "
+                   "choice of TorchBackend off")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     if args.threads:
@@ -140,6 +174,8 @@ def main(argv=None) -> int:
     scales = (256, 384, 512)
     gen = torch.Generator().manual_seed(1)
     inputs = {b: torch.randn(b, 3, 224, 224, generator=gen) for b in (1, 8)}
+
+    variants = ablations(eng) if args.ablate else {}
 
     def tv_logits(x):
         with torch.inference_mode():
@@ -176,21 +212,37 @@ def main(argv=None) -> int:
         if not err <= 1e-4 * max(scale, 1e-3):
             print(f"{name}: vggfast and torchvision differ by {err:.3g} (max |ref| {scale:.3g})")
             return 1
-        t = measure([("vggfast", fast), ("torchvision", ref)], args.reps)
+        extra = [(v, lambda v=v, fast=fast: variants[v](fast)) for v in variants]
+        for v, fn in extra:
+            d = (fn().float() - b.float()).abs().max().item()
+            if not d <= 1e-4 * max(scale, 1e-3):
+                print(f"{name}, {v}: differs from torchvision by {d:.3g}")
+                return 1
+        t = measure([("vggfast", fast), ("torchvision", ref), *extra], args.reps)
         med = {k: statistics.median(v) for k, v in t.items()}
+        ratio = {k: statistics.median(r / f for r, f in zip(t["torchvision"], v))
+                 for k, v in t.items()}
         row = {"row": name, "check": f"max|d {what}| {err:.2e} (max |ref| {scale:.2e})",
                **{f"{k}_ms": round(v, 2) for k, v in med.items()},
                **{f"{k}_min_ms": round(min(v), 2) for k, v in t.items()},
                **{f"{k}_max_ms": round(max(v), 2) for k, v in t.items()},
                "vggfast_img_s": round(n * 1e3 / med["vggfast"], 2),
                "torchvision_img_s": round(n * 1e3 / med["torchvision"], 2),
-               "speedup": round(med["torchvision"] / med["vggfast"], 3)}
+               "speedup": round(ratio["vggfast"], 3),
+               "speedup_of_medians": round(med["torchvision"] / med["vggfast"], 3),
+               "variants": {v: {"ms": round(med[v], 2), "min_ms": round(min(t[v]), 2),
+                                "max_ms": round(max(t[v]), 2), "speedup": round(ratio[v], 3)}
+                            for v in variants}}
         out_rows.append(row)
         print(f"{name:38s} vggfast {med['vggfast']:9.1f} ms ({min(t['vggfast']):.1f}-"
               f"{max(t['vggfast']):.1f}) {row['vggfast_img_s']:7.2f} img/s | torchvision "
               f"{med['torchvision']:9.1f} ms ({min(t['torchvision']):.1f}-"
               f"{max(t['torchvision']):.1f}) {row['torchvision_img_s']:7.2f} img/s | "
-              f"x{row['speedup']:.2f} | {row['check']}", flush=True)
+              f"x{row['speedup']:.2f} (of medians x{row['speedup_of_medians']:.2f}) | "
+              f"{row['check']}", flush=True)
+        for v in variants:
+            print(f"  {v:36s} {med[v]:9.1f} ms ({min(t[v]):.1f}-{max(t[v]):.1f}) "
+                  f"x{ratio[v]:.2f} vs torchvision", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_name(), "threads": torch.get_num_threads(),

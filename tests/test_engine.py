@@ -934,19 +934,24 @@ def test_the_readmes_runs_anywhere_example_prints_what_it_says(monkeypatch, caps
     assert 0.95 <= top[0][2] < 0.96 if not torch.cuda.is_available() else top[0][2] > 0.9
 
 
+@pytest.mark.parametrize("some", [False, True], ids=["every-tap", "some-taps"])
 @pytest.mark.parametrize("config", ["D", "A-LRN"])
-def test_cpu_torch_backend_equals_reference_at_every_tap(config):
-    """The CPU torch backend (channels_last, fc6-fc8 as matmuls, ReLU in place) against the
-    plain F.conv2d reference in float64, at every tap at once: a ReLU done in place on a conv
-    output the caller asked for would turn that tap into the ReLU's output. fc6 is a 2x2 conv
-    here (image_size 64) on a 2x3 pool5 map, so the unfold path gives several output pixels."""
-    from vggfast.nn import TorchBackend, dense_forward
+def test_cpu_torch_backend_equals_reference(config, some):
+    """The CPU torch backend (channels_last, fc6-fc8 as matmuls, conv+ReLU fused or ReLU in
+    place) against the plain F.conv2d reference in float64. Every tap at once: a ReLU done in
+    place, or fused, on a conv output the caller asked for would turn that tap into the ReLU's
+    output. Some taps: the convs between them run fused. fc6 is a 2x2 conv here (image_size
+    64) on a 2x3 pool5 map, so the unfold path gives several output pixels."""
+    from vggfast.nn import TorchBackend, dense_forward, mkldnn_conv_relu
     from vggfast.weights import load_weights
     m = small_model(config, image_size=64)
     _, params = load_weights(m.state_dict())
     be = TorchBackend(params, m.spec, torch.device("cpu"), torch.float32)
+    assert (be._conv_relu is None) == (mkldnn_conv_relu(torch.float32) is None)
     x = torch.randn(2, 3, 70, 100)
     taps = m.spec.tap_names()
+    if some:
+        taps = ("conv1_1", "relu2_1", "pool3", "relu6", "fc8")
     want = dense_forward({k: v.double() for k, v in params.items()}, m.spec, x.double(), taps)
     got = be.run(x, taps)
     assert got["fc8"].shape == (2, 10, 1, 2)
