@@ -953,3 +953,46 @@ def test_the_readmes_runs_anywhere_example_prints_what_it_says(monkeypatch, caps
     top = ast.literal_eval(capsys.readouterr().out.strip())
     assert len(top) == 3 and top[0][:2] == (1, "1")
     assert 0.95 <= top[0][2] < 0.96 if not torch.cuda.is_available() else top[0][2] > 0.9
+
+
+@pytest.mark.parametrize("some", [False, True], ids=["every-tap", "some-taps"])
+@pytest.mark.parametrize("config", ["D", "A-LRN"])
+def test_cpu_torch_backend_equals_reference(config, some):
+    """The CPU torch backend (channels_last, fc6-fc8 as matmuls, conv+ReLU fused or ReLU in
+    place) against the plain F.conv2d reference in float64. Every tap at once: a ReLU done in
+    place, or fused, on a conv output the caller asked for would turn that tap into the ReLU's
+    output. Some taps: the convs between them run fused. fc6 is a 2x2 conv here (image_size
+    64) on a 2x3 pool5 map, so the unfold path gives several output pixels."""
+    from vggfast.nn import TorchBackend, dense_forward, mkldnn_conv_relu
+    from vggfast.weights import load_weights
+    m = small_model(config, image_size=64)
+    _, params = load_weights(m.state_dict())
+    be = TorchBackend(params, m.spec, torch.device("cpu"), torch.float32)
+    assert (be._conv_relu is None) == (mkldnn_conv_relu(torch.float32) is None)
+    x = torch.randn(2, 3, 70, 100)
+    taps = m.spec.tap_names()
+    if some:
+        taps = ("conv1_1", "relu2_1", "pool3", "relu6", "fc8")
+    want = dense_forward({k: v.double() for k, v in params.items()}, m.spec, x.double(), taps)
+    got = be.run(x, taps)
+    assert got["fc8"].shape == (2, 10, 1, 2)
+    for t in taps:
+        # float32 rounding of at most 16 layers, relative to the tap's largest value
+        torch.testing.assert_close(got[t].double(), want[t], rtol=0,
+                                   atol=2e-5 * want[t].abs().max().item(), msg=t)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv_as_matmul_equals_conv2d_in_any_chunking(k, fmt):
+    """conv_as_matmul against F.conv2d (float64), whole and a chunk of output rows at a time
+    (chunk_bytes=1: one row per chunk; 2000: a few rows, the last chunk shorter)."""
+    from vggfast.nn import conv_as_matmul
+    torch.manual_seed(0)
+    w, b = torch.randn(5, 4, k, k), torch.randn(5)
+    x = torch.randn(2, 4, 9, 6).contiguous(memory_format=fmt)
+    want = F.conv2d(x.double(), w.double(), b.double())
+    for chunk in (1, 2000, 1 << 26):
+        got = conv_as_matmul(x, w, b, chunk_bytes=chunk)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())

@@ -113,7 +113,8 @@ def build_model(config: str = "D", num_classes: int = 1000, width: float = 1.0,
 
 
 def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Tensor,
-                  taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
+                  taps: Iterable[str] = ("fc8",), fc=None, inplace: bool = False,
+                  conv_relu=None) -> dict[str, torch.Tensor]:
     """Reference fully convolutional forward on canonical weights.
 
     params: canonical weights (`conv1_1.weight` [Cout, Cin, k, k], ..., `fc6.weight`
@@ -121,6 +122,12 @@ def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Te
     x: [N, 3, H, W] normalised, H and W >= spec.image_size for taps past pool5.
     taps: names from `spec.tap_names()`; computation stops after the deepest one.
     Returns {tap: tensor} (NCHW, x's dtype); "fc8" is the raw class score map.
+    fc: None (fc6-fc8 by F.conv2d, the reference) or a function (x, weight, bias) -> the same
+    convolution computed another way (TorchBackend's `conv_as_matmul` on the CPU).
+    inplace: ReLU in place on a conv output that is not a requested tap (a pass less over every
+    activation; the numbers are the same).
+    conv_relu: None or a function (x, weight, bias, pad) -> relu(conv2d(...)) in one op, used for
+    a conv whose own output is not a requested tap (`mkldnn_conv_relu` on the CPU).
     """
     taps = list(taps)
     names = spec.tap_names()
@@ -140,11 +147,19 @@ def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Te
         return pos > last
 
     for l in spec.layers:
-        x = F.conv2d(x, params[f"{l.name}.weight"], params[f"{l.name}.bias"], padding=l.pad)
-        if emit(x):
-            return out
+        w, b = params[f"{l.name}.weight"], params[f"{l.name}.bias"]
+        fused = conv_relu is not None and l.kind == "conv" and l.relu and names[pos] not in taps
+        if fused:
+            x = conv_relu(x, w, b, l.pad)
+            pos += 1                # the conv's own output (not a tap) is never made
+        else:
+            x = F.conv2d(x, w, b, padding=l.pad) if fc is None or l.kind != "fc" else fc(x, w, b)
+            if emit(x):
+                return out
         if l.relu:
-            x = F.relu(x)
+            if not fused:
+                # a tensor of its own: in place unless the caller holds it as a tap
+                x = F.relu_(x) if inplace and names[pos - 1] not in out else F.relu(x)
             if emit(x):
                 return out
         if l.lrn:
@@ -158,20 +173,92 @@ def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Te
     return out
 
 
-def fc_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Tensor) -> torch.Tensor:
-    """fc6-fc8 as convolutions on a pool5 map already pooled to (grid x grid) -> [N, classes]."""
+def fc_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Tensor,
+               fc=None) -> torch.Tensor:
+    """fc6-fc8 as convolutions on a pool5 map already pooled to (grid x grid) -> [N, classes].
+    fc: as in `dense_forward` (None: F.conv2d)."""
     for l in spec.fcs:
-        x = F.conv2d(x, params[f"{l.name}.weight"], params[f"{l.name}.bias"])
+        w, b = params[f"{l.name}.weight"], params[f"{l.name}.bias"]
+        x = F.conv2d(x, w, b) if fc is None else fc(x, w, b)
         if l.relu:
             x = F.relu(x)
     return x.flatten(1)
+
+
+# Bytes of one im2col chunk of `conv_as_matmul` (fc6 on a large map: 100 KB of columns per
+# output pixel in float32, six times its output)
+MATMUL_CHUNK_BYTES = 64 << 20
+
+
+def conv_as_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                   chunk_bytes: int = MATMUL_CHUNK_BYTES) -> torch.Tensor:
+    """F.conv2d(x, w, b) (stride 1, no padding) as matrix products: x [N, C, H, W], w [O, C, k, k]
+    (contiguous), b [O] -> [N, O, H-k+1, W-k+1] in channels_last, x's dtype.
+
+    Why: PyTorch's CPU convolution (oneDNN) reorders its weights into a blocked layout at every
+    call; for fc6 (411 MB in float32) that is ~0.3 s on a 2-core Xeon, about 10x the GEMM of a
+    batch-1 forward. A matmul reads [O, C*k*k] as it lies. A 1x1 conv of a channels_last x is
+    one GEMM on its [N*H*W, C] rows (no copy); a k x k one goes through F.unfold, a chunk of
+    output rows at a time (`chunk_bytes` of columns), in unfold's (c, kh, kw) order, which is
+    the weight's own."""
+    n, c, h, wd = x.shape
+    o, k = w.shape[0], w.shape[-1]
+    oh, ow = h - k + 1, wd - k + 1
+    wt = w.reshape(o, c * k * k).t()
+    if k == 1:
+        y = torch.addmm(b, x.permute(0, 2, 3, 1).reshape(n * h * wd, c), wt)
+        return y.view(n, h, wd, o).permute(0, 3, 1, 2)
+    step = max(1, chunk_bytes // (x.element_size() * n * ow * c * k * k))
+    out = None if step >= oh else torch.empty((n, oh, ow, o), dtype=x.dtype, device=x.device)
+    for r0 in range(0, oh, step):
+        r1 = min(oh, r0 + step)
+        cols = F.unfold(x[:, :, r0:r1 + k - 1], k)        # [N, C*k*k, (r1 - r0) * ow]
+        y = torch.addmm(b, cols.transpose(1, 2).reshape(-1, c * k * k), wt)
+        y = y.view(n, r1 - r0, ow, o)
+        if out is None:
+            return y.permute(0, 3, 1, 2)
+        out[:, r0:r1] = y
+    return out.permute(0, 3, 1, 2)
+
+
+def mkldnn_conv_relu(dtype: torch.dtype):
+    """relu(F.conv2d(x, w, b, padding=pad)) as one oneDNN convolution with the ReLU as its
+    post-op (the op torch.compile's CPU backend emits): a function (x, w, b, pad) -> tensor, or
+    None where this torch lacks the op or it does not take `dtype` (float64, bfloat16 on a CPU
+    without it). Why: the separate ReLU is a pass over every activation (~5% of a dense
+    forward); the fused one writes the same numbers. The op is private, hence the probe: a
+    3x3 conv compared with the unfused one."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+
+    def conv_relu(x, w, b, pad):
+        return op(x, w, b, [pad, pad], [1, 1], [1, 1], 1, "relu", [], "")
+
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last
+    x = torch.randn(1, 4, 5, 6, generator=g).to(dtype, memory_format=fmt)
+    w = torch.randn(3, 4, 3, 3, generator=g).to(dtype, memory_format=fmt)
+    b = torch.randn(3, generator=g).to(dtype)
+    try:
+        with torch.no_grad():
+            got = conv_relu(x, w, b, 1)
+            want = F.relu(F.conv2d(x, w, b, padding=1))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    ok = got.shape == want.shape and got.dtype == dtype and torch.allclose(
+        got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    return conv_relu if ok else None
 
 
 class TorchBackend:
     """The reference backend: `dense_forward` on cuDNN (GPU) or the CPU, weights cast once.
 
     run(x, taps): x [N, 3, H, W] normalised float32 -> {tap: float32 NCHW}, as `dense_forward`.
-    On CUDA activations are channels_last in `dtype` (cuDNN's fast layout); fp32 accumulate.
+    Activations are channels_last in `dtype` (cuDNN's and oneDNN's fast layout); fp32
+    accumulate. On the CPU fc6-fc8 run as matrix products (`conv_as_matmul`, their weights kept
+    contiguous for it), each conv's ReLU is its post-op (`mkldnn_conv_relu`) or in place: see
+    bench/cpu.py and bench/NOTES.md "CPU (torch backend)".
     """
 
     name = "torch"
@@ -179,10 +266,15 @@ class TorchBackend:
     def __init__(self, params: Mapping[str, torch.Tensor], spec: NetSpec, device: torch.device,
                  dtype: torch.dtype):
         self.spec, self.device, self.dtype = spec, device, dtype
-        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.memory_format = fmt
+        self.memory_format = fmt = torch.channels_last
+        cpu = device.type == "cpu"
+        self._fc = conv_as_matmul if cpu else None
+        self._inplace = cpu
+        self._conv_relu = mkldnn_conv_relu(dtype) if cpu else None
+        fcs = {f"{l.name}.weight" for l in spec.fcs} if cpu else set()
         self.params = {k: (v.to(device, dtype, memory_format=fmt) if v.dim() == 4
-                           else v.to(device, dtype)) for k, v in params.items()}
+                           and k not in fcs else v.to(device, dtype).contiguous())
+                       for k, v in params.items()}
 
     # the engine's dtype is the dtype: a caller's torch.autocast region does not change it (the
     # Triton kernels ignore autocast; the reference must compute the same)
@@ -190,11 +282,12 @@ class TorchBackend:
     def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
         x = x.to(self.device, self.dtype, memory_format=self.memory_format)
         with torch.autocast(self.device.type, enabled=False):
-            out = dense_forward(self.params, self.spec, x, taps)
+            out = dense_forward(self.params, self.spec, x, taps, self._fc, self._inplace,
+                                self._conv_relu)
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
     def fc(self, pooled: torch.Tensor) -> torch.Tensor:
         pooled = pooled.to(self.device, self.dtype, memory_format=self.memory_format)
         with torch.autocast(self.device.type, enabled=False):
-            return fc_forward(self.params, self.spec, pooled).float()
+            return fc_forward(self.params, self.spec, pooled, self._fc).float()

@@ -1,0 +1,256 @@
+"""CPU speed of the torch backend vs torchvision's VGG16 eager, side by side, in one run.
+
+    python bench/cpu.py [--reps 5] [--threads N] [--rows logits1,logits8,dense] [--json OUT]
+
+The backend CPU users get (and the only speed CI can measure): vggfast.Engine(backend="torch",
+device="cpu") against torchvision.models.vgg16(weights=None) in eval mode, float32, under
+torch.inference_mode, on the same random full-size weights (no download).
+
+Rows:
+  logits1, logits8  eng.logits(x) vs model(x) at batch 1 and 8, 224x224, normalised input.
+  dense             eng.classify(img, scales=(256, 384, 512), flip=True) of one 640x480 (4:3)
+                    uint8 photo vs the torchvision-based loop of the paper's dense evaluation:
+                    per scale, resize (torchvision's antialiased bilinear on float, smallest
+                    side Q), the image and its flip as one batch of 2, normalise,
+                    model.features, the classifier applied as convs (fc6 as 7x7, fc7/fc8 as
+                    1x1), spatial mean, softmax; mean of the 6 posteriors.
+Correctness is checked first (max abs difference of logits / probabilities; the run stops if
+it is past float32 rounding). Timing: time.perf_counter around each call, after one warm-up
+call per row; the sides alternate call by call (the machine is shared: all see the same
+load), and the table shows the median over --reps calls with min-max beside it. The speed-up
+is the median of the per-round ratios (each round's calls are adjacent in time, so a burst of
+load from other tenants mostly cancels), beside the ratio of the medians.
+
+--ablate adds, in the same rounds, the same engine with each CPU choice of TorchBackend
+switched off in turn (its private settings, swapped per call; weights re-laid out once):
+"no fused conv+ReLU" (ReLU in place instead), "no fc GEMM" (fc6-fc8 by F.conv2d), "contiguous"
+(NCHW activations and weights), and "before" (all off: the backend as of commit 72db8c4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def photo_4x3() -> torch.Tensor:
+    """A real photo (the bundled coffee.jpg) resized to 640x480 (4:3), [3, 480, 640] uint8."""
+    from PIL import Image
+    from vggfast.cli import sample_images
+    path = next(p for p in sample_images() if p.stem == "coffee")
+    im = Image.open(path).convert("RGB").resize((640, 480), Image.BICUBIC)
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(480, 640, 3) \
+        .permute(2, 0, 1).contiguous()
+
+
+class TorchvisionDense:
+    """The paper's dense evaluation written directly on torchvision's module (the anchor)."""
+
+    def __init__(self, model):
+        self.model = model
+        c = model.classifier
+        # fc6 [4096, 25088] -> a 7x7 conv over pool5's 512 channels; fc7/fc8 -> 1x1 convs
+        self.fc = [(c[0].weight.detach().view(4096, 512, 7, 7), c[0].bias.detach(), True),
+                   (c[3].weight.detach()[:, :, None, None], c[3].bias.detach(), True),
+                   (c[6].weight.detach()[:, :, None, None], c[6].bias.detach(), False)]
+
+    def __call__(self, img: torch.Tensor, scales, flip: bool = True) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+        x = img.float().div(255.0)
+        posteriors = []
+        for q in scales:
+            v = TF.resize(x, q, antialias=True)     # smallest side q, bilinear, float
+            v = torch.stack([v, v.flip(-1)]) if flip else v[None]
+            v = TF.normalize(v, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+            y = self.model.features(v)
+            for w, b, relu in self.fc:
+                y = F.conv2d(y, w, b)
+                if relu:
+                    y = F.relu(y, inplace=True)
+            posteriors.append(y.mean((2, 3)).softmax(1))
+        return torch.cat(posteriors).mean(0)
+
+
+def ablations(eng) -> dict:
+    """{name: call(fn)}: fn() run with some of the CPU choices of eng's TorchBackend switched off
+    (private attributes, restored after the call; the contiguous weights are made once)."""
+    be = eng._backend
+    on = (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu)
+    flat = {k: v.contiguous() for k, v in be.params.items()}
+    settings = {
+        "no fused conv+ReLU": (be.params, be.memory_format, be._fc, True, None),
+        "no fc GEMM": (be.params, be.memory_format, None, True, be._conv_relu),
+        "contiguous": (flat, torch.contiguous_format, be._fc, True, be._conv_relu),
+        "before (72db8c4)": (flat, torch.contiguous_format, None, False, None),
+    }
+
+    def call(setting):
+        def run(fn):
+            (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu) = setting
+            try:
+                return fn()
+            finally:
+                (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu) = on
+        return run
+
+    return {name: call(s) for name, s in settings.items()}
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def measure(pairs, reps: int) -> dict[str, list[float]]:
+    """{name: [ms, ...]}: one warm-up call each, then `reps` rounds that call every side once,
+    in turn (so a burst of load from the other tenants lands on both sides alike)."""
+    for _, fn in pairs:
+        fn()
+    times = {name: [] for name, _ in pairs}
+    for _ in range(reps):
+        for name, fn in pairs:
+            times[name].append(timed(fn))
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
+                   "torch's own choice)")
+    p.add_argument("--rows", default="logits1,logits8,dense")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--ablate", action="store_true", help="also time the engine with each CPU "
+                   "choice of TorchBackend off")
+    args = p.parse_args(argv)
+    rows = args.rows.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import torchvision
+    import vggfast
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None).eval()
+    # torchvision's init leaves the biases at zero; random ones make the comparison stricter
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.bias.uniform_(-0.05, 0.05)
+    eng = vggfast.Engine(model.state_dict(), backend="torch", device="cpu",
+                         preprocess="torchvision")
+    anchor = TorchvisionDense(model)
+    img = photo_4x3()
+    scales = (256, 384, 512)
+    gen = torch.Generator().manual_seed(1)
+    inputs = {b: torch.randn(b, 3, 224, 224, generator=gen) for b in (1, 8)}
+
+    variants = ablations(eng) if args.ablate else {}
+
+    def tv_logits(x):
+        with torch.inference_mode():
+            return model(x)
+
+    def tv_dense():
+        with torch.inference_mode():
+            return anchor(img, scales)
+
+    cases = []   # (row, images per call, vggfast fn, torchvision fn, what the check compares)
+    for b in (1, 8):
+        if f"logits{b}" in rows:
+            x = inputs[b]
+            cases.append((f"logits batch {b} 224x224", b, lambda x=x: eng.logits(x),
+                          lambda x=x: tv_logits(x), "logits"))
+    if "dense" in rows:
+        cases.append(("dense 640x480, Q 256/384/512 + flip", 1,
+                      lambda: eng.classify(img, scales=scales, flip=True).probs, tv_dense,
+                      "probs"))
+
+    print(f"# CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, python {platform.python_version()}, vggfast commit "
+          f"{git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load "
+          f"{os.getloadavg()[0]:.2f}")
+    print("# timing: time.perf_counter, 1 warm-up, median of "
+          f"{args.reps} alternating calls (min-max)")
+    out_rows = []
+    for name, n, fast, ref, what in cases:
+        a, b = fast(), ref()
+        err = (a.float() - b.float()).abs().max().item()
+        scale = b.float().abs().max().item()
+        # float32 rounding of a 16-layer forward: a few 1e-6 relative to the largest value
+        if not err <= 1e-4 * max(scale, 1e-3):
+            print(f"{name}: vggfast and torchvision differ by {err:.3g} (max |ref| {scale:.3g})")
+            return 1
+        extra = [(v, lambda v=v, fast=fast: variants[v](fast)) for v in variants]
+        for v, fn in extra:
+            d = (fn().float() - b.float()).abs().max().item()
+            if not d <= 1e-4 * max(scale, 1e-3):
+                print(f"{name}, {v}: differs from torchvision by {d:.3g}")
+                return 1
+        t = measure([("vggfast", fast), ("torchvision", ref), *extra], args.reps)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        ratio = {k: statistics.median(r / f for r, f in zip(t["torchvision"], v))
+                 for k, v in t.items()}
+        row = {"row": name, "check": f"max|d {what}| {err:.2e} (max |ref| {scale:.2e})",
+               **{f"{k}_ms": round(v, 2) for k, v in med.items()},
+               **{f"{k}_min_ms": round(min(v), 2) for k, v in t.items()},
+               **{f"{k}_max_ms": round(max(v), 2) for k, v in t.items()},
+               "vggfast_img_s": round(n * 1e3 / med["vggfast"], 2),
+               "torchvision_img_s": round(n * 1e3 / med["torchvision"], 2),
+               "speedup": round(ratio["vggfast"], 3),
+               "speedup_of_medians": round(med["torchvision"] / med["vggfast"], 3),
+               "variants": {v: {"ms": round(med[v], 2), "min_ms": round(min(t[v]), 2),
+                                "max_ms": round(max(t[v]), 2), "speedup": round(ratio[v], 3)}
+                            for v in variants}}
+        out_rows.append(row)
+        print(f"{name:38s} vggfast {med['vggfast']:9.1f} ms ({min(t['vggfast']):.1f}-"
+              f"{max(t['vggfast']):.1f}) {row['vggfast_img_s']:7.2f} img/s | torchvision "
+              f"{med['torchvision']:9.1f} ms ({min(t['torchvision']):.1f}-"
+              f"{max(t['torchvision']):.1f}) {row['torchvision_img_s']:7.2f} img/s | "
+              f"x{row['speedup']:.2f} (of medians x{row['speedup_of_medians']:.2f}) | "
+              f"{row['check']}", flush=True)
+        for v in variants:
+            print(f"  {v:36s} {med[v]:9.1f} ms ({min(t[v]):.1f}-{max(t[v]):.1f}) "
+                  f"x{ratio[v]:.2f} vs torchvision", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_name(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "commit": git_commit(),
+                       "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+                       "rows": out_rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
