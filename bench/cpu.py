@@ -23,7 +23,7 @@ load from other tenants mostly cancels), beside the ratio of the medians.
 
 --ablate adds, in the same rounds, the same engine with each CPU choice of TorchBackend
 switched off in turn (its private settings, swapped per call; weights re-laid out once):
-"no fused conv+ReLU" (ReLU in place instead), "no fc GEMM" (fc6-fc8 by F.conv2d), "contiguous"
+"no in-place ReLU" (F.relu), "no fc GEMM" (fc6-fc8 by F.conv2d), "contiguous"
 (NCHW activations and weights), and "before" (all off: the backend as of commit 72db8c4).
 """
 from __future__ import annotations
@@ -104,22 +104,22 @@ def ablations(eng) -> dict:
     """{name: call(fn)}: fn() run with some of the CPU choices of eng's TorchBackend switched off
     (private attributes, restored after the call; the contiguous weights are made once)."""
     be = eng._backend
-    on = (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu)
+    on = (be.params, be.memory_format, be._fc, be._inplace)
     flat = {k: v.contiguous() for k, v in be.params.items()}
     settings = {
-        "no fused conv+ReLU": (be.params, be.memory_format, be._fc, True, None),
-        "no fc GEMM": (be.params, be.memory_format, None, True, be._conv_relu),
-        "contiguous": (flat, torch.contiguous_format, be._fc, True, be._conv_relu),
-        "before (72db8c4)": (flat, torch.contiguous_format, None, False, None),
+        "no in-place ReLU": (be.params, be.memory_format, be._fc, False),
+        "no fc GEMM": (be.params, be.memory_format, None, True),
+        "contiguous": (flat, torch.contiguous_format, be._fc, True),
+        "before (72db8c4)": (flat, torch.contiguous_format, None, False),
     }
 
     def call(setting):
         def run(fn):
-            (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu) = setting
+            (be.params, be.memory_format, be._fc, be._inplace) = setting
             try:
                 return fn()
             finally:
-                (be.params, be.memory_format, be._fc, be._inplace, be._conv_relu) = on
+                (be.params, be.memory_format, be._fc, be._inplace) = on
         return run
 
     return {name: call(s) for name, s in settings.items()}

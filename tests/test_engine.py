@@ -958,17 +958,17 @@ def test_the_readmes_runs_anywhere_example_prints_what_it_says(monkeypatch, caps
 @pytest.mark.parametrize("some", [False, True], ids=["every-tap", "some-taps"])
 @pytest.mark.parametrize("config", ["D", "A-LRN"])
 def test_cpu_torch_backend_equals_reference(config, some):
-    """The CPU torch backend (channels_last, fc6-fc8 as matmuls, conv+ReLU fused or ReLU in
-    place) against the plain F.conv2d reference in float64. Every tap at once: a ReLU done in
-    place, or fused, on a conv output the caller asked for would turn that tap into the ReLU's
-    output. Some taps: the convs between them run fused. fc6 is a 2x2 conv here (image_size
-    64) on a 2x3 pool5 map, so the unfold path gives several output pixels."""
-    from vggfast.nn import TorchBackend, dense_forward, mkldnn_conv_relu
+    """The CPU torch backend (channels_last, fc6-fc8 as matmuls, ReLU in place) against the
+    plain F.conv2d reference in float64. Every tap at once: a ReLU done in place on a conv
+    output the caller asked for would turn that tap into the ReLU's output. Some taps: the
+    ReLUs between them run in place. fc6 is a 2x2 conv here (image_size 64) on a 2x3 pool5
+    map, so the unfold path gives several output pixels. Non-finite values must survive (the
+    engine's finite check relies on it; oneDNN's fused conv+ReLU post-op mapped NaN to 0)."""
+    from vggfast.nn import TorchBackend, dense_forward
     from vggfast.weights import load_weights
     m = small_model(config, image_size=64)
     _, params = load_weights(m.state_dict())
     be = TorchBackend(params, m.spec, torch.device("cpu"), torch.float32)
-    assert (be._conv_relu is None) == (mkldnn_conv_relu(torch.float32) is None)
     x = torch.randn(2, 3, 70, 100)
     taps = m.spec.tap_names()
     if some:
@@ -980,6 +980,9 @@ def test_cpu_torch_backend_equals_reference(config, some):
         # float32 rounding of at most 16 layers, relative to the tap's largest value
         torch.testing.assert_close(got[t].double(), want[t], rtol=0,
                                    atol=2e-5 * want[t].abs().max().item(), msg=t)
+    x[0, :, :8, :8] = float("inf")      # relu(inf) -> conv with mixed-sign weights -> NaN
+    got = be.run(x, taps)
+    assert not got["fc8"][0].isfinite().any() and got["fc8"][1].isfinite().all()
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

@@ -113,8 +113,8 @@ def build_model(config: str = "D", num_classes: int = 1000, width: float = 1.0,
 
 
 def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Tensor,
-                  taps: Iterable[str] = ("fc8",), fc=None, inplace: bool = False,
-                  conv_relu=None) -> dict[str, torch.Tensor]:
+                  taps: Iterable[str] = ("fc8",), fc=None,
+                  inplace: bool = False) -> dict[str, torch.Tensor]:
     """Reference fully convolutional forward on canonical weights.
 
     params: canonical weights (`conv1_1.weight` [Cout, Cin, k, k], ..., `fc6.weight`
@@ -126,8 +126,6 @@ def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Te
     convolution computed another way (TorchBackend's `conv_as_matmul` on the CPU).
     inplace: ReLU in place on a conv output that is not a requested tap (a pass less over every
     activation; the numbers are the same).
-    conv_relu: None or a function (x, weight, bias, pad) -> relu(conv2d(...)) in one op, used for
-    a conv whose own output is not a requested tap (`mkldnn_conv_relu` on the CPU).
     """
     taps = list(taps)
     names = spec.tap_names()
@@ -148,18 +146,12 @@ def dense_forward(params: Mapping[str, torch.Tensor], spec: NetSpec, x: torch.Te
 
     for l in spec.layers:
         w, b = params[f"{l.name}.weight"], params[f"{l.name}.bias"]
-        fused = conv_relu is not None and l.kind == "conv" and l.relu and names[pos] not in taps
-        if fused:
-            x = conv_relu(x, w, b, l.pad)
-            pos += 1                # the conv's own output (not a tap) is never made
-        else:
-            x = F.conv2d(x, w, b, padding=l.pad) if fc is None or l.kind != "fc" else fc(x, w, b)
-            if emit(x):
-                return out
+        x = F.conv2d(x, w, b, padding=l.pad) if fc is None or l.kind != "fc" else fc(x, w, b)
+        if emit(x):
+            return out
         if l.relu:
-            if not fused:
-                # a tensor of its own: in place unless the caller holds it as a tap
-                x = F.relu_(x) if inplace and names[pos - 1] not in out else F.relu(x)
+            # a tensor of its own: in place unless the caller holds it as a tap
+            x = F.relu_(x) if inplace and names[pos - 1] not in out else F.relu(x)
             if emit(x):
                 return out
         if l.lrn:
@@ -221,44 +213,15 @@ def conv_as_matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
     return out.permute(0, 3, 1, 2)
 
 
-def mkldnn_conv_relu(dtype: torch.dtype):
-    """relu(F.conv2d(x, w, b, padding=pad)) as one oneDNN convolution with the ReLU as its
-    post-op (the op torch.compile's CPU backend emits): a function (x, w, b, pad) -> tensor, or
-    None where this torch lacks the op or it does not take `dtype` (float64, bfloat16 on a CPU
-    without it). Why: the separate ReLU is a pass over every activation (~5% of a dense
-    forward); the fused one writes the same numbers. The op is private, hence the probe: a
-    3x3 conv compared with the unfused one."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return None
-
-    def conv_relu(x, w, b, pad):
-        return op(x, w, b, [pad, pad], [1, 1], [1, 1], 1, "relu", [], "")
-
-    g = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last
-    x = torch.randn(1, 4, 5, 6, generator=g).to(dtype, memory_format=fmt)
-    w = torch.randn(3, 4, 3, 3, generator=g).to(dtype, memory_format=fmt)
-    b = torch.randn(3, generator=g).to(dtype)
-    try:
-        with torch.no_grad():
-            got = conv_relu(x, w, b, 1)
-            want = F.relu(F.conv2d(x, w, b, padding=1))
-    except (RuntimeError, TypeError, NotImplementedError):
-        return None
-    ok = got.shape == want.shape and got.dtype == dtype and torch.allclose(
-        got.float(), want.float(), rtol=1e-2, atol=1e-2)
-    return conv_relu if ok else None
-
-
 class TorchBackend:
     """The reference backend: `dense_forward` on cuDNN (GPU) or the CPU, weights cast once.
 
     run(x, taps): x [N, 3, H, W] normalised float32 -> {tap: float32 NCHW}, as `dense_forward`.
     Activations are channels_last in `dtype` (cuDNN's and oneDNN's fast layout); fp32
     accumulate. On the CPU fc6-fc8 run as matrix products (`conv_as_matmul`, their weights kept
-    contiguous for it), each conv's ReLU is its post-op (`mkldnn_conv_relu`) or in place: see
-    bench/cpu.py and bench/NOTES.md "CPU (torch backend)".
+    contiguous for it) and each ReLU in place where its input is no tap (not oneDNN's fused
+    conv+ReLU post-op: it maps NaN to 0, and an overflow must stay visible to the finite
+    check): see bench/cpu.py and bench/NOTES.md "CPU (torch backend)".
     """
 
     name = "torch"
@@ -270,7 +233,6 @@ class TorchBackend:
         cpu = device.type == "cpu"
         self._fc = conv_as_matmul if cpu else None
         self._inplace = cpu
-        self._conv_relu = mkldnn_conv_relu(dtype) if cpu else None
         fcs = {f"{l.name}.weight" for l in spec.fcs} if cpu else set()
         self.params = {k: (v.to(device, dtype, memory_format=fmt) if v.dim() == 4
                            and k not in fcs else v.to(device, dtype).contiguous())
@@ -282,8 +244,7 @@ class TorchBackend:
     def run(self, x: torch.Tensor, taps: Iterable[str] = ("fc8",)) -> dict[str, torch.Tensor]:
         x = x.to(self.device, self.dtype, memory_format=self.memory_format)
         with torch.autocast(self.device.type, enabled=False):
-            out = dense_forward(self.params, self.spec, x, taps, self._fc, self._inplace,
-                                self._conv_relu)
+            out = dense_forward(self.params, self.spec, x, taps, self._fc, self._inplace)
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
