@@ -1012,6 +1012,18 @@ def _from_convmodules(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _renamed(sd: dict[str, torch.Tensor], name, why: str) -> dict[str, torch.Tensor]:
+    """sd with each key k as name(k); two tensors given one name are a WeightsError (which one
+    is meant is unknowable), its message "... once {why}; keep one set"."""
+    out = {}
+    for k, v in sd.items():
+        k = name(k)
+        if k in out:
+            raise WeightsError(f"two tensors are named {k!r} once {why}; keep one set")
+        out[k] = v
+    return out
+
+
 # prlz77/vgg-face.pytorch's VGG_16 (VGG-Face from the Torch7 VGG_FACE.t7, and the code built on
 # it): conv_1_1 ... conv_5_3, fc6 (a Linear on pool5), fc7, fc8. Read as no VGG at all.
 _UNDERSCORED_KEY = re.compile(r"^(?P<owner>(?:.*\.)?)conv_(?P<b>\d)_(?P<i>\d)\.(?P<p>weight|bias)$")
@@ -1022,16 +1034,10 @@ def _from_underscored_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     hits = {k: m for k in sd for m in [_UNDERSCORED_KEY.match(k)] if m}
     if not any(m["b"] == m["i"] == "1" for m in hits.values()):
         return sd
-    out = {}
-    for k, v in sd.items():
+    def name(k: str) -> str:
         m = hits.get(k)
-        if m is not None:
-            k = f"{m['owner']}conv{m['b']}_{m['i']}.{m['p']}"
-        if k in out:
-            raise WeightsError(f"two tensors are named {k!r} once conv_B_I is read as convB_I; "
-                               "keep one set")
-        out[k] = v
-    return out
+        return k if m is None else f"{m['owner']}conv{m['b']}_{m['i']}.{m['p']}"
+    return _renamed(sd, name, "conv_B_I is read as convB_I")
 
 
 # A FeatureExtractor's parameters: the canonical names with "_" for "." (conv1_1_weight).
@@ -1084,16 +1090,11 @@ def _from_layer_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if m}
     if not hits:
         return sd
-    out = {}
-    for k, v in sd.items():
+    def name(k: str) -> str:
         g = hits.get(k)
-        if g is not None:
-            k = f"{g['owner']}{g.get('conv') or g['fc'].replace('fc8a', 'fc8')}.{g['p']}"
-        if k in out:
-            raise WeightsError(f"two tensors are named {k!r} once Caffe's layer names are mapped "
-                               "(fc8a is fc8); keep one set")
-        out[k] = v
-    return out
+        return k if g is None else \
+            f"{g['owner']}{g.get('conv') or g['fc'].replace('fc8a', 'fc8')}.{g['p']}"
+    return _renamed(sd, name, "Caffe's layer names are mapped (fc8a is fc8)")
 
 
 # Weights stored reparametrised: torch.nn.utils.prune (weight_orig, weight_mask), weight_norm
@@ -1205,21 +1206,19 @@ def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
             "trained from (vgg16_caffe.pth, with preprocess='caffe')")
 
 
+def _timm_name(k: str) -> str:
+    for old, new in _TIMM.items():
+        if k.startswith(old):
+            k = new + k[len(old):]
+    return _EXTRACTOR_KEY.sub(r"\1.\2", k)
+
+
 def _rename(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
     sd = _strip_prefixes(sd)
     _refuse_other_networks(sd)
     sd = _from_layer_names(_from_cadene(_from_underscored_names(sd)))
     sd = _from_convmodules(_unslice(_from_timm_features(sd)))
-    for k, v in _strip_owner(sd).items():
-        for old, new in _TIMM.items():
-            if k.startswith(old):
-                k = new + k[len(old):]
-        k = _EXTRACTOR_KEY.sub(r"\1.\2", k)
-        if k in out:
-            raise WeightsError(f"two tensors are named {k!r} once timm's names are mapped; "
-                               "keep one set")
-        out[k] = v
+    out = _renamed(_strip_owner(sd), _timm_name, "timm's names are mapped")
     _refuse_reparametrised(out)
     return out
 
@@ -1252,16 +1251,11 @@ def _imagenet_fc6(sd: dict[str, torch.Tensor]) -> bool:
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
+    def unwrapped(k: str) -> str:     # both "conv.w" and "module.conv.w": one is refused
         *path, leaf = k.split(".")
-        k = ".".join([p for p in path if p not in _WRAPPER_NAMES] + [leaf])
-        if k in out:  # e.g. both "conv.w" and "module.conv.w": which one is meant is unknowable
-            raise WeightsError(f"two tensors are named {k!r} once the wrappers' names "
-                               f"{', '.join(n + '.' for n in _WRAPPER_NAMES)} are removed; "
-                               "keep one set")
-        out[k] = v
-    return out
+        return ".".join([p for p in path if p not in _WRAPPER_NAMES] + [leaf])
+    return _renamed(sd, unwrapped, "the wrappers' names "
+                    f"{', '.join(n + '.' for n in _WRAPPER_NAMES)} are removed")
 
 
 # ---------------------------------------------------------------------------------------------
