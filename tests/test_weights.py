@@ -1216,3 +1216,18 @@ def test_deepspeed_model_states_load_and_zero3_placeholders_are_named(tmp_path):
                path)
     with pytest.raises(WeightsError, match="every tensor is empty.*zero_to_fp32.py"):
         load(path)
+
+
+@pytest.mark.parametrize("keys, why", [
+    (("features.0.weight", "module.features.0.weight"), "the wrappers' names"),
+    (("conv_1_1.weight", "conv1_1.weight"), "conv_B_I is read as convB_I"),
+    (("features.conv1_1.weight", "conv1_1.weight"), r"Caffe's layer names are mapped \(fc8a"),
+    (("pre_logits.fc1.weight", "classifier.0.weight"), "timm's names are mapped"),
+])
+def test_two_tensors_given_one_name_by_a_renaming_are_refused(keys, why):
+    """Each renaming of other tools' keys refuses to let one tensor silently replace another."""
+    from vggfast.weights import _rename
+    sd = {k: torch.zeros(1) for k in keys}
+    with pytest.raises(WeightsError, match=f"^two tensors are named '.*' once {why}.*; keep one "
+                                           "set$"):
+        _rename(sd)
