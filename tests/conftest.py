@@ -63,3 +63,26 @@ def random_bn_statistics(model):
 @pytest.fixture
 def tiny():
     return small_model()
+
+
+def write_list_files(tmp_path, pano_width: int = 2000) -> None:
+    """The odd files of the long-list tests in tmp_path: pano.png (40 x pano_width, over a small
+    memory budget), thin.png (a side under the minimum), small.png (a photo that passes) and
+    notes.jpg (text, not an image)."""
+    from PIL import Image
+    Image.new("RGB", (pano_width, 40)).save(tmp_path / "pano.png")
+    Image.new("RGB", (40, 5)).save(tmp_path / "thin.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+
+
+def refused_up_front(call, exc, words: str, decoded: list, runs: list):
+    """call() raises `exc` naming image 4, its message starting with `words`, before any image
+    of the list is decoded (decoded) or any batch runs (runs); returns the exception."""
+    decoded.clear()
+    runs.clear()
+    with pytest.raises(exc) as err:
+        call()
+    assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
+    assert runs == [] and decoded == []
+    return err.value

@@ -7,7 +7,8 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import random_bn_statistics, skip_unless_triton_backend, small_model
+from conftest import (random_bn_statistics, refused_up_front, skip_unless_triton_backend,
+                      small_model, write_list_files)
 from vggfast import Engine, FeatureExtractor, VGGFastError
 from vggfast.errors import ArgumentError, MemoryBudgetError
 
@@ -275,10 +276,7 @@ def test_a_long_list_is_checked_before_its_first_chunk_runs(tiny, tmp_path, monk
     import io
     import vggfast.engine as E
     monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
-    Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
-    Image.new("RGB", (40, 5)).save(tmp_path / "thin.png")
-    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
-    (tmp_path / "notes.jpg").write_text("not a photo")
+    write_list_files(tmp_path)
     eng = Engine(tiny.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
     decoded, runs = [], []
     real_load, real_run = E.pp.load_image, eng._executor.run
@@ -294,12 +292,8 @@ def test_a_long_list_is_checked_before_its_first_chunk_runs(tiny, tmp_path, monk
             (torch.rand(3, 40, 2000), MemoryBudgetError, "image 4 (40x2000, HxW) at scale 64 "),
             (tmp_path / "thin.png", VGGFastError, "image 4: "),
             (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
-        decoded.clear()
-        runs.clear()
-        with pytest.raises(exc) as err:
-            eng.classify(head + [last], scales=64)
-        assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
-        assert runs == [] and decoded == []
+        refused_up_front(lambda: eng.classify(head + [last], scales=64), exc, words, decoded,
+                         runs)
     assert "both sides must be at least 8" in str(
         pytest.raises(VGGFastError, eng.classify, head + [tmp_path / "thin.png"], scales=64).value)
     # what passes the checks runs as before: file objects read from where they stood

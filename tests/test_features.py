@@ -10,7 +10,8 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import random_bn_statistics, skip_unless_triton_backend, small_model
+from conftest import (random_bn_statistics, refused_up_front, skip_unless_triton_backend,
+                      small_model, write_list_files)
 from vggfast import Engine, FeatureExtractor, VGGFastError
 from vggfast.errors import MemoryBudgetError
 
@@ -437,10 +438,7 @@ def test_a_long_list_of_features_is_checked_before_its_first_chunk_runs(model, t
     import vggfast.engine as E
     from vggfast.errors import MemoryBudgetError
     monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
-    Image.new("RGB", (4000, 40)).save(tmp_path / "pano.png")
-    Image.new("RGB", (40, 5)).save(tmp_path / "thin.png")
-    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
-    (tmp_path / "notes.jpg").write_text("not a photo")
+    write_list_files(tmp_path, pano_width=4000)
     eng = Engine(model.state_dict(), backend="torch", dtype="float32", memory_budget=1 << 20)
     decoded, runs = [], []
     real_load, real_run, real_one = E.pp.load_image, eng._executor.run, eng._run
@@ -457,14 +455,10 @@ def test_a_long_list_of_features_is_checked_before_its_first_chunk_runs(model, t
             (torch.rand(3, 40, 4000), MemoryBudgetError, f"image 4 {pano}"),
             (tmp_path / "thin.png", VGGFastError, "image 4: "),
             (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
-        decoded.clear()
-        runs.clear()
-        with pytest.raises(exc) as err:
-            eng.features(head + [last], layer=layer, scales=q)
-        assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
-        assert runs == [] and decoded == []
+        err = refused_up_front(lambda: eng.features(head + [last], layer=layer, scales=q), exc,
+                               words, decoded, runs)
         if exc is MemoryBudgetError:   # what extract writes for a skipped image
-            assert err.value.reason.startswith(pano) and "memory_budget" in err.value.reason
+            assert err.reason.startswith(pano) and "memory_budget" in err.reason
     # one chunk: refused before any of its images runs, named
     monkeypatch.setattr(E, "CHUNK_IMAGES", 64)
     runs.clear()

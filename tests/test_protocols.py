@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import skip_unless_triton_backend, small_model
+from conftest import refused_up_front, skip_unless_triton_backend, small_model, write_list_files
 from vggfast import Engine, Ensemble, VGGFastError
 from vggfast.cli import main
 from vggfast.engine import imagenet_classes
@@ -268,9 +268,7 @@ def test_an_ensembles_long_list_is_checked_before_its_first_chunk_runs(tmp_path,
     import vggfast.engine as E
     from vggfast.errors import MemoryBudgetError
     monkeypatch.setattr(E, "CHUNK_IMAGES", 2)
-    Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
-    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
-    (tmp_path / "notes.jpg").write_text("not a photo")
+    write_list_files(tmp_path)
     d = Engine(small_model("D", num_classes=10, seed=1).state_dict(), backend="torch",
                dtype="float32")
     e = Engine(small_model("E", num_classes=10, seed=2).state_dict(), backend="torch",
@@ -290,12 +288,8 @@ def test_an_ensembles_long_list_is_checked_before_its_first_chunk_runs(tmp_path,
                                                        "(40x2000, HxW) at scale 64 "),
             (torch.rand(3, 40, 2000), MemoryBudgetError, "image 4 (40x2000, HxW) at scale 64 "),
             (tmp_path / "notes.jpg", VGGFastError, "image 4: ")]:
-        decoded.clear()
-        runs.clear()
-        with pytest.raises(exc) as err:
-            fusion.classify(head + [last], scales=64)
-        assert str(err.value).startswith(words) and err.value.image == 4, str(err.value)
-        assert runs == [] and decoded == []
+        refused_up_front(lambda: fusion.classify(head + [last], scales=64), exc, words, decoded,
+                         runs)
     # what passes the checks runs as before, chunk by chunk
     got = fusion.classify(head + [tmp_path / "small.png"], scales=64)
     assert len(got) == 5 and len(runs) == 6
