@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
+from vggfast.benchmark import git_commit
+
 
 def cpu_name() -> str:
     try:
@@ -51,15 +53,6 @@ def cpu_name() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def photo_4x3() -> torch.Tensor:

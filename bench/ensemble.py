@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from vggfast import Engine, Ensemble, preprocess as pp
+from vggfast.benchmark import git_commit
 from vggfast.nn import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate_methods import _folder, git_commit, medians, unshared  # noqa: E402  (the same JPEGs)
+from evaluate_methods import _folder, medians, unshared  # noqa: E402  (the same JPEGs)
 
 
 def main() -> int:

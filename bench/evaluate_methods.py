@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 
 from vggfast import Engine, executor, protocols
+from vggfast.benchmark import git_commit
 from vggfast.cli import sample_images
 from vggfast.nn import build_model
 
@@ -79,11 +79,6 @@ def medians(variants: dict, repeat: int) -> tuple[dict, dict]:
             run()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(t) for name, t in times.items()}, times
-
-
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
 
 
 def main() -> int:

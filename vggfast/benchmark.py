@@ -136,20 +136,29 @@ def gflop(spec, n: int, h: int, w: int) -> float:
     return total / 1e9
 
 
+def _run(cmd: list[str]) -> str:
+    """A command's stdout in the checkout, "unknown" where it fails (no git, not a checkout)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                              cwd=REPO).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def git_commit() -> str:
+    """The checkout's HEAD (what the bench/ scripts and `meta` report), or "unknown"."""
+    return _run(["git", "rev-parse", "HEAD"])
+
+
 def meta(device: torch.device) -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
-                                  cwd=REPO).stdout.strip() or "unknown"
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
+    run = _run
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     m = {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-         "git_commit": run(["git", "rev-parse", "HEAD"]),
+         "git_commit": git_commit(),
          "git_dirty": bool(run(["git", "status", "--porcelain", "--untracked-files=no"])
                            not in ("", "unknown")),
          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
