@@ -21,34 +21,32 @@ goes to --out when given.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
+from collections import Counter
 import tempfile
 from pathlib import Path
 
 import torch
 
 from vggfast import Engine, Ensemble, preprocess as pp
-from vggfast.benchmark import git_commit
 from vggfast.nn import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate_methods import _folder, medians, unshared  # noqa: E402  (the same JPEGs)
+from evaluate_methods import (  # noqa: E402  (the same JPEGs, checks and options)
+    _folder, checked_medians, common_args, unshared, write_json)
+
+
+def same_results(results: dict) -> bool:
+    """The shared and unshared runs' fused Results and per-model Results equal bit for bit."""
+    return all(torch.equal(a.probs, b.probs) and all(
+        torch.equal(x.probs, y.probs) for x, y in zip(a.per_model, b.per_model))
+        for a, b in zip(results["shared"], results["unshared"], strict=True))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=12)
-    ap.add_argument("--photo-scale", type=float, default=1.0)
-    ap.add_argument("--scales", type=int, nargs="+", default=[40, 48, 64])
+    ap = common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--configs", nargs="+", default=["D", "E", "A"])
-    ap.add_argument("--width", type=float, default=1 / 16)
     ap.add_argument("--method", default="dense")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engines = []
@@ -59,7 +57,7 @@ def main() -> int:
                               dtype=torch.float32,
                               preprocess=("torchvision", "caffe")[k % 2]))
     fusion = Ensemble(engines)
-    resize, counts = pp.resize_scales, {"rescales": 0}
+    resize, counts = pp.resize_scales, Counter()
 
     def counted_resize(x, qs):
         counts["rescales"] += len(qs)
@@ -73,30 +71,17 @@ def main() -> int:
     variants = {"unshared": unshared(classify), "shared": classify}
     with tempfile.TemporaryDirectory() as tmp:
         items = [p for p, _ in _folder(Path(tmp), args.images, args.photo_scale)]
-        calls, results = {}, {}
-        for name, run in variants.items():     # the check, and the warm-up
-            counts["rescales"] = 0
-            results[name] = run()
-            calls[name] = counts["rescales"]
-        if not all(torch.equal(a.probs, b.probs) and all(
-                torch.equal(x.probs, y.probs) for x, y in zip(a.per_model, b.per_model))
-                for a, b in zip(results["shared"], results["unshared"], strict=True)):
-            print("FAIL: the shared rescales changed a Result", file=sys.stderr)
-            return 1
-        med, times = medians(variants, args.repeat)
+        _, calls, med, times = checked_medians(variants, counts, args.repeat, same_results,
+                                               "the shared rescales changed a Result")
     print(f"{args.images} JPEGs (bundled photos x{args.photo_scale}), ensemble "
           f"{'+'.join(args.configs)} width {args.width:g}, {args.method}, scales {args.scales}, "
           f"torch fp32 cpu, {args.threads} thread(s), median of {args.repeat}")
     print(f"{'variant':<10} {'seconds':>8} {'rescales':>9}")
     for name in variants:
-        print(f"{name:<10} {med[name]:>8.3f} {calls[name]:>9}")
+        print(f"{name:<10} {med[name]:>8.3f} {calls[name].get('rescales', 0):>9}")
     print(f"speed-up shared vs unshared: {med['unshared'] / med['shared']:.2f}x; Results equal")
     if args.out:
-        commit = git_commit()
-        Path(args.out).write_text(json.dumps({
-            "args": vars(args), "median_s": med, "times_s": times, "rescales": calls,
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "commit": commit}, indent=2))
+        write_json(args.out, args, med, times, calls=calls)
     return 0
 
 

@@ -81,18 +81,47 @@ def medians(variants: dict, repeat: int) -> tuple[dict, dict]:
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def checked_medians(variants: dict, counts: Counter, repeat: int, same, failure: str):
+    """(results, calls, medians, times): each variant run once (`counts` cleared before each;
+    calls[name] is what it counted), the results checked, then timed by medians(). Exits with
+    status 1 after printing "FAIL: `failure`" when same(results) is false: nothing is timed."""
+    results, calls = {}, {}
+    for name, run in variants.items():     # the check, and the warm-up
+        counts.clear()
+        results[name] = run()
+        calls[name] = dict(counts)
+    if not same(results):
+        print(f"FAIL: {failure}", file=sys.stderr)
+        sys.exit(1)
+    return (results, calls, *medians(variants, repeat))
+
+
+def write_json(out: str, args, med: dict, times: dict, **extra) -> None:
+    """The run's figures with its arguments, torch version, CPU and git commit, to `out`."""
+    Path(out).write_text(json.dumps({
+        "args": vars(args), "median_s": med, "times_s": times, **extra,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "commit": git_commit()}, indent=2))
+
+
+def common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options both CPU benchmarks of shared work take: the JPEG folder, scales, threads,
+    repeats, seed and --out."""
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--photo-scale", type=float, default=1.0)
     ap.add_argument("--scales", type=int, nargs="+", default=[40, 48, 64])
-    ap.add_argument("--config", default="D")
     ap.add_argument("--width", type=float, default=1 / 16)
-    ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    return ap
+
+
+def main() -> int:
+    ap = common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--config", default="D")
+    ap.add_argument("--image-size", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -126,16 +155,10 @@ def main() -> int:
                                                progress=False)}
     with tempfile.TemporaryDirectory() as tmp:
         pairs = _folder(Path(tmp), args.images, args.photo_scale)
-        calls = {}
-        rows = {}
-        for name, run in variants.items():     # the check, and the warm-up
-            counts.clear()
-            rows[name] = run()
-            calls[name] = dict(counts)
-        if not rows["one-pass"] == rows["unshared"] == rows["per-method"]:
-            print("FAIL: the one-pass rows differ from one evaluate per method", file=sys.stderr)
-            return 1
-        med, times = medians(variants, args.repeat)
+        rows, calls, med, times = checked_medians(
+            variants, counts, args.repeat,
+            lambda r: r["one-pass"] == r["unshared"] == r["per-method"],
+            "the one-pass rows differ from one evaluate per method")
     print(f"{args.images} JPEGs (bundled photos x{args.photo_scale}), {args.config} width "
           f"{args.width:g}, scales {args.scales}, torch fp32 cpu, {args.threads} thread(s), "
           f"median of {args.repeat}")
@@ -147,11 +170,7 @@ def main() -> int:
     print(f"speed-up one-pass vs per-method: {med['per-method'] / med['one-pass']:.2f}x, vs "
           f"unshared rescales: {med['unshared'] / med['one-pass']:.2f}x; rows equal")
     if args.out:
-        commit = git_commit()
-        Path(args.out).write_text(json.dumps({
-            "args": vars(args), "median_s": med, "times_s": times, "calls": calls,
-            "rows": rows["one-pass"], "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "commit": commit}, indent=2))
+        write_json(args.out, args, med, times, calls=calls, rows=rows["one-pass"])
     return 0
 
 
