@@ -317,6 +317,23 @@ def test_basicsr_perceptual_vgg_with_layer_names_computes_its_features():
 
 # --- VGG-Face ----------------------------------------------------------------------------------
 
+def _named_convs(m: nn.Module, cfg) -> int:
+    """The MatConvNet/Caffe-style layout both ports below share: conv{block}_{i} attributes (3x3
+    pad 1, width / DIV) and m.names, the layer order with "pool" for each max-pool; returns the
+    last conv's channels."""
+    block, conv, cin, m.names = 1, 0, 3, []
+    for c in cfg:
+        if c == "M":
+            block, conv = block + 1, 0
+            m.names.append("pool")
+            continue
+        conv += 1
+        setattr(m, f"conv{block}_{conv}", nn.Conv2d(cin, c // DIV, 3, padding=1))
+        m.names.append(f"conv{block}_{conv}")
+        cin = c // DIV
+    return cin
+
+
 class _VggFaceDag(nn.Module):
     """Albanie's vgg_face_dag.py (the MatConvNet VGG-Face): conv1_1 ... conv5_3 as attributes,
     fc6 a Linear on the flattened 7x7 pool5, fc7, fc8 over 2622 identities; input RGB 0-255 minus
@@ -326,18 +343,7 @@ class _VggFaceDag(nn.Module):
 
     def __init__(self):
         super().__init__()
-        block, conv, cin = 1, 0, 3
-        self.names = []
-        for c in VGG16:
-            if c == "M":
-                block, conv = block + 1, 0
-                self.names.append("pool")
-                continue
-            conv += 1
-            name = f"conv{block}_{conv}"
-            setattr(self, name, nn.Conv2d(cin, c // DIV, 3, padding=1))
-            self.names.append(name)
-            cin = c // DIV
+        cin = _named_convs(self, VGG16)
         self.fc6 = nn.Linear(cin * 49, 64)
         self.fc7 = nn.Linear(64, 64)
         self.fc8 = nn.Linear(64, 2622)
@@ -435,16 +441,7 @@ class _GatysVGG(nn.Module):
 
     def __init__(self):
         super().__init__()
-        block, conv, cin, self.names = 1, 0, 3, []
-        for c in VGG19:
-            if c == "M":
-                block, conv = block + 1, 0
-                self.names.append("pool")
-                continue
-            conv += 1
-            setattr(self, f"conv{block}_{conv}", nn.Conv2d(cin, c // DIV, 3, padding=1))
-            self.names.append(f"conv{block}_{conv}")
-            cin = c // DIV
+        _named_convs(self, VGG19)
         _randomise(self)
 
     def forward(self, x, upto):
