@@ -714,7 +714,7 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
 
 
 def cmd_heatmap(args) -> int:
-    from .cli import STDIN_NAME, _engine, _need_weights, _stdin_image
+    from .cli import STDIN_NAME, _engine, _need_weights, _stdin_image, shown_name
     pp.image_format(args.out)   # before the weights are loaded
     eng = _engine(args, _need_weights(args))
     stdin = args.image == "-"
@@ -722,7 +722,7 @@ def cmd_heatmap(args) -> int:
     # the image read from `-` is a tensor, which a refusal called "image 0"
     with pp.naming_file(img, STDIN_NAME if stdin else None):
         k = heatmap(eng, img, args.out, args.cls, args.scale, args.alpha, args.raw)
-    print(f"{args.out}: class {k} ({eng.class_names[k]})")
+    print(f"{shown_name(args.out)}: class {k} ({eng.class_names[k]})")
     return 0
 
 
