@@ -389,3 +389,33 @@ def test_a_file_name_with_a_line_break_prints_as_one_quoted_line(weights, loc_pa
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == repr(str(odd)) and len(lines) == 3
     assert cli.shown_name("a\rb") == "'a\\rb'" and cli.shown_name("a b") == "a b"
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_broken_symlink_in_a_folder_is_named_as_a_corrupt_image_is(weights, samples, tmp_path,
+                                                                     capsys):
+    """photo.jpg -> a moved file, inside a folder given to classify / extract / evaluate, was
+    left out without a word (Path.is_file() is False for a dangling link); it is now named on
+    stderr and the run exits 2, as for a corrupt image, the other images classified."""
+    from vggfast.protocols import list_images
+    root = tmp_path / "set"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.jpg").write_bytes(samples["cat"].read_bytes())
+    os.symlink(tmp_path / "moved.jpg", root / "cat" / "gone.jpg")
+    assert list_images(root) == [root / "cat" / "a.jpg", root / "cat" / "gone.jpg"]
+    assert main(["classify", str(root), "-w", weights, "--scales", "32", "--top", "1"]) == 2
+    cap = capsys.readouterr()
+    assert "gone.jpg" in _one_line(cap.err) and cap.out.splitlines()[0] == str(root / "cat" / "a.jpg")
+    assert main(["extract", str(root), "-w", weights, "--scales", "32", "--quiet",
+                 "--out", str(tmp_path / "f.npy")]) == 2
+    cap = capsys.readouterr()
+    assert "skipped" in _one_line(cap.err) and "gone.jpg" in cap.err and "1 skipped" in cap.out
+    assert main(["evaluate", str(root), "-w", weights, "--scales", "32", "--quiet",
+                 "--class-map", str(_class_map(tmp_path))]) == 2
+    assert "gone.jpg" in _one_line(capsys.readouterr().err)
+
+
+def _class_map(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\n")
+    return path

@@ -262,9 +262,15 @@ class Ensemble:
 
 # -- evaluate: top-1 / top-5 error on a labelled folder -------------------------------------------
 
+def _dangling(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursive), sorted by path."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
+    """Image files under `folder` (recursive), sorted by path. A broken symlink named as an image
+    (photo.jpg -> a moved file) is listed too: it is then a file that cannot be read, named on
+    stderr as a corrupt image is, where it was left out without a word."""
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or _dangling(p))
                   and p.suffix.lower() in pp.IMAGE_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
