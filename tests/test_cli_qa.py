@@ -2,6 +2,7 @@
 broken outputs and copies of the objects they get back. Each test is a regression test for a
 traceback or a silent surprise found by trying it."""
 import copy
+import json
 import os
 import pickle
 import subprocess
@@ -331,3 +332,90 @@ def test_memory_budget_takes_the_sizes_the_environment_variable_takes(monkeypatc
     monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "lots")
     with pytest.raises(vggfast.VGGFastError, match=r"^VGGFAST_MEMORY_BUDGET='lots' is not"):
         vggfast.Engine(sd)
+
+
+class _Piped:
+    """sys.stdin with an image file's bytes piped in (`cat photo.jpg | vggfast ... -`)."""
+
+    def __init__(self, data: bytes):
+        import io
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self):
+        return False
+
+
+@pytest.fixture
+def loc_pair(tmp_path):
+    """A classifier and its localisation net (SCR), as files."""
+    from vggfast import localize as L
+    from vggfast.train import save_model
+    cls = tmp_path / "cls.pth"
+    torch.save(small_model("D", num_classes=10).state_dict(), cls)
+    loc, _ = L.build_localizer(str(cls), "scr")
+    save_model(loc, L.loc_meta({}, loc.spec, "scr", [str(i) for i in range(10)]), tmp_path / "loc")
+    return ["-w", str(cls), "-l", str(tmp_path / "loc"), "--scales", "32", "--top", "2"]
+
+
+def test_localize_reads_an_image_from_standard_input(loc_pair, samples, tmp_path, capsys,
+                                                     monkeypatch):
+    """`cat photo.jpg | vggfast localize -` said "-: no such file" where classify and heatmap
+    read the image from standard input; now the same boxes as the file's, drawn with --out."""
+    assert main(["localize", str(samples["cat"]), *loc_pair, "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["boxes"]
+    monkeypatch.setattr(sys, "stdin", _Piped(samples["cat"].read_bytes()))
+    out = tmp_path / "boxes.png"
+    assert main(["localize", "-", *loc_pair, "--json", "--out", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["image"] == "-" and got["boxes"] == want and out.stat().st_size > 0
+    monkeypatch.setattr(sys, "stdin", _Piped(b"not an image"))
+    assert main(["localize", "-", *loc_pair]) == 2
+    assert "standard input: not an image file" in _one_line(capsys.readouterr().err)
+
+
+def test_a_file_name_with_a_line_break_prints_as_one_quoted_line(weights, loc_pair, samples,
+                                                                 tmp_path, capsys):
+    """`b\\n  0.9000     3  cat.jpg` (legal on Linux) printed as a name line and a line that reads
+    as a result; such a name is now printed quoted and escaped, one line, as `ls` quotes it."""
+    odd = tmp_path / "photos" / "b\n  0.9000     3  cat\t.jpg"
+    odd.parent.mkdir()
+    odd.write_bytes(samples["cat"].read_bytes())
+    (tmp_path / "photos" / "plain é.jpg").write_bytes(samples["cat"].read_bytes())
+    assert main(["classify", str(odd.parent), "-w", weights, "--scales", "32", "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == repr(str(odd)) and lines[2] == str(tmp_path / "photos" / "plain é.jpg")
+    assert len(lines) == 4 and lines[1].startswith("  ") and lines[3].startswith("  ")
+    assert main(["localize", str(odd), *loc_pair]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == repr(str(odd)) and len(lines) == 3
+    assert cli.shown_name("a\rb") == "'a\\rb'" and cli.shown_name("a b") == "a b"
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_broken_symlink_in_a_folder_is_named_as_a_corrupt_image_is(weights, samples, tmp_path,
+                                                                     capsys):
+    """photo.jpg -> a moved file, inside a folder given to classify / extract / evaluate, was
+    left out without a word (Path.is_file() is False for a dangling link); it is now named on
+    stderr and the run exits 2, as for a corrupt image, the other images classified."""
+    from vggfast.protocols import list_images
+    root = tmp_path / "set"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.jpg").write_bytes(samples["cat"].read_bytes())
+    os.symlink(tmp_path / "moved.jpg", root / "cat" / "gone.jpg")
+    assert list_images(root) == [root / "cat" / "a.jpg", root / "cat" / "gone.jpg"]
+    assert main(["classify", str(root), "-w", weights, "--scales", "32", "--top", "1"]) == 2
+    cap = capsys.readouterr()
+    assert "gone.jpg" in _one_line(cap.err) and cap.out.splitlines()[0] == str(root / "cat" / "a.jpg")
+    assert main(["extract", str(root), "-w", weights, "--scales", "32", "--quiet",
+                 "--out", str(tmp_path / "f.npy")]) == 2
+    cap = capsys.readouterr()
+    assert "skipped" in _one_line(cap.err) and "gone.jpg" in cap.err and "1 skipped" in cap.out
+    assert main(["evaluate", str(root), "-w", weights, "--scales", "32", "--quiet",
+                 "--class-map", str(_class_map(tmp_path))]) == 2
+    assert "gone.jpg" in _one_line(capsys.readouterr().err)
+
+
+def _class_map(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\n")
+    return path

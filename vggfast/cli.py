@@ -137,6 +137,19 @@ def error_line(exc: BaseException) -> str:
     return f"vggfast: error: {text}"
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def shown_name(path) -> str:
+    """A file name as a line of plain-text output shows it: as it is, or, when it holds a line
+    break, a tab or another control character (all legal in a Linux file name), quoted and
+    escaped as Python's repr writes it (`ls` quotes such names too), so that `b\\n  0.9  3 cat.jpg`
+    cannot print as a name line followed by a result line."""
+    text = str(path)
+    # control characters only: a name that is not UTF-8 (lone surrogates) is _printable_stdout's
+    return repr(text) if _CONTROL.search(text) else text
+
+
 def _need_weights(args) -> str:
     if not args.weights:
         raise VGGFastError("no weights given: pass --weights PATH_OR_NAME or set VGGFAST_WEIGHTS")
@@ -149,7 +162,7 @@ def _print_results(named, results, k: int, as_json: bool, stats: dict | None = N
         print(json.dumps({"results": rows, **(stats or {})}, indent=2))
         return
     for n, r in zip(named, results):
-        print(f"{n}")
+        print(shown_name(n))
         for i, name, p in r.top(k):
             print(f"  {p:7.4f}  {i:4d}  {name}")
 

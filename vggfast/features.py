@@ -698,7 +698,7 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def cmd_extract(args) -> int:
-    from .cli import _engine, _need_weights
+    from .cli import _engine, _need_weights, shown_name
     rank, world = launch_info("extract", "a sharded extract")
     # before the weights load and the group forms: every rank refuses a bad --out alike
     output_paths(args.out)
@@ -741,8 +741,8 @@ def cmd_extract(args) -> int:
     for f in rec["failed"]:
         print(f"vggfast: skipped {f['error']}", file=sys.stderr)
     npy, index = output_paths(args.out)
-    print(f"{npy}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
-          f"{len(rec['failed'])} skipped; file list in {index}")
+    print(f"{shown_name(npy)}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
+          f"{len(rec['failed'])} skipped; file list in {shown_name(index)}")
     return PARTIAL if rec["failed"] else 0
 
 

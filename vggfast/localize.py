@@ -1130,18 +1130,23 @@ def cmd_localize(args) -> int:
     if args.out:    # refused before the nets are loaded, not after the boxes are printed
         pp.image_format(args.out)
     eng = _loc_engine(args)
-    preds = eng.localize(args.image, scales=args.scales, top_k=args.top, flip=args.flip)
+    from .cli import STDIN_NAME, _stdin_image, shown_name
+    stdin = args.image == "-"
+    img = _stdin_image() if stdin else args.image   # `-`: as classify and heatmap read it
+    # the image read from `-` is a tensor, which a refusal called "image 0"
+    with pp.naming_file(img, STDIN_NAME if stdin else None):
+        preds = eng.localize(img, scales=args.scales, top_k=args.top, flip=args.flip)
     if args.json:
         print(json.dumps({"image": args.image, "boxes": [
             {"index": c, "name": n, "score": s, "box": list(b)} for c, n, s, b in preds]},
             indent=2))
     else:
-        print(args.image)
+        print(shown_name(args.image))
         for c, n, s, b in preds:
             print(f"  {s:7.4f}  {c:4d}  {n:<24} ({b[0]:.0f}, {b[1]:.0f}, {b[2]:.0f}, {b[3]:.0f})")
     if args.out:
-        draw_boxes(args.image, preds[:args.draw] if args.draw > 0 else preds, args.out)
-        print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
+        draw_boxes(img, preds[:args.draw] if args.draw > 0 else preds, args.out)
+        print(f"wrote {shown_name(args.out)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -1150,7 +1155,7 @@ def add_cli(sub) -> None:
     from .cli import _engine_args, _weights_arg
     p = sub.add_parser("localize", help="boxes of the top classes (paper Appendix A): dense "
                                         "localisation net + greedy merging; draws them with --out")
-    p.add_argument("image", help="an image file")
+    p.add_argument("image", help="an image file, or - for one on standard input")
     _weights_arg(p)
     _engine_args(p)
     p.add_argument("--loc-weights", "-l", required=True,

@@ -262,9 +262,15 @@ class Ensemble:
 
 # -- evaluate: top-1 / top-5 error on a labelled folder -------------------------------------------
 
+def _dangling(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursive), sorted by path."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
+    """Image files under `folder` (recursive), sorted by path. A broken symlink named as an image
+    (photo.jpg -> a moved file) is listed too: it is then a file that cannot be read, named on
+    stderr as a corrupt image is, where it was left out without a word."""
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or _dangling(p))
                   and p.suffix.lower() in pp.IMAGE_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
@@ -714,7 +720,7 @@ def heatmap(engine: "Engine", img: Any, out: str | os.PathLike, cls: int | str |
 
 
 def cmd_heatmap(args) -> int:
-    from .cli import STDIN_NAME, _engine, _need_weights, _stdin_image
+    from .cli import STDIN_NAME, _engine, _need_weights, _stdin_image, shown_name
     pp.image_format(args.out)   # before the weights are loaded
     eng = _engine(args, _need_weights(args))
     stdin = args.image == "-"
@@ -722,7 +728,7 @@ def cmd_heatmap(args) -> int:
     # the image read from `-` is a tensor, which a refusal called "image 0"
     with pp.naming_file(img, STDIN_NAME if stdin else None):
         k = heatmap(eng, img, args.out, args.cls, args.scale, args.alpha, args.raw)
-    print(f"{args.out}: class {k} ({eng.class_names[k]})")
+    print(f"{shown_name(args.out)}: class {k} ({eng.class_names[k]})")
     return 0
 
 
