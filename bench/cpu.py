@@ -1,6 +1,7 @@
 """CPU speed of the torch backend vs torchvision's VGG16 eager, side by side, in one run.
 
     python bench/cpu.py [--reps 5] [--threads N] [--rows logits1,logits8,dense] [--json OUT]
+    python bench/cpu.py --rows features      # FeatureExtractor (perceptual-loss) rows
 
 The backend CPU users get (and the only speed CI can measure): vggfast.Engine(backend="torch",
 device="cpu") against torchvision.models.vgg16(weights=None) in eval mode, float32, under
@@ -14,6 +15,13 @@ Rows:
                     side Q), the image and its flip as one batch of 2, normalise,
                     model.features, the classifier applied as convs (fc6 as 7x7, fc7/fc8 as
                     1x1), spatial mean, softmax; mean of the 6 posteriors.
+  features          (only when named) vggfast.FeatureExtractor(layers=relu1_2, relu2_2,
+                    relu3_3, relu4_3) vs torchvision's vgg16().features run up to relu4_3,
+                    reading the same four outputs, at batch 1 and 4, 224x224 and 256x256:
+                    "no_grad" (forward under torch.no_grad) and "fwd+bwd" (input requiring grad,
+                    loss = sum of the mean squares of the four maps, backward to the input; the
+                    check compares the input gradients). Weights: vggfast.build_model("D"),
+                    random, loaded into both.
 Correctness is checked first (max abs difference of logits / probabilities; the run stops if
 it is past float32 rounding). Timing: time.perf_counter around each call, after one warm-up
 call per row; the sides alternate call by call (the machine is shared: all see the same
@@ -93,6 +101,43 @@ class TorchvisionDense:
         return torch.cat(posteriors).mean(0)
 
 
+FEATURE_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+TV_FEATURE_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}   # vgg16.features
+
+
+def feature_cases(model, fx, gen) -> list:
+    """The `features` rows: (row, images per call, vggfast fn, torchvision fn, what)."""
+    stack = model.features[:max(TV_FEATURE_INDEX.values()) + 1]
+
+    def tv(x):
+        out = []
+        for i, m in enumerate(stack):
+            x = m(x)
+            if i in TV_FEATURE_INDEX.values():
+                out.append(x)
+        return out
+
+    def grad_of(f, x):
+        x = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(sum(o.square().mean() for o in f(x)), x)
+        return g
+
+    def no_grad(f, x):
+        with torch.no_grad():
+            return torch.cat([o.flatten() for o in f(x)])
+
+    ours = lambda x: list(fx(x).values())   # noqa: E731
+    cases = []
+    for side in (224, 256):
+        for b in (1, 4):
+            x = torch.randn(b, 3, side, side, generator=gen)
+            cases.append((f"features b{b} {side}x{side} no_grad", b,
+                          lambda x=x: no_grad(ours, x), lambda x=x: no_grad(tv, x), "maps"))
+            cases.append((f"features b{b} {side}x{side} fwd+bwd", b,
+                          lambda x=x: grad_of(ours, x), lambda x=x: grad_of(tv, x), "input grad"))
+    return cases
+
+
 def ablations(eng) -> dict:
     """{name: call(fn)}: fn() run with some of the CPU choices of eng's TorchBackend switched off
     (private attributes, restored after the call; the contiguous weights are made once)."""
@@ -169,6 +214,13 @@ def main(argv=None) -> int:
     inputs = {b: torch.randn(b, 3, 224, 224, generator=gen) for b in (1, 8)}
 
     variants = ablations(eng) if args.ablate else {}
+    if "features" in rows:
+        # build_model's random weights (torchvision's keys) in both
+        net = vggfast.build_model("D")
+        fmodel = torchvision.models.vgg16(weights=None).eval()
+        fmodel.load_state_dict(net.state_dict())
+        fx = vggfast.FeatureExtractor(net.state_dict(), layers=FEATURE_LAYERS, device="cpu",
+                                      preprocess="torchvision")
 
     def tv_logits(x):
         with torch.inference_mode():
@@ -188,6 +240,8 @@ def main(argv=None) -> int:
         cases.append(("dense 640x480, Q 256/384/512 + flip", 1,
                       lambda: eng.classify(img, scales=scales, flip=True).probs, tv_dense,
                       "probs"))
+    if "features" in rows:
+        cases += feature_cases(fmodel, fx, gen)
 
     print(f"# CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, torchvision "
@@ -205,7 +259,9 @@ def main(argv=None) -> int:
         if not err <= 1e-4 * max(scale, 1e-3):
             print(f"{name}: vggfast and torchvision differ by {err:.3g} (max |ref| {scale:.3g})")
             return 1
-        extra = [(v, lambda v=v, fast=fast: variants[v](fast)) for v in variants]
+        # the ablations switch the Engine's backend, not the FeatureExtractor's
+        extra = [] if name.startswith("features") else \
+            [(v, lambda v=v, fast=fast: variants[v](fast)) for v in variants]
         for v, fn in extra:
             d = (fn().float() - b.float()).abs().max().item()
             if not d <= 1e-4 * max(scale, 1e-3):
@@ -225,7 +281,7 @@ def main(argv=None) -> int:
                "speedup_of_medians": round(med["torchvision"] / med["vggfast"], 3),
                "variants": {v: {"ms": round(med[v], 2), "min_ms": round(min(t[v]), 2),
                                 "max_ms": round(max(t[v]), 2), "speedup": round(ratio[v], 3)}
-                            for v in variants}}
+                            for v, _ in extra}}
         out_rows.append(row)
         print(f"{name:38s} vggfast {med['vggfast']:9.1f} ms ({min(t['vggfast']):.1f}-"
               f"{max(t['vggfast']):.1f}) {row['vggfast_img_s']:7.2f} img/s | torchvision "
@@ -233,7 +289,7 @@ def main(argv=None) -> int:
               f"{max(t['torchvision']):.1f}) {row['torchvision_img_s']:7.2f} img/s | "
               f"x{row['speedup']:.2f} (of medians x{row['speedup_of_medians']:.2f}) | "
               f"{row['check']}", flush=True)
-        for v in variants:
+        for v, _ in extra:
             print(f"  {v:36s} {med[v]:9.1f} ms ({min(t[v]):.1f}-{max(t[v]):.1f}) "
                   f"x{ratio[v]:.2f} vs torchvision", flush=True)
     if args.json:

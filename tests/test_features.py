@@ -17,7 +17,8 @@ from vggfast.errors import MemoryBudgetError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # torchvision `features` indices (config D, no BN): the module after which each tap is read
-D_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "conv5_3": 28, "pool5": 30}
+D_INDEX = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "conv5_3": 28, "pool5": 30,
+           "pool2": 9, "conv3_1": 10, "conv4_2": 19, "pool4": 23}
 
 
 def _views(path, q):
@@ -197,6 +198,38 @@ def test_feature_extractor_outputs_and_input_grads_equal_torchvision(tv16):
     for k in layers:
         torch.testing.assert_close(out[k], want[k], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4 * g2.abs().max().item())
+
+
+@pytest.mark.parametrize("layers", [["conv4_2"], ["relu2_2", "pool2", "conv3_1"],
+                                    ["relu4_3", "pool4"], ["conv3_1", "relu1_2"]])
+def test_both_paths_give_torchvisions_maps_and_input_grads_as_contiguous_nchw(tv16, layers):
+    """A pre-ReLU conv tap, the last ReLU of a block before and after its pool, and the first
+    conv after a pool: both paths' maps, and the autograd path's input gradient, equal
+    torchvision's; every output is contiguous NCHW, so the Gram matrix of PyTorch's
+    neural-style tutorial, f.view(N * C, H * W), works on a target made under no_grad."""
+    fx = FeatureExtractor({f"features.{k}": v for k, v in tv16.state_dict().items()},
+                          layers=layers)
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 48, 40, requires_grad=True)
+    out = fx(x)
+    with torch.no_grad():
+        fast = fx(x)
+    assert list(out) == list(fast) == layers
+    x2 = x.detach().clone().requires_grad_(True)
+    want = {k: tv16[:D_INDEX[k] + 1](x2) for k in layers}
+    probe = {k: torch.randn_like(v) for k, v in want.items()}
+    (g,) = torch.autograd.grad(sum((out[k] * probe[k]).sum() for k in layers), x)
+    (g2,) = torch.autograd.grad(sum((want[k] * probe[k]).sum() for k in layers), x2)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4 * g2.abs().max().item())
+    for k in layers:
+        for t in (out[k], fast[k]):
+            torch.testing.assert_close(t, want[k], rtol=1e-4, atol=1e-4)
+            assert t.is_contiguous(), (k, t.stride())
+            n, c, h, w = t.shape
+            f = t.view(n * c, h * w)
+            torch.testing.assert_close(f @ f.t(), (want[k].reshape(n * c, h * w)
+                                                   @ want[k].reshape(n * c, h * w).t()),
+                                       rtol=1e-4, atol=1e-4 * h * w)
 
 
 def test_feature_extractor_no_grad_path_uses_the_fast_backend(monkeypatch):

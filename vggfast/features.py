@@ -191,8 +191,8 @@ class FeatureExtractor(nn.Module):
     ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "conv5_3", "pool5", "fc6", "fc7", ...;
     `NetSpec.tap_names()`; with BatchNorm weights "convB_I" is the output after the folded BN).
     forward(x): x [N, 3, H, W] float, already normalised for these weights (`fe.normalize(rgb)`
-    does it for RGB in [0, 1]); returns {layer: [N, C, h, w] tensor in x's dtype} in the order of
-    `layers`. Computation stops after the deepest requested layer and only the weights up to it
+    does it for RGB in [0, 1]); returns {layer: [N, C, h, w] tensor in x's dtype, contiguous
+    (NCHW strides) on both paths} in the order of `layers`. Computation stops after the deepest requested layer and only the weights up to it
     are kept. fc layers need H, W >= image_size.
 
     Two paths on the same canonical (BatchNorm-folded) weights, computing in the same dtype,
@@ -381,7 +381,11 @@ class FeatureExtractor(nn.Module):
                 owner._sync_fast_weights()
                 engine = owner._fast_engine(x.device, fast_dtype)
             out = engine._backend.run(x, self.layers)
-            out = {k: v.to(x.device, out_dtype) for k, v in out.items()}
+            # the backend computes in channels_last (oneDNN's and cuDNN's fast layout); the
+            # outputs are contiguous NCHW as torchvision's and the autograd path's are, so a
+            # Gram matrix's f.view(N * C, H * W) works on a target computed under no_grad too
+            out = {k: v.to(x.device, out_dtype, memory_format=torch.contiguous_format)
+                   for k, v in out.items()}
         return {t: out[t] for t in self.layers}
 
 
