@@ -868,6 +868,29 @@ def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
     return out
 
 
+def resize_crop_bytes(h: int, w: int, q: int, height: int, width: int, c: int = 3) -> int:
+    """Bytes of float32 that `resize_crop` of a [c, h, w] image at scale q, cut to a
+    height x width crop, holds at once at its peak, the source itself not counted (for a
+    float32 source, whose float copy is itself, an upper bound). It follows resize_crop step
+    by step: the width pass's output [c, h, W_q] beside a row chunk's float copy and its
+    resample (one chunk: the whole float copy), then that output beside the crop, a strip of
+    columns' copy [c, h, k] and its height pass [c, H_q, k]. Engine._check_center_crop counts
+    this before allocating, not the whole rescale that resize_crop never makes."""
+    rh, rw = rescaled_size(h, w, q)
+    px = 4 * c
+    crop = px * height * width
+    if min(h, w) == q:          # not resampled: the crop's float copy alone
+        return crop
+    mid = px * h * rw
+    chunks = row_chunks(h, w, c)
+    # one chunk: the float copy is resampled into the output itself; else into a chunk's own
+    width_pass = mid + (px * h * w if len(chunks) == 1
+                        else px * (chunks[0][1] - chunks[0][0]) * (w + rw))
+    cols = max(2, min(RESIZE_CHUNK_BYTES // (px * rh), width))     # a strip: `step` columns
+    height_pass = mid + crop + px * cols * (h + rh)
+    return max(width_pass, height_pass)
+
+
 def row_chunks(h: int, w: int, c: int = 3) -> list[tuple[int, int]]:
     """(top, bottom) of the chunks of rows a [c, h, w] image is worked on in where a whole copy
     of it would be large: RESIZE_CHUNK_BYTES of its rows in float32 (at least one row). A width
