@@ -704,7 +704,7 @@ class Engine:
         (preprocess.image_size with exact=True): a file's header (a path, bytes, a seekable
         file object: JPEG, WebP, PNG, TIFF, ..., EXIF orientation applied), an array's or
         tensor's shape, a PIL image's size (made in memory, or a JPEG, ...); the others (an
-        animated PNG, a PPM, a PNG PIL image the caller opened, a pipe) are decoded. What only
+        animated PNG, a PNG PIL image the caller opened, a pipe) are decoded. What only
         decoding finds (corrupt pixels, a float tensor's values) is then left to classify, as
         for its long lists.
         """

@@ -134,8 +134,10 @@ def load_image(src) -> torch.Tensor:
 
 
 # PIL formats whose header gives exactly the size load_image decodes, EXIF orientation included
-# (read with the header). A PNG and a TIFF are sized exactly too, in their own ways (`_pil_size`).
-EXACT_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "GIF", "BMP", "ICO")
+# (read with the header: PIL's AVIF reader turns the irot/imir boxes into it; PPM/PGM/PBM and
+# JPEG 2000, whose size PIL reads from the text header or the SIZ marker / ihdr box, bring
+# none). A PNG and a TIFF are sized exactly too, in their own ways (`_pil_size`).
+EXACT_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "GIF", "BMP", "ICO", "PPM", "JPEG2000", "AVIF")
 
 
 def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
@@ -147,7 +149,7 @@ def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
     missing, empty or unreadable file, EPS, too many pixels, the wrong shape, a side under
     MIN_SIDE. H and W may be each other's where the header cannot tell the EXIF orientation
     decoding applies: an animated or malformed PNG's, a PNG that is a PIL image opened by the
-    caller, a format outside EXACT_HEADER_FORMATS (PPM, AVIF, ...), which no sizing rule
+    caller, a format outside EXACT_HEADER_FORMATS (PCX, ...), which no sizing rule
     depends on.
     exact=True: None also for those, whose decoded H and W the header cannot promise (for what
     a swap changes: a plan)."""
@@ -241,7 +243,7 @@ def decoded_size(im, encoded) -> tuple[int, int]:
     decodes it (EXIF orientation applied): from the header where it promises that (`_pil_size`:
     a JPEG, a whole PNG, a TIFF, ...), else by decoding the pixels, which raises what PIL raises
     for them as load_image's decode would (a PNG cut short, whose chunk list has no IEND), and
-    reading the orientation they bring (an APNG's, a PPM's). For a scan of many files that must
+    reading the orientation they bring (an APNG's). For a scan of many files that must
     find the ones load_image refuses without decoding every one (train's); image_size, which
     never decodes, says None instead (exact=True)."""
     size, sure = _pil_size(im, encoded)
