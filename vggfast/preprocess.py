@@ -824,6 +824,33 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+def resize_scales_bytes(h: int, w: int, qs: Sequence[int], c: int = 3) -> int:
+    """Bytes of float32 that `resize_scales` of a [c, h, w] uint8 image at scales qs holds at
+    once at its peak, the source itself not counted (a float32 one's float copy is itself: an
+    upper bound). It follows resize_scales step by step: a scale equal to the smallest side is
+    a float copy of the image, kept; a small image is converted whole and each scale resampled
+    from it, PyTorch's kernel holding its width pass [c, h, W_q] beside the result; a large one
+    holds every scale's width pass [c, h, W_q] at once, beside a row chunk's float copy and its
+    resample (or the last chunk's copy), then each height pass beside the width passes not yet used and the results made.
+    A 12000x9000 photo at Q = 256 is 37 MB of width pass for a 1 MB result."""
+    px = 4 * c
+    sizes = [rescaled_size(h, w, q) for q in qs]
+    kept = sum(px * h * w for q in qs if min(h, w) == q)
+    todo = [(rh, rw) for q, (rh, rw) in zip(qs, sizes) if min(h, w) != q]
+    outs = [px * rh * rw for rh, rw in todo]
+    mids = [px * h * rw for _, rw in todo]
+    if px * h * w <= RESIZE_CHUNK_BYTES:    # converted whole, each scale in one call
+        return kept + px * h * w + max((sum(outs[:k + 1]) + mids[k] for k in range(len(todo))),
+                                       default=0)
+    if not todo:
+        return kept
+    top, bottom = row_chunks(h, w, c)[0]
+    # the loop's last chunk (`part`) is held while the next is converted
+    width_pass = sum(mids) + px * (bottom - top) * (w + max(w, *(rw for _, rw in todo)))
+    height_pass = max(sum(mids[k:]) + sum(outs[:k + 1]) for k in range(len(todo)))
+    return kept + max(width_pass, height_pass)
+
+
 def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
                 width: int) -> torch.Tensor:
     """`resize_short(x, q)[:, top:top + height, left:left + width]`, the same numbers bit for bit,
@@ -876,7 +903,7 @@ def resize_crop_bytes(h: int, w: int, q: int, height: int, width: int, c: int = 
     float32 source, whose float copy is itself, an upper bound). It follows resize_crop step
     by step: the width pass's output [c, h, W_q] beside a row chunk's float copy and its
     resample (one chunk: the whole float copy), then that output beside the crop, a strip of
-    columns' copy [c, h, k] and its height pass [c, H_q, k]. Engine._check_center_crop counts
+    columns' copy [c, h, k] and its height pass [c, H_q, k] (the last strip's still held). Engine._check_center_crop counts
     this before allocating, not the whole rescale that resize_crop never makes."""
     rh, rw = rescaled_size(h, w, q)
     px = 4 * c
@@ -889,7 +916,7 @@ def resize_crop_bytes(h: int, w: int, q: int, height: int, width: int, c: int = 
     width_pass = mid + (px * h * w if len(chunks) == 1
                         else px * (chunks[0][1] - chunks[0][0]) * (w + rw))
     cols = max(2, min(RESIZE_CHUNK_BYTES // (px * rh), width))     # a strip: `step` columns
-    height_pass = mid + crop + px * cols * (h + rh)
+    height_pass = mid + crop + px * cols * (h + 2 * rh)    # the last strip's kept to the next
     return max(width_pass, height_pass)
 
 
