@@ -852,8 +852,9 @@ def test_center_crop_box_refuses_a_rescale_over_the_memory_budget(tmp_path, monk
                                                                                      *crop))
     # one crop, worded for it (it said "to cut its crops", multi-crop's words)
     want = (f"{pano} (40x2000, HxW) at scale 64 is rescaled to 64x3200 to cut its central crop: "
-            "2.3 MiB of float32 pixels, over the memory budget of 1.0 MiB; use smaller scales, or "
-            "raise the budget to at least 2457600 bytes with Engine(..., memory_budget=BYTES)")
+            "2.4 MiB of float32 resample buffers, over the memory budget of 1.0 MiB; use smaller "
+            "scales, or raise the budget to at least 2496000 bytes with "
+            "Engine(..., memory_budget=BYTES)")
     with pytest.raises(MemoryBudgetError) as err:
         L.center_crop_box(eng, str(pano), 0, scale=64)
     assert str(err.value).startswith(want) and "\n" not in str(err.value)
@@ -932,50 +933,41 @@ def test_localisation_crops_resample_only_the_crop_bit_for_bit(tmp_path, monkeyp
     assert sets[0][(2, 0)][0].shape == (3, size, size)
 
 
-def test_center_crop_check_refuses_what_the_planner_refused(monkeypatch):
-    """Engine._check_center_crop (center_crop_box's check, in Python) against the planner's
-    check of multi-crop's rescaled images, which center_crop_box used to ask with a one-crop
-    grid: the same refusals at the same budgets, the same bytes and limit in the words; and
-    the crop's own forward through the localisation net, which the plan's arenas covered, is
-    still checked."""
-    from vggfast import scheduler as S
+def test_center_crop_check_counts_what_resize_crop_holds(monkeypatch):
+    """Engine._check_center_crop (center_crop_box's check) counts pp.resize_crop_bytes, what
+    resize_crop holds at its peak, not the whole float32 rescale (the planner's multi-crop
+    rule, which it applied before and which refused a huge scale of a small image, 240 MB
+    for a crop that needs 14 MB): refused one byte under, passed at it; and the crop's own
+    forward through the localisation net is still checked."""
     from vggfast.engine import activation_bytes
     from vggfast.errors import MemoryBudgetError
     cls, loc = _pair("scr")
     spec = _engine(cls, loc, "scr").spec
-    for (h, w), q in [((40, 2000), 64), ((2000, 40), 64), ((40, 48), 4096), ((33, 47), 700)]:
-        rh, rw = pp.rescaled_size(h, w, q)
-        need = 3 * 4 * rh * rw                           # [3, rh, rw] float32
-        for budget in (need - 1, need):
-            eng = _engine(cls, loc, "scr", memory_budget=budget)
-            try:
-                S.make_plan(spec, [(h, w)], scales=(q,), method="multicrop", grid=1,
-                            elem_size=4, memory_budget=budget)
-                planned = None
-            except MemoryBudgetError as exc:
-                planned = exc
-            try:
-                eng._check_center_crop((h, w), q)
-                checked = None
-            except MemoryBudgetError as exc:
-                checked = exc
-            assert (checked is None) == (planned is None) == (budget == need), (h, w, q, budget)
-            if checked is not None:
-                assert checked.image == 0 and str(checked) == f"image 0 {checked.reason}"
-                assert checked.reason == planned.reason.replace("to cut its crops: ",
-                                                                "to cut its central crop: ")
-                assert f"at least {need} bytes" in checked.reason
-    # a budget the rescale fits and the crop's forward does not
     n = spec.image_size
+    for (h, w), q in [((40, 2000), 64), ((2000, 40), 64), ((40, 48), 4096), ((33, 47), 700),
+                      ((3000, 2000), 256)]:
+        rh, rw = pp.rescaled_size(h, w, q)
+        need = pp.resize_crop_bytes(h, w, q, n, n)
+        with pytest.raises(MemoryBudgetError) as err:
+            _engine(cls, loc, "scr", memory_budget=need - 1)._check_center_crop((h, w), q)
+        assert err.value.image == 0 and str(err.value) == f"image 0 {err.value.reason}"
+        assert err.value.reason.startswith(f"({h}x{w}, HxW) at scale {q} is rescaled to "
+                                           f"{rh}x{rw} to cut its central crop: ")
+        assert f"at least {need} bytes" in err.value.reason
+        _engine(cls, loc, "scr", memory_budget=need)._check_center_crop((h, w), q)
+    # a huge scale of a small image: its width pass is 40 rows, not the 4096 rows it is cut from
+    assert pp.resize_crop_bytes(40, 48, 4096, n, n) * 10 < 3 * 4 * 4096 * 4915
+    # a budget the resample fits and the crop's forward does not (an image whose smallest side
+    # is the scale: its crop is cut, not resampled)
     forward = activation_bytes(_engine(cls, loc, "scr").loc_weights.spec, torch.float32, 1, n, n)
-    rescale = 3 * 4 * math.prod(pp.rescaled_size(40, 48, n))
+    rescale = pp.resize_crop_bytes(n, n + 8, n, n, n)
     assert rescale < forward - 1
     eng = _engine(cls, loc, "scr", memory_budget=forward - 1)
     with pytest.raises(MemoryBudgetError,
-                       match=rf"^image 0 \(40x48, HxW\) at scale {n}: its central crop: a "
-                             rf"{n}x{n} \(HxW\) input \(batch 1\) needs "):
-        L.center_crop_box(eng, torch.rand(3, 40, 48), 0, scale=n)
-    _engine(cls, loc, "scr", memory_budget=forward)._check_center_crop((40, 48), n)
+                       match=rf"^image 0 \({n}x{n + 8}, HxW\) at scale {n}: its central crop: "
+                             rf"a {n}x{n} \(HxW\) input \(batch 1\) needs "):
+        L.center_crop_box(eng, torch.rand(3, n, n + 8), 0, scale=n)
+    _engine(cls, loc, "scr", memory_budget=forward)._check_center_crop((n, n + 8), n)
 
 
 def _failing_pil_save(monkeypatch, exc):

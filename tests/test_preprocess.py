@@ -345,6 +345,58 @@ def _exif(orientation, prefix=False):
     return raw if prefix else raw[6:]
 
 
+def test_ppm_jpeg2000_and_avif_are_sized_from_their_headers(tmp_path, monkeypatch):
+    """PPM/PGM/PBM (a text header), JPEG 2000 (the SIZ marker, the jp2h ihdr box) and AVIF (the
+    ispe property; the irot/imir boxes and EXIF orientation, which PIL reads with the header)
+    give the decoded size at Image.open: image_size(exact=True) and decoded_size (plan, the
+    training scan) sized them only by decoding. A header cut short or garbage is still
+    refused with load_image's one-line error."""
+    import io
+
+    from PIL import features
+
+    from vggfast import preprocess as pp
+    im = Image.new("RGB", (57, 41), (10, 120, 200))
+    files = {"rgb.ppm": ("PPM", im), "grey.pgm": ("PPM", im.convert("L")),
+             "bits.pbm": ("PPM", im.convert("1"))}
+    if features.check("jpg_2000"):
+        files.update({"a.jp2": ("JPEG2000", im), "a.j2k": ("JPEG2000", im)})
+    if features.check("avif"):
+        files.update({"a.avif": ("AVIF", im), "turned.avif": ("AVIF", im, _exif(6, prefix=True))})
+    if len(files) == 3:
+        pytest.skip("this PIL writes neither JPEG 2000 nor AVIF")
+    data = {}
+    for name, (fmt, image, *exif) in files.items():
+        b = io.BytesIO()
+        image.save(b, fmt, **({"exif": exif[0]} if exif else {}))
+        data[name] = b.getvalue()
+        (tmp_path / name).write_bytes(data[name])
+    want = {n: tuple(load_image(d).shape[-2:]) for n, d in data.items()}
+    assert {n: s for n, s in want.items() if s != (41, 57)} == (
+        {"turned.avif": (57, 41)} if "turned.avif" in want else {})
+    from PIL import ImageFile
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+    if "a.avif" in data:
+        from PIL import AvifImagePlugin
+        monkeypatch.setattr(AvifImagePlugin.AvifImageFile, "load",
+                            lambda self: pytest.fail("decoded"))
+    _no_decoding(monkeypatch)
+    for name, d in data.items():
+        assert pp.image_size(tmp_path / name, exact=True) == want[name], name
+        assert pp.image_size(d, exact=True) == want[name], name
+        with Image.open(io.BytesIO(d)) as opened:
+            assert pp.decoded_size(opened, d) == want[name], name
+    monkeypatch.undo()
+    for bad in [b"P6\n57", b"P6\n-3 41\n255\n", b"P5 57 x\n", data["a.jp2"][:40]
+                if "a.jp2" in data else b"P4\n"]:
+        with pytest.raises(ImageError) as decoded:
+            load_image(bad)
+        with pytest.raises(ImageError) as sized:
+            pp.image_size(bad, exact=True)
+        assert str(sized.value) == str(decoded.value) and "\n" not in str(sized.value), bad
+
+
 def _no_decoding(monkeypatch):
     """Every PIL decoder (PNG's zlib, TIFF's raw and libtiff ones, ...) fails the test."""
     from PIL import Image as I

@@ -34,9 +34,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 DEFAULT_CPU_BUDGET = 8 << 30
-# The rescaled image a crop is cut from: [3, H, W] float32, as pp.resize_short makes it (the
-# planner's multi-crop check counts it the same way: csrc/plan.cpp, kRescaleElemSize).
-RESCALE_CHANNELS, RESCALE_ELEM_BYTES = 3, 4
+# The channels of the float32 images pp.resize_crop resamples (pp.resize_crop_bytes counts them;
+# the planner's multi-crop check counts its whole rescales: csrc/plan.cpp, kRescaleElemSize).
+RESCALE_CHANNELS = 3
 
 
 def imagenet_classes() -> list[str]:
@@ -613,24 +613,23 @@ class Engine:
     def _check_center_crop(self, size: tuple[int, int], q: int) -> None:
         """MemoryBudgetError, before anything is allocated, when the central native-size crop
         of an image of `size` (H, W) at scale q (localize.center_crop_box) would pass the
-        budget: the whole rescaled image in float32 must fit it, the rule the planner applies
-        to multi-crop's rescales, though center_crop_box resamples only the crop
-        (pp.resize_crop, whose width pass [3, H, W_q] is at most that rescale when the image is
-        enlarged: a huge scale or a panorama, GBs for one small crop); then the localisation
-        net's forward of the crop. Worded as the planner's refusals, "image 0 (40x2000, HxW) at
-        scale Q is rescaled to HxW to cut its central crop: why", so `preprocess.naming_file`
-        names the file."""
+        budget: what pp.resize_crop holds at its peak (pp.resize_crop_bytes: its width pass
+        [3, H, W_q] and the crop's height pass; not the whole rescale, which it never makes, so
+        a panorama or a huge scale that fits is not refused) must fit it; then the
+        localisation net's forward of the crop. Worded as the planner's refusals, "image 0
+        (40x2000, HxW) at scale Q is rescaled to HxW to cut its central crop: why", so
+        `preprocess.naming_file` names the file."""
         h, w = size
         rh, rw = pp.rescaled_size(h, w, q)
-        need = RESCALE_CHANNELS * RESCALE_ELEM_BYTES * rh * rw
+        n = self.spec.image_size
+        need = pp.resize_crop_bytes(h, w, q, n, n, RESCALE_CHANNELS)
         budget = self.memory_budget
         if need > budget:
             raise _refusal(0, (
                 f"({h}x{w}, HxW) at scale {q} is rescaled to {rh}x{rw} to cut its central crop: "
-                f"{_fmt_bytes(need)} of float32 pixels, over the memory budget of "
+                f"{_fmt_bytes(need)} of float32 resample buffers, over the memory budget of "
                 f"{_fmt_bytes(budget)}; use smaller scales, or raise the budget to at least "
                 f"{need} bytes with Engine(..., memory_budget=BYTES) or VGGFAST_MEMORY_BUDGET"))
-        n = self.spec.image_size
         try:
             check_memory(self.loc_weights.spec, self.dtype, budget, 1, n, n,
                          "raise the limit with Engine(..., memory_budget=BYTES)")
@@ -705,7 +704,7 @@ class Engine:
         (preprocess.image_size with exact=True): a file's header (a path, bytes, a seekable
         file object: JPEG, WebP, PNG, TIFF, ..., EXIF orientation applied), an array's or
         tensor's shape, a PIL image's size (made in memory, or a JPEG, ...); the others (an
-        animated PNG, a PPM, a PNG PIL image the caller opened, a pipe) are decoded. What only
+        animated PNG, a PNG PIL image the caller opened, a pipe) are decoded. What only
         decoding finds (corrupt pixels, a float tensor's values) is then left to classify, as
         for its long lists.
         """

@@ -456,8 +456,8 @@ def _center_crop_box(engine, x: torch.Tensor, label: int, q: int) -> tuple[float
     size = engine.spec.image_size
     H, W = x.shape[-2:]
     # A huge image or scale is refused before it is resized, "FILE (HxW) at scale Q is rescaled
-    # to HxW to cut its central crop" (the budget of the whole float32 rescale, the planner's
-    # multi-crop rule, though only the crop is resampled); the caller names the file.
+    # to HxW to cut its central crop" (the budget of what resize_crop holds, not of the whole
+    # rescale it never makes: pp.resize_crop_bytes); the caller names the file.
     engine._check_center_crop((H, W), q)
     h, w = pp.rescaled_size(H, W, q)
     top, left = pp.center_origin(h, w, size)

@@ -134,8 +134,10 @@ def load_image(src) -> torch.Tensor:
 
 
 # PIL formats whose header gives exactly the size load_image decodes, EXIF orientation included
-# (read with the header). A PNG and a TIFF are sized exactly too, in their own ways (`_pil_size`).
-EXACT_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "GIF", "BMP", "ICO")
+# (read with the header: PIL's AVIF reader turns the irot/imir boxes into it; PPM/PGM/PBM and
+# JPEG 2000, whose size PIL reads from the text header or the SIZ marker / ihdr box, bring
+# none). A PNG and a TIFF are sized exactly too, in their own ways (`_pil_size`).
+EXACT_HEADER_FORMATS = ("JPEG", "MPO", "WEBP", "GIF", "BMP", "ICO", "PPM", "JPEG2000", "AVIF")
 
 
 def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
@@ -147,7 +149,7 @@ def image_size(src, *, exact: bool = False) -> tuple[int, int] | None:
     missing, empty or unreadable file, EPS, too many pixels, the wrong shape, a side under
     MIN_SIDE. H and W may be each other's where the header cannot tell the EXIF orientation
     decoding applies: an animated or malformed PNG's, a PNG that is a PIL image opened by the
-    caller, a format outside EXACT_HEADER_FORMATS (PPM, AVIF, ...), which no sizing rule
+    caller, a format outside EXACT_HEADER_FORMATS (PCX, ...), which no sizing rule
     depends on.
     exact=True: None also for those, whose decoded H and W the header cannot promise (for what
     a swap changes: a plan)."""
@@ -241,7 +243,7 @@ def decoded_size(im, encoded) -> tuple[int, int]:
     decodes it (EXIF orientation applied): from the header where it promises that (`_pil_size`:
     a JPEG, a whole PNG, a TIFF, ...), else by decoding the pixels, which raises what PIL raises
     for them as load_image's decode would (a PNG cut short, whose chunk list has no IEND), and
-    reading the orientation they bring (an APNG's, a PPM's). For a scan of many files that must
+    reading the orientation they bring (an APNG's). For a scan of many files that must
     find the ones load_image refuses without decoding every one (train's); image_size, which
     never decodes, says None instead (exact=True)."""
     size, sure = _pil_size(im, encoded)
@@ -822,6 +824,33 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
+def resize_scales_bytes(h: int, w: int, qs: Sequence[int], c: int = 3) -> int:
+    """Bytes of float32 that `resize_scales` of a [c, h, w] uint8 image at scales qs holds at
+    once at its peak, the source itself not counted (a float32 one's float copy is itself: an
+    upper bound). It follows resize_scales step by step: a scale equal to the smallest side is
+    a float copy of the image, kept; a small image is converted whole and each scale resampled
+    from it, PyTorch's kernel holding its width pass [c, h, W_q] beside the result; a large one
+    holds every scale's width pass [c, h, W_q] at once, beside a row chunk's float copy and its
+    resample (or the last chunk's copy), then each height pass beside the width passes not yet used and the results made.
+    A 12000x9000 photo at Q = 256 is 37 MB of width pass for a 1 MB result."""
+    px = 4 * c
+    sizes = [rescaled_size(h, w, q) for q in qs]
+    kept = sum(px * h * w for q in qs if min(h, w) == q)
+    todo = [(rh, rw) for q, (rh, rw) in zip(qs, sizes) if min(h, w) != q]
+    outs = [px * rh * rw for rh, rw in todo]
+    mids = [px * h * rw for _, rw in todo]
+    if px * h * w <= RESIZE_CHUNK_BYTES:    # converted whole, each scale in one call
+        return kept + px * h * w + max((sum(outs[:k + 1]) + mids[k] for k in range(len(todo))),
+                                       default=0)
+    if not todo:
+        return kept
+    top, bottom = row_chunks(h, w, c)[0]
+    # the loop's last chunk (`part`) is held while the next is converted
+    width_pass = sum(mids) + px * (bottom - top) * (w + max(w, *(rw for _, rw in todo)))
+    height_pass = max(sum(mids[k:]) + sum(outs[:k + 1]) for k in range(len(todo)))
+    return kept + max(width_pass, height_pass)
+
+
 def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
                 width: int) -> torch.Tensor:
     """`resize_short(x, q)[:, top:top + height, left:left + width]`, the same numbers bit for bit,
@@ -866,6 +895,29 @@ def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,
         part = _resample(mid[:, :, a:b].contiguous(), (rh, b - a))
         out[:, :, c0 - left:c1 - left] = part[:, top:top + height, c0 - a:c1 - a]
     return out
+
+
+def resize_crop_bytes(h: int, w: int, q: int, height: int, width: int, c: int = 3) -> int:
+    """Bytes of float32 that `resize_crop` of a [c, h, w] image at scale q, cut to a
+    height x width crop, holds at once at its peak, the source itself not counted (for a
+    float32 source, whose float copy is itself, an upper bound). It follows resize_crop step
+    by step: the width pass's output [c, h, W_q] beside a row chunk's float copy and its
+    resample (one chunk: the whole float copy), then that output beside the crop, a strip of
+    columns' copy [c, h, k] and its height pass [c, H_q, k] (the last strip's still held). Engine._check_center_crop counts
+    this before allocating, not the whole rescale that resize_crop never makes."""
+    rh, rw = rescaled_size(h, w, q)
+    px = 4 * c
+    crop = px * height * width
+    if min(h, w) == q:          # not resampled: the crop's float copy alone
+        return crop
+    mid = px * h * rw
+    chunks = row_chunks(h, w, c)
+    # one chunk: the float copy is resampled into the output itself; else into a chunk's own
+    width_pass = mid + (px * h * w if len(chunks) == 1
+                        else px * (chunks[0][1] - chunks[0][0]) * (w + rw))
+    cols = max(2, min(RESIZE_CHUNK_BYTES // (px * rh), width))     # a strip: `step` columns
+    height_pass = mid + crop + px * cols * (h + 2 * rh)    # the last strip's kept to the next
+    return max(width_pass, height_pass)
 
 
 def row_chunks(h: int, w: int, c: int = 3) -> list[tuple[int, int]]:
