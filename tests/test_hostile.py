@@ -932,3 +932,53 @@ def test_a_local_rank_that_is_no_rank_is_one_line(tmp_path, monkeypatch, capsys,
         _resolve_device("cpu")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _resolve_device("cpu").type == "cpu"
+
+
+_CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 721598400000 bytes.\nsecond line of the C++ report")
+
+
+@pytest.mark.parametrize("raised", [RuntimeError(_CPU_OOM), MemoryError(),
+                                    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                "allocate 20.00 GiB")])
+@pytest.mark.parametrize("call", [
+    lambda e, img: e.classify(img, scales=[32, 40]),
+    lambda e, img: e.features(img, layer="pool5", scales=[32]),
+    lambda e, img: e.feature_maps(img, layer="pool5", scale=32),
+    lambda e, img: e.score_map(img, scale=32),
+    lambda e, img: e.logits(torch.zeros(1, 3, 32, 32)),
+    lambda e, img: vggfast.Ensemble([e, e]).classify(img, scales=[32]),
+    lambda e, img: vggfast.protocols.evaluate(e, [(img, 1)], scales=[32], progress=False),
+])
+def test_a_failed_allocation_in_the_api_is_one_line(sd, call, raised, monkeypatch):
+    """A budget raised past what the machine holds lets a request through the up-front check;
+    the allocator's failure then came out of Engine.classify as PyTorch's multi-line
+    RuntimeError (or a bare MemoryError) that no `except VGGFastError` catches. It is an
+    OutOfMemoryError that says what to do, still a torch OutOfMemoryError and a MemoryError for
+    code written for PyTorch's, with the allocator's error as its cause."""
+    from vggfast.errors import OutOfMemoryError
+    e = vggfast.Engine(sd)
+    img = torch.rand(3, 40, 48)
+
+    def fail(*a, **k):
+        raise raised
+    monkeypatch.setattr(e._backend, "run", fail)
+    with pytest.raises(OutOfMemoryError) as info:
+        call(e, img)
+    err = info.value
+    assert isinstance(err, VGGFastError) and isinstance(err, MemoryError)
+    assert isinstance(err, torch.cuda.OutOfMemoryError) and err.__cause__ is raised
+    text = str(err)
+    assert "\n" not in text and "VGGFAST_MEMORY_BUDGET" in text
+    assert text.startswith(str(raised).splitlines()[0] if str(raised) else "out of memory")
+
+
+def test_other_runtime_errors_are_not_taken_for_a_failed_allocation(sd, monkeypatch):
+    """Only an allocator's failure becomes an OutOfMemoryError: any other RuntimeError is a bug
+    and comes out unchanged, with its traceback."""
+    e = vggfast.Engine(sd)
+    raised = RuntimeError("shape mismatch in conv3_1")
+    monkeypatch.setattr(e._backend, "run", lambda *a, **k: (_ for _ in ()).throw(raised))
+    with pytest.raises(RuntimeError) as info:
+        e.classify(torch.rand(3, 40, 48), scales=[32])
+    assert info.value is raised

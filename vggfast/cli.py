@@ -18,7 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 from . import distributed
-from .errors import PARTIAL, ArgumentError, VGGFastError
+from .errors import OUT_OF_MEMORY_ADVICE, PARTIAL, ArgumentError, OutOfMemoryError, VGGFastError, \
+    allocator_failure
 
 # Modules that add their own subcommands through `add_cli(subparsers)`.
 _COMMAND_MODULES: tuple[str, ...] = ("vggfast.train", "vggfast.features", "vggfast.protocols",
@@ -78,19 +79,6 @@ def _misplaced_hint(message: str, parser: argparse.ArgumentParser) -> str:
     example = "256 384" if m[2] == "int value" else next(iter(action.choices or ()), "...")
     return (f"; {value} is a path, not one of {m[1]}'s values: put the images or folders "
             f"before {m[1]}, or end its values with -- (e.g. {m[1]} {example} -- {value})")
-
-
-def _out_of_memory(exc: BaseException) -> str | None:
-    """The allocator's own words when `exc` is a failed allocation (a budget raised past what the
-    machine holds, VGGFAST_MEMORY_BUDGET=1TiB on a 16 GB host, lets the request through the
-    check made before anything is allocated); None for any other error."""
-    if isinstance(exc, MemoryError):
-        return "out of memory"
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or
-                                          "out of memory" in text.lower()):
-        return text.strip().splitlines()[0] if text.strip() else "out of memory"
-    return None
 
 
 class OutputError(VGGFastError):
@@ -505,14 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (RuntimeError, MemoryError) as exc:
-        why = _out_of_memory(exc)
+        why = allocator_failure(exc)   # a path not wrapped by raising_out_of_memory
         if why is None:
             raise
-        print(error_line(VGGFastError(
-            f"{why}; the request needs more memory than this machine has free: ask for less "
-            f"(smaller scales or batches, fewer images), or keep the memory budget "
-            f"(VGGFAST_MEMORY_BUDGET, Engine(..., memory_budget=)) within the memory it has")),
-            file=sys.stderr)
+        print(error_line(OutOfMemoryError(f"{why}; {OUT_OF_MEMORY_ADVICE}")), file=sys.stderr)
         return PARTIAL
     finally:
         distributed.finished()         # under torchrun: the status above is this rank's own

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .devices import check_device
-from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError
+from .errors import ArgumentError, ImageError, MemoryBudgetError, VGGFastError, WeightsError, \
+    raising_out_of_memory
 from .executor import Executor
 from .nn import TorchBackend
 from .scheduler import _fmt_bytes, check_flag, check_method
@@ -651,6 +652,7 @@ class Engine:
 
     # -- public API -----------------------------------------------------------------------------
 
+    @raising_out_of_memory
     def classify(self, img: Any, scales: Any = (256, 384, 512), flip: bool = True,
                  method: str = "dense", top_k: int = 5,
                  average: str = "probs") -> Result | list[Result]:
@@ -718,6 +720,7 @@ class Engine:
         with naming_images(items, 0):     # a refusal names the file, as classify's does
             return self._executor.scheduler.plan(sizes, scales, flip, method)
 
+    @raising_out_of_memory
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:
         """Raw class scores of the dense net on `img` rescaled to `scale`: [classes, h, w] fp32."""
         self._require("fc8")
@@ -730,6 +733,7 @@ class Engine:
         return check_finite(self._executor.run(plan, images, reduce=lambda t: t)[0], self,
                             "class scores")
 
+    @raising_out_of_memory
     def localize(self, img: Any, scales: Any = (256, 384), top_k: int = 5, flip: bool = False,
                  merge_iou: float = 0.5) -> list[tuple[int, str, float, tuple[float, ...]]]:
         """Boxes of the top-k classes (Appendix A): [(class_index, class_name, score, (x0, y0,
@@ -738,6 +742,7 @@ class Engine:
         from .localize import localize
         return localize(self, img, scales, top_k, flip, merge_iou)
 
+    @raising_out_of_memory
     def features(self, imgs: Any, layer: str = "fc7", scales: Any = (256, 384, 512),
                  flip: bool = True, pool: str = "avg", normalize: bool = True,
                  aggregate: str = "mean") -> torch.Tensor:
@@ -751,12 +756,14 @@ class Engine:
         from .features import features
         return features(self, imgs, layer, scales, flip, pool, normalize, aggregate)
 
+    @raising_out_of_memory
     def feature_maps(self, img: Any, layer: str = "conv5_3", scale: int = 384,
                      flip: bool = False) -> torch.Tensor:
         """Un-pooled activation of `layer` on `img` at `scale`: [C, h, w] float32 on cpu."""
         from .features import feature_maps
         return feature_maps(self, img, layer, scale, flip)
 
+    @raising_out_of_memory
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Standard fixed-size forward: x [N, 3, H, W] normalised float -> [N, classes] fp32.
 

@@ -69,7 +69,7 @@ from . import preprocess as pp
 from .distributed import dist_info
 from .engine import imagenet_synsets
 from .errors import PARTIAL, ArgumentError, ImageError, MemoryBudgetError, VGGFastError, \
-    WeightsError
+    WeightsError, raising_out_of_memory
 from .protocols import none_evaluated
 from .train import RunOptions, check_scale_limit, load_init, run_fields
 
@@ -700,6 +700,7 @@ def _as_samples(engine, dataset: Any, image_root: Any = None, class_map=None) ->
     return samples
 
 
+@raising_out_of_memory
 def evaluate_localization(engine, dataset: Any, scales: Any = (256, 384), top_k: int = 5,
                           protocol: str = "dense", flip: bool = False,
                           iou_threshold: float = IOU_THRESHOLD, center_scale: int | None = None,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import preprocess as pp
 from .engine import imagenet_synsets
-from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError
+from .errors import PARTIAL, ArgumentError, ImageError, VGGFastError, raising_out_of_memory
 
 # A class index written as text: ASCII digits only (str.isdigit() also takes "²", which int()
 # refuses).
@@ -191,6 +191,7 @@ class Ensemble:
         parts = ", ".join(f"{e.spec.config}:{w:.3g}" for e, w in zip(self.engines, self.weights))
         return f"Ensemble({parts})"
 
+    @raising_out_of_memory
     def classify(self, img: Any, scales: Any = (256, 384, 512), flip: bool = True,
                  method: str = "dense", top_k: int = 5,
                  average: str = "probs") -> "Result | list[Result]":
@@ -499,6 +500,7 @@ def _classify_chunk(engine: "Engine", images: list, scales: tuple[int, ...], fli
     return {m: done[m] for m in methods}
 
 
+@raising_out_of_memory
 def evaluate(engine: "Engine", pairs: Sequence[tuple[Any, int]], scales: Sequence[int],
              flip: bool = True, method: str | Sequence[str] = "dense", average: str = "probs",
              progress: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
