@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,25 @@ def test_a_full_standard_output_is_one_line(weights, samples, command):
     assert p.returncode == 2, p.stderr
     assert _one_line(p.stderr) == ("vggfast: error: cannot write to standard output: No space "
                                    "left on device\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_extract_to_a_full_standard_output_says_the_features_were_kept(weights, samples, tmp_path):
+    """`vggfast extract ... > /dev/full` said only "cannot write to standard output", as if the
+    run were lost: its features are written, only the summary line is not, and it says so."""
+    out, folder = tmp_path / "f.npy", tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(samples["cat"].read_bytes())
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "vggfast", "extract", str(folder),
+                            "-w", weights, "--scales", "32", "--quiet", "--out", str(out)],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert _one_line(p.stderr) == (
+        f"vggfast: error: cannot write to standard output: No space left on device; the "
+        f"features were written to {out} (file list in {out.with_suffix('.json')}), only this "
+        f"summary was not\n")
+    assert np.load(out).shape[0] == 1
 
 
 def test_only_standard_output_failures_are_taken_for_one(weights, capsys, monkeypatch):

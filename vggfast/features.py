@@ -702,7 +702,7 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def cmd_extract(args) -> int:
-    from .cli import _engine, _need_weights, shown_name
+    from .cli import OutputError, _engine, _need_weights, shown_name
     rank, world = launch_info("extract", "a sharded extract")
     # before the weights load and the group forms: every rank refuses a bad --out alike
     output_paths(args.out)
@@ -745,8 +745,13 @@ def cmd_extract(args) -> int:
     for f in rec["failed"]:
         print(f"vggfast: skipped {f['error']}", file=sys.stderr)
     npy, index = output_paths(args.out)
-    print(f"{shown_name(npy)}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
-          f"{len(rec['failed'])} skipped; file list in {shown_name(index)}")
+    try:
+        print(f"{shown_name(npy)}: {len(rec['files'])} x {rec['dim']} ({rec['layer']}), "
+              f"{len(rec['failed'])} skipped; file list in {shown_name(index)}")
+        sys.stdout.flush()      # here, not at exit: the error below can say what was kept
+    except OutputError as exc:  # `vggfast extract ... > /dev/full`: only the summary is lost
+        raise OutputError(f"{exc}; the features were written to {shown_name(npy)} (file list "
+                          f"in {shown_name(index)}), only this summary was not") from exc
     return PARTIAL if rec["failed"] else 0
 
 
