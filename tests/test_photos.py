@@ -3,6 +3,7 @@ a camera, an editor or another library writes gives the answer its RGB conversio
 one-line `VGGFastError`; weights saved by timm's and torchvision's code load by their bytes."""
 import io
 import json
+import os
 import re
 import struct
 import zlib
@@ -308,6 +309,19 @@ def test_a_folder_of_heic_photos_says_what_it_holds(tmp_path, capsys):
         assert main(cmd[:1] + [str(tmp_path / "empty"), "--weights", str(weights)] + cmd[1:]) == 2
         err = capsys.readouterr().err
         assert "files end in" not in err and err.count("\n") == 1
+
+
+def test_a_folder_of_links_to_moved_heic_photos_says_what_it_holds(tmp_path, capsys):
+    """A folder holding only links to HEIC photos that were moved off (dangling links, which
+    is_file() calls no file) was said to hold no files at all."""
+    (tmp_path / "phone").mkdir()
+    for n in ("IMG_0001.HEIC", "IMG_0002.heic"):
+        os.symlink(tmp_path / "moved" / n, tmp_path / "phone" / n)
+    weights = tmp_path / "tiny.pt"
+    torch.save(small_model("A", num_classes=10).state_dict(), weights)
+    assert main(["classify", str(tmp_path / "phone"), "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "files end in .heic;" in err and "pillow-heif" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("headless", ["features", "fc8"])

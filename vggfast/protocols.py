@@ -279,8 +279,10 @@ def list_images(folder: Path) -> list[Path]:
 def no_images_note(folder: Path) -> str:
     """Why list_images(folder) found nothing, where files are there: their suffixes (a folder of
     iPhone photos is all .HEIC, which needs a plugin), so "no image files" does not read as an
-    empty folder; "" for a folder without visible files."""
-    suffixes = sorted({p.suffix.lower() or "(none)" for p in folder.rglob("*") if p.is_file()
+    empty folder; "" for a folder without visible files (a link to a file that is gone counts:
+    a folder of links to photos moved off is not an empty one)."""
+    suffixes = sorted({p.suffix.lower() or "(none)" for p in folder.rglob("*")
+                       if (p.is_file() or _dangling(p))
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts)})
     if not suffixes:
         return ""
