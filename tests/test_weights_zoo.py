@@ -471,6 +471,28 @@ def test_gatys_vgg_conv_takes_caffes_input(tmp_path):
     assert load(str(tmp_path / "vgg19_convs.pth")).preprocess is None
 
 
+def test_faster_rcnn_vgg16_caffe_takes_caffes_input(tmp_path):
+    """The Faster R-CNN codes' vgg16_caffe.pth (jcjohnson's Caffe VGG16 with the classifier
+    moved to torchvision's indices: torchvision's names throughout) loaded as torchvision's
+    weights and ran on torchvision's input; by its name it takes Caffe's (BGR 0-255 minus the
+    mean pixel). The name alone is not enough: another layout or network keeps the default."""
+    from conftest import small_model
+    sd = small_model("D", num_classes=1000).state_dict()
+    for name, want in (("vgg16_caffe.pth", "caffe"), ("VGG16_caffe.pt", "caffe"),
+                       ("vgg16.pth", None)):
+        torch.save(sd, tmp_path / name)
+        assert load(str(tmp_path / name)).preprocess == want, name
+    eng = Engine(str(tmp_path / "vgg16_caffe.pth"))
+    assert (eng.preprocess, eng.preprocess_from) == ("caffe", "weights")
+    feats = {k: v for k, v in sd.items() if k.startswith("features.")}
+    torch.save(feats, tmp_path / "vgg16_caffe.pth")        # the backbone alone: still Caffe's
+    assert load(str(tmp_path / "vgg16_caffe.pth")).preprocess == "caffe"
+    torch.save(small_model("E", num_classes=1000).state_dict(), tmp_path / "vgg16_caffe.pth")
+    assert load(str(tmp_path / "vgg16_caffe.pth")).preprocess is None     # a VGG19
+    torch.save(small_model("D", batch_norm=True).state_dict(), tmp_path / "vgg16_caffe.pth")
+    assert load(str(tmp_path / "vgg16_caffe.pth")).preprocess is None     # a BN net
+
+
 def test_neural_style_pt_vgg19_caffe_conversion():
     """neural-style-pt's models/vgg19-d01eb7cb.pth (jcjohnson's conversion of
     VGG_ILSVRC_19_layers.caffemodel): torchvision's features, a Dropout first in the classifier

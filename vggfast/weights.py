@@ -211,8 +211,8 @@ def load(src: Any, config: str | None = None) -> Weights:
                                "strings, one per class")
     pre = meta.get("preprocess", preprocess)
     if pre is None and isinstance(src, (str, os.PathLike)):
-        pre = _file_convention(Path(source), spec, canonical=all(
-            not k.startswith(("features.", "classifier.")) for k in sd))
+        pre = _file_convention(Path(source), spec, torchvision_names=all(
+            k.startswith(("features.", "classifier.")) for k in sd))
     return Weights(spec, params, source, missing, nonfinite, names, pre, meta)
 
 
@@ -294,18 +294,24 @@ def hf_checkpoint(repo: str, revision: str | None = None) -> Path:
                        f"Fetch it once with {fetch} or pass a path")
 
 
-# Files known by their name and layer names (conv1_1 ...) whose input convention nothing in
-# their tensors shows; used unless the file's metadata says. Albanie's conversion of
-# MatConvNet's VGG-Face, vgg_face_dag.pth (net D, 2622 identities; its class's meta: RGB 0-255
-# minus VGG-Face's own mean pixel), and Gatys' vgg_conv.pth (PytorchNeuralStyleTransfer: net E's
-# convs from Caffe, fed BGR 0-255 minus the ImageNet mean pixel). Both ran on torchvision's
-# input unsaid. name -> (convention, configuration, classes or None for no fc8)
-_FILE_CONVENTIONS = {"vgg_face_dag": ("vggface", "D", 2622), "vgg_conv": ("caffe", "E", None)}
+# Files known by their name and layer names whose input convention nothing in their tensors
+# shows; used unless the file's metadata says. Albanie's conversion of MatConvNet's VGG-Face,
+# vgg_face_dag.pth (net D, 2622 identities, named conv1_1 ...; its class's meta: RGB 0-255 minus
+# VGG-Face's own mean pixel); Gatys' vgg_conv.pth (PytorchNeuralStyleTransfer: net E's convs
+# from Caffe named conv1_1 ..., fed BGR 0-255 minus the ImageNet mean pixel); and the Faster
+# R-CNN codes' vgg16_caffe.pth (jwyang/faster-rcnn.pytorch, ruotianluo/pytorch-faster-rcnn,
+# chenyuntc/simple-faster-rcnn-pytorch: jcjohnson's Caffe VGG16 with its classifier moved to
+# torchvision's indices, so under torchvision's names; Caffe's BGR 0-255 input). All three ran
+# on torchvision's input unsaid. name -> (convention, configuration, classes or None for any,
+# whether the file has torchvision's names: features.N / classifier.N)
+_FILE_CONVENTIONS = {"vgg_face_dag": ("vggface", "D", 2622, False),
+                     "vgg_conv": ("caffe", "E", None, False),
+                     "vgg16_caffe": ("caffe", "D", None, True)}
 
 
-def _file_convention(path: Path, spec: NetSpec, canonical: bool) -> str | None:
+def _file_convention(path: Path, spec: NetSpec, torchvision_names: bool) -> str | None:
     hit = _FILE_CONVENTIONS.get(path.name.split(".")[0].lower())
-    if hit is None or not canonical or hit[1] != spec.config or spec.batch_norm:
+    if hit is None or hit[3] != torchvision_names or hit[1] != spec.config or spec.batch_norm:
         return None
     return hit[0] if hit[2] in (None, spec.num_classes) else None
 
