@@ -111,15 +111,18 @@ def test_adain_decoder_is_named():
 
 # --- SSD ---------------------------------------------------------------------------------------
 
-def _ssd_vgg():
+def _ssd_vgg(batch_norm=False):
     """ssd.pytorch's vgg(base['300'], 3): VGG16's convs with pool3 in ceil mode, pool5 3x3 stride 1,
-    conv6 3x3 dilation 6 and conv7 1x1, 1024 wide (here 64): vgg16_reducedfc.pth's modules."""
+    conv6 3x3 dilation 6 and conv7 1x1, 1024 wide (here 64): vgg16_reducedfc.pth's modules
+    (with batch_norm, vgg(..., batch_norm=True)'s: a BatchNorm after each of the 13 convs)."""
     layers, cin = [], 3
     for i, c in enumerate(VGG16[:-1]):
         if c == "M":
             layers.append(nn.MaxPool2d(2, 2, ceil_mode=i == 9))
         else:
-            layers += [nn.Conv2d(cin, c // DIV, 3, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(cin, c // DIV, 3, padding=1)]
+            layers += [nn.BatchNorm2d(c // DIV)] if batch_norm else []
+            layers += [nn.ReLU()]
             cin = c // DIV
     layers += [nn.MaxPool2d(3, 1, 1), nn.Conv2d(cin, 1024 // DIV, 3, padding=6, dilation=6),
                nn.ReLU(), nn.Conv2d(1024 // DIV, 1024 // DIV, 1), nn.ReLU()]
@@ -144,6 +147,41 @@ def test_ssd_reduced_fc_vgg16_is_refused_by_name(tmp_path, capsys):
              r"'backbone\.features\.31\.weight'")
     torch.save(sd, tmp_path / "vgg16_reducedfc.pth")
     _cli_refuses(tmp_path / "vgg16_reducedfc.pth", "SSD's VGG16 backbone", capsys)
+
+
+def test_ssd_vgg16_with_batchnorm_is_refused_by_name():
+    """ssd.pytorch's VGG16 built with batch_norm=True puts conv6 and conv7 at 44 and 46: it was
+    "no VGG convolution tensors found" inside a detector, nothing about SSD."""
+    sd = _ssd_vgg(batch_norm=True).state_dict()
+    assert {"44.weight", "46.weight", "1.running_mean"} <= set(sd)
+    _refused({"model": {"vgg." + k: v for k, v in sd.items()}},
+             r"SSD's VGG16 backbone, not the paper's VGG \('vgg\.44\.weight' \(64, 32, 3, 3\), "
+             r"'vgg\.46\.weight' \(64, 64, 1, 1\)")
+
+
+@pytest.mark.parametrize("net", ["vgg_m_face_bn_dag", "vgg_m", "vgg_f", "alexnet"])
+def test_chatfield_vgg_m_and_alexnet_are_refused_by_their_first_conv(net):
+    """Chatfield et al.'s VGG-F/M/S (VGG-M-Face: Albanie's vgg_m_face_bn_dag.pth, conv1 ... conv5
+    with bn49 ...) and AlexNet start with a 7x7 or 11x11 conv: they read as "BatchNorm
+    statistics beside layer names (conv1_1.weight)" or "0 convolutions with kernel sizes []"."""
+    if net == "alexnet":
+        import torchvision
+        sd = torchvision.models.alexnet(weights=None).state_dict()
+        want = r"'features\.0\.weight' \(64, 3, 11, 11\)\) is 11x11"
+    else:
+        k1, c1 = (11, 64) if net == "vgg_f" else (7, 96)
+        shapes = [("conv1", c1, 3, k1), ("conv2", 256, c1, 5), ("conv3", 512, 256, 3),
+                  ("conv4", 512, 512, 3), ("conv5", 512, 512, 3), ("fc6", 4096, 512, 6),
+                  ("fc7", 4096, 4096, 1), ("fc8", 2622, 4096, 1)]
+        sd = {}
+        for i, (name, o, c, k) in enumerate(shapes):
+            sd[f"{name}.weight"], sd[f"{name}.bias"] = torch.zeros(o, c // DIV, k, k), torch.zeros(o)
+            if net.endswith("bn_dag") and name != "fc8":
+                sd.update({f"bn{49 + i}.{p}": torch.ones(o) for p in ("weight", "bias",
+                                                                     "running_mean", "running_var")})
+        sd["conv1.weight"] = torch.zeros(c1, 3, k1, k1)
+        want = rf"'conv1\.weight' \({c1}, 3, {k1}, {k1}\)\) is {k1}x{k1}.*Chatfield"
+    _refused(sd, want)
 
 
 def test_faster_rcnn_vgg16_detector_is_refused_by_name():

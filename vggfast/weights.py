@@ -1182,17 +1182,34 @@ def _refuse_other_networks(sd: dict[str, torch.Tensor]) -> None:
                 "encoder's weights, or torchvision's VGG")
         # ssd.pytorch / mmdetection's SSDVGG: torchvision's VGG16 convs (pool3 in ceil mode),
         # pool5 3x3 stride 1, conv6 a 3x3 conv with dilation 6 (fc6 subsampled to 1024 wide)
-        # at 31 and conv7 (fc7) a 1x1 conv at 33
-        w28, w31, w33 = convs.get(28), convs.get(31), convs.get(33)
-        if w28 is not None and w31 is not None and w33 is not None and w31.shape[-1] == 3 \
-                and w33.shape[-1] == 1 and w31.shape[1] == w28.shape[0]:
+        # and conv7 (fc7) a 1x1 conv: at 31 and 33, or with BatchNorm after each conv
+        # (ssd.pytorch's vgg(batch_norm=True)) at 44 and 46; the 13 3x3 convs before them
+        order = sorted(convs)
+        if len(order) >= 15 and all(convs[i].shape[-1] == 3 for i in order[-15:-1]) \
+                and convs[order[-1]].shape[-1] == 1 \
+                and convs[order[-2]].shape[1] == convs[order[-3]].shape[0]:
+            i6, i7 = order[-2], order[-1]
+            w31, w33 = convs[i6], convs[i7]
             raise WeightsError(
-                f"SSD's VGG16 backbone, not the paper's VGG ('{owner}31.weight' "
-                f"{tuple(w31.shape)}, '{owner}33.weight' {tuple(w33.shape)}: ssd.pytorch's "
+                f"SSD's VGG16 backbone, not the paper's VGG ('{owner}{i6}.weight' "
+                f"{tuple(w31.shape)}, '{owner}{i7}.weight' {tuple(w33.shape)}: ssd.pytorch's "
                 "vgg16_reducedfc.pth or an SSD detector): fc6 and fc7 are a dilated 3x3 conv and a 1x1 conv "
                 f"{w31.shape[0]} wide after a 3x3 stride-1 pool5, and the input is Caffe's; "
                 "vggfast cannot run them; for VGG16 itself pass torchvision's 'vgg16' or "
                 "jcjohnson's vgg16-00b39a1b.pth")
+    # Chatfield et al.'s VGG-F / VGG-M / VGG-S (2014; VGG-M-Face, Albanie's
+    # vgg_m_face_bn_dag.pth) and AlexNet: conv1 an 11x11 or 7x7 stride-2/4 conv on the image
+    # where the paper's A-E have a 3x3 one; read as "0 convolutions match" or as BatchNorm
+    # beside conv1_1 names
+    big = next(((k, v) for k, v in weights if v.shape[1] == 3 and v.shape[-1] in (7, 11)
+                and v.shape[-2] == v.shape[-1]), None)
+    if conv1_1 is None and big is not None:
+        k, v = big
+        raise WeightsError(
+            f"not one of the paper's VGG nets: its first conv ('{k}' {tuple(v.shape)}) is "
+            f"{v.shape[-2]}x{v.shape[-1]} on the image, where VGG A-E start with a 3x3 conv "
+            "(this is a VGG-F/M/S net of Chatfield et al. 2014, such as VGG-M-Face, or an "
+            "AlexNet); vggfast cannot run it; pass a VGG A-E (e.g. torchvision's 'vgg16')")
     fcn = sorted(k for k in sd if re.search(r"(^|\.)(score_fr|upscore\w*)\.weight$", k))
     if fcn:
         # wkentaro/pytorch-fcn's FCN32s/16s/8s (conv1_1 ... fc7 as convs, then score_fr and a
