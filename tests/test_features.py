@@ -338,8 +338,12 @@ def test_feature_extractor_dtype_refresh_and_errors(tv16):
     with torch.no_grad():
         before = fb(x.detach())["relu2_2"]
         assert before.dtype == torch.float32 and before.abs().max() > 0
-        torch.testing.assert_close(before, slow.detach())
-        assert (before - fx(x.detach())["relu2_2"]).abs().max() > 1e-4   # bf16, not fp32
+        # STYLE.md's tolerance rule: the fast path's error against the float32 result is at
+        # most 2x that of PyTorch's own bf16 result (the autograd path); the two round apart by
+        # an ulp of bf16 in a few elements, by CPU (AMD EPYC here, not on a Sapphire Rapids)
+        ref = fx(x.detach())["relu2_2"]
+        err, err_torch = (before - ref).abs().max(), (slow.detach() - ref).abs().max()
+        assert 1e-4 < err <= 2 * err_torch                           # bf16, not fp32
         for p in fb.parameters():
             p.data.zero_()                                  # not seen by the version counter
         fb.refresh()
