@@ -517,8 +517,10 @@ def test_evaluate_reports_the_files_every_method_skipped_once_each(weights, samp
     from vggfast import protocols
     root = _folder(tmp_path, samples, ["3", "1"])
     (root / "1" / "broken.jpg").write_bytes(b"not a jpeg")
-    Image.new("RGB", (400, 8)).save(root / "1" / "banner.png")   # 1600x32 at scale 32
-    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
+    Image.new("RGB", (1400, 8)).save(root / "1" / "banner.png")   # 5600x32 at scale 32
+    # the photos' rescales fit it (512x512 to 32x32 holds 3.2 MiB: pp.resize_scales_bytes, the
+    # banner's 2.9 MiB), the banner's dense view's activations do not, its crops' do
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "4MiB")
     load, calls = protocols.pp.load_image, []
     monkeypatch.setattr(protocols.pp, "load_image", _counting(load, calls))
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--quiet",
@@ -527,7 +529,7 @@ def test_evaluate_reports_the_files_every_method_skipped_once_each(weights, samp
     assert len(calls) == 6 and len(set(calls)) == 6
     assert len(err) == 2, err
     assert err[0] == f"vggfast: skipped {root / '1' / 'broken.jpg'}: not an image file PIL can read"
-    assert err[1].startswith(f"vggfast: skipped {root / '1' / 'banner.png'} (8x400, HxW) "
+    assert err[1].startswith(f"vggfast: skipped {root / '1' / 'banner.png'} (8x1400, HxW) "
                              "at scale 32 ")
     assert "memory budget" in err[1] and err[1].endswith("(--method dense dense+multicrop only)")
 
@@ -849,7 +851,7 @@ def test_evaluate_skips_hidden_folders_and_images_over_the_budget(weights, sampl
     (root / ".ipynb_checkpoints").mkdir()                 # not a class
     Image.open(samples["cat"]).save(root / ".ipynb_checkpoints" / "cat.png")
     Image.new("RGB", (6000, 8)).save(root / "1" / "banner.png")
-    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "1MiB")
+    monkeypatch.setenv("VGGFAST_MEMORY_BUDGET", "4MiB")     # the photos' rescales fit it
     assert main(["evaluate", str(root), "--weights", weights, "--scales", "32", "--json",
                  "--quiet"]) == 2
     cap = capsys.readouterr()

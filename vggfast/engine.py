@@ -147,6 +147,19 @@ def _refusal(k: int, reason: str) -> MemoryBudgetError:
     return err
 
 
+def _rescale_refusal(h: int, w: int, scales: Sequence[int], need: int, budget: int) -> str:
+    """Why an image of h x w is refused at `scales` (Engine._check_rescales): its rescale's
+    float32 buffers, `need` bytes, over `budget`, and what to do."""
+    many = len(scales) > 1
+    qs = ", ".join(str(q) for q in scales)
+    to = ", ".join("x".join(map(str, pp.rescaled_size(h, w, q))) for q in scales)
+    return (f"({h}x{w}, HxW) at scale{'s' if many else ''} {qs} is rescaled to {to}: "
+            f"{_fmt_bytes(need)} of float32 resample buffers, over the memory budget of "
+            f"{_fmt_bytes(budget)}; use smaller {'or fewer ' if many else ''}scales, or raise the "
+            f"budget to at least {need} bytes with Engine(..., memory_budget=BYTES) or "
+            f"VGGFAST_MEMORY_BUDGET")
+
+
 def _of_image(exc: ImageError, k: int, n: int) -> ImageError:
     if n == 1:  # a request of one image: there is no other to tell it from
         return exc
@@ -414,9 +427,10 @@ class Engine:
     classes) has its own mean pixel and comes converted from Caffe (BGR: "vggface-bgr") and from
     MatConvNet (RGB: "vggface"): without a stated convention it is refused, not guessed.
     `info()["preprocess_from"]` says which decided.
-    memory_budget: bytes of activations one batch may use, a number or a size such as "16GiB"
-    (default: 80% of the GPU, 8 GiB on CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger
-    requests are refused up front.
+    memory_budget: bytes of activations one batch may use, and of the float32 buffers that
+    rescale one image (pp.resize_scales_bytes), a number or a size such as "16GiB" (default: 80%
+    of the GPU, 8 GiB on CPU, or VGGFAST_MEMORY_BUDGET such as "16GiB"). Larger requests are
+    refused up front.
     loc_weights: a localisation net (Appendix A; `vggfast train --task localize`) paired with
     this classifier for `localize`; run on a second backend of the same kind.
     cuda_graphs: None = on for a CUDA device. A batch shape seen a second time is captured in a
@@ -601,7 +615,8 @@ class Engine:
         """MemoryBudgetError, before anything is allocated, when an image of `sizes` ((H, W)
         each) gives at a scale of `scales` dense views (with their flips) over the budget, run as
         the paths the planner does not batch run them, one image at a time (features below the
-        native size, localize). It names image K of `sizes` as the planner's refusals do ("image
+        native size, localize), or when rescaling it to that one scale would be
+        (`_check_rescales`). It names image K of `sizes` as the planner's refusals do ("image
         K (40x2000, HxW) at scale Q: why"), so `naming_images` can say which image of a list it
         is. The one check of those views: `_views` makes them without checking again."""
         for k, (h, w) in enumerate(sizes):
@@ -610,6 +625,24 @@ class Engine:
                     self._check_memory(2 if flip else 1, *pp.rescaled_size(h, w, q))
                 except MemoryBudgetError as exc:
                     raise _refusal(k, f"({h}x{w}, HxW) at scale {q}: {exc}") from None
+                # `_views` rescales one scale at a time (pp.resize_short)
+                self._check_rescales([(h, w)], (q,), k)
+
+    def _check_rescales(self, sizes: Sequence[tuple[int, int]], scales: Sequence[int],
+                        first: int = 0) -> None:
+        """MemoryBudgetError, before anything is allocated, when rescaling an image of `sizes`
+        ((H, W) each) to all of `scales` at once, as the executor does (pp.resize_scales: every
+        scale from one pass over the image; `_views` passes one scale), would hold more than the
+        budget: pp.resize_scales_bytes for an 8-bit or a float32 image, the larger (a size read
+        from a header does not say which it decodes to), its results and width passes included.
+        Worded as the planner's refusals, "image K (9000x12000, HxW) at scales 256, 384 is
+        rescaled to 256x341, 384x512: why", K counted from `first`, so `naming_images` can say
+        which image of a list it is."""
+        budget = self.memory_budget
+        for k, (h, w) in enumerate(sizes, first):
+            need = pp.resize_scales_bytes(h, w, scales, RESCALE_CHANNELS, None)
+            if need > budget:
+                raise _refusal(k, _rescale_refusal(h, w, scales, need, budget))
 
     def _check_center_crop(self, size: tuple[int, int], q: int) -> None:
         """MemoryBudgetError, before anything is allocated, when the central native-size crop
@@ -673,8 +706,8 @@ class Engine:
         check_average(average)
         flip = check_flag("flip", flip)
         scales, method, items, many = self._request(img, scales, method)
-        self._check_chunks(items, lambda sizes: self._executor.scheduler.plan(sizes, scales, flip,
-                                                                              method))
+        self._check_chunks(items, lambda sizes: self._executor.plan_sizes(sizes, scales, flip,
+                                                                          method))
         results = []
         for start, images in decoded_chunks(items):
             with naming_images(items, start):
@@ -718,7 +751,7 @@ class Engine:
         # a long list at once is what classify's chunks avoid).
         sizes = [item_size_or_decode(items, k) for k in range(len(items))]
         with naming_images(items, 0):     # a refusal names the file, as classify's does
-            return self._executor.scheduler.plan(sizes, scales, flip, method)
+            return self._executor.plan_sizes(sizes, scales, flip, method)
 
     @raising_out_of_memory
     def score_map(self, img: Any, scale: int = 384) -> torch.Tensor:

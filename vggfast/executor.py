@@ -226,8 +226,18 @@ class Executor:
 
     def plan(self, images: Sequence[torch.Tensor], scales: Sequence[int], flip: bool,
              method: str, keep: Sequence[str] = ()) -> Plan:
-        sizes = [tuple(x.shape[-2:]) for x in images]
-        return self.scheduler.plan(sizes, tuple(scales), flip, method, keep=tuple(keep))
+        return self.plan_sizes([tuple(x.shape[-2:]) for x in images], scales, flip, method, keep)
+
+    def plan_sizes(self, sizes: Sequence[tuple[int, int]], scales: Sequence[int], flip: bool,
+                   method: str, keep: Sequence[str] = ()) -> Plan:
+        """The scheduler's plan for images of `sizes` ((H, W) each), refused (MemoryBudgetError
+        about "image K") where it is over the budget: the planner's arenas (and crop methods'
+        whole rescales), then what `run` holds to rescale each image to all its scales at once
+        (pp.resize_scales, counted in Python beside the plan: Engine._check_rescales)."""
+        sizes = list(sizes)
+        plan = self.scheduler.plan(sizes, tuple(scales), flip, method, keep=tuple(keep))
+        self.engine._check_rescales([(int(h), int(w)) for h, w in sizes], plan.scales)
+        return plan
 
     def _arena_for(self, plan: Plan, needs: list[int]) -> torch.Tensor | None:
         """The activation arena for `plan`'s waves run eagerly (a grouped wave's ping-pong

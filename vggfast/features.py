@@ -132,7 +132,7 @@ def features(engine: "Engine", imgs: Any, layer: str = "fc7", scales: Any = (256
     def check(sizes):
         """A chunk's refusals before any of it runs: its plan, or each image's views."""
         if planned:
-            ex.scheduler.plan(sizes, scales, flip, "dense")
+            ex.plan_sizes(sizes, scales, flip, "dense")
         else:
             engine._check_views(sizes, scales, flip)
 

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import functools
 import io
+import math
 import os
 import re
 import struct
@@ -804,12 +805,17 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
     """
     h, w = x.shape[-2:]
     sizes = [rescaled_size(h, w, q) for q in qs]
-    out = [to_float(x) if min(h, w) == q else None for q in qs]
-    todo = [k for k, r in enumerate(out) if r is None]
+    # a scale equal to the smallest side is not resampled: the image's float copy itself
+    same = [k for k, q in enumerate(qs) if min(h, w) == q]
+    todo = [k for k, q in enumerate(qs) if min(h, w) != q]
+    out: list[torch.Tensor | None] = [None] * len(qs)
     c = x.shape[0]
     if x.dtype != torch.uint8 or 4 * c * h * w <= RESIZE_CHUNK_BYTES:
-        # a float image, or one whose float copy is small: resampled whole, in one call a scale
+        # a float image, or one whose float copy is small: resampled whole, in one call a scale,
+        # from the one float copy a scale equal to the smallest side returns
         x = to_float(x)
+        for k in same:
+            out[k] = x
         for k in todo:
             out[k] = _resample(x, sizes[k])
         return out
@@ -817,38 +823,74 @@ def resize_scales(x: torch.Tensor, qs: Sequence[int]) -> list[torch.Tensor]:
             for k in todo}
     for top, bottom in row_chunks(h, w, c) if mids else ():
         part = to_float(x[:, top:bottom])
-        for k, mid in mids.items():
-            mid[:, top:bottom] = _resample(part, (part.shape[1], sizes[k][1]))
-    for k in todo:
+        for k in todo:  # (no loop variable holding a width pass past its height pass)
+            mids[k][:, top:bottom] = _resample(part, (part.shape[1], sizes[k][1]))
+        del part    # before the next chunk's copy is made, and before the height passes
+    for k in todo:  # each width pass is freed once its height pass is made
         out[k] = _resample(mids.pop(k), sizes[k])
+    if same:        # the whole float copy last, when the width passes are gone
+        whole = to_float(x)
+        for k in same:
+            out[k] = whole
     return out
 
 
-def resize_scales_bytes(h: int, w: int, qs: Sequence[int], c: int = 3) -> int:
-    """Bytes of float32 that `resize_scales` of a [c, h, w] uint8 image at scales qs holds at
-    once at its peak, the source itself not counted (a float32 one's float copy is itself: an
-    upper bound). It follows resize_scales step by step: a scale equal to the smallest side is
-    a float copy of the image, kept; a small image is converted whole and each scale resampled
-    from it, PyTorch's kernel holding its width pass [c, h, W_q] beside the result; a large one
-    holds every scale's width pass [c, h, W_q] at once, beside a row chunk's float copy and its
-    resample (or the last chunk's copy), then each height pass beside the width passes not yet used and the results made.
-    A 12000x9000 photo at Q = 256 is 37 MB of width pass for a 1 MB result."""
+# Bytes of the 0-dim tensors PyTorch wraps a Python number in while resize_scales runs (to_float's
+# div_(255.0): 12 bytes measured), so resize_scales_bytes bounds the measured peak to the byte.
+_SCALARS = 64
+
+
+def _table_bytes(size: int, new: int) -> int:
+    """Bytes of the tables PyTorch's antialiased bilinear CPU kernel builds for one pass along
+    a side of `size` pixels resampled to `new` (aten UpSampleKernel.cpp, HelperInterpLinear):
+    four int64 index vectors and a float32 weight per output pixel and tap, the taps
+    2 * ceil(support) + 1, the support size / new (at least 1). Held during that pass only."""
+    taps = 2 * math.ceil(max(size / new, 1.0)) + 1
+    return new * (4 * 8 + 4 * taps)
+
+
+def resize_scales_bytes(h: int, w: int, qs: Sequence[int], c: int = 3,
+                        dtype: torch.dtype | None = torch.uint8) -> int:
+    """Bytes that `resize_scales` of a [c, h, w] image of `dtype` at scales qs holds at once at
+    its peak, its float32 results included, the source itself not counted; dtype None: either
+    an 8-bit or a float32 image (the larger), for a size known before the image is decoded.
+    It follows resize_scales step by step; each resample also holds PyTorch's index and weight
+    tables (`_table_bytes`) while it runs.
+    A float image, or an 8-bit one whose float copy is at most RESIZE_CHUNK_BYTES, is converted
+    whole (a float32 one is its own float copy) and each scale resampled from that copy,
+    PyTorch's kernel holding its width pass [c, h, W_q] beside the results made so far; a scale
+    equal to the smallest side is the copy itself.
+    A larger 8-bit image holds every scale's width pass [c, h, W_q] at once, beside a row
+    chunk's float copy and its resample to one W_q; then each height pass beside the width
+    passes not yet used and the results made; then, for a scale equal to the smallest side, the
+    whole float copy beside the results. A 12000x9000 photo at Q = 256 is 37 MB of width pass
+    for a 1 MB result. Measured with torch.profiler's allocation events, to the byte:
+    tests/test_rescale_memory.py."""
+    if dtype is None:
+        return max(resize_scales_bytes(h, w, qs, c, torch.uint8),
+                   resize_scales_bytes(h, w, qs, c, torch.float32))
     px = 4 * c
     sizes = [rescaled_size(h, w, q) for q in qs]
-    kept = sum(px * h * w for q in qs if min(h, w) == q)
+    same = any(min(h, w) == q for q in qs)
     todo = [(rh, rw) for q, (rh, rw) in zip(qs, sizes) if min(h, w) != q]
     outs = [px * rh * rw for rh, rw in todo]
     mids = [px * h * rw for _, rw in todo]
-    if px * h * w <= RESIZE_CHUNK_BYTES:    # converted whole, each scale in one call
-        return kept + px * h * w + max((sum(outs[:k + 1]) + mids[k] for k in range(len(todo))),
-                                       default=0)
+    # a scale equal to neither side: both sides change, a width pass and a height pass
+    width_tables = [_table_bytes(w, rw) for _, rw in todo]
+    height_tables = [_table_bytes(h, rh) for rh, _ in todo]
+    if dtype != torch.uint8 or px * h * w <= RESIZE_CHUNK_BYTES:    # converted whole
+        copy = 0 if dtype == torch.float32 else px * h * w
+        return _SCALARS + copy + max((sum(outs[:k + 1]) + mids[k] +
+                                      max(width_tables[k], height_tables[k])
+                                      for k in range(len(todo))), default=0)
     if not todo:
-        return kept
-    top, bottom = row_chunks(h, w, c)[0]
-    # the loop's last chunk (`part`) is held while the next is converted
-    width_pass = sum(mids) + px * (bottom - top) * (w + max(w, *(rw for _, rw in todo)))
-    height_pass = max(sum(mids[k:]) + sum(outs[:k + 1]) for k in range(len(todo)))
-    return kept + max(width_pass, height_pass)
+        return _SCALARS + px * h * w
+    rows = row_chunks(h, w, c)[0][1]        # the first chunk is the largest
+    width_pass = sum(mids) + max(px * rows * (w + rw) + t
+                                 for (_, rw), t in zip(todo, width_tables))
+    height_pass = max(sum(mids[k:]) + sum(outs[:k + 1]) + height_tables[k]
+                      for k in range(len(todo)))
+    return _SCALARS + max(width_pass, height_pass, px * h * w + sum(outs) if same else 0)
 
 
 def resize_crop(x: torch.Tensor, q: int, top: int, left: int, height: int,

@@ -221,7 +221,7 @@ class Ensemble:
         # each engine sees a chunk at a time, too few images for its own check of the list:
         # every engine plans each chunk here, from one read of its images' sizes
         self.engines[0]._check_chunks(items, lambda sizes: [
-            e._executor.scheduler.plan(sizes, scales, flip, method) for e in self.engines])
+            e._executor.plan_sizes(sizes, scales, flip, method) for e in self.engines])
         fused = []
         for start, images in decoded_chunks(items):
             shared = self._shared_rescales()
