@@ -257,7 +257,7 @@ def test_an_ensemble_runs_each_engine_once_per_chunk_of_a_list(samples, tmp_path
     # per-image path said "image 0" of every image)
     Image.new("RGB", (2000, 40)).save(tmp_path / "pano.png")
     small = Ensemble([d, Engine(small_model("E", num_classes=10, seed=2).state_dict(),
-                                memory_budget=1 << 20)])
+                                memory_budget=4 << 20)])   # the photos' rescales fit it
     with pytest.raises(MemoryBudgetError) as err:
         small.classify(items[:4] + [tmp_path / "pano.png"], scales=64, method=method)
     assert str(err.value).startswith(f"{tmp_path / 'pano.png'} (image 4) (40x2000, HxW) at "
